@@ -1,0 +1,133 @@
+# From a Census to tokenized shards. Each rule's params carry only its own config section, so
+# editing one setting reruns that stage and the ones after it, never the ones before.
+
+
+rule build_local_census:
+    """A local Census-shaped SOMA store from an h5ad of raw counts (census.source: h5ad)."""
+    input:
+        h5ad=config["census"]["h5ad"]["path"] or [],
+    output:
+        store=directory(f"{RESULTS}/census_store"),
+    params:
+        h5ad=config["census"]["h5ad"],
+        census={k: config["census"][k] for k in ("tissue_general", "disease", "organism")},
+    log:
+        f"{LOGS}/build_local_census.log",
+    benchmark:
+        f"{BENCH}/build_local_census.tsv"
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../workflow/scripts/build_local_census.py"
+
+
+rule sample_census:
+    """Blood primary cells, whole (dataset, donor) samples chosen at random under the cap."""
+    input:
+        unpack(census_store),
+    output:
+        cells=f"{RESULTS}/cells.h5ad",
+        samples=f"{RESULTS}/samples.tsv",
+    params:
+        census=sampling_params,
+        chunk_size=config["chunk_size"],
+    log:
+        f"{LOGS}/sample_census.log",
+    benchmark:
+        f"{BENCH}/sample_census.tsv"
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../workflow/scripts/sample_census.py"
+
+
+rule filter_qc:
+    input:
+        cells=rules.sample_census.output.cells,
+    output:
+        h5ad=f"{RESULTS}/filtered.h5ad",
+        table=f"{RESULTS}/qc.tsv",
+    params:
+        qc=config["qc"],
+        chunk_size=config["chunk_size"],
+    log:
+        f"{LOGS}/filter_qc.log",
+    benchmark:
+        f"{BENCH}/filter_qc.tsv"
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../workflow/scripts/filter_qc.py"
+
+
+rule select_hvg:
+    input:
+        h5ad=rules.filter_qc.output.h5ad,
+    output:
+        table=f"{RESULTS}/hvg.tsv",
+    params:
+        hvg=config["hvg"],
+    log:
+        f"{LOGS}/select_hvg.log",
+    benchmark:
+        f"{BENCH}/select_hvg.tsv"
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../workflow/scripts/select_hvg.py"
+
+
+rule normalize_bin:
+    input:
+        h5ad=rules.filter_qc.output.h5ad,
+        hvg=rules.select_hvg.output.table,
+    output:
+        h5ad=f"{RESULTS}/binned.h5ad",
+    params:
+        normalize_bin=config["normalize_bin"],
+        chunk_size=config["chunk_size"],
+    threads: 2
+    log:
+        f"{LOGS}/normalize_bin.log",
+    benchmark:
+        f"{BENCH}/normalize_bin.tsv"
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../workflow/scripts/normalize_bin.py"
+
+
+rule split:
+    input:
+        h5ad=rules.normalize_bin.output.h5ad,
+    output:
+        table=f"{RESULTS}/split.tsv",
+    params:
+        split=config["split"],
+    log:
+        f"{LOGS}/split.log",
+    benchmark:
+        f"{BENCH}/split.tsv"
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../workflow/scripts/split.py"
+
+
+rule tokenize_shards:
+    input:
+        h5ad=rules.normalize_bin.output.h5ad,
+        split=rules.split.output.table,
+    output:
+        shards=directory(f"{RESULTS}/shards"),
+    params:
+        tokenize=config["tokenize"],
+        chunk_size=config["chunk_size"],
+    log:
+        f"{LOGS}/tokenize_shards.log",
+    benchmark:
+        f"{BENCH}/tokenize_shards.tsv"
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../workflow/scripts/tokenize_shards.py"

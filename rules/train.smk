@@ -1,0 +1,28 @@
+# Pretraining on the tokenized shards. The job asks for `gpu` GPUs (a SLURM profile turns that
+# into --gpus); with more than one, the script launches one process per GPU through torchrun.
+
+
+rule pretrain:
+    input:
+        shards=rules.tokenize_shards.output.shards,
+    output:
+        model=f"{RESULTS}/model/best_model.pt",
+        args=f"{RESULTS}/model/args.json",
+        vocab=f"{RESULTS}/model/vocab.json",
+        metrics=f"{RESULTS}/model/metrics.tsv",
+        epochs=f"{RESULTS}/model/epochs.tsv",
+        plot=f"{RESULTS}/model/loss_curve.png",
+    params:
+        model=config["model"],
+        train=config["train"],
+    threads: 8
+    resources:
+        gpu=1,
+    log:
+        f"{LOGS}/pretrain.log",
+    benchmark:
+        f"{BENCH}/pretrain.tsv"
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../workflow/scripts/pretrain.py"

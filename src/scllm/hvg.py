@@ -1,0 +1,123 @@
+"""Highly variable genes across samples: scanpy's seurat_v3 on raw counts, batch = sample.
+
+scanpy's batched ``seurat_v3`` needs every cell in memory. Its per-batch statistics only depend
+on that batch, so we call scanpy on one sample at a time (memory bounded by the largest sample)
+and combine the per-sample normalized variances exactly as scanpy does (median rank, number of
+batches), giving the same ranked set as scanpy on the whole matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from scllm.io import atomic_path, open_backed, read_rows
+
+log = logging.getLogger("scllm")
+FLAVORS = ("seurat_v3", "seurat_v3_paper")
+
+
+def sample_ranges(samples: pd.Series) -> list[tuple[str, int, int]]:
+    """(sample, start, stop) row ranges; the data stages keep each sample's cells contiguous."""
+    values = samples.astype(str).to_numpy()
+    if len(values) == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    stops = np.r_[starts[1:], len(values)]
+    ranges = [(values[a], int(a), int(b)) for a, b in zip(starts, stops)]
+    if len({name for name, _, _ in ranges}) != len(ranges):
+        raise ValueError("cells of a sample are not contiguous; the file was not written by sample_census")
+    return ranges
+
+
+def sample_normalized_variance(counts, span: float = 0.3) -> np.ndarray:
+    """scanpy's seurat_v3 normalized variance of every gene within one sample."""
+    import scanpy as sc
+
+    one = ad.AnnData(X=counts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        df = sc.pp.highly_variable_genes(one, flavor="seurat_v3", n_top_genes=1, span=span, inplace=False)
+    return df["variances_norm"].to_numpy()
+
+
+def combine_batches(norm_vars: np.ndarray, n_top_genes: int, flavor: str, index: pd.Index) -> pd.DataFrame:
+    """scanpy's cross-batch ranking of seurat_v3 (``norm_vars``: batches x genes)."""
+    ranks = np.argsort(np.argsort(-norm_vars, axis=1), axis=1).astype(np.float32)
+    nbatches = np.sum(ranks < n_top_genes, axis=0)
+    ranks[ranks >= n_top_genes] = np.nan
+    median_rank = np.ma.median(np.ma.masked_invalid(ranks), axis=0).filled(np.nan)
+    df = pd.DataFrame(
+        {"highly_variable_nbatches": nbatches, "highly_variable_rank": median_rank,
+         "variances_norm": norm_vars.mean(axis=0)},
+        index=index,
+    )
+    if flavor == "seurat_v3":
+        cols, ascending = ["highly_variable_rank", "highly_variable_nbatches"], [True, False]
+    else:
+        cols, ascending = ["highly_variable_nbatches", "highly_variable_rank"], [False, True]
+    order = df[cols].sort_values(cols, ascending=ascending, na_position="last").index
+    return df.loc[order[:n_top_genes]]
+
+
+def select_hvg(
+    in_h5ad: str | Path,
+    out_table: str | Path,
+    *,
+    n_top_genes: int = 1200,
+    flavor: str = "seurat_v3",
+    span: float = 0.3,
+    min_cells_per_sample: int = 50,
+) -> pd.DataFrame:
+    """Rank ``n_top_genes`` HVGs across samples and write the table (the gene vocabulary).
+
+    Samples with fewer than ``min_cells_per_sample`` cells, or on which the LOESS fit fails,
+    are left out of the ranking with a logged reason (their cells stay in the data).
+    """
+    if flavor not in FLAVORS:
+        raise ValueError(f"hvg.flavor={flavor!r} is not supported; use one of {FLAVORS}")
+    t0 = time.time()
+    adata = open_backed(in_h5ad)
+    if n_top_genes > adata.n_vars:
+        raise ValueError(f"hvg.n_top_genes={n_top_genes} exceeds the {adata.n_vars} genes left after QC; lower it")
+    norm_vars, used = [], []
+    ranges = sample_ranges(adata.obs["sample"])
+    for name, start, stop in ranges:
+        if stop - start < min_cells_per_sample:
+            log.warning("HVG: sample %s left out: %d cells < hvg.min_cells_per_sample=%d", name, stop - start, min_cells_per_sample)
+            continue
+        counts = read_rows(adata, start, stop)
+        try:
+            norm_vars.append(sample_normalized_variance(counts, span))
+            used.append(name)
+        except (ValueError, RuntimeError, ArithmeticError) as err:  # skmisc's LOESS on degenerate data
+            log.warning("HVG: sample %s left out: seurat_v3 LOESS fit failed (%s)", name, err)
+            continue
+        log.info("HVG: sample %s (%d cells) done (%d/%d)", name, stop - start, len(used), len(ranges))
+    if not used:
+        raise ValueError(
+            f"no sample could be used for HVG selection (all have < {min_cells_per_sample} cells or failed "
+            "the LOESS fit); lower hvg.min_cells_per_sample or sample more cells"
+        )
+    table = combine_batches(np.vstack(norm_vars), n_top_genes, flavor, adata.var_names)
+    table.insert(0, "rank", np.arange(len(table)))
+    table.insert(0, "feature_name", adata.var.loc[table.index, "feature_name"].astype(str).values)
+    table.insert(0, "feature_id", table.index.astype(str))
+    with atomic_path(out_table) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+    adata.file.close()
+    log.info(
+        "select_hvg: %d genes in, %d HVGs out (flavor %s) from %d of %d samples in %.1fs",
+        adata.n_vars, len(table), flavor, len(used), len(ranges), time.time() - t0,
+    )
+    return table
+
+
+def read_hvg_table(path: str | Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", dtype={"feature_id": str, "feature_name": str}).sort_values("rank")

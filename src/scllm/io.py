@@ -1,0 +1,133 @@
+"""File helpers shared by every stage: atomic writes, stage logging, streaming h5ad I/O."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata.io import sparse_dataset, write_elem
+
+log = logging.getLogger("scllm")
+
+
+def setup_logging(log_file: str | Path | None = None) -> logging.Logger:
+    """Log to stderr and, inside a Snakemake job, to the rule's log file."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=handlers,
+        force=True,
+    )
+    return log
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A crash or an error therefore never leaves a half-written artifact under the final name.
+    Works for files and directories alike.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def row_chunks(n_rows: int, chunk_size: int):
+    """(start, stop) pairs covering ``range(n_rows)``."""
+    for start in range(0, n_rows, chunk_size):
+        yield start, min(start + chunk_size, n_rows)
+
+
+class CSRWriter:
+    """Append row blocks of a CSR matrix to an h5ad file, so X never has to fit in memory.
+
+    The file is a regular h5ad: var/uns are written up front, ``X`` grows through anndata's
+    sparse dataset ``append``, and obs (often known only once every row has been seen) is
+    written by ``set_obs`` before closing. Use as a context manager inside ``atomic_path``.
+    """
+
+    def __init__(self, path, var: pd.DataFrame, uns: dict | None = None, dtype=np.float32):
+        self.file = h5py.File(path, "w")
+        self.n_vars = var.shape[0]
+        self.dtype = dtype
+        self.rows_written = 0
+        self.obs_written = False
+        write_elem(self.file, "var", var)
+        write_elem(self.file, "uns", uns or {})
+        for key in ("obsm", "varm", "obsp", "varp", "layers"):
+            write_elem(self.file, key, {})
+        self.file.attrs["encoding-type"] = "anndata"
+        self.file.attrs["encoding-version"] = "0.1.0"
+        write_elem(self.file, "X", sp.csr_matrix((0, self.n_vars), dtype=dtype))
+        self.X = sparse_dataset(self.file["X"])
+
+    def append(self, block: sp.spmatrix) -> None:
+        block = sp.csr_matrix(block, dtype=self.dtype)
+        if block.shape[1] != self.n_vars:
+            raise ValueError(f"block has {block.shape[1]} columns, expected {self.n_vars}")
+        if block.shape[0] == 0:
+            return
+        self.X.append(block)
+        self.rows_written += block.shape[0]
+
+    def set_obs(self, obs: pd.DataFrame) -> None:
+        if obs.shape[0] != self.rows_written:
+            raise RuntimeError(f"obs has {obs.shape[0]} rows but {self.rows_written} rows of X were written")
+        write_elem(self.file, "obs", obs)
+        self.obs_written = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self.file.close()
+        if exc_type is None and not self.obs_written:
+            raise RuntimeError("CSRWriter closed before set_obs(): the h5ad would have no obs")
+        return False
+
+
+def open_backed(path: str | Path) -> ad.AnnData:
+    """Open an h5ad without loading X; a clear error if the file is missing or damaged."""
+    try:
+        return ad.read_h5ad(path, backed="r")
+    except Exception as err:  # h5py raises several types for damaged files
+        raise ValueError(
+            f"cannot open {path} as h5ad ({type(err).__name__}: {err}). The file is missing, "
+            "truncated or not an h5ad; delete it and rerun the stage that writes it."
+        ) from err
+
+
+def read_rows(adata: ad.AnnData, start: int, stop: int) -> sp.csr_matrix:
+    """Rows ``start:stop`` of a backed AnnData's X as an in-memory CSR matrix."""
+    block = adata.X[start:stop]
+    return sp.csr_matrix(block)
