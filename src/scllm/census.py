@@ -53,7 +53,7 @@ def open_census(version: str | None = None, uri: str | None = None):
     except OSError as err:  # requests' ConnectionError and friends
         raise CensusUnavailableError(
             f"The CELLxGENE Census cannot be reached (census_version={version!r}): {type(err).__name__}. "
-            "Check network access to the Census, or point census.uri at a local copy. " + EMBEDDED_DEFAULT_HINT
+            "Check network access to the Census, or use a local copy (census.source: uri, census.uri: PATH). " + EMBEDDED_DEFAULT_HINT
         ) from err
 
 

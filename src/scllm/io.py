@@ -32,7 +32,17 @@ def setup_logging(log_file: str | Path | None = None) -> logging.Logger:
         handlers=handlers,
         force=True,
     )
+    sys.excepthook = _log_uncaught
     return log
+
+
+def _log_uncaught(exc_type, exc, tb) -> None:
+    """Errors end up in the rule's log: the message alone for input/config problems (they say
+    what to fix), the full traceback for anything unexpected."""
+    if issubclass(exc_type, (ValueError, RuntimeError, FileNotFoundError)):
+        log.error("%s: %s", exc_type.__name__, exc)
+    else:
+        log.critical("unexpected error", exc_info=(exc_type, exc, tb))
 
 
 @contextlib.contextmanager
