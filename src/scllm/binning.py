@@ -86,6 +86,7 @@ def normalize_total(counts: sp.csr_matrix, totals: np.ndarray, target_sum: float
     """scanpy's ``normalize_total`` (with precomputed per-cell totals) and optional ``log1p``."""
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
     out = sp.csr_matrix(sp.diags(scale) @ counts, dtype=np.float32)
+    out.sort_indices()  # the product leaves column indices unsorted; readers expect them sorted
     if log1p:
         np.log1p(out.data, out=out.data)
     return out

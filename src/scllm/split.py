@@ -34,12 +34,17 @@ def assign_split(obs: pd.DataFrame, validation_fraction: float, by: str, seed: i
                 f"split.by='sample' needs at least two samples, but the data hold {len(sizes)}; "
                 "use split.by='cell' or sample more donors"
             )
+        # Visit samples in seeded order; hold one out when it brings the validation size closer
+        # to the target (so one large sample does not overshoot it), always at least one.
+        target = validation_fraction * n
         held_out, total = [], 0
-        for i in rng.permutation(len(sizes)):  # add samples until the fraction is reached
-            if total >= validation_fraction * n or len(held_out) == len(sizes) - 1:
+        for i in rng.permutation(len(sizes)):
+            size = int(sizes.iloc[i])
+            if len(held_out) == len(sizes) - 1:
                 break
-            held_out.append(sizes.index[i])
-            total += sizes.iloc[i]
+            if not held_out or abs(total + size - target) < abs(total - target):
+                held_out.append(sizes.index[i])
+                total += size
         split[obs["sample"].astype(str).isin(held_out).to_numpy()] = VALIDATION
     else:
         raise ValueError(f"split.by={by!r} is not one of 'cell', 'sample'")

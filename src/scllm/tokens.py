@@ -67,7 +67,7 @@ def sequences_from_binned(binned: sp.csr_matrix, cls_id: int) -> tuple[np.ndarra
 
     Returns (offsets, gene_ids, values) with one ``<cls>`` token prepended to every cell.
     """
-    binned = sp.csr_matrix(binned)
+    binned = sp.csr_matrix(binned, copy=True)  # sorted and pruned below: leave the caller's intact
     binned.sort_indices()
     binned.eliminate_zeros()
     n_cells = binned.shape[0]

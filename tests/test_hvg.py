@@ -1,0 +1,125 @@
+"""select_hvg (per-sample streaming seurat_v3) against scanpy's batched highly_variable_genes."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from scllm.hvg import select_hvg
+
+N_GENES = 400
+# file order deliberately not sorted: scanpy visits batches sorted, select_hvg in file order
+SAMPLES = [("sB", 200), ("sA", 300), ("sC", 150)]
+SORT = {
+    "seurat_v3": (["highly_variable_rank", "highly_variable_nbatches"], [True, False]),
+    "seurat_v3_paper": (["highly_variable_nbatches", "highly_variable_rank"], [False, True]),
+}
+
+
+def synthetic_counts(samples=SAMPLES, n_genes=N_GENES, seed=0) -> ad.AnnData:
+    """Negative-binomial counts: gene means and gene-specific dispersions, a per-sample shift."""
+    rng = np.random.default_rng(seed)
+    mean = np.exp(rng.normal(0.0, 1.3, n_genes))  # gene means from ~0.05 to ~30
+    size = np.exp(rng.uniform(np.log(0.1), np.log(50), n_genes))  # NB size: small = overdispersed
+    blocks, labels = [], []
+    for name, n in samples:
+        mu = mean * np.exp(rng.normal(0, 0.3, n_genes))  # sample-specific means
+        depth = rng.lognormal(0, 0.3, (n, 1))
+        m = mu[None, :] * depth
+        blocks.append(rng.negative_binomial(size[None, :], size[None, :] / (size[None, :] + m)))
+        labels += [name] * n
+    X = sp.csr_matrix(np.vstack(blocks).astype(np.float32))
+    obs = pd.DataFrame({"sample": pd.Categorical(labels)}, index=[f"cell{i}" for i in range(len(labels))])
+    ids = [f"ENSG{i:011d}" for i in range(n_genes)]
+    var = pd.DataFrame({"feature_id": ids, "feature_name": [f"GENE{i}" for i in range(n_genes)]}, index=ids)
+    return ad.AnnData(X=X, obs=obs, var=var)
+
+
+def scanpy_ranking(adata: ad.AnnData, flavor: str, n_top_genes: int) -> pd.DataFrame:
+    import scanpy as sc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df = sc.pp.highly_variable_genes(
+            adata.copy(), flavor=flavor, n_top_genes=n_top_genes, batch_key="sample", inplace=False
+        )
+    cols, ascending = SORT[flavor]
+    ranked = df.sort_values(cols, ascending=ascending, na_position="last").iloc[:n_top_genes]
+    assert set(ranked.index) == set(df.index[df["highly_variable"]])  # scanpy's own flag agrees
+    return ranked
+
+
+@pytest.fixture(scope="module")
+def counts_h5ad(tmp_path_factory):
+    adata = synthetic_counts()
+    path = tmp_path_factory.mktemp("hvg") / "filtered.h5ad"
+    adata.write_h5ad(path)
+    return adata, path
+
+
+@pytest.mark.parametrize("flavor", ["seurat_v3", "seurat_v3_paper"])
+def test_select_hvg_equals_scanpy_batched(counts_h5ad, tmp_path, flavor):
+    adata, path = counts_h5ad
+    out = tmp_path / "hvg.tsv"
+    table = select_hvg(path, out, n_top_genes=50, flavor=flavor)
+    ref = scanpy_ranking(adata, flavor, 50)
+
+    written = pd.read_csv(out, sep="\t", dtype={"feature_id": str, "feature_name": str})
+    assert list(written["feature_id"]) == list(ref.index)  # same genes, same order
+    assert list(table["feature_id"]) == list(ref.index)
+    np.testing.assert_array_equal(written["rank"], np.arange(50))
+    assert list(written["feature_name"]) == adata.var.loc[ref.index, "feature_name"].tolist()
+    np.testing.assert_array_equal(written["highly_variable_nbatches"], ref["highly_variable_nbatches"])
+    np.testing.assert_allclose(written["highly_variable_rank"], ref["highly_variable_rank"])
+    # the ranking is non-trivial: genes are found in different numbers of batches
+    assert written["highly_variable_nbatches"].nunique() > 1
+
+
+def test_flavors_order_differently(counts_h5ad, tmp_path):
+    """seurat_v3 (median rank first) and seurat_v3_paper (batches first) give different orders,
+    so the flavor named in the config matters."""
+    _, path = counts_h5ad
+    a = select_hvg(path, tmp_path / "a.tsv", n_top_genes=50, flavor="seurat_v3")
+    b = select_hvg(path, tmp_path / "b.tsv", n_top_genes=50, flavor="seurat_v3_paper")
+    assert list(a["feature_id"]) != list(b["feature_id"])
+
+
+@pytest.mark.parametrize("flavor", ["seurat_v3", "seurat_v3_paper"])
+def test_small_sample_left_out_with_warning(tmp_path, caplog, flavor):
+    samples = [("sB", 200), ("tiny", 30), ("sA", 300), ("sC", 150)]
+    adata = synthetic_counts(samples, seed=1)
+    path = tmp_path / "filtered.h5ad"
+    adata.write_h5ad(path)
+    with caplog.at_level(logging.WARNING, logger="scllm"):
+        table = select_hvg(path, tmp_path / "hvg.tsv", n_top_genes=50, flavor=flavor, min_cells_per_sample=50)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "tiny" in r.getMessage()]
+    assert warned, [r.getMessage() for r in caplog.records]
+    assert "min_cells_per_sample" in warned[0].getMessage()
+
+    rest = adata[adata.obs["sample"] != "tiny"].copy()
+    rest.obs["sample"] = rest.obs["sample"].cat.remove_unused_categories()
+    ref = scanpy_ranking(rest, flavor, 50)
+    assert list(table["feature_id"]) == list(ref.index)
+    assert table["highly_variable_nbatches"].max() <= 3
+    # and it is not what scanpy gives with the tiny sample included
+    with_tiny = scanpy_ranking(adata, flavor, 50)
+    assert list(with_tiny.index) != list(ref.index)
+
+
+def test_n_top_genes_above_gene_count(counts_h5ad, tmp_path):
+    _, path = counts_h5ad
+    with pytest.raises(ValueError, match=r"hvg\.n_top_genes"):
+        select_hvg(path, tmp_path / "hvg.tsv", n_top_genes=N_GENES + 1)
+    assert not (tmp_path / "hvg.tsv").exists()
+
+
+def test_unknown_flavor(counts_h5ad, tmp_path):
+    _, path = counts_h5ad
+    with pytest.raises(ValueError, match=r"hvg\.flavor"):
+        select_hvg(path, tmp_path / "hvg.tsv", n_top_genes=10, flavor="seurat")
