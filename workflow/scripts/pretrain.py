@@ -23,7 +23,7 @@ if n_gpus > 1:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}",
         "-m", "scllm.train", "--manifest", str(manifest), "--out", str(out_dir),
-        "--params", str(params_file), "--log", snakemake.log[0],
+        "--params", str(params_file), "--log-file", snakemake.log[0],
     ]
     log.info("launching %d processes: %s", n_gpus, " ".join(command))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [scllm_src.SRC, os.environ.get("PYTHONPATH")]))}

@@ -1,0 +1,14 @@
+"""scLLM-pretrain: sample blood cells from the CELLxGENE Census, preprocess them and pretrain an
+scGPT-style transformer. Importing the package is light; torch loads only when a model is used."""
+
+__version__ = "0.1.0"
+__all__ = ["load_model"]
+
+
+def __getattr__(name):
+    # Lazy: `import scllm` must not import torch.
+    if name == "load_model":
+        from scllm.embed import load_model
+
+        return load_model
+    raise AttributeError(f"module 'scllm' has no attribute {name!r}")

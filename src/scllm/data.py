@@ -1,0 +1,157 @@
+"""Cells from token shards, length-grouped batches, per-batch padding and masking.
+
+Padding belongs to the batch: cells are kept ragged and each batch is padded only to its
+longest cell. Batches group cells of similar length (sorted inside large random buckets), which
+removes most padding while keeping the batch order random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scllm.tokens import MASK_VALUE, PAD_VALUE, read_manifest, read_shard, read_vocab, vocab_sha256
+
+
+class RaggedCells:
+    """Cells as CSR-like ragged arrays: cell i is tokens ``offsets[i]:offsets[i+1]``."""
+
+    def __init__(self, offsets: np.ndarray, gene_ids: np.ndarray, values: np.ndarray):
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.gene_ids = np.asarray(gene_ids)
+        self.values = np.asarray(values)
+        if self.offsets[-1] != len(self.gene_ids) or len(self.gene_ids) != len(self.values):
+            raise ValueError("offsets do not match the token arrays")
+        self.lengths = np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        start, stop = self.offsets[i], self.offsets[i + 1]
+        return self.gene_ids[start:stop], self.values[start:stop]
+
+    def cells(self, indices) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [self.cell(i) for i in indices]
+
+
+class ShardDataset(RaggedCells):
+    """All cells of one split of a shard manifest, concatenated in manifest order."""
+
+    def __init__(self, manifest_path: str | Path, split: str):
+        manifest_path = Path(manifest_path)
+        self.manifest = manifest = read_manifest(manifest_path)
+        if split not in manifest.get("splits", {}):
+            raise ValueError(f"{manifest_path} has no split {split!r} (has {sorted(manifest.get('splits', {}))})")
+        check_vocab(manifest, manifest_path.parent / "vocab.json", manifest_path)
+        parts = []
+        for entry in manifest["splits"][split]:
+            shard = read_shard(manifest_path.parent / entry["path"])
+            if shard.attrs.get("vocab_sha256", manifest["vocab_sha256"]) != manifest["vocab_sha256"]:
+                raise ValueError(
+                    f"shard {entry['path']} has vocab_sha256 {shard.attrs['vocab_sha256']} but the manifest "
+                    f"{manifest_path} has {manifest['vocab_sha256']}; the shards come from different runs: "
+                    "rerun tokenize_shards"
+                )
+            parts.append(shard)
+        lengths = np.concatenate([np.diff(p.offsets) for p in parts]) if parts else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        gene_ids = np.concatenate([p.gene_ids for p in parts]) if parts else np.zeros(0, np.int32)
+        values = np.concatenate([p.values for p in parts]) if parts else np.zeros(0, np.int16)
+        super().__init__(offsets, gene_ids, values)
+        self.split = split
+
+
+def check_vocab(manifest: dict, vocab_path: Path, manifest_path) -> dict[str, int]:
+    """Read vocab.json next to the manifest and make sure it is the one the shards were built with."""
+    vocab = read_vocab(vocab_path)
+    actual = vocab_sha256(vocab)
+    if actual != manifest["vocab_sha256"]:
+        raise ValueError(
+            f"vocabulary mismatch: {vocab_path} has sha256 {actual} but {manifest_path} records "
+            f"{manifest['vocab_sha256']}. vocab.json and the shards come from different runs; "
+            "rerun the tokenize_shards rule so both are written together."
+        )
+    if len(vocab) != manifest["vocab_size"]:
+        raise ValueError(f"{vocab_path} has {len(vocab)} entries but {manifest_path} says "
+                         f"vocab_size={manifest['vocab_size']}; rerun tokenize_shards")
+    return vocab
+
+
+class LengthGroupedBatchSampler:
+    """Batches of cell indices, grouped by length, deterministic for a given (seed, epoch).
+
+    Per epoch: permute all cells, cut the permutation into buckets of ``bucket_size_batches``
+    batches, sort each bucket by length and cut it into batches, then shuffle the batches.
+    With ``world_size`` > 1, rank r takes batches r, r + world_size, ...; the last
+    ``n_batches % world_size`` batches of the shuffled list are dropped (at most world_size - 1,
+    different ones each epoch) so every rank runs the same number of steps.
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0, bucket_size_batches: int = 100,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        if batch_size < 1 or bucket_size_batches < 1:
+            raise ValueError("batch_size and bucket_size_batches must be >= 1")
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.bucket = batch_size * bucket_size_batches
+        self.rank, self.world_size = rank, world_size
+        self.shuffle = shuffle
+
+    def all_batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's batches for all ranks, in order."""
+        n = len(self.lengths)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        batches = []
+        for start in range(0, n, self.bucket):
+            bucket = order[start:start + self.bucket]
+            bucket = bucket[np.argsort(-self.lengths[bucket], kind="stable")]
+            batches += [bucket[i:i + self.batch_size] for i in range(0, len(bucket), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def epoch_batches(self, epoch: int, skip: int = 0) -> list[np.ndarray]:
+        """This rank's batches of ``epoch``, without the first ``skip`` (for resuming)."""
+        batches = self.all_batches(epoch)
+        usable = len(batches) - len(batches) % self.world_size
+        return batches[self.rank:usable:self.world_size][skip:]
+
+    def __len__(self) -> int:
+        n_batches = -(-len(self.lengths) // self.batch_size)  # every bucket but the last is full
+        return n_batches // self.world_size
+
+
+def collate(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest cell: gene pad = ``pad_id``, value pad = PAD_VALUE."""
+    max_len = max(len(g) for g, _ in cells)
+    gene_ids = np.full((len(cells), max_len), pad_id, dtype=np.int64)
+    values = np.full((len(cells), max_len), PAD_VALUE, dtype=np.int64)
+    for row, (g, v) in enumerate(cells):
+        gene_ids[row, :len(g)] = g
+        values[row, :len(v)] = v
+    gene_ids, values = torch.from_numpy(gene_ids), torch.from_numpy(values)
+    return {"gene_ids": gene_ids, "values": values, "padding_mask": values == PAD_VALUE}
+
+
+def mask_values(values: torch.Tensor, padding_mask: torch.Tensor, ratio: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask ``round(ratio * n_gene_tokens)`` random gene tokens per cell (round half to even).
+
+    Position 0 (<cls>) and padding are never masked. Returns (input values with MASK_VALUE at the
+    masked positions, boolean mask). Draws from ``generator`` (CPU) so masks are reproducible.
+    """
+    n_genes = (~padding_mask).sum(1) - 1
+    n_mask = torch.round(n_genes.double() * ratio).long()
+    # float64 scores make ties (which would depend on the sort) practically impossible.
+    scores = torch.rand(values.shape, generator=generator, dtype=torch.float64).to(values.device)
+    scores[:, 0] = 2.0  # rand() < 1, so these rank after every gene token
+    scores[padding_mask] = 2.0
+    rank = scores.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
+    mask = rank < n_mask[:, None]
+    return values.masked_fill(mask, MASK_VALUE), mask

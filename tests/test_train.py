@@ -1,0 +1,274 @@
+"""Pretraining: sampler, collate, end-to-end pretrain(), exact resume, load_model/embed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from scllm.data import LengthGroupedBatchSampler, ShardDataset, collate
+from scllm.embed import embed_shard_cells, load_model
+from scllm.tokens import (
+    CLS_VALUE, MASK_VALUE, PAD_VALUE, build_vocab, read_shard, sequences_from_binned, vocab_sha256,
+    write_shard, write_vocab,
+)
+from scllm.train import EPOCH_COLUMNS, METRIC_COLUMNS, pretrain
+
+TINY_MODEL = {"n_layers": 2, "n_heads": 2, "d_model": 32, "d_ff": 64, "dropout": 0.1}
+TINY_TRAIN = {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "checkpoint_every_steps": 3,
+              "log_every_steps": 2, "bucket_size_batches": 2, "num_threads": 1, "device": "cpu"}
+ARTIFACTS = ["best_model.pt", "args.json", "vocab.json", "genes.tsv", "metrics.tsv", "epochs.tsv",
+             "loss_curve.png", "last_checkpoint.pt"]
+
+
+def write_synthetic_shards(root: Path, n_train=44, n_val=12, n_genes=24, n_bins=51, cells_per_shard=20, seed=0) -> Path:
+    """Shards + vocab.json + genes.tsv + manifest.json in the tokenize_shards layout; returns the manifest path.
+
+    Each gene has a typical bin, so there is something to learn; cells express 3..n_genes genes.
+    """
+    rng = np.random.default_rng(seed)
+    feature_ids = [f"ENSG{i:011d}" for i in range(n_genes)]
+    vocab = build_vocab(feature_ids)
+    write_vocab(vocab, root / "vocab.json")
+    (root / "genes.tsv").write_text("feature_id\tfeature_name\trank\n"
+                                    + "".join(f"{g}\tGENE{i}\t{i + 1}\n" for i, g in enumerate(feature_ids)))
+    sha = vocab_sha256(vocab)
+    level = rng.uniform(3, n_bins - 3, n_genes)
+    manifest = {"n_genes": n_genes, "vocab_size": n_genes + 2, "cls_id": n_genes, "pad_id": n_genes + 1,
+                "n_bins": n_bins, "cls_value": CLS_VALUE, "pad_value": PAD_VALUE, "mask_value": MASK_VALUE,
+                "vocab_sha256": sha, "max_seq_len": n_genes + 1, "splits": {}}
+    for split, n_cells in (("train", n_train), ("validation", n_val)):
+        binned = np.zeros((n_cells, n_genes), dtype=np.int16)
+        for i in range(n_cells):
+            genes = rng.choice(n_genes, rng.integers(3, n_genes + 1), replace=False)
+            binned[i, genes] = np.clip(np.round(level[genes] + rng.normal(0, 3, len(genes))), 1, n_bins - 1)
+        entries = []
+        for k, start in enumerate(range(0, n_cells, cells_per_shard)):
+            block = sp.csr_matrix(binned[start:start + cells_per_shard])
+            offsets, gene_ids, values = sequences_from_binned(block, cls_id=n_genes)
+            rel = f"{split}/shard_{k:05d}.h5"
+            attrs = {key: manifest[key] for key in ("n_genes", "n_bins", "cls_id", "pad_id", "cls_value",
+                                                    "pad_value", "mask_value", "vocab_sha256")}
+            write_shard(root / rel, offsets, gene_ids, values, np.arange(start, start + block.shape[0]),
+                        {**attrs, "split": split})
+            entries.append({"path": rel, "n_cells": block.shape[0], "n_tokens": int(offsets[-1])})
+        manifest["splits"][split] = entries
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return root / "manifest.json"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_synthetic_shards(tmp_path_factory.mktemp("shards"))
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+def test_sampler_covers_every_cell_once_deterministically():
+    lengths = np.random.default_rng(0).integers(2, 300, 1003)
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=16, seed=7, bucket_size_batches=10)
+    epoch0 = sampler.epoch_batches(0)
+    assert len(epoch0) == len(sampler) == -(-1003 // 16)
+    assert sorted(np.concatenate(epoch0).tolist()) == list(range(1003))
+    again = LengthGroupedBatchSampler(lengths, batch_size=16, seed=7, bucket_size_batches=10).epoch_batches(0)
+    assert all(np.array_equal(a, b) for a, b in zip(epoch0, again))
+    epoch1 = sampler.epoch_batches(1)
+    assert sorted(np.concatenate(epoch1).tolist()) == list(range(1003))
+    assert not all(np.array_equal(a, b) for a, b in zip(epoch0, epoch1))
+    other_seed = LengthGroupedBatchSampler(lengths, 16, seed=8, bucket_size_batches=10).epoch_batches(0)
+    assert not all(np.array_equal(a, b) for a, b in zip(epoch0, other_seed))
+    # Resuming skips exactly the batches already done.
+    assert all(np.array_equal(a, b) for a, b in zip(sampler.epoch_batches(0, skip=5), epoch0[5:]))
+
+
+def test_sampler_groups_lengths_and_reduces_padding():
+    lengths = np.random.default_rng(1).integers(2, 1200, 3200)
+    grouped = LengthGroupedBatchSampler(lengths, 32, seed=0, bucket_size_batches=100).epoch_batches(0)
+    random_batches = np.array_split(np.random.default_rng(0).permutation(3200), 100)
+    padded = lambda batches: sum(len(b) * lengths[b].max() for b in batches)  # noqa: E731
+    assert padded(grouped) < 0.6 * padded(random_batches)
+    assert padded(grouped) < 1.1 * lengths.sum()
+
+
+def test_sampler_partitions_batches_across_ranks():
+    lengths = np.arange(1, 91)  # 90 cells / 8 = 12 batches, 4 ranks -> 3 each
+    ranks = [LengthGroupedBatchSampler(lengths, 8, seed=3, bucket_size_batches=2, rank=r, world_size=4)
+             for r in range(4)]
+    per_rank = [s.epoch_batches(2) for s in ranks]
+    assert all(len(b) == len(ranks[0]) == 3 for b in per_rank)
+    seen = np.concatenate([np.concatenate(b) for b in per_rank])
+    assert len(seen) == len(set(seen.tolist()))  # no cell on two ranks
+    # 5 ranks: 12 batches -> 2 each, the last 2 batches of this epoch's order are dropped.
+    five = [LengthGroupedBatchSampler(lengths, 8, seed=3, bucket_size_batches=2, rank=r, world_size=5).epoch_batches(2)
+            for r in range(5)]
+    assert [len(b) for b in five] == [2] * 5
+
+
+def test_collate_pads_to_the_longest_cell_of_the_batch():
+    cells = [(np.array([5, 1, 2], np.int32), np.array([0, 3, 4], np.int16)),
+             (np.array([5, 0, 3, 4, 1], np.int32), np.array([0, 1, 2, 3, 4], np.int16))]
+    batch = collate(cells, pad_id=9)
+    assert batch["gene_ids"].shape == batch["values"].shape == (2, 5)
+    assert batch["gene_ids"][0].tolist() == [5, 1, 2, 9, 9]
+    assert batch["values"][0].tolist() == [0, 3, 4, PAD_VALUE, PAD_VALUE]
+    assert batch["padding_mask"].tolist() == [[False] * 3 + [True] * 2, [False] * 5]
+    assert batch["gene_ids"].dtype == batch["values"].dtype == torch.int64
+
+
+def test_shard_dataset_reads_all_shards_of_a_split(shards):
+    train = ShardDataset(shards, "train")
+    assert len(train) == 44  # 3 shards of 20, 20, 4 cells
+    first = read_shard(shards.parent / "train/shard_00001.h5")
+    g, v = train.cell(20)
+    assert np.array_equal(g, first.cell(0)[0]) and np.array_equal(v, first.cell(0)[1])
+    assert (train.gene_ids[train.offsets[:-1]] == 24).all()  # every cell starts with <cls>
+    with pytest.raises(ValueError, match="no split 'test'"):
+        ShardDataset(shards, "test")
+
+
+def test_vocab_mismatch_names_both_hashes(tmp_path):
+    manifest = write_synthetic_shards(tmp_path, n_train=4, n_val=2)
+    data = json.loads(manifest.read_text())
+    recorded = data["vocab_sha256"]
+    write_vocab(build_vocab([f"OTHER{i}" for i in range(24)]), tmp_path / "vocab.json")
+    with pytest.raises(ValueError, match="vocabulary mismatch") as err:
+        pretrain(manifest, tmp_path / "run", TINY_MODEL, TINY_TRAIN)
+    actual = vocab_sha256(json.loads((tmp_path / "vocab.json").read_text()))
+    assert recorded in str(err.value) and actual in str(err.value)
+    assert "tokenize_shards" in str(err.value)
+
+
+# --- pretrain --------------------------------------------------------------------------------------
+
+def test_pretrain_writes_every_artifact_and_rerun_is_a_noop(shards, tmp_path):
+    out = tmp_path / "run"
+    summary = pretrain(shards, out, TINY_MODEL, TINY_TRAIN)
+    assert summary["done"] and summary["global_step"] == 12  # 44 cells / 8 -> 6 steps x 2 epochs
+    for name in ARTIFACTS:
+        assert (out / name).stat().st_size > 0, name
+    args = json.loads((out / "args.json").read_text())
+    assert args["data"]["vocab_sha256"] == json.loads(shards.read_text())["vocab_sha256"]
+    assert args["model"]["d_model"] == 32 and args["model"]["vocab_size"] == 26 and args["train"]["lr"] == 3e-3
+    assert (out / "vocab.json").read_bytes() == (shards.parent / "vocab.json").read_bytes()
+    metrics = [line.split("\t") for line in (out / "metrics.tsv").read_text().splitlines()]
+    assert metrics[0] == METRIC_COLUMNS == ["epoch", "step", "lr", "train_loss", "expr_mse", "mvc_mse",
+                                            "cells_per_s", "tokens_per_s", "mfu"]
+    assert [int(r[1]) for r in metrics[1:]] == [2, 4, 6, 8, 10, 12]
+    rows = [line.split("\t") for line in (out / "epochs.tsv").read_text().splitlines()]
+    assert rows[0] == EPOCH_COLUMNS and "val_mean_bin_baseline_mse" in rows[0]
+    assert len(rows) == 3 and all(np.isfinite(float(x)) for row in rows[1:] for x in row)
+    assert summary["best_val_loss"] == pytest.approx(min(float(r[3]) for r in rows[1:]), rel=1e-5)
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = torch.load(out / "last_checkpoint.pt", weights_only=True)
+    assert ckpt["done"] and ckpt["global_step"] == 12
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = pretrain(shards, out, TINY_MODEL, TINY_TRAIN)
+    assert again == summary
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes, "a finished run rewrote files"
+
+    # Outputs deleted after completion (as Snakemake does before rerunning) come back without training.
+    (out / "best_model.pt").unlink()
+    (out / "metrics.tsv").unlink()
+    pretrain(shards, out, TINY_MODEL, TINY_TRAIN)
+    assert_same_weights(tensors(out / "best_model.pt"), ckpt["best_model"])
+    assert (out / "metrics.tsv").exists()
+
+
+def test_resume_is_bitwise_exact(shards, tmp_path):
+    full = pretrain(shards, tmp_path / "a", TINY_MODEL, TINY_TRAIN)
+    # Stopped mid-epoch 1 (step 4 of 6), then mid-epoch 2 after a checkpoint (step 8), then finished.
+    first = pretrain(shards, tmp_path / "b", TINY_MODEL, {**TINY_TRAIN, "max_steps": 4})
+    assert first == {**first, "global_step": 4, "done": False}
+    assert not (tmp_path / "b" / "best_model.pt").exists()
+    second = pretrain(shards, tmp_path / "b", TINY_MODEL, {**TINY_TRAIN, "max_steps": 8})
+    assert second["global_step"] == 8 and (tmp_path / "b" / "best_model.pt").exists()
+    last = pretrain(shards, tmp_path / "b", TINY_MODEL, TINY_TRAIN)
+    assert last["done"] and last["global_step"] == full["global_step"]
+    assert last["best_val_loss"] == full["best_val_loss"]
+    assert_same_weights(tensors(tmp_path / "a" / "best_model.pt"), tensors(tmp_path / "b" / "best_model.pt"))
+    a, b = tensors(tmp_path / "a" / "last_checkpoint.pt"), tensors(tmp_path / "b" / "last_checkpoint.pt")
+    assert_same_weights(a["model"], b["model"])
+    assert_same_weights(a["optimizer"]["state"][0], b["optimizer"]["state"][0])
+    assert [r["step"] for r in a["metrics"]] == [r["step"] for r in b["metrics"]]  # no rows lost or doubled
+    assert [r["val_loss"] for r in a["epochs"]] == [r["val_loss"] for r in b["epochs"]]
+
+
+def test_changed_settings_start_a_fresh_run(shards, tmp_path, caplog):
+    pretrain(shards, tmp_path, TINY_MODEL, {**TINY_TRAIN, "epochs": 1, "max_steps": 3})
+    with caplog.at_level(logging.WARNING, logger="scllm"):
+        summary = pretrain(shards, tmp_path, TINY_MODEL, {**TINY_TRAIN, "epochs": 1, "lr": 1e-3})
+    assert "train.lr" in caplog.text and "starting from scratch" in caplog.text
+    assert summary["global_step"] == 6 and summary["done"]
+    assert json.loads((tmp_path / "args.json").read_text())["train"]["lr"] == 1e-3
+
+
+def test_bad_settings_are_rejected(shards, tmp_path):
+    with pytest.raises(ValueError, match="unknown train settings.*'lrate'"):
+        pretrain(shards, tmp_path, TINY_MODEL, {"lrate": 1})
+    with pytest.raises(ValueError, match="model.vocab_size is set by the shards"):
+        pretrain(shards, tmp_path, {**TINY_MODEL, "vocab_size": 99}, TINY_TRAIN)
+
+
+# --- using the model ------------------------------------------------------------------------------
+
+def test_load_model_and_embed_cells(shards, tmp_path):
+    pretrain(shards, tmp_path, TINY_MODEL, {**TINY_TRAIN, "epochs": 1})
+    model, vocab, args = load_model(tmp_path)
+    assert not model.training and vocab["<cls>"] == 24 and args["model"]["n_layers"] == 2
+    assert_same_weights(model.state_dict(), tensors(tmp_path / "best_model.pt"))
+
+    shard_path = shards.parent / "validation/shard_00000.h5"
+    emb = embed_shard_cells(model, shard_path, batch_size=5)
+    shard = read_shard(shard_path)
+    assert emb.shape == (shard.n_cells, 32) and emb.dtype == np.float32 and np.isfinite(emb).all()
+    for i in (0, 7, shard.n_cells - 1):  # each cell alone equals the cell within a padded batch
+        g, v = shard.cell(i)
+        alone = embed_shard_cells(model, (np.array([0, len(g)]), g, v))
+        np.testing.assert_allclose(alone[0], emb[i], atol=1e-5, rtol=0)
+    assert not np.allclose(emb[0], emb[1])
+
+    (tmp_path / "vocab.json").write_text(json.dumps({"<cls>": 0, "<pad>": 1}))
+    with pytest.raises(ValueError, match="different runs"):
+        load_model(tmp_path)
+
+
+def test_torchrun_two_processes_on_cpu(shards, tmp_path):
+    """DDP through torchrun with gloo: both ranks train in lock-step and rank 0 writes the outputs."""
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 1}}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "scllm.train", "--manifest", str(shards), "--out", str(tmp_path / "run"),
+           "--params", str(params), "--log-file", str(tmp_path / "train.log")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert args["world_size"] == 2
+    ckpt = tensors(tmp_path / "run" / "last_checkpoint.pt")
+    assert ckpt["done"] and ckpt["global_step"] == 3 and len(ckpt["rng"]) == 2  # 6 batches over 2 ranks
+    log_text = (tmp_path / "train.log").read_text()
+    assert "2 process(es)" in log_text and "validation loss" in log_text
