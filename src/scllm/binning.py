@@ -137,7 +137,10 @@ def normalize_bin(
             writer.append(binned[keep])
             log.info("normalize_bin: %d/%d cells", stop, n_cells)
         if not keep_cells.any():
-            raise ValueError(f"no cell expresses >= binning.min_expressed_hvgs={min_expressed_hvgs} HVGs")
+            raise ValueError(
+                f"no cell expresses >= normalize_bin.min_expressed_hvgs={min_expressed_hvgs} HVGs (the most any "
+                f"cell has is {n_expressed.max()}); lower normalize_bin.min_expressed_hvgs"
+            )
         obs = adata.obs.loc[keep_cells].copy()
         obs["n_expressed_hvgs"] = n_expressed[keep_cells]
         writer.set_obs(obs)

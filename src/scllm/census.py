@@ -130,11 +130,23 @@ def sample_census(
     filt = value_filter(tissue_general, primary_only, disease)
     with open_census(census_version, uri) as census:
         provenance = census_provenance(census)
+        organisms = list(census["census_data"].keys()) if "census_data" in census else []
+        if organism not in organisms:
+            raise ValueError(
+                f"census.organism={organism!r} is not in this Census (it has {sorted(organisms)}); "
+                "set census.organism to one of them"
+            )
         exp = census["census_data"][organism]
         available = set(exp.obs.schema.names)
         missing = [c for c in REQUIRED_OBS + (["disease"] if disease else []) if c not in available]
         if missing:
-            raise ValueError(f"the Census obs lacks columns {missing}; a Census-shaped store needs them")
+            raise ValueError(
+                f"the Census obs lacks columns {missing}, which sampling needs"
+                + (" (disease only for the census.disease filter: set census.disease: null to drop it)"
+                   if missing == ["disease"] else "")
+                + ". Build the store with `scllm build-census` (or census.source: h5ad), which fills "
+                "in missing Census columns from its options."
+            )
         columns = ["soma_joinid"] + REQUIRED_OBS + [c for c in OPTIONAL_OBS if c in available and c not in REQUIRED_OBS]
         log.info("querying %s obs: %s", organism, filt)
         cells = exp.obs.read(value_filter=filt, column_names=columns).concat().to_pandas()
@@ -200,19 +212,21 @@ def _read_rows(exp, joinids: np.ndarray, chunk_size: int, soma):
             if not np.array_equal(np.asarray(obs_ids), expected):
                 raise RuntimeError("Census returned cells out of the requested order")
             position += len(obs_ids)
-            check_counts(block.data, "Census X/raw")
+            check_counts(block.data, "Census X/raw", ": a local store must be built from raw counts "
+                         "(scllm build-census checks them)")
             yield sp.csr_matrix(block)
         if position != len(joinids):
             raise RuntimeError(f"Census returned {position} of {len(joinids)} requested cells")
 
 
-def check_counts(values: np.ndarray, where: str) -> None:
+def check_counts(values: np.ndarray, where: str, fix: str = "") -> None:
     """Raw counts must be non-negative integers: HVG selection and QC thresholds assume them."""
-    if values.size and (values.min() < 0 or not np.all(np.mod(values, 1) == 0)):
+    bad = ~(values >= 0) | (np.mod(values, 1) != 0)  # NaN and inf are caught too
+    if bad.any():
         raise ValueError(
             f"{where} holds values that are not non-negative integer counts (e.g. "
-            f"{values[(values < 0) | (np.mod(values, 1) != 0)][:3].tolist()}). The pipeline needs raw "
-            "counts: use the raw layer (e.g. adata.raw or layers['counts']), not normalized values."
+            f"{values[bad][:3].tolist()}). The pipeline needs raw counts, not normalized or "
+            f"log-transformed values{fix or ': use the raw count matrix of your data'}."
         )
 
 
@@ -258,7 +272,7 @@ def build_local_census(
     import tiledbsoma as soma
     import tiledbsoma.io
 
-    adata = ad.read_h5ad(h5ad_path)
+    adata = _read_input_h5ad(h5ad_path)
     adata = _census_shaped(
         adata, Path(h5ad_path).stem, dataset_id, donor_id, donor_column, cell_type_column,
         gene_id_column, counts_layer, tissue_general, is_primary_data, disease,
@@ -297,11 +311,30 @@ def _write_table(collection, name: str, columns: dict, soma) -> None:
     df.write(table)
 
 
+def _read_input_h5ad(path) -> ad.AnnData:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no h5ad at {path} (census.h5ad.path); check the path")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as err:  # h5py raises several types for damaged files
+        raise ValueError(
+            f"cannot read {path} as h5ad ({type(err).__name__}: {err}). The file is truncated, damaged or "
+            "not an h5ad: copy or export it again (AnnData.write_h5ad) and rerun."
+        ) from err
+
+
 def _census_shaped(adata, default_dataset_id, dataset_id, donor_id, donor_column, cell_type_column,
                    gene_id_column, counts_layer, tissue_general, is_primary_data, disease) -> ad.AnnData:
+    if counts_layer and counts_layer not in adata.layers:
+        raise ValueError(f"the input h5ad has no layer {counts_layer!r} (census.h5ad.counts_layer, --counts-layer); "
+                         f"it has {list(adata.layers.keys())}")
     X = adata.layers[counts_layer] if counts_layer else adata.X
     X = sp.csr_matrix(X, dtype=np.float32)
-    check_counts(X.data, f"{'layers[' + repr(counts_layer) + ']' if counts_layer else 'X'} of the input h5ad")
+    layers = list(adata.layers.keys())
+    check_counts(X.data, f"{'layers[' + repr(counts_layer) + ']' if counts_layer else 'X'} of the input h5ad", (
+        ": point census.h5ad.counts_layer (scllm build-census --counts-layer) at the layer holding raw counts"
+        + (f" (this file has layers {layers})" if layers else "")
+        + (", or write the counts of adata.raw into X" if adata.raw is not None else "")))
 
     ids = _ensembl_ids(adata, gene_id_column)
     names = adata.var["feature_name"].astype(str).values if "feature_name" in adata.var else adata.var_names.astype(str).values
@@ -319,14 +352,16 @@ def _census_shaped(adata, default_dataset_id, dataset_id, donor_id, donor_column
     obs["dataset_id"] = column("dataset_id", dataset_id or default_dataset_id) if not dataset_id else dataset_id
     if donor_column:
         if donor_column not in src:
-            raise ValueError(f"obs has no column {donor_column!r} (donor_column); available: {list(src.columns)}")
+            raise ValueError(f"obs has no column {donor_column!r} (census.h5ad.donor_column, --donor-column); "
+                             f"available: {list(src.columns)}")
         obs["donor_id"] = src[donor_column].astype(str).values
     else:
         obs["donor_id"] = column("donor_id", donor_id or "donor_0") if not donor_id else donor_id
     label_col = cell_type_column or next((c for c in ("cell_type", "celltype", "cell_type_label") if c in src), None)
     if label_col is not None:
         if label_col not in src:
-            raise ValueError(f"obs has no column {label_col!r} (cell_type_column); available: {list(src.columns)}")
+            raise ValueError(f"obs has no column {label_col!r} (census.h5ad.cell_type_column, --cell-type-column); "
+                             f"available: {list(src.columns)}")
         obs["cell_type"] = src[label_col].astype(str).values
     obs["tissue_general"] = column("tissue_general", tissue_general)
     obs["is_primary_data"] = src["is_primary_data"].astype(bool).values if "is_primary_data" in src else is_primary_data
@@ -349,7 +384,13 @@ def _ensembl_ids(adata, gene_id_column: str | None) -> np.ndarray:
         values = np.asarray(values).astype(str)
         if np.mean(np.char.startswith(values, "ENS")) > 0.9:
             return np.array([v.split(".")[0] for v in values])  # drop Ensembl version suffixes
+        if gene_id_column:
+            raise ValueError(
+                f"var[{gene_id_column!r}] (census.h5ad.gene_id_column) does not hold Ensembl gene ids "
+                f"(e.g. {values[:3].tolist()}); name a var column of Ensembl ids (ENSG...) instead"
+            )
     raise ValueError(
         "no Ensembl gene ids found in var (looked at columns feature_id, gene_ids, gene_id, ensembl_id and "
-        "var_names). Genes are keyed on Ensembl ids: add them, or name the column with --gene-id-column."
+        "var_names). Genes are keyed on Ensembl ids: add them (e.g. map symbols to ENSG ids), or name the "
+        "column that holds them with census.h5ad.gene_id_column (--gene-id-column)."
     )

@@ -17,7 +17,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scllm.io import atomic_path, open_backed, read_rows
+from scllm.io import atomic_path, open_backed, read_rows, require_obs_columns
 
 log = logging.getLogger("scllm")
 FLAVORS = ("seurat_v3", "seurat_v3_paper")
@@ -84,6 +84,7 @@ def select_hvg(
         raise ValueError(f"hvg.flavor={flavor!r} is not supported; use one of {FLAVORS}")
     t0 = time.time()
     adata = open_backed(in_h5ad)
+    require_obs_columns(adata, ["sample"], in_h5ad)
     if n_top_genes > adata.n_vars:
         raise ValueError(f"hvg.n_top_genes={n_top_genes} exceeds the {adata.n_vars} genes left after QC; lower it")
     norm_vars, used = [], []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -50,12 +52,15 @@ def atomic_path(path: str | Path):
     """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block succeeds.
 
     A crash or an error therefore never leaves a half-written artifact under the final name.
-    Works for files and directories alike.
+    Works for files and directories alike. An error removes the temporary; temporaries of
+    ``path`` left by a killed process (SIGKILL cannot be caught) are removed on the next write.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    _remove(tmp)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):  # left by a killed process
+        if _TEMPORARY.match(stale.name):
+            _remove(stale)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
@@ -63,6 +68,30 @@ def atomic_path(path: str | Path):
         os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp\d+$")  # the names atomic_path gives its temporaries
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporaries (``.NAME.tmpPID``) that atomic_path leaves behind only when its
+    process is killed outright (SIGKILL, out of memory, node failure). For a stage's own output
+    folder, before it writes there; returns what was removed."""
+    directory = Path(directory)
+    stale = [p for p in directory.glob(".*.tmp*") if _TEMPORARY.match(p.name)] if directory.is_dir() else []
+    for path in stale:
+        _remove(path)
+    return stale
+
+
+def require_obs_columns(adata: ad.AnnData, columns: list[str], path, writer: str = "sample_census") -> None:
+    """A clear error when an h5ad lacks obs columns the stage needs (before anything is written)."""
+    missing = [c for c in columns if c not in adata.obs.columns]
+    if missing:
+        raise ValueError(
+            f"{path} has no obs column(s) {missing} (it has {list(adata.obs.columns)}); the pipeline's own "
+            f"files carry them: rerun {writer} (or the rules before this one) to rewrite it."
+        )
 
 
 def _remove(path: Path) -> None:

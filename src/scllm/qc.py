@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scllm.io import CSRWriter, atomic_path, open_backed, read_rows, row_chunks
+from scllm.io import CSRWriter, atomic_path, open_backed, read_rows, require_obs_columns, row_chunks
 
 log = logging.getLogger("scllm")
 
@@ -32,6 +32,7 @@ def filter_qc(
     Returns the QC table (also written to ``out_table``)."""
     t0 = time.time()
     adata = open_backed(in_h5ad)
+    require_obs_columns(adata, ["sample"], in_h5ad)
     n_cells, n_genes = adata.shape
 
     gene_totals = np.zeros(n_genes, dtype=np.float64)
@@ -41,7 +42,8 @@ def filter_qc(
     keep_genes = gene_totals >= min_gene_counts
     log.info("genes: %d of %d have total count >= %d", keep_genes.sum(), n_genes, min_gene_counts)
     if not keep_genes.any():
-        raise ValueError(f"no gene has a total count >= qc.min_gene_counts={min_gene_counts}; lower it")
+        raise ValueError(f"no gene has a total count >= qc.min_gene_counts={min_gene_counts} (the largest is "
+                         f"{gene_totals.max():.0f} over {n_cells} cells); lower qc.min_gene_counts or sample more cells")
 
     var = adata.var.loc[keep_genes].copy()
     var["total_counts"] = gene_totals[keep_genes]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scllm.io import atomic_path, open_backed
+from scllm.io import atomic_path, open_backed, require_obs_columns
 
 log = logging.getLogger("scllm")
 TRAIN, VALIDATION = "train", "validation"
@@ -54,6 +54,7 @@ def assign_split(obs: pd.DataFrame, validation_fraction: float, by: str, seed: i
 def split_cells(in_h5ad: str | Path, out_tsv: str | Path, *, validation_fraction: float = 0.03,
                 by: str = "cell", seed: int = 0) -> pd.DataFrame:
     adata = open_backed(in_h5ad)
+    require_obs_columns(adata, ["sample"], in_h5ad)
     obs = adata.obs
     adata.file.close()
     split = assign_split(obs, validation_fraction, by, seed)

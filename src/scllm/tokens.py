@@ -59,7 +59,18 @@ def write_vocab(vocab: dict[str, int], path: str | Path) -> None:
 
 
 def read_vocab(path: str | Path) -> dict[str, int]:
-    return {k: int(v) for k, v in json.loads(Path(path).read_text()).items()}
+    return {k: int(v) for k, v in _read_json(path).items()}
+
+
+def _read_json(path: str | Path) -> dict:
+    """A JSON file written by tokenize_shards (or copied by pretrain), with a clear error if damaged."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"cannot read {path}: {err}. The file is truncated or damaged; delete it and rerun the rule "
+            "that writes it (tokenize_shards for shards/, pretrain for a model directory)."
+        ) from err
 
 
 def sequences_from_binned(binned: sp.csr_matrix, cls_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -148,7 +159,7 @@ def read_shard(path: str | Path) -> Shard:
 
 
 def read_manifest(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+    return _read_json(path)
 
 
 class _ShardBuffer:

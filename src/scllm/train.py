@@ -5,7 +5,9 @@ Read top to bottom: settings -> data -> model -> resume -> train/validate per ep
 Everything the run produces is derived from ``last_checkpoint.pt`` (weights, optimizer,
 scheduler, RNG states, data position, metrics so far, best weights), so a killed job resumes
 exactly where its last checkpoint left it, and a finished one is a no-op when rerun.
-Launch on several GPUs with ``torchrun --nproc_per_node N -m scllm.train ...``.
+SIGTERM or SIGUSR1 (SLURM preemption or time limit) writes a checkpoint at the current step and
+exits with PREEMPTED_EXIT_CODE; a NaN or infinite loss stops the run without overwriting the
+last good checkpoint. Launch on several GPUs with ``torchrun --nproc_per_node N -m scllm.train ...``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scllm.data import LengthGroupedBatchSampler, ShardDataset, check_vocab, collate, mask_values
-from scllm.io import atomic_path, setup_logging
+from scllm.io import atomic_path, remove_stale_temporaries, setup_logging
 from scllm.model import CellTransformer, ModelConfig, count_params_text, masked_mse, peak_flops
 from scllm.tokens import read_manifest
 
@@ -58,6 +63,19 @@ DATA_MODEL_KEYS = ("vocab_size", "n_bins", "pad_id", "mask_value", "pad_value")
 METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "expr_mse", "mvc_mse", "cells_per_s", "tokens_per_s", "mfu"]
 EPOCH_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_expr_mse", "val_mvc_mse", "val_mean_bin_baseline_mse"]
 CHECKPOINT = "last_checkpoint.pt"
+# Exit status after SIGTERM/SIGUSR1 with a checkpoint written: EX_TEMPFAIL ("try again later"),
+# distinct from errors (1) and from being killed (128 + signal), so a job script can requeue.
+PREEMPTED_EXIT_CODE = 75
+
+
+class TrainingPreempted(RuntimeError):
+    """SIGTERM or SIGUSR1 arrived; a checkpoint at the current step was written. Rerun to resume."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the weights) became NaN or infinite; nothing was saved after the last good state."""
 
 
 def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: dict | None = None,
@@ -74,6 +92,7 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
     rank, world_size, device, own_group = _setup_distributed(cfg["device"])
     is_main = rank == 0
     threads = torch.get_num_threads()
+    signals = _StopSignals().install()
     try:
         if cfg["num_threads"]:
             torch.set_num_threads(int(cfg["num_threads"]))
@@ -87,7 +106,8 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
         check_vocab(manifest, vocab_path, manifest_path)
         train_ds, val_ds = ShardDataset(manifest_path, "train"), ShardDataset(manifest_path, "validation")
         if len(val_ds) == 0:
-            raise ValueError(f"{manifest_path} has no validation cells; pretrain needs them to choose best_model.pt")
+            raise ValueError(f"{manifest_path} has no validation cells; pretrain needs them to choose best_model.pt: "
+                             "raise split.validation_fraction or sample more cells")
         train_sampler = LengthGroupedBatchSampler(train_ds.lengths, cfg["batch_size"], cfg["seed"],
                                                   cfg["bucket_size_batches"], rank, world_size)
         # Validation: the same batches every epoch (no shuffle), this rank's share of them.
@@ -116,6 +136,9 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
         }
 
         # --- resume ----------------------------------------------------------------------------
+        if is_main:
+            for path in remove_stale_temporaries(out):
+                log.info("removed %s, a temporary left by a killed run", path)
         ckpt = _load_checkpoint(out / CHECKPOINT, args, log)
         if ckpt is not None and ckpt["done"]:
             if is_main and not all((out / name).exists() for name in OUTPUTS):
@@ -158,7 +181,19 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
             _copy(vocab_path, out / "vocab.json")
             _copy(manifest_path.parent / "genes.tsv", out / "genes.tsv")
 
+        last_good_step = ckpt["global_step"] if ckpt is not None else None
+
+        def ensure_finite(*losses: float) -> None:
+            """Never save a non-finite state: stop, leaving the last good checkpoint in place."""
+            finite = all(math.isfinite(v) for v in (state["epoch_loss_sum"], *losses))
+            if finite:  # a step with a finite loss can still leave NaN weights (an infinite gradient)
+                finite = bool(torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all())
+            if not finite:
+                raise _non_finite(state["global_step"], state["epoch"] + 1, last_good_step, out / CHECKPOINT)
+
         def save_checkpoint(plot: bool):
+            nonlocal last_good_step
+            ensure_finite()
             rng = _rng_state(device)
             rngs = [None] * world_size
             if world_size > 1:
@@ -171,6 +206,14 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
                 with atomic_path(out / CHECKPOINT) as tmp:
                     torch.save(ckpt, tmp)
                 _write_outputs(out, ckpt, args, manifest_path.parent, plot)
+            last_good_step = state["global_step"]
+
+        def preempted(where: str) -> TrainingPreempted:
+            message = (f"stopped by {signals.received or 'a signal on another process'} {where}: checkpoint at step "
+                       f"{state['global_step']} saved to {out / CHECKPOINT}; exiting with code {PREEMPTED_EXIT_CODE} "
+                       "so the job can be requeued. Rerun to resume.")
+            log.warning("%s", message)
+            return TrainingPreempted(message)
 
         # --- training ------------------------------------------------------------------------
         peak = peak_flops(device) if use_bf16 else None
@@ -222,6 +265,8 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
                     seconds = max(time.perf_counter() - window_start - paused, 1e-9)
                     sums = torch.cat([window_loss, torch.as_tensor(window_counts, device=device)])
                     totals = _all_reduce(sums, world_size).tolist()
+                    if not math.isfinite(totals[0]):
+                        raise _non_finite(step, epoch + 1, last_good_step, out / CHECKPOINT)
                     mean = [v / (window_steps * world_size) for v in totals[:3]]
                     row = {"epoch": epoch + 1, "step": step, "lr": lr,
                            "train_loss": mean[0], "expr_mse": mean[1], "mvc_mse": mean[2],
@@ -237,11 +282,16 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
                     window_steps, window_counts, window_start, paused = 0, np.zeros(3), time.perf_counter(), 0.0
 
                 stop = cfg["max_steps"] is not None and step >= cfg["max_steps"]
-                if stop or step % cfg["checkpoint_every_steps"] == 0:
+                # A signal is acted on after the step it arrived in (with several processes, at the
+                # next log step, where they agree on it: all must checkpoint the same step).
+                preempt = (world_size == 1 or step % cfg["log_every_steps"] == 0) and signals.agreed(world_size, device)
+                if stop or preempt or step % cfg["checkpoint_every_steps"] == 0:
                     t0 = time.perf_counter()
                     _fold_epoch_loss(state, epoch_loss, world_size)
                     save_checkpoint(plot=stop)
                     paused += time.perf_counter() - t0
+                if preempt:
+                    raise preempted(f"in epoch {epoch + 1}, batch {b + 1}/{len(batches)}")
                 if stop:
                     log.info("stopping at max_steps=%d (epoch %d, batch %d/%d); rerun to resume", step,
                              epoch + 1, b + 1, len(batches))
@@ -251,6 +301,7 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
             t0 = time.perf_counter()
             _fold_epoch_loss(state, epoch_loss, world_size)
             val = evaluate(raw_model, val_ds, val_batches, pad_id, ratios, seed, device, autocast, world_size)
+            ensure_finite(val["val_loss"])
             train_loss = state["epoch_loss_sum"] / max(state["epoch_steps"], 1)
             state["epochs"].append({"epoch": epoch + 1, "step": state["global_step"], "train_loss": train_loss, **val})
             improved = val["val_loss"] < state["best_val_loss"]
@@ -268,11 +319,14 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
                          done=epoch + 1 == cfg["epochs"])
             save_checkpoint(plot=True)
             paused += time.perf_counter() - t0
+            if not state["done"] and signals.agreed(world_size, device):
+                raise preempted(f"at the end of epoch {epoch + 1}")
         if not state["done"]:  # only with epochs == 0
             state["done"] = True
             save_checkpoint(plot=True)
         return _summary(state)
     finally:
+        signals.restore()
         torch.set_num_threads(threads)
         if own_group:
             dist.destroy_process_group()
@@ -331,6 +385,10 @@ def _train_settings(train_cfg: dict | None) -> dict:
 
 def _model_config(model_cfg: dict | None, manifest: dict) -> ModelConfig:
     model_cfg = dict(model_cfg or {})
+    known = {f.name for f in fields(ModelConfig)} - set(DATA_MODEL_KEYS)
+    unknown = set(model_cfg) - known - set(DATA_MODEL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown model settings {sorted(unknown)}; known: {sorted(known)}")
     data = {"vocab_size": manifest["vocab_size"], "n_bins": manifest["n_bins"], "pad_id": manifest["pad_id"],
             "mask_value": manifest.get("mask_value", -1), "pad_value": manifest.get("pad_value", -2)}
     for key in DATA_MODEL_KEYS:
@@ -448,6 +506,50 @@ def _load_checkpoint(path: Path, args: dict, log) -> dict | None:
     return ckpt
 
 
+def _non_finite(step: int, epoch: int, last_good_step: int | None, checkpoint: Path) -> NonFiniteLossError:
+    kept = (f"{checkpoint} keeps the last good state (step {last_good_step})" if last_good_step is not None
+            else "no checkpoint had been written yet")
+    return NonFiniteLossError(
+        f"the training loss became NaN or infinite by step {step} (epoch {epoch}); stopped without saving "
+        f"that state: {kept}, and best_model.pt holds only finite weights. Lower train.lr or raise "
+        "train.warmup_steps (with bf16 autocast, try train.amp: fp32), then rerun: changed train settings "
+        "start a fresh run."
+    )
+
+
+class _StopSignals:
+    """SIGTERM and SIGUSR1 set a flag (they do not kill the process); the training loop then writes a
+    checkpoint and stops. SLURM sends SIGTERM on preemption or cancellation, and SIGUSR1 ahead of the
+    time limit when asked (``sbatch --signal=USR1@120``)."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous: dict = {}
+
+    def install(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self.previous = {}
+
+    def agreed(self, world_size: int, device) -> bool:
+        """Whether to stop now; with several processes (a collective call) when any got a signal."""
+        if world_size == 1:
+            return self.received is not None
+        flag = torch.tensor([float(self.received is not None)], device=device)
+        return bool(_all_reduce(flag, world_size).item())
+
+
 def _summary(state: dict) -> dict:
     return {"global_step": state["global_step"], "epochs_done": state["epoch"],
             "best_val_loss": state["best_val_loss"], "done": state["done"]}
@@ -539,7 +641,10 @@ def main(argv=None) -> None:
     log = setup_logging(args.log if rank == 0 else None)
     if rank != 0:
         log.setLevel(logging.WARNING)
-    pretrain(args.manifest, args.out, params.get("model"), params.get("train"), log=log)
+    try:
+        pretrain(args.manifest, args.out, params.get("model"), params.get("train"), log=log)
+    except TrainingPreempted:  # already logged; the exit status asks for a requeue
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

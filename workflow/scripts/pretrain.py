@@ -1,4 +1,8 @@
-"""Rule pretrain: one process on a CPU or one GPU; one process per GPU (torchrun) for several."""
+"""Rule pretrain: one process on a CPU or one GPU; one process per GPU (torchrun) for several.
+
+SIGTERM/SIGUSR1 (SLURM preemption) make training write a checkpoint and stop; the job then exits
+with status 75 (scllm.train.PREEMPTED_EXIT_CODE) and a rerun resumes. Under torchrun each worker
+handles the signal (SLURM signals every process of the job) and the status is torchrun's."""
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 import json
 import os
@@ -27,9 +31,15 @@ if n_gpus > 1:
     ]
     log.info("launching %d processes: %s", n_gpus, " ".join(command))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [scllm_src.SRC, os.environ.get("PYTHONPATH")]))}
-    subprocess.run(command, check=True, env=env)
+    returncode = subprocess.run(command, env=env).returncode
+    if returncode:  # the workers logged why (to the rule's log, which rank 0 rewrote: no logging here)
+        print(f"torchrun exited with status {returncode}", file=sys.stderr)
+        sys.exit(returncode)
 else:
-    from scllm.train import pretrain
+    from scllm.train import PREEMPTED_EXIT_CODE, TrainingPreempted, pretrain
 
     train_cfg.setdefault("num_threads", snakemake.threads)
-    pretrain(manifest, out_dir, snakemake.params.model, train_cfg, log=log)
+    try:
+        pretrain(manifest, out_dir, snakemake.params.model, train_cfg, log=log)
+    except TrainingPreempted:  # logged by pretrain; rerun (or requeue) to resume from the checkpoint
+        sys.exit(PREEMPTED_EXIT_CODE)
