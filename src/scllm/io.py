@@ -21,12 +21,13 @@ from anndata.io import sparse_dataset, write_elem
 log = logging.getLogger("scllm")
 
 
-def setup_logging(log_file: str | Path | None = None) -> logging.Logger:
-    """Log to stderr and, inside a Snakemake job, to the rule's log file."""
+def setup_logging(log_file: str | Path | None = None, append: bool = False) -> logging.Logger:
+    """Log to stderr and, inside a Snakemake job, to the rule's log file (``append`` for a
+    process that continues a log its launcher started)."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="w"))
+        handlers.append(logging.FileHandler(log_file, mode="a" if append else "w"))
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",

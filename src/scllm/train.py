@@ -638,7 +638,8 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"{args.params}: unknown sections {sorted(unknown)}; expected 'model' and 'train'")
     rank = int(os.environ.get("RANK", "0"))
-    log = setup_logging(args.log if rank == 0 else None)
+    # append: under torchrun the launching rule script has already written to this log
+    log = setup_logging(args.log if rank == 0 else None, append=True)
     if rank != 0:
         log.setLevel(logging.WARNING)
     try:
