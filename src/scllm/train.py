@@ -13,6 +13,7 @@ last good checkpoint. Launch on several GPUs with ``torchrun --nproc_per_node N 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -127,6 +128,8 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
             "data": {
                 "manifest": str(manifest_path.resolve()),
                 "vocab_sha256": manifest["vocab_sha256"],
+                # The cells themselves: other shards (new split, bins, cells) must not resume this run.
+                "shards_sha256": _shards_fingerprint(manifest_path, manifest),
                 "n_genes": manifest["n_genes"],
                 "max_seq_len": manifest.get("max_seq_len"),
                 "n_train_cells": len(train_ds),
@@ -395,6 +398,17 @@ def _model_config(model_cfg: dict | None, manifest: dict) -> ModelConfig:
         if key in model_cfg and model_cfg.pop(key) != data[key]:
             raise ValueError(f"model.{key} is set by the shards ({data[key]}); remove it from the model settings")
     return ModelConfig(**data, **model_cfg)
+
+
+def _shards_fingerprint(manifest_path: Path, manifest: dict) -> str:
+    """sha256 over every shard's bytes (about 1 s per GB): the data a checkpoint was trained on."""
+    digest = hashlib.sha256()
+    for split in sorted(manifest["splits"]):
+        for shard in manifest["splits"][split]:
+            with open(manifest_path.parent / shard["path"], "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def _identity(args: dict) -> dict:
