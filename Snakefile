@@ -15,9 +15,14 @@ validate(config, "config/schema.yaml")
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
+include: "rules/eval.smk"
+
+
+report: "workflow/report/workflow.rst"
 
 
 rule all:
     input:
         rules.pretrain.output,
+        rules.evaluate.output,
     default_target: True

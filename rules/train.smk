@@ -11,7 +11,11 @@ rule pretrain:
         vocab=f"{RESULTS}/model/vocab.json",
         metrics=f"{RESULTS}/model/metrics.tsv",
         epochs=f"{RESULTS}/model/epochs.tsv",
-        plot=f"{RESULTS}/model/loss_curve.png",
+        plot=report(
+            f"{RESULTS}/model/loss_curve.png",
+            caption="../workflow/report/loss_curve.rst",
+            category="Pretraining",
+        ),
     params:
         model=config["model"],
         train=config["train"],

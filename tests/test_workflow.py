@@ -24,6 +24,8 @@ DATA_OUTPUTS = {  # rule -> an output it writes, in DAG order
     "split": "split.tsv",
     "tokenize_shards": "shards/manifest.json",
     "pretrain": "model/best_model.pt",
+    "embed": "embeddings.h5ad",
+    "evaluate": "evaluation/metrics.tsv",
 }
 TINY_TRAINING = {"model": {"n_layers": 1, "n_heads": 2, "d_model": 16, "d_ff": 32, "dropout": 0.0},
                  "train": {"epochs": 1, "batch_size": 64, "warmup_steps": 2}}
@@ -92,7 +94,7 @@ def test_changing_one_setting_reruns_that_stage_and_later_only(demo_run, tmp_pat
     changed = write_config(workdir, "changed.yaml", {**TINY_TRAINING, "normalize_bin": {"n_bins": 21}})
     snakemake(workdir, "--configfile", changed)
     rerun = {rule for rule, out in DATA_OUTPUTS.items() if (results / out).stat().st_mtime_ns != before[rule]}
-    assert rerun == {"normalize_bin", "split", "tokenize_shards", "pretrain"}
+    assert rerun == {"normalize_bin", "split", "tokenize_shards", "pretrain", "embed", "evaluate"}
     assert json.loads((results / "shards" / "manifest.json").read_text())["n_bins"] == 21
 
 
@@ -132,7 +134,8 @@ def test_real_census_offline_fails_at_once_with_guidance(tmp_path):
     dry = snakemake(workdir, "--configfile", "config/config.yaml", "-n")
     stats = (dry.stdout + dry.stderr).split("Job stats:")[1]
     jobs = [line.split()[0] for line in stats.splitlines() if line.split()[:1] and line.split()[0] in DATA_OUTPUTS]
-    assert jobs == ["sample_census", "filter_qc", "select_hvg", "normalize_bin", "split", "tokenize_shards", "pretrain"]
+    assert jobs == ["sample_census", "filter_qc", "select_hvg", "normalize_bin", "split", "tokenize_shards", "pretrain",
+                    "embed", "evaluate"]
 
     started = time.time()
     proc = snakemake(workdir, "sample_census", "--configfile", "config/config.yaml", check=False, timeout=300)

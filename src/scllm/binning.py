@@ -66,10 +66,13 @@ def _bin_rows(indptr, indices, data, quantiles, row_ids, seed, out):
                 out[start + i] = left
 
 
-def bin_csr(matrix: sp.csr_matrix, n_bins: int = 51, seed: int = 0, row_offset: int = 0) -> sp.csr_matrix:
-    """Per-cell quantile bins of a CSR matrix's non-zero values (same sparsity, small int dtype).
+def bin_csr(matrix: sp.csr_matrix, n_bins: int = 51, seed: int = 0, row_offset: int = 0,
+            row_ids: np.ndarray | None = None) -> sp.csr_matrix:
+    """Per-cell quantile bins of a CSR matrix's non-zero values (same sparsity, uint8).
 
-    ``row_offset`` is the global index of the first row, so chunked calls equal one whole call.
+    Tie-breaking draws are keyed on (seed, row id, gene). Row ids default to the rows' global
+    positions (``row_offset`` + row), so chunked calls equal one whole call; ``row_ids`` gives
+    each row its own key instead (e.g. one derived from the cell's content).
     """
     matrix = sp.csr_matrix(matrix)
     matrix.eliminate_zeros()
@@ -77,8 +80,10 @@ def bin_csr(matrix: sp.csr_matrix, n_bins: int = 51, seed: int = 0, row_offset: 
         raise ValueError(f"n_bins must be in 3..256, got {n_bins}")
     quantiles = np.linspace(0, 1, n_bins - 1)
     out = np.empty(matrix.nnz, dtype=np.int64)
-    row_ids = np.arange(row_offset, row_offset + matrix.shape[0], dtype=np.int64)
-    _bin_rows(matrix.indptr, matrix.indices, matrix.data, quantiles, row_ids, np.int64(seed), out)
+    if row_ids is None:
+        row_ids = np.arange(row_offset, row_offset + matrix.shape[0], dtype=np.int64)
+    _bin_rows(matrix.indptr, matrix.indices, matrix.data, quantiles, np.asarray(row_ids, dtype=np.int64),
+              np.int64(seed), out)
     return sp.csr_matrix((out.astype(np.uint8), matrix.indices.copy(), matrix.indptr.copy()), shape=matrix.shape)
 
 

@@ -7,6 +7,8 @@ import sys
 
 from scllm.io import setup_logging
 
+MIN_COVERAGE_DEFAULT = 0.5  # scllm.embed.MIN_COVERAGE (not imported here: it would import torch)
+
 
 def _build_census(args: argparse.Namespace) -> None:
     from scllm.census import build_local_census
@@ -19,6 +21,19 @@ def _build_census(args: argparse.Namespace) -> None:
         tissue_general=args.tissue_general, disease=args.disease, organism=args.organism,
     )
     print(f"Wrote a Census-shaped store to {args.out}. Use it with census.source: uri and census.uri: {args.out}")
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from scllm.embed import embed_h5ad
+
+    summary = embed_h5ad(
+        args.model_dir, args.h5ad, args.out,
+        gene_id_column=args.gene_id_column, counts_layer=args.counts_layer, min_coverage=args.min_coverage,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device, tie_break=args.tie_break,
+    )
+    print(f"Embedded {summary['n_cells']} cells with {args.model_dir}: vocabulary coverage {summary['n_found']}/"
+          f"{summary['n_vocab']} ({summary['coverage']:.1%}), genes matched by {summary['gene_match']}. "
+          f"Wrote obsm['X_scllm'] ({summary['n_cells']} x {summary['dim']}) and obs to {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +61,31 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--disease", default="normal")
     build.add_argument("--organism", default="homo_sapiens")
     build.set_defaults(func=_build_census)
+
+    embed = commands.add_parser(
+        "embed",
+        help="embed the cells of an h5ad with a pretrained model (<cls> embeddings in obsm['X_scllm'])",
+        description="Map the genes of an h5ad to the model's vocabulary (Ensembl ids in var_names or a var "
+        "column, or symbols as in the model's genes.tsv), normalize and bin each cell as in training, and "
+        "write the <cls> embeddings to obsm['X_scllm'] of OUT (with the input's obs). Reads the input in row "
+        "chunks. Fails with the coverage figure if too few vocabulary genes are found.",
+    )
+    embed.add_argument("model_dir", help="a pretrain output directory (best_model.pt, args.json, vocab.json, genes.tsv)")
+    embed.add_argument("h5ad", help="input h5ad with counts in X (or --counts-layer), all genes")
+    embed.add_argument("out", help="h5ad to write (obs of the input, obsm['X_scllm'])")
+    embed.add_argument("--gene-id-column", help="var column identifying genes, or 'index' for var_names "
+                       "(default: whichever of var_names and the var columns matches the most vocabulary genes)")
+    embed.add_argument("--counts-layer", help="layer holding the counts (default: X)")
+    embed.add_argument("--min-coverage", type=float, default=MIN_COVERAGE_DEFAULT,
+                       help="minimum fraction of vocabulary genes found (default: %(default)s)")
+    embed.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default: %(default)s)")
+    embed.add_argument("--chunk-size", type=int, default=20_000, help="cells read at a time (default: %(default)s)")
+    embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    embed.add_argument("--tie-break", choices=["content", "row"], default="content",
+                       help="key of the random draws that spread tied values over bins: the cell's values (a cell "
+                       "gets the same embedding wherever it is in the file) or its row number, as the pipeline's "
+                       "normalize_bin does (default: %(default)s)")
+    embed.set_defaults(func=_embed)
 
     args = parser.parse_args(argv)
     setup_logging()

@@ -234,6 +234,8 @@ def tokenize_shards(binned_h5ad, split_tsv, out_dir, *, cells_per_shard: int = 1
         genes.assign(token_id=np.arange(n_genes)).to_csv(tmp / "genes.tsv", sep="\t", index=False)
         manifest = {
             **attrs, "vocab_size": n_genes + 2, "format_version": SHARD_FORMAT_VERSION,
+            # how values were binned, so a model's users can bin new cells the same way
+            "binning": {k: (v.item() if hasattr(v, "item") else v) for k, v in adata.uns["binning"].items()},
             "max_seq_len": max((s["max_len"] for b in buffers.values() for s in b.shards), default=1),
             "splits": {name: b.shards for name, b in buffers.items()},
         }

@@ -130,6 +130,7 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
                 "vocab_sha256": manifest["vocab_sha256"],
                 # The cells themselves: other shards (new split, bins, cells) must not resume this run.
                 "shards_sha256": _shards_fingerprint(manifest_path, manifest),
+                "binning": manifest.get("binning"),
                 "n_genes": manifest["n_genes"],
                 "max_seq_len": manifest.get("max_seq_len"),
                 "n_train_cells": len(train_ds),

@@ -1,0 +1,74 @@
+# Embedding and evaluation of the pretrained model. embed writes the <cls> embeddings of the
+# tokenized cells; evaluate scores them against a PCA baseline on cell-type labels and draws UMAPs.
+# Outputs marked report(...) go into `snakemake --report report.html`.
+
+
+rule embed:
+    """<cls> embeddings of the validation cells (embed.cells: validation) or of every cell (all)."""
+    input:
+        shards=rules.tokenize_shards.output.shards,
+        binned=rules.normalize_bin.output.h5ad,
+        model=rules.pretrain.output.model,
+        args=rules.pretrain.output.args,
+        vocab=rules.pretrain.output.vocab,
+    output:
+        h5ad=f"{RESULTS}/embeddings.h5ad",
+    params:
+        embed=config["embed"],
+    threads: 4
+    log:
+        f"{LOGS}/embed.log",
+    benchmark:
+        f"{BENCH}/embed.tsv"
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../workflow/scripts/embed.py"
+
+
+rule evaluate:
+    """kNN accuracy/macro-F1, Leiden ARI/NMI and silhouettes of the embeddings and of a PCA
+    baseline on the labelled cells; masked-value error of the best model; UMAPs."""
+    input:
+        embeddings=rules.embed.output.h5ad,
+        filtered=rules.filter_qc.output.h5ad,
+        hvg=rules.select_hvg.output.table,
+        epochs=rules.pretrain.output.epochs,
+        args=rules.pretrain.output.args,
+    output:
+        table=report(
+            f"{RESULTS}/evaluation/metrics.tsv",
+            caption="../workflow/report/metrics_tsv.rst",
+            category="Evaluation",
+            labels={"figure": "metrics table (TSV)"},
+        ),
+        html=report(
+            f"{RESULTS}/evaluation/metrics.html",
+            caption="../workflow/report/metrics.rst",
+            category="Evaluation",
+            labels={"figure": "metrics table"},
+        ),
+        umap_cell_type=report(
+            f"{RESULTS}/evaluation/umap_cell_type.png",
+            caption="../workflow/report/umap_cell_type.rst",
+            category="Evaluation",
+            labels={"figure": "UMAP by cell type"},
+        ),
+        umap_sample=report(
+            f"{RESULTS}/evaluation/umap_sample.png",
+            caption="../workflow/report/umap_sample.rst",
+            category="Evaluation",
+            labels={"figure": "UMAP by sample"},
+        ),
+    params:
+        evaluate=config["evaluate"],
+        chunk_size=config["chunk_size"],
+    threads: 2
+    log:
+        f"{LOGS}/evaluate.log",
+    benchmark:
+        f"{BENCH}/evaluate.tsv"
+    conda:
+        "../envs/eval.yaml"
+    script:
+        "../workflow/scripts/evaluate.py"

@@ -1,0 +1,378 @@
+"""How good are the cell embeddings? Label-aware metrics against a PCA baseline, and UMAPs.
+
+For each representation (the model's ``<cls>`` embeddings, and PCA-50 of log-normalized HVGs
+of the same cells) on the cells that carry a cell-type label:
+
+- kNN cell-type accuracy and macro-F1: scikit-learn ``KNeighborsClassifier`` predictions from
+  stratified k-fold cross-validation, and, with several samples, from folds that hold out whole
+  samples (a new donor's cells are labelled by the other donors' cells);
+- ARI and NMI of Leiden clusters (scanpy neighbors + igraph Leiden) against the labels; the
+  resolution is picked from a grid by the best NMI, as scib does, for both representations;
+- silhouette width by label (higher: cell types separate) and by sample (near 0: samples mix).
+
+The pretraining objective itself is reported too: masked-value MSE of the best model on the
+validation cells (fixed masks) against predicting each cell's mean bin, from ``epochs.tsv``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scllm.io import atomic_path, open_backed, read_rows, row_chunks
+
+log = logging.getLogger("scllm")
+
+EMBEDDING_KEY = "X_scllm"
+UNLABELED = {"", "nan", "none", "na", "n/a", "unknown", "unassigned"}
+BASELINE_TARGET_SUM = 1e4
+SETTINGS = {
+    "label_key": "cell_type",
+    "batch_key": "sample",
+    "max_cells": 50_000,
+    "n_neighbors": 15,
+    "n_folds": 5,
+    "leiden_resolutions": [0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0],
+    "n_pcs": 50,
+    "seed": 0,
+}
+TABLE_COLUMNS = ["metric", "scllm", "baseline", "baseline_method", "cells", "details"]
+
+
+# --- metrics on one representation ----------------------------------------------------------------
+
+def knn_scores(X: np.ndarray, labels, *, n_neighbors: int = 15, n_folds: int = 5, seed: int = 0,
+               groups=None) -> dict:
+    """Accuracy and macro-F1 of kNN label predictions made out of fold.
+
+    ``groups`` None: stratified ``n_folds``-fold cross-validation. Otherwise folds hold out whole
+    groups (samples): one group per fold, or ``n_folds`` group folds when there are more groups.
+    Returns NaN scores when the split is impossible (one group, or fewer than two labels).
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    labels = np.asarray(labels).astype(str)
+    nan = {"accuracy": np.nan, "macro_f1": np.nan, "n_folds": 0}
+    if len(np.unique(labels)) < 2:
+        return nan
+    if groups is None:
+        counts = pd.Series(labels).value_counts()
+        folds = int(min(n_folds, counts.max()))
+        if folds < 2:
+            return nan
+        cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        split_groups = None
+    else:
+        split_groups = np.asarray(groups).astype(str)
+        n_groups = len(np.unique(split_groups))
+        if n_groups < 2:
+            return nan
+        cv = LeaveOneGroupOut() if n_groups <= n_folds else GroupKFold(n_splits=n_folds)
+        folds = min(n_groups, n_folds)
+    with warnings.catch_warnings():
+        # "The least populated class in y has only N members": rare labels, still scored
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        smallest_train = min(len(train) for train, _ in cv.split(X, labels, split_groups))
+        k = max(1, min(n_neighbors, smallest_train))
+        pred = cross_val_predict(KNeighborsClassifier(n_neighbors=k), X, labels, cv=cv, groups=split_groups)
+    return {"accuracy": float(accuracy_score(labels, pred)),
+            "macro_f1": float(f1_score(labels, pred, average="macro", labels=np.unique(labels), zero_division=0)),
+            "n_folds": folds}
+
+
+def silhouette(X: np.ndarray, labels, *, seed: int = 0, max_cells: int = 20_000) -> float:
+    """scikit-learn's mean silhouette width (Euclidean) of ``labels``; NaN for < 2 or all-distinct labels.
+    Above ``max_cells`` cells it is estimated on a seeded random sample of that size."""
+    from sklearn.metrics import silhouette_score
+
+    labels = np.asarray(labels).astype(str)
+    n_labels = len(np.unique(labels))
+    if n_labels < 2 or n_labels >= len(labels):
+        return np.nan
+    sample = max_cells if len(labels) > max_cells else None
+    return float(silhouette_score(X, labels, sample_size=sample, random_state=seed))
+
+
+def neighbors_graph(X: np.ndarray, *, n_neighbors: int = 15, seed: int = 0):
+    """An AnnData holding ``X`` and scanpy's kNN graph on it (for Leiden and UMAP)."""
+    import anndata as ad
+    import scanpy as sc
+
+    adata = ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(len(X)).astype(str)), obsm={"rep": np.asarray(X, np.float32)})
+    sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, len(X) - 1), use_rep="rep", random_state=seed)
+    return adata
+
+
+def leiden_scores(graph, labels, *, resolutions=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), seed: int = 0) -> dict:
+    """ARI and NMI of Leiden clusters against ``labels`` at the resolution (of ``resolutions``)
+    with the best NMI; ``graph`` is an AnnData from ``neighbors_graph``."""
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    labels = np.asarray(labels).astype(str)
+    best = None
+    for res in resolutions:
+        sc.tl.leiden(graph, resolution=res, flavor="igraph", n_iterations=2, directed=False,
+                     random_state=seed, key_added="leiden")
+        clusters = graph.obs["leiden"].to_numpy()
+        nmi = normalized_mutual_info_score(labels, clusters)
+        if best is None or nmi > best["nmi"]:
+            best = {"nmi": float(nmi), "ari": float(adjusted_rand_score(labels, clusters)), "resolution": res,
+                    "n_clusters": int(len(np.unique(clusters)))}
+    return best
+
+
+def umap_coords(graph, *, seed: int = 0) -> np.ndarray:
+    import scanpy as sc
+
+    sc.tl.umap(graph, random_state=seed)
+    return graph.obsm["X_umap"]
+
+
+def score_representation(X: np.ndarray, labels, samples, *, n_neighbors=15, n_folds=5,
+                         leiden_resolutions=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), seed=0, umap=True) -> tuple[dict, np.ndarray | None]:
+    """Every label metric for one representation, and its UMAP coordinates."""
+    labels, samples = np.asarray(labels).astype(str), np.asarray(samples).astype(str)
+    t0 = time.time()
+    scores = {}
+    cv = knn_scores(X, labels, n_neighbors=n_neighbors, n_folds=n_folds, seed=seed)
+    scores.update(knn_accuracy_cv=cv["accuracy"], knn_macro_f1_cv=cv["macro_f1"], _cv_folds=cv["n_folds"])
+    held = knn_scores(X, labels, n_neighbors=n_neighbors, n_folds=n_folds, seed=seed, groups=samples)
+    scores.update(knn_accuracy_heldout_sample=held["accuracy"], knn_macro_f1_heldout_sample=held["macro_f1"],
+                  _sample_folds=held["n_folds"])
+    graph = neighbors_graph(X, n_neighbors=n_neighbors, seed=seed)
+    leiden = leiden_scores(graph, labels, resolutions=leiden_resolutions, seed=seed)
+    scores.update(leiden_ari=leiden["ari"], leiden_nmi=leiden["nmi"], _leiden_resolution=leiden["resolution"],
+                  _leiden_clusters=leiden["n_clusters"])
+    scores["silhouette_label"] = silhouette(X, labels, seed=seed)
+    scores["silhouette_sample"] = silhouette(X, samples, seed=seed)
+    coords = umap_coords(graph, seed=seed) if umap else None
+    log.info("evaluate: %d cells x %d dims scored in %.1fs", X.shape[0], X.shape[1], time.time() - t0)
+    return scores, coords
+
+
+# --- the PCA baseline -------------------------------------------------------------------------------
+
+def log_normalized_hvgs(filtered_h5ad, hvg_ids, cells, *, chunk_size: int = 20_000) -> sp.csr_matrix:
+    """log1p(normalize_total(counts, 1e4)) of the HVGs for ``cells`` (obs names, in that order),
+    totals over all genes, streamed from ``filtered_h5ad`` in row chunks (stays sparse)."""
+    from scllm.binning import normalize_total
+
+    adata = open_backed(filtered_h5ad)
+    rows = adata.obs_names.get_indexer(pd.Index(cells))
+    if (rows < 0).any():
+        raise ValueError(f"{int((rows < 0).sum())} cells are not in {filtered_h5ad} (e.g. "
+                         f"{list(np.asarray(cells)[rows < 0][:3])}); the embeddings come from another run")
+    columns = adata.var_names.get_indexer(pd.Index(hvg_ids))
+    if (columns < 0).any():
+        raise ValueError(f"{int((columns < 0).sum())} HVGs are not genes of {filtered_h5ad}; rerun select_hvg")
+    wanted = np.zeros(adata.n_obs, dtype=bool)
+    wanted[rows] = True
+    blocks, got = [], []
+    for start, stop in row_chunks(adata.n_obs, chunk_size):
+        keep = np.flatnonzero(wanted[start:stop])
+        if not keep.size:
+            continue
+        counts = read_rows(adata, start, stop)[keep]
+        totals = np.asarray(counts.sum(axis=1)).ravel()
+        blocks.append(normalize_total(counts[:, columns], totals, BASELINE_TARGET_SUM, log1p=True))
+        got.append(keep + start)
+    adata.file.close()
+    matrix = sp.vstack(blocks, format="csr")
+    position = np.empty(adata.n_obs, dtype=np.int64)
+    position[np.concatenate(got)] = np.arange(matrix.shape[0])
+    return matrix[position[rows]]
+
+
+def pca_baseline(matrix: sp.csr_matrix, *, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
+    """scanpy PCA (centred implicitly, never densified) of a cells x genes matrix."""
+    import anndata as ad
+    import scanpy as sc
+
+    n_pcs = int(min(n_pcs, min(matrix.shape) - 1))
+    adata = ad.AnnData(X=sp.csr_matrix(matrix, dtype=np.float32))
+    sc.pp.pca(adata, n_comps=n_pcs, zero_center=True, random_state=seed)
+    return adata.obsm["X_pca"]
+
+
+# --- the pretraining objective --------------------------------------------------------------------
+
+def masked_value_error(epochs_tsv) -> dict:
+    """Validation masked MSE of the best epoch (lowest validation loss: best_model.pt) and the
+    mean-bin baseline, from pretrain's ``epochs.tsv``."""
+    epochs = pd.read_csv(epochs_tsv, sep="\t")
+    if epochs.empty:
+        raise ValueError(f"{epochs_tsv} holds no epoch; the model has not finished an epoch")
+    best = epochs.loc[epochs["val_loss"].idxmin()]
+    return {"epoch": int(best["epoch"]), "n_epochs": int(epochs["epoch"].max()),
+            "expr_mse": float(best["val_expr_mse"]), "mvc_mse": float(best["val_mvc_mse"]),
+            "baseline_mse": float(best["val_mean_bin_baseline_mse"])}
+
+
+# --- plots and tables ---------------------------------------------------------------------------------
+
+def _palette(n: int) -> list:
+    from scanpy.plotting import palettes
+
+    for pal in (palettes.default_20, palettes.default_28, palettes.default_102):
+        if n <= len(pal):
+            return list(pal)
+    return [palettes.default_102[i % len(palettes.default_102)] for i in range(n)]
+
+
+def plot_umaps(path, panels: dict[str, np.ndarray], colors, title: str, seed: int = 0) -> None:
+    """Side-by-side UMAPs (one per representation) coloured by one categorical ``colors``."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    colors = pd.Categorical(np.asarray(colors).astype(str))
+    categories = list(colors.categories)
+    palette = np.array(_palette(len(categories)), dtype=object)
+    n = len(colors)
+    order = np.random.default_rng(seed).permutation(n)  # no category systematically drawn on top
+    size = float(np.clip(30_000 / max(n, 1), 0.5, 20))
+    legend_cols = 1 + len(categories) // 30
+    fig = Figure(figsize=(5 * len(panels) + 1.8 * legend_cols, 5.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    point_colors = list(palette[colors.codes[order]])
+    for ax, (name, coords) in zip(axes, panels.items()):
+        ax.scatter(coords[order, 0], coords[order, 1], c=point_colors, s=size, linewidths=0, rasterized=True)
+        ax.set(title=name, xticks=[], yticks=[], xlabel="UMAP 1", ylabel="UMAP 2")
+    handles = [Line2D([], [], marker="o", linestyle="", color=palette[i], markersize=5, label=str(cat))
+               for i, cat in enumerate(categories)]
+    fig.legend(handles=handles, loc="outside right center", fontsize=7, frameon=False, ncols=legend_cols,
+               title=f"{title} ({len(categories)})", title_fontsize=8)
+    fig.suptitle(f"{n} cells coloured by {title}")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def write_table(rows: list[dict], tsv_path, html_path=None, title: str = "") -> pd.DataFrame:
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    with atomic_path(tsv_path) as tmp:
+        Path(tmp).write_text("\t".join(TABLE_COLUMNS) + "\n"
+                             + "".join("\t".join(_fmt(r.get(c)) for c in TABLE_COLUMNS) + "\n" for r in rows))
+    if html_path is not None:
+        shown = table.copy()
+        for col in ("scllm", "baseline"):
+            shown[col] = [("n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else
+                           f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}") for v in table[col]]
+        body = shown.to_html(index=False, border=0, classes="metrics", escape=True)
+        style = ("<style>body{font-family:sans-serif;font-size:13px} table.metrics{border-collapse:collapse}"
+                 "table.metrics td,table.metrics th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:left}"
+                 "</style>")
+        with atomic_path(html_path) as tmp:
+            Path(tmp).write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>{style}"
+                                 f"</head><body><h3>{title}</h3>{body}</body></html>\n")
+    return table
+
+
+# --- the rule -----------------------------------------------------------------------------------------------
+
+def evaluate(embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv, out_table, out_html, out_umap_label,
+             out_umap_sample, *, args_json=None, chunk_size: int = 20_000, **settings) -> pd.DataFrame:
+    """Score the embeddings of ``embeddings_h5ad`` and the PCA baseline; write the metrics table
+    (TSV and HTML) and UMAPs coloured by label and by sample. ``args_json`` (the model's) gives
+    the number of validation cells behind the masked-value error."""
+    import anndata as ad
+
+    from scllm.hvg import read_hvg_table
+
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown evaluate settings {sorted(unknown)}; known: {sorted(SETTINGS)}")
+    cfg = {**SETTINGS, **settings}
+    t0 = time.time()
+    emb = ad.read_h5ad(embeddings_h5ad)
+    label_key, batch_key, seed = cfg["label_key"], cfg["batch_key"], int(cfg["seed"])
+    for key, what in ((label_key, "evaluate.label_key"), (batch_key, "evaluate.batch_key")):
+        if key not in emb.obs:
+            raise ValueError(f"{embeddings_h5ad} has no obs column {key!r} ({what}); columns: {list(emb.obs.columns)}")
+    if EMBEDDING_KEY not in emb.obsm:
+        raise ValueError(f"{embeddings_h5ad} has no obsm[{EMBEDDING_KEY!r}]; rerun the embed rule")
+    cells_setting = emb.uns.get("scllm", {}).get("cells", "given")
+    labels = emb.obs[label_key].astype(str)
+    labelled = ~labels.str.strip().str.lower().isin(UNLABELED) & emb.obs[label_key].notna()
+    n_in = emb.n_obs
+    keep = np.flatnonzero(labelled.to_numpy())
+    if len(keep) > cfg["max_cells"]:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, int(cfg["max_cells"]), replace=False))
+    log.info("evaluate: %d embedded cells (%s), %d with a %s label, %d scored (max_cells %d)", n_in, cells_setting,
+             int(labelled.sum()), label_key, len(keep), cfg["max_cells"])
+    if len(keep) < 10:
+        raise ValueError(f"only {len(keep)} embedded cells carry a {label_key!r} label; evaluation needs labelled "
+                         "cells (embed.cells: all embeds every cell)")
+    sub = emb[keep]
+    labels = sub.obs[label_key].astype(str).to_numpy()
+    samples = sub.obs[batch_key].astype(str).to_numpy()
+    n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
+    log.info("evaluate: %d %s labels, %d %s value(s)", n_labels, label_key, n_samples, batch_key)
+
+    hvgs = read_hvg_table(hvg_table)["feature_id"].tolist()
+    matrix = log_normalized_hvgs(filtered_h5ad, hvgs, sub.obs_names, chunk_size=chunk_size)
+    pca = pca_baseline(matrix, n_pcs=cfg["n_pcs"], seed=seed)
+    log.info("evaluate: PCA baseline: %d cells x %d HVGs -> %d PCs", *matrix.shape, pca.shape[1])
+
+    common = dict(n_neighbors=cfg["n_neighbors"], n_folds=cfg["n_folds"],
+                  leiden_resolutions=cfg["leiden_resolutions"], seed=seed)
+    ours, ours_umap = score_representation(np.asarray(sub.obsm[EMBEDDING_KEY]), labels, samples, **common)
+    base, base_umap = score_representation(pca, labels, samples, **common)
+    masked = masked_value_error(epochs_tsv)
+
+    n_emb = sub.obsm[EMBEDDING_KEY].shape[1]
+    cells = f"{len(keep)} ({cells_setting})"
+    baseline_name = f"PCA-{pca.shape[1]} of log-normalized HVGs"
+    k = cfg["n_neighbors"]
+    held = (f"{ours['_sample_folds']} folds holding out whole samples, k={k}" if n_samples > 1
+            else "n/a: one sample")
+    rows = [
+        ("knn_accuracy_cv", f"{ours['_cv_folds']}-fold stratified cross-validation, k={k}"),
+        ("knn_macro_f1_cv", f"{ours['_cv_folds']}-fold stratified cross-validation, k={k}"),
+        ("knn_accuracy_heldout_sample", held),
+        ("knn_macro_f1_heldout_sample", held),
+        ("leiden_ari", f"Leiden at the resolution with the best NMI: {ours['_leiden_resolution']} "
+                       f"({ours['_leiden_clusters']} clusters) / baseline {base['_leiden_resolution']} "
+                       f"({base['_leiden_clusters']} clusters); {n_labels} labels"),
+        ("leiden_nmi", "as leiden_ari"),
+        ("silhouette_label", f"{label_key}, Euclidean, in [-1, 1]: higher = labels separate"),
+        ("silhouette_sample", f"{batch_key}: near 0 = samples mix" if n_samples > 1 else "n/a: one sample"),
+    ]
+    table = [{"metric": m, "scllm": ours[m], "baseline": base[m], "baseline_method": baseline_name,
+              "cells": cells, "details": d} for m, d in rows]
+    epoch_note = f"best epoch {masked['epoch']} of {masked['n_epochs']}, fixed masks"
+    n_val = json.loads(Path(args_json).read_text()).get("data", {}).get("n_validation_cells") if args_json else None
+    val_cells = f"{n_val} (validation)" if n_val is not None else "validation"
+    table += [
+        {"metric": "masked_mse_expression", "scllm": masked["expr_mse"], "baseline": masked["baseline_mse"],
+         "baseline_method": "each cell's mean visible bin", "cells": val_cells,
+         "details": f"{epoch_note}; expression head"},
+        {"metric": "masked_mse_gepc", "scllm": masked["mvc_mse"], "baseline": masked["baseline_mse"],
+         "baseline_method": "each cell's mean visible bin", "cells": val_cells,
+         "details": f"{epoch_note}; GEPC head (from the cell embedding)"},
+    ]
+    title = (f"scLLM embeddings ({n_emb} dims) vs {baseline_name}: {len(keep)} cells ({cells_setting}), "
+             f"{n_labels} {label_key} labels, {n_samples} sample(s)")
+    result = write_table(table, out_table, out_html, title)
+    panels = {f"scLLM <cls> ({n_emb} dims)": ours_umap, baseline_name: base_umap}
+    plot_umaps(out_umap_label, panels, labels, label_key, seed)
+    plot_umaps(out_umap_sample, panels, samples, batch_key, seed)
+    for r in table:
+        log.info("evaluate: %-28s scllm %-8s baseline %-8s", r["metric"], _fmt(r["scllm"]), _fmt(r["baseline"]))
+    log.info("evaluate: %d cells in, %d scored; wrote %s, %s, %s, %s in %.1fs", n_in, len(keep), out_table, out_html,
+             out_umap_label, out_umap_sample, time.time() - t0)
+    return result

@@ -1,0 +1,156 @@
+"""Evaluation metrics on cases with known answers, the PCA baseline's input, and the rule's outputs."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+from scllm.evaluate import (
+    TABLE_COLUMNS, evaluate, knn_scores, leiden_scores, log_normalized_hvgs, masked_value_error, neighbors_graph,
+    silhouette,
+)
+
+
+def blobs(n_per=60, n_types=4, dim=8, spread=0.3, seed=0, n_samples=1):
+    """Well-separated Gaussian clusters, one per label; samples interleaved over all clusters."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 10, (n_types, dim))
+    labels = np.repeat([f"type{i}" for i in range(n_types)], n_per)
+    X = centres[np.repeat(np.arange(n_types), n_per)] + rng.normal(0, spread, (n_types * n_per, dim))
+    samples = np.array([f"s{i % n_samples}" for i in range(len(labels))])
+    return X.astype(np.float32), labels, samples
+
+
+@pytest.fixture(scope="module")
+def separated():
+    return blobs(n_samples=3)
+
+
+def test_knn_on_separated_clusters_is_perfect(separated):
+    X, labels, samples = separated
+    cv = knn_scores(X, labels, n_neighbors=15, n_folds=5)
+    assert cv["accuracy"] == 1.0 and cv["macro_f1"] == 1.0 and cv["n_folds"] == 5
+    held = knn_scores(X, labels, n_neighbors=15, groups=samples)
+    assert held["accuracy"] == 1.0 and held["macro_f1"] == 1.0 and held["n_folds"] == 3  # one sample per fold
+
+
+def test_knn_on_random_labels_is_at_chance():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(800, 10)).astype(np.float32)
+    labels = rng.choice(["a", "b", "c", "d"], 800)
+    cv = knn_scores(X, labels, n_neighbors=15, seed=0)
+    assert abs(cv["accuracy"] - 0.25) < 0.06 and abs(cv["macro_f1"] - 0.25) < 0.07
+
+
+def test_knn_held_out_samples_and_impossible_splits():
+    X, labels, _ = blobs(n_types=2)
+    # a sample that holds the only cells of type1 cannot be labelled from the others
+    samples = np.where(labels == "type1", "s1", "s0")
+    held = knn_scores(X, labels, groups=samples)
+    assert held["accuracy"] == 0.0
+    assert np.isnan(knn_scores(X, labels, groups=np.full(len(labels), "one"))["accuracy"])  # one sample
+    assert np.isnan(knn_scores(X, np.full(len(labels), "same"))["accuracy"])  # one label
+
+
+def test_leiden_recovers_separated_clusters_and_not_random_labels(separated):
+    X, labels, _ = separated
+    graph = neighbors_graph(X, n_neighbors=15)
+    found = leiden_scores(graph, labels, resolutions=[0.1, 0.5, 1.0])
+    assert found["ari"] == pytest.approx(1.0) and found["nmi"] == pytest.approx(1.0) and found["n_clusters"] == 4
+    random = np.random.default_rng(0).permutation(labels)
+    chance = leiden_scores(graph, random, resolutions=[0.1, 0.5, 1.0])
+    assert abs(chance["ari"]) < 0.05 and chance["nmi"] < 0.1
+
+
+def test_silhouette_known_cases(separated):
+    X, labels, samples = separated
+    assert silhouette(X, labels) > 0.9
+    assert abs(silhouette(X, samples)) < 0.05  # samples spread over every cluster: mixed
+    assert np.isnan(silhouette(X, np.full(len(labels), "one")))
+
+
+def write_filtered(path, counts, genes, cells):
+    var = pd.DataFrame({"feature_id": genes, "feature_name": [g.lower() for g in genes]}, index=genes)
+    ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32), obs=pd.DataFrame(index=cells), var=var).write_h5ad(path)
+
+
+def test_baseline_matrix_is_scanpys_log_normalized_hvgs(tmp_path):
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(1.0, (37, 20)) * (rng.random((37, 20)) < 0.5)
+    counts[5] = 0
+    counts[5, 3] = 4
+    genes = [f"ENSG{i:011d}" for i in range(20)]
+    cells = [f"c{i}" for i in range(37)]
+    write_filtered(tmp_path / "filtered.h5ad", counts, genes, cells)
+    hvgs = [genes[i] for i in (7, 2, 11, 3)]
+    wanted = [cells[i] for i in (30, 1, 5, 17, 2)]  # a subset, out of file order
+    got = log_normalized_hvgs(tmp_path / "filtered.h5ad", hvgs, wanted, chunk_size=8)
+
+    ref = ad.AnnData(X=counts.astype(np.float32), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes))
+    sc.pp.normalize_total(ref, target_sum=1e4)  # totals over all genes
+    sc.pp.log1p(ref)
+    expected = ref[wanted, hvgs].X
+    assert sp.issparse(got) and got.shape == (5, 4)
+    np.testing.assert_allclose(got.toarray(), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="not in"):
+        log_normalized_hvgs(tmp_path / "filtered.h5ad", hvgs, ["nope"])
+
+
+def test_masked_value_error_reads_the_best_epoch(tmp_path):
+    path = tmp_path / "epochs.tsv"
+    pd.DataFrame({"epoch": [1, 2, 3], "step": [10, 20, 30], "train_loss": [400, 300, 250],
+                  "val_loss": [350, 240, 260], "val_expr_mse": [160, 110, 120], "val_mvc_mse": [190, 130, 140],
+                  "val_mean_bin_baseline_mse": [215, 215, 215]}).to_csv(path, sep="\t", index=False)
+    assert masked_value_error(path) == {"epoch": 2, "n_epochs": 3, "expr_mse": 110.0, "mvc_mse": 130.0,
+                                        "baseline_mse": 215.0}
+
+
+def test_evaluate_writes_table_and_umaps(tmp_path):
+    """The rule's library call on a small labelled set: both representations separate the types."""
+    rng = np.random.default_rng(3)
+    n_types, n_per, n_genes = 3, 50, 30
+    labels = np.repeat([f"type{i}" for i in range(n_types)], n_per)
+    profile = rng.gamma(1.0, 2.0, (n_types, n_genes)) * (rng.random((n_types, n_genes)) < 0.4) + 0.05
+    counts = rng.poisson(profile[np.repeat(np.arange(n_types), n_per)] * 5)
+    genes = [f"ENSG{i:011d}" for i in range(n_genes)]
+    cells = [f"c{i}" for i in range(len(labels))]
+    write_filtered(tmp_path / "filtered.h5ad", counts, genes, cells)
+    pd.DataFrame({"feature_id": genes[:20], "feature_name": genes[:20], "rank": range(1, 21)}).to_csv(
+        tmp_path / "hvg.tsv", sep="\t", index=False)
+    X, _, _ = blobs(n_per=n_per, n_types=n_types, dim=16, seed=1)
+    obs = pd.DataFrame({"cell_type": labels, "sample": np.where(np.arange(len(labels)) % 2, "d1", "d2")}, index=cells)
+    obs.loc["c0", "cell_type"] = "unknown"  # not scored
+    ad.AnnData(obs=obs, obsm={"X_scllm": X}, uns={"scllm": {"cells": "all"}}).write_h5ad(tmp_path / "emb.h5ad")
+    pd.DataFrame({"epoch": [1], "step": [5], "train_loss": [300.0], "val_loss": [250.0], "val_expr_mse": [120.0],
+                  "val_mvc_mse": [130.0], "val_mean_bin_baseline_mse": [210.0]}).to_csv(
+        tmp_path / "epochs.tsv", sep="\t", index=False)
+    (tmp_path / "args.json").write_text('{"data": {"n_validation_cells": 7}}')
+    out = tmp_path / "evaluation"
+    table = evaluate(tmp_path / "emb.h5ad", tmp_path / "filtered.h5ad", tmp_path / "hvg.tsv", tmp_path / "epochs.tsv",
+                     out / "metrics.tsv", out / "metrics.html", out / "umap_cell_type.png", out / "umap_sample.png",
+                     args_json=tmp_path / "args.json", n_pcs=10, leiden_resolutions=[0.2, 0.5], chunk_size=40)
+    written = pd.read_csv(out / "metrics.tsv", sep="\t")
+    assert list(written.columns) == TABLE_COLUMNS
+    metrics = written.set_index("metric")
+    assert list(metrics.index) == ["knn_accuracy_cv", "knn_macro_f1_cv", "knn_accuracy_heldout_sample",
+                                   "knn_macro_f1_heldout_sample", "leiden_ari", "leiden_nmi", "silhouette_label",
+                                   "silhouette_sample", "masked_mse_expression", "masked_mse_gepc"]
+    assert metrics.loc["knn_accuracy_cv", "scllm"] == 1.0 and metrics.loc["leiden_ari", "scllm"] == pytest.approx(1.0)
+    assert metrics.loc["knn_accuracy_heldout_sample", "scllm"] == 1.0
+    assert metrics.loc["knn_accuracy_cv", "baseline"] > 0.9  # the counts separate the types too
+    assert metrics.loc["knn_accuracy_cv", "cells"] == "149 (all)"
+    assert metrics.loc["masked_mse_expression", "scllm"] == 120.0
+    assert metrics.loc["masked_mse_expression", "baseline"] == 210.0
+    assert metrics.loc["masked_mse_expression", "cells"] == "7 (validation)"
+    assert "PCA-10" in metrics.loc["knn_accuracy_cv", "baseline_method"]
+    assert len(table) == 10
+    assert "<table" in (out / "metrics.html").read_text()
+    for png in ("umap_cell_type.png", "umap_sample.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no obs column 'celltype'"):
+        evaluate(tmp_path / "emb.h5ad", tmp_path / "filtered.h5ad", tmp_path / "hvg.tsv", tmp_path / "epochs.tsv",
+                 out / "m.tsv", out / "m.html", out / "a.png", out / "b.png", label_key="celltype")

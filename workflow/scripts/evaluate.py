@@ -1,0 +1,19 @@
+"""Rule evaluate: kNN, Leiden and silhouette scores of the embeddings vs a PCA baseline; UMAPs."""
+import scllm_src  # noqa: F401  (makes src/ importable; must come first)
+from scllm.evaluate import evaluate
+from scllm.io import setup_logging
+
+setup_logging(snakemake.log[0])
+evaluate(
+    snakemake.input.embeddings,
+    snakemake.input.filtered,
+    snakemake.input.hvg,
+    snakemake.input.epochs,
+    snakemake.output.table,
+    snakemake.output.html,
+    snakemake.output.umap_cell_type,
+    snakemake.output.umap_sample,
+    args_json=snakemake.input.args,
+    chunk_size=snakemake.params.chunk_size,
+    **snakemake.params.evaluate,
+)
