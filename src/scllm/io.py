@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from anndata.io import sparse_dataset, write_elem
+from anndata.io import write_elem
 
 log = logging.getLogger("scllm")
 
@@ -111,16 +111,22 @@ def row_chunks(n_rows: int, chunk_size: int):
 class CSRWriter:
     """Append row blocks of a CSR matrix to an h5ad file, so X never has to fit in memory.
 
-    The file is a regular h5ad: var/uns are written up front, ``X`` grows through anndata's
-    sparse dataset ``append``, and obs (often known only once every row has been seen) is
-    written by ``set_obs`` before closing. Use as a context manager inside ``atomic_path``.
+    The file is a regular h5ad (anndata's csr_matrix encoding): var/uns are written up front,
+    ``X``'s data/indices/indptr datasets grow by resizing, and obs (often known only once every
+    row has been seen) is written by ``set_obs`` before closing. Use inside ``atomic_path``.
+    We write X ourselves rather than through anndata's sparse ``append``: that re-reads the
+    whole row index on every append and lets h5py pick tiny chunks (one per row for indptr),
+    which made reading and writing slow down and grow in memory with the number of cells.
     """
+
+    CHUNK = 1 << 18  # elements per HDF5 chunk: large sequential reads, small enough for slices
 
     def __init__(self, path, var: pd.DataFrame, uns: dict | None = None, dtype=np.float32):
         self.file = h5py.File(path, "w")
         self.n_vars = var.shape[0]
         self.dtype = dtype
         self.rows_written = 0
+        self.nnz = 0
         self.obs_written = False
         write_elem(self.file, "var", var)
         write_elem(self.file, "uns", uns or {})
@@ -128,8 +134,20 @@ class CSRWriter:
             write_elem(self.file, key, {})
         self.file.attrs["encoding-type"] = "anndata"
         self.file.attrs["encoding-version"] = "0.1.0"
-        write_elem(self.file, "X", sp.csr_matrix((0, self.n_vars), dtype=dtype))
-        self.X = sparse_dataset(self.file["X"])
+        X = self.file.create_group("X")
+        X.attrs["encoding-type"] = "csr_matrix"
+        X.attrs["encoding-version"] = "0.1.0"
+        X.attrs["shape"] = (0, self.n_vars)
+        # int64 row pointers: a matrix may hold more than 2**31 non-zeros
+        for name, dt, first in (("data", dtype, []), ("indices", np.int32, []), ("indptr", np.int64, [0])):
+            X.create_dataset(name, data=np.asarray(first, dtype=dt), maxshape=(None,), chunks=(self.CHUNK,))
+        self.X = X
+
+    def _extend(self, name: str, values: np.ndarray) -> None:
+        dataset = self.X[name]
+        n = dataset.shape[0]
+        dataset.resize((n + len(values),))
+        dataset[n:] = values
 
     def append(self, block: sp.spmatrix) -> None:
         block = sp.csr_matrix(block, dtype=self.dtype)
@@ -137,8 +155,12 @@ class CSRWriter:
             raise ValueError(f"block has {block.shape[1]} columns, expected {self.n_vars}")
         if block.shape[0] == 0:
             return
-        self.X.append(block)
+        self._extend("data", block.data)
+        self._extend("indices", block.indices.astype(np.int32, copy=False))
+        self._extend("indptr", block.indptr[1:].astype(np.int64) + self.nnz)
+        self.nnz += block.nnz
         self.rows_written += block.shape[0]
+        self.X.attrs["shape"] = (self.rows_written, self.n_vars)
 
     def set_obs(self, obs: pd.DataFrame) -> None:
         if obs.shape[0] != self.rows_written:
@@ -168,6 +190,19 @@ def open_backed(path: str | Path) -> ad.AnnData:
 
 
 def read_rows(adata: ad.AnnData, start: int, stop: int) -> sp.csr_matrix:
-    """Rows ``start:stop`` of a backed AnnData's X as an in-memory CSR matrix."""
-    block = adata.X[start:stop]
-    return sp.csr_matrix(block)
+    """Rows ``start:stop`` of a backed AnnData's CSR X as an in-memory CSR matrix.
+
+    Reads the HDF5 datasets directly; the row index is read once per opened file and kept on
+    the object (anndata's ``adata.X[start:stop]`` re-reads all of it for every slice).
+    """
+    index = getattr(adata, "_scllm_indptr", None)
+    group = adata.file["X"]
+    if index is None:
+        if not isinstance(group, h5py.Group) or group.attrs.get("encoding-type") != "csr_matrix":
+            raise ValueError(f"{adata.filename}: X is not a CSR matrix; the pipeline's h5ad files store CSR")
+        index = adata._scllm_indptr = group["indptr"][:].astype(np.int64)
+    a, b = index[start], index[stop]
+    return sp.csr_matrix(
+        (group["data"][a:b], group["indices"][a:b], index[start:stop + 1] - a),
+        shape=(stop - start, adata.n_vars),
+    )
