@@ -17,8 +17,11 @@ def census_store(wildcards):
 
 
 def sampling_params(wildcards, input):
-    """The census settings that decide which cells are sampled (not how the store was built)."""
-    census = {k: v for k, v in config["census"].items() if k != "h5ad"}
-    if census["source"] != "release":
+    """The census settings that decide which cells are sampled: only the source in use, so
+    editing an unused key (or how the store was built) reruns nothing."""
+    census = {k: v for k, v in config["census"].items() if k not in ("h5ad", "census_version", "uri")}
+    if census["source"] == "release":
+        census["census_version"] = config["census"]["census_version"]
+    else:
         census["uri"] = input.store
     return census

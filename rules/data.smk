@@ -1,5 +1,7 @@
 # From a Census to tokenized shards. Each rule's params carry only its own config section, so
-# editing one setting reruns that stage and the ones after it, never the ones before.
+# editing one setting reruns that stage and the ones after it, never the ones before. The
+# scripts read `chunk_size` from the config directly: it bounds memory, not results, so
+# changing it reruns nothing.
 
 
 rule build_local_census:
@@ -30,7 +32,6 @@ rule sample_census:
         samples=f"{RESULTS}/samples.tsv",
     params:
         census=sampling_params,
-        chunk_size=config["chunk_size"],
     log:
         f"{LOGS}/sample_census.log",
     benchmark:
@@ -49,7 +50,6 @@ rule filter_qc:
         table=f"{RESULTS}/qc.tsv",
     params:
         qc=config["qc"],
-        chunk_size=config["chunk_size"],
     log:
         f"{LOGS}/filter_qc.log",
     benchmark:
@@ -85,7 +85,6 @@ rule normalize_bin:
         h5ad=f"{RESULTS}/binned.h5ad",
     params:
         normalize_bin=config["normalize_bin"],
-        chunk_size=config["chunk_size"],
     threads: 2
     log:
         f"{LOGS}/normalize_bin.log",
@@ -122,7 +121,6 @@ rule tokenize_shards:
         shards=directory(f"{RESULTS}/shards"),
     params:
         tokenize=config["tokenize"],
-        chunk_size=config["chunk_size"],
     log:
         f"{LOGS}/tokenize_shards.log",
     benchmark:

@@ -62,7 +62,6 @@ rule evaluate:
         ),
     params:
         evaluate=config["evaluate"],
-        chunk_size=config["chunk_size"],
     threads: 2
     log:
         f"{LOGS}/evaluate.log",

@@ -97,6 +97,11 @@ def test_changing_one_setting_reruns_that_stage_and_later_only(demo_run, tmp_pat
     assert rerun == {"normalize_bin", "split", "tokenize_shards", "pretrain", "embed", "evaluate"}
     assert json.loads((results / "shards" / "manifest.json").read_text())["n_bins"] == 21
 
+    # chunk_size bounds memory, not results: changing it reruns nothing
+    rechunked = write_config(workdir, "rechunked.yaml", {**TINY_TRAINING, "normalize_bin": {"n_bins": 21}, "chunk_size": 500})
+    dry = snakemake(workdir, "--configfile", rechunked, "-n")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
 
 def test_same_inputs_and_seed_give_byte_identical_shards(demo_run, tmp_path):
     workdir = copy_workflow(tmp_path)

@@ -92,8 +92,6 @@ def choose_samples(cells: pd.DataFrame, max_cells: int, seed: int) -> pd.DataFra
             "so no whole sample fits. Raise census.max_cells."
         )
     order = np.random.default_rng(seed).permutation(len(samples))
-    samples["visit_order"] = np.empty(len(samples), dtype=np.int64)
-    samples.loc[order, "visit_order"] = np.arange(len(samples))
     chosen = np.zeros(len(samples), dtype=bool)
     total = 0
     for i in order:
@@ -198,7 +196,7 @@ def sample_census(
                 log.info("sample %s: %d cells (%d/%d written)", "/".join(map(str, sample_key)), len(joinids), writer.rows_written, len(keep))
             writer.set_obs(obs)
         with atomic_path(out_samples) as tmp:
-            samples.drop(columns="visit_order").to_csv(tmp, sep="\t", index=False)
+            samples.to_csv(tmp, sep="\t", index=False)
     log.info("sample_census: wrote %d cells x %d genes in %.1fs", obs.shape[0], var.shape[0], time.time() - t0)
     return ad.AnnData(obs=obs, var=var, uns=uns)
 

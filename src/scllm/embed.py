@@ -412,8 +412,9 @@ def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = Non
                                  "counts (or normalized, log-transformed values), e.g. with --counts-layer counts")
             if not non_integer and counts.nnz and not np.all(np.mod(counts.data, 1) == 0):
                 non_integer = True
-                log.info("embed: %s holds non-integer values; per-cell scaling and log1p do not change the bins, so "
-                         "normalized values give the same tokens as raw counts", rows.where)
+                log.info("embed: %s holds non-integer values (normalized?); per-cell scaling and log1p keep each "
+                         "value's quantile bin, but tied values may be spread over their bins differently than "
+                         "from raw counts", rows.where)
             offsets, gene_ids, values = tokenize_counts(counts, mapping, n_genes, binning, tie_break=tie_break,
                                                         row_offset=start)
             n_tokens[start:stop] = np.diff(offsets) - 1

@@ -14,6 +14,6 @@ evaluate(
     snakemake.output.umap_cell_type,
     snakemake.output.umap_sample,
     args_json=snakemake.input.args,
-    chunk_size=snakemake.params.chunk_size,
+    chunk_size=snakemake.config["chunk_size"],  # memory only: not a rerun trigger
     **snakemake.params.evaluate,
 )

@@ -9,5 +9,5 @@ filter_qc(
     snakemake.output.h5ad,
     snakemake.output.table,
     **snakemake.params.qc,
-    chunk_size=snakemake.params.chunk_size,
+    chunk_size=snakemake.config["chunk_size"],  # memory only: not a rerun trigger
 )

@@ -12,5 +12,5 @@ normalize_bin(
     snakemake.input.hvg,
     snakemake.output.h5ad,
     **snakemake.params.normalize_bin,
-    chunk_size=snakemake.params.chunk_size,
+    chunk_size=snakemake.config["chunk_size"],  # memory only: not a rerun trigger
 )

@@ -32,7 +32,7 @@ if n_gpus > 1:
     log.info("launching %d processes: %s", n_gpus, " ".join(command))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [scllm_src.SRC, os.environ.get("PYTHONPATH")]))}
     returncode = subprocess.run(command, env=env).returncode
-    if returncode:  # the workers logged why (to the rule's log, which rank 0 rewrote: no logging here)
+    if returncode:  # the workers logged why, to the rule's log
         print(f"torchrun exited with status {returncode}", file=sys.stderr)
         sys.exit(returncode)
 else:

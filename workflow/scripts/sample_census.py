@@ -8,13 +8,13 @@ census = snakemake.params.census
 sample_census(
     snakemake.output.cells,
     snakemake.output.samples,
-    census_version=census["census_version"] if census["source"] == "release" else None,
-    uri=census["uri"] if census["source"] != "release" else None,
+    census_version=census.get("census_version"),
+    uri=census.get("uri"),
     organism=census["organism"],
     tissue_general=census["tissue_general"],
     primary_only=census["primary_only"],
     disease=census["disease"],
     max_cells=census["max_cells"],
     seed=census["seed"],
-    chunk_size=snakemake.params.chunk_size,
+    chunk_size=snakemake.config["chunk_size"],  # memory only: not a rerun trigger
 )

@@ -9,5 +9,5 @@ tokenize_shards(
     snakemake.input.split,
     snakemake.output.shards,
     **snakemake.params.tokenize,
-    chunk_size=snakemake.params.chunk_size,
+    chunk_size=snakemake.config["chunk_size"],  # memory only: not a rerun trigger
 )
