@@ -222,6 +222,15 @@ def test_changed_settings_start_a_fresh_run(shards, tmp_path, caplog):
     assert json.loads((tmp_path / "args.json").read_text())["train"]["lr"] == 1e-3
 
 
+def test_fresh_start_removes_the_earlier_runs_model(shards, tmp_path):
+    pretrain(shards, tmp_path, TINY_MODEL, {**TINY_TRAIN, "epochs": 1})
+    assert (tmp_path / "best_model.pt").exists()
+    # new settings, stopped before the first epoch ends: the old weights must not remain
+    pretrain(shards, tmp_path, TINY_MODEL, {**TINY_TRAIN, "epochs": 1, "lr": 1e-3, "max_steps": 2})
+    assert not (tmp_path / "best_model.pt").exists()
+    assert json.loads((tmp_path / "args.json").read_text())["train"]["lr"] == 1e-3
+
+
 def test_bad_settings_are_rejected(shards, tmp_path):
     with pytest.raises(ValueError, match="unknown train settings.*'lrate'"):
         pretrain(shards, tmp_path, TINY_MODEL, {"lrate": 1})

@@ -144,6 +144,9 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
             for path in remove_stale_temporaries(out):
                 log.info("removed %s, a temporary left by a killed run", path)
         ckpt = _load_checkpoint(out / CHECKPOINT, args, log)
+        if ckpt is None and is_main:  # a fresh start: no output of an earlier run may pair with this one
+            for name in OUTPUTS:
+                (out / name).unlink(missing_ok=True)
         if ckpt is not None and ckpt["done"]:
             if is_main and not all((out / name).exists() for name in OUTPUTS):
                 log.info("run in %s is complete; rewriting missing outputs from %s", out, CHECKPOINT)
