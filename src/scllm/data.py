@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scllm.tokens import MASK_VALUE, PAD_VALUE, read_manifest, read_shard, read_vocab, vocab_sha256
+from scllm.tokens import MASK_VALUE, PAD_VALUE, read_listed_shard, read_manifest, read_vocab, vocab_sha256
 
 
 class RaggedCells:
@@ -48,14 +48,7 @@ class ShardDataset(RaggedCells):
         check_vocab(manifest, manifest_path.parent / "vocab.json", manifest_path)
         parts = []
         for entry in manifest["splits"][split]:
-            shard = read_shard(manifest_path.parent / entry["path"])
-            if shard.attrs.get("vocab_sha256", manifest["vocab_sha256"]) != manifest["vocab_sha256"]:
-                raise ValueError(
-                    f"shard {entry['path']} has vocab_sha256 {shard.attrs['vocab_sha256']} but the manifest "
-                    f"{manifest_path} has {manifest['vocab_sha256']}; the shards come from different runs: "
-                    "rerun tokenize_shards"
-                )
-            parts.append(shard)
+            parts.append(read_listed_shard(manifest_path.parent, manifest, entry))
         lengths = np.concatenate([np.diff(p.offsets) for p in parts]) if parts else np.zeros(0, np.int64)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])

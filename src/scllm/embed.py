@@ -23,7 +23,8 @@ import torch
 
 from scllm.data import RaggedCells, collate
 from scllm.model import CellTransformer, ModelConfig
-from scllm.tokens import CLS_TOKEN, Shard, read_manifest, read_shard, read_vocab, sequences_from_binned, vocab_sha256
+from scllm.tokens import (CLS_TOKEN, Shard, read_listed_shard, read_manifest, read_shard, read_vocab,
+                          sequences_from_binned, vocab_sha256)
 
 log = logging.getLogger("scllm")
 
@@ -141,9 +142,7 @@ def embed_shards(model_dir, shards_dir, binned_h5ad, out_h5ad, *, cells: str = "
     parts, index, split_of = [], [], []
     for split in splits:
         for entry in manifest["splits"].get(split, []):
-            shard = read_shard(shards_dir / entry["path"])
-            if shard.attrs.get("vocab_sha256", manifest["vocab_sha256"]) != manifest["vocab_sha256"]:
-                raise ValueError(f"shard {entry['path']} does not match {shards_dir}/manifest.json; rerun tokenize_shards")
+            shard = read_listed_shard(shards_dir, manifest, entry)
             parts.append(embed_shard_cells(model, shard, batch_size))
             index.append(shard.cell_index)
             split_of.append(np.full(shard.n_cells, split, dtype=object))

@@ -158,6 +158,18 @@ def read_shard(path: str | Path) -> Shard:
     return shard
 
 
+def read_listed_shard(shards_dir: str | Path, manifest: dict, entry: dict) -> Shard:
+    """A shard listed in a manifest, checked to share the manifest's vocabulary."""
+    shard = read_shard(Path(shards_dir) / entry["path"])
+    if shard.attrs.get("vocab_sha256", manifest["vocab_sha256"]) != manifest["vocab_sha256"]:
+        raise ValueError(
+            f"shard {entry['path']} has vocab_sha256 {shard.attrs['vocab_sha256']} but the manifest in "
+            f"{shards_dir} has {manifest['vocab_sha256']}; the shards come from different runs: "
+            "rerun tokenize_shards"
+        )
+    return shard
+
+
 def read_manifest(path: str | Path) -> dict:
     return _read_json(path)
 
