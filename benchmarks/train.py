@@ -1,18 +1,24 @@
-"""Training-step throughput of the cell transformer: cells/s, tokens/s and MFU.
+"""Training-step throughput of the cell transformer: cells/s, tokens/s, achieved FLOP/s and MFU.
 
 Variants, each adding one optimisation to the previous:
   pad1201_fp32   every batch padded to the longest possible cell (1201 tokens), fp32 (the
                  seeds' way);
   grouped_fp32   each batch padded only to its longest cell, cells of similar length grouped;
-  grouped_bf16   + bf16 autocast (CUDA; fused SDPA kernels);
+  grouped_bf16   + bf16 autocast (fused SDPA attention kernels);
   compiled_bf16  + torch.compile.
-Tokens/s and MFU count real (non-padding) tokens only, so padding shows up as lost throughput.
+Each variant runs the training step of scllm.train: batches collated and masked in a background
+thread (scllm.data.training_batch, scllm.data.prefetched), forward, both masked losses, backward,
+gradient clipping, AdamW. Tokens/s, FLOP/s and MFU count real (non-padding) tokens only, so
+padding shows up as lost throughput.
 
-    python benchmarks/train.py --device cuda --out benchmarks/results/train_cuda.json
-    python benchmarks/train.py --device cpu --batch-size 8 --steps 3 --out benchmarks/results/train_cpu.json
+    python benchmarks/train.py --device cuda --manifest results/demo/shards/manifest.json \\
+        --batch-size 32 128 --out benchmarks/results/train_cuda_pbmc3k.json
+    python benchmarks/train.py --device cpu --manifest results/demo/shards/manifest.json --cells 1000 \\
+        --batch-size 4 --warmup 2 --steps 4 --variants pad1201_fp32 grouped_fp32 grouped_bf16 compiled_bf16 \\
+        --out benchmarks/results/train_cpu_pbmc3k.json
 
-Cell lengths come from a shard manifest (--manifest) or a log-normal fit to blood cells with
-1,200 HVGs (mean about 500 tokens, at most 1,201).
+Cell lengths: resampled from a shard manifest's training cells (--manifest: real data), or a
+log-normal with mean --mean-length (synthetic; capped at 1,201 tokens).
 """
 
 from __future__ import annotations
@@ -30,11 +36,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from scllm.data import LengthGroupedBatchSampler, ShardDataset, collate, mask_values  # noqa: E402
+from scllm.data import LengthGroupedBatchSampler, ShardDataset, prefetched, training_batch  # noqa: E402
 from scllm.model import CellTransformer, ModelConfig, masked_mse, peak_flops  # noqa: E402
+from scllm.tokens import PAD_VALUE  # noqa: E402
 
 VARIANTS = ("pad1201_fp32", "grouped_fp32", "grouped_bf16", "compiled_bf16")
 N_GENES, N_BINS, MAX_LEN = 1200, 51, 1201
+MASK_RATIOS = [0.25, 0.5, 0.75]  # the training default
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, for the "what MFU would this need" line
 
 
 def synthetic_lengths(n: int, rng: np.random.Generator, mean: float) -> np.ndarray:
@@ -43,6 +52,7 @@ def synthetic_lengths(n: int, rng: np.random.Generator, mean: float) -> np.ndarr
 
 
 def make_cells(lengths: np.ndarray, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Random cells of the given lengths: <cls> then distinct genes with bins 1..N_BINS-1."""
     cells = []
     for n in lengths:
         genes = np.r_[N_GENES, rng.choice(N_GENES, size=n - 1, replace=False)].astype(np.int32)
@@ -52,67 +62,160 @@ def make_cells(lengths: np.ndarray, rng: np.random.Generator) -> list[tuple[np.n
 
 
 def pad_to(batch: dict, length: int, pad_id: int) -> dict:
+    """Pad a training batch to ``length`` tokens (the seeds' fixed-length batches)."""
     extra = length - batch["gene_ids"].shape[1]
     if extra <= 0:
         return batch
-    b = batch["gene_ids"].shape[0]
-    return {
-        "gene_ids": torch.cat([batch["gene_ids"], torch.full((b, extra), pad_id, dtype=batch["gene_ids"].dtype)], 1),
-        "values": torch.cat([batch["values"], torch.full((b, extra), -2, dtype=batch["values"].dtype)], 1),
-        "padding_mask": torch.cat([batch["padding_mask"], torch.ones((b, extra), dtype=torch.bool)], 1),
-    }
+    fill = {"gene_ids": pad_id, "values": PAD_VALUE, "masked_values": PAD_VALUE, "padding_mask": True, "mask": False}
+    out = dict(batch)
+    for key, value in fill.items():
+        t = batch[key]
+        out[key] = torch.cat([t, torch.full((t.shape[0], extra), value, dtype=t.dtype)], 1)
+    return out
 
 
-def run_variant(variant, cells, lengths, args, device) -> dict:
+def flops_per_cell(model: CellTransformer, lengths: np.ndarray) -> np.ndarray:
+    """Useful training FLOPs of each cell: its real tokens times FLOPs per token at its length."""
+    return lengths * model.estimate_flops_per_token(lengths)
+
+
+def attention_kernel(model, batch: dict, device: torch.device, autocast) -> str:
+    """Which SDPA implementation a training-mode forward pass runs: the fused aten op the
+    dispatcher chose (flash, memory-efficient, cuDNN, or the CPU flash kernel), or "math" (the
+    unfused fallback, which shows up only as its matmuls and softmax)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    inputs = [batch[key].to(device) for key in ("gene_ids", "masked_values", "padding_mask")]
+    with autocast, Recorder() as recorder:
+        model(*inputs)
+    fused = sorted(op for op in recorder.ops if op.startswith("_scaled_dot_product") or op.startswith("_flash_attention")
+                   or op.startswith("_efficient_attention"))
+    return ",".join(fused) or "math"
+
+
+BATCH_KEYS = ("gene_ids", "values", "padding_mask", "masked_values", "mask")
+
+
+def train_step(model, raw_model, optimizer, batch: dict, device, autocast=nullcontext()) -> tuple[torch.Tensor, int]:
+    """One step as scllm.train runs it (``model`` may be compiled; ``raw_model`` holds the
+    weights to clip). Returns the loss and the number of tokens computed, padding included."""
+    gene_ids, values, padding_mask, masked, mask = (batch[key].to(device, non_blocking=True) for key in BATCH_KEYS)
+    with autocast:
+        pred = model(gene_ids, masked, padding_mask)
+    loss = masked_mse(pred["expr_pred"], values, mask) + masked_mse(pred["mvc_pred"], values, mask)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+    optimizer.step()
+    return loss, gene_ids.numel()
+
+
+def run_variant(variant: str, batch_size: int, cells, lengths, args, device) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=N_GENES + 2, n_bins=N_BINS, n_layers=args.layers, n_heads=args.heads,
                       d_model=args.d_model, d_ff=args.d_ff, dropout=0.2)
     raw = CellTransformer(cfg).to(device)
     model = torch.compile(raw, dynamic=True) if variant.startswith("compiled") else raw
     optimizer = torch.optim.AdamW(raw.parameters(), lr=1e-4, fused=device.type == "cuda")
-    bf16 = variant.endswith("bf16")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant.endswith("bf16") else nullcontext()
     grouped = not variant.startswith("pad1201")
-    sampler = LengthGroupedBatchSampler(lengths, args.batch_size, seed=0, shuffle=True)
-    batches = sampler.epoch_batches(0) if grouped else \
-        [list(range(i, i + args.batch_size)) for i in range(0, len(cells) - args.batch_size + 1, args.batch_size)]
-    gen = torch.Generator().manual_seed(0)
-    counts = np.zeros(3)  # cells, real tokens, useful FLOPs
+    if grouped:
+        batches = LengthGroupedBatchSampler(lengths, batch_size, seed=0, shuffle=True).epoch_batches(0)
+    else:
+        batches = [np.arange(i, i + batch_size) for i in range(0, len(cells) - batch_size + 1, batch_size)]
     total = args.warmup + args.steps
     if len(batches) < total:
-        raise SystemExit(f"{len(batches)} batches < warmup + steps = {total}; raise --cells")
-    for step, idx in enumerate(batches[:total]):
+        raise SystemExit(f"{len(batches)} batches of {batch_size} < warmup + steps = {total}; raise --cells")
+    pin = device.type == "cuda"
+
+    def make_batch(b: int) -> dict:
+        batch = training_batch([cells[i] for i in batches[b]], cfg.pad_id, MASK_RATIOS,
+                               torch.Generator().manual_seed(b), pin_memory=pin)
+        return batch if grouped else pad_to(batch, MAX_LEN, cfg.pad_id)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    counts = np.zeros(4)  # cells, real tokens, computed (padded) tokens, useful FLOPs
+    for step, batch in enumerate(prefetched(make_batch, range(total))):
         if step == args.warmup:
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             start, counts[:] = time.perf_counter(), 0
-        batch_cells = [cells[i] for i in idx]
-        batch = collate(batch_cells, cfg.pad_id)
-        if not grouped:
-            batch = pad_to(batch, MAX_LEN, cfg.pad_id)
-        masked, mask = mask_values(batch["values"], batch["padding_mask"], 0.5, gen)
-        gene_ids, values, pad = (t.to(device, non_blocking=True) for t in (batch["gene_ids"], batch["values"], batch["padding_mask"]))
-        masked, mask = masked.to(device), mask.to(device)
-        with autocast:
-            pred = model(gene_ids, masked, pad)
-        loss = masked_mse(pred["expr_pred"], values, mask) + masked_mse(pred["mvc_pred"], values, mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
-        optimizer.step()
-        lens = np.array([len(g) for g, _ in batch_cells])
-        counts += (len(lens), lens.sum(), float((lens * raw.estimate_flops_per_token(lens)).sum()))
+        loss, computed_tokens = train_step(model, raw, optimizer, batch, device, autocast)
+        lens = batch["lengths"]
+        counts += (len(lens), lens.sum(), computed_tokens, flops_per_cell(raw, lens).sum())
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     peak = peak_flops(device)
     return {
-        "variant": variant, "steps": args.steps, "seconds": seconds,
+        "variant": variant, "batch_size": batch_size, "steps": args.steps, "seconds": seconds,
         "cells_per_s": counts[0] / seconds, "tokens_per_s": counts[1] / seconds,
-        "mfu": counts[2] / seconds / peak if peak else None,
-        "padded_fraction": None if grouped else 1 - counts[1] / (counts[0] * MAX_LEN),
+        "useful_tflops": counts[3] / seconds / 1e12,
+        "mfu": counts[3] / seconds / peak if peak else None,
+        "padding_fraction": 1 - counts[1] / counts[2],
+        "attention": attention_kernel(raw, make_batch(0), device, autocast),
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "loss": float(loss.detach()),
     }
+
+
+def input_pipeline_rate(cells, lengths, batch_size: int, n_batches: int = 50) -> float:
+    """Cells/s that one thread collates and masks (training_batch), with no model: the most a
+    training process can be fed, since batch preparation runs in one background thread."""
+    batches = LengthGroupedBatchSampler(lengths, batch_size, seed=0).epoch_batches(0)[:n_batches]
+    start = time.perf_counter()
+    for b, idx in enumerate(batches):
+        training_batch([cells[i] for i in idx], N_GENES + 1, MASK_RATIOS, torch.Generator().manual_seed(b))
+    return sum(len(idx) for idx in batches) / (time.perf_counter() - start)
+
+
+def step_overhead(args, device, steps: int = 20) -> dict:
+    """Seconds per training step of a model with the benchmark's layer count but d_model 8, on
+    2 cells of 8 tokens: the step's compute is negligible, so this is the fixed cost of running
+    a step eagerly (Python, dispatch, kernel launches, optimizer), counted in aten ops too. A step must carry enough cells
+    to amortise it: at this overhead, 8,000 cells/s leaves no time for compute below
+    8,000 x overhead cells per step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=N_GENES + 2, n_bins=N_BINS, n_layers=args.layers, n_heads=1, d_model=8, d_ff=8)
+    model = CellTransformer(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    cells = make_cells(np.array([8, 8]), np.random.default_rng(0))
+    batch = training_batch(cells, cfg.pad_id, [0.5], torch.Generator().manual_seed(0))
+    batch = {key: batch[key].to(device) for key in BATCH_KEYS}  # on the device already: no copies timed
+    # As training runs by default: bf16 autocast on CUDA (it adds cast kernels), fp32 on CPU.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    for _ in range(3):
+        train_step(model, model, optimizer, batch, device, autocast)
+    with Counter():
+        train_step(model, model, optimizer, batch, device, autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, model, optimizer, batch, device, autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    return {"seconds_per_step": seconds, "ops_per_step": Counter.n, "min_cells_per_step_for_8000_cells_per_s": 8000 * seconds}
 
 
 def machine(device: torch.device) -> dict:
@@ -121,17 +224,19 @@ def machine(device: torch.device) -> dict:
     info = {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
     return info
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS)
-    p.add_argument("--manifest", help="take cell lengths from this shard manifest's train split")
-    p.add_argument("--mean-length", type=float, default=500.0)
+    p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                   help="default: all on CUDA; pad1201_fp32 and grouped_fp32 on CPU")
+    p.add_argument("--manifest", help="resample cell lengths from this shard manifest's training cells")
+    p.add_argument("--mean-length", type=float, default=500.0, help="synthetic lengths: log-normal mean")
     p.add_argument("--cells", type=int, default=20000)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[32], help="one or more cells-per-step values")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--layers", type=int, default=12)
@@ -142,21 +247,53 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 variants: TF32 tensor cores, as PyTorch users run
     variants = args.variants or (VARIANTS if device.type == "cuda" else ("pad1201_fp32", "grouped_fp32"))
     rng = np.random.default_rng(0)
     if args.manifest:
-        lengths = ShardDataset(args.manifest, "train").lengths[: args.cells]
+        real = ShardDataset(args.manifest, "train").lengths
+        lengths = rng.choice(real, size=args.cells, replace=True)
+        source = f"resampled from the {len(real)} training cells of {args.manifest}"
     else:
         lengths = synthetic_lengths(args.cells, rng, args.mean_length)
+        source = f"synthetic log-normal, mean {args.mean_length:g}"
     cells = make_cells(lengths, rng)
+    probe = CellTransformer(ModelConfig(vocab_size=N_GENES + 2, n_layers=args.layers, n_heads=args.heads,
+                                        d_model=args.d_model, d_ff=args.d_ff))
+    mean_flops = float(flops_per_cell(probe, lengths).mean())
+    print(f"lengths: {source}; mean {lengths.mean():.0f}, max {lengths.max()} tokens; "
+          f"{mean_flops / 1e9:.1f} GFLOP per cell (training step); at 40% MFU of an H100 "
+          f"that is {0.4 * H100_BF16_PEAK / mean_flops:,.0f} cells/s", flush=True)
+
+    pipeline = []
+    for bs in args.batch_size:
+        pipeline.append({"batch_size": bs, "cells_per_s": input_pipeline_rate(cells, lengths, bs)})
+        print(f"input pipeline, batch {bs}: {pipeline[-1]['cells_per_s']:,.0f} cells/s (one thread)", flush=True)
+
+    overhead = step_overhead(args, device)
+    print(f"fixed cost of an eager training step: {overhead['seconds_per_step'] * 1e3:.1f} ms "
+          f"({overhead['ops_per_step']} aten ops); 8,000 cells/s needs more than "
+          f"{overhead['min_cells_per_step_for_8000_cells_per_s']:.0f} cells per step", flush=True)
+
     results = []
     for variant in variants:
-        row = run_variant(variant, cells, lengths, args, device)
-        results.append(row)
-        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-        print(f"{variant:14s} {row['cells_per_s']:9.1f} cells/s {row['tokens_per_s']:11.0f} tokens/s MFU {mfu}", flush=True)
-    out = {"machine": machine(device), "settings": vars(args), "mean_length": float(np.mean(lengths)), "results": results}
+        for bs in args.batch_size:
+            try:
+                row = run_variant(variant, bs, cells, lengths, args, device)
+            except torch.OutOfMemoryError:
+                row = {"variant": variant, "batch_size": bs, "error": "out of memory"}
+                torch.cuda.empty_cache()
+                print(f"{variant:14s} batch {bs:4d}: out of memory", flush=True)
+                results.append(row)
+                continue
+            results.append(row)
+            mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+            print(f"{variant:14s} batch {bs:4d}: {row['cells_per_s']:9.1f} cells/s {row['tokens_per_s']:11.0f} "
+                  f"tokens/s {row['useful_tflops']:8.3f} TFLOP/s MFU {mfu} padding {row['padding_fraction']:.1%} "
+                  f"attention {row['attention']}", flush=True)
+    out = {"machine": machine(device), "settings": vars(args), "lengths": source,
+           "mean_length": float(lengths.mean()), "max_length": int(lengths.max()),
+           "flops_per_cell": mean_flops, "input_pipeline": pipeline, "step_overhead": overhead, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 

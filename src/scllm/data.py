@@ -7,12 +7,17 @@ removes most padding while keeping the batch order random.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 from scllm.tokens import MASK_VALUE, PAD_VALUE, read_listed_shard, read_manifest, read_vocab, vocab_sha256
+
+T = TypeVar("T")
 
 
 class RaggedCells:
@@ -145,6 +150,49 @@ def mask_values(values: torch.Tensor, padding_mask: torch.Tensor, ratio: float,
     scores = torch.rand(values.shape, generator=generator, dtype=torch.float64).to(values.device)
     scores[:, 0] = 2.0  # rand() < 1, so these rank after every gene token
     scores[padding_mask] = 2.0
-    rank = scores.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
-    mask = rank < n_mask[:, None]
+    # The n_mask lowest-scoring positions of each row: one sort, then mark the first n_mask
+    # positions of each row's order (a second argsort to get ranks would cost as much again).
+    order = scores.argsort(dim=1, stable=True)
+    take = torch.arange(values.shape[1], device=values.device) < n_mask[:, None]
+    mask = torch.zeros_like(take).scatter_(1, order, take)
     return values.masked_fill(mask, MASK_VALUE), mask
+
+
+def training_batch(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int, ratios: list[float],
+                   generator: torch.Generator, pin_memory: bool = False) -> dict:
+    """Collate ``cells`` and mask them at a ratio drawn from ``ratios``.
+
+    Every random draw comes from ``generator``, so the batch depends only on its seed. Adds
+    ``masked_values`` (the model's input), ``mask`` and ``lengths`` (tokens per cell, numpy) to
+    :func:`collate`'s output. ``pin_memory`` pins the tensors so copies to a GPU can overlap.
+    """
+    batch = collate(cells, pad_id)
+    ratio = ratios[int(torch.randint(len(ratios), (1,), generator=generator))]
+    batch["masked_values"], batch["mask"] = mask_values(batch["values"], batch["padding_mask"], ratio, generator)
+    if pin_memory:
+        batch = {key: t.pin_memory() for key, t in batch.items()}
+    batch["lengths"] = np.array([len(g) for g, _ in cells])
+    return batch
+
+
+def prefetched(make: Callable[[int], T], keys: Iterable[int], depth: int = 2) -> Iterator[T]:
+    """Yield ``make(k)`` for each key, building up to ``depth`` items ahead in a background thread.
+
+    Batch preparation (collate and masking on the CPU) then overlaps the training step instead
+    of adding to it. Items come in order and are the same as without the thread; an exception
+    in ``make`` is raised where its item would have been yielded.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, not {depth}")
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scllm-batches")
+    keys = iter(keys)
+    pending = deque(pool.submit(make, k) for _, k in zip(range(depth), keys))
+    try:
+        while pending:
+            item = pending.popleft().result()
+            for k in keys:  # top up: at most one new key per yielded item
+                pending.append(pool.submit(make, k))
+                break
+            yield item
+    finally:  # also when the consumer stops early (preemption, max_steps, an error)
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from scllm.data import LengthGroupedBatchSampler, ShardDataset, check_vocab, collate, mask_values
+from scllm.data import (LengthGroupedBatchSampler, ShardDataset, check_vocab, collate, mask_values, prefetched,
+                        training_batch)
 from scllm.io import atomic_path, remove_stale_temporaries, setup_logging
 from scllm.model import CellTransformer, ModelConfig, count_params_text, masked_mse, peak_flops
 from scllm.tokens import read_manifest
@@ -225,6 +226,7 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
         # --- training ------------------------------------------------------------------------
         peak = peak_flops(device) if use_bf16 else None
         ratios, seed, pad_id = cfg["mask_ratios"], cfg["seed"], mcfg.pad_id
+        pin_memory = device.type == "cuda"
         # Sums since the last log line: losses stay on the device (no sync per step).
         window_loss = torch.zeros(3, dtype=torch.float64, device=device)  # loss, expr, mvc
         window_steps, window_counts, window_start, paused = 0, np.zeros(3), time.perf_counter(), 0.0
@@ -232,16 +234,17 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
         for epoch in range(state["epoch"], cfg["epochs"]):
             model.train()
             batches = train_sampler.epoch_batches(epoch)
-            for b in range(state["batch"], len(batches)):
-                cells = train_ds.cells(batches[b])
-                batch = collate(cells, pad_id)
+
+            def make_batch(b: int, epoch=epoch, batches=batches) -> dict:
                 # Masks depend only on (seed, epoch, batch): identical after a resume.
                 gen = torch.Generator().manual_seed(_seed(seed, 1, epoch, b * world_size + rank))
-                ratio = ratios[int(torch.randint(len(ratios), (1,), generator=gen))]
-                masked, mask = mask_values(batch["values"], batch["padding_mask"], ratio, gen)
-                gene_ids, values, padding_mask = (t.to(device, non_blocking=True) for t in
-                                                  (batch["gene_ids"], batch["values"], batch["padding_mask"]))
-                masked, mask = masked.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+                return training_batch(train_ds.cells(batches[b]), pad_id, ratios, gen, pin_memory)
+
+            # The next batches are collated and masked in a background thread during this step.
+            for b, batch in enumerate(prefetched(make_batch, range(state["batch"], len(batches))), state["batch"]):
+                gene_ids, values, padding_mask, masked, mask = (
+                    batch[key].to(device, non_blocking=True)
+                    for key in ("gene_ids", "values", "padding_mask", "masked_values", "mask"))
 
                 with autocast:
                     pred = model(gene_ids, masked, padding_mask)
@@ -258,10 +261,10 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
 
                 state["global_step"] += 1
                 state["batch"] = b + 1
-                lengths = np.array([len(g) for g, _ in cells])
+                lengths = batch["lengths"]
                 flops = float((lengths * raw_model.estimate_flops_per_token(lengths)).sum())
                 window_loss += torch.stack([loss.detach(), expr_mse.detach(), mvc_mse.detach()]).double()
-                window_counts += (len(cells), lengths.sum(), flops)  # cells, real tokens, useful FLOPs
+                window_counts += (len(lengths), lengths.sum(), flops)  # cells, real tokens, useful FLOPs
                 epoch_loss += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
                 window_steps += 1
                 step = state["global_step"]

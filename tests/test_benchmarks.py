@@ -1,0 +1,33 @@
+"""The training benchmark script runs the training step and counts real tokens only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_training_benchmark_counts_cells_and_padding(tmp_path):
+    out = tmp_path / "train.json"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "train.py"), "--device", "cpu", "--layers", "1", "--heads", "2",
+         "--d-model", "16", "--d-ff", "16", "--cells", "64", "--mean-length", "20", "--batch-size", "4",
+         "--warmup", "1", "--steps", "3", "--variants", "pad1201_fp32", "grouped_fp32", "--out", str(out)],
+        check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads(out.read_text())
+    pad, grouped = result["results"]
+    assert (pad["variant"], grouped["variant"]) == ("pad1201_fp32", "grouped_fp32")
+    for row in (pad, grouped):
+        # Exactly steps x batch size cells are timed, and every cell has <cls> plus genes.
+        assert round(row["cells_per_s"] * row["seconds"]) == 3 * 4
+        assert row["tokens_per_s"] / row["cells_per_s"] >= 2
+        assert row["mfu"] is None  # no MFU on a CPU
+        assert row["attention"] == "math"  # attention dropout 0.2 rules out the CPU's fused kernel
+    # Cells of ~20 tokens padded to 1,201: nearly all computed tokens are padding; grouped: few.
+    mean_real = pad["tokens_per_s"] / pad["cells_per_s"]
+    assert abs(pad["padding_fraction"] - (1 - mean_real / 1201)) < 1e-9
+    assert grouped["padding_fraction"] < 0.5 < pad["padding_fraction"]
+    assert result["step_overhead"]["ops_per_step"] > 100 and result["input_pipeline"][0]["cells_per_s"] > 0

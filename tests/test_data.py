@@ -1,0 +1,105 @@
+"""Batch preparation for training: masking, training_batch and the background prefetcher."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from scllm.data import collate, mask_values, prefetched, training_batch
+from scllm.tokens import MASK_VALUE
+
+PAD_ID = 31
+
+
+def random_cells(n_cells, seed=0, min_len=1, max_len=40):
+    rng = np.random.default_rng(seed)
+    cells = []
+    for _ in range(n_cells):
+        n = int(rng.integers(min_len, max_len + 1))
+        cells.append((np.r_[30, rng.choice(30, min(n, 30), replace=False)].astype(np.int32),
+                      np.r_[0, rng.integers(1, 51, min(n, 30))].astype(np.int16)))
+    return cells
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_masks_are_the_lowest_scores_of_the_generators_draws(ratio):
+    """The masked tokens of a cell are its round(ratio * genes) gene tokens with the lowest
+    uniform draws (float64, one per position, row-major) from the generator: written out here
+    independently, so any change to the masking (which a resumed run relies on) shows."""
+    batch = collate(random_cells(25, seed=1), PAD_ID)
+    _, mask = mask_values(batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(7))
+
+    scores = torch.rand(batch["values"].shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).numpy()
+    expected = np.zeros(mask.shape, dtype=bool)
+    for row in range(mask.shape[0]):
+        genes = np.flatnonzero(~batch["padding_mask"][row].numpy())[1:]  # not <cls>, not padding
+        n_mask = int(np.round(ratio * len(genes)))  # numpy rounds half to even, like torch.round
+        expected[row, genes[np.argsort(scores[row, genes], kind="stable")[:n_mask]]] = True
+    np.testing.assert_array_equal(mask.numpy(), expected)
+
+
+def test_training_batch_depends_only_on_its_generator_seed():
+    cells = random_cells(12, seed=2)
+    a = training_batch(cells, PAD_ID, [0.25, 0.5, 0.75], torch.Generator().manual_seed(5))
+    b = training_batch(cells, PAD_ID, [0.25, 0.5, 0.75], torch.Generator().manual_seed(5))
+    for key in ("gene_ids", "values", "padding_mask", "masked_values", "mask"):
+        assert torch.equal(a[key], b[key]), key
+    np.testing.assert_array_equal(a["lengths"], [len(g) for g, _ in cells])
+    # The ratio is the generator's first draw; the masks come from the draws after it.
+    gen = torch.Generator().manual_seed(5)
+    ratio = [0.25, 0.5, 0.75][int(torch.randint(3, (1,), generator=gen))]
+    masked, mask = mask_values(a["values"], a["padding_mask"], ratio, gen)
+    assert torch.equal(a["mask"], mask) and torch.equal(a["masked_values"], masked)
+    assert (a["masked_values"][a["mask"]] == MASK_VALUE).all()
+    n_genes = a["lengths"] - 1
+    assert a["mask"].sum(1).tolist() == np.round(ratio * n_genes).astype(int).tolist()
+
+
+def test_prefetched_yields_every_item_in_order():
+    assert list(prefetched(lambda k: k * k, range(20))) == [k * k for k in range(20)]
+    assert list(prefetched(lambda k: k, range(0))) == []
+
+
+def test_prefetched_builds_at_most_depth_items_ahead():
+    started = []
+
+    def make(k):
+        started.append(k)
+        return k
+
+    stream = prefetched(make, range(100), depth=2)
+    assert next(stream) == 0
+    time.sleep(0.1)  # let the worker run as far ahead as it may
+    assert max(started) <= 2, f"built {started} with one item consumed"
+    stream.close()
+
+
+def test_prefetched_raises_the_workers_error_at_its_item():
+    def make(k):
+        if k == 3:
+            raise ValueError("cell 3 is broken")
+        return k
+
+    seen = []
+    with pytest.raises(ValueError, match="cell 3 is broken"):
+        for item in prefetched(make, range(10)):
+            seen.append(item)
+    assert seen == [0, 1, 2]
+
+
+def test_prefetched_stops_its_thread_when_the_consumer_stops_early():
+    def workers():
+        return [t for t in threading.enumerate() if t.name.startswith("scllm-batches")]
+
+    before = len(workers())
+    for item in prefetched(lambda k: k, range(1000)):
+        if item == 5:
+            break  # the generator is closed here (as after a preemption or max_steps)
+    deadline = time.monotonic() + 5
+    while len(workers()) > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(workers()) == before
