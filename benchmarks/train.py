@@ -128,10 +128,8 @@ def run_variant(variant: str, batch_size: int, cells, lengths, args, device) -> 
     optimizer = torch.optim.AdamW(raw.parameters(), lr=1e-4, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant.endswith("bf16") else nullcontext()
     grouped = not variant.startswith("pad1201")
-    if grouped:
-        batches = LengthGroupedBatchSampler(lengths, batch_size, seed=0, shuffle=True).epoch_batches(0)
-    else:
-        batches = [np.arange(i, i + batch_size) for i in range(0, len(cells) - batch_size + 1, batch_size)]
+    # Every variant times the same cells in the same batches; pad1201 pads them to 1,201 tokens.
+    batches = LengthGroupedBatchSampler(lengths, batch_size, seed=0, shuffle=True).epoch_batches(0)
     total = args.warmup + args.steps
     if len(batches) < total:
         raise SystemExit(f"{len(batches)} batches of {batch_size} < warmup + steps = {total}; raise --cells")
@@ -139,8 +137,11 @@ def run_variant(variant: str, batch_size: int, cells, lengths, args, device) -> 
 
     def make_batch(b: int) -> dict:
         batch = training_batch([cells[i] for i in batches[b]], cfg.pad_id, MASK_RATIOS,
-                               torch.Generator().manual_seed(b), pin_memory=pin)
-        return batch if grouped else pad_to(batch, MAX_LEN, cfg.pad_id)
+                               torch.Generator().manual_seed(b), pin_memory=pin and grouped)
+        if grouped:
+            return batch
+        batch = pad_to(batch, MAX_LEN, cfg.pad_id)
+        return {key: t.pin_memory() if pin and key != "lengths" else t for key, t in batch.items()}
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -160,6 +161,7 @@ def run_variant(variant: str, batch_size: int, cells, lengths, args, device) -> 
     return {
         "variant": variant, "batch_size": batch_size, "steps": args.steps, "seconds": seconds,
         "cells_per_s": counts[0] / seconds, "tokens_per_s": counts[1] / seconds,
+        "mean_timed_length": counts[1] / counts[0],
         "useful_tflops": counts[3] / seconds / 1e12,
         "mfu": counts[3] / seconds / peak if peak else None,
         "padding_fraction": 1 - counts[1] / counts[2],
@@ -169,13 +171,13 @@ def run_variant(variant: str, batch_size: int, cells, lengths, args, device) -> 
     }
 
 
-def input_pipeline_rate(cells, lengths, batch_size: int, n_batches: int = 50) -> float:
+def input_pipeline_rate(cells, lengths, batch_size: int, pin_memory: bool, n_batches: int = 50) -> float:
     """Cells/s that one thread collates and masks (training_batch), with no model: the most a
     training process can be fed, since batch preparation runs in one background thread."""
     batches = LengthGroupedBatchSampler(lengths, batch_size, seed=0).epoch_batches(0)[:n_batches]
     start = time.perf_counter()
     for b, idx in enumerate(batches):
-        training_batch([cells[i] for i in idx], N_GENES + 1, MASK_RATIOS, torch.Generator().manual_seed(b))
+        training_batch([cells[i] for i in idx], N_GENES + 1, MASK_RATIOS, torch.Generator().manual_seed(b), pin_memory)
     return sum(len(idx) for idx in batches) / (time.perf_counter() - start)
 
 
@@ -247,7 +249,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 variants: TF32 tensor cores, as PyTorch users run
+        torch.set_float32_matmul_precision("high")  # the fp32 variants use TF32 tensor cores on CUDA
     variants = args.variants or (VARIANTS if device.type == "cuda" else ("pad1201_fp32", "grouped_fp32"))
     rng = np.random.default_rng(0)
     if args.manifest:
@@ -267,7 +269,7 @@ def main() -> None:
 
     pipeline = []
     for bs in args.batch_size:
-        pipeline.append({"batch_size": bs, "cells_per_s": input_pipeline_rate(cells, lengths, bs)})
+        pipeline.append({"batch_size": bs, "cells_per_s": input_pipeline_rate(cells, lengths, bs, device.type == "cuda")})
         print(f"input pipeline, batch {bs}: {pipeline[-1]['cells_per_s']:,.0f} cells/s (one thread)", flush=True)
 
     overhead = step_overhead(args, device)
@@ -276,26 +278,28 @@ def main() -> None:
           f"{overhead['min_cells_per_step_for_8000_cells_per_s']:.0f} cells per step", flush=True)
 
     results = []
-    for variant in variants:
-        for bs in args.batch_size:
-            try:
-                row = run_variant(variant, bs, cells, lengths, args, device)
-            except torch.OutOfMemoryError:
-                row = {"variant": variant, "batch_size": bs, "error": "out of memory"}
-                torch.cuda.empty_cache()
-                print(f"{variant:14s} batch {bs:4d}: out of memory", flush=True)
-                results.append(row)
-                continue
-            results.append(row)
-            mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-            print(f"{variant:14s} batch {bs:4d}: {row['cells_per_s']:9.1f} cells/s {row['tokens_per_s']:11.0f} "
-                  f"tokens/s {row['useful_tflops']:8.3f} TFLOP/s MFU {mfu} padding {row['padding_fraction']:.1%} "
-                  f"attention {row['attention']}", flush=True)
     out = {"machine": machine(device), "settings": vars(args), "lengths": source,
            "mean_length": float(lengths.mean()), "max_length": int(lengths.max()),
            "flops_per_cell": mean_flops, "input_pipeline": pipeline, "step_overhead": overhead, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    for variant in variants:
+        for bs in args.batch_size:
+            try:
+                row = run_variant(variant, bs, cells, lengths, args, device)
+            except Exception as error:  # out of memory, a compile failure: record it, go on
+                row = {"variant": variant, "batch_size": bs, "error": f"{type(error).__name__}: {error}"[:500]}
+            if "error" in row:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # here, after the failed variant's frames are gone
+                print(f"{variant:14s} batch {bs:4d}: {row['error']}", flush=True)
+            else:
+                mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+                print(f"{variant:14s} batch {bs:4d}: {row['cells_per_s']:9.1f} cells/s {row['tokens_per_s']:11.0f} "
+                      f"tokens/s {row['useful_tflops']:8.3f} TFLOP/s MFU {mfu} padding {row['padding_fraction']:.1%} "
+                      f"attention {row['attention']}", flush=True)
+            results.append(row)
+            # Written after every row: a run cut short keeps what it measured.
+            Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
