@@ -36,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from scllm.data import LengthGroupedBatchSampler, ShardDataset, prefetched, training_batch  # noqa: E402
+from scllm.data import (  # noqa: E402
+    TRAINING_BATCH_KEYS, LengthGroupedBatchSampler, ShardDataset, prefetched, training_batch)
 from scllm.model import CellTransformer, ModelConfig, masked_mse, peak_flops  # noqa: E402
 from scllm.tokens import PAD_VALUE  # noqa: E402
 
@@ -102,13 +103,10 @@ def attention_kernel(model, batch: dict, device: torch.device, autocast) -> str:
     return ",".join(fused) or "math"
 
 
-BATCH_KEYS = ("gene_ids", "values", "padding_mask", "masked_values", "mask")
-
-
 def train_step(model, raw_model, optimizer, batch: dict, device, autocast=nullcontext()) -> tuple[torch.Tensor, int]:
     """One step as scllm.train runs it (``model`` may be compiled; ``raw_model`` holds the
     weights to clip). Returns the loss and the number of tokens computed, padding included."""
-    gene_ids, values, padding_mask, masked, mask = (batch[key].to(device, non_blocking=True) for key in BATCH_KEYS)
+    gene_ids, values, padding_mask, masked, mask = (batch[key].to(device, non_blocking=True) for key in TRAINING_BATCH_KEYS)
     with autocast:
         pred = model(gene_ids, masked, padding_mask)
     loss = masked_mse(pred["expr_pred"], values, mask) + masked_mse(pred["mvc_pred"], values, mask)
@@ -202,7 +200,7 @@ def step_overhead(args, device, steps: int = 20) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     cells = make_cells(np.array([8, 8]), np.random.default_rng(0))
     batch = training_batch(cells, cfg.pad_id, [0.5], torch.Generator().manual_seed(0))
-    batch = {key: batch[key].to(device) for key in BATCH_KEYS}  # on the device already: no copies timed
+    batch = {key: batch[key].to(device) for key in TRAINING_BATCH_KEYS}  # on the device already: no copies timed
     # As training runs by default: bf16 autocast on CUDA (it adds cast kernels), fp32 on CPU.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for _ in range(3):

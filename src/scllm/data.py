@@ -18,6 +18,8 @@ import torch
 from scllm.tokens import MASK_VALUE, PAD_VALUE, read_listed_shard, read_manifest, read_vocab, vocab_sha256
 
 T = TypeVar("T")
+# The tensors of a training batch (training_batch), in the order the training step unpacks them.
+TRAINING_BATCH_KEYS = ("gene_ids", "values", "padding_mask", "masked_values", "mask")
 
 
 class RaggedCells:

@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from scllm.data import (LengthGroupedBatchSampler, ShardDataset, check_vocab, collate, mask_values, prefetched,
-                        training_batch)
+from scllm.data import (TRAINING_BATCH_KEYS, LengthGroupedBatchSampler, ShardDataset, check_vocab, collate,
+                        mask_values, prefetched, training_batch)
 from scllm.io import atomic_path, remove_stale_temporaries, setup_logging
 from scllm.model import CellTransformer, ModelConfig, count_params_text, masked_mse, peak_flops
 from scllm.tokens import read_manifest
@@ -243,8 +243,7 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
             # The next batches are collated and masked in a background thread during this step.
             for b, batch in enumerate(prefetched(make_batch, range(state["batch"], len(batches))), state["batch"]):
                 gene_ids, values, padding_mask, masked, mask = (
-                    batch[key].to(device, non_blocking=True)
-                    for key in ("gene_ids", "values", "padding_mask", "masked_values", "mask"))
+                    batch[key].to(device, non_blocking=True) for key in TRAINING_BATCH_KEYS)
 
                 with autocast:
                     pred = model(gene_ids, masked, padding_mask)
