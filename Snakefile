@@ -25,4 +25,5 @@ rule all:
     input:
         rules.pretrain.output,
         rules.evaluate.output,
+        rules.evaluate_heldout.output if config["heldout"]["path"] else [],
     default_target: True

@@ -154,3 +154,90 @@ def test_evaluate_writes_table_and_umaps(tmp_path):
     with pytest.raises(ValueError, match="no obs column 'celltype'"):
         evaluate(tmp_path / "emb.h5ad", tmp_path / "filtered.h5ad", tmp_path / "hvg.tsv", tmp_path / "epochs.tsv",
                  out / "m.tsv", out / "m.html", out / "a.png", out / "b.png", label_key="celltype")
+
+
+# --- held-out evaluation: cells the model never saw -------------------------------------------------
+
+def heldout_files(root):
+    """A random-initialised model over 30 genes and an h5ad of 90 new cells of 3 types (each type
+    expresses its own block of vocabulary genes), plus 10 genes outside the vocabulary and 6
+    cells labelled 'unknown'."""
+    import json
+    from dataclasses import asdict
+
+    import torch
+
+    from scllm.model import CellTransformer, ModelConfig
+    from scllm.tokens import build_vocab, vocab_sha256, write_vocab
+
+    ids = [f"ENSG{i:011d}" for i in range(30)]
+    model_dir = root / "model"
+    model_dir.mkdir()
+    vocab = build_vocab(ids)
+    write_vocab(vocab, model_dir / "vocab.json")
+    pd.DataFrame({"feature_id": ids, "feature_name": [f"G{i}" for i in range(30)], "token_id": range(30)}).to_csv(
+        model_dir / "genes.tsv", sep="\t", index=False)
+    cfg = ModelConfig(vocab_size=32, n_bins=11, n_layers=1, n_heads=2, d_model=16, d_ff=32, dropout=0.0)
+    torch.manual_seed(0)
+    torch.save(CellTransformer(cfg).state_dict(), model_dir / "best_model.pt")
+    (model_dir / "args.json").write_text(json.dumps({"model": asdict(cfg), "data": {"vocab_sha256": vocab_sha256(vocab)}}))
+
+    rng = np.random.default_rng(0)
+    types = np.repeat(["B", "T", "NK"], 32)
+    counts = rng.poisson(0.3, (96, 40)).astype(np.float32)
+    for t, block in zip(["B", "T", "NK"], [range(0, 10), range(10, 20), range(20, 30)]):
+        counts[np.ix_(types == t, list(block))] += rng.poisson(5, ((types == t).sum(), 10))
+    labels = types.astype(object)
+    labels[::16] = "unknown"
+    # The file's genes: vocabulary genes in another order (columns shuffled), then 10 others.
+    order = rng.permutation(40)
+    var_ids = ids + [f"ENSG9{i:010d}" for i in range(10)]
+    obs = pd.DataFrame({"cell_type": labels, "donor": "d1"}, index=[f"new{i}" for i in range(96)])
+    var = pd.DataFrame(index=np.asarray(var_ids)[order])
+    h5ad = root / "new cells.h5ad"
+    ad.AnnData(X=sp.csr_matrix(counts[:, order]), obs=obs, var=var).write_h5ad(h5ad)
+    return model_dir, h5ad, counts, labels
+
+
+def test_heldout_evaluation_embeds_new_cells_and_fits_pca_on_them(tmp_path):
+    from scllm.embed import embed_h5ad
+    from scllm.evaluate import evaluate_heldout, log_normalized_vocab_genes
+
+    model_dir, h5ad, counts, labels = heldout_files(tmp_path)
+    out = tmp_path / "heldout"
+    out.mkdir()
+    table = evaluate_heldout(model_dir, h5ad, out / "embeddings.h5ad", out / "metrics.tsv", out / "metrics.html",
+                             out / "umap.png", label_key="cell_type", device="cpu", n_pcs=5)
+    labelled = labels != "unknown"
+    rows = table.set_index("metric")
+    assert rows.loc["knn_accuracy_cv", "cells"] == f"{labelled.sum()} (held out: new cells.h5ad)"
+    # The three types are separable from their gene blocks: the baseline on the same cells finds them.
+    assert rows.loc["knn_accuracy_cv", "baseline"] == 1.0 and rows.loc["leiden_ari", "baseline"] == 1.0
+    assert np.isnan(rows.loc["knn_accuracy_heldout_sample", "scllm"])  # one sample
+    assert "masked_mse_expression" not in rows.index  # no validation error for foreign cells
+    # The embeddings are scllm embed's, obs names kept.
+    emb = ad.read_h5ad(out / "embeddings.h5ad")
+    embed_h5ad(model_dir, h5ad, tmp_path / "cli.h5ad", device="cpu")
+    np.testing.assert_array_equal(emb.obsm["X_scllm"], ad.read_h5ad(tmp_path / "cli.h5ad").obsm["X_scllm"])
+    assert list(emb.obs_names) == [f"new{i}" for i in range(96)]
+    # The baseline's input: log1p(1e4 * counts / total over all 40 genes), vocabulary genes in token order.
+    rows_kept = np.flatnonzero(labelled)
+    matrix = log_normalized_vocab_genes(h5ad, _vocab_columns(h5ad), rows_kept)
+    expected = np.log1p(1e4 * counts[rows_kept, :30] / counts[rows_kept].sum(1, keepdims=True))
+    np.testing.assert_allclose(matrix.toarray(), expected, rtol=1e-5)
+    assert (out / "umap.png").stat().st_size > 0 and (out / "metrics.html").exists()
+
+
+def _vocab_columns(h5ad):
+    var_names = ad.read_h5ad(h5ad, backed="r").var_names
+    return np.array([var_names.get_loc(f"ENSG{i:011d}") for i in range(30)])
+
+
+def test_heldout_evaluation_refuses_files_without_labels(tmp_path):
+    from scllm.evaluate import evaluate_heldout
+
+    model_dir, h5ad, _, _ = heldout_files(tmp_path)
+    with pytest.raises(ValueError, match="no obs column 'celltype'"):
+        evaluate_heldout(model_dir, h5ad, tmp_path / "e.h5ad", tmp_path / "m.tsv", tmp_path / "m.html",
+                         tmp_path / "u.png", label_key="celltype", device="cpu")
+    assert not any((tmp_path / name).exists() for name in ("e.h5ad", "m.tsv", "m.html", "u.png"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from scllm.data import collate, mask_values
-from scllm.model import CellTransformer, ModelConfig, masked_mse
+from scllm.model import CellTransformer, ModelConfig, contrastive_loss, ecs_loss, masked_mse
+from scllm.train import gepc_profile_mse
 from scllm.tokens import MASK_VALUE, PAD_VALUE
 
 N_GENES, N_BINS = 30, 51
@@ -141,3 +143,87 @@ def test_config_rejects_bad_head_count():
 def test_import_scllm_does_not_import_torch():
     code = "import sys, scllm; assert 'torch' not in sys.modules, 'torch imported'; assert callable(scllm.load_model)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- cell-embedding readouts and objectives, each against a plain-Python computation ---------------
+
+@pytest.mark.parametrize("style", ["cls", "mean", "cls+mean"])
+def test_cell_embedding_readouts(style):
+    model = tiny_model(seed=4, cell_emb_style=style).eval()
+    cells = random_cells(3, min_len=3, max_len=9, seed=5)
+    batch = collate(cells, PAD_ID)
+    x = {}
+    model.read_cell = (lambda orig: lambda h, pad: (x.setdefault("h", h), orig(h, pad))[1])(model.read_cell)
+    with torch.no_grad():
+        emb = model(batch["gene_ids"], batch["values"], batch["padding_mask"])["cell_emb"]
+    h = x["h"]
+    for row, (genes, _) in enumerate(cells):
+        cls, mean = h[row, 0], h[row, 1:len(genes)].mean(0)  # gene tokens only, no padding
+        expected = {"cls": cls, "mean": mean, "cls+mean": torch.cat([cls, mean])}[style]
+        torch.testing.assert_close(emb[row], expected, atol=1e-6, rtol=0)
+    assert emb.shape[1] == model.cell_emb_dim == (64 if style == "cls+mean" else 32)
+
+
+def test_continuous_value_encoder_trains_and_ignores_padding():
+    model = tiny_model(value_encoder="continuous").eval()
+    assert not hasattr(model, "value_emb")
+    short = random_cells(1, min_len=5, max_len=5, seed=6)[0]
+    long = random_cells(1, min_len=20, seed=7)[0]
+    with torch.no_grad():
+        alone = model(*(collate([short], PAD_ID)[k] for k in ("gene_ids", "values", "padding_mask")))
+        both = model(*(collate([long, short], PAD_ID)[k] for k in ("gene_ids", "values", "padding_mask")))
+    torch.testing.assert_close(both["cell_emb"][1], alone["cell_emb"][0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="value_encoder"):
+        tiny_model(value_encoder="embedding")
+    with pytest.raises(ValueError, match="cell_emb_style"):
+        tiny_model(cell_emb_style="max")
+
+
+def test_ecs_loss_matches_scgpt_formula():
+    emb = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    threshold = 0.3
+    total = 0.0
+    for i in range(5):
+        for j in range(5):
+            cos = 0.0 if i == j else float(torch.dot(emb[i], emb[j]) / (emb[i].norm() * emb[j].norm()))
+            total += 1 - (max(cos, 0.0) - threshold) ** 2
+    assert ecs_loss(emb, threshold).item() == pytest.approx(total / 25, abs=1e-6)
+
+
+def test_contrastive_loss_matches_nt_xent():
+    emb = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))  # 3 cells x 2 views
+    t = 0.5
+    z = [e / e.norm() for e in emb]
+    total = 0.0
+    for i in range(6):
+        positive = (i + 3) % 6
+        denominator = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(6) if k != i)
+        total += -math.log(math.exp(float(z[i] @ z[positive]) / t) / denominator)
+    assert contrastive_loss(emb, 2, t).item() == pytest.approx(total / 6, abs=1e-5)
+    # Views that agree and cells that differ give a lower loss than random embeddings.
+    aligned = torch.eye(3, 4).repeat(2, 1)
+    assert contrastive_loss(aligned, 2, t) < contrastive_loss(emb, 2, t)
+    with pytest.raises(ValueError, match="views"):
+        contrastive_loss(emb[:5], 2, t)
+
+
+def test_gepc_profile_mse_covers_masked_and_unexpressed_genes():
+    cells = random_cells(4, min_len=3, max_len=10, seed=8)
+    batch = collate(cells, PAD_ID)
+    _, mask = mask_values(batch["values"], batch["padding_mask"], 0.5, torch.Generator().manual_seed(2))
+    pred = torch.randn(4, N_GENES, generator=torch.Generator().manual_seed(3))
+    se, n = 0.0, 0
+    for row, (genes, values) in enumerate(cells):
+        masked = {int(g): int(v) for g, v, m in zip(genes[1:], values[1:], mask[row, 1:len(genes)]) if m}
+        visible = {int(g) for g in genes[1:]} - set(masked)
+        for gene in range(N_GENES):
+            if gene not in visible:
+                se += (float(pred[row, gene]) - masked.get(gene, 0)) ** 2
+                n += 1
+    assert gepc_profile_mse(pred, batch["gene_ids"], batch["values"], mask).item() == pytest.approx(se / n, rel=1e-5)
+    model = tiny_model()
+    out = model(batch["gene_ids"], batch["values"], batch["padding_mask"], all_genes=True)
+    assert out["gepc_all_pred"].shape == (4, N_GENES)
+    # The per-token GEPC prediction is the whole-vocabulary one read at the cell's genes.
+    genes = batch["gene_ids"][0, 1:len(cells[0][0])]
+    torch.testing.assert_close(out["mvc_pred"][0, 1:len(cells[0][0])], out["gepc_all_pred"][0, genes])

@@ -161,13 +161,22 @@ def mask_values(values: torch.Tensor, padding_mask: torch.Tensor, ratio: float,
 
 
 def training_batch(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int, ratios: list[float],
-                   generator: torch.Generator, pin_memory: bool = False) -> dict:
+                   generator: torch.Generator, pin_memory: bool = False, views: int = 1,
+                   view_genes: float = 1.0) -> dict:
     """Collate ``cells`` and mask them at a ratio drawn from ``ratios``.
+
+    ``views`` > 1 repeats the cells that many times (rows ``i + k * len(cells)`` are the same
+    cell), each copy with its own mask: the views a contrastive objective compares. With
+    ``view_genes`` < 1 each view keeps only that fraction of the cell's gene tokens (a random
+    subset, at least one), so two views share no trivial fingerprint of the cell's gene set.
 
     Every random draw comes from ``generator``, so the batch depends only on its seed. Adds
     ``masked_values`` (the model's input), ``mask`` and ``lengths`` (tokens per cell, numpy) to
     :func:`collate`'s output. ``pin_memory`` pins the tensors so copies to a GPU can overlap.
     """
+    cells = list(cells) * views
+    if views > 1 and view_genes < 1:
+        cells = [gene_subset(g, v, view_genes, generator) for g, v in cells]
     batch = collate(cells, pad_id)
     ratio = ratios[int(torch.randint(len(ratios), (1,), generator=generator))]
     batch["masked_values"], batch["mask"] = mask_values(batch["values"], batch["padding_mask"], ratio, generator)
@@ -175,6 +184,17 @@ def training_batch(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int, rati
         batch = {key: t.pin_memory() for key, t in batch.items()}
     batch["lengths"] = np.array([len(g) for g, _ in cells])
     return batch
+
+
+def gene_subset(gene_ids: np.ndarray, values: np.ndarray, fraction: float, generator: torch.Generator):
+    """``<cls>`` and a random ``fraction`` of a cell's gene tokens (at least one), in their order."""
+    n = len(gene_ids) - 1
+    if n < 2:
+        return gene_ids, values
+    keep = max(1, round(fraction * n))
+    chosen = np.sort(torch.randperm(n, generator=generator)[:keep].numpy()) + 1
+    rows = np.r_[0, chosen]
+    return gene_ids[rows], values[rows]
 
 
 def prefetched(make: Callable[[int], T], keys: Iterable[int], depth: int = 2) -> Iterator[T]:

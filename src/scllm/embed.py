@@ -87,7 +87,7 @@ def embed_shard_cells(model: CellTransformer, cells, batch_size: int = 64) -> np
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = np.zeros((len(cells), model.cfg.d_model), dtype=np.float32)
+    out = np.zeros((len(cells), model.cell_emb_dim), dtype=np.float32)
     order = np.argsort(-cells.lengths, kind="stable")
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -147,7 +147,7 @@ def embed_shards(model_dir, shards_dir, binned_h5ad, out_h5ad, *, cells: str = "
             index.append(shard.cell_index)
             split_of.append(np.full(shard.n_cells, split, dtype=object))
             log.info("embed: %s: %d cells", entry["path"], shard.n_cells)
-    embeddings = np.concatenate(parts) if parts else np.zeros((0, model.cfg.d_model), np.float32)
+    embeddings = np.concatenate(parts) if parts else np.zeros((0, model.cell_emb_dim), np.float32)
     index = np.concatenate(index) if index else np.zeros(0, np.int64)
     split_of = np.concatenate(split_of) if split_of else np.zeros(0, object)
     order = np.argsort(index, kind="stable")
@@ -400,7 +400,7 @@ def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = Non
                     mapping.n_vocab - mapping.n_found, in_h5ad)
 
     rows = _Rows(in_h5ad, counts_layer)
-    embeddings = np.zeros((n_cells, model.cfg.d_model), dtype=np.float32)
+    embeddings = np.zeros((n_cells, model.cell_emb_dim), dtype=np.float32)
     n_tokens = np.zeros(n_cells, dtype=np.int64)
     non_integer = False
     try:

@@ -282,61 +282,43 @@ def write_table(rows: list[dict], tsv_path, html_path=None, title: str = "") -> 
     return table
 
 
-# --- the rule -----------------------------------------------------------------------------------------------
+# --- the rules -----------------------------------------------------------------------------------------------
 
-def evaluate(embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv, out_table, out_html, out_umap_label,
-             out_umap_sample, *, args_json=None, chunk_size: int = 20_000, **settings) -> pd.DataFrame:
-    """Score the embeddings of ``embeddings_h5ad`` and the PCA baseline; write the metrics table
-    (TSV and HTML) and UMAPs coloured by label and by sample. ``args_json`` (the model's) gives
-    the number of validation cells behind the masked-value error."""
-    import anndata as ad
-
-    from scllm.hvg import read_hvg_table
-
+def _settings(settings: dict) -> dict:
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise ValueError(f"unknown evaluate settings {sorted(unknown)}; known: {sorted(SETTINGS)}")
-    cfg = {**SETTINGS, **settings}
-    t0 = time.time()
-    emb = ad.read_h5ad(embeddings_h5ad)
-    label_key, batch_key, seed = cfg["label_key"], cfg["batch_key"], int(cfg["seed"])
-    for key, what in ((label_key, "evaluate.label_key"), (batch_key, "evaluate.batch_key")):
-        if key not in emb.obs:
-            raise ValueError(f"{embeddings_h5ad} has no obs column {key!r} ({what}); columns: {list(emb.obs.columns)}")
-    if EMBEDDING_KEY not in emb.obsm:
-        raise ValueError(f"{embeddings_h5ad} has no obsm[{EMBEDDING_KEY!r}]; rerun the embed rule")
-    cells_setting = emb.uns.get("scllm", {}).get("cells", "given")
-    labels = emb.obs[label_key].astype(str)
-    labelled = ~labels.str.strip().str.lower().isin(UNLABELED) & emb.obs[label_key].notna()
-    n_in = emb.n_obs
+    return {**SETTINGS, **settings}
+
+
+def labelled_cells(obs: pd.DataFrame, label_key: str, max_cells: int, seed: int, where) -> np.ndarray:
+    """Rows of ``obs`` with a usable ``label_key`` label, at most ``max_cells`` (a seeded sample)."""
+    if label_key not in obs:
+        raise ValueError(f"{where} has no obs column {label_key!r} (the label key); columns: {list(obs.columns)}")
+    labels = obs[label_key].astype(str)
+    labelled = ~labels.str.strip().str.lower().isin(UNLABELED) & obs[label_key].notna()
     keep = np.flatnonzero(labelled.to_numpy())
-    if len(keep) > cfg["max_cells"]:
-        keep = np.sort(np.random.default_rng(seed).choice(keep, int(cfg["max_cells"]), replace=False))
-    log.info("evaluate: %d embedded cells (%s), %d with a %s label, %d scored (max_cells %d)", n_in, cells_setting,
-             int(labelled.sum()), label_key, len(keep), cfg["max_cells"])
+    if len(keep) > max_cells:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, int(max_cells), replace=False))
+    log.info("evaluate: %d cells, %d with a %s label, %d scored (max_cells %d)", len(obs), int(labelled.sum()),
+             label_key, len(keep), max_cells)
     if len(keep) < 10:
-        raise ValueError(f"only {len(keep)} embedded cells carry a {label_key!r} label; evaluation needs labelled "
-                         "cells (embed.cells: all embeds every cell)")
-    sub = emb[keep]
-    labels = sub.obs[label_key].astype(str).to_numpy()
-    samples = sub.obs[batch_key].astype(str).to_numpy()
+        raise ValueError(f"only {len(keep)} cells of {where} carry a {label_key!r} label; scoring needs at least 10 "
+                         "labelled cells")
+    return keep
+
+
+def score_against_pca(X: np.ndarray, pca: np.ndarray, labels, samples, cfg: dict, cells: str, label_key: str,
+                      batch_key: str) -> tuple[list[dict], dict]:
+    """Score the embeddings ``X`` and the PCA baseline of the same cells; the metrics-table rows
+    and the UMAP panels."""
+    labels, samples = np.asarray(labels).astype(str), np.asarray(samples).astype(str)
     n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
     log.info("evaluate: %d %s labels, %d %s value(s)", n_labels, label_key, n_samples, batch_key)
-
-    hvgs = read_hvg_table(hvg_table)["feature_id"].tolist()
-    matrix = log_normalized_hvgs(filtered_h5ad, hvgs, sub.obs_names, chunk_size=chunk_size)
-    pca = pca_baseline(matrix, n_pcs=cfg["n_pcs"], seed=seed)
-    log.info("evaluate: PCA baseline: %d cells x %d HVGs -> %d PCs", *matrix.shape, pca.shape[1])
-
     common = dict(n_neighbors=cfg["n_neighbors"], n_folds=cfg["n_folds"],
-                  leiden_resolutions=cfg["leiden_resolutions"], seed=seed)
-    ours, ours_umap = score_representation(np.asarray(sub.obsm[EMBEDDING_KEY]), labels, samples, **common)
+                  leiden_resolutions=cfg["leiden_resolutions"], seed=int(cfg["seed"]))
+    ours, ours_umap = score_representation(X, labels, samples, **common)
     base, base_umap = score_representation(pca, labels, samples, **common)
-    masked = masked_value_error(epochs_tsv)
-
-    n_emb = sub.obsm[EMBEDDING_KEY].shape[1]
-    cells = f"{len(keep)} ({cells_setting})"
-    baseline_name = f"PCA-{pca.shape[1]} of log-normalized HVGs"
     k = cfg["n_neighbors"]
     held = (f"{ours['_sample_folds']} folds holding out whole samples, k={k}" if n_samples > 1
             else "n/a: one sample")
@@ -352,8 +334,56 @@ def evaluate(embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv, out_table, o
         ("silhouette_label", f"{label_key}, Euclidean, in [-1, 1]: higher = labels separate"),
         ("silhouette_sample", f"{batch_key}: near 0 = samples mix" if n_samples > 1 else "n/a: one sample"),
     ]
+    baseline_name = f"PCA-{pca.shape[1]} of log-normalized HVGs"
     table = [{"metric": m, "scllm": ours[m], "baseline": base[m], "baseline_method": baseline_name,
               "cells": cells, "details": d} for m, d in rows]
+    panels = {f"scLLM ({X.shape[1]} dims)": ours_umap, baseline_name: base_umap}
+    return table, panels
+
+
+def _write_results(table, title, panels, colourings: list[tuple], out_table, out_html, seed: int) -> pd.DataFrame:
+    result = write_table(table, out_table, out_html, title)
+    for path, colors, name in colourings:
+        plot_umaps(path, panels, colors, name, seed)
+    for r in table:
+        log.info("evaluate: %-28s scllm %-8s baseline %-8s", r["metric"], _fmt(r["scllm"]), _fmt(r["baseline"]))
+    return result
+
+
+def evaluate(embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv, out_table, out_html, out_umap_label,
+             out_umap_sample, *, args_json=None, chunk_size: int = 20_000, **settings) -> pd.DataFrame:
+    """Score the embeddings of ``embeddings_h5ad`` and the PCA baseline; write the metrics table
+    (TSV and HTML) and UMAPs coloured by label and by sample. ``args_json`` (the model's) gives
+    the number of validation cells behind the masked-value error."""
+    import anndata as ad
+
+    from scllm.hvg import read_hvg_table
+
+    cfg = _settings(settings)
+    t0 = time.time()
+    emb = ad.read_h5ad(embeddings_h5ad)
+    label_key, batch_key, seed = cfg["label_key"], cfg["batch_key"], int(cfg["seed"])
+    for key, what in ((label_key, "evaluate.label_key"), (batch_key, "evaluate.batch_key")):
+        if key not in emb.obs:
+            raise ValueError(f"{embeddings_h5ad} has no obs column {key!r} ({what}); columns: {list(emb.obs.columns)}")
+    if EMBEDDING_KEY not in emb.obsm:
+        raise ValueError(f"{embeddings_h5ad} has no obsm[{EMBEDDING_KEY!r}]; rerun the embed rule")
+    cells_setting = emb.uns.get("scllm", {}).get("cells", "given")
+    keep = labelled_cells(emb.obs, label_key, cfg["max_cells"], seed, f"{embeddings_h5ad} (embed.cells: all embeds "
+                          "every cell)")
+    sub = emb[keep]
+    labels = sub.obs[label_key].astype(str).to_numpy()
+    samples = sub.obs[batch_key].astype(str).to_numpy()
+
+    hvgs = read_hvg_table(hvg_table)["feature_id"].tolist()
+    matrix = log_normalized_hvgs(filtered_h5ad, hvgs, sub.obs_names, chunk_size=chunk_size)
+    pca = pca_baseline(matrix, n_pcs=cfg["n_pcs"], seed=seed)
+    log.info("evaluate: PCA baseline: %d cells x %d HVGs -> %d PCs", *matrix.shape, pca.shape[1])
+    X = np.asarray(sub.obsm[EMBEDDING_KEY])
+    table, panels = score_against_pca(X, pca, labels, samples, cfg, f"{len(keep)} ({cells_setting})", label_key,
+                                      batch_key)
+
+    masked = masked_value_error(epochs_tsv)
     epoch_note = f"best epoch {masked['epoch']} of {masked['n_epochs']}, fixed masks"
     n_val = json.loads(Path(args_json).read_text()).get("data", {}).get("n_validation_cells") if args_json else None
     val_cells = f"{n_val} (validation)" if n_val is not None else "validation"
@@ -365,14 +395,81 @@ def evaluate(embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv, out_table, o
          "baseline_method": "each cell's mean visible bin", "cells": val_cells,
          "details": f"{epoch_note}; GEPC head (from the cell embedding)"},
     ]
-    title = (f"scLLM embeddings ({n_emb} dims) vs {baseline_name}: {len(keep)} cells ({cells_setting}), "
-             f"{n_labels} {label_key} labels, {n_samples} sample(s)")
-    result = write_table(table, out_table, out_html, title)
-    panels = {f"scLLM <cls> ({n_emb} dims)": ours_umap, baseline_name: base_umap}
-    plot_umaps(out_umap_label, panels, labels, label_key, seed)
-    plot_umaps(out_umap_sample, panels, samples, batch_key, seed)
-    for r in table:
-        log.info("evaluate: %-28s scllm %-8s baseline %-8s", r["metric"], _fmt(r["scllm"]), _fmt(r["baseline"]))
-    log.info("evaluate: %d cells in, %d scored; wrote %s, %s, %s, %s in %.1fs", n_in, len(keep), out_table, out_html,
-             out_umap_label, out_umap_sample, time.time() - t0)
+    n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
+    title = (f"scLLM embeddings ({X.shape[1]} dims) vs PCA-{pca.shape[1]} of log-normalized HVGs: {len(keep)} "
+             f"cells ({cells_setting}), {n_labels} {label_key} labels, {n_samples} sample(s)")
+    result = _write_results(table, title, panels, [(out_umap_label, labels, label_key),
+                                                   (out_umap_sample, samples, batch_key)], out_table, out_html, seed)
+    log.info("evaluate: %d cells in, %d scored; wrote %s, %s, %s, %s in %.1fs", emb.n_obs, len(keep), out_table,
+             out_html, out_umap_label, out_umap_sample, time.time() - t0)
+    return result
+
+
+def log_normalized_vocab_genes(h5ad, columns: np.ndarray, rows: np.ndarray, *, counts_layer: str | None = None,
+                               chunk_size: int = 20_000) -> sp.csr_matrix:
+    """log1p(normalize_total(counts, 1e4)) of the input ``columns`` (the model's vocabulary genes
+    as found in the file) for ``rows``, totals over all the file's genes, read in row chunks."""
+    from scllm.binning import normalize_total
+    from scllm.embed import _Rows
+
+    reader = _Rows(h5ad, counts_layer)
+    wanted = np.zeros(reader.elem.shape[0], dtype=bool)
+    wanted[rows] = True
+    blocks = []
+    try:
+        for start, stop in row_chunks(len(wanted), chunk_size):
+            keep = np.flatnonzero(wanted[start:stop])
+            if keep.size:
+                counts = reader[start:stop][keep]
+                totals = np.asarray(counts.sum(axis=1)).ravel()
+                blocks.append(normalize_total(counts[:, columns], totals, BASELINE_TARGET_SUM, log1p=True))
+    finally:
+        reader.close()
+    return sp.vstack(blocks, format="csr")
+
+
+def evaluate_heldout(model_dir, h5ad, out_embeddings, out_table, out_html, out_umap_label, *, label_key: str,
+                     batch_key: str | None = None, gene_id_column: str | None = None,
+                     counts_layer: str | None = None, device: str = "auto", chunk_size: int = 20_000,
+                     **settings) -> pd.DataFrame:
+    """Score the model on cells it never saw: embed ``h5ad`` (any h5ad of counts with its own
+    ``label_key`` labels) as ``scllm embed`` does, and fit the PCA baseline on the same cells
+    (log-normalized counts of the model's vocabulary genes found in the file)."""
+    import anndata as ad
+
+    from scllm.embed import embed_h5ad, load_model, map_genes, model_genes
+
+    cfg = _settings({**settings, "label_key": label_key})
+    t0 = time.time()
+    seed = int(cfg["seed"])
+    # Check the labels before any work, so a refused file leaves nothing behind.
+    source = open_backed(h5ad)
+    obs, var = source.obs.copy(), source.var.copy()
+    source.file.close()
+    keep = labelled_cells(obs, label_key, cfg["max_cells"], seed, h5ad)
+    if batch_key is not None and batch_key not in obs:
+        raise ValueError(f"{h5ad} has no obs column {batch_key!r} (heldout.batch_key); columns: {list(obs.columns)}")
+    labels = obs[label_key].astype(str).to_numpy()[keep]
+    samples = obs[batch_key].astype(str).to_numpy()[keep] if batch_key else np.full(len(keep), "all")
+
+    summary = embed_h5ad(model_dir, h5ad, out_embeddings, gene_id_column=gene_id_column, counts_layer=counts_layer,
+                         chunk_size=chunk_size, device=device)
+    emb = ad.read_h5ad(out_embeddings)
+    # The baseline sees the vocabulary genes the embedding found (embed_h5ad maps them the same way).
+    _, vocab, _ = load_model(model_dir)
+    mapping = map_genes(var, model_genes(model_dir, vocab), gene_id_column)
+    matrix = log_normalized_vocab_genes(h5ad, mapping.columns, keep, counts_layer=counts_layer, chunk_size=chunk_size)
+    pca = pca_baseline(matrix, n_pcs=cfg["n_pcs"], seed=seed)
+    log.info("evaluate: PCA baseline on the held-out cells: %d cells x %d vocabulary genes -> %d PCs", *matrix.shape,
+             pca.shape[1])
+    X = np.asarray(emb.obsm[EMBEDDING_KEY])[keep]
+    table, panels = score_against_pca(X, pca, labels, samples, cfg, f"{len(keep)} (held out: {Path(h5ad).name})",
+                                      label_key, batch_key or "sample")
+    for row in table:
+        row["baseline_method"] = f"PCA-{pca.shape[1]} of log-normalized vocabulary genes (same cells)"
+    title = (f"scLLM embeddings ({X.shape[1]} dims) of {len(keep)} held-out cells ({Path(h5ad).name}, "
+             f"{summary['coverage']:.0%} of the vocabulary found) vs PCA of the same cells")
+    result = _write_results(table, title, panels, [(out_umap_label, labels, label_key)], out_table, out_html, seed)
+    log.info("evaluate: %s: %d cells, %d scored; wrote %s, %s, %s in %.1fs", h5ad, emb.n_obs, len(keep), out_table,
+             out_html, out_umap_label, time.time() - t0)
     return result

@@ -21,6 +21,8 @@ from scllm.io import atomic_path, open_backed, read_rows, require_obs_columns
 
 log = logging.getLogger("scllm")
 FLAVORS = ("seurat_v3", "seurat_v3_paper")
+# Normalized variances agree to about 15 digits between CPUs; 10 leaves a wide margin.
+SIGNIFICANT_DIGITS = 10
 
 
 def sample_ranges(samples: pd.Series) -> list[tuple[str, int, int]]:
@@ -47,15 +49,32 @@ def sample_normalized_variance(counts, span: float = 0.3) -> np.ndarray:
     return df["variances_norm"].to_numpy()
 
 
+def round_significant(values: np.ndarray, digits: int) -> np.ndarray:
+    """``values`` rounded to ``digits`` significant decimal digits (0, NaN, inf and values below
+    1e-300 in magnitude kept as they are)."""
+    values = np.asarray(values, dtype=np.float64)
+    magnitude = np.abs(values)
+    usable = np.isfinite(values) & (magnitude >= 1e-300)
+    power = 10.0 ** np.floor(np.log10(np.where(usable, magnitude, 1.0)))
+    return np.where(usable, np.round(values / power, digits - 1) * power, values)
+
+
 def combine_batches(norm_vars: np.ndarray, n_top_genes: int, flavor: str, index: pd.Index) -> pd.DataFrame:
-    """scanpy's cross-batch ranking of seurat_v3 (``norm_vars``: batches x genes)."""
-    ranks = np.argsort(np.argsort(-norm_vars, axis=1), axis=1).astype(np.float32)
+    """scanpy's cross-batch ranking of seurat_v3 (``norm_vars``: batches x genes).
+
+    The per-sample variances carry last-bit noise that depends on the CPU (sums vectorised
+    for AVX2 or AVX-512 add in another order). Genes with equal variances (identical count
+    columns) would be ordered by that noise, and the vocabulary with them, so the variances
+    are rounded to ``SIGNIFICANT_DIGITS`` first and ties go to the earlier gene (stable sort).
+    """
+    norm_vars = round_significant(norm_vars, SIGNIFICANT_DIGITS)
+    ranks = np.argsort(np.argsort(-norm_vars, axis=1, kind="stable"), axis=1).astype(np.float32)
     nbatches = np.sum(ranks < n_top_genes, axis=0)
     ranks[ranks >= n_top_genes] = np.nan
     median_rank = np.ma.median(np.ma.masked_invalid(ranks), axis=0).filled(np.nan)
     df = pd.DataFrame(
         {"highly_variable_nbatches": nbatches, "highly_variable_rank": median_rank,
-         "variances_norm": norm_vars.mean(axis=0)},
+         "variances_norm": round_significant(norm_vars.mean(axis=0), SIGNIFICANT_DIGITS)},
         index=index,
     )
     if flavor == "seurat_v3":

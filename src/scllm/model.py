@@ -6,7 +6,13 @@ Two heads predict the bins of masked tokens:
 
 - the expression head reads each token's own output;
 - the GEPC/MVC head (scGPT's "inner product" MVCDecoder) predicts a gene's bin from the cell
-  embedding alone (the ``<cls>`` output), so the cell embedding must summarise the whole cell.
+  embedding alone, so the cell embedding must summarise the whole cell.
+
+The cell embedding is read out as the ``<cls>`` output (``cell_emb_style: cls``, scGPT's
+default), the mean of the gene-token outputs (``mean``) or both side by side (``cls+mean``).
+Two optional objectives act on it directly (weights in the training settings): scGPT's elastic
+cell similarity (``ecs_loss``) and a contrastive term between two masked views of each cell
+(``contrastive_loss``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+VALUE_ENCODERS = ("bins", "continuous")
+CELL_EMB_STYLES = ("cls", "mean", "cls+mean")
 
 
 @dataclass
@@ -34,6 +44,11 @@ class ModelConfig:
     # Dropout on attention weights; None = ``dropout`` (as scGPT). On CPU any value > 0 makes
     # SDPA fall back to its unfused kernel (about 8x slower at 800 tokens): use 0 for CPU demos.
     attn_dropout: float | None = None
+    # How a value enters: "bins" = an embedding row per bin (categorical); "continuous" = scGPT's
+    # ContinuousValueEncoder (the bin as a number through a small MLP).
+    value_encoder: str = "bins"
+    # How the cell embedding is read out: "cls", "mean" (of gene-token outputs) or "cls+mean".
+    cell_emb_style: str = "cls"
 
     def __post_init__(self):
         if self.pad_id is None:
@@ -42,6 +57,10 @@ class ModelConfig:
             self.attn_dropout = self.dropout
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.value_encoder not in VALUE_ENCODERS:
+            raise ValueError(f"value_encoder must be one of {VALUE_ENCODERS}, not {self.value_encoder!r}")
+        if self.cell_emb_style not in CELL_EMB_STYLES:
+            raise ValueError(f"cell_emb_style must be one of {CELL_EMB_STYLES}, not {self.cell_emb_style!r}")
         if not 0 <= self.pad_id < self.vocab_size:
             raise ValueError(f"pad_id={self.pad_id} is outside the vocabulary (size {self.vocab_size})")
 
@@ -79,6 +98,21 @@ class FeedForward(nn.Module):
         return self.dropout(self.out(F.gelu(self.fc(x))))
 
 
+class ContinuousValueEncoder(nn.Module):
+    """scGPT's encoder of a value as a number: Linear(1, d) -> ReLU -> Linear(d, d) -> LayerNorm.
+    Masked (-1) and padded (-2) values enter as those numbers, as in scGPT."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.max_value = float(cfg.n_bins)
+        self.fc1, self.fc2 = nn.Linear(1, cfg.d_model), nn.Linear(cfg.d_model, cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        x = values.float().clamp(max=self.max_value).unsqueeze(-1)
+        return self.norm(self.fc2(F.relu(self.fc1(x))))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -102,8 +136,11 @@ class CellTransformer(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.gene_emb = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_id)
-        # Rows 0..n_bins-1 are bins; row n_bins is <mask>, row n_bins+1 is <pad>.
-        self.value_emb = nn.Embedding(cfg.n_bins + 2, d, padding_idx=cfg.n_bins + 1)
+        if cfg.value_encoder == "bins":
+            # Rows 0..n_bins-1 are bins; row n_bins is <mask>, row n_bins+1 is <pad>.
+            self.value_emb = nn.Embedding(cfg.n_bins + 2, d, padding_idx=cfg.n_bins + 1)
+        else:
+            self.value_enc = ContinuousValueEncoder(cfg)
         self.emb_norm = nn.LayerNorm(d)
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -114,7 +151,7 @@ class CellTransformer(nn.Module):
         )
         # GEPC/MVC head (scGPT MVCDecoder, "inner product"): value = W(query(gene)) . cell_emb.
         self.mvc_query = nn.Sequential(nn.Linear(d, d), nn.Sigmoid())
-        self.mvc_W = nn.Linear(d, d, bias=False)
+        self.mvc_W = nn.Linear(d, self.cell_emb_dim, bias=False)
         # Both heads start at the mean expressed bin (n_bins / 2 = mean of 1..n_bins-1), not 0:
         # otherwise the first hundreds of steps only learn the output scale. (scGPT starts at 0
         # and has no GEPC bias; this is our one deviation, and it helps short runs most.)
@@ -123,6 +160,10 @@ class CellTransformer(nn.Module):
         with torch.no_grad():
             self.expr_head[-1].bias.fill_(cfg.n_bins / 2)
             self.mvc_bias.fill_(cfg.n_bins / 2)
+
+    @property
+    def cell_emb_dim(self) -> int:
+        return 2 * self.cfg.d_model if self.cfg.cell_emb_style == "cls+mean" else self.cfg.d_model
 
     @staticmethod
     def _init_weights(module):
@@ -144,25 +185,51 @@ class CellTransformer(nn.Module):
         values = torch.where(values == cfg.mask_value, cfg.n_bins, values)
         return torch.where(values == cfg.pad_value, cfg.n_bins + 1, values)
 
-    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> dict:
-        """gene_ids, values [B, L] (position 0 is <cls>); padding_mask [B, L], True at padding."""
+    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor,
+                all_genes: bool = False) -> dict:
+        """gene_ids, values [B, L] (position 0 is <cls>); padding_mask [B, L], True at padding.
+        ``all_genes`` adds ``gepc_all_pred`` [B, n_genes]: the GEPC head on every vocabulary gene."""
         genes = self.gene_emb(gene_ids)
-        x = self.emb_norm(genes + self.value_emb(self.value_index(values)))
-        x = self.emb_dropout(x)
+        if self.cfg.value_encoder == "bins":
+            value = self.value_emb(self.value_index(values))
+        else:
+            value = self.value_enc(values)
+        x = self.emb_dropout(self.emb_norm(genes + value))
         attn_mask = ~padding_mask[:, None, None, :]  # True = may attend
         for block in self.blocks:
             x = block(x, attn_mask)
         x = self.final_norm(x)
-        cell_emb = x[:, 0]
+        cell_emb = self.read_cell(x, padding_mask)
         expr_pred = self.expr_head(x).squeeze(-1)
         query = self.mvc_query(genes)
         mvc_pred = torch.bmm(self.mvc_W(query), cell_emb.unsqueeze(-1)).squeeze(-1) + self.mvc_bias
-        return {"expr_pred": expr_pred, "mvc_pred": mvc_pred, "cell_emb": cell_emb}
+        out = {"expr_pred": expr_pred, "mvc_pred": mvc_pred, "cell_emb": cell_emb}
+        if all_genes:
+            out["gepc_all_pred"] = self.gepc_all_genes(cell_emb)
+        return out
+
+    def gepc_all_genes(self, cell_emb: torch.Tensor) -> torch.Tensor:
+        """The GEPC head's prediction [B, n_genes] for every vocabulary gene (ids 0..n_genes-1;
+        <cls> and <pad> are the last two ids) from the cell embedding alone."""
+        query = self.mvc_query(self.gene_emb.weight[: self.cfg.vocab_size - 2])
+        return cell_emb @ self.mvc_W(query).T + self.mvc_bias
+
+    def read_cell(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """The cell embedding from the encoder output ``x`` [B, L, d] (see ``cell_emb_style``)."""
+        style = self.cfg.cell_emb_style
+        if style == "cls":
+            return x[:, 0]
+        genes = (~padding_mask).to(x.dtype)
+        genes[:, 0] = 0  # gene tokens only; a cell without any reads as zeros
+        mean = (x * genes.unsqueeze(-1)).sum(1) / genes.sum(1, keepdim=True).clamp(min=1)
+        return mean if style == "mean" else torch.cat([x[:, 0], mean], dim=1)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:  # lookups cost no FLOPs
-            n -= self.gene_emb.weight.numel() + self.value_emb.weight.numel()
+            n -= self.gene_emb.weight.numel()
+            if self.cfg.value_encoder == "bins":
+                n -= self.value_emb.weight.numel()
         return n
 
     def estimate_flops_per_token(self, seq_len):
@@ -197,9 +264,34 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return squared.sum() / mask.sum().clamp(min=1)
 
 
+def ecs_loss(cell_emb: torch.Tensor, threshold: float) -> torch.Tensor:
+    """scGPT's elastic cell similarity: mean over the batch's cell pairs (the diagonal counted as
+    0, as in scGPT) of ``1 - (relu(cos) - threshold)^2``. Minimising it pushes positive cosine
+    similarities away from ``threshold``: similar cells closer together, others apart."""
+    z = F.normalize(cell_emb.float(), p=2, dim=1)
+    cos = (z @ z.T).masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), 0.0)
+    return torch.mean(1 - (F.relu(cos) - threshold) ** 2)
+
+
+def contrastive_loss(cell_emb: torch.Tensor, n_views: int, temperature: float) -> torch.Tensor:
+    """InfoNCE (SimCLR's NT-Xent) between views of the same cells: rows ``i`` and ``i + k * B``
+    (B = rows / n_views) are views of one cell. Each row must pick out its other views among all
+    rows of the batch by cosine similarity / ``temperature``."""
+    n = len(cell_emb)
+    if n_views < 2 or n % n_views:
+        raise ValueError(f"contrastive_loss needs >= 2 views of each cell and rows divisible by them ({n}, {n_views})")
+    z = F.normalize(cell_emb.float(), p=2, dim=1)
+    logits = (z @ z.T / temperature).masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
+    cell = torch.arange(n, device=z.device) % (n // n_views)
+    positive = (cell[:, None] == cell[None, :]) & ~torch.eye(n, dtype=torch.bool, device=z.device)
+    log_prob = logits.log_softmax(dim=1)
+    return -(log_prob.masked_fill(~positive, 0.0).sum(1) / positive.sum(1)).mean()
+
+
 def count_params_text(model: nn.Module) -> str:
     n = sum(p.numel() for p in model.parameters())
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
-__all__ = ["ModelConfig", "CellTransformer", "masked_mse", "peak_flops", "count_params_text"]
+__all__ = ["ModelConfig", "CellTransformer", "masked_mse", "ecs_loss", "contrastive_loss", "peak_flops",
+           "count_params_text"]

@@ -36,7 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from scllm.data import (TRAINING_BATCH_KEYS, LengthGroupedBatchSampler, ShardDataset, check_vocab, collate,
                         mask_values, prefetched, training_batch)
 from scllm.io import atomic_path, remove_stale_temporaries, setup_logging
-from scllm.model import CellTransformer, ModelConfig, count_params_text, masked_mse, peak_flops
+from scllm.model import (CellTransformer, ModelConfig, contrastive_loss, count_params_text, ecs_loss, masked_mse,
+                         peak_flops)
 from scllm.tokens import read_manifest
 
 TRAIN_DEFAULTS = {
@@ -47,6 +48,16 @@ TRAIN_DEFAULTS = {
     "warmup_steps": 100,
     "grad_clip": 1.0,
     "mask_ratios": [0.25, 0.5, 0.75],
+    # Objectives beyond the masked expression MSE (always on): weights 0 switch them off.
+    "gepc_weight": 1.0,  # masked MSE of the GEPC head (predicts from the cell embedding)
+    # GEPC also predicts 0 for every vocabulary gene the cell does not express (they are not
+    # tokens, so the cell embedding must record which genes are absent as well as present).
+    "gepc_unexpressed": False,
+    "ecs_weight": 0.0,  # scGPT's elastic cell similarity (scGPT uses 10 with threshold 0.8)
+    "ecs_threshold": 0.8,
+    "contrastive_weight": 0.0,  # InfoNCE between two masked views of each cell (doubles the batch)
+    "contrastive_temperature": 0.1,
+    "contrastive_view_genes": 0.5,  # fraction of a cell's gene tokens each view keeps
     "seed": 0,
     "checkpoint_every_steps": 200,
     "max_steps": None,  # stop (with a checkpoint) after this many global steps
@@ -62,7 +73,8 @@ OPERATIONAL_KEYS = {"max_steps", "checkpoint_every_steps", "log_every_steps", "c
 # Derived from the data, not settable in the model section.
 DATA_MODEL_KEYS = ("vocab_size", "n_bins", "pad_id", "mask_value", "pad_value")
 
-METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "expr_mse", "mvc_mse", "cells_per_s", "tokens_per_s", "mfu"]
+METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "expr_mse", "mvc_mse", "ecs_loss", "contrastive_loss",
+                  "cells_per_s", "tokens_per_s", "mfu"]
 EPOCH_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_expr_mse", "val_mvc_mse", "val_mean_bin_baseline_mse"]
 CHECKPOINT = "last_checkpoint.pt"
 # Exit status after SIGTERM/SIGUSR1 with a checkpoint written: EX_TEMPFAIL ("try again later"),
@@ -227,8 +239,9 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
         peak = peak_flops(device) if use_bf16 else None
         ratios, seed, pad_id = cfg["mask_ratios"], cfg["seed"], mcfg.pad_id
         pin_memory = device.type == "cuda"
+        views = 2 if cfg["contrastive_weight"] else 1
         # Sums since the last log line: losses stay on the device (no sync per step).
-        window_loss = torch.zeros(3, dtype=torch.float64, device=device)  # loss, expr, mvc
+        window_loss = torch.zeros(5, dtype=torch.float64, device=device)  # loss, expr, mvc, ecs, contrastive
         window_steps, window_counts, window_start, paused = 0, np.zeros(3), time.perf_counter(), 0.0
         epoch_loss = torch.zeros(2, dtype=torch.float64, device=device)  # sum, steps (this segment)
         for epoch in range(state["epoch"], cfg["epochs"]):
@@ -238,7 +251,8 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
             def make_batch(b: int, epoch=epoch, batches=batches) -> dict:
                 # Masks depend only on (seed, epoch, batch): identical after a resume.
                 gen = torch.Generator().manual_seed(_seed(seed, 1, epoch, b * world_size + rank))
-                return training_batch(train_ds.cells(batches[b]), pad_id, ratios, gen, pin_memory)
+                return training_batch(train_ds.cells(batches[b]), pad_id, ratios, gen, pin_memory, views,
+                                      cfg["contrastive_view_genes"])
 
             # The next batches are collated and masked in a background thread during this step.
             for b, batch in enumerate(prefetched(make_batch, range(state["batch"], len(batches))), state["batch"]):
@@ -246,10 +260,9 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
                     batch[key].to(device, non_blocking=True) for key in TRAINING_BATCH_KEYS)
 
                 with autocast:
-                    pred = model(gene_ids, masked, padding_mask)
-                expr_mse = masked_mse(pred["expr_pred"], values, mask)
-                mvc_mse = masked_mse(pred["mvc_pred"], values, mask)
-                loss = expr_mse + mvc_mse
+                    pred = model(gene_ids, masked, padding_mask, all_genes=cfg["gepc_unexpressed"])
+                losses = objective(pred, gene_ids, values, mask, cfg, views)
+                loss = losses[0]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg["grad_clip"]:
@@ -262,8 +275,9 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
                 state["batch"] = b + 1
                 lengths = batch["lengths"]
                 flops = float((lengths * raw_model.estimate_flops_per_token(lengths)).sum())
-                window_loss += torch.stack([loss.detach(), expr_mse.detach(), mvc_mse.detach()]).double()
-                window_counts += (len(lengths), lengths.sum(), flops)  # cells, real tokens, useful FLOPs
+                window_loss += torch.stack(losses).detach().double()
+                # cells (each counted once, whatever the views), real tokens, useful FLOPs
+                window_counts += (len(lengths) // views, lengths.sum(), flops)
                 epoch_loss += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
                 window_steps += 1
                 step = state["global_step"]
@@ -276,11 +290,13 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
                     totals = _all_reduce(sums, world_size).tolist()
                     if not math.isfinite(totals[0]):
                         raise _non_finite(step, epoch + 1, last_good_step, out / CHECKPOINT)
-                    mean = [v / (window_steps * world_size) for v in totals[:3]]
+                    mean = [v / (window_steps * world_size) for v in totals[:5]]
                     row = {"epoch": epoch + 1, "step": step, "lr": lr,
                            "train_loss": mean[0], "expr_mse": mean[1], "mvc_mse": mean[2],
-                           "cells_per_s": totals[3] / seconds, "tokens_per_s": totals[4] / seconds,
-                           "mfu": totals[5] / seconds / (peak * world_size) if peak else None}
+                           "ecs_loss": mean[3] if cfg["ecs_weight"] else None,
+                           "contrastive_loss": mean[4] if views > 1 else None,
+                           "cells_per_s": totals[5] / seconds, "tokens_per_s": totals[6] / seconds,
+                           "mfu": totals[7] / seconds / (peak * world_size) if peak else None}
                     state["metrics"].append(row)
                     if is_main:
                         log.info("epoch %d/%d step %d/%d loss %.2f (expr %.2f, gepc %.2f) lr %.2e %.0f cells/s "
@@ -339,6 +355,38 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
         torch.set_num_threads(threads)
         if own_group:
             dist.destroy_process_group()
+
+
+def objective(pred: dict, gene_ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, cfg: dict,
+              views: int = 1) -> list:
+    """[total loss, expression MSE, GEPC MSE, ECS loss, contrastive loss] of one training batch;
+    the total weighs each term by its ``*_weight`` setting (terms with weight 0 are not computed
+    and read 0). With ``views`` > 1 the batch holds that many masked views of its cells."""
+    zero = torch.zeros((), device=values.device)
+    expr = masked_mse(pred["expr_pred"], values, mask)
+    if cfg["gepc_unexpressed"]:
+        gepc = gepc_profile_mse(pred["gepc_all_pred"], gene_ids, values, mask)
+    else:
+        gepc = masked_mse(pred["mvc_pred"], values, mask)
+    ecs = ecs_loss(pred["cell_emb"], cfg["ecs_threshold"]) if cfg["ecs_weight"] else zero
+    contrastive = (contrastive_loss(pred["cell_emb"], views, cfg["contrastive_temperature"])
+                   if cfg["contrastive_weight"] else zero)
+    total = expr + cfg["gepc_weight"] * gepc + cfg["ecs_weight"] * ecs + cfg["contrastive_weight"] * contrastive
+    return [total, expr, gepc, ecs, contrastive]
+
+
+def gepc_profile_mse(all_genes_pred, gene_ids, values, mask) -> torch.Tensor:
+    """GEPC's MSE over the cell's whole vocabulary profile: its masked genes (target: their bin)
+    and every vocabulary gene it does not express (target 0); visible genes are left out, as
+    in the masked-only loss."""
+    n_genes = all_genes_pred.shape[1]
+    vocab_size = n_genes + 2
+    # Scatter into [B, vocab_size]: <cls> and <pad> ids land in the last two columns, dropped.
+    target = torch.zeros(len(gene_ids), vocab_size, device=values.device).scatter(
+        1, gene_ids, values.float().clamp(min=0))
+    visible = torch.zeros(len(gene_ids), vocab_size, dtype=torch.bool, device=values.device).scatter(
+        1, gene_ids, ~mask)
+    return masked_mse(all_genes_pred, target[:, :n_genes], ~visible[:, :n_genes])
 
 
 @torch.no_grad()

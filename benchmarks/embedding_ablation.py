@@ -1,0 +1,203 @@
+"""What makes the cell embedding good? Train variants of the demo model, embed every cell, score.
+
+Each variant is the embedded default's model and train settings (config/demo.yaml) with a few
+settings changed. For every (variant, seed) the script pretrains on the demo's token shards,
+embeds all cells with the best model and scores the embedding as the evaluate rule does:
+kNN cell-type accuracy and macro-F1 (5-fold CV, k=15), Leiden ARI/NMI (best-NMI resolution),
+label silhouette, plus the validation masked MSE of the expression head. The seed (``train.seed``)
+changes the initial weights, the batches and the masks; the data stay the demo's.
+
+Run ``make demo`` first (it writes results/demo/), then for example:
+
+    .venv/bin/python benchmarks/embedding_ablation.py --seeds 0 1 2 --jobs 2
+    .venv/bin/python benchmarks/embedding_ablation.py --variants demo_default mean_pool --seeds 0
+
+Results are appended to ``--out`` (JSON lines, one per run; runs already there are skipped, so
+an interrupted sweep resumes) and summarised (mean and standard deviation over seeds) in
+``--table`` as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+# name -> (what it tests, model overrides, train overrides), on top of config/demo.yaml.
+VARIANTS = {
+    "seeds_recipe": ("the seeds' recipe as shipped before: <cls>, masked MSE + GEPC",
+                     {"cell_emb_style": "cls"}, {"ecs_weight": 0.0, "contrastive_weight": 0.0}),
+    "gepc_unexpressed": ("GEPC also predicts 0 for the vocabulary genes a cell does not express", {},
+                         {"gepc_unexpressed": True}),
+    "mean_pool": ("cell embedding = mean of gene-token outputs", {"cell_emb_style": "mean"}, {}),
+    "cls_mean": ("cell embedding = <cls> and mean, side by side", {"cell_emb_style": "cls+mean"}, {}),
+    "ecs": ("+ scGPT's elastic cell similarity (weight 10, threshold 0.8)", {}, {"ecs_weight": 10.0}),
+    "contrastive": ("+ InfoNCE between two masked views (weight 1, temperature 0.1)", {},
+                    {"contrastive_weight": 1.0}),
+    "continuous_values": ("scGPT's continuous value encoder instead of bin embeddings",
+                          {"value_encoder": "continuous"}, {}),
+    "no_gepc": ("without the GEPC head's loss", {}, {"gepc_weight": 0.0}),
+    "mask_low": ("mask ratios {0.15, 0.25}", {}, {"mask_ratios": [0.15, 0.25]}),
+    "mask_high": ("mask ratio {0.75}", {}, {"mask_ratios": [0.75]}),
+    "wide": ("d_model 128, d_ff 256", {"d_model": 128, "d_ff": 256}, {}),
+    "deep": ("4 layers", {"n_layers": 4}, {}),
+    "epochs_12": ("12 epochs", {}, {"epochs": 12}),
+    "lr_low": ("lr 3e-4", {}, {"lr": 3e-4}),
+    "lr_high": ("lr 3e-3", {}, {"lr": 3e-3}),
+    "warmup_long": ("warmup 100 steps", {}, {"warmup_steps": 100}),
+}
+METRICS = ("knn_accuracy_cv", "knn_macro_f1_cv", "leiden_ari", "leiden_nmi", "silhouette_label", "val_expr_mse",
+           "val_gepc_mse")
+
+
+def demo_settings() -> tuple[dict, dict, dict]:
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    return config["model"], config["train"], config.get("evaluate", {})
+
+
+def run_one(job: dict) -> dict:
+    """Pretrain one variant with one seed, embed all cells, score. Runs in a worker process."""
+    import anndata as ad
+    import torch
+
+    from scllm.embed import embed_shards
+    from scllm.evaluate import masked_value_error, score_representation
+    from scllm.train import pretrain
+
+    torch.set_num_threads(job["threads"])
+    model_cfg, train_cfg, _ = demo_settings()
+    model_cfg = {**model_cfg, **job["model"]}
+    train_cfg = {**train_cfg, **job["train"], "seed": job["seed"], "num_threads": job["threads"], "device": "cpu"}
+    results = Path(job["results"])
+    with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
+        t0 = time.perf_counter()
+        pretrain(results / "shards" / "manifest.json", tmp, model_cfg, train_cfg)
+        train_s = time.perf_counter() - t0
+        emb_path = Path(tmp) / "embeddings.h5ad"
+        embed_shards(tmp, results / "shards", results / "binned.h5ad", emb_path, cells="all", device="cpu")
+        emb = ad.read_h5ad(emb_path)
+        masked = masked_value_error(Path(tmp) / "epochs.tsv")
+    labels = emb.obs[job["label_key"]].astype(str).to_numpy()
+    scores, _ = score_representation(np.asarray(emb.obsm["X_scllm"]), labels, emb.obs["sample"].astype(str),
+                                     umap=False, seed=0)
+    return {"variant": job["variant"], "seed": job["seed"], "model": job["model"], "train": job["train"],
+            **{m: scores[m] for m in METRICS[:5]}, "leiden_resolution": scores["_leiden_resolution"],
+            "val_expr_mse": masked["expr_mse"], "val_gepc_mse": masked["mvc_mse"],
+            "val_baseline_mse": masked["baseline_mse"], "best_epoch": masked["epoch"], "train_s": round(train_s, 1),
+            "dim": int(emb.obsm["X_scllm"].shape[1])}
+
+
+def pca_reference(results: Path, label_key: str) -> dict:
+    """The evaluate rule's PCA-50 baseline on the same cells (the target to beat)."""
+    from scllm.evaluate import log_normalized_hvgs, pca_baseline, score_representation
+    from scllm.hvg import read_hvg_table
+    from scllm.io import open_backed
+
+    binned = open_backed(results / "binned.h5ad")
+    obs = binned.obs.copy()
+    binned.file.close()
+    hvgs = read_hvg_table(results / "hvg.tsv")["feature_id"].tolist()
+    matrix = log_normalized_hvgs(results / "filtered.h5ad", hvgs, obs.index)
+    scores, _ = score_representation(pca_baseline(matrix), obs[label_key].astype(str), obs["sample"].astype(str),
+                                     umap=False, seed=0)
+    return {m: scores[m] for m in METRICS[:5]}
+
+
+def summarise(rows: list[dict], reference: dict, order: list[str]) -> str:
+    """Markdown: one line per variant, mean ± sd over its seeds."""
+    def cell(values):
+        values = np.asarray(values, dtype=float)
+        return f"{values.mean():.3f}" if len(values) == 1 else f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+
+    head = ["variant", "seeds", *METRICS, "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in order:
+        runs = [r for r in rows if r["variant"] == name]
+        if not runs:
+            continue
+        seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+        fmt = [cell([r[m] for r in runs]) if not m.startswith("val_") else f"{np.mean([r[m] for r in runs]):.1f}"
+               for m in METRICS]
+        lines.append(f"| {name} | {seeds} | " + " | ".join(fmt) + f" | {np.mean([r['train_s'] for r in runs]):.0f} |")
+    lines.append("| PCA-50 (reference) | - | " + " | ".join(f"{reference[m]:.3f}" for m in METRICS[:5])
+                 + " | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", nargs="+", help=f"of {', '.join(VARIANTS)} (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--try", dest="extra", nargs="+", default=[], metavar="NAME:SECTION.KEY=VALUE,...",
+                        help="an ad-hoc variant, e.g. c50:train.contrastive_weight=50,model.cell_emb_style=mean "
+                             "(values are YAML)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (each on --threads threads)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", default=str(REPO / "results" / "demo"), help="a finished demo run")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "embedding_ablation.jsonl"))
+    parser.add_argument("--table", default=str(REPO / "benchmarks" / "results" / "embedding_ablation.md"))
+    args = parser.parse_args(argv)
+    tried = set()
+    for spec in args.extra:
+        name, _, assignments = spec.partition(":")
+        tried.add(name)
+        overrides = {"model": {}, "train": {}}
+        for assignment in filter(None, assignments.split(",")):
+            key, _, value = assignment.partition("=")
+            section, _, key = key.partition(".")
+            if section not in overrides or not key:
+                parser.error(f"--try {spec}: {assignment!r} is not model.KEY=VALUE or train.KEY=VALUE")
+            overrides[section][key] = yaml.safe_load(value)
+        VARIANTS[name] = (assignments, overrides["model"], overrides["train"])
+    if args.variants is None:  # default: the --try variants if any, else every named one
+        args.variants = [spec.partition(":")[0] for spec in args.extra] or [v for v in VARIANTS if v not in tried]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    results = Path(args.results)
+    if not (results / "shards" / "manifest.json").exists():
+        parser.error(f"{results} holds no finished demo run; run `make demo` first")
+    label_key = demo_settings()[2].get("label_key", "cell_type")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    done = {(r["variant"], r["seed"]) for r in rows}
+    jobs = [{"variant": v, "seed": s, "model": VARIANTS[v][1], "train": VARIANTS[v][2], "threads": args.threads,
+             "results": str(results), "label_key": label_key}
+            for s in args.seeds for v in args.variants if (v, s) not in done]
+    print(f"{len(jobs)} runs to do ({len(done)} already in {out}); {args.jobs} at a time", flush=True)
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_one, job): job for job in jobs}
+        for future in as_completed(futures):
+            job = futures[future]
+            if future.exception() is not None:  # keep the sweep going; the run is retried next time
+                print(f"{job['variant']} seed {job['seed']} FAILED: {future.exception()!r}", flush=True)
+                continue
+            row = future.result()
+            row["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
+            rows.append(row)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{row['variant']:>18} seed {row['seed']}: kNN {row['knn_accuracy_cv']:.3f} F1 "
+                  f"{row['knn_macro_f1_cv']:.3f} ARI {row['leiden_ari']:.3f} val expr MSE {row['val_expr_mse']:.1f} "
+                  f"({row['train_s']:.0f} s)", flush=True)
+    reference = pca_reference(results, label_key)
+    table = summarise(rows, reference, [v for v in VARIANTS if any(r["variant"] == v for r in rows)])
+    Path(args.table).write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Rule evaluate_heldout: embed an h5ad the model never saw and score it against PCA of the same cells."""
+import scllm_src  # noqa: F401  (makes src/ importable; must come first)
+from pathlib import Path
+
+import torch
+
+from scllm.evaluate import evaluate_heldout
+from scllm.io import setup_logging
+
+setup_logging(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+settings = {k: v for k, v in snakemake.params.evaluate.items() if k not in ("label_key", "batch_key")}
+evaluate_heldout(
+    Path(snakemake.input.model).parent,
+    snakemake.input.h5ad,
+    snakemake.output.embeddings,
+    snakemake.output.table,
+    snakemake.output.html,
+    snakemake.output.umap_cell_type,
+    chunk_size=snakemake.config["chunk_size"],  # memory only: not a rerun trigger
+    **snakemake.params.heldout,
+    **settings,
+)
