@@ -15,6 +15,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from scllm.checks import file_sha256
 from scllm.data import LengthGroupedBatchSampler, ShardDataset, collate
 from scllm.embed import embed_shard_cells, load_model
 from scllm.tokens import (
@@ -60,7 +61,8 @@ def write_synthetic_shards(root: Path, n_train=44, n_val=12, n_genes=24, n_bins=
                                                     "pad_value", "mask_value", "vocab_sha256")}
             write_shard(root / rel, offsets, gene_ids, values, np.arange(start, start + block.shape[0]),
                         {**attrs, "split": split})
-            entries.append({"path": rel, "n_cells": block.shape[0], "n_tokens": int(offsets[-1])})
+            entries.append({"path": rel, "n_cells": block.shape[0], "n_tokens": int(offsets[-1]),
+                            "sha256": file_sha256(root / rel)})
         manifest["splits"][split] = entries
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return root / "manifest.json"
