@@ -9,6 +9,9 @@ Shards store the sequences ragged, CSR-like, so padding is decided per batch at 
     values     int16 [n_tokens]      bins 1..n_bins-1; <cls> carries CLS_VALUE
     cell_index int64 [n_cells]       row of the cell in the binned h5ad
     attrs: n_genes, n_bins, cls_id, pad_id, cls_value, pad_value, mask_value, vocab_sha256, split
+
+``manifest.json`` lists every shard with its cell and token counts and its sha256; readers check
+all three (``read_listed_shard``) and the arrays themselves (``check_shard``) before use.
 """
 
 from __future__ import annotations
@@ -197,8 +200,17 @@ def check_shard(shard: Shard) -> str | None:
     if not lengths.size:
         return None
     first = offsets[:-1]
-    if np.any(gene_ids[first] != cls_id) or np.any(values[first] != attrs.get("cls_value", CLS_VALUE)):
+    cls_value = attrs.get("cls_value", CLS_VALUE)
+    if np.any(gene_ids[first] != cls_id) or np.any(values[first] != cls_value):
         return "a cell does not start with the <cls> token"
+    # Fast path, no per-token mask: every id in 0..G (<cls> = G) with exactly one <cls> per cell,
+    # every value a bin 1..n_bins-1 except the <cls> values (0).
+    n_cells = len(first)
+    if (cls_id == n_genes and gene_ids.min() >= 0 and gene_ids.max() <= cls_id
+            and np.count_nonzero(gene_ids == cls_id) == n_cells
+            and values.min() >= min(1, cls_value) and values.max() <= max(n_bins - 1, cls_value)
+            and (1 <= cls_value <= n_bins - 1 or np.count_nonzero(values == cls_value) == n_cells)):
+        return None
     is_gene = np.ones(len(gene_ids), dtype=bool)
     is_gene[first] = False
     genes, bins = gene_ids[is_gene], values[is_gene]
