@@ -26,7 +26,7 @@ from scllm.census import build_local_census, sample_census
 from scllm.checks import file_sha256
 from scllm.cli import main as cli_main
 from scllm.data import ShardDataset
-from scllm.embed import embed_shards, load_model
+from scllm.embed import embed_h5ad, embed_shards, load_model
 from scllm.errors import CorruptArtifactError, InputError, UnsafeFileError
 from scllm.split import split_cells
 from scllm.tokens import read_shard
@@ -227,6 +227,17 @@ def test_an_input_without_cells_is_refused_by_every_entry_point(model_dir, tmp_p
     assert not (tmp_path / "store").exists() and not (tmp_path / "out.h5ad").exists()
 
 
+def test_scllm_embed_makes_duplicate_cell_ids_unique_and_says_which_gene_column_counts(model_dir, tmp_path, caplog):
+    X = sp.csr_matrix(np.hstack([counts(), counts(seed=1)[:, :1]]))  # gene 0 twice
+    path = write_counts(tmp_path / "in.h5ad", X, obs_names=["a", "b"] * 6, gene_ids=GENE_IDS + GENE_IDS[:1])
+    with caplog.at_level(logging.WARNING, logger="scllm"):
+        embed_h5ad(model_dir, path, tmp_path / "out.h5ad", device="cpu")
+    assert "2 cell id(s) occur more than once" in caplog.text
+    assert "1 vocabulary genes match more than one column" in caplog.text and "the first column" in caplog.text
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert out.obs_names.tolist()[:4] == ["a", "b", "a-1", "b-1"] and out.obs_names.is_unique
+
+
 def test_duplicate_gene_ids_are_refused(tmp_path):
     path = write_counts(tmp_path / "in.h5ad", sp.csr_matrix(counts()), gene_ids=GENE_IDS[:-1] + GENE_IDS[:1])
     with pytest.raises(InputError, match=r"1 gene id\(s\) occur more than once \(e\.g\. \['ENSG00000000000'\]\)"):
@@ -290,4 +301,7 @@ def test_a_hostile_best_model_is_refused_as_not_a_checkpoint(model_dir, clean_sh
 
     (hostile / "best_model.pt").write_bytes(b"PK\x03\x04 truncated")  # damaged rather than hostile
     with pytest.raises(CorruptArtifactError, match=r"cannot read .*best_model\.pt .*truncated or damaged"):
+        load_model(hostile)
+    torch.save({"weight": torch.zeros(3)}, hostile / "best_model.pt")  # tensors, but not this model's
+    with pytest.raises(CorruptArtifactError, match=r"best_model\.pt does not hold the weights of the model .*args\.json"):
         load_model(hostile)

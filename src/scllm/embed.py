@@ -22,7 +22,7 @@ import torch
 
 from scllm.checks import check_cells_and_genes, check_counts, load_torch_file
 from scllm.data import RaggedCells, collate
-from scllm.errors import InputError
+from scllm.errors import CorruptArtifactError, InputError
 from scllm.model import CellTransformer, ModelConfig
 from scllm.tokens import (CLS_TOKEN, Shard, read_json, read_listed_shard, read_manifest, read_shard,
                           read_vocab, sequences_from_binned, vocab_sha256)
@@ -59,7 +59,12 @@ def load_model(model_dir, device="cpu") -> tuple[CellTransformer, dict[str, int]
                          "the directory mixes files of different runs")
     model = CellTransformer(ModelConfig(**args["model"]))
     weights = load_torch_file(model_dir / "best_model.pt", MODEL_FIX)
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:  # tensors, but not this model's
+        raise CorruptArtifactError(f"{model_dir / 'best_model.pt'} does not hold the weights of the model "
+                                   f"{model_dir / 'args.json'} describes ({str(err).splitlines()[0][:200]}). "
+                                   + MODEL_FIX) from None
     model.vocab_sha256 = vocab_sha256(vocab)  # lets embed_shard_cells refuse shards of another vocabulary
     return model.to(device).eval(), vocab, args
 
