@@ -28,6 +28,7 @@ from test_train import TINY_MODEL, TINY_TRAIN, write_synthetic_shards
 
 from scllm import census as census_mod
 from scllm.binning import normalize_bin
+from scllm.checks import file_sha256
 from scllm.census import CensusUnavailableError, build_local_census, open_census, sample_census
 from scllm.hvg import select_hvg
 from scllm.qc import filter_qc
@@ -254,7 +255,7 @@ def test_truncated_shard_or_manifest_stops_pretrain_before_any_output(tmp_path):
     shard = tmp_path / "shards/train/shard_00001.h5"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 3])
-    with pytest.raises(ValueError, match=r"cannot read shard .*shard_00001\.h5.*rerun the tokenize_shards rule"):
+    with pytest.raises(ValueError, match=r"shard .*shard_00001\.h5 has sha256 .*--forcerun tokenize_shards"):
         pretrain(manifest, tmp_path / "run", TINY_MODEL, TINY_TRAIN)
     assert not (tmp_path / "run").exists()
     manifest.write_text(manifest.read_text()[:40])
@@ -285,7 +286,12 @@ def test_shards_and_model_with_different_vocabularies(tmp_path):
     # a shard of another run listed in a manifest
     (tmp_path / "a/validation/shard_00000.h5").unlink()
     (tmp_path / "other.h5").rename(tmp_path / "a/validation/shard_00000.h5")
-    with pytest.raises(ValueError, match="come from different runs: rerun tokenize_shards"):
+    with pytest.raises(ValueError, match="has sha256 .* but the manifest recorded"):
+        ShardDataset(manifest, "validation")
+    listed = json.loads(manifest.read_text())  # as if the manifest had been rewritten to match
+    listed["splits"]["validation"][0]["sha256"] = file_sha256(tmp_path / "a/validation/shard_00000.h5")
+    manifest.write_text(json.dumps(listed))
+    with pytest.raises(ValueError, match="come from different runs. .*--forcerun tokenize_shards"):
         ShardDataset(manifest, "validation")
 
 
@@ -297,10 +303,11 @@ def test_resuming_on_shards_of_another_vocabulary_starts_afresh(tmp_path, caplog
     vocab = build_vocab([f"ENSG{i:011d}" for i in range(100, 124)])  # other genes, same size
     (tmp_path / "b/vocab.json").write_text(json.dumps(vocab))
     data["vocab_sha256"] = vocab_sha256(vocab)
-    second.write_text(json.dumps(data))
-    for path in (tmp_path / "b").rglob("*.h5"):
-        with h5py.File(path, "a") as f:
+    for entry in (e for entries in data["splits"].values() for e in entries):
+        with h5py.File(tmp_path / "b" / entry["path"], "a") as f:
             f.attrs["vocab_sha256"] = data["vocab_sha256"]
+        entry["sha256"] = file_sha256(tmp_path / "b" / entry["path"])
+    second.write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING, logger="scllm"):
         summary = pretrain(second, tmp_path / "run", TINY_MODEL, {**TINY_TRAIN, "epochs": 1})
     assert "data.vocab_sha256" in caplog.text and "starting from scratch" in caplog.text

@@ -1,4 +1,5 @@
-"""The training benchmark script runs the training step and counts real tokens only."""
+"""The benchmark scripts: the training one runs the training step and counts real tokens only; the
+shard-check one times a shard that passes its checks."""
 
 from __future__ import annotations
 
@@ -33,3 +34,13 @@ def test_training_benchmark_counts_cells_and_padding(tmp_path):
     assert abs(pad["padding_fraction"] - (1 - mean_real / 1201)) < 1e-9
     assert grouped["padding_fraction"] < 0.5 < pad["padding_fraction"]
     assert result["step_overhead"]["ops_per_step"] > 100 and result["input_pipeline"][0]["cells_per_s"] > 0
+
+
+def test_shard_check_benchmark_times_a_valid_shard(tmp_path):
+    out = tmp_path / "shard_check.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "shard_check.py"), "--cells", "500", "--mean-length", "50",
+                    "--repeats", "1", "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["cells"] == 500 and 2 * 500 <= result["tokens"] <= 1201 * 500
+    assert all(result[k] > 0 for k in ("read_s", "check_s", "sha256_s", "listed_s", "file_mb"))
+    assert abs(result["sha256_gb_per_s"] - result["file_mb"] / 1e3 / result["sha256_s"]) < 1e-9

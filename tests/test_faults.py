@@ -24,6 +24,7 @@ from test_train import TINY_MODEL, assert_same_weights, tensors, write_synthetic
 
 import scllm.train as train_mod
 from scllm import binning, census, hvg, qc, tokens
+from scllm.errors import UnsafeFileError
 from scllm.io import atomic_path
 from scllm.train import CHECKPOINT, PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainingPreempted, pretrain
 
@@ -319,8 +320,9 @@ def test_checkpoints_load_with_weights_only(shards, reference, tmp_path, caplog)
     for name in ("args.json", "vocab.json"):
         (model_dir / name).write_bytes((reference / name).read_bytes())
     (model_dir / "best_model.pt").write_bytes((tmp_path / "evil.pt").read_bytes())
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(UnsafeFileError, match="is not a checkpoint of this project.*must not be loaded") as err:
         load_model(model_dir)
+    assert "weights_only" not in str(err.value)  # torch's text advises the unsafe load
     assert not marker.exists()
 
     # resuming from such a last_checkpoint.pt: refused with a warning, training starts afresh
@@ -329,6 +331,7 @@ def test_checkpoints_load_with_weights_only(shards, reference, tmp_path, caplog)
     (run / CHECKPOINT).write_bytes((tmp_path / "evil.pt").read_bytes())
     with caplog.at_level(logging.WARNING, logger="scllm"):
         pretrain(shards, run, TINY_MODEL, {**TRAIN, "max_steps": 3})
-    assert f"cannot read {run / CHECKPOINT}" in caplog.text and "starting from scratch" in caplog.text
+    assert f"{run / CHECKPOINT} is not a checkpoint of this project" in caplog.text
+    assert "Starting from scratch" in caplog.text and "weights_only" not in caplog.text
     assert not marker.exists()
     assert tensors(run / CHECKPOINT)["global_step"] == 3

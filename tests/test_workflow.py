@@ -150,3 +150,27 @@ def test_real_census_offline_fails_at_once_with_guidance(tmp_path):
     assert "Census cannot be reached" in log
     assert "snakemake --cores" in log
     assert not (workdir / "results/census_blood_300k/cells.h5ad").exists()
+
+
+def test_a_damaged_shard_stops_pretrain_and_the_fix_it_names_works(demo_run, tmp_path, flip_bytes):
+    """Deleting one shard would not make Snakemake rerun tokenize_shards (its output folder
+    exists), so the refusal names --forcerun; this runs exactly that."""
+    workdir = copy_workflow(tmp_path)
+    shutil.copytree(demo_run / "results", workdir / "results")
+    shutil.copytree(demo_run / ".snakemake", workdir / ".snakemake", ignore=shutil.ignore_patterns("conda", "singularity"))
+    tiny = write_config(workdir, "tiny.yaml", TINY_TRAINING)
+    results = workdir / "results" / "demo"
+    checkpoint = (results / "model/last_checkpoint.pt").read_bytes()
+    flip_bytes(results / "shards/train/shard_00000.h5", "gene_ids")
+
+    proc = snakemake(workdir, "--configfile", tiny, "--forcerun", "pretrain", check=False)
+    assert proc.returncode != 0
+    log = (results / "logs/pretrain.log").read_text()
+    assert "shards/train/shard_00000.h5 has sha256" in log and "Traceback" not in log
+    fix = log.split("Rewrite the shards with `")[1].split("`")[0]
+    assert fix == "snakemake --forcerun tokenize_shards"
+    assert (results / "model/last_checkpoint.pt").read_bytes() == checkpoint, "a step on damaged data was saved"
+
+    snakemake(workdir, "--configfile", tiny, *fix.split()[1:])  # the fix, as the message words it
+    assert (results / "model/best_model.pt").exists()
+    assert "shard_00000.h5 has sha256" not in (results / "logs/pretrain.log").read_text()

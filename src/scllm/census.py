@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
+from scllm.checks import check_counts, check_gene_ids, require_cells, unique_cell_ids
 from scllm.io import CSRWriter, atomic_path
 
 log = logging.getLogger("scllm")
@@ -168,11 +169,13 @@ def sample_census(
         keep = cells.merge(chosen[SAMPLE_KEYS], on=SAMPLE_KEYS, how="inner")
         keep = keep.sort_values(SAMPLE_KEYS + ["soma_joinid"], ignore_index=True)
         obs = _cells_obs(keep)
+        obs.index = unique_cell_ids(obs.index, f"the Census at {uri or census_version}")
 
         var = exp.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat().to_pandas()
         var = var.sort_values("soma_joinid", ignore_index=True)
         var.index = pd.Index(var["feature_id"].astype(str).values, name=None)
         var = var[["feature_name"]].astype(str)
+        check_gene_ids(var.index, f"the Census at {uri or census_version} (var feature_id)")
         var.insert(0, "feature_id", var.index.values)
 
         uns = {
@@ -215,17 +218,6 @@ def _read_rows(exp, joinids: np.ndarray, chunk_size: int, soma):
             yield sp.csr_matrix(block)
         if position != len(joinids):
             raise RuntimeError(f"Census returned {position} of {len(joinids)} requested cells")
-
-
-def check_counts(values: np.ndarray, where: str, fix: str = "") -> None:
-    """Raw counts must be non-negative integers: HVG selection and QC thresholds assume them."""
-    bad = ~(values >= 0) | (np.mod(values, 1) != 0)  # NaN and inf are caught too
-    if bad.any():
-        raise ValueError(
-            f"{where} holds values that are not non-negative integer counts (e.g. "
-            f"{values[bad][:3].tolist()}). The pipeline needs raw counts, not normalized or "
-            f"log-transformed values{fix or ': use the raw count matrix of your data'}."
-        )
 
 
 def _cells_obs(cells: pd.DataFrame) -> pd.DataFrame:
@@ -273,7 +265,7 @@ def build_local_census(
     adata = _read_input_h5ad(h5ad_path)
     adata = _census_shaped(
         adata, Path(h5ad_path).stem, dataset_id, donor_id, donor_column, cell_type_column,
-        gene_id_column, counts_layer, tissue_general, is_primary_data, disease,
+        gene_id_column, counts_layer, tissue_general, is_primary_data, disease, f"the input h5ad {h5ad_path}",
     )
     log.info("building a local Census at %s from %s: %d cells x %d genes", uri, h5ad_path, adata.n_obs, adata.n_vars)
     datasets = adata.obs.groupby("dataset_id", observed=True).size()
@@ -322,7 +314,8 @@ def _read_input_h5ad(path) -> ad.AnnData:
 
 
 def _census_shaped(adata, default_dataset_id, dataset_id, donor_id, donor_column, cell_type_column,
-                   gene_id_column, counts_layer, tissue_general, is_primary_data, disease) -> ad.AnnData:
+                   gene_id_column, counts_layer, tissue_general, is_primary_data, disease, where) -> ad.AnnData:
+    require_cells(adata.n_obs, adata.n_vars, where)  # an empty store fails deep inside tiledbsoma
     if counts_layer and counts_layer not in adata.layers:
         raise ValueError(f"the input h5ad has no layer {counts_layer!r} (census.h5ad.counts_layer, --counts-layer); "
                          f"it has {list(adata.layers.keys())}")
@@ -337,9 +330,7 @@ def _census_shaped(adata, default_dataset_id, dataset_id, donor_id, donor_column
     ids = _ensembl_ids(adata, gene_id_column)
     names = adata.var["feature_name"].astype(str).values if "feature_name" in adata.var else adata.var_names.astype(str).values
     var = pd.DataFrame({"feature_id": ids, "feature_name": names}, index=pd.Index(ids))
-    if var.index.duplicated().any():
-        dup = var.index[var.index.duplicated()][:3].tolist()
-        raise ValueError(f"gene ids are not unique (e.g. {dup}); genes are keyed on Ensembl ids")
+    check_gene_ids(var.index, where)
 
     src = adata.obs
     obs = pd.DataFrame(index=pd.RangeIndex(adata.n_obs).astype(str))
@@ -364,7 +355,11 @@ def _census_shaped(adata, default_dataset_id, dataset_id, donor_id, donor_column
     obs["tissue_general"] = column("tissue_general", tissue_general)
     obs["is_primary_data"] = src["is_primary_data"].astype(bool).values if "is_primary_data" in src else is_primary_data
     obs["disease"] = column("disease", disease)
-    obs["observation_joinid"] = column("observation_joinid", None) if "observation_joinid" in src else adata.obs_names.astype(str)
+    joinids = column("observation_joinid", None) if "observation_joinid" in src else adata.obs_names.astype(str)
+    # A cell is (dataset_id, observation_joinid) downstream: ids must be unique within a dataset.
+    prefixes = pd.Series(obs["dataset_id"], index=obs.index).astype(str).to_numpy() + ":"
+    unique = unique_cell_ids(prefixes + np.asarray(joinids, dtype=str), f"{where} (dataset_id:cell id)")
+    obs["observation_joinid"] = [cell[len(prefix):] for cell, prefix in zip(unique, prefixes)]
     for col in ("assay", "sex", "tissue", "development_stage", "cell_type_ontology_term_id"):
         if col in src:
             obs[col] = src[col].astype(str).values

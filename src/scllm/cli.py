@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from scllm.errors import REFUSALS
 from scllm.io import setup_logging
 
 MIN_COVERAGE_DEFAULT = 0.5  # scllm.embed.MIN_COVERAGE (not imported here: it would import torch)
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except REFUSALS as err:
         print(f"scllm {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

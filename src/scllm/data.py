@@ -15,7 +15,9 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from scllm.tokens import MASK_VALUE, PAD_VALUE, read_listed_shard, read_manifest, read_vocab, vocab_sha256
+from scllm.errors import CorruptArtifactError
+from scllm.tokens import (MASK_VALUE, PAD_VALUE, RETOKENIZE, read_listed_shard, read_manifest, read_vocab,
+                          vocab_sha256)
 
 T = TypeVar("T")
 # The tensors of a training batch (training_batch), in the order the training step unpacks them.
@@ -70,14 +72,13 @@ def check_vocab(manifest: dict, vocab_path: Path, manifest_path) -> dict[str, in
     vocab = read_vocab(vocab_path)
     actual = vocab_sha256(vocab)
     if actual != manifest["vocab_sha256"]:
-        raise ValueError(
+        raise CorruptArtifactError(
             f"vocabulary mismatch: {vocab_path} has sha256 {actual} but {manifest_path} records "
-            f"{manifest['vocab_sha256']}. vocab.json and the shards come from different runs; "
-            "rerun the tokenize_shards rule so both are written together."
+            f"{manifest['vocab_sha256']}. vocab.json and the shards come from different runs. " + RETOKENIZE
         )
     if len(vocab) != manifest["vocab_size"]:
-        raise ValueError(f"{vocab_path} has {len(vocab)} entries but {manifest_path} says "
-                         f"vocab_size={manifest['vocab_size']}; rerun tokenize_shards")
+        raise CorruptArtifactError(f"{vocab_path} has {len(vocab)} entries but {manifest_path} says "
+                                   f"vocab_size={manifest['vocab_size']}. " + RETOKENIZE)
     return vocab
 
 

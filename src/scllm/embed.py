@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import time
@@ -21,10 +20,12 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from scllm.checks import check_cells_and_genes, check_counts, load_torch_file
 from scllm.data import RaggedCells, collate
+from scllm.errors import CorruptArtifactError, InputError
 from scllm.model import CellTransformer, ModelConfig
-from scllm.tokens import (CLS_TOKEN, Shard, read_listed_shard, read_manifest, read_shard, read_vocab,
-                          sequences_from_binned, vocab_sha256)
+from scllm.tokens import (CLS_TOKEN, Shard, read_json, read_listed_shard, read_manifest, read_shard,
+                          read_vocab, sequences_from_binned, vocab_sha256)
 
 log = logging.getLogger("scllm")
 
@@ -37,6 +38,10 @@ EMBEDDING_KEY = "X_scllm"
 MIN_COVERAGE = 0.5
 # The pipeline's normalize_bin defaults, used when a model records no binning settings.
 DEFAULT_BINNING = {"seed": 0, "target_sum": 1e4, "log1p": False}
+# How to get a good best_model.pt back (load_model's refusals).
+MODEL_FIX = ("If the directory is this pipeline's pretrain output, delete best_model.pt and rerun snakemake: "
+             "pretrain rewrites it from last_checkpoint.pt. Otherwise get the model directory again from a source "
+             "you trust.")
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
 
@@ -46,14 +51,20 @@ def load_model(model_dir, device="cpu") -> tuple[CellTransformer, dict[str, int]
     missing = [n for n in ("best_model.pt", "args.json", "vocab.json") if not (model_dir / n).exists()]
     if missing:
         raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)}; is it a finished pretrain output directory?")
-    args = json.loads((model_dir / "args.json").read_text())
+    args = read_json(model_dir / "args.json")
     vocab = read_vocab(model_dir / "vocab.json")
     expected = args.get("data", {}).get("vocab_sha256")
     if expected and vocab_sha256(vocab) != expected:
         raise ValueError(f"{model_dir}/vocab.json has sha256 {vocab_sha256(vocab)} but args.json records {expected}; "
                          "the directory mixes files of different runs")
     model = CellTransformer(ModelConfig(**args["model"]))
-    model.load_state_dict(torch.load(model_dir / "best_model.pt", map_location="cpu", weights_only=True))
+    weights = load_torch_file(model_dir / "best_model.pt", MODEL_FIX)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:  # tensors, but not this model's
+        raise CorruptArtifactError(f"{model_dir / 'best_model.pt'} does not hold the weights of the model "
+                                   f"{model_dir / 'args.json'} describes ({str(err).splitlines()[0][:200]}). "
+                                   + MODEL_FIX) from None
     model.vocab_sha256 = vocab_sha256(vocab)  # lets embed_shard_cells refuse shards of another vocabulary
     return model.to(device).eval(), vocab, args
 
@@ -84,6 +95,7 @@ def embed_shard_cells(model: CellTransformer, cells, batch_size: int = 64) -> np
                              f"uses {expected}; tokenize the cells with the model's vocab.json")
         cells = shard
     cells = _as_cells(cells)
+    _check_tokens(cells, model.cfg)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -96,6 +108,20 @@ def embed_shard_cells(model: CellTransformer, cells, batch_size: int = 64) -> np
         out[idx] = pred["cell_emb"].float().cpu().numpy()
     model.train(was_training)
     return out
+
+
+def _check_tokens(cells: RaggedCells, cfg) -> None:
+    """Token ids and values the model can embed: an id outside the vocabulary would fail deep in
+    torch (IndexError) and a value outside the bins would read as another bin."""
+    if not len(cells.gene_ids):
+        return
+    ids, values = cells.gene_ids, cells.values
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise InputError(f"token gene ids lie outside the model's vocabulary 0..{cfg.vocab_size - 1} (found "
+                         f"{int(ids.min())}..{int(ids.max())}); tokenize the cells with the model's vocab.json")
+    if values.min() < min(cfg.mask_value, 0) or values.max() > cfg.n_bins - 1:
+        raise InputError(f"token values lie outside the model's bins 0..{cfg.n_bins - 1} and mask {cfg.mask_value} (found "
+                         f"{int(values.min())}..{int(values.max())}); bin the cells with the model's n_bins")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -185,6 +211,7 @@ class GeneMapping:
     n_vocab: int
     source: str  # e.g. "Ensembl ids in var['gene_ids']"
     missing_examples: list[str]
+    n_duplicated: int = 0  # vocabulary genes found in more than one input column (the first is used)
 
     @property
     def n_found(self) -> int:
@@ -260,15 +287,17 @@ def map_genes(var: pd.DataFrame, genes: pd.DataFrame, gene_id_column: str | None
             positions = np.where(usable, _first_positions(ids if kind == "Ensembl ids" else values, keys), -1)
             score = (int((positions >= 0).sum()), kind == "Ensembl ids")  # ties: ids, they are unambiguous
             if best is None or score > best[0]:
-                best = (score, f"{kind} in {label}", positions)
+                matched = pd.Index(ids if kind == "Ensembl ids" else values)
+                n_dup = int(pd.Index(keys[positions >= 0]).isin(matched[matched.duplicated()]).sum())
+                best = (score, f"{kind} in {label}", positions, n_dup)
     if best is None:
         raise ValueError("var has no text column and no var_names to match genes on")
-    _, source, positions = best
+    _, source, positions, n_duplicated = best
     hit = positions >= 0
     missing = genes.loc[~hit, "feature_id"].head(3).tolist()
     return GeneMapping(token_ids=genes["token_id"].to_numpy()[hit].astype(np.int64),
                        columns=positions[hit].astype(np.int64), n_vocab=len(genes), source=source,
-                       missing_examples=missing)
+                       missing_examples=missing, n_duplicated=n_duplicated)
 
 
 def binning_settings(args: dict) -> tuple[dict, str]:
@@ -383,7 +412,12 @@ def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = Non
     adata = open_backed(in_h5ad)
     obs, var, n_cells = adata.obs.copy(), adata.var.copy(), adata.n_obs
     adata.file.close()
+    # Genes are mapped (and their duplicates handled) by map_genes, so only the cells are checked here.
+    obs.index = check_cells_and_genes(obs.index, None, str(in_h5ad))
     mapping = map_genes(var, genes, gene_id_column)
+    if mapping.n_duplicated:
+        log.warning("embed: %d vocabulary genes match more than one column of %s (%s); the first column of each "
+                    "is used", mapping.n_duplicated, in_h5ad, mapping.source)
     log.info("embed: %s: %d cells x %d genes; vocabulary coverage: %s", in_h5ad, n_cells, len(var), mapping.describe())
     if mapping.coverage < min_coverage:
         raise GeneCoverageError(
@@ -406,9 +440,8 @@ def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = Non
     try:
         for start, stop in row_chunks(n_cells, chunk_size):
             counts = rows[start:stop]
-            if counts.nnz and counts.data.min() < 0:
-                raise ValueError(f"{rows.where} of {in_h5ad} holds negative values (scaled or centred data); give raw "
-                                 "counts (or normalized, log-transformed values), e.g. with --counts-layer counts")
+            check_counts(counts.data, f"{rows.where} of {in_h5ad}", ": give raw counts (or normalized, log-transformed "
+                         "values), e.g. with --counts-layer counts", integer=False)
             if not non_integer and counts.nnz and not np.all(np.mod(counts.data, 1) == 0):
                 non_integer = True
                 log.info("embed: %s holds non-integer values (normalized?); per-cell scaling and log1p keep each "

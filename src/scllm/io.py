@@ -18,6 +18,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import write_elem
 
+from scllm.errors import REFUSALS, CorruptArtifactError
+
 log = logging.getLogger("scllm")
 
 
@@ -42,7 +44,7 @@ def setup_logging(log_file: str | Path | None = None, append: bool = False) -> l
 def _log_uncaught(exc_type, exc, tb) -> None:
     """Errors end up in the rule's log: the message alone for input/config problems (they say
     what to fix), the full traceback for anything unexpected."""
-    if issubclass(exc_type, (ValueError, RuntimeError, FileNotFoundError)):
+    if issubclass(exc_type, REFUSALS):
         log.error("%s: %s", exc_type.__name__, exc)
     else:
         log.critical("unexpected error", exc_info=(exc_type, exc, tb))
@@ -200,9 +202,22 @@ def read_rows(adata: ad.AnnData, start: int, stop: int) -> sp.csr_matrix:
     if index is None:
         if not isinstance(group, h5py.Group) or group.attrs.get("encoding-type") != "csr_matrix":
             raise ValueError(f"{adata.filename}: X is not a CSR matrix; the pipeline's h5ad files store CSR")
-        index = adata._scllm_indptr = group["indptr"][:].astype(np.int64)
+        index = group["indptr"][:].astype(np.int64)
+        n_stored = min(group["data"].shape[0], group["indices"].shape[0])
+        if len(index) != adata.n_obs + 1 or index[0] != 0 or np.any(np.diff(index) < 0) or index[-1] > n_stored:
+            raise _damaged_matrix(adata.filename, f"its row pointers (X/indptr) do not describe {adata.n_obs} rows "
+                                  f"of {n_stored} stored values")
+        adata._scllm_indptr = index
     a, b = index[start], index[stop]
-    return sp.csr_matrix(
-        (group["data"][a:b], group["indices"][a:b], index[start:stop + 1] - a),
-        shape=(stop - start, adata.n_vars),
+    indices = group["indices"][a:b]
+    # Column indices out of range would read as other genes or fail deep inside scipy.
+    if indices.size and (indices.min() < 0 or indices.max() >= adata.n_vars):
+        raise _damaged_matrix(adata.filename, f"rows {start}..{stop - 1} have column indices outside 0..{adata.n_vars - 1}")
+    return sp.csr_matrix((group["data"][a:b], indices, index[start:stop + 1] - a), shape=(stop - start, adata.n_vars))
+
+
+def _damaged_matrix(path, problem: str) -> CorruptArtifactError:
+    return CorruptArtifactError(
+        f"{path} is damaged: {problem}. Delete it and rerun the stage that writes it (Snakemake reruns a rule "
+        "whose output file is missing)."
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scllm.checks import check_counts
 from scllm.io import CSRWriter, atomic_path, open_backed, read_rows, require_obs_columns, row_chunks
 
 log = logging.getLogger("scllm")
@@ -38,6 +39,8 @@ def filter_qc(
     gene_totals = np.zeros(n_genes, dtype=np.float64)
     for start, stop in row_chunks(n_cells, chunk_size):
         block = read_rows(adata, start, stop)
+        check_counts(block.data, f"X of {in_h5ad}", ": sample_census writes it from checked raw counts, so it was "
+                     "changed or damaged since; rewrite it with `snakemake --forcerun sample_census`")
         gene_totals += np.bincount(block.indices, weights=block.data, minlength=n_genes)
     keep_genes = gene_totals >= min_gene_counts
     log.info("genes: %d of %d have total count >= %d", keep_genes.sum(), n_genes, min_gene_counts)

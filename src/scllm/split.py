@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scllm.errors import CorruptArtifactError
 from scllm.io import atomic_path, open_backed, require_obs_columns
 
 log = logging.getLogger("scllm")
@@ -57,6 +58,12 @@ def split_cells(in_h5ad: str | Path, out_tsv: str | Path, *, validation_fraction
     require_obs_columns(adata, ["sample"], in_h5ad)
     obs = adata.obs
     adata.file.close()
+    if obs.index.has_duplicates:  # one id in both sets would leak a cell into validation
+        dup = obs.index[obs.index.duplicated()].unique()
+        raise CorruptArtifactError(
+            f"{in_h5ad} holds {len(dup)} cell id(s) more than once (e.g. {dup[:3].tolist()}), so a split could list "
+            "one id in both train and validation. sample_census writes unique ids: rerun the pipeline from there "
+            "with `snakemake --forcerun sample_census`.")
     split = assign_split(obs, validation_fraction, by, seed)
     table = pd.DataFrame({"cell": obs.index, "sample": obs["sample"].astype(str).values, "split": split.values})
     with atomic_path(out_tsv) as tmp:

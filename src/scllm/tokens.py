@@ -9,6 +9,9 @@ Shards store the sequences ragged, CSR-like, so padding is decided per batch at 
     values     int16 [n_tokens]      bins 1..n_bins-1; <cls> carries CLS_VALUE
     cell_index int64 [n_cells]       row of the cell in the binned h5ad
     attrs: n_genes, n_bins, cls_id, pad_id, cls_value, pad_value, mask_value, vocab_sha256, split
+
+``manifest.json`` lists every shard with its cell and token counts and its sha256; readers check
+all three (``read_listed_shard``) and the arrays themselves (``check_shard``) before use.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from scllm.checks import file_sha256
+from scllm.errors import CorruptArtifactError
 from scllm.io import atomic_path, open_backed, read_rows, row_chunks
 from scllm.split import read_split
 
@@ -35,6 +40,11 @@ CLS_VALUE = 0
 PAD_VALUE = -2
 MASK_VALUE = -1
 SHARD_FORMAT_VERSION = 1
+# The fix for any damaged or mismatched shard artifact. Deleting a file inside shards/ is not
+# enough: Snakemake does not rerun a rule whose output directory still exists.
+RETOKENIZE = ("Rewrite the shards with `snakemake --forcerun tokenize_shards` (plus your usual --cores, "
+              "--configfile or --profile options), which also reruns what depends on them; deleting a file inside "
+              "the shards folder is not enough, since Snakemake does not rerun a rule whose output folder exists.")
 
 
 def build_vocab(feature_ids: list[str]) -> dict[str, int]:
@@ -59,18 +69,22 @@ def write_vocab(vocab: dict[str, int], path: str | Path) -> None:
 
 
 def read_vocab(path: str | Path) -> dict[str, int]:
-    return {k: int(v) for k, v in _read_json(path).items()}
+    return {k: int(v) for k, v in read_json(path).items()}
 
 
-def _read_json(path: str | Path) -> dict:
+def read_json(path: str | Path) -> dict:
     """A JSON file written by tokenize_shards (or copied by pretrain), with a clear error if damaged."""
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"cannot read {path}: {err}. The file is truncated or damaged; delete it and rerun the rule "
-            "that writes it (tokenize_shards for shards/, pretrain for a model directory)."
-        ) from err
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = err
+    if not isinstance(data, dict):
+        raise CorruptArtifactError(
+            f"cannot read {path}: {data if isinstance(data, Exception) else 'not a JSON object'}. The file is "
+            "truncated or damaged. In a shards folder: " + RETOKENIZE + " In a model directory: delete the file "
+            "and rerun snakemake (pretrain rewrites its missing outputs)."
+        )
+    return data
 
 
 def sequences_from_binned(binned: sp.csr_matrix, cls_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,6 +150,7 @@ def write_shard(path, offsets, gene_ids, values, cell_index, attrs: dict) -> Non
 
 
 def read_shard(path: str | Path) -> Shard:
+    """Read a shard and check its structure (``check_shard``): a damaged one is refused, naming the file."""
     try:
         with h5py.File(path, "r") as f:
             missing = {"offsets", "gene_ids", "values", "cell_index"} - set(f.keys())
@@ -149,29 +164,95 @@ def read_shard(path: str | Path) -> Shard:
                 attrs={k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()},
             )
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(
-            f"cannot read shard {path}: {err}. The file is truncated or not a shard; "
-            "delete it and rerun the tokenize_shards rule."
-        ) from err
-    if shard.offsets[-1] != len(shard.gene_ids) or len(shard.gene_ids) != len(shard.values):
-        raise ValueError(f"shard {path} is inconsistent (offsets do not match token arrays); rerun tokenize_shards")
+        raise CorruptArtifactError(f"cannot read shard {path}: {err}. The file is truncated or not a shard. "
+                                   + RETOKENIZE) from err
+    problem = check_shard(shard)
+    if problem:
+        raise CorruptArtifactError(f"shard {path} is damaged: {problem}. " + RETOKENIZE)
     return shard
 
 
+def check_shard(shard: Shard) -> str | None:
+    """What is wrong with a shard's arrays, or None. Everything the model would trust: offsets start
+    at 0, grow by at least one token per cell (its <cls>) and end at the token count; every cell
+    starts with <cls>; gene ids lie in the vocabulary and values in the bin range. Vectorised: about
+    as fast as reading the arrays."""
+    attrs = shard.attrs
+    missing = [k for k in ("n_genes", "n_bins", "cls_id") if k not in attrs]
+    if missing:
+        return f"attributes {missing} are missing"
+    n_genes, n_bins, cls_id = int(attrs["n_genes"]), int(attrs["n_bins"]), int(attrs["cls_id"])
+    offsets, gene_ids, values = shard.offsets, shard.gene_ids, shard.values
+    if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0:
+        return "offsets do not start at 0"
+    lengths = np.diff(offsets)
+    if lengths.size and lengths.min() < 1:
+        return f"offsets decrease or repeat (cell {int(np.argmin(lengths))})"
+    if offsets[-1] != len(gene_ids) or len(gene_ids) != len(values):
+        return (f"offsets end at {int(offsets[-1])} but the shard holds {len(gene_ids)} gene ids and "
+                f"{len(values)} values")
+    if lengths.size and lengths.max() > n_genes + 1:
+        return f"cell {int(np.argmax(lengths))} has {int(lengths.max())} tokens, more than <cls> + {n_genes} genes"
+    if len(shard.cell_index) != len(lengths):
+        return f"{len(shard.cell_index)} cell_index entries for {len(lengths)} cells"
+    if len(shard.cell_index) and shard.cell_index.min() < 0:
+        return "cell_index holds negative rows"
+    if not lengths.size:
+        return None
+    first = offsets[:-1]
+    cls_value = attrs.get("cls_value", CLS_VALUE)
+    if np.any(gene_ids[first] != cls_id) or np.any(values[first] != cls_value):
+        return "a cell does not start with the <cls> token"
+    # Fast path, no per-token mask: every id in 0..G (<cls> = G) with exactly one <cls> per cell,
+    # every value a bin 1..n_bins-1 except the <cls> values (0).
+    n_cells = len(first)
+    if (cls_id == n_genes and gene_ids.min() >= 0 and gene_ids.max() <= cls_id
+            and np.count_nonzero(gene_ids == cls_id) == n_cells
+            and values.min() >= min(1, cls_value) and values.max() <= max(n_bins - 1, cls_value)
+            and (1 <= cls_value <= n_bins - 1 or np.count_nonzero(values == cls_value) == n_cells)):
+        return None
+    is_gene = np.ones(len(gene_ids), dtype=bool)
+    is_gene[first] = False
+    genes, bins = gene_ids[is_gene], values[is_gene]
+    if genes.size and (genes.min() < 0 or genes.max() >= n_genes):
+        return f"gene ids outside the vocabulary 0..{n_genes - 1} (e.g. {genes[(genes < 0) | (genes >= n_genes)][:3].tolist()})"
+    if bins.size and (bins.min() < 1 or bins.max() > n_bins - 1):
+        return f"values outside the bins 1..{n_bins - 1} (e.g. {bins[(bins < 1) | (bins > n_bins - 1)][:3].tolist()})"
+    return None
+
+
 def read_listed_shard(shards_dir: str | Path, manifest: dict, entry: dict) -> Shard:
-    """A shard listed in a manifest, checked to share the manifest's vocabulary."""
-    shard = read_shard(Path(shards_dir) / entry["path"])
+    """A shard listed in a manifest, checked against it: the file's sha256 (catches any changed
+    byte, also where the arrays stay plausible), its cell and token counts, and its vocabulary."""
+    path = Path(shards_dir) / entry["path"]
+    expected = entry.get("sha256")
+    if expected is None:
+        raise CorruptArtifactError(f"{Path(shards_dir) / 'manifest.json'} records no sha256 for {entry['path']} "
+                                   "(written by an older version), so the shard cannot be checked. " + RETOKENIZE)
+    if path.exists():
+        actual = file_sha256(path)
+        if actual != expected:
+            raise CorruptArtifactError(
+                f"shard {path} has sha256 {actual}, but the manifest recorded {expected} when tokenize_shards wrote "
+                "it: the file was changed or damaged since. " + RETOKENIZE)
+    shard = read_shard(path)
+    counts = {"n_cells": shard.n_cells, "n_tokens": len(shard.gene_ids)}
+    differ = [f"{k} {v} (manifest: {entry[k]})" for k, v in counts.items() if k in entry and entry[k] != v]
+    differ += [f"{k} {shard.attrs.get(k)} (manifest: {manifest[k]})" for k in ("n_genes", "n_bins", "cls_id")
+               if k in manifest and shard.attrs.get(k) != manifest[k]]
+    if differ:
+        raise CorruptArtifactError(f"shard {path} does not match {Path(shards_dir) / 'manifest.json'}: "
+                                   f"{', '.join(differ)}. " + RETOKENIZE)
     if shard.attrs.get("vocab_sha256", manifest["vocab_sha256"]) != manifest["vocab_sha256"]:
-        raise ValueError(
+        raise CorruptArtifactError(
             f"shard {entry['path']} has vocab_sha256 {shard.attrs['vocab_sha256']} but the manifest in "
-            f"{shards_dir} has {manifest['vocab_sha256']}; the shards come from different runs: "
-            "rerun tokenize_shards"
+            f"{shards_dir} has {manifest['vocab_sha256']}; the shards come from different runs. " + RETOKENIZE
         )
     return shard
 
 
 def read_manifest(path: str | Path) -> dict:
-    return _read_json(path)
+    return read_json(path)
 
 
 class _ShardBuffer:
@@ -209,7 +290,7 @@ class _ShardBuffer:
             np.concatenate([p[3] for p in self.parts]), {**self.attrs, "split": self.split},
         )
         self.shards.append({"path": rel, "n_cells": int(len(lengths)), "n_tokens": int(offsets[-1]),
-                            "max_len": int(lengths.max())})
+                            "max_len": int(lengths.max()), "sha256": file_sha256(self.out_dir / rel)})
         self.parts, self.n_buffered = [], 0
 
 
@@ -233,7 +314,9 @@ def tokenize_shards(binned_h5ad, split_tsv, out_dir, *, cells_per_shard: int = 1
         tmp.mkdir()
         buffers = {name: _ShardBuffer(tmp, name, cells_per_shard, attrs) for name in sorted(set(labels))}
         for start, stop in row_chunks(adata.n_obs, chunk_size):
-            offsets, gene_ids, values = sequences_from_binned(read_rows(adata, start, stop), attrs["cls_id"])
+            block = read_rows(adata, start, stop)
+            _check_bins(block.data, n_bins, binned_h5ad)
+            offsets, gene_ids, values = sequences_from_binned(block, attrs["cls_id"])
             for name, buffer in buffers.items():
                 rows = np.flatnonzero(labels[start:stop] == name)
                 if rows.size:
@@ -261,6 +344,17 @@ def tokenize_shards(binned_h5ad, split_tsv, out_dir, *, cells_per_shard: int = 1
     log.info("tokenize_shards: vocabulary %d genes + <cls> + <pad>, max length %d, %.1fs",
              n_genes, manifest["max_seq_len"], time.time() - t0)
     return manifest
+
+
+def _check_bins(data: np.ndarray, n_bins: int, path) -> None:
+    """Stored non-zeros of a binned matrix are whole bins 1..n_bins-1: anything else is damage and
+    would reach the model as a wrong (or out-of-range) value embedding."""
+    if data.size and (data.min() < 1 or data.max() > n_bins - 1 or np.any(np.mod(data, 1) != 0)):
+        bad = data[(data < 1) | (data > n_bins - 1) | (np.mod(data, 1) != 0)]
+        raise CorruptArtifactError(
+            f"{path} holds values that are not bins 1..{n_bins - 1} (e.g. {bad[:3].tolist()}): the file is damaged "
+            "or not written by normalize_bin. Delete it and rerun snakemake (Snakemake reruns a rule whose output "
+            "file is missing).")
 
 
 def _take_cells(offsets, gene_ids, values, rows):

@@ -33,8 +33,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from scllm.checks import load_torch_file
 from scllm.data import (TRAINING_BATCH_KEYS, LengthGroupedBatchSampler, ShardDataset, check_vocab, collate,
                         mask_values, prefetched, training_batch)
+from scllm.errors import CorruptArtifactError
 from scllm.io import atomic_path, remove_stale_temporaries, setup_logging
 from scllm.model import (CellTransformer, ModelConfig, contrastive_loss, count_params_text, ecs_loss, masked_mse,
                          peak_flops)
@@ -455,14 +457,11 @@ def _model_config(model_cfg: dict | None, manifest: dict) -> ModelConfig:
 
 
 def _shards_fingerprint(manifest_path: Path, manifest: dict) -> str:
-    """sha256 over every shard's bytes (about 1 s per GB): the data a checkpoint was trained on."""
-    digest = hashlib.sha256()
-    for split in sorted(manifest["splits"]):
-        for shard in manifest["splits"][split]:
-            with open(manifest_path.parent / shard["path"], "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(block)
-    return digest.hexdigest()
+    """The data a checkpoint was trained on: a sha256 over the shards' own sha256s, which
+    ShardDataset has just checked against the files (so the bytes are not hashed twice)."""
+    listed = [(split, shard["path"], shard["sha256"]) for split in sorted(manifest["splits"])
+              for shard in manifest["splits"][split]]
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
 
 
 def _identity(args: dict) -> dict:
@@ -557,9 +556,9 @@ def _load_checkpoint(path: Path, args: dict, log) -> dict | None:
     if not path.exists():
         return None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged file must not block a fresh start
-        log.warning("cannot read %s (%s); starting from scratch", path, err)
+        ckpt = load_torch_file(path, "Starting from scratch; the file will be overwritten.")
+    except CorruptArtifactError as err:  # a damaged (or foreign) file must not block a fresh start
+        log.warning("%s", err)
         return None
     identity = _identity(args)
     if ckpt.get("args") != identity:
