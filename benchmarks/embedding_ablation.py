@@ -35,29 +35,44 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-# name -> (what it tests, model overrides, train overrides), on top of config/demo.yaml.
+# name -> (what it changes, model overrides, train overrides), each on top of config/demo.yaml
+# (the default recipe): one lever moved at a time, plus the recipe it replaced.
+SEEDS_RECIPE = ({"cell_emb_style": "cls"},
+                {"gepc_targets": "masked", "gene_emb_init": "random", "lr": 1e-3, "batch_size": 32, "epochs": 6})
 VARIANTS = {
-    "seeds_recipe": ("the seeds' recipe as shipped before: <cls>, masked MSE + GEPC",
-                     {"cell_emb_style": "cls"}, {"ecs_weight": 0.0, "contrastive_weight": 0.0}),
-    "gepc_unexpressed": ("GEPC also predicts 0 for the vocabulary genes a cell does not express", {},
-                         {"gepc_unexpressed": True}),
-    "mean_pool": ("cell embedding = mean of gene-token outputs", {"cell_emb_style": "mean"}, {}),
-    "cls_mean": ("cell embedding = <cls> and mean, side by side", {"cell_emb_style": "cls+mean"}, {}),
-    "ecs": ("+ scGPT's elastic cell similarity (weight 10, threshold 0.8)", {}, {"ecs_weight": 10.0}),
-    "contrastive": ("+ InfoNCE between two masked views (weight 1, temperature 0.1)", {},
+    "default": ("config/demo.yaml as shipped", {}, {}),
+    "seeds_recipe": ("the earlier default: <cls>, GEPC on masked tokens, lr 1e-3, batch 32, 6 epochs",
+                     *SEEDS_RECIPE),
+    "random_init": ("gene embeddings initialised at random (normal, std 0.02)", {}, {"gene_emb_init": "random"}),
+    "readout_cls": ("cell embedding = <cls> output", {"cell_emb_style": "cls"}, {}),
+    "readout_cls_mean": ("cell embedding = <cls> and mean side by side", {"cell_emb_style": "cls+mean"}, {}),
+    "readout_sum": ("cell embedding = sum of gene-token outputs / sqrt(vocabulary)", {"cell_emb_style": "sum"}, {}),
+    "gepc_masked": ("GEPC predicts the masked tokens only (scGPT)", {}, {"gepc_targets": "masked"}),
+    "gepc_masked_unexpressed": ("GEPC predicts masked tokens and 0 for unexpressed genes", {},
+                                {"gepc_targets": "masked+unexpressed"}),
+    "no_gepc": ("no GEPC loss", {}, {"gepc_weight": 0.0}),
+    "ecs": ("+ elastic cell similarity (scGPT: weight 10, threshold 0.8)", {}, {"ecs_weight": 10.0}),
+    "contrastive": ("+ InfoNCE between two half-gene masked views (weight 1, temperature 0.1)", {},
                     {"contrastive_weight": 1.0}),
     "continuous_values": ("scGPT's continuous value encoder instead of bin embeddings",
                           {"value_encoder": "continuous"}, {}),
-    "no_gepc": ("without the GEPC head's loss", {}, {"gepc_weight": 0.0}),
     "mask_low": ("mask ratios {0.15, 0.25}", {}, {"mask_ratios": [0.15, 0.25]}),
     "mask_high": ("mask ratio {0.75}", {}, {"mask_ratios": [0.75]}),
     "wide": ("d_model 128, d_ff 256", {"d_model": 128, "d_ff": 256}, {}),
+    "shallow": ("1 layer", {"n_layers": 1}, {}),
     "deep": ("4 layers", {"n_layers": 4}, {}),
-    "epochs_12": ("12 epochs", {}, {"epochs": 12}),
-    "lr_low": ("lr 3e-4", {}, {"lr": 3e-4}),
-    "lr_high": ("lr 3e-3", {}, {"lr": 3e-3}),
-    "warmup_long": ("warmup 100 steps", {}, {"warmup_steps": 100}),
+    "epochs_half": ("half the epochs", {}, {"epochs": "half"}),
+    "epochs_double": ("twice the epochs", {}, {"epochs": "double"}),
+    "batch_32": ("batch 32 (half the steps)", {}, {"batch_size": 32}),
+    "batch_8": ("batch 8 (twice the steps)", {}, {"batch_size": 8}),
+    "lr_low": ("lr / 3", {}, {"lr": "third"}),
+    "lr_high": ("lr x 3", {}, {"lr": "triple"}),
+    "warmup_long": ("warmup 200 steps", {}, {"warmup_steps": 200}),
+    "no_dropout": ("dropout 0", {"dropout": 0.0}, {}),
 }
+# Relative settings, resolved against config/demo.yaml.
+RELATIVE = {"half": lambda v: max(1, v // 2), "double": lambda v: 2 * v, "third": lambda v: v / 3,
+            "triple": lambda v: v * 3}
 METRICS = ("knn_accuracy_cv", "knn_macro_f1_cv", "leiden_ari", "leiden_nmi", "silhouette_label", "val_expr_mse",
            "val_gepc_mse")
 
@@ -79,7 +94,9 @@ def run_one(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     model_cfg, train_cfg, _ = demo_settings()
     model_cfg = {**model_cfg, **job["model"]}
-    train_cfg = {**train_cfg, **job["train"], "seed": job["seed"], "num_threads": job["threads"], "device": "cpu"}
+    changes = {k: RELATIVE[v](train_cfg[k]) if isinstance(v, str) and v in RELATIVE else v
+               for k, v in job["train"].items()}
+    train_cfg = {**train_cfg, **changes, "seed": job["seed"], "num_threads": job["threads"], "device": "cpu"}
     results = Path(job["results"])
     with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
         t0 = time.perf_counter()

@@ -1,10 +1,10 @@
-# Embedding and evaluation of the pretrained model. embed writes the <cls> embeddings of the
+# Embedding and evaluation of the pretrained model. embed writes the cell embeddings of the
 # tokenized cells; evaluate scores them against a PCA baseline on cell-type labels and draws UMAPs.
 # Outputs marked report(...) go into `snakemake --report report.html`.
 
 
 rule embed:
-    """<cls> embeddings of the validation cells (embed.cells: validation) or of every cell (all)."""
+    """Cell embeddings of the validation cells (embed.cells: validation) or of every cell (all)."""
     input:
         shards=rules.tokenize_shards.output.shards,
         binned=rules.normalize_bin.output.h5ad,

@@ -44,3 +44,23 @@ def test_shard_check_benchmark_times_a_valid_shard(tmp_path):
     assert result["cells"] == 500 and 2 * 500 <= result["tokens"] <= 1201 * 500
     assert all(result[k] > 0 for k in ("read_s", "check_s", "sha256_s", "listed_s", "file_mb"))
     assert abs(result["sha256_gb_per_s"] - result["file_mb"] / 1e3 / result["sha256_s"]) < 1e-9
+
+
+def test_embedding_ablation_table_and_relative_settings(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("embedding_ablation", REPO / "benchmarks" / "embedding_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    metrics = {m: 0.5 for m in ablation.METRICS}
+    rows = [{"variant": "default", "seed": s, "train_s": 10.0, **metrics, "knn_accuracy_cv": acc}
+            for s, acc in ((0, 0.90), (1, 0.92), (2, 0.94))]
+    rows.append({"variant": "readout_cls", "seed": 0, "train_s": 12.0, **metrics})
+    reference = {m: 0.9 for m in ablation.METRICS[:5]}
+    table = ablation.summarise(rows, reference, ["default", "readout_cls", "wide"]).splitlines()
+    assert table[2].startswith("| default | 0,1,2 | 0.920 ± 0.020 |")  # mean ± sample sd over seeds
+    assert table[3].startswith("| readout_cls | 0 | 0.500 |") and "wide" not in "".join(table)
+    assert table[-1].startswith("| PCA-50 (reference) | - | 0.900 |")
+    # "half", "double", "third", "triple" resolve against config/demo.yaml's values
+    assert ablation.RELATIVE["half"](12) == 6 and ablation.RELATIVE["triple"](0.002) == 0.006
+    assert set(ablation.VARIANTS["seeds_recipe"][2]) >= {"gepc_targets", "gene_emb_init", "lr"}

@@ -123,3 +123,23 @@ def test_unknown_flavor(counts_h5ad, tmp_path):
     _, path = counts_h5ad
     with pytest.raises(ValueError, match=r"hvg\.flavor"):
         select_hvg(path, tmp_path / "hvg.tsv", n_top_genes=10, flavor="seurat")
+
+
+def test_ranking_ignores_last_bit_noise_between_cpus():
+    """Equal variances computed on two CPUs differ in their last bits; the ranking (and so the
+    vocabulary) must not follow that noise."""
+    from scllm.hvg import combine_batches, round_significant
+
+    rng = np.random.default_rng(0)
+    exact = rng.gamma(2.0, 1.0, (3, 200))
+    exact[:, 50:60] = exact[:, [50]]  # ten genes with identical statistics: exact ties
+    index = pd.Index([f"g{i}" for i in range(200)])
+    noisy = exact * (1 + rng.uniform(-6e-15, 6e-15, exact.shape))  # the AVX2 vs AVX-512 difference seen
+    for flavor in ("seurat_v3", "seurat_v3_paper"):
+        a, b = combine_batches(exact, 80, flavor, index), combine_batches(noisy, 80, flavor, index)
+        assert list(a.index) == list(b.index)
+        assert a["variances_norm"].tolist() == b["variances_norm"].tolist()  # byte-identical table
+    tied = [g for g in combine_batches(noisy, 200, "seurat_v3", index).index if g in {f"g{i}" for i in range(50, 60)}]
+    assert tied == [f"g{i}" for i in range(50, 60)], "ties go to the earlier gene"
+    np.testing.assert_allclose(round_significant(np.array([123456.7890123, -0.000123456789012, 0.0]), 4),
+                               [123500.0, -0.0001235, 0.0], rtol=1e-14, atol=0)

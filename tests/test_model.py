@@ -147,7 +147,7 @@ def test_import_scllm_does_not_import_torch():
 
 # --- cell-embedding readouts and objectives, each against a plain-Python computation ---------------
 
-@pytest.mark.parametrize("style", ["cls", "mean", "cls+mean"])
+@pytest.mark.parametrize("style", ["cls", "mean", "cls+mean", "sum"])
 def test_cell_embedding_readouts(style):
     model = tiny_model(seed=4, cell_emb_style=style).eval()
     cells = random_cells(3, min_len=3, max_len=9, seed=5)
@@ -159,7 +159,8 @@ def test_cell_embedding_readouts(style):
     h = x["h"]
     for row, (genes, _) in enumerate(cells):
         cls, mean = h[row, 0], h[row, 1:len(genes)].mean(0)  # gene tokens only, no padding
-        expected = {"cls": cls, "mean": mean, "cls+mean": torch.cat([cls, mean])}[style]
+        total = h[row, 1:len(genes)].sum(0) / math.sqrt(N_GENES + 2)
+        expected = {"cls": cls, "mean": mean, "cls+mean": torch.cat([cls, mean]), "sum": total}[style]
         torch.testing.assert_close(emb[row], expected, atol=1e-6, rtol=0)
     assert emb.shape[1] == model.cell_emb_dim == (64 if style == "cls+mean" else 32)
 
@@ -221,6 +222,13 @@ def test_gepc_profile_mse_covers_masked_and_unexpressed_genes():
                 se += (float(pred[row, gene]) - masked.get(gene, 0)) ** 2
                 n += 1
     assert gepc_profile_mse(pred, batch["gene_ids"], batch["values"], mask).item() == pytest.approx(se / n, rel=1e-5)
+    # visible_too: the whole profile, each cell's visible genes scored against their bins as well
+    se_all = 0.0
+    for row, (genes, values) in enumerate(cells):
+        profile = dict(zip(genes[1:].tolist(), values[1:].tolist()))
+        se_all += sum((float(pred[row, g]) - profile.get(g, 0)) ** 2 for g in range(N_GENES))
+    assert gepc_profile_mse(pred, batch["gene_ids"], batch["values"], mask, visible_too=True).item() == \
+        pytest.approx(se_all / (4 * N_GENES), rel=1e-5)
     model = tiny_model()
     out = model(batch["gene_ids"], batch["values"], batch["padding_mask"], all_genes=True)
     assert out["gepc_all_pred"].shape == (4, N_GENES)

@@ -9,7 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import anndata as ad
 import h5py
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -115,6 +118,61 @@ def test_same_inputs_and_seed_give_byte_identical_shards(demo_run, tmp_path):
             assert a.read_bytes() == b.read_bytes(), f"{a.name} differs between two runs"
     with h5py.File(workdir / "results/demo/shards/train/shard_00000.h5") as f:
         assert f["gene_ids"].dtype == "int32" and f["values"].dtype == "int16"
+
+
+# The embedded default's token shards, pinned. Every machine must compute exactly these bytes:
+# a failure here means this machine (CPU, library build) tokenizes the shipped data differently,
+# and models trained here are not comparable with the README's figures. (Before HVG variances
+# were rounded, AVX2 and AVX-512 machines ordered tied genes differently: other vocabularies.)
+PINNED_SHARDS = {
+    "train/shard_00000.h5": "2bc971981af7d9e0413548fd05b3bd3d0d847416a488cfd4563785c3d11a50d3",
+    "validation/shard_00000.h5": "2eae6515260cfa4b70f7290c31cf7e9f2d382aa5186454f7c12410b7450b9efa",
+}
+# (row in the train shard, cell_index, tokens, first 8 gene ids, first 8 values, sum of ids, sum of values)
+PINNED_CELLS = [
+    (0, 0, 108, [1200, 3, 5, 7, 11, 12, 35, 37], [0, 35, 48, 45, 32, 31, 29, 44], 58787, 2987),
+    (1000, 1031, 111, [1200, 1, 3, 5, 7, 10, 11, 17], [0, 47, 49, 50, 48, 45, 42, 43], 57548, 2879),
+    (2618, 2699, 90, [1200, 1, 3, 5, 7, 17, 26, 52], [0, 42, 39, 49, 48, 24, 5, 44], 47658, 2421),
+]
+
+
+def test_embedded_default_shards_are_the_pinned_bytes(demo_run):
+    import hashlib
+
+    shards = demo_run / "results" / "demo" / "shards"
+    with h5py.File(shards / "train/shard_00000.h5", "r") as f:  # tokens first: they say what differs
+        offsets, gene_ids, values, cell_index = (f[k][:] for k in ("offsets", "gene_ids", "values", "cell_index"))
+    for row, index, n, first_ids, first_values, id_sum, value_sum in PINNED_CELLS:
+        a, b = offsets[row], offsets[row + 1]
+        assert (int(cell_index[row]), int(b - a)) == (index, n)
+        assert gene_ids[a:a + 8].tolist() == first_ids and values[a:a + 8].tolist() == first_values
+        assert (int(gene_ids[a:b].sum()), int(values[a:b].sum())) == (id_sum, value_sum)
+    for name, sha in PINNED_SHARDS.items():
+        actual = hashlib.sha256((shards / name).read_bytes()).hexdigest()
+        assert actual == sha, f"{name} has sha256 {actual}, not the pinned {sha}"
+
+
+def test_heldout_evaluation_rule_runs_only_when_asked_and_reruns_nothing_else(demo_run, tmp_path):
+    workdir = copy_workflow(tmp_path)
+    shutil.copytree(demo_run / "results", workdir / "results")
+    shutil.copytree(demo_run / ".snakemake", workdir / ".snakemake", ignore=shutil.ignore_patterns("conda", "singularity"))
+    results = workdir / "results" / "demo"
+    before = {rule: (results / out).stat().st_mtime_ns for rule, out in DATA_OUTPUTS.items()}
+    # A labelled h5ad of "new" cells: PBMC 3k's first 300 cells under other names.
+    cells = ad.read_h5ad(REPO / "resources" / "pbmc3k" / "pbmc3k.h5ad")[:300].copy()
+    cells.obs_names = [f"new_{i}" for i in range(cells.n_obs)]
+    cells.write_h5ad(workdir / "new_cells.h5ad")
+    config = write_config(workdir, "heldout.yaml", {**TINY_TRAINING, "heldout": {
+        "path": "new_cells.h5ad", "label_key": "celltype", "gene_id_column": "gene_ids"}})
+    snakemake(workdir, "--configfile", config)
+    assert {rule for rule, out in DATA_OUTPUTS.items() if (results / out).stat().st_mtime_ns != before[rule]} == set()
+    table = pd.read_csv(results / "evaluation" / "heldout" / "metrics.tsv", sep="\t").set_index("metric")
+    assert table.loc["knn_accuracy_cv", "cells"] == "300 (held out: new_cells.h5ad)"
+    assert 0.5 < table.loc["knn_accuracy_cv", "baseline"] <= 1.0 and np.isfinite(table.loc["knn_accuracy_cv", "scllm"])
+    emb = ad.read_h5ad(results / "evaluation" / "heldout" / "embeddings.h5ad")
+    assert list(emb.obs_names[:2]) == ["new_0", "new_1"]
+    log = (results / "logs" / "evaluate_heldout.log").read_text()
+    assert "PCA baseline on the held-out cells: 300 cells" in log and "300 cells, 300 scored" in log
 
 
 def test_invalid_config_value_fails_before_any_job_and_names_the_key(tmp_path):

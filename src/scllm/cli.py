@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
 
     embed = commands.add_parser(
         "embed",
-        help="embed the cells of an h5ad with a pretrained model (<cls> embeddings in obsm['X_scllm'])",
+        help="embed the cells of an h5ad with a pretrained model (cell embeddings in obsm['X_scllm'])",
         description="Map the genes of an h5ad to the model's vocabulary (Ensembl ids in var_names or a var "
         "column, or symbols as in the model's genes.tsv), normalize and bin each cell as in training, and "
-        "write the <cls> embeddings to obsm['X_scllm'] of OUT (with the input's obs). Reads the input in row "
+        "write the cell embeddings to obsm['X_scllm'] of OUT (with the input's obs). Reads the input in row "
         "chunks. Fails with the coverage figure if too few vocabulary genes are found.",
     )
     embed.add_argument("model_dir", help="a pretrain output directory (best_model.pt, args.json, vocab.json, genes.tsv)")

@@ -1,4 +1,4 @@
-"""Load a pretrained model and embed cells with it (the <cls> output).
+"""Load a pretrained model and embed cells with it (its cell embedding: model.cell_emb_style).
 
 - ``embed_shard_cells``: token sequences (a shard, or ragged arrays) -> embeddings.
 - ``embed_shards``: the pipeline's own cells, straight from the token shards (rule embed).
@@ -82,7 +82,7 @@ def _as_cells(cells) -> RaggedCells:
 
 @torch.no_grad()
 def embed_shard_cells(model: CellTransformer, cells, batch_size: int = 64) -> np.ndarray:
-    """<cls> embeddings [n_cells, d_model] (float32, input order) for a shard path, a Shard,
+    """Cell embeddings [n_cells, cell_emb_dim] (float32, input order) for a shard path, a Shard,
     a RaggedCells/ShardDataset, or an (offsets, gene_ids, values) tuple of token arrays.
 
     Cells are batched in length order so each batch pads little; the model runs in eval mode.
@@ -456,7 +456,7 @@ def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = Non
         rows.close()
     empty = int((n_tokens == 0).sum())
     if empty:
-        log.warning("embed: %d cells express none of the vocabulary genes (embedded from <cls> alone; obs "
+        log.warning("embed: %d cells express none of the vocabulary genes (their embedding says nothing of the cell; obs "
                     "scllm_n_genes == 0)", empty)
     obs["scllm_n_genes"] = n_tokens
     uns = {"model": str(Path(model_dir)), "vocab_sha256": model.vocab_sha256, "source": str(in_h5ad),

@@ -17,6 +17,7 @@ cell similarity (``ecs_loss``) and a contrastive term between two masked views o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 
 VALUE_ENCODERS = ("bins", "continuous")
-CELL_EMB_STYLES = ("cls", "mean", "cls+mean")
+CELL_EMB_STYLES = ("cls", "mean", "cls+mean", "sum")
 
 
 @dataclass
@@ -221,7 +222,12 @@ class CellTransformer(nn.Module):
             return x[:, 0]
         genes = (~padding_mask).to(x.dtype)
         genes[:, 0] = 0  # gene tokens only; a cell without any reads as zeros
-        mean = (x * genes.unsqueeze(-1)).sum(1) / genes.sum(1, keepdim=True).clamp(min=1)
+        total = (x * genes.unsqueeze(-1)).sum(1)
+        if style == "sum":
+            # Like PCA scores (a sum over the cell's genes, not an average): dividing by each
+            # cell's gene count would shrink cells with many genes towards the origin.
+            return total / math.sqrt(self.cfg.vocab_size)
+        mean = total / genes.sum(1, keepdim=True).clamp(min=1)
         return mean if style == "mean" else torch.cat([x[:, 0], mean], dim=1)
 
     def num_params(self, non_embedding: bool = True) -> int:

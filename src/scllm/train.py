@@ -52,14 +52,19 @@ TRAIN_DEFAULTS = {
     "mask_ratios": [0.25, 0.5, 0.75],
     # Objectives beyond the masked expression MSE (always on): weights 0 switch them off.
     "gepc_weight": 1.0,  # masked MSE of the GEPC head (predicts from the cell embedding)
-    # GEPC also predicts 0 for every vocabulary gene the cell does not express (they are not
-    # tokens, so the cell embedding must record which genes are absent as well as present).
-    "gepc_unexpressed": False,
+    # Which genes GEPC predicts from the cell embedding: "masked" (scGPT: the masked tokens);
+    # "masked+unexpressed" adds 0 for every vocabulary gene the cell does not express (they are
+    # not tokens, so the embedding must record which genes are absent as well as present);
+    # "all" predicts the whole vocabulary profile, visible tokens included.
+    "gepc_targets": "masked",
     "ecs_weight": 0.0,  # scGPT's elastic cell similarity (scGPT uses 10 with threshold 0.8)
     "ecs_threshold": 0.8,
     "contrastive_weight": 0.0,  # InfoNCE between two masked views of each cell (doubles the batch)
     "contrastive_temperature": 0.1,
     "contrastive_view_genes": 0.5,  # fraction of a cell's gene tokens each view keeps
+    # Initial gene embeddings: "random" (normal, std 0.02) or "pca": the genes' loadings on the
+    # principal axes of the training cells' bins (co-expressed genes start close together).
+    "gene_emb_init": "random",
     "seed": 0,
     "checkpoint_every_steps": 200,
     "max_steps": None,  # stop (with a checkpoint) after this many global steps
@@ -70,6 +75,7 @@ TRAIN_DEFAULTS = {
     "num_threads": None,
     "device": "auto",  # auto: cuda if available; or "cpu" / "cuda"
 }
+GEPC_TARGETS = ("masked", "masked+unexpressed", "all")
 # Settings that change how a run is operated but not its result: they may differ on resume.
 OPERATIONAL_KEYS = {"max_steps", "checkpoint_every_steps", "log_every_steps", "compile", "num_threads"}
 # Derived from the data, not settable in the model section.
@@ -174,7 +180,10 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
             return _summary(ckpt)
 
         torch.manual_seed(cfg["seed"])  # same initial weights on every rank
-        raw_model = CellTransformer(mcfg).to(device)
+        raw_model = CellTransformer(mcfg)
+        if cfg["gene_emb_init"] == "pca" and ckpt is None:
+            init_gene_embeddings_from_pca(raw_model, train_ds, cfg["seed"], log if is_main else None)
+        raw_model = raw_model.to(device)
         optimizer = _make_optimizer(raw_model, cfg, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg["warmup_steps"], total_steps))
         torch.manual_seed(_seed(cfg["seed"], 3, rank))  # dropout RNG: different per rank
@@ -262,7 +271,7 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
                     batch[key].to(device, non_blocking=True) for key in TRAINING_BATCH_KEYS)
 
                 with autocast:
-                    pred = model(gene_ids, masked, padding_mask, all_genes=cfg["gepc_unexpressed"])
+                    pred = model(gene_ids, masked, padding_mask, all_genes=cfg["gepc_targets"] != "masked")
                 losses = objective(pred, gene_ids, values, mask, cfg, views)
                 loss = losses[0]
                 optimizer.zero_grad(set_to_none=True)
@@ -359,6 +368,31 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
             dist.destroy_process_group()
 
 
+def init_gene_embeddings_from_pca(model: CellTransformer, cells, seed: int, log=None, max_cells: int = 20_000):
+    """Set the gene embeddings (rows 0..n_genes-1) to the genes' loadings on the top d_model
+    principal axes of the cells' binned profiles (a seeded sample of at most ``max_cells``),
+    weighted by each axis's singular value and scaled to the random init's std (0.02)."""
+    n_genes, d = model.cfg.vocab_size - 2, model.cfg.d_model
+    rng = np.random.default_rng(_seed(seed, 4))
+    rows = np.sort(rng.choice(len(cells), min(len(cells), max_cells), replace=False))
+    profiles = np.zeros((len(rows), n_genes), dtype=np.float32)
+    for r, i in enumerate(rows):
+        genes, values = cells.cell(i)
+        profiles[r, genes[1:]] = values[1:]  # position 0 is <cls>
+    profiles -= profiles.mean(axis=0)
+    _, singular, axes = np.linalg.svd(profiles, full_matrices=False)
+    k = min(d, len(singular))
+    loadings = axes[:k].T * (singular[:k] / singular[0])  # [n_genes, k]
+    loadings *= 0.02 / max(float(loadings.std()), 1e-12)
+    with torch.no_grad():
+        model.gene_emb.weight[:n_genes] = 0.0
+        model.gene_emb.weight[:n_genes, :k] = torch.from_numpy(loadings)
+    if log is not None:
+        explained = float((singular[:k] ** 2).sum() / (singular ** 2).sum())
+        log.info("gene embeddings: loadings on the top %d principal axes of %d cells' bins (%.0f%% of their "
+                 "variance)", k, len(rows), 100 * explained)
+
+
 def objective(pred: dict, gene_ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, cfg: dict,
               views: int = 1) -> list:
     """[total loss, expression MSE, GEPC MSE, ECS loss, contrastive loss] of one training batch;
@@ -366,8 +400,8 @@ def objective(pred: dict, gene_ids: torch.Tensor, values: torch.Tensor, mask: to
     and read 0). With ``views`` > 1 the batch holds that many masked views of its cells."""
     zero = torch.zeros((), device=values.device)
     expr = masked_mse(pred["expr_pred"], values, mask)
-    if cfg["gepc_unexpressed"]:
-        gepc = gepc_profile_mse(pred["gepc_all_pred"], gene_ids, values, mask)
+    if cfg["gepc_targets"] != "masked":
+        gepc = gepc_profile_mse(pred["gepc_all_pred"], gene_ids, values, mask, cfg["gepc_targets"] == "all")
     else:
         gepc = masked_mse(pred["mvc_pred"], values, mask)
     ecs = ecs_loss(pred["cell_emb"], cfg["ecs_threshold"]) if cfg["ecs_weight"] else zero
@@ -377,10 +411,10 @@ def objective(pred: dict, gene_ids: torch.Tensor, values: torch.Tensor, mask: to
     return [total, expr, gepc, ecs, contrastive]
 
 
-def gepc_profile_mse(all_genes_pred, gene_ids, values, mask) -> torch.Tensor:
-    """GEPC's MSE over the cell's whole vocabulary profile: its masked genes (target: their bin)
-    and every vocabulary gene it does not express (target 0); visible genes are left out, as
-    in the masked-only loss."""
+def gepc_profile_mse(all_genes_pred, gene_ids, values, mask, visible_too: bool = False) -> torch.Tensor:
+    """GEPC's MSE over the cell's vocabulary profile: its masked genes (target: their bin) and
+    every vocabulary gene it does not express (target 0); its visible genes only with
+    ``visible_too`` (left out otherwise, as in the masked-only loss)."""
     n_genes = all_genes_pred.shape[1]
     vocab_size = n_genes + 2
     # Scatter into [B, vocab_size]: <cls> and <pad> ids land in the last two columns, dropped.
@@ -388,7 +422,8 @@ def gepc_profile_mse(all_genes_pred, gene_ids, values, mask) -> torch.Tensor:
         1, gene_ids, values.float().clamp(min=0))
     visible = torch.zeros(len(gene_ids), vocab_size, dtype=torch.bool, device=values.device).scatter(
         1, gene_ids, ~mask)
-    return masked_mse(all_genes_pred, target[:, :n_genes], ~visible[:, :n_genes])
+    scored = torch.ones_like(visible) if visible_too else ~visible
+    return masked_mse(all_genes_pred, target[:, :n_genes], scored[:, :n_genes])
 
 
 @torch.no_grad()
@@ -434,6 +469,10 @@ def _train_settings(train_cfg: dict | None) -> dict:
     if unknown:
         raise ValueError(f"unknown train settings {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
     cfg = {**TRAIN_DEFAULTS, **(train_cfg or {})}
+    if cfg["gene_emb_init"] not in ("random", "pca"):
+        raise ValueError(f"train.gene_emb_init must be 'random' or 'pca', not {cfg['gene_emb_init']!r}")
+    if cfg["gepc_targets"] not in GEPC_TARGETS:
+        raise ValueError(f"train.gepc_targets must be one of {GEPC_TARGETS}, not {cfg['gepc_targets']!r}")
     if cfg["amp"] not in ("auto", "bf16", "fp32"):
         raise ValueError(f"train.amp must be auto, bf16 or fp32, not {cfg['amp']!r}")
     if not cfg["mask_ratios"] or not all(0 < r < 1 for r in cfg["mask_ratios"]):

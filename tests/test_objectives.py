@@ -1,0 +1,92 @@
+"""The cell-embedding levers in training: objectives switched on in a real run, gene-subset views,
+gene embeddings initialised from the data's principal axes, and bad settings refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from scllm.data import ShardDataset, gene_subset, training_batch
+from scllm.model import CellTransformer, ModelConfig
+from scllm.train import init_gene_embeddings_from_pca, pretrain
+
+TINY_MODEL = {"n_layers": 1, "n_heads": 2, "d_model": 16, "d_ff": 32, "dropout": 0.0}
+TRAIN = {"epochs": 1, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "log_every_steps": 1, "num_threads": 1,
+         "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, synthetic_shards):
+    return synthetic_shards(tmp_path_factory.mktemp("shards"), n_train=40, n_val=8)
+
+
+@pytest.mark.parametrize("settings, column", [
+    ({"ecs_weight": 10.0}, "ecs_loss"),
+    ({"contrastive_weight": 1.0}, "contrastive_loss"),
+    ({"gepc_targets": "masked+unexpressed"}, "mvc_mse"),
+    ({"gepc_targets": "all", "gene_emb_init": "pca"}, "mvc_mse"),
+])
+def test_each_objective_trains_and_is_logged(shards, tmp_path, settings, column):
+    summary = pretrain(shards, tmp_path, {**TINY_MODEL, "cell_emb_style": "mean"}, {**TRAIN, **settings})
+    assert summary["done"] and np.isfinite(summary["best_val_loss"])
+    metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
+    assert metrics[column].notna().all() and np.isfinite(metrics[column]).all()
+    if column in ("ecs_loss", "contrastive_loss"):  # logged only when switched on
+        other = {"ecs_loss": "contrastive_loss", "contrastive_loss": "ecs_loss"}[column]
+        assert metrics[other].isna().all()
+    # contrastive views double the rows, not the cells counted
+    assert (metrics["cells_per_s"] > 0).all()
+
+
+def test_defaults_log_neither_extra_objective(shards, tmp_path):
+    pretrain(shards, tmp_path, TINY_MODEL, TRAIN)
+    metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
+    assert metrics["ecs_loss"].isna().all() and metrics["contrastive_loss"].isna().all()
+
+
+def test_gene_subset_views_differ_and_keep_cls():
+    genes = np.r_[30, np.arange(20)].astype(np.int32)
+    values = np.r_[0, np.arange(1, 21)].astype(np.int16)
+    gen = torch.Generator().manual_seed(0)
+    a, b = gene_subset(genes, values, 0.5, gen), gene_subset(genes, values, 0.5, gen)
+    for g, v in (a, b):
+        assert g[0] == 30 and v[0] == 0 and len(g) == 11  # <cls> + round(0.5 * 20)
+        assert np.all(np.diff(g[1:]) > 0) and np.array_equal(v[1:], g[1:] + 1)  # pairs kept together
+    assert not np.array_equal(a[0], b[0])
+    batch = training_batch([(genes, values)] * 3, 31, [0.5], torch.Generator().manual_seed(1), views=2,
+                           view_genes=0.5)
+    assert batch["gene_ids"].shape == (6, 11)
+    full = training_batch([(genes, values)] * 3, 31, [0.5], torch.Generator().manual_seed(1), views=2)
+    assert full["gene_ids"].shape == (6, 21) and torch.equal(full["gene_ids"][0], full["gene_ids"][3])
+
+
+def test_pca_init_puts_the_top_axis_of_the_bins_in_the_gene_embeddings(shards):
+    cells = ShardDataset(shards, "train")
+    cfg = ModelConfig(vocab_size=26, n_bins=51, n_layers=1, n_heads=2, d_model=8, d_ff=16)
+    model = CellTransformer(cfg)
+    before = model.gene_emb.weight.detach().clone()
+    init_gene_embeddings_from_pca(model, cells, seed=0)
+    emb = model.gene_emb.weight.detach().numpy()
+    profiles = np.zeros((len(cells), 24))
+    for i in range(len(cells)):
+        g, v = cells.cell(i)
+        profiles[i, g[1:]] = v[1:]
+    from sklearn.decomposition import PCA
+
+    axis = PCA(1).fit(profiles).components_[0]  # independent computation
+    cosine = abs(emb[:24, 0] @ axis) / np.linalg.norm(emb[:24, 0])
+    assert cosine > 0.999
+    assert emb[:24].std() == pytest.approx(0.02, rel=1e-3)
+    assert torch.equal(model.gene_emb.weight[24:].detach(), before[24:])  # <cls>, <pad> untouched
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"gepc_targets": "everything"}, "gepc_targets"),
+    ({"gene_emb_init": "glove"}, "gene_emb_init"),
+])
+def test_bad_objective_settings_are_refused(shards, tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        pretrain(shards, tmp_path, TINY_MODEL, {**TRAIN, **settings})
+    assert not any(tmp_path.iterdir())
