@@ -385,7 +385,12 @@ def evaluate(embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv, out_table, o
 
     masked = masked_value_error(epochs_tsv)
     epoch_note = f"best epoch {masked['epoch']} of {masked['n_epochs']}, fixed masks"
-    n_val = json.loads(Path(args_json).read_text()).get("data", {}).get("n_validation_cells") if args_json else None
+    run_args = json.loads(Path(args_json).read_text()) if args_json else {}
+    n_val = run_args.get("data", {}).get("n_validation_cells")
+    gepc_targets = run_args.get("train", {}).get("gepc_targets", "masked")
+    gepc_note = ("GEPC head (from the cell embedding)" if gepc_targets == "masked" else
+                 f"GEPC head (from the cell embedding), trained on gepc_targets: {gepc_targets}, which includes 0 for "
+                 "every unexpressed gene, so it predicts masked tokens low: not comparable with the baseline")
     val_cells = f"{n_val} (validation)" if n_val is not None else "validation"
     table += [
         {"metric": "masked_mse_expression", "scllm": masked["expr_mse"], "baseline": masked["baseline_mse"],
@@ -393,7 +398,7 @@ def evaluate(embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv, out_table, o
          "details": f"{epoch_note}; expression head"},
         {"metric": "masked_mse_gepc", "scllm": masked["mvc_mse"], "baseline": masked["baseline_mse"],
          "baseline_method": "each cell's mean visible bin", "cells": val_cells,
-         "details": f"{epoch_note}; GEPC head (from the cell embedding)"},
+         "details": f"{epoch_note}; {gepc_note}"},
     ]
     n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
     title = (f"scLLM embeddings ({X.shape[1]} dims) vs PCA-{pca.shape[1]} of log-normalized HVGs: {len(keep)} "
