@@ -25,5 +25,5 @@ rule all:
     input:
         rules.pretrain.output,
         rules.evaluate.output,
-        rules.evaluate_heldout.output if config["heldout"]["path"] else [],
+        rules.evaluate_heldout.output if config["heldout"]["path"] else [],  # defined only then
     default_target: True

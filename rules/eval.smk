@@ -73,38 +73,42 @@ rule evaluate:
         "../workflow/scripts/evaluate.py"
 
 
-rule evaluate_heldout:
-    """The same scores on cells the model never saw (heldout.path): embedded like `scllm embed`,
-    against a PCA baseline fitted on those cells."""
-    input:
-        h5ad=config["heldout"]["path"] or [],
-        model=rules.pretrain.output.model,
-        args=rules.pretrain.output.args,
-        vocab=rules.pretrain.output.vocab,
-    output:
-        embeddings=f"{RESULTS}/evaluation/heldout/embeddings.h5ad",
-        table=report(
-            f"{RESULTS}/evaluation/heldout/metrics.tsv",
-            caption="../workflow/report/heldout.rst",
-            category="Evaluation",
-            labels={"figure": "held-out metrics table (TSV)"},
-        ),
-        html=f"{RESULTS}/evaluation/heldout/metrics.html",
-        umap_cell_type=report(
-            f"{RESULTS}/evaluation/heldout/umap_cell_type.png",
-            caption="../workflow/report/heldout.rst",
-            category="Evaluation",
-            labels={"figure": "held-out UMAP by cell type"},
-        ),
-    params:
-        heldout={k: v for k, v in config["heldout"].items() if k != "path"},
-        evaluate=config["evaluate"],
-    threads: 2
-    log:
-        f"{LOGS}/evaluate_heldout.log",
-    benchmark:
-        f"{BENCH}/evaluate_heldout.tsv"
-    conda:
-        "../envs/eval.yaml"
-    script:
-        "../workflow/scripts/evaluate_heldout.py"
+# Only defined when asked for (heldout.path), so a run without held-out cells has no such target.
+if config["heldout"]["path"]:
+
+    rule evaluate_heldout:
+        """The same scores on cells the model never saw (heldout.path): embedded like `scllm embed`,
+        against a PCA baseline fitted on those cells."""
+        input:
+            h5ad=config["heldout"]["path"],
+            model=rules.pretrain.output.model,
+            args=rules.pretrain.output.args,
+            vocab=rules.pretrain.output.vocab,
+        output:
+            embeddings=f"{RESULTS}/evaluation/heldout/embeddings.h5ad",
+            table=report(
+                f"{RESULTS}/evaluation/heldout/metrics.tsv",
+                caption="../workflow/report/heldout.rst",
+                category="Evaluation",
+                labels={"figure": "held-out metrics table (TSV)"},
+            ),
+            html=f"{RESULTS}/evaluation/heldout/metrics.html",
+            umap_cell_type=report(
+                f"{RESULTS}/evaluation/heldout/umap_cell_type.png",
+                caption="../workflow/report/heldout.rst",
+                category="Evaluation",
+                labels={"figure": "held-out UMAP by cell type"},
+            ),
+        params:
+            heldout={k: v for k, v in config["heldout"].items() if k != "path"},
+            evaluate={k: v for k, v in config["evaluate"].items() if k not in ("label_key", "batch_key")},
+            embed={k: v for k, v in config["embed"].items() if k in ("batch_size", "device")},
+        threads: 2
+        log:
+            f"{LOGS}/evaluate_heldout.log",
+        benchmark:
+            f"{BENCH}/evaluate_heldout.tsv"
+        conda:
+            "../envs/heldout.yaml"
+        script:
+            "../workflow/scripts/evaluate_heldout.py"

@@ -36,7 +36,6 @@ def test_each_objective_trains_and_is_logged(shards, tmp_path, settings, column)
     if column in ("ecs_loss", "contrastive_loss"):  # logged only when switched on
         other = {"ecs_loss": "contrastive_loss", "contrastive_loss": "ecs_loss"}[column]
         assert metrics[other].isna().all()
-    # contrastive views double the rows, not the cells counted
     assert (metrics["cells_per_s"] > 0).all()
 
 
@@ -90,3 +89,37 @@ def test_bad_objective_settings_are_refused(shards, tmp_path, settings, message)
     with pytest.raises(ValueError, match=message):
         pretrain(shards, tmp_path, TINY_MODEL, {**TRAIN, **settings})
     assert not any(tmp_path.iterdir())
+
+
+def test_genes_left_out_of_a_view_are_scored_as_the_cells_not_as_unexpressed():
+    from scllm.train import gepc_profile_mse
+
+    genes = np.r_[20, np.arange(20)].astype(np.int32)  # <cls> + all 20 vocabulary genes, bin 30
+    values = np.r_[0, np.full(20, 30)].astype(np.int16)
+    batch = training_batch([(genes, values)], 21, [0.5], torch.Generator().manual_seed(0), views=2, view_genes=0.5)
+    assert batch["gene_ids"].shape == (2, 11) and batch["profile_gene_ids"].shape == (2, 21)
+    perfect = torch.full((2, 20), 30.0)  # the whole cell, predicted exactly
+    for visible_too in (False, True):
+        assert gepc_profile_mse(perfect, batch["gene_ids"], batch["values"], batch["mask"], visible_too,
+                                (batch["profile_gene_ids"], batch["profile_values"])).item() == 0.0
+    # Without the whole cells, the 10 genes each view leaves out would count as unexpressed (target 0).
+    assert gepc_profile_mse(perfect, batch["gene_ids"], batch["values"], batch["mask"]).item() > 0
+
+
+def test_pca_init_is_deterministic(shards):
+    cells = ShardDataset(shards, "train")
+    cfg = ModelConfig(vocab_size=26, n_bins=51, n_layers=1, n_heads=2, d_model=8, d_ff=16)
+    a, b = CellTransformer(cfg), CellTransformer(cfg)
+    init_gene_embeddings_from_pca(a, cells, seed=0)
+    init_gene_embeddings_from_pca(b, cells, seed=0)
+    assert torch.equal(a.gene_emb.weight[:24], b.gene_emb.weight[:24])  # rows 24, 25: <cls>, <pad>
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"contrastive_temperature": 0}, "contrastive_temperature"),
+    ({"contrastive_view_genes": 1.5}, "contrastive_view_genes"),
+    ({"ecs_weight": -1}, "ecs_weight"),
+])
+def test_bad_weights_are_refused_outside_snakemake_too(shards, tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        pretrain(shards, tmp_path, TINY_MODEL, {**TRAIN, **settings})

@@ -21,7 +21,8 @@ from scllm.tokens import (MASK_VALUE, PAD_VALUE, RETOKENIZE, read_listed_shard, 
 
 T = TypeVar("T")
 # The tensors of a training batch (training_batch), in the order the training step unpacks them.
-TRAINING_BATCH_KEYS = ("gene_ids", "values", "padding_mask", "masked_values", "mask")
+TRAINING_BATCH_KEYS = ("gene_ids", "values", "padding_mask", "masked_values", "mask", "profile_gene_ids",
+                       "profile_values")
 
 
 class RaggedCells:
@@ -169,18 +170,25 @@ def training_batch(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int, rati
     ``views`` > 1 repeats the cells that many times (rows ``i + k * len(cells)`` are the same
     cell), each copy with its own mask: the views a contrastive objective compares. With
     ``view_genes`` < 1 each view keeps only that fraction of the cell's gene tokens (a random
-    subset, at least one), so two views share no trivial fingerprint of the cell's gene set.
+    subset, at least one), so two views share no trivial fingerprint of the cell's gene set;
+    ``profile_gene_ids``/``profile_values`` keep the whole cells (same rows) for objectives that
+    reconstruct the cell, where a gene left out of a view counts as masked, not as unexpressed.
 
     Every random draw comes from ``generator``, so the batch depends only on its seed. Adds
     ``masked_values`` (the model's input), ``mask`` and ``lengths`` (tokens per cell, numpy) to
     :func:`collate`'s output. ``pin_memory`` pins the tensors so copies to a GPU can overlap.
     """
     cells = list(cells) * views
+    whole = None
     if views > 1 and view_genes < 1:
+        whole = collate(cells, pad_id)  # the genes a view leaves out are still the cell's
         cells = [gene_subset(g, v, view_genes, generator) for g, v in cells]
     batch = collate(cells, pad_id)
     ratio = ratios[int(torch.randint(len(ratios), (1,), generator=generator))]
     batch["masked_values"], batch["mask"] = mask_values(batch["values"], batch["padding_mask"], ratio, generator)
+    # The whole cells' tokens (``profile_*``): what a whole-profile objective reconstructs.
+    batch["profile_gene_ids"] = batch["gene_ids"] if whole is None else whole["gene_ids"]
+    batch["profile_values"] = batch["values"] if whole is None else whole["values"]
     if pin_memory:
         batch = {key: t.pin_memory() for key, t in batch.items()}
     batch["lengths"] = np.array([len(g) for g, _ in cells])

@@ -435,8 +435,8 @@ def log_normalized_vocab_genes(h5ad, columns: np.ndarray, rows: np.ndarray, *, c
 
 def evaluate_heldout(model_dir, h5ad, out_embeddings, out_table, out_html, out_umap_label, *, label_key: str,
                      batch_key: str | None = None, gene_id_column: str | None = None,
-                     counts_layer: str | None = None, device: str = "auto", chunk_size: int = 20_000,
-                     **settings) -> pd.DataFrame:
+                     counts_layer: str | None = None, device: str = "auto", batch_size: int = 64,
+                     chunk_size: int = 20_000, **settings) -> pd.DataFrame:
     """Score the model on cells it never saw: embed ``h5ad`` (any h5ad of counts with its own
     ``label_key`` labels) as ``scllm embed`` does, and fit the PCA baseline on the same cells
     (log-normalized counts of the model's vocabulary genes found in the file)."""
@@ -458,7 +458,7 @@ def evaluate_heldout(model_dir, h5ad, out_embeddings, out_table, out_html, out_u
     samples = obs[batch_key].astype(str).to_numpy()[keep] if batch_key else np.full(len(keep), "all")
 
     summary = embed_h5ad(model_dir, h5ad, out_embeddings, gene_id_column=gene_id_column, counts_layer=counts_layer,
-                         chunk_size=chunk_size, device=device)
+                         chunk_size=chunk_size, device=device, batch_size=batch_size)
     emb = ad.read_h5ad(out_embeddings)
     # The baseline sees the vocabulary genes the embedding found (embed_h5ad maps them the same way).
     _, vocab, _ = load_model(model_dir)

@@ -9,7 +9,8 @@ Two heads predict the bins of masked tokens:
   embedding alone, so the cell embedding must summarise the whole cell.
 
 The cell embedding is read out as the ``<cls>`` output (``cell_emb_style: cls``, scGPT's
-default), the mean of the gene-token outputs (``mean``) or both side by side (``cls+mean``).
+default), the mean of the gene-token outputs (``mean``), both side by side (``cls+mean``) or
+their sum over the cell's genes, scaled by 1/sqrt(vocabulary size) (``sum``).
 Two optional objectives act on it directly (weights in the training settings): scGPT's elastic
 cell similarity (``ecs_loss``) and a contrastive term between two masked views of each cell
 (``contrastive_loss``).
@@ -48,7 +49,7 @@ class ModelConfig:
     # How a value enters: "bins" = an embedding row per bin (categorical); "continuous" = scGPT's
     # ContinuousValueEncoder (the bin as a number through a small MLP).
     value_encoder: str = "bins"
-    # How the cell embedding is read out: "cls", "mean" (of gene-token outputs) or "cls+mean".
+    # How the cell embedding is read out: "cls", "mean" (of gene-token outputs), "cls+mean" or "sum".
     cell_emb_style: str = "cls"
 
     def __post_init__(self):

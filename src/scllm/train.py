@@ -59,7 +59,9 @@ TRAIN_DEFAULTS = {
     "gepc_targets": "masked",
     "ecs_weight": 0.0,  # scGPT's elastic cell similarity (scGPT uses 10 with threshold 0.8)
     "ecs_threshold": 0.8,
-    "contrastive_weight": 0.0,  # InfoNCE between two masked views of each cell (doubles the batch)
+    # InfoNCE between two masked views of each cell, each keeping a random contrastive_view_genes
+    # of its gene tokens (doubles the rows of a batch, not its tokens at 0.5).
+    "contrastive_weight": 0.0,
     "contrastive_temperature": 0.1,
     "contrastive_view_genes": 0.5,  # fraction of a cell's gene tokens each view keeps
     # Initial gene embeddings: "random" (normal, std 0.02) or "pca": the genes' loadings on the
@@ -267,12 +269,12 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
 
             # The next batches are collated and masked in a background thread during this step.
             for b, batch in enumerate(prefetched(make_batch, range(state["batch"], len(batches))), state["batch"]):
-                gene_ids, values, padding_mask, masked, mask = (
+                gene_ids, values, padding_mask, masked, mask, profile_ids, profile_values = (
                     batch[key].to(device, non_blocking=True) for key in TRAINING_BATCH_KEYS)
 
                 with autocast:
                     pred = model(gene_ids, masked, padding_mask, all_genes=cfg["gepc_targets"] != "masked")
-                losses = objective(pred, gene_ids, values, mask, cfg, views)
+                losses = objective(pred, gene_ids, values, mask, cfg, views, (profile_ids, profile_values))
                 loss = losses[0]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -394,14 +396,16 @@ def init_gene_embeddings_from_pca(model: CellTransformer, cells, seed: int, log=
 
 
 def objective(pred: dict, gene_ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, cfg: dict,
-              views: int = 1) -> list:
+              views: int = 1, profile: tuple | None = None) -> list:
     """[total loss, expression MSE, GEPC MSE, ECS loss, contrastive loss] of one training batch;
     the total weighs each term by its ``*_weight`` setting (terms with weight 0 are not computed
-    and read 0). With ``views`` > 1 the batch holds that many masked views of its cells."""
+    and read 0). With ``views`` > 1 the batch holds that many masked views of its cells;
+    ``profile`` (gene ids, values) holds the whole cells behind the rows (default: the rows)."""
     zero = torch.zeros((), device=values.device)
     expr = masked_mse(pred["expr_pred"], values, mask)
     if cfg["gepc_targets"] != "masked":
-        gepc = gepc_profile_mse(pred["gepc_all_pred"], gene_ids, values, mask, cfg["gepc_targets"] == "all")
+        gepc = gepc_profile_mse(pred["gepc_all_pred"], gene_ids, values, mask, cfg["gepc_targets"] == "all",
+                                profile)
     else:
         gepc = masked_mse(pred["mvc_pred"], values, mask)
     ecs = ecs_loss(pred["cell_emb"], cfg["ecs_threshold"]) if cfg["ecs_weight"] else zero
@@ -411,17 +415,23 @@ def objective(pred: dict, gene_ids: torch.Tensor, values: torch.Tensor, mask: to
     return [total, expr, gepc, ecs, contrastive]
 
 
-def gepc_profile_mse(all_genes_pred, gene_ids, values, mask, visible_too: bool = False) -> torch.Tensor:
-    """GEPC's MSE over the cell's vocabulary profile: its masked genes (target: their bin) and
-    every vocabulary gene it does not express (target 0); its visible genes only with
-    ``visible_too`` (left out otherwise, as in the masked-only loss)."""
+def gepc_profile_mse(all_genes_pred, gene_ids, values, mask, visible_too: bool = False,
+                     profile: tuple | None = None) -> torch.Tensor:
+    """GEPC's MSE over each cell's vocabulary profile: every gene the cell does not express
+    (target 0) and every gene it expresses but the model did not see (masked, or left out of a
+    contrastive view: target its bin); the visible genes too with ``visible_too``.
+
+    ``gene_ids``/``values``/``mask`` are the model's input rows; ``profile`` = (gene ids, values)
+    of the whole cells behind them (default: the rows themselves).
+    """
     n_genes = all_genes_pred.shape[1]
     vocab_size = n_genes + 2
+    profile_ids, profile_values = profile if profile is not None else (gene_ids, values)
+    rows = len(gene_ids)
     # Scatter into [B, vocab_size]: <cls> and <pad> ids land in the last two columns, dropped.
-    target = torch.zeros(len(gene_ids), vocab_size, device=values.device).scatter(
-        1, gene_ids, values.float().clamp(min=0))
-    visible = torch.zeros(len(gene_ids), vocab_size, dtype=torch.bool, device=values.device).scatter(
-        1, gene_ids, ~mask)
+    target = torch.zeros(rows, vocab_size, device=values.device).scatter(
+        1, profile_ids, profile_values.float().clamp(min=0))
+    visible = torch.zeros(rows, vocab_size, dtype=torch.bool, device=values.device).scatter(1, gene_ids, ~mask)
     scored = torch.ones_like(visible) if visible_too else ~visible
     return masked_mse(all_genes_pred, target[:, :n_genes], scored[:, :n_genes])
 
@@ -471,6 +481,13 @@ def _train_settings(train_cfg: dict | None) -> dict:
     cfg = {**TRAIN_DEFAULTS, **(train_cfg or {})}
     if cfg["gene_emb_init"] not in ("random", "pca"):
         raise ValueError(f"train.gene_emb_init must be 'random' or 'pca', not {cfg['gene_emb_init']!r}")
+    for key in ("gepc_weight", "ecs_weight", "contrastive_weight"):
+        if not cfg[key] >= 0:
+            raise ValueError(f"train.{key} must be >= 0 (0 switches the term off), not {cfg[key]!r}")
+    if not cfg["contrastive_temperature"] > 0:
+        raise ValueError(f"train.contrastive_temperature must be > 0, not {cfg['contrastive_temperature']!r}")
+    if not 0 < cfg["contrastive_view_genes"] <= 1:
+        raise ValueError(f"train.contrastive_view_genes must be in (0, 1], not {cfg['contrastive_view_genes']!r}")
     if cfg["gepc_targets"] not in GEPC_TARGETS:
         raise ValueError(f"train.gepc_targets must be one of {GEPC_TARGETS}, not {cfg['gepc_targets']!r}")
     if cfg["amp"] not in ("auto", "bf16", "fp32"):

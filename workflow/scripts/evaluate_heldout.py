@@ -9,7 +9,6 @@ from scllm.io import setup_logging
 
 setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
-settings = {k: v for k, v in snakemake.params.evaluate.items() if k not in ("label_key", "batch_key")}
 evaluate_heldout(
     Path(snakemake.input.model).parent,
     snakemake.input.h5ad,
@@ -18,6 +17,8 @@ evaluate_heldout(
     snakemake.output.html,
     snakemake.output.umap_cell_type,
     chunk_size=snakemake.config["chunk_size"],  # memory only: not a rerun trigger
+    device=snakemake.params.embed.get("device", "auto"),
+    batch_size=snakemake.params.embed.get("batch_size", 64),
     **snakemake.params.heldout,
-    **settings,
+    **snakemake.params.evaluate,
 )
