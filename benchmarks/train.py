@@ -106,7 +106,7 @@ def attention_kernel(model, batch: dict, device: torch.device, autocast) -> str:
 def train_step(model, raw_model, optimizer, batch: dict, device, autocast=nullcontext()) -> tuple[torch.Tensor, int]:
     """One step as scllm.train runs it (``model`` may be compiled; ``raw_model`` holds the
     weights to clip). Returns the loss and the number of tokens computed, padding included."""
-    gene_ids, values, padding_mask, masked, mask, *_ = (batch[key].to(device, non_blocking=True) for key in TRAINING_BATCH_KEYS)
+    gene_ids, values, padding_mask, masked, mask = (batch[key].to(device, non_blocking=True) for key in TRAINING_BATCH_KEYS)
     with autocast:
         pred = model(gene_ids, masked, padding_mask)
     loss = masked_mse(pred["expr_pred"], values, mask) + masked_mse(pred["mvc_pred"], values, mask)

@@ -21,8 +21,9 @@ from scllm.tokens import (MASK_VALUE, PAD_VALUE, RETOKENIZE, read_listed_shard, 
 
 T = TypeVar("T")
 # The tensors of a training batch (training_batch), in the order the training step unpacks them.
-TRAINING_BATCH_KEYS = ("gene_ids", "values", "padding_mask", "masked_values", "mask", "profile_gene_ids",
-                       "profile_values")
+TRAINING_BATCH_KEYS = ("gene_ids", "values", "padding_mask", "masked_values", "mask")
+# Added by training_batch only when views leave genes out: the whole cells behind the rows.
+PROFILE_KEYS = ("profile_gene_ids", "profile_values")
 
 
 class RaggedCells:
@@ -171,8 +172,8 @@ def training_batch(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int, rati
     cell), each copy with its own mask: the views a contrastive objective compares. With
     ``view_genes`` < 1 each view keeps only that fraction of the cell's gene tokens (a random
     subset, at least one), so two views share no trivial fingerprint of the cell's gene set;
-    ``profile_gene_ids``/``profile_values`` keep the whole cells (same rows) for objectives that
-    reconstruct the cell, where a gene left out of a view counts as masked, not as unexpressed.
+    then ``profile_gene_ids``/``profile_values`` keep the whole cells (same rows) for objectives
+    that reconstruct the cell, where a gene left out of a view counts as masked, not unexpressed.
 
     Every random draw comes from ``generator``, so the batch depends only on its seed. Adds
     ``masked_values`` (the model's input), ``mask`` and ``lengths`` (tokens per cell, numpy) to
@@ -186,9 +187,8 @@ def training_batch(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int, rati
     batch = collate(cells, pad_id)
     ratio = ratios[int(torch.randint(len(ratios), (1,), generator=generator))]
     batch["masked_values"], batch["mask"] = mask_values(batch["values"], batch["padding_mask"], ratio, generator)
-    # The whole cells' tokens (``profile_*``): what a whole-profile objective reconstructs.
-    batch["profile_gene_ids"] = batch["gene_ids"] if whole is None else whole["gene_ids"]
-    batch["profile_values"] = batch["values"] if whole is None else whole["values"]
+    if whole is not None:  # what a whole-profile objective reconstructs
+        batch["profile_gene_ids"], batch["profile_values"] = whole["gene_ids"], whole["values"]
     if pin_memory:
         batch = {key: t.pin_memory() for key, t in batch.items()}
     batch["lengths"] = np.array([len(g) for g, _ in cells])

@@ -468,4 +468,4 @@ def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = Non
              int(np.median(n_tokens)) if n_cells else 0, out_h5ad, *embeddings.shape, time.time() - t0)
     return {"n_cells": n_cells, "dim": embeddings.shape[1], "coverage": mapping.coverage,
             "n_found": mapping.n_found, "n_vocab": mapping.n_vocab, "gene_match": mapping.source,
-            "binning_source": binning_source, "n_empty": empty}
+            "binning_source": binning_source, "n_empty": empty, "columns": mapping.columns}

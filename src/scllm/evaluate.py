@@ -165,8 +165,6 @@ def score_representation(X: np.ndarray, labels, samples, *, n_neighbors=15, n_fo
 def log_normalized_hvgs(filtered_h5ad, hvg_ids, cells, *, chunk_size: int = 20_000) -> sp.csr_matrix:
     """log1p(normalize_total(counts, 1e4)) of the HVGs for ``cells`` (obs names, in that order),
     totals over all genes, streamed from ``filtered_h5ad`` in row chunks (stays sparse)."""
-    from scllm.binning import normalize_total
-
     adata = open_backed(filtered_h5ad)
     rows = adata.obs_names.get_indexer(pd.Index(cells))
     if (rows < 0).any():
@@ -175,20 +173,30 @@ def log_normalized_hvgs(filtered_h5ad, hvg_ids, cells, *, chunk_size: int = 20_0
     columns = adata.var_names.get_indexer(pd.Index(hvg_ids))
     if (columns < 0).any():
         raise ValueError(f"{int((columns < 0).sum())} HVGs are not genes of {filtered_h5ad}; rerun select_hvg")
-    wanted = np.zeros(adata.n_obs, dtype=bool)
+    matrix = _log_normalized_rows(lambda start, stop: read_rows(adata, start, stop), adata.n_obs, columns, rows,
+                                  chunk_size)
+    adata.file.close()
+    return matrix
+
+
+def _log_normalized_rows(read_block, n_obs: int, columns, rows, chunk_size: int) -> sp.csr_matrix:
+    """log1p(normalize_total(counts, 1e4)) of ``columns`` for ``rows`` (in that order), totals over
+    all genes; ``read_block(start, stop)`` gives a CSR block of counts, read in row chunks."""
+    from scllm.binning import normalize_total
+
+    wanted = np.zeros(n_obs, dtype=bool)
     wanted[rows] = True
     blocks, got = [], []
-    for start, stop in row_chunks(adata.n_obs, chunk_size):
+    for start, stop in row_chunks(n_obs, chunk_size):
         keep = np.flatnonzero(wanted[start:stop])
         if not keep.size:
             continue
-        counts = read_rows(adata, start, stop)[keep]
+        counts = read_block(start, stop)[keep]
         totals = np.asarray(counts.sum(axis=1)).ravel()
         blocks.append(normalize_total(counts[:, columns], totals, BASELINE_TARGET_SUM, log1p=True))
         got.append(keep + start)
-    adata.file.close()
     matrix = sp.vstack(blocks, format="csr")
-    position = np.empty(adata.n_obs, dtype=np.int64)
+    position = np.empty(n_obs, dtype=np.int64)
     position[np.concatenate(got)] = np.arange(matrix.shape[0])
     return matrix[position[rows]]
 
@@ -309,7 +317,7 @@ def labelled_cells(obs: pd.DataFrame, label_key: str, max_cells: int, seed: int,
 
 
 def score_against_pca(X: np.ndarray, pca: np.ndarray, labels, samples, cfg: dict, cells: str, label_key: str,
-                      batch_key: str) -> tuple[list[dict], dict]:
+                      batch_key: str, baseline_name: str) -> tuple[list[dict], dict]:
     """Score the embeddings ``X`` and the PCA baseline of the same cells; the metrics-table rows
     and the UMAP panels."""
     labels, samples = np.asarray(labels).astype(str), np.asarray(samples).astype(str)
@@ -334,7 +342,6 @@ def score_against_pca(X: np.ndarray, pca: np.ndarray, labels, samples, cfg: dict
         ("silhouette_label", f"{label_key}, Euclidean, in [-1, 1]: higher = labels separate"),
         ("silhouette_sample", f"{batch_key}: near 0 = samples mix" if n_samples > 1 else "n/a: one sample"),
     ]
-    baseline_name = f"PCA-{pca.shape[1]} of log-normalized HVGs"
     table = [{"metric": m, "scllm": ours[m], "baseline": base[m], "baseline_method": baseline_name,
               "cells": cells, "details": d} for m, d in rows]
     panels = {f"scLLM ({X.shape[1]} dims)": ours_umap, baseline_name: base_umap}
@@ -381,7 +388,7 @@ def evaluate(embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv, out_table, o
     log.info("evaluate: PCA baseline: %d cells x %d HVGs -> %d PCs", *matrix.shape, pca.shape[1])
     X = np.asarray(sub.obsm[EMBEDDING_KEY])
     table, panels = score_against_pca(X, pca, labels, samples, cfg, f"{len(keep)} ({cells_setting})", label_key,
-                                      batch_key)
+                                      batch_key, f"PCA-{pca.shape[1]} of log-normalized HVGs")
 
     masked = masked_value_error(epochs_tsv)
     epoch_note = f"best epoch {masked['epoch']} of {masked['n_epochs']}, fixed masks"
@@ -414,23 +421,14 @@ def log_normalized_vocab_genes(h5ad, columns: np.ndarray, rows: np.ndarray, *, c
                                chunk_size: int = 20_000) -> sp.csr_matrix:
     """log1p(normalize_total(counts, 1e4)) of the input ``columns`` (the model's vocabulary genes
     as found in the file) for ``rows``, totals over all the file's genes, read in row chunks."""
-    from scllm.binning import normalize_total
     from scllm.embed import _Rows
 
     reader = _Rows(h5ad, counts_layer)
-    wanted = np.zeros(reader.elem.shape[0], dtype=bool)
-    wanted[rows] = True
-    blocks = []
     try:
-        for start, stop in row_chunks(len(wanted), chunk_size):
-            keep = np.flatnonzero(wanted[start:stop])
-            if keep.size:
-                counts = reader[start:stop][keep]
-                totals = np.asarray(counts.sum(axis=1)).ravel()
-                blocks.append(normalize_total(counts[:, columns], totals, BASELINE_TARGET_SUM, log1p=True))
+        return _log_normalized_rows(lambda start, stop: reader[start:stop], reader.elem.shape[0], columns, rows,
+                                    chunk_size)
     finally:
         reader.close()
-    return sp.vstack(blocks, format="csr")
 
 
 def evaluate_heldout(model_dir, h5ad, out_embeddings, out_table, out_html, out_umap_label, *, label_key: str,
@@ -442,14 +440,14 @@ def evaluate_heldout(model_dir, h5ad, out_embeddings, out_table, out_html, out_u
     (log-normalized counts of the model's vocabulary genes found in the file)."""
     import anndata as ad
 
-    from scllm.embed import embed_h5ad, load_model, map_genes, model_genes
+    from scllm.embed import embed_h5ad
 
     cfg = _settings({**settings, "label_key": label_key})
     t0 = time.time()
     seed = int(cfg["seed"])
     # Check the labels before any work, so a refused file leaves nothing behind.
     source = open_backed(h5ad)
-    obs, var = source.obs.copy(), source.var.copy()
+    obs = source.obs.copy()
     source.file.close()
     keep = labelled_cells(obs, label_key, cfg["max_cells"], seed, h5ad)
     if batch_key is not None and batch_key not in obs:
@@ -460,18 +458,16 @@ def evaluate_heldout(model_dir, h5ad, out_embeddings, out_table, out_html, out_u
     summary = embed_h5ad(model_dir, h5ad, out_embeddings, gene_id_column=gene_id_column, counts_layer=counts_layer,
                          chunk_size=chunk_size, device=device, batch_size=batch_size)
     emb = ad.read_h5ad(out_embeddings)
-    # The baseline sees the vocabulary genes the embedding found (embed_h5ad maps them the same way).
-    _, vocab, _ = load_model(model_dir)
-    mapping = map_genes(var, model_genes(model_dir, vocab), gene_id_column)
-    matrix = log_normalized_vocab_genes(h5ad, mapping.columns, keep, counts_layer=counts_layer, chunk_size=chunk_size)
+    # The baseline sees the vocabulary genes the embedding found.
+    matrix = log_normalized_vocab_genes(h5ad, summary["columns"], keep, counts_layer=counts_layer,
+                                        chunk_size=chunk_size)
     pca = pca_baseline(matrix, n_pcs=cfg["n_pcs"], seed=seed)
     log.info("evaluate: PCA baseline on the held-out cells: %d cells x %d vocabulary genes -> %d PCs", *matrix.shape,
              pca.shape[1])
     X = np.asarray(emb.obsm[EMBEDDING_KEY])[keep]
     table, panels = score_against_pca(X, pca, labels, samples, cfg, f"{len(keep)} (held out: {Path(h5ad).name})",
-                                      label_key, batch_key or "sample")
-    for row in table:
-        row["baseline_method"] = f"PCA-{pca.shape[1]} of log-normalized vocabulary genes (same cells)"
+                                      label_key, batch_key or "sample",
+                                      f"PCA-{pca.shape[1]} of log-normalized vocabulary genes (same cells)")
     title = (f"scLLM embeddings ({X.shape[1]} dims) of {len(keep)} held-out cells ({Path(h5ad).name}, "
              f"{summary['coverage']:.0%} of the vocabulary found) vs PCA of the same cells")
     result = _write_results(table, title, panels, [(out_umap_label, labels, label_key)], out_table, out_html, seed)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scllm.checks import load_torch_file
-from scllm.data import (TRAINING_BATCH_KEYS, LengthGroupedBatchSampler, ShardDataset, check_vocab, collate,
+from scllm.data import (PROFILE_KEYS, TRAINING_BATCH_KEYS, LengthGroupedBatchSampler, ShardDataset, check_vocab, collate,
                         mask_values, prefetched, training_batch)
 from scllm.errors import CorruptArtifactError
 from scllm.io import atomic_path, remove_stale_temporaries, setup_logging
@@ -269,12 +269,14 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
 
             # The next batches are collated and masked in a background thread during this step.
             for b, batch in enumerate(prefetched(make_batch, range(state["batch"], len(batches))), state["batch"]):
-                gene_ids, values, padding_mask, masked, mask, profile_ids, profile_values = (
+                gene_ids, values, padding_mask, masked, mask = (
                     batch[key].to(device, non_blocking=True) for key in TRAINING_BATCH_KEYS)
+                profile = (tuple(batch[key].to(device, non_blocking=True) for key in PROFILE_KEYS)
+                           if PROFILE_KEYS[0] in batch else None)
 
                 with autocast:
                     pred = model(gene_ids, masked, padding_mask, all_genes=cfg["gepc_targets"] != "masked")
-                losses = objective(pred, gene_ids, values, mask, cfg, views, (profile_ids, profile_values))
+                losses = objective(pred, gene_ids, values, mask, cfg, views, profile)
                 loss = losses[0]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
