@@ -6,6 +6,9 @@ Variants, each adding one optimisation to the previous:
   grouped_fp32   each batch padded only to its longest cell, cells of similar length grouped;
   grouped_bf16   + bf16 autocast (fused SDPA attention kernels);
   compiled_bf16  + torch.compile.
+  tokens_bf16    grouped_bf16 with batches cut by a token budget (--max-tokens: cells per batch
+                 times its longest cell) instead of a fixed number of cells, so that short cells
+                 make large batches and long cells small ones.
 Each variant runs the training step of scllm.train: batches collated and masked in a background
 thread (scllm.data.training_batch, scllm.data.prefetched), forward, both masked losses, backward,
 gradient clipping, AdamW. Tokens/s, FLOP/s and MFU count real (non-padding) tokens only, so
@@ -38,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from scllm.data import (  # noqa: E402
     TRAINING_BATCH_KEYS, LengthGroupedBatchSampler, ShardDataset, prefetched, training_batch)
-from scllm.model import CellTransformer, ModelConfig, masked_mse, peak_flops  # noqa: E402
+from scllm.model import CellTransformer, ModelConfig, attention_kernels, masked_mse, peak_flops  # noqa: E402
 from scllm.tokens import PAD_VALUE  # noqa: E402
 
-VARIANTS = ("pad1201_fp32", "grouped_fp32", "grouped_bf16", "compiled_bf16")
+VARIANTS = ("pad1201_fp32", "grouped_fp32", "grouped_bf16", "compiled_bf16", "tokens_bf16")
 N_GENES, N_BINS, MAX_LEN = 1200, 51, 1201
 MASK_RATIOS = [0.25, 0.5, 0.75]  # the training default
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, for the "what MFU would this need" line
@@ -75,32 +78,33 @@ def pad_to(batch: dict, length: int, pad_id: int) -> dict:
     return out
 
 
+def token_budget_batches(lengths: np.ndarray, max_tokens: int, seed: int = 0, bucket_cells: int = 20_000) -> list[np.ndarray]:
+    """Batches of at most ``max_tokens`` padded tokens: permute the cells, sort each bucket of
+    ``bucket_cells`` longest first, and let a batch take cells while (cells + 1) x its first
+    (longest) cell's length fits the budget; then shuffle the batches."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), bucket_cells):
+        bucket = order[start:start + bucket_cells]
+        bucket = bucket[np.argsort(-lengths[bucket], kind="stable")]
+        i = 0
+        while i < len(bucket):
+            n = max(1, max_tokens // int(lengths[bucket[i]]))
+            batches.append(bucket[i:i + n])
+            i += n
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def flops_per_cell(model: CellTransformer, lengths: np.ndarray) -> np.ndarray:
     """Useful training FLOPs of each cell: its real tokens times FLOPs per token at its length."""
     return lengths * model.estimate_flops_per_token(lengths)
 
 
 def attention_kernel(model, batch: dict, device: torch.device, autocast) -> str:
-    """Which SDPA implementation a training-mode forward pass runs: the fused aten op the
-    dispatcher chose (flash, memory-efficient, cuDNN, or the CPU flash kernel), or "math" (the
-    unfused fallback, which shows up only as its matmuls and softmax)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
-
+    """The SDPA kernel a training-mode forward pass of ``model`` runs on ``batch``."""
     inputs = [batch[key].to(device) for key in ("gene_ids", "masked_values", "padding_mask")]
-    with autocast, Recorder() as recorder:
-        model(*inputs)
-    fused = sorted(op for op in recorder.ops if op.startswith("_scaled_dot_product") or op.startswith("_flash_attention")
-                   or op.startswith("_efficient_attention"))
-    return ",".join(fused) or "math"
+    return attention_kernels(model, *inputs, autocast=autocast)
 
 
 def train_step(model, raw_model, optimizer, batch: dict, device, autocast=nullcontext()) -> tuple[torch.Tensor, int]:
@@ -127,7 +131,11 @@ def run_variant(variant: str, batch_size: int, cells, lengths, args, device) -> 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant.endswith("bf16") else nullcontext()
     grouped = not variant.startswith("pad1201")
     # Every variant times the same cells in the same batches; pad1201 pads them to 1,201 tokens.
-    batches = LengthGroupedBatchSampler(lengths, batch_size, seed=0, shuffle=True).epoch_batches(0)
+    # tokens_bf16 takes batch_size as its token budget.
+    if variant == "tokens_bf16":
+        batches = token_budget_batches(lengths, batch_size)
+    else:
+        batches = LengthGroupedBatchSampler(lengths, batch_size, seed=0, shuffle=True).epoch_batches(0)
     total = args.warmup + args.steps
     if len(batches) < total:
         raise SystemExit(f"{len(batches)} batches of {batch_size} < warmup + steps = {total}; raise --cells")
@@ -157,7 +165,9 @@ def run_variant(variant: str, batch_size: int, cells, lengths, args, device) -> 
     seconds = time.perf_counter() - start
     peak = peak_flops(device)
     return {
-        "variant": variant, "batch_size": batch_size, "steps": args.steps, "seconds": seconds,
+        "variant": variant, "batch_size": batch_size if variant != "tokens_bf16" else None,
+        "max_tokens": batch_size if variant == "tokens_bf16" else None,
+        "mean_cells_per_batch": counts[0] / args.steps, "steps": args.steps, "seconds": seconds,
         "cells_per_s": counts[0] / seconds, "tokens_per_s": counts[1] / seconds,
         "mean_timed_length": counts[1] / counts[0],
         "useful_tflops": counts[3] / seconds / 1e12,
@@ -237,6 +247,8 @@ def main() -> None:
     p.add_argument("--mean-length", type=float, default=500.0, help="synthetic lengths: log-normal mean")
     p.add_argument("--cells", type=int, default=20000)
     p.add_argument("--batch-size", type=int, nargs="+", default=[32], help="one or more cells-per-step values")
+    p.add_argument("--max-tokens", type=int, nargs="+", default=[16384, 65536],
+                   help="tokens_bf16: padded-token budgets per batch")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--layers", type=int, default=12)
@@ -281,7 +293,7 @@ def main() -> None:
            "flops_per_cell": mean_flops, "input_pipeline": pipeline, "step_overhead": overhead, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for variant in variants:
-        for bs in args.batch_size:
+        for bs in (args.max_tokens if variant == "tokens_bf16" else args.batch_size):
             try:
                 row = run_variant(variant, bs, cells, lengths, args, device)
             except Exception as error:  # out of memory, a compile failure: record it, go on
@@ -292,7 +304,7 @@ def main() -> None:
                 print(f"{variant:14s} batch {bs:4d}: {row['error']}", flush=True)
             else:
                 mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-                print(f"{variant:14s} batch {bs:4d}: {row['cells_per_s']:9.1f} cells/s {row['tokens_per_s']:11.0f} "
+                print(f"{variant:14s} batch {bs:5d}: {row['cells_per_s']:9.1f} cells/s {row['tokens_per_s']:11.0f} "
                       f"tokens/s {row['useful_tflops']:8.3f} TFLOP/s MFU {mfu} padding {row['padding_fraction']:.1%} "
                       f"attention {row['attention']}", flush=True)
             results.append(row)

@@ -19,6 +19,7 @@ cell similarity (``ecs_loss``) and a contrastive term between two masked views o
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -259,6 +260,32 @@ def peak_flops(device: torch.device) -> float | None:
         if key in name:
             return flops
     return None
+
+
+FUSED_ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                       "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                       "_flash_attention_forward", "_efficient_attention_forward")
+
+
+def attention_kernels(model: nn.Module, gene_ids, values, padding_mask, autocast=None) -> str:
+    """Which SDPA implementation a forward pass of ``model`` runs on these inputs: the fused aten
+    ops the dispatcher chose (flash, memory-efficient, cuDNN, or the CPU flash kernel), comma
+    separated, or "math" (the unfused fallback, which shows only as its matmuls and softmax).
+    The model's mode (train/eval) is the caller's: dropout can change the dispatcher's choice."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with autocast or nullcontext(), Recorder() as recorder:  # with gradients: as in training
+        model(gene_ids, values, padding_mask)
+    return ",".join(sorted(recorder.ops & set(FUSED_ATTENTION_OPS))) or "math"
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
