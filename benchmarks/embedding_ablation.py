@@ -60,6 +60,9 @@ VARIANTS = {
                                 {**BASE, "gepc_targets": "masked+unexpressed"}),
     "no_gepc": ("no GEPC loss", {}, {**BASE, "gepc_weight": 0.0}),
     "ecs": ("+ elastic cell similarity (scGPT: weight 10, threshold 0.8)", {}, {**BASE, "ecs_weight": 10.0}),
+    "vicreg": ("default + VICReg's variance-covariance term on the cell embedding, weight 1", {},
+               {"vc_weight": 1.0}),
+    "vicreg_low": ("default + VICReg's variance-covariance term, weight 0.3", {}, {"vc_weight": 0.3}),
     "continuous_values": ("scGPT's continuous value encoder instead of bin embeddings",
                           {"value_encoder": "continuous"}, dict(BASE)),
     "mask_low": ("mask ratios {0.15, 0.25}", {}, {**BASE, "mask_ratios": [0.15, 0.25]}),
@@ -93,7 +96,7 @@ def run_one(job: dict) -> dict:
     import anndata as ad
     import torch
 
-    from scllm.embed import embed_shards
+    from scllm.embedding import embed_shards
     from scllm.evaluate import masked_value_error, score_representation
     from scllm.train import pretrain
 

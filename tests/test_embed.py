@@ -15,7 +15,7 @@ import torch
 
 from scllm.binning import normalize_bin
 from scllm.cli import main as cli_main
-from scllm.embed import (
+from scllm.embedding import (
     EMBEDDING_KEY, GeneCoverageError, binning_settings, embed_h5ad, embed_shard_cells, embed_shards, load_model,
     map_genes, model_genes, tokenize_counts,
 )
@@ -200,6 +200,38 @@ def test_a_cell_gets_the_same_embedding_alone_and_in_a_batch(model_dir, tmp_path
     embed_h5ad(model_dir, tmp_path / "layer.h5ad", tmp_path / "layer_out.h5ad", counts_layer="counts", chunk_size=4)
     np.testing.assert_allclose(ad.read_h5ad(tmp_path / "layer_out.h5ad").obsm[EMBEDDING_KEY], emb[perm],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_in_memory_api_matches_the_cli_and_keeps_the_users_cells(model_dir, tmp_path):
+    import scllm
+
+    counts = counts_matrix()
+    var = input_var()
+    path = write_input(tmp_path / "cells.h5ad", counts, var, obs_names=[f"AAAC{i}-1" for i in range(N_CELLS)])
+    cli_main(["embed", str(model_dir), str(path), str(tmp_path / "cli.h5ad"), "--device", "cpu"])
+    from_cli = ad.read_h5ad(tmp_path / "cli.h5ad")
+
+    adata = ad.read_h5ad(path)
+    adata.obs["cell_type"] = "T"
+    before_X = adata.X.copy()
+    assert scllm.embed(adata, model_dir, device="cpu", chunk_size=7) is None  # in place, as scanpy's functions
+    np.testing.assert_allclose(adata.obsm["X_scllm"], from_cli.obsm[EMBEDDING_KEY], rtol=1e-5, atol=1e-6)
+    assert list(adata.obs_names) == [f"AAAC{i}-1" for i in range(N_CELLS)] == list(from_cli.obs_names)
+    assert adata.obs["cell_type"].eq("T").all() and (adata.X != before_X).nnz == 0  # nothing else touched
+    np.testing.assert_array_equal(adata.obs["scllm_n_genes"], from_cli.obs["scllm_n_genes"])
+    assert adata.uns["scllm"]["tie_break"] == "content" and adata.uns["scllm"]["layer"] == "X"
+
+    # copy=True leaves the input alone; a dense layer and a view of some cells give the same vectors
+    dense = ad.AnnData(X=np.zeros(counts.shape, np.float32), obs=adata.obs[[]].copy(), var=var,
+                       layers={"counts": counts.toarray()})
+    out = scllm.embed(dense, model_dir, layer="counts", key_added="X_model", copy=True, device="cpu")
+    assert "X_model" not in dense.obsm and "scllm" not in dense.uns
+    np.testing.assert_allclose(out.obsm["X_model"], adata.obsm["X_scllm"], rtol=1e-5, atol=1e-6)
+    some = adata[[3, 11, 20]].copy()
+    scllm.embed(some, model_dir, device="cpu")
+    np.testing.assert_allclose(some.obsm["X_scllm"], adata.obsm["X_scllm"][[3, 11, 20]], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no layer 'raw'"):
+        scllm.embed(adata, model_dir, layer="raw", device="cpu")
 
 
 def test_negative_values_are_rejected(model_dir, tmp_path):

@@ -200,7 +200,7 @@ def heldout_files(root):
 
 
 def test_heldout_evaluation_embeds_new_cells_and_fits_pca_on_them(tmp_path):
-    from scllm.embed import embed_h5ad
+    from scllm.embedding import embed_h5ad
     from scllm.evaluate import evaluate_heldout, log_normalized_vocab_genes
 
     model_dir, h5ad, counts, labels = heldout_files(tmp_path)

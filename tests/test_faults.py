@@ -306,7 +306,7 @@ class Payload:
 
 def test_checkpoints_load_with_weights_only(shards, reference, tmp_path, caplog):
     """A checkpoint or model file holding an arbitrary pickled object is refused, and its code never runs."""
-    from scllm.embed import load_model
+    from scllm.embedding import load_model
 
     marker = tmp_path / "payload_ran"
     torch.save({"model": Payload(marker)}, tmp_path / "evil.pt")

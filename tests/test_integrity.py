@@ -26,7 +26,7 @@ from scllm.census import build_local_census, sample_census
 from scllm.checks import file_sha256
 from scllm.cli import main as cli_main
 from scllm.data import ShardDataset
-from scllm.embed import embed_h5ad, embed_shards, load_model
+from scllm.embedding import embed_h5ad, embed_shards, load_model
 from scllm.errors import CorruptArtifactError, InputError, UnsafeFileError
 from scllm.split import split_cells
 from scllm.tokens import read_shard

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from scllm.data import collate, mask_values
-from scllm.model import CellTransformer, ModelConfig, contrastive_loss, ecs_loss, masked_mse
+from scllm.model import (CellTransformer, ModelConfig, contrastive_loss, ecs_loss, masked_mse,
+                         variance_covariance_loss)
 from scllm.train import gepc_profile_mse
 from scllm.tokens import MASK_VALUE, PAD_VALUE
 
@@ -189,6 +190,24 @@ def test_ecs_loss_matches_scgpt_formula():
             cos = 0.0 if i == j else float(torch.dot(emb[i], emb[j]) / (emb[i].norm() * emb[j].norm()))
             total += 1 - (max(cos, 0.0) - threshold) ** 2
     assert ecs_loss(emb, threshold).item() == pytest.approx(total / 25, abs=1e-6)
+
+
+def test_variance_covariance_loss_matches_vicreg_formula():
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(7, 4)) * [0.2, 1.0, 3.0, 0.5]  # two dimensions under the target std
+    emb[:, 3] += 0.8 * emb[:, 1]  # and one correlated pair
+    n, d = emb.shape
+    centred = emb - emb.mean(0)
+    std = np.sqrt(centred.var(0, ddof=1) + 1e-4)
+    cov = centred.T @ centred / (n - 1)
+    expected = np.maximum(1 - std, 0).mean() + (cov ** 2).sum() / d - (np.diag(cov) ** 2).sum() / d
+    got = variance_covariance_loss(torch.tensor(emb, dtype=torch.float32)).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    # decorrelated unit-variance dimensions cost (almost) nothing
+    white = np.linalg.qr(rng.normal(size=(200, 4)))[0] * np.sqrt(199)
+    assert variance_covariance_loss(torch.tensor(white - white.mean(0), dtype=torch.float32)).item() < 0.05
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        variance_covariance_loss(torch.zeros(1, 4))
 
 
 def test_contrastive_loss_matches_nt_xent():

@@ -123,3 +123,20 @@ def test_pca_init_is_deterministic(shards):
 def test_bad_weights_are_refused_outside_snakemake_too(shards, tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         pretrain(shards, tmp_path, TINY_MODEL, {**TRAIN, **settings})
+
+
+def test_vc_weight_adds_the_weighted_variance_covariance_term():
+    from scllm.model import variance_covariance_loss
+    from scllm.train import TRAIN_DEFAULTS, objective
+
+    g = torch.Generator().manual_seed(0)
+    gene_ids = torch.randint(0, 20, (6, 9), generator=g)
+    values = torch.randint(1, 51, (6, 9), generator=g)
+    mask = torch.rand(6, 9, generator=g) < 0.4
+    pred = {"expr_pred": torch.randn(6, 9, generator=g), "mvc_pred": torch.randn(6, 9, generator=g),
+            "cell_emb": torch.randn(6, 5, generator=g)}
+    off = objective(pred, gene_ids, values, mask, dict(TRAIN_DEFAULTS))[0]
+    on = objective(pred, gene_ids, values, mask, {**TRAIN_DEFAULTS, "vc_weight": 2.5})[0]
+    assert (on - off).item() == pytest.approx(2.5 * variance_covariance_loss(pred["cell_emb"]).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="train.vc_weight must be >= 0"):
+        pretrain("unused", "unused", train_cfg={"vc_weight": -1})

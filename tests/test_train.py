@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from scllm.data import LengthGroupedBatchSampler, ShardDataset, collate
-from scllm.embed import embed_shard_cells, load_model
+from scllm.embedding import embed_shard_cells, load_model
 from scllm.tokens import PAD_VALUE, build_vocab, read_shard, vocab_sha256, write_vocab
 from scllm.train import EPOCH_COLUMNS, METRIC_COLUMNS, pretrain
 

@@ -30,7 +30,8 @@ DATA_OUTPUTS = {  # rule -> an output it writes, in DAG order
     "embed": "embeddings.h5ad",
     "evaluate": "evaluation/metrics.tsv",
 }
-TINY_TRAINING = {"model": {"n_layers": 1, "n_heads": 2, "d_model": 16, "d_ff": 32, "dropout": 0.0},
+# run: demo, so that the tests below share (and check) the embedded default's results folder.
+TINY_TRAINING = {"run": "demo", "model": {"n_layers": 1, "n_heads": 2, "d_model": 16, "d_ff": 32, "dropout": 0.0},
                  "train": {"epochs": 1, "batch_size": 64, "warmup_steps": 2}}
 
 pytestmark = pytest.mark.workflow
@@ -173,6 +174,22 @@ def test_heldout_evaluation_rule_runs_only_when_asked_and_reruns_nothing_else(de
     assert list(emb.obs_names[:2]) == ["new_0", "new_1"]
     log = (results / "logs" / "evaluate_heldout.log").read_text()
     assert "PCA baseline on the held-out cells: 300 cells" in log and "300 cells, 300 scored" in log
+
+
+def test_a_config_file_without_run_gets_its_own_results_folder(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    (workdir / "my experiment.yaml").write_text(yaml.safe_dump({"evaluate": {"n_neighbors": 10}}))
+    dry = snakemake(workdir, "--configfile", "my experiment.yaml", "-n")
+    out = dry.stdout + dry.stderr
+    assert "run: not set in my experiment.yaml; outputs go to results/my_experiment/" in out
+    assert "results/my_experiment/evaluation/metrics.tsv" in out and "results/demo/" not in out
+    named = write_config(workdir, "named.yaml", {"run": "mine"})
+    assert "results/mine/evaluation/metrics.tsv" in snakemake(workdir, "--configfile", named, "-n").stdout
+    # --config run=... counts as setting it, and without config files the embedded default is the demo
+    forced = snakemake(workdir, "--configfile", "my experiment.yaml", "--config", "run=demo", "-n")
+    forced = forced.stdout + forced.stderr
+    assert "results/demo/evaluation/metrics.tsv" in forced and "not set" not in forced
+    assert "results/demo/evaluation/metrics.tsv" in snakemake(workdir, "-n").stdout
 
 
 def test_invalid_config_value_fails_before_any_job_and_names_the_key(tmp_path):

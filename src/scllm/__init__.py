@@ -2,13 +2,13 @@
 scGPT-style transformer. Importing the package is light; torch loads only when a model is used."""
 
 __version__ = "0.1.0"
-__all__ = ["load_model"]
+__all__ = ["embed", "load_model"]
 
 
 def __getattr__(name):
     # Lazy: `import scllm` must not import torch.
-    if name == "load_model":
-        from scllm.embed import load_model
+    if name in ("embed", "load_model"):
+        import scllm.embedding as embedding
 
-        return load_model
+        return getattr(embedding, name)
     raise AttributeError(f"module 'scllm' has no attribute {name!r}")

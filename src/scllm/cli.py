@@ -8,7 +8,7 @@ import sys
 from scllm.errors import REFUSALS
 from scllm.io import setup_logging
 
-MIN_COVERAGE_DEFAULT = 0.5  # scllm.embed.MIN_COVERAGE (not imported here: it would import torch)
+MIN_COVERAGE_DEFAULT = 0.5  # scllm.embedding.MIN_COVERAGE (not imported here: it would import torch)
 
 
 def _build_census(args: argparse.Namespace) -> None:
@@ -25,7 +25,7 @@ def _build_census(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from scllm.embed import embed_h5ad
+    from scllm.embedding import embed_h5ad
 
     summary = embed_h5ad(
         args.model_dir, args.h5ad, args.out,

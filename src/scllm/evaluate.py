@@ -421,7 +421,7 @@ def log_normalized_vocab_genes(h5ad, columns: np.ndarray, rows: np.ndarray, *, c
                                chunk_size: int = 20_000) -> sp.csr_matrix:
     """log1p(normalize_total(counts, 1e4)) of the input ``columns`` (the model's vocabulary genes
     as found in the file) for ``rows``, totals over all the file's genes, read in row chunks."""
-    from scllm.embed import _Rows
+    from scllm.embedding import _Rows
 
     reader = _Rows(h5ad, counts_layer)
     try:
@@ -440,7 +440,7 @@ def evaluate_heldout(model_dir, h5ad, out_embeddings, out_table, out_html, out_u
     (log-normalized counts of the model's vocabulary genes found in the file)."""
     import anndata as ad
 
-    from scllm.embed import embed_h5ad
+    from scllm.embedding import embed_h5ad
 
     cfg = _settings({**settings, "label_key": label_key})
     t0 = time.time()

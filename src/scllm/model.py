@@ -322,10 +322,27 @@ def contrastive_loss(cell_emb: torch.Tensor, n_views: int, temperature: float) -
     return -(log_prob.masked_fill(~positive, 0.0).sum(1) / positive.sum(1)).mean()
 
 
+def variance_covariance_loss(cell_emb: torch.Tensor, target_std: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg's anti-collapse terms (Bardes et al., 2022) over a batch of cell embeddings: the
+    mean hinge ``relu(target_std - std_j)`` of each dimension's standard deviation, plus the sum
+    of squared off-diagonal covariances divided by the dimension. Minimising it keeps every
+    dimension in use and decorrelates them, so the embedding cannot fold onto a few directions."""
+    z = cell_emb.float()
+    n, d = z.shape
+    if n < 2:
+        raise ValueError(f"variance_covariance_loss needs at least 2 rows, got {n}")
+    z = z - z.mean(0)
+    std = torch.sqrt(z.var(0) + eps)
+    cov = (z.T @ z) / (n - 1)
+    off_diagonal = cov - torch.diag(torch.diagonal(cov))
+    return F.relu(target_std - std).mean() + off_diagonal.square().sum() / d
+
+
 def count_params_text(model: nn.Module) -> str:
     n = sum(p.numel() for p in model.parameters())
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
-__all__ = ["ModelConfig", "CellTransformer", "masked_mse", "ecs_loss", "contrastive_loss", "peak_flops",
+__all__ = ["ModelConfig", "CellTransformer", "masked_mse", "ecs_loss", "contrastive_loss", "variance_covariance_loss",
+           "peak_flops",
            "count_params_text"]

@@ -39,7 +39,7 @@ from scllm.data import (PROFILE_KEYS, TRAINING_BATCH_KEYS, LengthGroupedBatchSam
 from scllm.errors import CorruptArtifactError
 from scllm.io import atomic_path, remove_stale_temporaries, setup_logging
 from scllm.model import (CellTransformer, ModelConfig, contrastive_loss, count_params_text, ecs_loss, masked_mse,
-                         peak_flops)
+                         peak_flops, variance_covariance_loss)
 from scllm.tokens import read_manifest
 
 TRAIN_DEFAULTS = {
@@ -64,6 +64,7 @@ TRAIN_DEFAULTS = {
     "contrastive_weight": 0.0,
     "contrastive_temperature": 0.1,
     "contrastive_view_genes": 0.5,  # fraction of a cell's gene tokens each view keeps
+    "vc_weight": 0.0,  # VICReg's variance-covariance term on the cell embedding (0 = off)
     # Initial gene embeddings: "random" (normal, std 0.02) or "pca": the genes' loadings on the
     # principal axes of the training cells' bins (co-expressed genes start close together).
     "gene_emb_init": "random",
@@ -414,6 +415,8 @@ def objective(pred: dict, gene_ids: torch.Tensor, values: torch.Tensor, mask: to
     contrastive = (contrastive_loss(pred["cell_emb"], views, cfg["contrastive_temperature"])
                    if cfg["contrastive_weight"] else zero)
     total = expr + cfg["gepc_weight"] * gepc + cfg["ecs_weight"] * ecs + cfg["contrastive_weight"] * contrastive
+    if cfg["vc_weight"]:
+        total = total + cfg["vc_weight"] * variance_covariance_loss(pred["cell_emb"])
     return [total, expr, gepc, ecs, contrastive]
 
 
@@ -483,7 +486,7 @@ def _train_settings(train_cfg: dict | None) -> dict:
     cfg = {**TRAIN_DEFAULTS, **(train_cfg or {})}
     if cfg["gene_emb_init"] not in ("random", "pca"):
         raise ValueError(f"train.gene_emb_init must be 'random' or 'pca', not {cfg['gene_emb_init']!r}")
-    for key in ("gepc_weight", "ecs_weight", "contrastive_weight"):
+    for key in ("gepc_weight", "ecs_weight", "contrastive_weight", "vc_weight"):
         if not cfg[key] >= 0:
             raise ValueError(f"train.{key} must be >= 0 (0 switches the term off), not {cfg[key]!r}")
     if not cfg["contrastive_temperature"] > 0:

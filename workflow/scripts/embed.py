@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from scllm.embed import embed_shards
+from scllm.embedding import embed_shards
 from scllm.io import setup_logging
 
 setup_logging(snakemake.log[0])

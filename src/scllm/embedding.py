@@ -388,40 +388,29 @@ class _Rows:
         self.file.close()
 
 
-def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = None, counts_layer: str | None = None,
-               min_coverage: float = MIN_COVERAGE, batch_size: int = 64, chunk_size: int = 20_000,
-               device: str = "auto", tie_break: str = "content") -> dict:
-    """Embed the cells of any h5ad with a pretrained model; writes obs + ``obsm["X_scllm"]``.
-
-    Genes are mapped to the vocabulary (``map_genes``); fewer than ``min_coverage`` of the
-    vocabulary genes found is an error. X (or ``counts_layer``) is read in row chunks of
-    ``chunk_size`` cells, normalized, binned and embedded chunk by chunk.
-    """
-    from scllm.io import open_backed, row_chunks
-
-    t0 = time.time()
+def _model_for_embedding(model_dir, device: str):
+    """(model, vocab, genes table, n_genes, binning settings, their source) for embedding cells."""
     model, vocab, args = load_model(model_dir, resolve_device(device))
-    genes = model_genes(model_dir, vocab)
-    n_genes = vocab[CLS_TOKEN]
     binning, binning_source = binning_settings(args)
     if binning_source == "defaults":
         log.warning("%s/args.json records no binning settings; binning with n_bins=%d (the model's) and the pipeline "
                     "defaults seed=%d, target_sum=%g, log1p=%s (seed only decides ties; target_sum and log1p do not "
                     "change the bins)", model_dir, binning["n_bins"], binning["seed"], binning["target_sum"],
                     binning["log1p"])
-    adata = open_backed(in_h5ad)
-    obs, var, n_cells = adata.obs.copy(), adata.var.copy(), adata.n_obs
-    adata.file.close()
-    # Genes are mapped (and their duplicates handled) by map_genes, so only the cells are checked here.
-    obs.index = check_cells_and_genes(obs.index, None, str(in_h5ad))
+    return model, vocab, model_genes(model_dir, vocab), vocab[CLS_TOKEN], binning, binning_source
+
+
+def _checked_mapping(var: pd.DataFrame, genes: pd.DataFrame, gene_id_column, where: str, n_cells: int, model_dir,
+                     min_coverage: float) -> GeneMapping:
+    """``map_genes``, refused (GeneCoverageError) below ``min_coverage`` with what to do about it."""
     mapping = map_genes(var, genes, gene_id_column)
     if mapping.n_duplicated:
         log.warning("embed: %d vocabulary genes match more than one column of %s (%s); the first column of each "
-                    "is used", mapping.n_duplicated, in_h5ad, mapping.source)
-    log.info("embed: %s: %d cells x %d genes; vocabulary coverage: %s", in_h5ad, n_cells, len(var), mapping.describe())
+                    "is used", mapping.n_duplicated, where, mapping.source)
+    log.info("embed: %s: %d cells x %d genes; vocabulary coverage: %s", where, n_cells, len(var), mapping.describe())
     if mapping.coverage < min_coverage:
         raise GeneCoverageError(
-            f"{in_h5ad}: vocabulary coverage {mapping.coverage:.1%} is below the minimum {min_coverage:.0%}: only "
+            f"{where}: vocabulary coverage {mapping.coverage:.1%} is below the minimum {min_coverage:.0%}: only "
             f"{mapping.describe()} (best of var_names and the text columns of var; missing e.g. "
             f"{', '.join(mapping.missing_examples)}). Missing genes look unexpressed to the model, so these embeddings "
             "would not be comparable to those of the training cells. To fix: keep all genes of your data (do not subset "
@@ -431,41 +420,116 @@ def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = Non
         )
     if mapping.coverage < 0.9:
         log.warning("embed: %d vocabulary genes are missing from %s and will read as not expressed",
-                    mapping.n_vocab - mapping.n_found, in_h5ad)
+                    mapping.n_vocab - mapping.n_found, where)
+    return mapping
 
-    rows = _Rows(in_h5ad, counts_layer)
+
+def _embed_rows(model, mapping: GeneMapping, n_genes: int, binning: dict, read_rows, n_cells: int, where: str, *,
+                batch_size: int, chunk_size: int, tie_break: str) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, vocabulary genes expressed per cell) of the cells that ``read_rows(start, stop)``
+    returns as sparse or dense count blocks, ``chunk_size`` cells at a time."""
+    from scllm.io import row_chunks
+
     embeddings = np.zeros((n_cells, model.cell_emb_dim), dtype=np.float32)
     n_tokens = np.zeros(n_cells, dtype=np.int64)
     non_integer = False
-    try:
-        for start, stop in row_chunks(n_cells, chunk_size):
-            counts = rows[start:stop]
-            check_counts(counts.data, f"{rows.where} of {in_h5ad}", ": give raw counts (or normalized, log-transformed "
-                         "values), e.g. with --counts-layer counts", integer=False)
-            if not non_integer and counts.nnz and not np.all(np.mod(counts.data, 1) == 0):
-                non_integer = True
-                log.info("embed: %s holds non-integer values (normalized?); per-cell scaling and log1p keep each "
-                         "value's quantile bin, but tied values may be spread over their bins differently than "
-                         "from raw counts", rows.where)
-            offsets, gene_ids, values = tokenize_counts(counts, mapping, n_genes, binning, tie_break=tie_break,
-                                                        row_offset=start)
-            n_tokens[start:stop] = np.diff(offsets) - 1
-            embeddings[start:stop] = embed_shard_cells(model, (offsets, gene_ids, values), batch_size)
-            log.info("embed: %d/%d cells", stop, n_cells)
-    finally:
-        rows.close()
+    t0 = time.time()
+    for start, stop in row_chunks(n_cells, chunk_size):
+        counts = sp.csr_matrix(read_rows(start, stop), dtype=np.float32)
+        check_counts(counts.data, where, ": give raw counts (or normalized, log-transformed values), e.g. with "
+                     "--counts-layer counts (layer= in scllm.embed)", integer=False)
+        if not non_integer and counts.nnz and not np.all(np.mod(counts.data, 1) == 0):
+            non_integer = True
+            log.info("embed: %s holds non-integer values (normalized?); per-cell scaling and log1p keep each "
+                     "value's quantile bin, but tied values may be spread over their bins differently than "
+                     "from raw counts", where)
+        offsets, gene_ids, values = tokenize_counts(counts, mapping, n_genes, binning, tie_break=tie_break,
+                                                    row_offset=start)
+        n_tokens[start:stop] = np.diff(offsets) - 1
+        embeddings[start:stop] = embed_shard_cells(model, (offsets, gene_ids, values), batch_size)
+        elapsed = time.time() - t0
+        log.info("embed: %d/%d cells, %.0fs elapsed, about %.0fs to go", stop, n_cells, elapsed,
+                 elapsed / stop * (n_cells - stop))
     empty = int((n_tokens == 0).sum())
     if empty:
         log.warning("embed: %d cells express none of the vocabulary genes (their embedding says nothing of the cell; obs "
                     "scllm_n_genes == 0)", empty)
+    return embeddings, n_tokens
+
+
+def _provenance(model_dir, model, mapping: GeneMapping, binning: dict, binning_source: str, source: str,
+                layer: str | None, tie_break: str) -> dict:
+    return {"model": str(Path(model_dir)), "vocab_sha256": model.vocab_sha256, "source": source,
+            "layer": layer or "X", "gene_match": mapping.source, "n_vocab_genes": mapping.n_vocab,
+            "n_vocab_genes_found": mapping.n_found, "coverage": mapping.coverage,
+            "binning": {**binning, "source": binning_source}, "tie_break": tie_break}
+
+
+def embed(adata, model_dir, *, layer: str | None = None, gene_id_column: str | None = None,
+          key_added: str = EMBEDDING_KEY, min_coverage: float = MIN_COVERAGE, batch_size: int = 64,
+          chunk_size: int = 20_000, device: str = "auto", tie_break: str = "content", copy: bool = False):
+    """Embed the cells of an AnnData in memory (or backed) with a pretrained model, scanpy style.
+
+    Adds ``adata.obsm[key_added]`` (cells x embedding dim), ``adata.obs["scllm_n_genes"]`` (vocabulary
+    genes each cell expresses) and ``adata.uns["scllm"]`` (model, gene matching, binning); obs
+    names and everything else stay as they are. Counts come from X or ``layer``, sparse or dense,
+    raw counts preferred; genes are matched to the model's vocabulary as ``scllm embed`` does
+    (var_names or a var column; ``gene_id_column`` to choose). Returns None, or the annotated copy
+    with ``copy=True``. The same cell gets the same embedding here, in ``scllm embed`` and alone or
+    in any batch (``tie_break="content"``).
+
+        import scanpy as sc, scllm
+        scllm.embed(adata, "results/demo/model")
+        sc.pp.neighbors(adata, use_rep="X_scllm")
+    """
+    if copy:
+        adata = adata.copy()
+    model, _, genes, n_genes, binning, binning_source = _model_for_embedding(model_dir, device)
+    if layer and layer not in adata.layers:
+        raise ValueError(f"adata has no layer {layer!r} (layers: {list(adata.layers)})")
+    matrix = adata.layers[layer] if layer else adata.X
+    where = f"adata.layers[{layer!r}]" if layer else "adata.X"
+    if matrix is None:
+        raise ValueError(f"{where} is empty: give an AnnData with counts in X or in a layer (layer=...)")
+    mapping = _checked_mapping(adata.var, genes, gene_id_column, where, adata.n_obs, model_dir, min_coverage)
+    embeddings, n_tokens = _embed_rows(model, mapping, n_genes, binning, lambda a, b: matrix[a:b], adata.n_obs, where,
+                                       batch_size=batch_size, chunk_size=chunk_size, tie_break=tie_break)
+    adata.obsm[key_added] = embeddings
+    adata.obs["scllm_n_genes"] = n_tokens
+    adata.uns["scllm"] = _provenance(model_dir, model, mapping, binning, binning_source, "in memory", layer, tie_break)
+    return adata if copy else None
+
+
+def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = None, counts_layer: str | None = None,
+               min_coverage: float = MIN_COVERAGE, batch_size: int = 64, chunk_size: int = 20_000,
+               device: str = "auto", tie_break: str = "content") -> dict:
+    """Embed the cells of any h5ad with a pretrained model; writes obs + ``obsm["X_scllm"]``.
+
+    As ``embed`` (the same embeddings for the same cells), from a file: X (or ``counts_layer``)
+    is read in row chunks of ``chunk_size`` cells, so memory does not grow with the file.
+    """
+    from scllm.io import open_backed
+
+    t0 = time.time()
+    model, _, genes, n_genes, binning, binning_source = _model_for_embedding(model_dir, device)
+    adata = open_backed(in_h5ad)
+    obs, var, n_cells = adata.obs.copy(), adata.var.copy(), adata.n_obs
+    adata.file.close()
+    # Genes are mapped (and their duplicates handled) by map_genes, so only the cells are checked here.
+    obs.index = check_cells_and_genes(obs.index, None, str(in_h5ad))
+    mapping = _checked_mapping(var, genes, gene_id_column, str(in_h5ad), n_cells, model_dir, min_coverage)
+    rows = _Rows(in_h5ad, counts_layer)
+    try:
+        embeddings, n_tokens = _embed_rows(model, mapping, n_genes, binning, lambda a, b: rows[a:b], n_cells,
+                                           f"{rows.where} of {in_h5ad}", batch_size=batch_size,
+                                           chunk_size=chunk_size, tie_break=tie_break)
+    finally:
+        rows.close()
     obs["scllm_n_genes"] = n_tokens
-    uns = {"model": str(Path(model_dir)), "vocab_sha256": model.vocab_sha256, "source": str(in_h5ad),
-           "layer": counts_layer or "X", "gene_match": mapping.source, "n_vocab_genes": mapping.n_vocab,
-           "n_vocab_genes_found": mapping.n_found, "coverage": mapping.coverage,
-           "binning": {**binning, "source": binning_source}, "tie_break": tie_break}
+    uns = _provenance(model_dir, model, mapping, binning, binning_source, str(in_h5ad), counts_layer, tie_break)
     _write_embeddings(out_h5ad, obs, embeddings, uns)
     log.info("embed: %d cells (median %d vocabulary genes expressed) -> %s [%d x %d] in %.1fs", n_cells,
              int(np.median(n_tokens)) if n_cells else 0, out_h5ad, *embeddings.shape, time.time() - t0)
     return {"n_cells": n_cells, "dim": embeddings.shape[1], "coverage": mapping.coverage,
             "n_found": mapping.n_found, "n_vocab": mapping.n_vocab, "gene_match": mapping.source,
-            "binning_source": binning_source, "n_empty": empty, "columns": mapping.columns}
+            "binning_source": binning_source, "n_empty": int((n_tokens == 0).sum()), "columns": mapping.columns}
