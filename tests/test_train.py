@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -241,3 +242,23 @@ def test_torchrun_two_processes_on_cpu(shards, tmp_path):
     assert ckpt["done"] and ckpt["global_step"] == 3 and len(ckpt["rng"]) == 2  # 6 batches over 2 ranks
     log_text = (tmp_path / "train.log").read_text()
     assert "2 process(es)" in log_text and "validation loss" in log_text
+
+
+def test_log_lines_show_elapsed_time_and_time_left(shards, tmp_path, caplog, monkeypatch):
+    import scllm.train as train_mod
+
+    clock = iter([100.0, 110.0, 125.0])
+    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: next(clock))
+    progress = train_mod._Progress(first_step=20, total_steps=100)  # resumed at step 20, clock 100 s
+    assert progress.text(40) == "elapsed 0:00:10, about 0:00:30 to go"  # 20 steps in 10 s, 60 left
+    assert progress.text(57) == "elapsed 0:00:25, about 0:00:29 to go"  # 37 steps in 25 s, 43 left: 29.05 s
+    monkeypatch.undo()
+
+    with caplog.at_level(logging.INFO, logger="scllm"):
+        pretrain(shards, tmp_path, TINY_MODEL, TINY_TRAIN)
+    step_lines = [r.getMessage() for r in caplog.records if " step " in r.getMessage() and "loss" in r.getMessage()]
+    epoch_lines = [r.getMessage() for r in caplog.records if " done: train loss" in r.getMessage()]
+    assert step_lines and len(epoch_lines) == TINY_TRAIN["epochs"]
+    pattern = r"; elapsed \d+:\d\d:\d\d, about \d+:\d\d:\d\d to go$"
+    assert all(re.search(pattern, line) for line in step_lines + epoch_lines[:-1]), step_lines + epoch_lines
+    assert epoch_lines[-1].endswith("about 0:00:00 to go")

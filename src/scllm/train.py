@@ -257,6 +257,7 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
         # Sums since the last log line: losses stay on the device (no sync per step).
         window_loss = torch.zeros(5, dtype=torch.float64, device=device)  # loss, expr, mvc, ecs, contrastive
         window_steps, window_counts, window_start, paused = 0, np.zeros(3), time.perf_counter(), 0.0
+        progress = _Progress(state["global_step"], total_steps)
         epoch_loss = torch.zeros(2, dtype=torch.float64, device=device)  # sum, steps (this segment)
         for epoch in range(state["epoch"], cfg["epochs"]):
             model.train()
@@ -316,9 +317,9 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
                     state["metrics"].append(row)
                     if is_main:
                         log.info("epoch %d/%d step %d/%d loss %.2f (expr %.2f, gepc %.2f) lr %.2e %.0f cells/s "
-                                 "%.0f tokens/s%s", epoch + 1, cfg["epochs"], step, total_steps, mean[0], mean[1],
+                                 "%.0f tokens/s%s; %s", epoch + 1, cfg["epochs"], step, total_steps, mean[0], mean[1],
                                  mean[2], row["lr"], row["cells_per_s"], row["tokens_per_s"],
-                                 f" mfu {row['mfu']:.1%}" if peak else "")
+                                 f" mfu {row['mfu']:.1%}" if peak else "", progress.text(step))
                     window_loss.zero_()
                     window_steps, window_counts, window_start, paused = 0, np.zeros(3), time.perf_counter(), 0.0
 
@@ -354,8 +355,9 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
                         torch.save(state["best_model"], tmp)
             if is_main:
                 log.info("epoch %d/%d done: train loss %.2f, validation loss %.2f (expression MSE %.2f vs "
-                         "mean-bin baseline %.2f)%s", epoch + 1, cfg["epochs"], train_loss, val["val_loss"],
-                         val["val_expr_mse"], val["val_mean_bin_baseline_mse"], ", new best" if improved else "")
+                         "mean-bin baseline %.2f)%s; %s", epoch + 1, cfg["epochs"], train_loss, val["val_loss"],
+                         val["val_expr_mse"], val["val_mean_bin_baseline_mse"], ", new best" if improved else "",
+                         progress.text(state["global_step"]))
             state.update(epoch=epoch + 1, batch=0, epoch_loss_sum=0.0, epoch_steps=0,
                          done=epoch + 1 == cfg["epochs"])
             save_checkpoint(plot=True)
@@ -530,6 +532,26 @@ def _identity(args: dict) -> dict:
     train = {k: v for k, v in args["train"].items() if k not in OPERATIONAL_KEYS}
     data = {k: v for k, v in args["data"].items() if k != "manifest"}
     return {"model": args["model"], "train": train, "data": data, "world_size": args["world_size"]}
+
+
+class _Progress:
+    """Elapsed wall time since this process started training, and the time left at the rate of
+    the steps it has run (validation and checkpoints included), for the log lines."""
+
+    def __init__(self, first_step: int, total_steps: int):
+        self.start, self.first_step, self.total_steps = time.perf_counter(), first_step, total_steps
+
+    def text(self, step: int) -> str:
+        elapsed = time.perf_counter() - self.start
+        done = step - self.first_step
+        if done <= 0:
+            return f"elapsed {_duration(elapsed)}"
+        return f"elapsed {_duration(elapsed)}, about {_duration(elapsed / done * (self.total_steps - step))} to go"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _lr_lambda(warmup_steps: int, total_steps: int):
