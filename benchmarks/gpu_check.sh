@@ -50,9 +50,10 @@ part() {
 params() {
     $PY - "$@" <<'EOF'
 import json, sys, yaml
+from scllm.train import DATA_MODEL_KEYS  # set by the shards, not by the settings
 out, source, *overrides = sys.argv[1:]
 cfg = json.load(open(source)) if source.endswith(".json") else yaml.safe_load(open(source))
-model = {k: v for k, v in cfg["model"].items() if k not in ("vocab_size", "n_bins", "pad_id", "mask_value", "pad_value")}
+model = {k: v for k, v in cfg["model"].items() if k not in DATA_MODEL_KEYS}
 train = {k: v for k, v in cfg["train"].items() if v is not None}
 for item in overrides:
     key, value = item.split("=", 1)

@@ -246,10 +246,11 @@ def test_torchrun_two_processes_on_cpu(shards, tmp_path):
 
 def test_log_lines_show_elapsed_time_and_time_left(shards, tmp_path, caplog, monkeypatch):
     import scllm.train as train_mod
+    from scllm.io import Progress
 
     clock = iter([100.0, 110.0, 125.0])
     monkeypatch.setattr(train_mod.time, "perf_counter", lambda: next(clock))
-    progress = train_mod._Progress(first_step=20, total_steps=100)  # resumed at step 20, clock 100 s
+    progress = Progress(first=20, total=100)  # resumed at step 20, clock 100 s
     assert progress.text(40) == "elapsed 0:00:10, about 0:00:30 to go"  # 20 steps in 10 s, 60 left
     assert progress.text(57) == "elapsed 0:00:25, about 0:00:29 to go"  # 37 steps in 25 s, 43 left: 29.05 s
     monkeypatch.undo()

@@ -389,7 +389,7 @@ class _Rows:
 
 
 def _model_for_embedding(model_dir, device: str):
-    """(model, vocab, genes table, n_genes, binning settings, their source) for embedding cells."""
+    """(model, genes table, n_genes, binning settings, their source) for embedding cells."""
     model, vocab, args = load_model(model_dir, resolve_device(device))
     binning, binning_source = binning_settings(args)
     if binning_source == "defaults":
@@ -397,7 +397,7 @@ def _model_for_embedding(model_dir, device: str):
                     "defaults seed=%d, target_sum=%g, log1p=%s (seed only decides ties; target_sum and log1p do not "
                     "change the bins)", model_dir, binning["n_bins"], binning["seed"], binning["target_sum"],
                     binning["log1p"])
-    return model, vocab, model_genes(model_dir, vocab), vocab[CLS_TOKEN], binning, binning_source
+    return model, model_genes(model_dir, vocab), vocab[CLS_TOKEN], binning, binning_source
 
 
 def _checked_mapping(var: pd.DataFrame, genes: pd.DataFrame, gene_id_column, where: str, n_cells: int, model_dir,
@@ -428,12 +428,12 @@ def _embed_rows(model, mapping: GeneMapping, n_genes: int, binning: dict, read_r
                 batch_size: int, chunk_size: int, tie_break: str) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings, vocabulary genes expressed per cell) of the cells that ``read_rows(start, stop)``
     returns as sparse or dense count blocks, ``chunk_size`` cells at a time."""
-    from scllm.io import row_chunks
+    from scllm.io import Progress, row_chunks
 
     embeddings = np.zeros((n_cells, model.cell_emb_dim), dtype=np.float32)
     n_tokens = np.zeros(n_cells, dtype=np.int64)
     non_integer = False
-    t0 = time.time()
+    progress = Progress(0, n_cells)
     for start, stop in row_chunks(n_cells, chunk_size):
         counts = sp.csr_matrix(read_rows(start, stop), dtype=np.float32)
         check_counts(counts.data, where, ": give raw counts (or normalized, log-transformed values), e.g. with "
@@ -447,9 +447,7 @@ def _embed_rows(model, mapping: GeneMapping, n_genes: int, binning: dict, read_r
                                                     row_offset=start)
         n_tokens[start:stop] = np.diff(offsets) - 1
         embeddings[start:stop] = embed_shard_cells(model, (offsets, gene_ids, values), batch_size)
-        elapsed = time.time() - t0
-        log.info("embed: %d/%d cells, %.0fs elapsed, about %.0fs to go", stop, n_cells, elapsed,
-                 elapsed / stop * (n_cells - stop))
+        log.info("embed: %d/%d cells; %s", stop, n_cells, progress.text(stop))
     empty = int((n_tokens == 0).sum())
     if empty:
         log.warning("embed: %d cells express none of the vocabulary genes (their embedding says nothing of the cell; obs "
@@ -482,11 +480,11 @@ def embed(adata, model_dir, *, layer: str | None = None, gene_id_column: str | N
         scllm.embed(adata, "results/demo/model")
         sc.pp.neighbors(adata, use_rep="X_scllm")
     """
-    if copy:
-        adata = adata.copy()
-    model, _, genes, n_genes, binning, binning_source = _model_for_embedding(model_dir, device)
     if layer and layer not in adata.layers:
         raise ValueError(f"adata has no layer {layer!r} (layers: {list(adata.layers)})")
+    if copy:
+        adata = adata.copy()
+    model, genes, n_genes, binning, binning_source = _model_for_embedding(model_dir, device)
     matrix = adata.layers[layer] if layer else adata.X
     where = f"adata.layers[{layer!r}]" if layer else "adata.X"
     if matrix is None:
@@ -511,7 +509,7 @@ def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = Non
     from scllm.io import open_backed
 
     t0 = time.time()
-    model, _, genes, n_genes, binning, binning_source = _model_for_embedding(model_dir, device)
+    model, genes, n_genes, binning, binning_source = _model_for_embedding(model_dir, device)
     adata = open_backed(in_h5ad)
     obs, var, n_cells = adata.obs.copy(), adata.var.copy(), adata.n_obs
     adata.file.close()

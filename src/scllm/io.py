@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -21,6 +22,25 @@ from anndata.io import write_elem
 from scllm.errors import REFUSALS, CorruptArtifactError
 
 log = logging.getLogger("scllm")
+
+
+class Progress:
+    """Elapsed wall time since it was made, and the time left at the rate so far, for log lines
+    of long loops: ``Progress(done_before, total).text(done)``."""
+
+    def __init__(self, first: int, total: int):
+        self.start, self.first, self.total = time.perf_counter(), first, total
+
+    def text(self, done: int) -> str:
+        elapsed = time.perf_counter() - self.start
+        if done - self.first <= 0:
+            return f"elapsed {_duration(elapsed)}"
+        return f"elapsed {_duration(elapsed)}, about {_duration(elapsed / (done - self.first) * (self.total - done))} to go"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def setup_logging(log_file: str | Path | None = None, append: bool = False) -> logging.Logger:

@@ -344,5 +344,4 @@ def count_params_text(model: nn.Module) -> str:
 
 
 __all__ = ["ModelConfig", "CellTransformer", "masked_mse", "ecs_loss", "contrastive_loss", "variance_covariance_loss",
-           "peak_flops",
-           "count_params_text"]
+           "peak_flops", "count_params_text"]

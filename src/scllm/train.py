@@ -37,7 +37,7 @@ from scllm.checks import load_torch_file
 from scllm.data import (PROFILE_KEYS, TRAINING_BATCH_KEYS, LengthGroupedBatchSampler, ShardDataset, check_vocab, collate,
                         mask_values, prefetched, training_batch)
 from scllm.errors import CorruptArtifactError
-from scllm.io import atomic_path, remove_stale_temporaries, setup_logging
+from scllm.io import Progress, atomic_path, remove_stale_temporaries, setup_logging
 from scllm.model import (CellTransformer, ModelConfig, contrastive_loss, count_params_text, ecs_loss, masked_mse,
                          peak_flops, variance_covariance_loss)
 from scllm.tokens import read_manifest
@@ -257,7 +257,8 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
         # Sums since the last log line: losses stay on the device (no sync per step).
         window_loss = torch.zeros(5, dtype=torch.float64, device=device)  # loss, expr, mvc, ecs, contrastive
         window_steps, window_counts, window_start, paused = 0, np.zeros(3), time.perf_counter(), 0.0
-        progress = _Progress(state["global_step"], total_steps)
+        # Time left at this process's rate, validation and checkpoints included.
+        progress = Progress(state["global_step"], total_steps)
         epoch_loss = torch.zeros(2, dtype=torch.float64, device=device)  # sum, steps (this segment)
         for epoch in range(state["epoch"], cfg["epochs"]):
             model.train()
@@ -532,26 +533,6 @@ def _identity(args: dict) -> dict:
     train = {k: v for k, v in args["train"].items() if k not in OPERATIONAL_KEYS}
     data = {k: v for k, v in args["data"].items() if k != "manifest"}
     return {"model": args["model"], "train": train, "data": data, "world_size": args["world_size"]}
-
-
-class _Progress:
-    """Elapsed wall time since this process started training, and the time left at the rate of
-    the steps it has run (validation and checkpoints included), for the log lines."""
-
-    def __init__(self, first_step: int, total_steps: int):
-        self.start, self.first_step, self.total_steps = time.perf_counter(), first_step, total_steps
-
-    def text(self, step: int) -> str:
-        elapsed = time.perf_counter() - self.start
-        done = step - self.first_step
-        if done <= 0:
-            return f"elapsed {_duration(elapsed)}"
-        return f"elapsed {_duration(elapsed)}, about {_duration(elapsed / done * (self.total_steps - step))} to go"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _lr_lambda(warmup_steps: int, total_steps: int):
