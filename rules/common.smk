@@ -3,6 +3,8 @@ import os
 import re
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+
 
 def run_name():
     """The run's name (results/<run>/). Config files given on the command line that set no
@@ -43,3 +45,32 @@ def sampling_params(wildcards, input):
     else:
         census["uri"] = input.store
     return census
+
+
+# profiles/slurm ships three values to edit, marked EDIT-ME. Submitted as they are, every job
+# would be rejected by SLURM (or charged to a wrong account), so the run stops before any job.
+PROFILE_PLACEHOLDER = "EDIT-ME"
+
+
+def profile_placeholders():
+    """'section: rule: resource = value' for every resource still holding a placeholder."""
+    settings = workflow.resource_settings
+    sections = [("default-resources", settings.default_resources)]
+    sections += [(f"set-resources: {rule}", resources) for rule, resources in settings.overwrite_resources.items()]
+    found = []
+    for where, resources in sections:
+        for name, resource in (resources or {}).items():
+            raw = str(getattr(resource, "raw", resource))
+            if PROFILE_PLACEHOLDER in raw:
+                found.append(f"{where}: {name}: {raw}")
+    return found
+
+
+if profile_placeholders():
+    raise WorkflowError(
+        "the SLURM profile still holds its placeholders:\n  " + "\n  ".join(profile_placeholders())
+        + "\nEdit these three values in profiles/slurm/config.yaml before submitting: default-resources "
+        "slurm_partition (your CPU partition) and slurm_account (your account; delete the line if your "
+        "cluster has none), and set-resources pretrain slurm_partition (your GPU partition). `sinfo -s` "
+        "lists the partitions, `sacctmgr show assoc user=$USER format=account` your accounts."
+    )

@@ -6,10 +6,11 @@ import warnings
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scllm.binning import bin_csr, normalize_total
+from scllm.binning import bin_csr, content_keys, normalize_bin, normalize_total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +177,47 @@ def test_ties_deterministic_per_seed_and_chunk_independent():
     # without the right row offset, the chunks draw differently (row_offset matters)
     wrong = sp.vstack([bin_csr(m[a:a + 10], n_bins=51, seed=42) for a in range(0, m.shape[0], 10)]).tocsr()
     assert (wrong.data != whole.data).any()
+
+
+def test_content_keys_follow_the_counts_only():
+    rng = np.random.default_rng(3)
+    m = sp.random(40, 30, density=0.3, format="csr", random_state=rng, data_rvs=lambda n: rng.integers(1, 4, n))
+    m = sp.csr_matrix(m.astype(np.int32))
+    before = (m.indptr.copy(), m.indices.copy(), m.data.copy())
+    keys = content_keys(m)
+    assert keys.dtype == np.int64 and (keys >= 0).all() and len(set(keys.tolist())) == 40
+    assert all(np.array_equal(x, y) for x, y in zip(before, (m.indptr, m.indices, m.data)))  # input untouched
+    # the same counts as float64 in reverse row order: the keys follow the rows
+    np.testing.assert_array_equal(content_keys(m[::-1].astype(np.float64)), keys[::-1])
+    # row 0 stored with unsorted indices and an explicit zero: the same cell, the same key
+    a, b = m.indptr[0], m.indptr[1]
+    row0 = sp.csr_matrix((np.r_[m.data[a:b][::-1], 0], np.r_[m.indices[a:b][::-1], np.setdiff1d(np.arange(30), m.indices[a:b])[0]],
+                          [0, b - a + 1]), shape=(1, 30))
+    assert content_keys(row0)[0] == keys[0]
+    changed = m.copy()
+    changed.data[0] += 1
+    assert content_keys(changed)[0] != keys[0] and (content_keys(changed)[1:] == keys[1:]).all()
+
+
+def test_normalize_bin_gives_a_cell_the_same_bins_in_any_row(tmp_path):
+    """Tie-break draws are keyed on a cell's counts: a duplicated cell gets identical bins."""
+    rng = np.random.default_rng(8)
+    counts = sp.random(12, 20, density=0.5, format="csr", random_state=rng, data_rvs=lambda n: rng.integers(1, 3, n))
+    counts = sp.csr_matrix(sp.vstack([counts, counts[[4]]]).astype(np.float32))  # cell 12 == cell 4
+    genes = [f"ENSG{i:011d}" for i in range(20)]
+    obs = pd.DataFrame({"sample": ["s"] * 13}, index=[f"c{i}" for i in range(13)])
+    var = pd.DataFrame({"feature_id": genes, "feature_name": [f"G{i}" for i in range(20)]}, index=genes)
+    ad.AnnData(X=counts, obs=obs, var=var).write_h5ad(tmp_path / "in.h5ad")
+    pd.DataFrame({"feature_id": genes, "feature_name": var["feature_name"], "rank": np.arange(1, 21)}).to_csv(
+        tmp_path / "hvg.tsv", sep="\t", index=False)
+    for chunk in (13, 4):
+        normalize_bin(tmp_path / "in.h5ad", tmp_path / "hvg.tsv", tmp_path / f"out{chunk}.h5ad", n_bins=5, chunk_size=chunk)
+    out = ad.read_h5ad(tmp_path / "out4.h5ad").X
+    assert (ad.read_h5ad(tmp_path / "out13.h5ad").X != out).nnz == 0
+    np.testing.assert_array_equal(out[12].toarray(), out[4].toarray())
+    # ties exist here, so draws keyed on the row would have given the two copies other bins
+    by_row = bin_csr(normalize_total(counts, np.asarray(counts.sum(axis=1)).ravel(), 1e4, False), n_bins=5)
+    assert not np.array_equal(by_row[12].toarray(), by_row[4].toarray())
 
 
 def test_explicit_zeros_are_not_binned():

@@ -124,7 +124,8 @@ def test_poor_gene_overlap_is_a_clear_error_with_the_coverage_figure(model_dir, 
 # --- binning as in training ---------------------------------------------------------------------------
 
 def test_tokens_equal_the_pipelines_for_the_same_cells(tmp_path):
-    """normalize_bin + tokenize_shards on a counts file == tokenize_counts(tie_break='row') on it."""
+    """normalize_bin + tokenize_shards on a counts file == tokenize_counts on it, in any chunks and
+    in any row order: both key the tie-break draws on the cell's counts."""
     counts = counts_matrix(n_cells=23, seed=4)
     var = pd.DataFrame({"feature_id": input_var()["gene_ids"].str.split(".").str[0].to_numpy(),
                         "feature_name": input_var().index.to_numpy()})
@@ -147,14 +148,16 @@ def test_tokens_equal_the_pipelines_for_the_same_cells(tmp_path):
     assert mapping.source == "Ensembl ids in var_names" and mapping.coverage == 1
     binning = {"n_bins": 11, "seed": 5, "target_sum": 1e4, "log1p": False}
     for chunk in (23, 5):
-        parts = [tokenize_counts(counts[a:a + chunk], mapping, vocab["<cls>"], binning, tie_break="row", row_offset=a)
-                 for a in range(0, 23, chunk)]
+        parts = [tokenize_counts(counts[a:a + chunk], mapping, vocab["<cls>"], binning) for a in range(0, 23, chunk)]
         gene_ids = np.concatenate([p[1] for p in parts])
         values = np.concatenate([p[2] for p in parts])
         np.testing.assert_array_equal(gene_ids, shard.gene_ids)
         np.testing.assert_array_equal(values, shard.values)
+    reversed_offsets, _, reversed_values = tokenize_counts(counts[::-1], mapping, vocab["<cls>"], binning)
+    last = shard.offsets[-2:]
+    np.testing.assert_array_equal(reversed_values[:reversed_offsets[1]], shard.values[last[0]:last[1]])
     # ties exist, so the draws matter: another seed gives other tokens
-    other = tokenize_counts(counts, mapping, vocab["<cls>"], {**binning, "seed": 6}, tie_break="row")
+    other = tokenize_counts(counts, mapping, vocab["<cls>"], {**binning, "seed": 6})
     assert not np.array_equal(other[2], shard.values)
 
 
@@ -219,7 +222,7 @@ def test_in_memory_api_matches_the_cli_and_keeps_the_users_cells(model_dir, tmp_
     assert list(adata.obs_names) == [f"AAAC{i}-1" for i in range(N_CELLS)] == list(from_cli.obs_names)
     assert adata.obs["cell_type"].eq("T").all() and (adata.X != before_X).nnz == 0  # nothing else touched
     np.testing.assert_array_equal(adata.obs["scllm_n_genes"], from_cli.obs["scllm_n_genes"])
-    assert adata.uns["scllm"]["tie_break"] == "content" and adata.uns["scllm"]["layer"] == "X"
+    assert adata.uns["scllm"]["layer"] == "X"
 
     # copy=True leaves the input alone; a dense layer and a view of some cells give the same vectors
     dense = ad.AnnData(X=np.zeros(counts.shape, np.float32), obs=adata.obs[[]].copy(), var=var,

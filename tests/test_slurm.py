@@ -1,10 +1,11 @@
 """The workflow on a SLURM cluster through profiles/slurm: every rule is a SLURM job, pretrain gets
 a GPU and the data rules do not, and the results equal a local run's.
 
-Runs only where a SLURM cluster answers `sinfo` and has the partitions profiles/slurm names. In
-CI, .ci/run starts a single-node cluster with fake GPUs (tests/slurm/start_local_slurm.sh) whose
-partitions are named like the profile's; the overlay profile profiles/slurm-ci adds what that
-cluster needs (no accounting database, so status checks go through squeue).
+Runs only where a SLURM cluster answers `sinfo` and has the partitions `cpu` and `gpu`. In CI,
+.ci/run starts a single-node cluster with fake GPUs (tests/slurm/start_local_slurm.sh) with those
+partitions. The test edits the profile's three placeholders in its copy of the workflow, as a
+user does; the overlay profile profiles/slurm-ci adds what that cluster needs (no accounting
+database, so status checks go through squeue).
 """
 
 from __future__ import annotations
@@ -25,7 +26,24 @@ pytestmark = pytest.mark.workflow
 
 TIMEOUT = 900  # seconds for the whole SLURM run; `timeout -k` ends it (and its jobs) after that
 PROFILES = ["--profile", "profiles/slurm", "--profile", "profiles/slurm-ci"]  # the overlay wins per key
-PROFILE = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+# What a user writes over the profile's placeholders; here, the test cluster's names.
+EDITS = {"EDIT-ME-cpu-partition": "cpu", "EDIT-ME-gpu-partition": "gpu", "EDIT-ME-account": "ci"}
+
+
+def edited(profile_text: str) -> str:
+    for placeholder, value in EDITS.items():
+        assert profile_text.count(f'"{placeholder}"') == 1, f"profiles/slurm/config.yaml has no single {placeholder}"
+        profile_text = profile_text.replace(f'"{placeholder}"', f'"{value}"')
+    return profile_text
+
+
+def edit_profile(workdir: Path) -> None:
+    """Replace the three placeholders of the workflow copy's profiles/slurm, as a user does."""
+    path = workdir / "profiles/slurm/config.yaml"
+    path.write_text(edited(path.read_text()))
+
+
+PROFILE = yaml.safe_load(edited((REPO / "profiles/slurm/config.yaml").read_text()))
 CPU_PARTITION = PROFILE["default-resources"]["slurm_partition"]
 PRETRAIN = PROFILE["set-resources"]["pretrain"]
 
@@ -100,6 +118,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path, dict[str, dict[str, str]]]:
     if problem:
         pytest.skip(problem)
     cluster = copy_workflow(tmp_path_factory.mktemp("slurm")).resolve()
+    edit_profile(cluster)
     local = copy_workflow(tmp_path_factory.mktemp("local")).resolve()
     tiny = write_config(cluster, "tiny.yaml", TINY_TRAINING)
     write_config(local, "tiny.yaml", TINY_TRAINING)
@@ -142,6 +161,7 @@ def test_pretrain_job_gets_a_gpu_and_data_jobs_do_not(runs):
     assert pretrain["Partition"] == PRETRAIN["slurm_partition"]
     assert pretrain.get("CpusPerTres") == f"gres:gpu:{PRETRAIN['cpus_per_gpu']}", pretrain
     assert pretrain["NumCPUs"] == str(PRETRAIN["cpus_per_gpu"])
+    assert pretrain.get("MinMemoryNode") == f"{PRETRAIN['mem_mb']}M", pretrain  # one memory size: --mem
     for rule in DATA_OUTPUTS.keys() - {"pretrain"}:
         job = jobs[rule]
         assert job["Partition"] == CPU_PARTITION, f"{rule} ran in {job['Partition']}"
@@ -172,3 +192,24 @@ def test_results_equal_a_local_run(runs):
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=f"{name} ({threads} threads)")
         pd.testing.assert_frame_equal(epochs_a, epochs_b, rtol=1e-4)
+
+
+def test_an_unedited_profile_is_refused_naming_the_three_values(tmp_path):
+    """Needs no cluster: the check runs when the workflow is parsed, before any job is submitted."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    workdir = copy_workflow(tmp_path)
+    proc = subprocess.run([*SNAKEMAKE, "--profile", "profiles/slurm", "-n"], cwd=workdir,
+                          capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    for line in ("default-resources: slurm_partition: EDIT-ME-cpu-partition",
+                 "default-resources: slurm_account: EDIT-ME-account",
+                 "set-resources: pretrain: slurm_partition: EDIT-ME-gpu-partition",
+                 "Edit these three values in profiles/slurm/config.yaml"):
+        assert line in output, output
+    assert not (workdir / ".snakemake" / "slurm_logs").exists() and not (workdir / "results").exists()
+    # the three edits are all it takes: the same dry run now plans every job
+    edit_profile(workdir)
+    proc = subprocess.run([*SNAKEMAKE, "--profile", "profiles/slurm", "-n"], cwd=workdir,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "This was a dry-run" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

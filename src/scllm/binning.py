@@ -4,12 +4,13 @@ scGPT bins each cell on its own: over the cell's non-zero values, edges are
 ``quantile(nonzero, linspace(0, 1, n_bins - 1))``; a value gets ``digitize(value, edges)`` in
 1..n_bins-1, zeros stay 0. Where several edges are equal (tied values), scGPT draws a bin
 uniformly among the collapsed ones with the global RNG. We draw the same way, but from a hash of
-(seed, cell, gene), so the result depends only on the input and the seed, not on chunking or
-thread scheduling.
+(seed, cell, gene), where the cell is keyed on its own counts (``content_keys``), so a cell's bins
+depend only on its counts and the seed: not on chunking, thread scheduling, its row or its file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -64,6 +65,23 @@ def _bin_rows(indptr, indices, data, quantiles, row_ids, seed, out):
                 out[start + i] = np.int64(np.ceil(u * (right - left) + left))
             else:
                 out[start + i] = left
+
+
+def content_keys(matrix: sp.csr_matrix) -> np.ndarray:
+    """A 63-bit key per cell from its genes and counts (before normalization): equal rows get
+    equal keys. Binning draws tie-breaks from these, so a cell's tokens depend on its counts and
+    the seed only, not on where it sits in a file, how files are chunked or what else is in them:
+    the pipeline's shards and ``scllm embed`` give the same cell the same tokens."""
+    matrix = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
+    matrix.eliminate_zeros()
+    matrix.sort_indices()
+    keys = np.empty(matrix.shape[0], dtype=np.int64)
+    indptr, indices, data = matrix.indptr, matrix.indices.astype(np.int32), matrix.data
+    for r in range(matrix.shape[0]):
+        a, b = indptr[r], indptr[r + 1]
+        digest = hashlib.blake2b(indices[a:b].tobytes() + b"|" + data[a:b].tobytes(), digest_size=8).digest()
+        keys[r] = int.from_bytes(digest, "little") >> 1
+    return keys
 
 
 def bin_csr(matrix: sp.csr_matrix, n_bins: int = 51, seed: int = 0, row_offset: int = 0,
@@ -134,8 +152,9 @@ def normalize_bin(
         for start, stop in row_chunks(n_cells, chunk_size):
             counts = read_rows(adata, start, stop)
             totals = np.asarray(counts.sum(axis=1)).ravel()
-            normalized = normalize_total(counts[:, columns], totals, target_sum, log1p)
-            binned = bin_csr(normalized, n_bins=n_bins, seed=seed, row_offset=start)
+            hvg_counts = counts[:, columns]
+            normalized = normalize_total(hvg_counts, totals, target_sum, log1p)
+            binned = bin_csr(normalized, n_bins=n_bins, seed=seed, row_ids=content_keys(hvg_counts))
             n_expressed[start:stop] = np.diff(binned.indptr)
             keep = n_expressed[start:stop] >= min_expressed_hvgs
             keep_cells[start:stop] = keep

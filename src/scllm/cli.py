@@ -1,10 +1,11 @@
-"""``scllm`` command line: tools around the pipeline (the pipeline itself runs with snakemake)."""
+"""scllm command line: tools around the pipeline (the pipeline itself runs with snakemake)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from scllm import __version__
 from scllm.errors import REFUSALS
 from scllm.io import setup_logging
 
@@ -30,7 +31,7 @@ def _embed(args: argparse.Namespace) -> None:
     summary = embed_h5ad(
         args.model_dir, args.h5ad, args.out,
         gene_id_column=args.gene_id_column, counts_layer=args.counts_layer, min_coverage=args.min_coverage,
-        batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device, tie_break=args.tie_break,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device,
     )
     print(f"Embedded {summary['n_cells']} cells with {args.model_dir}: vocabulary coverage {summary['n_found']}/"
           f"{summary['n_vocab']} ({summary['coverage']:.1%}), genes matched by {summary['gene_match']}. "
@@ -39,6 +40,7 @@ def _embed(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scllm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser(
@@ -82,10 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default: %(default)s)")
     embed.add_argument("--chunk-size", type=int, default=20_000, help="cells read at a time (default: %(default)s)")
     embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    embed.add_argument("--tie-break", choices=["content", "row"], default="content",
-                       help="key of the random draws that spread tied values over bins: the cell's values (a cell "
-                       "gets the same embedding wherever it is in the file) or its row number, as the pipeline's "
-                       "normalize_bin does (default: %(default)s)")
     embed.set_defaults(func=_embed)
 
     args = parser.parse_args(argv)

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
@@ -318,31 +317,15 @@ def binning_settings(args: dict) -> tuple[dict, str]:
     return {**DEFAULT_BINNING, "n_bins": n_bins}, "defaults"
 
 
-def content_keys(matrix: sp.csr_matrix) -> np.ndarray:
-    """A 63-bit key per row from its sparsity pattern and values: equal rows get equal keys."""
-    matrix = sp.csr_matrix(matrix)
-    matrix.sort_indices()
-    keys = np.empty(matrix.shape[0], dtype=np.int64)
-    indptr, indices, data = matrix.indptr, matrix.indices.astype(np.int32), matrix.data.astype(np.float32)
-    for r in range(matrix.shape[0]):
-        a, b = indptr[r], indptr[r + 1]
-        digest = hashlib.blake2b(indices[a:b].tobytes() + b"|" + data[a:b].tobytes(), digest_size=8).digest()
-        keys[r] = int.from_bytes(digest, "little") >> 1
-    return keys
-
-
-def tokenize_counts(counts: sp.csr_matrix, mapping: GeneMapping, n_genes: int, binning: dict, *,
-                    tie_break: str = "content", row_offset: int = 0):
+def tokenize_counts(counts: sp.csr_matrix, mapping: GeneMapping, n_genes: int, binning: dict):
     """Token arrays (offsets, gene_ids, values) for a block of cells x input genes, as training
     made them: normalize_total with totals over all input genes, the vocabulary genes in token
     order, per-cell quantile bins with the model's seed, ``<cls>`` first.
 
-    Tied values are spread over their bins by draws keyed on (seed, key, gene). ``tie_break``:
-    ``content`` keys each cell on its own values, so a cell gets the same tokens wherever it sits
-    in a file (and alone or in a batch); ``row`` keys on the row number (``row_offset`` + i), as
-    normalize_bin does, which reproduces the training tokens of the pipeline's filtered.h5ad.
+    Tied values are spread over their bins by draws keyed on (seed, the cell's content key, gene),
+    as in normalize_bin, so a cell gets the training tokens wherever it sits (alone or in a batch).
     """
-    from scllm.binning import bin_csr, normalize_total
+    from scllm.binning import bin_csr, content_keys, normalize_total
 
     counts = sp.csr_matrix(counts)
     totals = np.asarray(counts.sum(axis=1)).ravel()
@@ -352,13 +335,7 @@ def tokenize_counts(counts: sp.csr_matrix, mapping: GeneMapping, n_genes: int, b
     in_vocab.sum_duplicates()
     in_vocab.eliminate_zeros()
     normalized = normalize_total(in_vocab, totals, float(binning["target_sum"]), bool(binning["log1p"]))
-    if tie_break == "content":
-        row_ids = content_keys(in_vocab)
-    elif tie_break == "row":
-        row_ids = np.arange(row_offset, row_offset + counts.shape[0], dtype=np.int64)
-    else:
-        raise ValueError(f"tie_break must be 'content' or 'row', not {tie_break!r}")
-    binned = bin_csr(normalized, int(binning["n_bins"]), int(binning["seed"]), row_ids=row_ids)
+    binned = bin_csr(normalized, int(binning["n_bins"]), int(binning["seed"]), row_ids=content_keys(in_vocab))
     return sequences_from_binned(binned, cls_id=n_genes)
 
 
@@ -425,7 +402,7 @@ def _checked_mapping(var: pd.DataFrame, genes: pd.DataFrame, gene_id_column, whe
 
 
 def _embed_rows(model, mapping: GeneMapping, n_genes: int, binning: dict, read_rows, n_cells: int, where: str, *,
-                batch_size: int, chunk_size: int, tie_break: str) -> tuple[np.ndarray, np.ndarray]:
+                batch_size: int, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings, vocabulary genes expressed per cell) of the cells that ``read_rows(start, stop)``
     returns as sparse or dense count blocks, ``chunk_size`` cells at a time."""
     from scllm.io import Progress, row_chunks
@@ -443,8 +420,7 @@ def _embed_rows(model, mapping: GeneMapping, n_genes: int, binning: dict, read_r
             log.info("embed: %s holds non-integer values (normalized?); per-cell scaling and log1p keep each "
                      "value's quantile bin, but tied values may be spread over their bins differently than "
                      "from raw counts", where)
-        offsets, gene_ids, values = tokenize_counts(counts, mapping, n_genes, binning, tie_break=tie_break,
-                                                    row_offset=start)
+        offsets, gene_ids, values = tokenize_counts(counts, mapping, n_genes, binning)
         n_tokens[start:stop] = np.diff(offsets) - 1
         embeddings[start:stop] = embed_shard_cells(model, (offsets, gene_ids, values), batch_size)
         log.info("embed: %d/%d cells; %s", stop, n_cells, progress.text(stop))
@@ -456,16 +432,16 @@ def _embed_rows(model, mapping: GeneMapping, n_genes: int, binning: dict, read_r
 
 
 def _provenance(model_dir, model, mapping: GeneMapping, binning: dict, binning_source: str, source: str,
-                layer: str | None, tie_break: str) -> dict:
+                layer: str | None) -> dict:
     return {"model": str(Path(model_dir)), "vocab_sha256": model.vocab_sha256, "source": source,
             "layer": layer or "X", "gene_match": mapping.source, "n_vocab_genes": mapping.n_vocab,
             "n_vocab_genes_found": mapping.n_found, "coverage": mapping.coverage,
-            "binning": {**binning, "source": binning_source}, "tie_break": tie_break}
+            "binning": {**binning, "source": binning_source}}
 
 
 def embed(adata, model_dir, *, layer: str | None = None, gene_id_column: str | None = None,
           key_added: str = EMBEDDING_KEY, min_coverage: float = MIN_COVERAGE, batch_size: int = 64,
-          chunk_size: int = 20_000, device: str = "auto", tie_break: str = "content", copy: bool = False):
+          chunk_size: int = 20_000, device: str = "auto", copy: bool = False):
     """Embed the cells of an AnnData in memory (or backed) with a pretrained model, scanpy style.
 
     Adds ``adata.obsm[key_added]`` (cells x embedding dim), ``adata.obs["scllm_n_genes"]`` (vocabulary
@@ -474,7 +450,7 @@ def embed(adata, model_dir, *, layer: str | None = None, gene_id_column: str | N
     raw counts preferred; genes are matched to the model's vocabulary as ``scllm embed`` does
     (var_names or a var column; ``gene_id_column`` to choose). Returns None, or the annotated copy
     with ``copy=True``. The same cell gets the same embedding here, in ``scllm embed`` and alone or
-    in any batch (``tie_break="content"``).
+    in any batch, and the pipeline's own embeddings (the tie-break draws are keyed on its counts).
 
         import scanpy as sc, scllm
         scllm.embed(adata, "results/demo/model")
@@ -491,16 +467,16 @@ def embed(adata, model_dir, *, layer: str | None = None, gene_id_column: str | N
         raise ValueError(f"{where} is empty: give an AnnData with counts in X or in a layer (layer=...)")
     mapping = _checked_mapping(adata.var, genes, gene_id_column, where, adata.n_obs, model_dir, min_coverage)
     embeddings, n_tokens = _embed_rows(model, mapping, n_genes, binning, lambda a, b: matrix[a:b], adata.n_obs, where,
-                                       batch_size=batch_size, chunk_size=chunk_size, tie_break=tie_break)
+                                       batch_size=batch_size, chunk_size=chunk_size)
     adata.obsm[key_added] = embeddings
     adata.obs["scllm_n_genes"] = n_tokens
-    adata.uns["scllm"] = _provenance(model_dir, model, mapping, binning, binning_source, "in memory", layer, tie_break)
+    adata.uns["scllm"] = _provenance(model_dir, model, mapping, binning, binning_source, "in memory", layer)
     return adata if copy else None
 
 
 def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = None, counts_layer: str | None = None,
                min_coverage: float = MIN_COVERAGE, batch_size: int = 64, chunk_size: int = 20_000,
-               device: str = "auto", tie_break: str = "content") -> dict:
+               device: str = "auto") -> dict:
     """Embed the cells of any h5ad with a pretrained model; writes obs + ``obsm["X_scllm"]``.
 
     As ``embed`` (the same embeddings for the same cells), from a file: X (or ``counts_layer``)
@@ -520,11 +496,11 @@ def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = Non
     try:
         embeddings, n_tokens = _embed_rows(model, mapping, n_genes, binning, lambda a, b: rows[a:b], n_cells,
                                            f"{rows.where} of {in_h5ad}", batch_size=batch_size,
-                                           chunk_size=chunk_size, tie_break=tie_break)
+                                           chunk_size=chunk_size)
     finally:
         rows.close()
     obs["scllm_n_genes"] = n_tokens
-    uns = _provenance(model_dir, model, mapping, binning, binning_source, str(in_h5ad), counts_layer, tie_break)
+    uns = _provenance(model_dir, model, mapping, binning, binning_source, str(in_h5ad), counts_layer)
     _write_embeddings(out_h5ad, obs, embeddings, uns)
     log.info("embed: %d cells (median %d vocabulary genes expressed) -> %s [%d x %d] in %.1fs", n_cells,
              int(np.median(n_tokens)) if n_cells else 0, out_h5ad, *embeddings.shape, time.time() - t0)

@@ -10,8 +10,8 @@
 #   bash tests/slurm/start_local_slurm.sh stop    # stop every daemon this script started (by pid file)
 #   bash tests/slurm/start_local_slurm.sh status
 #
-# The partition names (cpu, gpu) are the ones profiles/slurm/config.yaml ships with, so the
-# test submits with that profile unchanged. Without slurmdbd there is no accounting: any
+# The partitions are named cpu and gpu; the test writes those names over the placeholders of
+# profiles/slurm/config.yaml in its copy of the workflow. Without slurmdbd there is no accounting: any
 # account name is accepted, and profiles/slurm-ci sets the squeue status command.
 #
 # Environment knobs (defaults in brackets):
