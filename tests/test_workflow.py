@@ -155,6 +155,17 @@ def test_embedded_default_shards_are_the_pinned_bytes(demo_run):
         assert actual == sha, f"{name} has sha256 {actual}, not the pinned {sha}"
 
 
+def test_a_cell_gets_the_pipelines_embedding_from_scllm_embed(demo_run):
+    """scllm.embed on the pipeline's filtered.h5ad (counts, all genes) reproduces embeddings.h5ad."""
+    import scllm
+
+    results = demo_run / "results" / "demo"
+    pipeline = ad.read_h5ad(results / "embeddings.h5ad")
+    cells = ad.read_h5ad(results / "filtered.h5ad")[pipeline.obs_names[::-1]].copy()  # another order
+    scllm.embed(cells, results / "model", device="cpu", batch_size=7)
+    np.testing.assert_allclose(cells.obsm["X_scllm"][::-1], pipeline.obsm["X_scllm"], rtol=0, atol=1e-5)
+
+
 def test_heldout_evaluation_rule_runs_only_when_asked_and_reruns_nothing_else(demo_run, tmp_path):
     workdir = copy_workflow(tmp_path)
     shutil.copytree(demo_run / "results", workdir / "results")
