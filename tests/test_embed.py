@@ -223,6 +223,7 @@ def test_in_memory_api_matches_the_cli_and_keeps_the_users_cells(model_dir, tmp_
     assert adata.obs["cell_type"].eq("T").all() and (adata.X != before_X).nnz == 0  # nothing else touched
     np.testing.assert_array_equal(adata.obs["scllm_n_genes"], from_cli.obs["scllm_n_genes"])
     assert adata.uns["scllm"]["layer"] == "X"
+    assert adata.uns["scllm"]["software"]["packages"]["torch"] == torch.__version__
 
     # copy=True leaves the input alone; a dense layer and a view of some cells give the same vectors
     dense = ad.AnnData(X=np.zeros(counts.shape, np.float32), obs=adata.obs[[]].copy(), var=var,

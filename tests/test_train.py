@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import scllm
 from scllm.data import LengthGroupedBatchSampler, ShardDataset, collate
 from scllm.embedding import embed_shard_cells, load_model
 from scllm.tokens import PAD_VALUE, build_vocab, read_shard, vocab_sha256, write_vocab
@@ -129,6 +130,12 @@ def test_pretrain_writes_every_artifact_and_rerun_is_a_noop(shards, tmp_path):
     args = json.loads((out / "args.json").read_text())
     assert args["data"]["vocab_sha256"] == json.loads(shards.read_text())["vocab_sha256"]
     assert args["model"]["d_model"] == 32 and args["model"]["vocab_size"] == 26 and args["train"]["lr"] == 3e-3
+    # provenance: the manifest relative to the model directory, the software that trained it
+    assert not Path(args["data"]["manifest"]).is_absolute()
+    assert (out / args["data"]["manifest"]).resolve() == shards.resolve()
+    software = args["provenance"]
+    assert software["scllm"] == scllm.__version__ and software["packages"]["torch"] == torch.__version__
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown \(not a git checkout\)", software["git_commit"])
     assert (out / "vocab.json").read_bytes() == (shards.parent / "vocab.json").read_bytes()
     metrics = [line.split("\t") for line in (out / "metrics.tsv").read_text().splitlines()]
     assert metrics[0] == METRIC_COLUMNS == ["epoch", "step", "lr", "train_loss", "expr_mse", "mvc_mse", "ecs_loss",

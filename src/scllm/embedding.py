@@ -149,7 +149,7 @@ def embed_shards(model_dir, shards_dir, binned_h5ad, out_h5ad, *, cells: str = "
     ``obsm["X_scllm"]``, obs from ``binned_h5ad`` (rows given by the shards' ``cell_index``) plus
     ``split``, cells in binned.h5ad order. One shard is in memory at a time.
     """
-    from scllm.io import open_backed
+    from scllm.io import open_backed, software_provenance
 
     if cells not in ("validation", "all"):
         raise ValueError(f"embed.cells must be 'validation' or 'all', not {cells!r}")
@@ -188,7 +188,7 @@ def embed_shards(model_dir, shards_dir, binned_h5ad, out_h5ad, *, cells: str = "
     obs["split"] = pd.Categorical(split_of, categories=sorted(manifest["splits"]))
     counts = {s: int((split_of == s).sum()) for s in splits}
     uns = {"model": str(Path(model_dir)), "vocab_sha256": model.vocab_sha256, "cells": cells,
-           "n_cells": counts, "source": "token shards"}
+           "n_cells": counts, "source": "token shards", "software": software_provenance()}
     _write_embeddings(out_h5ad, obs, embeddings, uns)
     log.info("embed: %d of %d cells (%s) -> %s [%d x %d] in %.1fs", len(index), n_obs,
              ", ".join(f"{s} {n}" for s, n in counts.items()), out_h5ad, *embeddings.shape, time.time() - t0)
@@ -299,13 +299,16 @@ def map_genes(var: pd.DataFrame, genes: pd.DataFrame, gene_id_column: str | None
                        missing_examples=missing, n_duplicated=n_duplicated)
 
 
-def binning_settings(args: dict) -> tuple[dict, str]:
+def binning_settings(args: dict, model_dir=None) -> tuple[dict, str]:
     """The model's binning settings and where they come from: args.json (``data.binning``), the
-    shard manifest it names, or the pipeline defaults (n_bins always from the model)."""
+    shard manifest it names (a relative path is relative to ``model_dir``), or the pipeline
+    defaults (n_bins always from the model)."""
     n_bins = int(args["model"]["n_bins"])
     data = args.get("data", {})
     sources = [("args.json", data.get("binning"))]
     manifest = data.get("manifest")
+    if manifest and model_dir is not None and not Path(manifest).is_absolute():
+        manifest = str(Path(model_dir) / manifest)
     if manifest and Path(manifest).exists():
         sources.append((manifest, read_manifest(manifest).get("binning")))
     for where, binning in sources:
@@ -368,7 +371,7 @@ class _Rows:
 def _model_for_embedding(model_dir, device: str):
     """(model, genes table, n_genes, binning settings, their source) for embedding cells."""
     model, vocab, args = load_model(model_dir, resolve_device(device))
-    binning, binning_source = binning_settings(args)
+    binning, binning_source = binning_settings(args, model_dir)
     if binning_source == "defaults":
         log.warning("%s/args.json records no binning settings; binning with n_bins=%d (the model's) and the pipeline "
                     "defaults seed=%d, target_sum=%g, log1p=%s (seed only decides ties; target_sum and log1p do not "
@@ -433,10 +436,12 @@ def _embed_rows(model, mapping: GeneMapping, n_genes: int, binning: dict, read_r
 
 def _provenance(model_dir, model, mapping: GeneMapping, binning: dict, binning_source: str, source: str,
                 layer: str | None) -> dict:
+    from scllm.io import software_provenance
+
     return {"model": str(Path(model_dir)), "vocab_sha256": model.vocab_sha256, "source": source,
             "layer": layer or "X", "gene_match": mapping.source, "n_vocab_genes": mapping.n_vocab,
             "n_vocab_genes_found": mapping.n_found, "coverage": mapping.coverage,
-            "binning": {**binning, "source": binning_source}}
+            "binning": {**binning, "source": binning_source}, "software": software_provenance()}
 
 
 def embed(adata, model_dir, *, layer: str | None = None, gene_id_column: str | None = None,

@@ -38,6 +38,38 @@ class Progress:
         return f"elapsed {_duration(elapsed)}, about {_duration(elapsed / (done - self.first) * (self.total - done))} to go"
 
 
+PROVENANCE_PACKAGES = ("torch", "numpy", "scipy", "anndata", "h5py", "pandas", "numba", "scanpy",
+                       "tiledbsoma", "cellxgene-census", "snakemake")
+
+
+def software_provenance() -> dict:
+    """What produced an artifact: scllm's version and git commit ("-dirty" with uncommitted
+    changes), Python and the versions of the packages that shape the numbers. Strings only, so
+    that it can go into an h5ad's uns as well as into args.json."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    from scllm import __version__
+
+    def version(package):
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    commit = "unknown (not a git checkout)"
+    repo = Path(__file__).resolve().parents[2]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            commit = head.stdout.strip() + ("-dirty" if dirty else "")
+    return {"scllm": __version__, "git_commit": commit, "python": platform.python_version(),
+            "packages": {p: version(p) for p in PROVENANCE_PACKAGES}}
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

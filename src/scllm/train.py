@@ -37,7 +37,7 @@ from scllm.checks import load_torch_file
 from scllm.data import (PROFILE_KEYS, TRAINING_BATCH_KEYS, LengthGroupedBatchSampler, ShardDataset, check_vocab, collate,
                         mask_values, prefetched, training_batch)
 from scllm.errors import CorruptArtifactError
-from scllm.io import Progress, atomic_path, remove_stale_temporaries, setup_logging
+from scllm.io import Progress, atomic_path, remove_stale_temporaries, setup_logging, software_provenance
 from scllm.model import (CellTransformer, ModelConfig, contrastive_loss, count_params_text, ecs_loss, masked_mse,
                          peak_flops, variance_covariance_loss)
 from scllm.tokens import read_manifest
@@ -150,7 +150,8 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
             "model": asdict(mcfg),
             "train": cfg,
             "data": {
-                "manifest": str(manifest_path.resolve()),
+                # relative to the model directory: a results folder moved or copied whole stays valid
+                "manifest": os.path.relpath(manifest_path.resolve(), out.resolve()),
                 "vocab_sha256": manifest["vocab_sha256"],
                 # The cells themselves: other shards (new split, bins, cells) must not resume this run.
                 "shards_sha256": _shards_fingerprint(manifest_path, manifest),
@@ -161,6 +162,7 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
                 "n_validation_cells": len(val_ds),
             },
             "world_size": world_size,
+            "provenance": software_provenance(),  # not part of the run's identity: resume ignores it
         }
 
         # --- resume ----------------------------------------------------------------------------
