@@ -25,5 +25,6 @@ rule all:
     input:
         rules.pretrain.output,
         rules.evaluate.output,
+        rules.report.output,
         rules.evaluate_heldout.output if config["heldout"]["path"] else [],  # defined only then
     default_target: True

@@ -112,3 +112,24 @@ if config["heldout"]["path"]:
             "../envs/heldout.yaml"
         script:
             "../workflow/scripts/evaluate_heldout.py"
+
+
+rule report:
+    """One self-contained page: samples, QC, HVGs, pretraining, metrics and UMAPs, with captions."""
+    input:
+        samples=rules.sample_census.output.samples,
+        qc=rules.filter_qc.output.table,
+        hvg=rules.select_hvg.output.table,
+        epochs=rules.pretrain.output.epochs,
+        loss_curve=rules.pretrain.output.plot,
+        metrics=rules.evaluate.output.table,
+        umap_cell_type=rules.evaluate.output.umap_cell_type,
+        umap_sample=rules.evaluate.output.umap_sample,
+    output:
+        html=f"{RESULTS}/report.html",
+    log:
+        f"{LOGS}/report.log",
+    conda:
+        "../envs/eval.yaml"
+    script:
+        "../workflow/scripts/report.py"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,15 @@ def demo_run(tmp_path_factory) -> Path:
 def test_full_run_writes_every_artifact_and_logs_counts(demo_run):
     results = demo_run / "results" / "demo"
     assert "Shell command: None" not in (demo_run / "snakemake.out").read_text()  # script rules: no noise
+    # progress a person can plan around: elapsed time per sample, a line per evaluation step
+    logs = results / "logs"
+    assert re.search(r"sample .+: \d+ cells \(\d+/\d+ written; elapsed \d:\d\d:\d\d", (logs / "sample_census.log").read_text())
+    assert re.search(r"evaluate: \d+ x \d+: Leiden at \d+ resolutions done", (logs / "evaluate.log").read_text())
+    assert "writing 2700 cells x 32738 genes into the store" in (logs / "build_local_census.log").read_text()
+    report = (results / "report.html").read_text()  # the run's report, under the run's folder
+    assert "<h2>Cell embedding vs PCA</h2>" in report and "<h2>Pretraining</h2>" in report
+    assert "UMAP by sample" not in report and "silhouette_sample" not in report  # one sample: left out
+    assert (results / "logs" / "report.log").stat().st_size > 0 and not (demo_run / "report.html").exists()
     for rule, output in DATA_OUTPUTS.items():
         assert (results / output).exists(), f"{rule} did not write {output}"
         assert (results / "logs" / f"{rule}.log").stat().st_size > 0, f"{rule} wrote no log"

@@ -17,7 +17,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from scllm.checks import check_counts, check_gene_ids, require_cells, unique_cell_ids
-from scllm.io import CSRWriter, atomic_path
+from scllm.io import CSRWriter, Progress, atomic_path
 
 log = logging.getLogger("scllm")
 
@@ -191,12 +191,14 @@ def sample_census(
                 "n_samples_chosen": int(len(chosen)),
             }
         }
+        progress = Progress(0, len(keep))
         with atomic_path(out_h5ad) as tmp, CSRWriter(tmp, var=var, uns=uns) as writer:
             for sample_key, group in keep.groupby(SAMPLE_KEYS, observed=True, sort=False):
                 joinids = group["soma_joinid"].to_numpy()
                 for block in _read_rows(exp, joinids, chunk_size, soma):
                     writer.append(block)
-                log.info("sample %s: %d cells (%d/%d written)", "/".join(map(str, sample_key)), len(joinids), writer.rows_written, len(keep))
+                log.info("sample %s: %d cells (%d/%d written; %s)", "/".join(map(str, sample_key)), len(joinids),
+                         writer.rows_written, len(keep), progress.text(writer.rows_written))
             writer.set_obs(obs)
         with atomic_path(out_samples) as tmp:
             samples.to_csv(tmp, sep="\t", index=False)
@@ -285,9 +287,12 @@ def build_local_census(
                 "citation": [citation] * len(datasets),
                 "dataset_total_cell_count": [int(n) for n in datasets.values],
             }, soma)
+        t0 = time.time()
+        log.info("writing %d cells x %d genes into the store", adata.n_obs, adata.n_vars)
         tiledbsoma.io.from_anndata(
             f"{tmp}/census_data/{organism}", adata, measurement_name="RNA", X_layer_name="raw"
         )
+        log.info("wrote the store's cells in %.1fs", time.time() - t0)
         with soma.Collection.open(tmp, "w") as root:
             root["census_data"].set(organism, soma.Experiment.open(f"{tmp}/census_data/{organism}"), use_relative_uri=True)
 

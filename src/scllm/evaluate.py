@@ -143,18 +143,26 @@ def score_representation(X: np.ndarray, labels, samples, *, n_neighbors=15, n_fo
     """Every label metric for one representation, and its UMAP coordinates."""
     labels, samples = np.asarray(labels).astype(str), np.asarray(samples).astype(str)
     t0 = time.time()
+
+    def step(what: str) -> None:  # a line per step, so that a long evaluation shows how far it got
+        log.info("evaluate: %d x %d: %s (%.1fs)", *X.shape, what, time.time() - t0)
+
     scores = {}
     cv = knn_scores(X, labels, n_neighbors=n_neighbors, n_folds=n_folds, seed=seed)
     scores.update(knn_accuracy_cv=cv["accuracy"], knn_macro_f1_cv=cv["macro_f1"], _cv_folds=cv["n_folds"])
     held = knn_scores(X, labels, n_neighbors=n_neighbors, n_folds=n_folds, seed=seed, groups=samples)
     scores.update(knn_accuracy_heldout_sample=held["accuracy"], knn_macro_f1_heldout_sample=held["macro_f1"],
                   _sample_folds=held["n_folds"])
+    step("kNN cross-validation done; Leiden next")
     graph = neighbors_graph(X, n_neighbors=n_neighbors, seed=seed)
     leiden = leiden_scores(graph, labels, resolutions=leiden_resolutions, seed=seed)
     scores.update(leiden_ari=leiden["ari"], leiden_nmi=leiden["nmi"], _leiden_resolution=leiden["resolution"],
                   _leiden_clusters=leiden["n_clusters"])
+    step(f"Leiden at {len(leiden_resolutions)} resolutions done; silhouettes next")
     scores["silhouette_label"] = silhouette(X, labels, seed=seed)
     scores["silhouette_sample"] = silhouette(X, samples, seed=seed)
+    if umap:
+        step("silhouettes done; UMAP next")
     coords = umap_coords(graph, seed=seed) if umap else None
     log.info("evaluate: %d cells x %d dims scored in %.1fs", X.shape[0], X.shape[1], time.time() - t0)
     return scores, coords
@@ -276,17 +284,11 @@ def write_table(rows: list[dict], tsv_path, html_path=None, title: str = "") -> 
         Path(tmp).write_text("\t".join(TABLE_COLUMNS) + "\n"
                              + "".join("\t".join(_fmt(r.get(c)) for c in TABLE_COLUMNS) + "\n" for r in rows))
     if html_path is not None:
-        shown = table.copy()
-        for col in ("scllm", "baseline"):
-            shown[col] = [("n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else
-                           f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}") for v in table[col]]
-        body = shown.to_html(index=False, border=0, classes="metrics", escape=True)
-        style = ("<style>body{font-family:sans-serif;font-size:13px} table.metrics{border-collapse:collapse}"
-                 "table.metrics td,table.metrics th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:left}"
-                 "</style>")
+        from scllm.report import STYLE, metrics_html
+
         with atomic_path(html_path) as tmp:
-            Path(tmp).write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>{style}"
-                                 f"</head><body><h3>{title}</h3>{body}</body></html>\n")
+            Path(tmp).write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>{STYLE}"
+                                 f"</head><body><h3>{title}</h3>{metrics_html(table)}</body></html>\n")
     return table
 
 
@@ -348,10 +350,25 @@ def score_against_pca(X: np.ndarray, pca: np.ndarray, labels, samples, cfg: dict
     return table, panels
 
 
+def plot_one_colour_note(path, n_cells: int, name: str, value: str) -> None:
+    """In place of a UMAP coloured by ``name`` when all cells share one value: it would be one colour."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 1.6))
+    fig.text(0.5, 0.5, f"All {n_cells} cells have {name} = {value}:\nno UMAP coloured by {name} (it would be one colour).",
+             ha="center", va="center", fontsize=11)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
 def _write_results(table, title, panels, colourings: list[tuple], out_table, out_html, seed: int) -> pd.DataFrame:
     result = write_table(table, out_table, out_html, title)
-    for path, colors, name in colourings:
-        plot_umaps(path, panels, colors, name, seed)
+    for i, (path, colors, name) in enumerate(colourings):
+        values = np.unique(np.asarray(colors).astype(str))
+        if i > 0 and len(values) == 1:  # the labels (first) are always drawn; a one-sample UMAP is not
+            plot_one_colour_note(path, len(colors), name, values[0])
+        else:
+            plot_umaps(path, panels, colors, name, seed)
     for r in table:
         log.info("evaluate: %-28s scllm %-8s baseline %-8s", r["metric"], _fmt(r["scllm"]), _fmt(r["baseline"]))
     return result

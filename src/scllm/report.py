@@ -1,0 +1,141 @@
+"""The run's report: one self-contained HTML page (results/<run>/report.html) with what each
+stage did and what the model learned: QC and sample tables, the HVG list, the epochs table and
+loss curve, the metrics with the better side marked, and the UMAPs, each with a caption.
+
+Images are embedded (base64), so the page can be mailed or archived alone. Rows whose metric
+does not apply to the run (e.g. sample metrics with one sample) are left out.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scllm.io import atomic_path
+
+log = logging.getLogger("scllm")
+
+# Which way is better, per metric; metrics not listed get no winner.
+HIGHER_IS_BETTER = {"knn_accuracy_cv", "knn_macro_f1_cv", "knn_accuracy_heldout_sample",
+                    "knn_macro_f1_heldout_sample", "leiden_ari", "leiden_nmi", "silhouette_label"}
+LOWER_IS_BETTER = {"masked_mse_expression", "masked_mse_gepc"}
+CLOSER_TO_ZERO_IS_BETTER = {"silhouette_sample"}
+MAX_ROWS = 200  # longer tables (samples of a real Census run, the HVG list) show this many, then say so
+
+STYLE = """<style>
+body{font-family:system-ui,sans-serif;font-size:14px;max-width:1100px;margin:2em auto;color:#222}
+h1{font-size:22px} h2{font-size:17px;margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.5em 0} td,th{padding:3px 9px;border-bottom:1px solid #e3e3e3;text-align:left}
+th{background:#f4f4f4} td.win{font-weight:bold;background:#e6f4e6} p.caption{color:#555;max-width:900px}
+img{max-width:100%;border:1px solid #eee}
+</style>"""
+
+
+def winner(metric: str, ours: float, baseline: float) -> str | None:
+    """'scllm', 'baseline', 'tie' or None (no direction for this metric, or a value missing)."""
+    if not (np.isfinite(ours) and np.isfinite(baseline)):
+        return None
+    if metric in HIGHER_IS_BETTER:
+        a, b = ours, baseline
+    elif metric in LOWER_IS_BETTER:
+        a, b = -ours, -baseline
+    elif metric in CLOSER_TO_ZERO_IS_BETTER:
+        a, b = -abs(ours), -abs(baseline)
+    else:
+        return None
+    return "tie" if np.isclose(a, b, rtol=0, atol=5e-4) else ("scllm" if a > b else "baseline")
+
+
+def metrics_html(table: pd.DataFrame) -> str:
+    """The metrics as an HTML table: n/a rows dropped, the better value of each row in bold, the
+    baseline's name in the header (it is the same for a group of rows), details kept."""
+    rows = table[np.isfinite(table["scllm"].astype(float)) & np.isfinite(table["baseline"].astype(float))]
+    if rows.empty:
+        return "<p>No metric applies to these cells.</p>"
+    parts = []
+    for method, group in rows.groupby("baseline_method", sort=False):
+        body = []
+        for r in group.itertuples():
+            best = None if "not comparable" in str(r.details) else winner(r.metric, float(r.scllm), float(r.baseline))
+            cells = [_cell(r.scllm, best in ("scllm", "tie")), _cell(r.baseline, best in ("baseline", "tie"))]
+            verdict = {"scllm": "scLLM", "baseline": "baseline", "tie": "tie", None: "not comparable"}[best]
+            body.append(f"<tr><td>{html.escape(r.metric)}</td>{''.join(cells)}<td>{verdict}</td>"
+                        f"<td>{html.escape(str(r.cells))}</td><td>{html.escape(str(r.details))}</td></tr>")
+        parts.append(f"<table><tr><th>metric</th><th>scLLM</th><th>baseline: {html.escape(str(method))}</th>"
+                     f"<th>better</th><th>cells</th><th>details</th></tr>{''.join(body)}</table>")
+    return "\n".join(parts)
+
+
+def _cell(value: float, bold: bool) -> str:
+    value = float(value)
+    text = f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return f"<td class='win'>{text}</td>" if bold else f"<td>{text}</td>"
+
+
+def _table(frame: pd.DataFrame, what: str) -> str:
+    shown = frame.head(MAX_ROWS)
+    note = f"<p class='caption'>First {MAX_ROWS} of {len(frame)} {what}; the file has all.</p>" \
+        if len(frame) > MAX_ROWS else ""
+    return shown.to_html(index=False, border=0, escape=True, float_format=lambda v: f"{v:.4g}") + note
+
+
+def _hvg_list(hvgs: pd.DataFrame) -> str:
+    top = ", ".join(html.escape(str(g)) for g in hvgs["feature_name"].head(50))
+    columns = [c for c in ("feature_name", "feature_id", "variances_norm") if c in hvgs]
+    full = hvgs[columns].to_html(index=False, border=0, escape=True, float_format=lambda v: f"{v:.4g}")
+    return f"<p>{top}</p><details><summary>All {len(hvgs)} genes</summary>{full}</details>"
+
+
+def _image(path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f"<img alt='{html.escape(Path(path).name)}' src='data:image/png;base64,{data}'>"
+
+
+def _section(title: str, caption: str, content: str) -> str:
+    return f"<h2>{html.escape(title)}</h2>\n<p class='caption'>{caption}</p>\n{content}\n"
+
+
+def _read_tsv(path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t")
+
+
+def write_report(out_html, *, run: str, qc_tsv, samples_tsv, hvg_tsv, epochs_tsv, loss_curve_png, metrics_tsv,
+                 umap_cell_type_png, umap_sample_png) -> list[str]:
+    """Write the run's report; returns the titles of the sections it holds."""
+    samples = _read_tsv(samples_tsv)
+    chosen = samples[samples["chosen"].astype(str) == "True"] if "chosen" in samples else samples
+    metrics = _read_tsv(metrics_tsv)
+    epochs = _read_tsv(epochs_tsv)
+    hvgs = _read_tsv(hvg_tsv)
+    n_samples = len(chosen)
+    sections = [
+        ("Samples", f"{n_samples} sample(s) (dataset, donor) chosen of {len(samples)} eligible, "
+         f"{int(chosen['n_cells'].sum()) if 'n_cells' in chosen else 'n/a'} cells (samples.tsv).", _table(samples, "samples")),
+        ("Quality control", "Cells and genes before and after filter_qc, over all cells and per sample, "
+         "with the thresholds used (qc.tsv).", _table(_read_tsv(qc_tsv), "rows")),
+        ("Highly variable genes", f"The {len(hvgs)} HVGs, the model's vocabulary, in rank order (hvg.tsv); "
+         "the 50 most variable first, all of them below.", _hvg_list(hvgs)),
+        ("Pretraining", "Train and validation losses per epoch (epochs.tsv); the validation masked-value "
+         "error of each head against predicting each cell's mean visible bin, with fixed masks.",
+         _table(epochs, "epochs") + _image(loss_curve_png)),
+        ("Cell embedding vs PCA", "How well the model's cell embedding tells the labelled cell types apart, "
+         "next to PCA of log-normalized HVGs on the same cells; the better value is in bold "
+         "(metrics.tsv). Metrics that do not apply to this run are left out.", metrics_html(metrics)),
+        ("UMAP by cell type", "UMAPs of the scLLM embedding and of the PCA baseline, coloured by cell type.",
+         _image(umap_cell_type_png)),
+    ]
+    if n_samples > 1:
+        sections.append(("UMAP by sample", "The same UMAPs coloured by sample: mixed colours mean the "
+                         "embedding does not separate cells by where they came from.", _image(umap_sample_png)))
+    body = "".join(_section(*s) for s in sections)
+    with atomic_path(out_html) as tmp:
+        Path(tmp).write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>scLLM run {html.escape(run)}"
+                             f"</title>{STYLE}</head><body><h1>scLLM-pretrain: run {html.escape(run)}</h1>\n{body}"
+                             "</body></html>\n")
+    log.info("report: %d sections (%s) -> %s", len(sections), ", ".join(s[0] for s in sections), out_html)
+    return [s[0] for s in sections]
