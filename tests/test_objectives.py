@@ -140,3 +140,34 @@ def test_vc_weight_adds_the_weighted_variance_covariance_term():
     assert (on - off).item() == pytest.approx(2.5 * variance_covariance_loss(pred["cell_emb"]).item(), rel=1e-5)
     with pytest.raises(ValueError, match="train.vc_weight must be >= 0"):
         pretrain("unused", "unused", train_cfg={"vc_weight": -1})
+
+
+def test_contrastive_head_is_what_the_contrastive_term_compares():
+    from scllm.model import contrastive_loss
+    from scllm.train import TRAIN_DEFAULTS, objective
+
+    cfg = ModelConfig(vocab_size=22, n_bins=51, n_layers=1, n_heads=2, d_model=8, d_ff=16, dropout=0.0,
+                      cell_emb_style="mean", contrastive_head_dim=5)
+    model = CellTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    gene_ids = torch.cat([torch.full((6, 1), 20), torch.randint(0, 20, (6, 7), generator=g)], dim=1)
+    values = torch.cat([torch.zeros(6, 1, dtype=torch.long), torch.randint(1, 51, (6, 7), generator=g)], dim=1)
+    padding = torch.zeros(6, 8, dtype=torch.bool)
+    mask = torch.zeros(6, 8, dtype=torch.bool)
+    with torch.no_grad():
+        pred = model(gene_ids, values, padding)
+        head = model.contrastive_head
+        # the head, computed by hand: Linear -> ReLU -> Linear on the cell embedding
+        by_hand = torch.relu(pred["cell_emb"] @ head[0].weight.T + head[0].bias) @ head[2].weight.T + head[2].bias
+    assert pred["contrastive_z"].shape == (6, 5) and pred["cell_emb"].shape == (6, 8)
+    assert torch.allclose(pred["contrastive_z"], by_hand, atol=1e-6)
+    settings = {**TRAIN_DEFAULTS, "contrastive_weight": 1.0}
+    got = objective(pred, gene_ids, values, mask, settings, views=2)[4]
+    assert got.item() == pytest.approx(contrastive_loss(by_hand, 2, settings["contrastive_temperature"]).item(),
+                                       rel=1e-5)
+    assert got.item() != pytest.approx(contrastive_loss(pred["cell_emb"], 2, 0.1).item(), rel=1e-3)
+    # without a head the term compares the cell embeddings themselves, and no head weights exist
+    plain = CellTransformer(ModelConfig(**{**cfg.__dict__, "contrastive_head_dim": 0}))
+    assert not hasattr(plain, "contrastive_head")
+    with pytest.raises(ValueError, match="contrastive_head_dim"):
+        ModelConfig(vocab_size=22, contrastive_head_dim=-1)

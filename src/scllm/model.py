@@ -52,6 +52,9 @@ class ModelConfig:
     value_encoder: str = "bins"
     # How the cell embedding is read out: "cls", "mean" (of gene-token outputs), "cls+mean" or "sum".
     cell_emb_style: str = "cls"
+    # A SimCLR projection head for the contrastive term: the loss compares head(cell embedding),
+    # so the embedding itself need not discard what the views disagree on. 0 = no head.
+    contrastive_head_dim: int = 0
 
     def __post_init__(self):
         if self.pad_id is None:
@@ -64,6 +67,8 @@ class ModelConfig:
             raise ValueError(f"value_encoder must be one of {VALUE_ENCODERS}, not {self.value_encoder!r}")
         if self.cell_emb_style not in CELL_EMB_STYLES:
             raise ValueError(f"cell_emb_style must be one of {CELL_EMB_STYLES}, not {self.cell_emb_style!r}")
+        if self.contrastive_head_dim < 0:
+            raise ValueError(f"contrastive_head_dim must be >= 0, not {self.contrastive_head_dim}")
         if not 0 <= self.pad_id < self.vocab_size:
             raise ValueError(f"pad_id={self.pad_id} is outside the vocabulary (size {self.vocab_size})")
 
@@ -159,6 +164,9 @@ class CellTransformer(nn.Module):
         # otherwise the first hundreds of steps only learn the output scale. (scGPT starts at 0
         # and has no GEPC bias; this is our one deviation, and it helps short runs most.)
         self.mvc_bias = nn.Parameter(torch.zeros(1))
+        if cfg.contrastive_head_dim:
+            self.contrastive_head = nn.Sequential(nn.Linear(self.cell_emb_dim, self.cell_emb_dim), nn.ReLU(),
+                                                  nn.Linear(self.cell_emb_dim, cfg.contrastive_head_dim))
         self.apply(self._init_weights)
         with torch.no_grad():
             self.expr_head[-1].bias.fill_(cfg.n_bins / 2)
@@ -207,6 +215,8 @@ class CellTransformer(nn.Module):
         query = self.mvc_query(genes)
         mvc_pred = torch.bmm(self.mvc_W(query), cell_emb.unsqueeze(-1)).squeeze(-1) + self.mvc_bias
         out = {"expr_pred": expr_pred, "mvc_pred": mvc_pred, "cell_emb": cell_emb}
+        if self.cfg.contrastive_head_dim:
+            out["contrastive_z"] = self.contrastive_head(cell_emb)
         if all_genes:
             out["gepc_all_pred"] = self.gepc_all_genes(cell_emb)
         return out

@@ -417,7 +417,7 @@ def objective(pred: dict, gene_ids: torch.Tensor, values: torch.Tensor, mask: to
     else:
         gepc = masked_mse(pred["mvc_pred"], values, mask)
     ecs = ecs_loss(pred["cell_emb"], cfg["ecs_threshold"]) if cfg["ecs_weight"] else zero
-    contrastive = (contrastive_loss(pred["cell_emb"], views, cfg["contrastive_temperature"])
+    contrastive = (contrastive_loss(pred.get("contrastive_z", pred["cell_emb"]), views, cfg["contrastive_temperature"])
                    if cfg["contrastive_weight"] else zero)
     total = expr + cfg["gepc_weight"] * gepc + cfg["ecs_weight"] * ecs + cfg["contrastive_weight"] * contrastive
     if cfg["vc_weight"]:
