@@ -51,7 +51,7 @@ class RaggedCells:
 class ShardDataset:
     """All cells of one split of a shard manifest, in manifest order, read from the shards on demand.
 
-    Only the cells' lengths (4 bytes a cell) stay in memory: they are all the length-grouped
+    Only the cells' lengths (2 bytes a cell) stay in memory: they are all the length-grouped
     sampler needs. ``cells(indices)`` reads a batch's tokens from the shard files when the batch is
     made (``ShardReader``), so a training process's memory does not grow with the corpus. Every
     shard is checked against the manifest (sha256, arrays, counts, vocabulary) when it is opened,
@@ -67,12 +67,14 @@ class ShardDataset:
         self.split = split
         self.shards = [open_listed_shard(manifest_path.parent, manifest, entry)
                        for entry in manifest["splits"][split]]
-        # int32: a cell has at most n_genes + 1 tokens
-        self.lengths = np.concatenate([np.diff(s.offsets()).astype(np.int32) for s in self.shards]
-                                      + [np.zeros(0, np.int32)])
         # cell i of the split is cell i - first_cell[k] of shard k
         self.first_cell = np.zeros(len(self.shards) + 1, dtype=np.int64)
         np.cumsum([s.n_cells for s in self.shards], out=self.first_cell[1:])
+        # A cell has at most n_genes + 1 tokens: int16 (2 bytes a cell) unless the vocabulary is huge.
+        dtype = np.int16 if int(manifest["n_genes"]) < np.iinfo(np.int16).max else np.int32
+        self.lengths = np.empty(self.first_cell[-1], dtype=dtype)  # filled in place: no second copy
+        for shard, start in zip(self.shards, self.first_cell):
+            self.lengths[start:start + shard.n_cells] = np.diff(shard.offsets())
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -86,8 +88,8 @@ class ShardDataset:
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"cell indices must lie in 0..{len(self) - 1} (split {self.split!r})")
         shard = np.searchsorted(self.first_cell, indices, side="right") - 1
-        return [self.shards[k].cell(int(i - self.first_cell[k]), int(self.lengths[i]))
-                for i, k in zip(indices, shard)]
+        local = (indices - self.first_cell[shard]).tolist()  # plain ints: this runs for every cell
+        return [self.shards[k].cell(i, n) for k, i, n in zip(shard.tolist(), local, self.lengths[indices].tolist())]
 
     def close(self) -> None:
         for shard in self.shards:
@@ -199,18 +201,31 @@ def mask_values(values: torch.Tensor, padding_mask: torch.Tensor, ratio: float,
     Position 0 (<cls>) and padding are never masked. Returns (input values with MASK_VALUE at the
     masked positions, boolean mask). Draws from ``generator`` (CPU) so masks are reproducible.
     """
-    n_genes = (~padding_mask).sum(1) - 1
+    padding = padding_mask.cpu()
+    n_genes = (~padding).sum(1) - 1
     n_mask = torch.round(n_genes.double() * ratio).long()
     # float64 scores make ties (which would depend on the sort) practically impossible.
-    scores = torch.rand(values.shape, generator=generator, dtype=torch.float64).to(values.device)
+    scores = torch.rand(values.shape, generator=generator, dtype=torch.float64)
     scores[:, 0] = 2.0  # rand() < 1, so these rank after every gene token
-    scores[padding_mask] = 2.0
-    # The n_mask lowest-scoring positions of each row: one sort, then mark the first n_mask
-    # positions of each row's order (a second argsort to get ranks would cost as much again).
-    order = scores.argsort(dim=1, stable=True)
-    take = torch.arange(values.shape[1], device=values.device) < n_mask[:, None]
-    mask = torch.zeros_like(take).scatter_(1, order, take)
+    scores[padding] = 2.0
+    mask = torch.from_numpy(lowest_per_row(scores.numpy(), n_mask.numpy())).to(values.device)
     return values.masked_fill(mask, MASK_VALUE), mask
+
+
+def lowest_per_row(scores: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Boolean mask of the ``k[r]`` lowest scores of each row r; among equal scores, the first ones.
+
+    The positions scoring at most the row's k-th lowest score: one np.sort of the values, several
+    times faster than an argsort on the CPU. Only an exact tie at that score (float64 draws:
+    practically never) needs the order of positions, and then a stable argsort decides.
+    """
+    kth = np.take_along_axis(np.sort(scores, axis=1), np.maximum(k - 1, 0)[:, None], axis=1)
+    mask = (scores <= kth) & (k[:, None] > 0)
+    if not np.array_equal(mask.sum(1), k):  # a tie at the threshold
+        order = np.argsort(scores, axis=1, kind="stable")
+        mask = np.zeros_like(mask)
+        np.put_along_axis(mask, order, np.arange(scores.shape[1]) < k[:, None], axis=1)
+    return mask
 
 
 def training_batch(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int, ratios: list[float],

@@ -312,27 +312,34 @@ class ShardReader:
         self._h5 = h5py.File(self.path, "r") if None in self._layout.values() else None
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Elements ``start:stop`` of a dataset (0 <= start <= stop <= its length)."""
+        """Elements ``start:stop`` of a dataset (0 <= start <= stop <= its length); read-only."""
         layout = self._layout[name]
         if layout is None:
             return self._h5[name][start:stop]
         offset, dtype = layout
-        out = np.empty(stop - start, dtype=dtype)
-        view, pos = memoryview(out).cast("B"), offset + start * dtype.itemsize
-        while len(view):  # a regular file returns everything at once; loop anyway, as pread allows less
-            n = os.preadv(self._fd, [view], pos)
-            if n <= 0:
-                raise CorruptArtifactError(f"shard {self.path} ended early (reading {name}). " + RETOKENIZE)
-            view, pos = view[n:], pos + n
-        return out
+        size = (stop - start) * dtype.itemsize
+        data = os.pread(self._fd, size, offset + start * dtype.itemsize)
+        if len(data) != size:  # a regular file returns all at once unless it ends early
+            raise CorruptArtifactError(f"shard {self.path} ended early (reading {name}). " + RETOKENIZE)
+        return np.frombuffer(data, dtype=dtype)  # no copy: the array uses the bytes pread returned
 
     def offsets(self) -> np.ndarray:
         return self.read("offsets", 0, self.n_cells + 1)
 
     def cell(self, i: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cell ``i``'s (gene ids, values); ``length`` is its token count (from the offsets)."""
-        start = int(self.read("offsets", i, i + 1)[0])
-        return self.read("gene_ids", start, start + length), self.read("values", start, start + length)
+        """Cell ``i``'s (gene ids, values); ``length`` is its token count (from the offsets).
+        Three preads; this runs for every cell of every batch, hence the plain-Python fast path."""
+        fd, layout = self._fd, self._layout
+        if layout["offsets"] is None or layout["gene_ids"] is None or layout["values"] is None:
+            start = int(self.read("offsets", i, i + 1)[0])
+            return self.read("gene_ids", start, start + length), self.read("values", start, start + length)
+        (o_at, _), (g_at, g_type), (v_at, v_type) = layout["offsets"], layout["gene_ids"], layout["values"]
+        start = int.from_bytes(os.pread(fd, 8, o_at + 8 * i), "little", signed=True)  # "<i8" (_byte_range)
+        genes = os.pread(fd, length * g_type.itemsize, g_at + start * g_type.itemsize)
+        values = os.pread(fd, length * v_type.itemsize, v_at + start * v_type.itemsize)
+        if len(genes) != length * g_type.itemsize or len(values) != length * v_type.itemsize:
+            raise CorruptArtifactError(f"shard {self.path} ended early (reading cell {i}). " + RETOKENIZE)
+        return np.frombuffer(genes, dtype=g_type), np.frombuffer(values, dtype=v_type)
 
     def check(self, block_tokens: int = 1 << 22) -> str | None:
         """``check_shard`` over the whole file, reading about ``block_tokens`` tokens at a time."""
@@ -381,6 +388,8 @@ def _byte_range(dataset: h5py.Dataset):
     """(byte offset, dtype) of a dataset stored as one contiguous uncompressed block, else None."""
     offset = dataset.id.get_offset()
     if dataset.chunks is not None or dataset.compression is not None or offset is None:
+        return None
+    if dataset.name == "/offsets" and dataset.dtype != np.dtype("<i8"):  # cell() reads them as int64
         return None
     return offset, dataset.dtype
 
