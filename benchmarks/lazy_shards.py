@@ -4,7 +4,10 @@ shard in memory (the ShardDataset of earlier versions), on synthetic shards of N
     python benchmarks/lazy_shards.py --cells 100000 --workdir /tmp/scllm_lazy --out results/lazy_100000.json
 
 Writes the shards directly (no pipeline run): N training cells in 100k-cell shards, lengths from
-a log-normal (mean --mean-length tokens, capped at 1,201), random gene ids and bins. Then, each in
+a log-normal (mean --mean-length tokens) capped at --max-length, random gene ids and bins. The
+cap is there for the memory comparison: a training step's activation memory follows its longest
+batch, and with 7% of the cells at the cap every run's first steps include a batch of that
+length (``longest_batch_tokens`` records it), so runs at different N differ only in their data. Then, each in
 a fresh process whose own peak RSS (VmHWM) is recorded:
 
 - ``train_lazy`` / ``train_in_memory``: ``python -m scllm.train`` for --steps steps (model
@@ -43,7 +46,8 @@ MODELS = {  # the default model (config/config.yaml) and a small one, where memo
 }
 
 
-def write_corpus(root: Path, n_cells: int, n_validation: int, mean_length: float, seed: int) -> Path:
+def write_corpus(root: Path, n_cells: int, n_validation: int, mean_length: float, max_length: int,
+                 seed: int) -> Path:
     """Shards + vocab.json + genes.tsv + manifest.json in the tokenize_shards layout."""
     from scllm.checks import file_sha256
     from scllm.tokens import CLS_VALUE, MASK_VALUE, PAD_VALUE, build_vocab, vocab_sha256, write_shard, write_vocab
@@ -65,7 +69,7 @@ def write_corpus(root: Path, n_cells: int, n_validation: int, mean_length: float
         entries = []
         for k, start in enumerate(range(0, n, CELLS_PER_SHARD)):
             m = min(CELLS_PER_SHARD, n - start)
-            lengths = np.clip(rng.lognormal(np.log(mean_length) - sigma ** 2 / 2, sigma, m), 2, N_GENES + 1)
+            lengths = np.clip(rng.lognormal(np.log(mean_length) - sigma ** 2 / 2, sigma, m), 2, max_length)
             lengths = lengths.astype(np.int64)
             offsets = np.zeros(m + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
@@ -202,9 +206,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, default=100_000)
     parser.add_argument("--validation-cells", type=int, default=3_000)
-    parser.add_argument("--mean-length", type=float, default=400)
+    parser.add_argument("--mean-length", type=float, default=400, help="before the cap")
+    parser.add_argument("--max-length", type=int, default=800, help="at most N_GENES + 1 = 1201")
     parser.add_argument("--steps", type=int, default=30, help="training steps per training process")
     parser.add_argument("--batches", type=int, default=1_000, help="batches timed in the data-path processes")
+    parser.add_argument("--repeats", type=int, default=3, help="data-path runs per mode (median reported)")
     parser.add_argument("--model", choices=sorted(MODELS), default="small")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", default="lazy,in_memory", help="comma-separated: lazy, in_memory, before")
@@ -227,11 +233,13 @@ def main() -> None:
         print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
         return
 
-    corpus = args.workdir / f"shards_{args.cells}_{args.mean_length:g}"
+    if not 2 <= args.max_length <= N_GENES + 1:
+        raise SystemExit(f"--max-length must lie in 2..{N_GENES + 1}")
+    corpus = args.workdir / f"shards_{args.cells}_{args.mean_length:g}_{args.max_length}"
     args.manifest = corpus / "manifest.json"
     if not args.manifest.exists():
         t0 = time.perf_counter()
-        write_corpus(corpus, args.cells, args.validation_cells, args.mean_length, args.seed)
+        write_corpus(corpus, args.cells, args.validation_cells, args.mean_length, args.max_length, args.seed)
         print(f"wrote {args.cells} cells in {time.perf_counter() - t0:.0f}s", flush=True)
     manifest = json.loads(args.manifest.read_text())
     n_tokens = sum(e["n_tokens"] for e in manifest["splits"]["train"])
@@ -239,8 +247,18 @@ def main() -> None:
               "shard_bytes": sum((corpus / e["path"]).stat().st_size for e in manifest["splits"]["train"]),
               "model": args.model, "steps": args.steps, "threads": args.threads,
               "longest_batch_tokens": longest_batch(args.manifest, args.steps), "machine": machine()}
-    for mode in args.modes.split(","):
-        result[f"data_{mode}"] = run_child("data", mode, args)
+    modes = args.modes.split(",")
+    # The data path is timed --repeats times, the modes taking turns, so a busy machine slows all
+    # of them alike; the result keeps every run and the median.
+    runs = {mode: [] for mode in modes}
+    for _ in range(args.repeats):
+        for mode in modes:
+            runs[mode].append(run_child("data", mode, args))
+    for mode in modes:
+        result[f"data_{mode}"] = {**runs[mode][0], "cells_per_s": float(np.median([r["cells_per_s"] for r in runs[mode]])),
+                                  "cells_per_s_runs": [r["cells_per_s"] for r in runs[mode]],
+                                  "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[mode])}
+    for mode in modes:
         result[f"train_{mode}"] = run_child("train", mode, args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
