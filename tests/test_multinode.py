@@ -91,10 +91,13 @@ def assert_same_training(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def one_node(shards, tmp_path_factory) -> dict:
-    """Both processes under one launcher: the reference."""
+    """Both processes under one launcher, as the pretrain rule starts them on one node: the reference."""
     tmp = tmp_path_factory.mktemp("one_node")
-    procs = start_nodes(1, 2, train_args(shards, tmp / "run"), tmp)
-    assert finish(procs, tmp) == [0], outputs(tmp)
+    status = launch_training(train_args(shards, tmp / "run"), tmp / "pretrain.log", nodes=1, procs_per_node=2,
+                             env=environment())
+    assert status == 0, (tmp / "pretrain.log").read_text()[-4000:]
+    assert "--nnodes=1 --nproc-per-node=2 --rdzv-backend=c10d --rdzv-endpoint=localhost:0" in (
+        tmp / "pretrain.log").read_text()
     return weights(tmp / "run")
 
 
