@@ -74,3 +74,27 @@ if profile_placeholders():
         "cluster has none), and set-resources pretrain slurm_partition (your GPU partition). `sinfo -s` "
         "lists the partitions, `sacctmgr show assoc user=$USER format=account` your accounts."
     )
+
+
+def multi_node_gaps():
+    """What set-resources: pretrain lacks for a job on several nodes (README, "Several nodes")."""
+    resources = workflow.resource_settings.overwrite_resources.get("pretrain") or {}
+    raw = {name: str(getattr(r, "raw", r)).strip("'\"") for name, r in resources.items()}
+    nodes = raw.get("nodes", "1")
+    if not nodes.isdigit() or int(nodes) <= 1:
+        return []
+    gaps = []
+    if "mpi" not in raw:  # without it the plugin starts the rule with `srun -n1`, on one node only
+        gaps.append('mpi: "srun"  (the rule then runs in the batch step and starts torchrun on every node)')
+    if raw.get("tasks") != nodes:
+        gaps.append(f"tasks: {nodes}  (= nodes: one torchrun per node, sbatch --ntasks)")
+    if raw.get("tasks_per_gpu") != "0":
+        gaps.append("tasks_per_gpu: 0  (else the plugin derives --ntasks-per-gpu from tasks)")
+    return gaps
+
+
+if multi_node_gaps():
+    raise WorkflowError(
+        "pretrain asks for several nodes, but set-resources: pretrain: lacks\n  "
+        + "\n  ".join(multi_node_gaps()) + "\nAdd them beside nodes: in the profile (README, 'Several nodes')."
+    )

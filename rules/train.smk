@@ -1,5 +1,6 @@
 # Pretraining on the tokenized shards. The job asks for `gpu` GPUs (a SLURM profile turns that
-# into --gpus); with more than one, the script launches one process per GPU through torchrun.
+# into --gpus); with more than one, the script launches one process per GPU through torchrun,
+# and with `nodes` > 1 (profile) on every node of the SLURM job (srun + torchrun, scllm.launch).
 
 
 rule pretrain:

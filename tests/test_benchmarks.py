@@ -64,3 +64,20 @@ def test_embedding_ablation_table_and_relative_settings(tmp_path):
     # "half", "double", "third", "triple" resolve against config/demo.yaml's values
     assert ablation.RELATIVE["half"](12) == 6 and ablation.RELATIVE["triple"](0.002) == 0.006
     assert set(ablation.VARIANTS["seeds_recipe"][2]) >= {"gepc_targets", "gene_emb_init", "lr"}
+
+
+def test_lazy_shards_benchmark_times_both_ways_of_reading_on_valid_shards(tmp_path):
+    out = tmp_path / "lazy.json"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "lazy_shards.py"), "--cells", "384", "--validation-cells", "40",
+         "--mean-length", "30", "--max-length", "60", "--steps", "3", "--batches", "5", "--repeats", "2",
+         "--threads", "1", "--modes", "lazy,in_memory", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["cells"] == 384 and 20 < result["mean_length"] <= 60 and result["longest_batch_tokens"] <= 60
+    for mode in ("lazy", "in_memory"):
+        data = result[f"data_{mode}"]
+        # 384 cells = 12 full batches: 5 of 32 cells timed per run, two runs, the median reported
+        assert data["cells"] == 5 * 32 and len(data["cells_per_s_runs"]) == 2 and data["cells_per_s"] > 0
+        assert data["peak_rss_mb"] > 100 and result[f"train_{mode}"]["peak_rss_mb"] > 100
+    assert not (tmp_path / "work" / "shards_384_30_60").exists()  # removed without --keep

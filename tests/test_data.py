@@ -107,3 +107,41 @@ def test_prefetched_stops_its_thread_and_cancels_pending_work_when_closed():
     n_built = len(built)
     time.sleep(0.2)
     assert len(built) == n_built <= 3, f"built {built} after one item and close()"
+
+
+def test_lowest_per_row_equals_a_stable_argsort_also_with_ties():
+    """The fast mask selection picks what the first k positions of a stable argsort pick."""
+    from scllm.data import lowest_per_row
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        rows, cols = rng.integers(1, 9), rng.integers(1, 60)
+        # few distinct values in half the trials: ties everywhere, also at the threshold
+        scores = rng.integers(0, 4, (rows, cols)).astype(float) if trial % 2 else rng.random((rows, cols))
+        k = rng.integers(0, cols + 1, rows)
+        order = np.argsort(scores, axis=1, kind="stable")
+        expected = np.zeros((rows, cols), dtype=bool)
+        for r in range(rows):
+            expected[r, order[r, :k[r]]] = True
+        assert np.array_equal(lowest_per_row(scores, k), expected), trial
+
+
+def test_masks_equal_those_of_earlier_versions():
+    """mask_values as it was (one stable torch argsort of the scores) gives the same masks."""
+    def earlier(values, padding_mask, ratio, generator):
+        n_genes = (~padding_mask).sum(1) - 1
+        n_mask = torch.round(n_genes.double() * ratio).long()
+        scores = torch.rand(values.shape, generator=generator, dtype=torch.float64)
+        scores[:, 0] = 2.0
+        scores[padding_mask] = 2.0
+        order = scores.argsort(dim=1, stable=True)
+        take = torch.arange(values.shape[1]) < n_mask[:, None]
+        mask = torch.zeros_like(take).scatter_(1, order, take)
+        return values.masked_fill(mask, MASK_VALUE), mask
+
+    for seed in range(50):
+        batch = collate(random_cells(17, seed=seed, max_len=300), PAD_ID)
+        for ratio in (0.25, 0.5, 0.75):
+            ours = mask_values(batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(seed))
+            theirs = earlier(batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(seed))
+            assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])

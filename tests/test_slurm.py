@@ -213,3 +213,26 @@ def test_an_unedited_profile_is_refused_naming_the_three_values(tmp_path):
     proc = subprocess.run([*SNAKEMAKE, "--profile", "profiles/slurm", "-n"], cwd=workdir,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "This was a dry-run" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_a_multi_node_pretrain_without_its_srun_settings_is_refused(tmp_path):
+    """Needs no cluster: nodes: 2 alone would run the rule in a one-node `srun -n1` step; the
+    workflow stops at parse time naming the three lines the README asks for, and runs with them."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    workdir = copy_workflow(tmp_path)
+    edit_profile(workdir)
+    path = workdir / "profiles/slurm/config.yaml"
+    text = path.read_text()
+    assert text.count("    nodes: 1 ") == 1
+    path.write_text(text.replace("    nodes: 1 ", "    nodes: 2 ").replace("    gpu: 1 ", "    gpu: 4 "))
+    proc = subprocess.run([*SNAKEMAKE, "--profile", "profiles/slurm", "-n"], cwd=workdir,
+                          capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    for line in ('mpi: "srun"', "tasks: 2", "tasks_per_gpu: 0", "README, 'Several nodes'"):
+        assert line in output, output
+    # the profile's commented lines, switched on
+    path.write_text(path.read_text().replace("    # mpi:", "    mpi:").replace("    # tasks", "    tasks"))
+    proc = subprocess.run([*SNAKEMAKE, "--profile", "profiles/slurm", "-n"], cwd=workdir,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "This was a dry-run" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -8,6 +8,7 @@ removes most padding while keeping the batch order random.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -16,8 +17,7 @@ import numpy as np
 import torch
 
 from scllm.errors import CorruptArtifactError
-from scllm.tokens import (MASK_VALUE, PAD_VALUE, RETOKENIZE, read_listed_shard, read_manifest, read_vocab,
-                          vocab_sha256)
+from scllm.tokens import MASK_VALUE, PAD_VALUE, RETOKENIZE, open_listed_shard, read_manifest, read_vocab, vocab_sha256
 
 T = TypeVar("T")
 # The tensors of a training batch (training_batch), in the order the training step unpacks them.
@@ -48,8 +48,15 @@ class RaggedCells:
         return [self.cell(i) for i in indices]
 
 
-class ShardDataset(RaggedCells):
-    """All cells of one split of a shard manifest, concatenated in manifest order."""
+class ShardDataset:
+    """All cells of one split of a shard manifest, in manifest order, read from the shards on demand.
+
+    Only the cells' lengths (2 bytes a cell) stay in memory: they are all the length-grouped
+    sampler needs. ``cells(indices)`` reads a batch's tokens from the shard files when the batch is
+    made (``ShardReader``), so a training process's memory does not grow with the corpus. Every
+    shard is checked against the manifest (sha256, arrays, counts, vocabulary) when it is opened,
+    a block at a time.
+    """
 
     def __init__(self, manifest_path: str | Path, split: str):
         manifest_path = Path(manifest_path)
@@ -57,16 +64,36 @@ class ShardDataset(RaggedCells):
         if split not in manifest.get("splits", {}):
             raise ValueError(f"{manifest_path} has no split {split!r} (has {sorted(manifest.get('splits', {}))})")
         check_vocab(manifest, manifest_path.parent / "vocab.json", manifest_path)
-        parts = []
-        for entry in manifest["splits"][split]:
-            parts.append(read_listed_shard(manifest_path.parent, manifest, entry))
-        lengths = np.concatenate([np.diff(p.offsets) for p in parts]) if parts else np.zeros(0, np.int64)
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        gene_ids = np.concatenate([p.gene_ids for p in parts]) if parts else np.zeros(0, np.int32)
-        values = np.concatenate([p.values for p in parts]) if parts else np.zeros(0, np.int16)
-        super().__init__(offsets, gene_ids, values)
         self.split = split
+        self.shards = [open_listed_shard(manifest_path.parent, manifest, entry)
+                       for entry in manifest["splits"][split]]
+        # cell i of the split is cell i - first_cell[k] of shard k
+        self.first_cell = np.zeros(len(self.shards) + 1, dtype=np.int64)
+        np.cumsum([s.n_cells for s in self.shards], out=self.first_cell[1:])
+        # A cell has at most n_genes + 1 tokens: int16 (2 bytes a cell) unless the vocabulary is huge.
+        dtype = np.int16 if int(manifest["n_genes"]) < np.iinfo(np.int16).max else np.int32
+        self.lengths = np.empty(self.first_cell[-1], dtype=dtype)  # filled in place: no second copy
+        for shard, start in zip(self.shards, self.first_cell):
+            self.lengths[start:start + shard.n_cells] = np.diff(shard.offsets())
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.cells([i])[0]
+
+    def cells(self, indices) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(gene ids, values) of each cell, read from its shard."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"cell indices must lie in 0..{len(self) - 1} (split {self.split!r})")
+        shard = np.searchsorted(self.first_cell, indices, side="right") - 1
+        local = (indices - self.first_cell[shard]).tolist()  # plain ints: this runs for every cell
+        return [self.shards[k].cell(i, n) for k, i, n in zip(shard.tolist(), local, self.lengths[indices].tolist())]
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
 
 
 def check_vocab(manifest: dict, vocab_path: Path, manifest_path) -> dict[str, int]:
@@ -92,6 +119,9 @@ class LengthGroupedBatchSampler:
     With ``world_size`` > 1, rank r takes batches r, r + world_size, ...; the last
     ``n_batches % world_size`` batches of the shuffled list are dropped (at most world_size - 1,
     different ones each epoch) so every rank runs the same number of steps.
+
+    Works from the lengths alone, and holds an epoch as one int32 array of cell indices (batches
+    are views into it), so 10M cells cost 40 MB here rather than a list of millions of arrays.
     """
 
     def __init__(self, lengths, batch_size: int, seed: int = 0, bucket_size_batches: int = 100,
@@ -105,21 +135,26 @@ class LengthGroupedBatchSampler:
         self.rank, self.world_size = rank, world_size
         self.shuffle = shuffle
 
-    def all_batches(self, epoch: int) -> list[np.ndarray]:
+    def all_batches(self, epoch: int) -> "Batches":
         """The epoch's batches for all ranks, in order."""
         n = len(self.lengths)
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
-        batches = []
+        # Generator.permutation(n) is shuffle(arange(n)), and its draws depend on n only: an int32
+        # arange shuffled in place is the same permutation in half the memory.
+        order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+        if self.shuffle:
+            rng.shuffle(order)
+        starts = []
         for start in range(0, n, self.bucket):
             bucket = order[start:start + self.bucket]
-            bucket = bucket[np.argsort(-self.lengths[bucket], kind="stable")]
-            batches += [bucket[i:i + self.batch_size] for i in range(0, len(bucket), self.batch_size)]
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
+            bucket[:] = bucket[np.argsort(-self.lengths[bucket], kind="stable")]
+            starts.append(np.arange(start, start + len(bucket), self.batch_size))
+        starts = np.concatenate(starts + [np.zeros(0, np.int64)])
+        bounds = np.append(starts, n)
+        picked = rng.permutation(len(starts)) if self.shuffle else np.arange(len(starts))
+        return Batches(order, bounds, picked)
 
-    def epoch_batches(self, epoch: int, skip: int = 0) -> list[np.ndarray]:
+    def epoch_batches(self, epoch: int, skip: int = 0) -> "Batches":
         """This rank's batches of ``epoch``, without the first ``skip`` (for resuming)."""
         batches = self.all_batches(epoch)
         usable = len(batches) - len(batches) % self.world_size
@@ -128,6 +163,23 @@ class LengthGroupedBatchSampler:
     def __len__(self) -> int:
         n_batches = -(-len(self.lengths) // self.batch_size)  # every bucket but the last is full
         return n_batches // self.world_size
+
+
+class Batches(Sequence):
+    """A list of batches without a list: batch k is ``order[bounds[j]:bounds[j + 1]]`` with
+    ``j = picked[k]`` (a view, not a copy). Slicing gives another ``Batches`` over the same order."""
+
+    def __init__(self, order: np.ndarray, bounds: np.ndarray, picked: np.ndarray):
+        self.order, self.bounds, self.picked = order, bounds, picked
+
+    def __len__(self) -> int:
+        return len(self.picked)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return Batches(self.order, self.bounds, self.picked[k])
+        j = self.picked[k]
+        return self.order[self.bounds[j]:self.bounds[j + 1]]
 
 
 def collate(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -149,18 +201,31 @@ def mask_values(values: torch.Tensor, padding_mask: torch.Tensor, ratio: float,
     Position 0 (<cls>) and padding are never masked. Returns (input values with MASK_VALUE at the
     masked positions, boolean mask). Draws from ``generator`` (CPU) so masks are reproducible.
     """
-    n_genes = (~padding_mask).sum(1) - 1
+    padding = padding_mask.cpu()
+    n_genes = (~padding).sum(1) - 1
     n_mask = torch.round(n_genes.double() * ratio).long()
     # float64 scores make ties (which would depend on the sort) practically impossible.
-    scores = torch.rand(values.shape, generator=generator, dtype=torch.float64).to(values.device)
+    scores = torch.rand(values.shape, generator=generator, dtype=torch.float64)
     scores[:, 0] = 2.0  # rand() < 1, so these rank after every gene token
-    scores[padding_mask] = 2.0
-    # The n_mask lowest-scoring positions of each row: one sort, then mark the first n_mask
-    # positions of each row's order (a second argsort to get ranks would cost as much again).
-    order = scores.argsort(dim=1, stable=True)
-    take = torch.arange(values.shape[1], device=values.device) < n_mask[:, None]
-    mask = torch.zeros_like(take).scatter_(1, order, take)
+    scores[padding] = 2.0
+    mask = torch.from_numpy(lowest_per_row(scores.numpy(), n_mask.numpy())).to(values.device)
     return values.masked_fill(mask, MASK_VALUE), mask
+
+
+def lowest_per_row(scores: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Boolean mask of the ``k[r]`` lowest scores of each row r; among equal scores, the first ones.
+
+    The positions scoring at most the row's k-th lowest score: one np.sort of the values, several
+    times faster than an argsort on the CPU. Only an exact tie at that score (float64 draws:
+    practically never) needs the order of positions, and then a stable argsort decides.
+    """
+    kth = np.take_along_axis(np.sort(scores, axis=1), np.maximum(k - 1, 0)[:, None], axis=1)
+    mask = (scores <= kth) & (k[:, None] > 0)
+    if not np.array_equal(mask.sum(1), k):  # a tie at the threshold
+        order = np.argsort(scores, axis=1, kind="stable")
+        mask = np.zeros_like(mask)
+        np.put_along_axis(mask, order, np.arange(scores.shape[1]) < k[:, None], axis=1)
+    return mask
 
 
 def training_batch(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int, ratios: list[float],

@@ -75,6 +75,9 @@ def _as_cells(cells) -> RaggedCells:
         return cells
     if isinstance(cells, Shard):
         return RaggedCells(cells.offsets, cells.gene_ids, cells.values)
+    if not isinstance(cells, (tuple, list)) or len(cells) != 3:
+        raise TypeError(f"cannot embed a {type(cells).__name__}: pass a shard path, a Shard, a RaggedCells or an "
+                        "(offsets, gene_ids, values) tuple (a ShardDataset reads its shards lazily: pass their paths)")
     offsets, gene_ids, values = cells
     return RaggedCells(offsets, gene_ids, values)
 
@@ -82,7 +85,7 @@ def _as_cells(cells) -> RaggedCells:
 @torch.no_grad()
 def embed_shard_cells(model: CellTransformer, cells, batch_size: int = 64) -> np.ndarray:
     """Cell embeddings [n_cells, cell_emb_dim] (float32, input order) for a shard path, a Shard,
-    a RaggedCells/ShardDataset, or an (offsets, gene_ids, values) tuple of token arrays.
+    a RaggedCells, or an (offsets, gene_ids, values) tuple of token arrays.
 
     Cells are batched in length order so each batch pads little; the model runs in eval mode.
     """

@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -242,6 +243,8 @@ def pretrain(manifest_path, out_dir, model_cfg: dict | None = None, train_cfg: d
                 with atomic_path(out / CHECKPOINT) as tmp:
                     torch.save(ckpt, tmp)
                 _write_outputs(out, ckpt, args, manifest_path.parent, plot)
+            if world_size > 1:  # no process stops (preemption, max_steps, the end) before the checkpoint is written
+                dist.barrier()
             last_good_step = state["global_step"]
 
         def preempted(where: str) -> TrainingPreempted:
@@ -575,6 +578,9 @@ def _setup_distributed(device_setting: str):
     own = not dist.is_initialized()
     if own:
         dist.init_process_group("nccl" if use_cuda else "gloo")
+    logging.getLogger("scllm").info(
+        "process %d of %d on %s (node %s, local rank %d), device %s", dist.get_rank(), dist.get_world_size(),
+        socket.gethostname(), os.environ.get("GROUP_RANK", "?"), local_rank, device)
     return dist.get_rank(), dist.get_world_size(), device, own
 
 
@@ -770,11 +776,14 @@ def main(argv=None) -> None:
     unknown = set(params) - {"model", "train"}
     if unknown:
         parser.error(f"{args.params}: unknown sections {sorted(unknown)}; expected 'model' and 'train'")
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     # append: under torchrun the launching rule script has already written to this log
     log = setup_logging(args.log if rank == 0 else None, append=True)
-    if rank != 0:
-        log.setLevel(logging.WARNING)
+    if world_size > 1:  # every rank logs to stderr, which the launcher gathers into the rule log: say whose line
+        for handler in logging.getLogger().handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
+                                                       "%H:%M:%S"))
     try:
         pretrain(args.manifest, args.out, params.get("model"), params.get("train"), log=log)
     except TrainingPreempted:  # already logged; the exit status asks for a requeue
