@@ -26,11 +26,12 @@ LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 
 
-def census_store(wildcards):
-    """The local store sample_census reads, as an input (empty for a published release)."""
+def census_input(wildcards):
+    """What sample_census reads, as an input: your h5ad, a local store, or nothing (a published
+    release, fetched over the network)."""
     source = config["census"]["source"]
     if source == "h5ad":
-        return {"store": f"{RESULTS}/census_store"}
+        return {"h5ad": config["census"]["h5ad"]["path"]}
     if source == "uri":
         return {"store": config["census"]["uri"]}
     return {}
@@ -38,12 +39,14 @@ def census_store(wildcards):
 
 def sampling_params(wildcards, input):
     """The census settings that decide which cells are sampled: only the source in use, so
-    editing an unused key (or how the store was built) reruns nothing."""
+    editing an unused key reruns nothing."""
     census = {k: v for k, v in config["census"].items() if k not in ("h5ad", "census_version", "uri")}
     if census["source"] == "release":
         census["census_version"] = config["census"]["census_version"]
-    else:
+    elif census["source"] == "uri":
         census["uri"] = input.store
+    else:  # how to read the h5ad's obs and var (the file itself is the input)
+        census["h5ad"] = {k: v for k, v in config["census"]["h5ad"].items() if k != "path"}
     return census
 
 
