@@ -296,9 +296,10 @@ def sample_h5ad(
             "n_samples_available": int(len(samples)), "n_samples_chosen": int(samples["chosen"].sum()),
         }}
         # Where each input row goes in cells.h5ad (-1: not chosen), and every output row's length.
-        out_row = np.full(source.n_obs, -1, dtype=np.int64)
-        out_row[keep["soma_joinid"].to_numpy()] = np.arange(len(keep))
         chosen = keep["soma_joinid"].to_numpy()
+        out_row = np.full(source.n_obs, -1, dtype=np.int64)
+        out_row[chosen] = np.arange(len(chosen))
+        del shaped, cells, keep  # a million cells' obs, three times over: only cells.h5ad's obs stays
         try:
             _write_cells(out_h5ad, matrix.row_nnz(block_nnz)[chosen], matrix, out_row, var, uns, obs, block_nnz,
                          chunk_size, source)
@@ -484,6 +485,7 @@ def build_local_census(
             experiment = f"{tmp}/census_data/{organism}"
             # obs and var through tiledbsoma's own ingestion (an AnnData without X: nothing big);
             # the counts below, block by block, into an X layer of the same shape.
+            obs.index = obs.index.astype(str)  # AnnData wants string cell names
             tiledbsoma.io.from_anndata(experiment, ad.AnnData(obs=obs, var=var), measurement_name="RNA")
             log.info("writing %d cells x %d genes into the store", len(obs), len(var))
             with soma.Experiment.open(experiment, "w") as exp:
@@ -574,7 +576,7 @@ def _census_shaped(source: H5adInput, default_dataset_id, dataset_id, donor_id, 
     check_gene_ids(var.index, where)
 
     present = set(source.obs_columns)
-    obs = pd.DataFrame(index=pd.RangeIndex(source.n_obs).astype(str))
+    obs = pd.DataFrame(index=pd.RangeIndex(source.n_obs))  # row numbers: a store's soma_joinid
 
     def text(name):
         """A source column as strings; repeated values (donors, labels) stay categorical, as in
