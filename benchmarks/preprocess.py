@@ -132,10 +132,11 @@ def generate_block(n: int, mix, sample_effect, tables, base_mean, type_boost, lo
 
 
 def generate(path: Path, n_cells: int, n_genes: int, n_samples: int, lo: int, hi: int, seed: int,
-             block_size: int = 10_000, user_input: bool = False) -> dict:
+             block_size: int = 10_000, user_input: bool = False, interleave: int = 0) -> dict:
     """Write the synthetic cells to ``path``: as the pipeline's ``cells.h5ad`` (obs 'sample'), or with
     ``user_input`` as a user's h5ad for ``build_local_census`` (obs 'donor_id', 'cell_type';
-    var 'gene_ids' holding Ensembl ids, gene symbols as var names)."""
+    var 'gene_ids' holding Ensembl ids, gene symbols as var names). ``interleave``: samples take
+    turns in runs of that many cells (a file ordered by something other than donor)."""
     import pandas as pd
 
     from scllm.io import CSRWriter, atomic_path
@@ -151,13 +152,31 @@ def generate(path: Path, n_cells: int, n_genes: int, n_samples: int, lo: int, hi
                            index=pd.Index(ids))
     samples, nnz = [], 0
     t0 = time.time()
+    def sample_model():
+        mix = rng.dirichlet(np.full(N_TYPES, 0.7))
+        effect = np.ones(n_genes, dtype=np.float32)
+        hit = rng.random(n_genes) < 0.10
+        effect[hit] = rng.lognormal(0.0, 0.7, hit.sum())
+        effect *= np.float32(rng.lognormal(0.0, 0.2))  # sample-wide depth
+        return mix, effect
+
     with atomic_path(path) as tmp, CSRWriter(tmp, var=var, uns={"synthetic": {"seed": seed}}) as writer:
-        for s, size in enumerate(sizes):
-            mix = rng.dirichlet(np.full(N_TYPES, 0.7))
-            effect = np.ones(n_genes, dtype=np.float32)
-            hit = rng.random(n_genes) < 0.10
-            effect[hit] = rng.lognormal(0.0, 0.7, hit.sum())
-            effect *= np.float32(rng.lognormal(0.0, 0.2))  # sample-wide depth
+        if interleave:  # each sample's cells in runs of `interleave` rows, samples taking turns
+            models, left = [sample_model() for _ in sizes], sizes.copy()
+            while left.sum():
+                for s in np.flatnonzero(left):
+                    n = int(min(interleave, left[s]))
+                    block = generate_block(n, *models[s], tables, base_mean, type_boost, lo, hi, rng)
+                    writer.append(block)
+                    nnz += block.nnz
+                    left[s] -= n
+                    samples += [f"sample_{s:02d}"] * n
+                print(f"generate: {writer.rows_written} cells, {nnz / 1e6:.0f}M nnz, {time.time() - t0:.0f}s", flush=True)
+            sizes_done = []
+        else:
+            sizes_done = sizes
+        for s, size in enumerate(sizes_done):
+            mix, effect = sample_model()
             done = 0
             while done < size:
                 n = int(min(block_size, size - done))
@@ -393,6 +412,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ingest", choices=sorted(INGEST), default=None,
                     help="start from a user's h5ad (input.h5ad): 'h5ad' times sample_census reading it directly (the "
                          "pipeline's census.source: h5ad), 'store' build_local_census then sample_census on that store")
+    ap.add_argument("--interleave", type=int, default=0,
+                    help="samples take turns in the generated file in runs of this many cells (default: one block each)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir (default: delete it at the end)")
     ap.add_argument("--compare-scgpt-style", action="store_true",
                     help="also time scGPT-style in-memory Preprocessor steps on the same cells.h5ad (untested; needs RAM ~ 50 bytes per non-zero)")
@@ -403,7 +424,8 @@ def main(argv=None) -> None:
     if args._stage == "generate":
         sys.path.insert(0, str(ROOT / "src"))
         info = generate(paths(workdir)["input" if args.ingest else "cells"], args.cells, args.genes, args.samples,
-                        args.min_expressed, args.max_expressed, args.seed, user_input=bool(args.ingest))
+                        args.min_expressed, args.max_expressed, args.seed, user_input=bool(args.ingest),
+                        interleave=args.interleave)
         info["peak_rss_mb"] = round(peak_rss_kb() / 1024, 1)
         (workdir / "input.json").write_text(json.dumps(info, indent=1) + "\n")
         return
@@ -425,7 +447,8 @@ def main(argv=None) -> None:
         spawn("generate", workdir, args.threads, workdir / "generate.log", extra=[
             "--cells", str(args.cells), "--genes", str(args.genes), "--samples", str(args.samples),
             "--min-expressed", str(args.min_expressed), "--max-expressed", str(args.max_expressed),
-            "--seed", str(args.seed)] + (["--ingest", args.ingest] if args.ingest else []))
+            "--seed", str(args.seed), "--interleave", str(args.interleave)]
+            + (["--ingest", args.ingest] if args.ingest else []))
         result["input"] = json.loads((workdir / "input.json").read_text())
         gi = result["input"]
         print(f"generated: {gi['nnz'] / 1e6:.0f}M nnz ({gi['nnz'] / gi['cells']:.0f}/cell), "
