@@ -31,6 +31,7 @@ def todays_store(h5ad, uri) -> None:
     with H5adInput(h5ad) as source:
         obs, var, _ = census_mod._census_shaped(source, "source", None, None, None, None, None, None,
                                                 "blood", True, "normal", "test input")
+    obs.index = obs.index.astype(str)
     X = sp.csr_matrix(ad.read_h5ad(h5ad).X, dtype=np.float32)
     uri = str(uri.resolve())
     soma.Collection.create(uri).close()

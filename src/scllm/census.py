@@ -1,7 +1,9 @@
-"""Read cells from a CELLxGENE Census (the real one by release, or a local Census-shaped store).
+"""Read cells from a CELLxGENE Census (the real one by release, or a local Census-shaped store),
+or straight from your own h5ad with the same sampling rules.
 
-Both go through ``cellxgene_census.open_soma``: ``census_version=...`` for a published release,
-``uri=...`` for a local SOMA store such as the one ``build_local_census`` writes from an h5ad.
+A Census goes through ``cellxgene_census.open_soma``: ``census_version=...`` for a published
+release, ``uri=...`` for a local SOMA store such as the one ``build_local_census`` writes from an
+h5ad. ``sample_h5ad`` reads an h5ad directly (``census.source: h5ad``); both stream in blocks.
 """
 
 from __future__ import annotations
@@ -319,6 +321,7 @@ class _RowLengthsChanged(Exception):
 
 
 def _write_cells(out_h5ad, row_nnz, matrix, out_row, var, uns, obs, block_nnz, chunk_size, source) -> None:
+    """cells.h5ad with X sized for ``row_nnz`` values per row, filled in one pass over the input."""
     with atomic_path(out_h5ad) as tmp, CSRWriter(tmp, var=var, uns=uns) as writer:
         writer.reserve(row_nnz)
         _scatter_rows(matrix, out_row, writer, block_nnz, chunk_size, source)
@@ -365,9 +368,11 @@ def _canonical(block: sp.csr_matrix) -> sp.csr_matrix:
 
 def _sample_through_store(h5ad_path, out_h5ad, out_samples, build: dict, sample: dict) -> ad.AnnData:
     """sample_census on a local Census built from the h5ad in a temporary folder beside the
-    output (named as atomic_path names its temporaries, so a killed run's is cleaned up)."""
+    output, removed afterwards (and on the next run, if a killed run left it)."""
     out_dir = Path(out_h5ad).parent
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".census_store.tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
     store = out_dir / f".census_store.tmp{os.getpid()}"
     try:
         build_local_census(h5ad_path, store, **build)

@@ -182,6 +182,7 @@ class CSRWriter:
         self.rows_written = 0
         self.nnz = 0
         self.obs_written = False
+        self.reserved = None  # row pointers of X, once reserve() has sized it
         write_elem(self.file, "var", var)
         write_elem(self.file, "uns", uns or {})
         for key in ("obsm", "varm", "obsp", "varp", "layers"):
