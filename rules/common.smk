@@ -30,11 +30,12 @@ def census_input(wildcards):
     """What sample_census reads, as an input: your h5ad, a local store, or nothing (a published
     release, fetched over the network)."""
     source = config["census"]["source"]
-    if source == "h5ad":
-        return {"h5ad": config["census"]["h5ad"]["path"]}
-    if source == "uri":
-        return {"store": config["census"]["uri"]}
-    return {}
+    path = {"h5ad": config["census"]["h5ad"]["path"], "uri": config["census"]["uri"]}.get(source)
+    if source in ("h5ad", "uri") and not path:
+        setting = "census.h5ad.path (your h5ad of raw counts)" if source == "h5ad" else "census.uri (a local store)"
+        raise WorkflowError(f"census.source: {source} reads {setting}, which is not set: set it, or choose "
+                            "another census.source (release, uri, h5ad)")
+    return {"h5ad": path} if source == "h5ad" else {"store": path} if source == "uri" else {}
 
 
 def sampling_params(wildcards, input):
