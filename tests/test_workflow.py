@@ -225,6 +225,15 @@ def test_invalid_config_value_fails_before_any_job_and_names_the_key(tmp_path):
     assert not (workdir / "results").exists()
 
 
+def test_own_h5ad_without_its_path_is_named_before_any_job(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    bad = write_config(workdir, "nopath.yaml", {"census": {"source": "h5ad", "h5ad": {"path": None}}})
+    proc = snakemake(workdir, "--configfile", bad, "-n", check=False)
+    assert proc.returncode != 0
+    assert "census.source: h5ad reads census.h5ad.path (your h5ad of raw counts), which is not set" in proc.stderr + proc.stdout
+    assert not (workdir / "results").exists()
+
+
 def test_misspelt_config_key_is_rejected(tmp_path):
     workdir = copy_workflow(tmp_path)
     bad = write_config(workdir, "typo.yaml", {"hvg": {"n_top_gene": 1000}})
