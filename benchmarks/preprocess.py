@@ -1,12 +1,19 @@
-"""Preprocessing benchmark: synthetic Census-like counts through every data stage after sampling.
+"""Preprocessing benchmark: synthetic Census-like counts through every data stage after sampling,
+or (``--ingest``) from a user's h5ad through every data stage.
 
     .venv/bin/python benchmarks/preprocess.py --cells 100000 --out benchmarks/results/preprocess_100000.json
+    .venv/bin/python benchmarks/preprocess.py --ingest h5ad --cells 300000 --genes 12000 --samples 44 \
+        --min-expressed 300 --max-expressed 1500 --out benchmarks/results/ingest_h5ad_300000.json
 
 1. Generates ``cells.h5ad`` (raw integer counts, float32 CSR, cells of each sample contiguous)
    streaming with ``scllm.io.CSRWriter``: the whole matrix is never in memory. Not timed as a stage.
-2. Runs filter_qc -> select_hvg -> normalize_bin -> split_cells -> tokenize_shards, each in its own
-   subprocess (``--_stage``), so the wall time and peak RSS (``os.wait4`` rusage of that one child)
-   belong to one stage. Numba runs with 2 threads.
+   With ``--ingest`` it generates ``input.h5ad`` instead, shaped as a user's file (obs
+   ``donor_id``; var ``gene_ids`` with Ensembl ids, symbols as var names).
+2. With ``--ingest h5ad``, times sample_census reading input.h5ad directly (``sample_h5ad``, the
+   pipeline's ``census.source: h5ad``); with ``--ingest store``, build_local_census then
+   sample_census on that store. Then runs filter_qc -> select_hvg -> normalize_bin -> split_cells
+   -> tokenize_shards, each stage in its own subprocess (``--_stage``), so the wall time and peak
+   RSS belong to one stage. Numba runs with 2 threads.
 3. Writes a JSON with per-stage wall time, in-process call time, cells in/out, cells/s, peak RSS,
    non-zero counts and the machine.
 
@@ -34,6 +41,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# With --ingest, the stages that bring a user's h5ad in come first: the pipeline's own
+# (census.source: h5ad, read directly) or through a local SOMA store (scllm build-census).
+INGEST = {"h5ad": ["sample_census"], "store": ["build_local_census", "sample_census_store"]}
 STAGES = ["filter_qc", "select_hvg", "normalize_bin", "split_cells", "tokenize_shards"]
 N_TYPES = 10
 TABLE_SIZE = 1 << 22
@@ -122,7 +132,11 @@ def generate_block(n: int, mix, sample_effect, tables, base_mean, type_boost, lo
 
 
 def generate(path: Path, n_cells: int, n_genes: int, n_samples: int, lo: int, hi: int, seed: int,
-             block_size: int = 10_000) -> dict:
+             block_size: int = 10_000, user_input: bool = False, interleave: int = 0) -> dict:
+    """Write the synthetic cells to ``path``: as the pipeline's ``cells.h5ad`` (obs 'sample'), or with
+    ``user_input`` as a user's h5ad for ``build_local_census`` (obs 'donor_id', 'cell_type';
+    var 'gene_ids' holding Ensembl ids, gene symbols as var names). ``interleave``: samples take
+    turns in runs of that many cells (a file ordered by something other than donor)."""
     import pandas as pd
 
     from scllm.io import CSRWriter, atomic_path
@@ -131,17 +145,38 @@ def generate(path: Path, n_cells: int, n_genes: int, n_samples: int, lo: int, hi
     sizes = sample_sizes(n_cells, n_samples, rng)
     tables, base_mean, type_boost = gene_model(n_genes, rng)
     ids = [f"ENSG{i:011d}" for i in range(n_genes)]
-    var = pd.DataFrame({"feature_id": ids, "feature_name": [f"GENE{i}" for i in range(n_genes)]},
-                       index=pd.Index(ids))
+    if user_input:
+        var = pd.DataFrame({"gene_ids": ids}, index=pd.Index([f"GENE{i}" for i in range(n_genes)]))
+    else:
+        var = pd.DataFrame({"feature_id": ids, "feature_name": [f"GENE{i}" for i in range(n_genes)]},
+                           index=pd.Index(ids))
     samples, nnz = [], 0
     t0 = time.time()
+    def sample_model():
+        mix = rng.dirichlet(np.full(N_TYPES, 0.7))
+        effect = np.ones(n_genes, dtype=np.float32)
+        hit = rng.random(n_genes) < 0.10
+        effect[hit] = rng.lognormal(0.0, 0.7, hit.sum())
+        effect *= np.float32(rng.lognormal(0.0, 0.2))  # sample-wide depth
+        return mix, effect
+
     with atomic_path(path) as tmp, CSRWriter(tmp, var=var, uns={"synthetic": {"seed": seed}}) as writer:
-        for s, size in enumerate(sizes):
-            mix = rng.dirichlet(np.full(N_TYPES, 0.7))
-            effect = np.ones(n_genes, dtype=np.float32)
-            hit = rng.random(n_genes) < 0.10
-            effect[hit] = rng.lognormal(0.0, 0.7, hit.sum())
-            effect *= np.float32(rng.lognormal(0.0, 0.2))  # sample-wide depth
+        if interleave:  # each sample's cells in runs of `interleave` rows, samples taking turns
+            models, left = [sample_model() for _ in sizes], sizes.copy()
+            while left.sum():
+                for s in np.flatnonzero(left):
+                    n = int(min(interleave, left[s]))
+                    block = generate_block(n, *models[s], tables, base_mean, type_boost, lo, hi, rng)
+                    writer.append(block)
+                    nnz += block.nnz
+                    left[s] -= n
+                    samples += [f"sample_{s:02d}"] * n
+                print(f"generate: {writer.rows_written} cells, {nnz / 1e6:.0f}M nnz, {time.time() - t0:.0f}s", flush=True)
+            sizes_done = []
+        else:
+            sizes_done = sizes
+        for s, size in enumerate(sizes_done):
+            mix, effect = sample_model()
             done = 0
             while done < size:
                 n = int(min(block_size, size - done))
@@ -152,8 +187,8 @@ def generate(path: Path, n_cells: int, n_genes: int, n_samples: int, lo: int, hi
             samples += [f"sample_{s:02d}"] * int(size)
             print(f"generate: sample {s + 1}/{len(sizes)} ({size} cells), {writer.rows_written} cells, "
                   f"{nnz / 1e6:.0f}M nnz, {time.time() - t0:.0f}s", flush=True)
-        obs = pd.DataFrame({"sample": pd.Categorical(samples)},
-                           index=pd.Index([f"cell{i}" for i in range(n_cells)]))
+        column = "donor_id" if user_input else "sample"
+        obs = pd.DataFrame({column: pd.Categorical(samples)}, index=pd.Index([f"cell{i}" for i in range(n_cells)]))
         writer.set_obs(obs)
     return {"cells": n_cells, "genes": n_genes, "nnz": int(nnz), "n_samples": int(n_samples),
             "sample_sizes": sorted((int(x) for x in sizes), reverse=True),
@@ -167,7 +202,8 @@ def generate(path: Path, n_cells: int, n_genes: int, n_samples: int, lo: int, hi
 # --------------------------------------------------------------------------------------------
 
 def paths(workdir: Path) -> dict[str, Path]:
-    return {"cells": workdir / "cells.h5ad", "filtered": workdir / "filtered.h5ad", "qc": workdir / "qc.tsv",
+    return {"input": workdir / "input.h5ad", "store": workdir / "census_store", "samples": workdir / "samples.tsv",
+            "cells": workdir / "cells.h5ad", "filtered": workdir / "filtered.h5ad", "qc": workdir / "qc.tsv",
             "hvg": workdir / "hvg.tsv", "binned": workdir / "binned.h5ad", "split": workdir / "split.tsv",
             "shards": workdir / "shards"}
 
@@ -180,6 +216,15 @@ def h5ad_shape(path: Path) -> tuple[int, int, int]:
         return int(x["indptr"].shape[0] - 1), int(x.attrs["shape"][1]), int(x["data"].shape[0])
 
 
+def store_shape(store: Path) -> tuple[int, int, int]:
+    """Cells, genes and stored values of a local Census built by build_local_census."""
+    import tiledbsoma as soma
+
+    with soma.Experiment.open(str(store / "census_data" / "homo_sapiens")) as exp:
+        X = exp.ms["RNA"].X["raw"]
+        return int(exp.obs.count), int(exp.ms["RNA"].var.count), int(X.nnz)
+
+
 def run_stage(name: str, workdir: Path) -> None:
     """Child process: run one stage, report its in-process time and cells in/out on stdout."""
     from scllm.io import setup_logging
@@ -187,7 +232,16 @@ def run_stage(name: str, workdir: Path) -> None:
     setup_logging()
     p = paths(workdir)
     t0 = time.perf_counter()
-    if name == "filter_qc":
+    if name == "build_local_census":
+        from scllm.census import build_local_census
+        build_local_census(p["input"], p["store"], dataset_id="synthetic")
+    elif name == "sample_census":  # every cell: a cap of all cells keeps every sample
+        from scllm.census import sample_h5ad
+        sample_h5ad(p["input"], p["cells"], p["samples"], dataset_id="synthetic", max_cells=h5ad_shape(p["input"])[0])
+    elif name == "sample_census_store":
+        from scllm.census import sample_census
+        sample_census(p["cells"], p["samples"], uri=str(p["store"]), max_cells=h5ad_shape(p["input"])[0])
+    elif name == "filter_qc":
         from scllm.qc import filter_qc
         filter_qc(p["cells"], p["filtered"], p["qc"])
     elif name == "select_hvg":
@@ -270,9 +324,13 @@ def scgpt_style_inmemory(cells_h5ad: Path, n_bins: int = 51, n_hvg: int = 1200) 
 def stage_io(name: str, workdir: Path) -> dict:
     """Cells (and non-zeros) in and out of a finished stage, read from its artifacts."""
     p = paths(workdir)
-    if name == "filter_qc":
-        cin, gin, nin = h5ad_shape(p["cells"])
-        cout, gout, nout = h5ad_shape(p["filtered"])
+    matrices = {  # stage: the matrix it reads, the matrix it writes
+        "build_local_census": ("input", "store"), "sample_census": ("input", "cells"),
+        "sample_census_store": ("store", "cells"), "filter_qc": ("cells", "filtered"),
+    }
+    if name in matrices:
+        (cin, gin, nin), (cout, gout, nout) = (store_shape(p[k]) if k == "store" else h5ad_shape(p[k])
+                                               for k in matrices[name])
         return {"cells_in": cin, "cells_out": cout, "genes_in": gin, "genes_out": gout, "nnz_in": nin, "nnz_out": nout}
     if name == "select_hvg":
         cin, gin, nin = h5ad_shape(p["filtered"])
@@ -351,6 +409,11 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="numba/BLAS threads per stage")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--ingest", choices=sorted(INGEST), default=None,
+                    help="start from a user's h5ad (input.h5ad): 'h5ad' times sample_census reading it directly (the "
+                         "pipeline's census.source: h5ad), 'store' build_local_census then sample_census on that store")
+    ap.add_argument("--interleave", type=int, default=0,
+                    help="samples take turns in the generated file in runs of this many cells (default: one block each)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir (default: delete it at the end)")
     ap.add_argument("--compare-scgpt-style", action="store_true",
                     help="also time scGPT-style in-memory Preprocessor steps on the same cells.h5ad (untested; needs RAM ~ 50 bytes per non-zero)")
@@ -360,8 +423,9 @@ def main(argv=None) -> None:
 
     if args._stage == "generate":
         sys.path.insert(0, str(ROOT / "src"))
-        info = generate(paths(workdir)["cells"], args.cells, args.genes, args.samples, args.min_expressed,
-                        args.max_expressed, args.seed)
+        info = generate(paths(workdir)["input" if args.ingest else "cells"], args.cells, args.genes, args.samples,
+                        args.min_expressed, args.max_expressed, args.seed, user_input=bool(args.ingest),
+                        interleave=args.interleave)
         info["peak_rss_mb"] = round(peak_rss_kb() / 1024, 1)
         (workdir / "input.json").write_text(json.dumps(info, indent=1) + "\n")
         return
@@ -378,18 +442,20 @@ def main(argv=None) -> None:
                                                    for k, v in vars(args).items() if k != "_stage"},
               "machine": machine(args.threads), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
-        print(f"generating {args.cells} cells x {args.genes} genes into {p['cells']} (log: generate.log)", flush=True)
+        target = p["input" if args.ingest else "cells"]
+        print(f"generating {args.cells} cells x {args.genes} genes into {target} (log: generate.log)", flush=True)
         spawn("generate", workdir, args.threads, workdir / "generate.log", extra=[
             "--cells", str(args.cells), "--genes", str(args.genes), "--samples", str(args.samples),
             "--min-expressed", str(args.min_expressed), "--max-expressed", str(args.max_expressed),
-            "--seed", str(args.seed)])
+            "--seed", str(args.seed), "--interleave", str(args.interleave)]
+            + (["--ingest", args.ingest] if args.ingest else []))
         result["input"] = json.loads((workdir / "input.json").read_text())
         gi = result["input"]
         print(f"generated: {gi['nnz'] / 1e6:.0f}M nnz ({gi['nnz'] / gi['cells']:.0f}/cell), "
               f"{gi['bytes'] / 1e9:.2f} GB in {gi['seconds']}s", flush=True)
         spawn("warmup", workdir, args.threads, workdir / "warmup.log")
         stages, total = {}, 0.0
-        for name in STAGES:
+        for name in (INGEST[args.ingest] if args.ingest else []) + STAGES:
             rec = spawn(name, workdir, args.threads, workdir / f"{name}.log")
             rec.update(stage_io(name, workdir))
             rec["cells_per_s"] = round(rec["cells_in"] / rec["wall_s"], 1)

@@ -26,24 +26,28 @@ LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 
 
-def census_store(wildcards):
-    """The local store sample_census reads, as an input (empty for a published release)."""
+def census_input(wildcards):
+    """What sample_census reads, as an input: your h5ad, a local store, or nothing (a published
+    release, fetched over the network)."""
     source = config["census"]["source"]
-    if source == "h5ad":
-        return {"store": f"{RESULTS}/census_store"}
-    if source == "uri":
-        return {"store": config["census"]["uri"]}
-    return {}
+    path = {"h5ad": config["census"]["h5ad"]["path"], "uri": config["census"]["uri"]}.get(source)
+    if source in ("h5ad", "uri") and not path:
+        setting = "census.h5ad.path (your h5ad of raw counts)" if source == "h5ad" else "census.uri (a local store)"
+        raise WorkflowError(f"census.source: {source} reads {setting}, which is not set: set it, or choose "
+                            "another census.source (release, uri, h5ad)")
+    return {"h5ad": path} if source == "h5ad" else {"store": path} if source == "uri" else {}
 
 
 def sampling_params(wildcards, input):
     """The census settings that decide which cells are sampled: only the source in use, so
-    editing an unused key (or how the store was built) reruns nothing."""
+    editing an unused key reruns nothing."""
     census = {k: v for k, v in config["census"].items() if k not in ("h5ad", "census_version", "uri")}
     if census["source"] == "release":
         census["census_version"] = config["census"]["census_version"]
-    else:
+    elif census["source"] == "uri":
         census["uri"] = input.store
+    else:  # how to read the h5ad's obs and var (the file itself is the input)
+        census["h5ad"] = {k: v for k, v in config["census"]["h5ad"].items() if k != "path"}
     return census
 
 

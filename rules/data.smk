@@ -4,29 +4,11 @@
 # changing it reruns nothing.
 
 
-rule build_local_census:
-    """A local Census-shaped SOMA store from an h5ad of raw counts (census.source: h5ad)."""
-    input:
-        h5ad=config["census"]["h5ad"]["path"] or [],
-    output:
-        store=directory(f"{RESULTS}/census_store"),
-    params:
-        h5ad=config["census"]["h5ad"],
-        census={k: config["census"][k] for k in ("tissue_general", "disease", "organism")},
-    log:
-        f"{LOGS}/build_local_census.log",
-    benchmark:
-        f"{BENCH}/build_local_census.tsv"
-    conda:
-        "../envs/data.yaml"
-    script:
-        "../workflow/scripts/build_local_census.py"
-
-
 rule sample_census:
-    """Blood primary cells, whole (dataset, donor) samples chosen at random under the cap."""
+    """Blood primary cells, whole (dataset, donor) samples chosen at random under the cap, from a
+    Census or (census.source: h5ad) straight from your h5ad, streamed in row blocks."""
     input:
-        unpack(census_store),
+        unpack(census_input),
     output:
         cells=f"{RESULTS}/cells.h5ad",
         samples=f"{RESULTS}/samples.tsv",

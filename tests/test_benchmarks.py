@@ -81,3 +81,21 @@ def test_lazy_shards_benchmark_times_both_ways_of_reading_on_valid_shards(tmp_pa
         assert data["cells"] == 5 * 32 and len(data["cells_per_s_runs"]) == 2 and data["cells_per_s"] > 0
         assert data["peak_rss_mb"] > 100 and result[f"train_{mode}"]["peak_rss_mb"] > 100
     assert not (tmp_path / "work" / "shards_384_30_60").exists()  # removed without --keep
+
+
+def test_preprocess_benchmark_with_ingest_times_every_stage_from_a_users_h5ad(tmp_path):
+    out = tmp_path / "ingest.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "preprocess.py"), "--ingest", "h5ad", "--cells", "3000",
+                    "--genes", "4000", "--samples", "3", "--min-expressed", "400", "--max-expressed", "600",
+                    "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    stages = result["stages"]
+    assert list(stages) == ["sample_census", "filter_qc", "select_hvg", "normalize_bin", "split_cells", "tokenize_shards"]
+    # every cell of the user's file comes in (the cap is all cells), with every stored value
+    assert stages["sample_census"]["cells_in"] == stages["sample_census"]["cells_out"] == 3000
+    assert stages["sample_census"]["nnz_out"] == result["input"]["nnz"] == stages["filter_qc"]["nnz_in"]
+    assert stages["tokenize_shards"]["cells_out"] == stages["filter_qc"]["cells_out"]
+    assert all(s["peak_rss_mb"] > 0 and s["wall_s"] > 0 for s in stages.values())
+    assert result["total_wall_s"] == round(sum(s["wall_s"] for s in stages.values()), 1)
+    assert not (tmp_path / "work").exists()  # the scratch folder is removed

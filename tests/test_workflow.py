@@ -20,7 +20,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 DATA_OUTPUTS = {  # rule -> an output it writes, in DAG order
-    "build_local_census": "census_store",
     "sample_census": "cells.h5ad",
     "filter_qc": "filtered.h5ad",
     "select_hvg": "hvg.tsv",
@@ -76,9 +75,11 @@ def test_full_run_writes_every_artifact_and_logs_counts(demo_run):
     assert "Shell command: None" not in (demo_run / "snakemake.out").read_text()  # script rules: no noise
     # progress a person can plan around: elapsed time per sample, a line per evaluation step
     logs = results / "logs"
-    assert re.search(r"sample .+: \d+ cells \(\d+/\d+ written; elapsed \d:\d\d:\d\d", (logs / "sample_census.log").read_text())
     assert re.search(r"evaluate: \d+ x \d+: Leiden at \d+ resolutions done", (logs / "evaluate.log").read_text())
-    assert "writing 2700 cells x 32738 genes into the store" in (logs / "build_local_census.log").read_text()
+    # the demo's h5ad is read directly, in row blocks, with progress
+    assert re.search(r"ingest: read 2700/2700 cells of the input, wrote 2700/2700 chosen cells \(elapsed \d:\d\d:\d\d",
+                     (logs / "sample_census.log").read_text())
+    assert not (results / "census_store").exists()
     report = (results / "report.html").read_text()  # the run's report, under the run's folder
     assert "<h2>Cell embedding vs PCA</h2>" in report and "<h2>Pretraining</h2>" in report
     assert "UMAP by sample" not in report and "silhouette_sample" not in report  # one sample: left out
@@ -221,6 +222,15 @@ def test_invalid_config_value_fails_before_any_job_and_names_the_key(tmp_path):
     proc = snakemake(workdir, "--configfile", bad, check=False)
     assert proc.returncode != 0
     assert "min_genes_per_cell" in proc.stderr + proc.stdout
+    assert not (workdir / "results").exists()
+
+
+def test_own_h5ad_without_its_path_is_named_before_any_job(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    bad = write_config(workdir, "nopath.yaml", {"census": {"source": "h5ad", "h5ad": {"path": None}}})
+    proc = snakemake(workdir, "--configfile", bad, "-n", check=False)
+    assert proc.returncode != 0
+    assert "census.source: h5ad reads census.h5ad.path (your h5ad of raw counts), which is not set" in proc.stderr + proc.stdout
     assert not (workdir / "results").exists()
 
 

@@ -1,12 +1,16 @@
-"""Read cells from a CELLxGENE Census (the real one by release, or a local Census-shaped store).
+"""Read cells from a CELLxGENE Census (the real one by release, or a local Census-shaped store),
+or straight from your own h5ad with the same sampling rules.
 
-Both go through ``cellxgene_census.open_soma``: ``census_version=...`` for a published release,
-``uri=...`` for a local SOMA store such as the one ``build_local_census`` writes from an h5ad.
+A Census goes through ``cellxgene_census.open_soma``: ``census_version=...`` for a published
+release, ``uri=...`` for a local SOMA store such as the one ``build_local_census`` writes from an
+h5ad. ``sample_h5ad`` reads an h5ad directly (``census.source: h5ad``); both stream in blocks.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +21,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from scllm.checks import check_counts, check_gene_ids, require_cells, unique_cell_ids
+from scllm.ingest import H5adInput
 from scllm.io import CSRWriter, Progress, atomic_path
 
 log = logging.getLogger("scllm")
@@ -32,6 +37,14 @@ EMBEDDED_DEFAULT_HINT = (
 )
 
 
+INGEST_BLOCK_NNZ = 8_000_000  # stored values per block written into a local store (~160 MB as COO)
+# TileDB read buffers per column. cellxgene_census opens with 1 GiB each (three columns for X:
+# most of sample_census' 2.2 GB on 300k cells); 128 MiB, which its docs give for small machines,
+# holds a 20k-cell chunk of blood cells in one or two reads.
+READ_BUFFERS = {"soma.init_buffer_bytes": 128 * 1024**2, "py.init_buffer_bytes": 128 * 1024**2}
+ROW_TILE = 2048  # cells per TileDB space tile of a local store's X (tiledbsoma's default extent)
+
+
 class CensusUnavailableError(RuntimeError):
     pass
 
@@ -43,9 +56,9 @@ def open_census(version: str | None = None, uri: str | None = None):
     if uri is not None:
         if not Path(uri).exists() and "://" not in str(uri):
             raise CensusUnavailableError(f"no Census-shaped store at census.uri={uri!r}; build one with `scllm build-census`")
-        return cellxgene_census.open_soma(uri=str(uri))
+        return cellxgene_census.open_soma(uri=str(uri), tiledb_config=READ_BUFFERS)
     try:
-        return cellxgene_census.open_soma(census_version=version)
+        return cellxgene_census.open_soma(census_version=version, tiledb_config=READ_BUFFERS)
     except ValueError as err:  # raised for a version the release directory does not list
         raise CensusUnavailableError(
             f"census.census_version={version!r} is not a Census release ({err}). Pick a dated release "
@@ -104,6 +117,26 @@ def choose_samples(cells: pd.DataFrame, max_cells: int, seed: int) -> pd.DataFra
     return samples
 
 
+def _select(cells: pd.DataFrame, max_cells: int, seed: int, where: str):
+    """Whole samples under the cap (``choose_samples``), their cells in output order (sample by
+    sample, then soma_joinid) and the obs of cells.h5ad."""
+    samples = choose_samples(cells, max_cells, seed)
+    chosen = samples[samples["chosen"]]
+    log.info(
+        "%d samples (dataset, donor) available; chose %d holding %d cells (cap %d, seed %d)",
+        len(samples), len(chosen), int(chosen["n_cells"].sum()), max_cells, seed,
+    )
+    too_big = samples[samples["n_cells"] > max_cells]
+    for row in too_big.itertuples():
+        log.warning("sample %s/%s has %d cells, more than the cap: never chosen", row.dataset_id, row.donor_id, row.n_cells)
+
+    keep = cells.merge(chosen[SAMPLE_KEYS], on=SAMPLE_KEYS, how="inner")
+    keep = keep.sort_values(SAMPLE_KEYS + ["soma_joinid"], ignore_index=True)
+    obs = _cells_obs(keep)
+    obs.index = unique_cell_ids(obs.index, where)
+    return samples, keep, obs
+
+
 def sample_census(
     out_h5ad: str | Path,
     out_samples: str | Path,
@@ -123,8 +156,6 @@ def sample_census(
     Cells are written sample by sample, so every sample is a contiguous block of rows downstream.
     Returns the backed-free obs/var shell (no X) for logging and tests.
     """
-    import tiledbsoma as soma
-
     t0 = time.time()
     filt = value_filter(tissue_general, primary_only, disease)
     with open_census(census_version, uri) as census:
@@ -156,23 +187,13 @@ def sample_census(
             if isinstance(cells[col].dtype, pd.CategoricalDtype):
                 cells[col] = cells[col].cat.remove_unused_categories()
 
-        samples = choose_samples(cells, max_cells, seed)
-        chosen = samples[samples["chosen"]]
-        log.info(
-            "%d samples (dataset, donor) available; chose %d holding %d cells (cap %d, seed %d)",
-            len(samples), len(chosen), int(chosen["n_cells"].sum()), max_cells, seed,
-        )
-        too_big = samples[samples["n_cells"] > max_cells]
-        for row in too_big.itertuples():
-            log.warning("sample %s/%s has %d cells, more than the cap: never chosen", row.dataset_id, row.donor_id, row.n_cells)
-
-        keep = cells.merge(chosen[SAMPLE_KEYS], on=SAMPLE_KEYS, how="inner")
-        keep = keep.sort_values(SAMPLE_KEYS + ["soma_joinid"], ignore_index=True)
-        obs = _cells_obs(keep)
-        obs.index = unique_cell_ids(obs.index, f"the Census at {uri or census_version}")
+        samples, keep, obs = _select(cells, max_cells, seed, f"the Census at {uri or census_version}")
 
         var = exp.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat().to_pandas()
         var = var.sort_values("soma_joinid", ignore_index=True)
+        if not np.array_equal(var["soma_joinid"].to_numpy(), np.arange(len(var))):
+            raise ValueError(f"the Census at {uri or census_version} numbers its genes (var soma_joinid) with gaps; "
+                             "a Census numbers them 0..n-1. Build the store with `scllm build-census`.")
         var.index = pd.Index(var["feature_id"].astype(str).values, name=None)
         var = var[["feature_name"]].astype(str)
         check_gene_ids(var.index, f"the Census at {uri or census_version} (var feature_id)")
@@ -188,14 +209,15 @@ def sample_census(
                 "max_cells": int(max_cells),
                 "seed": int(seed),
                 "n_samples_available": int(len(samples)),
-                "n_samples_chosen": int(len(chosen)),
+                "n_samples_chosen": int(samples["chosen"].sum()),
             }
         }
         progress = Progress(0, len(keep))
+        X = exp.ms["RNA"].X["raw"]
         with atomic_path(out_h5ad) as tmp, CSRWriter(tmp, var=var, uns=uns) as writer:
             for sample_key, group in keep.groupby(SAMPLE_KEYS, observed=True, sort=False):
                 joinids = group["soma_joinid"].to_numpy()
-                for block in _read_rows(exp, joinids, chunk_size, soma):
+                for block in _read_rows(X, joinids, len(var), chunk_size):
                     writer.append(block)
                 log.info("sample %s: %d cells (%d/%d written; %s)", "/".join(map(str, sample_key)), len(joinids),
                          writer.rows_written, len(keep), progress.text(writer.rows_written))
@@ -206,20 +228,192 @@ def sample_census(
     return ad.AnnData(obs=obs, var=var, uns=uns)
 
 
-def _read_rows(exp, joinids: np.ndarray, chunk_size: int, soma):
-    """Yield CSR blocks of raw counts for ``joinids`` (ascending), in that order."""
-    with exp.axis_query("RNA", obs_query=soma.AxisQuery(coords=(joinids,))) as query:
-        position = 0
-        for block, (obs_ids, _var_ids) in query.X("raw").blockwise(axis=0, size=chunk_size).scipy():
-            expected = joinids[position : position + len(obs_ids)]
-            if not np.array_equal(np.asarray(obs_ids), expected):
-                raise RuntimeError("Census returned cells out of the requested order")
-            position += len(obs_ids)
-            check_counts(block.data, "Census X/raw", ": a local store must be built from raw counts "
-                         "(scllm build-census checks them)")
-            yield sp.csr_matrix(block)
-        if position != len(joinids):
-            raise RuntimeError(f"Census returned {position} of {len(joinids)} requested cells")
+def sample_h5ad(
+    h5ad_path: str | Path,
+    out_h5ad: str | Path,
+    out_samples: str | Path,
+    *,
+    dataset_id: str | None = None,
+    donor_id: str | None = None,
+    donor_column: str | None = None,
+    cell_type_column: str | None = None,
+    gene_id_column: str | None = None,
+    counts_layer: str | None = None,
+    organism: str = "homo_sapiens",
+    tissue_general: str = "blood",
+    primary_only: bool = True,
+    disease: str | None = None,
+    max_cells: int = 300_000,
+    seed: int = 0,
+    chunk_size: int = 20_000,
+    block_nnz: int = INGEST_BLOCK_NNZ,
+) -> ad.AnnData:
+    """``sample_census`` on your own h5ad, read directly: the same cells.h5ad and samples.tsv as
+    building a local Census from it (``build_local_census``, with the same settings; missing
+    tissue_general/disease filled from the filter) and sampling that, in one pass over the file.
+
+    The input is read once, in row blocks of at most ``chunk_size`` cells and ``block_nnz`` values; each block's chosen
+    cells go straight to their rows in cells.h5ad, whose layout (sample by sample) is known
+    from the row lengths before any value is read. Memory: obs, var and one block. A CSC
+    matrix cannot be read by rows; it goes through a temporary local Census instead (slower,
+    same memory bound).
+    """
+    t0 = time.time()
+    where = f"the input h5ad {h5ad_path}"
+    filt = value_filter(tissue_general, primary_only, disease)
+    with H5adInput(h5ad_path) as source:
+        shaped, var_in, matrix = _census_shaped(
+            source, Path(h5ad_path).stem, dataset_id, donor_id, donor_column, cell_type_column, gene_id_column,
+            counts_layer, tissue_general, True, disease or "normal", where)
+        if matrix.layout == "csc":
+            log.info("%s stores %s column by column (CSC), which cannot be read by cells: going through a "
+                     "temporary local Census (write your h5ad as CSR to skip this step)", h5ad_path, matrix.name)
+            source.close()
+            return _sample_through_store(h5ad_path, out_h5ad, out_samples, dict(
+                dataset_id=dataset_id, donor_id=donor_id, donor_column=donor_column, cell_type_column=cell_type_column,
+                gene_id_column=gene_id_column, counts_layer=counts_layer, tissue_general=tissue_general,
+                disease=disease or "normal", organism=organism, block_nnz=block_nnz), dict(
+                organism=organism, tissue_general=tissue_general, primary_only=primary_only, disease=disease,
+                max_cells=max_cells, seed=seed, chunk_size=chunk_size))
+        log.info("reading %s: %d cells x %d genes (%s, %s); filter: %s", h5ad_path, source.n_obs, source.n_vars,
+                 matrix.name, matrix.layout, filt)
+        match = shaped["tissue_general"].astype(str) == tissue_general
+        if primary_only:
+            match &= shaped["is_primary_data"].astype(bool)
+        if disease:
+            match &= shaped["disease"].astype(str) == disease
+        columns = REQUIRED_OBS + [c for c in OPTIONAL_OBS if c in shaped and c not in REQUIRED_OBS]
+        cells = shaped.loc[match.to_numpy(), columns].reset_index(drop=True)
+        cells.insert(0, "soma_joinid", np.flatnonzero(match.to_numpy()))  # a store numbers cells by input row
+        log.info("%d cells match the filter", len(cells))
+        if cells.empty:
+            raise ValueError(f"no cells match the Census filter [{filt}]; check census.tissue_general/disease")
+        samples, keep, obs = _select(cells, max_cells, seed, where)
+        var = var_in[["feature_name"]].astype(str)
+        var.insert(0, "feature_id", var.index.values)
+        uns = {"census": {
+            "source": str(h5ad_path), "census_version": "local", "organism": organism, "value_filter": filt,
+            "provenance": {"source_h5ad": Path(h5ad_path).name, "total_cell_count": str(source.n_obs)},
+            "max_cells": int(max_cells), "seed": int(seed),
+            "n_samples_available": int(len(samples)), "n_samples_chosen": int(samples["chosen"].sum()),
+        }}
+        # Where each input row goes in cells.h5ad (-1: not chosen), and every output row's length.
+        chosen = keep["soma_joinid"].to_numpy()
+        out_row = np.full(source.n_obs, -1, dtype=np.int64)
+        out_row[chosen] = np.arange(len(chosen))
+        del shaped, cells, keep  # a million cells' obs, three times over: only cells.h5ad's obs stays
+        try:
+            _write_cells(out_h5ad, matrix.row_nnz(block_nnz)[chosen], matrix, out_row, var, uns, obs, block_nnz,
+                         chunk_size, source)
+        except _RowLengthsChanged:
+            log.info("%s of %s stores zeros or repeated genes; counting every row's values first", matrix.name, h5ad_path)
+            _write_cells(out_h5ad, matrix.row_nnz(block_nnz, canonical=True)[chosen], matrix, out_row, var, uns, obs,
+                         block_nnz, chunk_size, source)
+        with atomic_path(out_samples) as tmp:
+            samples.to_csv(tmp, sep="\t", index=False)
+    log.info("sample_census: %d cells x %d genes in, wrote %d cells x %d genes in %.1fs",
+             source.n_obs, source.n_vars, obs.shape[0], var.shape[0], time.time() - t0)
+    return ad.AnnData(obs=obs, var=var, uns=uns)
+
+
+class _RowLengthsChanged(Exception):
+    """A row held stored zeros or repeated genes: its length in cells.h5ad is not its stored one."""
+
+
+def _write_cells(out_h5ad, row_nnz, matrix, out_row, var, uns, obs, block_nnz, chunk_size, source) -> None:
+    """cells.h5ad with X sized for ``row_nnz`` values per row, filled in one pass over the input."""
+    with atomic_path(out_h5ad) as tmp, CSRWriter(tmp, var=var, uns=uns) as writer:
+        writer.reserve(row_nnz)
+        _scatter_rows(matrix, out_row, writer, block_nnz, chunk_size, source)
+        writer.set_obs(obs)
+
+
+def _scatter_rows(matrix, out_row: np.ndarray, writer: CSRWriter, block_nnz: int, chunk_size: int, source) -> None:
+    """One pass over the input in row blocks: each block's chosen rows, checked, into their place.
+    Within a block the rows of one sample are consecutive in the output, so a block costs one
+    write per sample it holds."""
+    fix = _counts_fix(source)
+    progress, last_log, total, written = Progress(0, matrix.n_obs), 0.0, int((out_row >= 0).sum()), 0
+    for done, block, first in matrix.row_blocks(block_nnz, chunk_size):
+        targets = out_row[first:done]
+        local = np.flatnonzero(targets >= 0)
+        written += local.size
+        if local.size:
+            block = block[local]
+            check_counts(block.data, f"{matrix.name} of the input h5ad", fix)
+            block = _canonical(block)
+            order = np.argsort(targets[local], kind="stable")
+            rows = targets[local][order]
+            block = block[order]
+            if not np.array_equal(np.diff(block.indptr), np.diff(writer.reserved)[rows]):
+                raise _RowLengthsChanged
+            cuts = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive output rows
+            for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+                writer.write_at(int(rows[a]), block[a:b])
+        if time.perf_counter() - last_log > 10 or done == matrix.n_obs:  # a line every 10 s at most
+            last_log = time.perf_counter()
+            log.info("ingest: read %d/%d cells of the input, wrote %d/%d chosen cells (%s)", done, matrix.n_obs,
+                     written, total, progress.text(done))
+
+
+def _canonical(block: sp.csr_matrix) -> sp.csr_matrix:
+    """Rows as a Census stores them: genes in order, each once, no stored zeros."""
+    block = sp.csr_matrix(block)
+    if not block.has_canonical_format:
+        block.sum_duplicates()  # also sorts each row's genes
+    if block.nnz and not block.data.all():
+        block.eliminate_zeros()
+    return block
+
+
+def _sample_through_store(h5ad_path, out_h5ad, out_samples, build: dict, sample: dict) -> ad.AnnData:
+    """sample_census on a local Census built from the h5ad in a temporary folder beside the
+    output, removed afterwards (and on the next run, if a killed run left it)."""
+    out_dir = Path(out_h5ad).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".census_store.tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    store = out_dir / f".census_store.tmp{os.getpid()}"
+    try:
+        build_local_census(h5ad_path, store, **build)
+        cells = sample_census(out_h5ad, out_samples, uri=str(store), **sample)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    return cells
+
+
+def _read_rows(X, joinids: np.ndarray, n_vars: int, chunk_size: int):
+    """Yield CSR blocks of raw counts for ``joinids`` (ascending), in that order.
+
+    Reads the SOMA array by cell soma_joinid and builds each CSR block itself. The array's own
+    order is asked for (``result_order="auto"``): asking TileDB for row-major order made it
+    sort, 16x slower than the read itself; a store from build_local_census is stored in
+    (cell, gene) order anyway. ``axis_query(...).X(...).blockwise(...)`` gives the same blocks but re-indexes
+    every one with pyarrow, which took 40% of this stage (21 of 55 s for 300k cells). A run of
+    consecutive cells (a sample of a local store) is read as one range, not as point lookups.
+    """
+    for start in range(0, len(joinids), chunk_size):
+        chunk = joinids[start : start + chunk_size]
+        first, last = int(chunk[0]), int(chunk[-1])
+        cells = slice(first, last) if last - first + 1 == len(chunk) else chunk  # SOMA slices include the end
+        parts = [(t["soma_dim_0"].to_numpy(), t["soma_dim_1"].to_numpy(), t["soma_data"].to_numpy())
+                 for t in X.read(coords=(cells, slice(None)), result_order="auto").tables()]
+        rows, cols, data = (np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, dtype)
+                            for i, dtype in enumerate((np.int64, np.int64, np.float32)))
+        check_counts(data, "Census X/raw", ": a local store must be built from raw counts "
+                     "(scllm build-census checks them)")
+        position = np.searchsorted(chunk, rows)  # each value's row within the block
+        if len(rows) and (position.max() >= len(chunk) or not np.array_equal(chunk[position], rows)):
+            raise RuntimeError("the Census returned counts of cells that were not requested")
+        step_row, step_col = np.diff(position), np.diff(cols)
+        if np.all((step_row > 0) | ((step_row == 0) & (step_col > 0))):  # already (cell, gene) order
+            indptr = np.r_[0, np.cumsum(np.bincount(position, minlength=len(chunk)))]
+            block = sp.csr_matrix((data.astype(np.float32, copy=False), cols.astype(np.int32), indptr),
+                                  shape=(len(chunk), n_vars))
+        else:  # a store tiled across genes (the Census): scipy's linear COO -> CSR, then per-row sorts
+            block = sp.csr_matrix((data, (position, cols)), shape=(len(chunk), n_vars), dtype=np.float32)
+            block.sort_indices()
+        yield block
 
 
 def _cells_obs(cells: pd.DataFrame) -> pd.DataFrame:
@@ -255,46 +449,114 @@ def build_local_census(
     disease: str = "normal",
     citation: str = "",
     organism: str = "homo_sapiens",
+    block_nnz: int = INGEST_BLOCK_NNZ,
 ) -> None:
     """Write a SOMA store with the Census layout (``census_info``, ``census_data/<organism>``).
 
     Census obs columns already present in the h5ad (dataset_id, donor_id, tissue_general, ...)
     are kept; missing ones are filled from the arguments. Genes are keyed on Ensembl ids.
+    The counts stream from the h5ad into the store's ``X/raw`` in blocks of at most
+    ``block_nnz`` values, so memory holds obs, var and one block, whatever the number of cells.
     """
     import tiledbsoma as soma
     import tiledbsoma.io
 
-    adata = _read_input_h5ad(h5ad_path)
-    adata = _census_shaped(
-        adata, Path(h5ad_path).stem, dataset_id, donor_id, donor_column, cell_type_column,
-        gene_id_column, counts_layer, tissue_general, is_primary_data, disease, f"the input h5ad {h5ad_path}",
-    )
-    log.info("building a local Census at %s from %s: %d cells x %d genes", uri, h5ad_path, adata.n_obs, adata.n_vars)
-    datasets = adata.obs.groupby("dataset_id", observed=True).size()
-    with atomic_path(uri) as tmp:
-        tmp = str(Path(tmp).resolve())  # tiledbsoma relates member URIs on absolute paths
-        soma.Collection.create(tmp).close()
-        with soma.Collection.open(tmp, "w") as root:
-            info = root.add_new_collection("census_info")
-            root.add_new_collection("census_data")
-            _write_table(info, "summary", {
-                "label": ["census_schema_version", "census_build_date", "dataset_schema_version", "total_cell_count", "source_h5ad"],
-                "value": ["2.1.0", time.strftime("%Y-%m-%d"), "5.2.0", str(adata.n_obs), Path(h5ad_path).name],
-            }, soma)
-            _write_table(info, "datasets", {
-                "dataset_id": [str(d) for d in datasets.index],
-                "dataset_title": [dataset_title] * len(datasets),
-                "citation": [citation] * len(datasets),
-                "dataset_total_cell_count": [int(n) for n in datasets.values],
-            }, soma)
-        t0 = time.time()
-        log.info("writing %d cells x %d genes into the store", adata.n_obs, adata.n_vars)
-        tiledbsoma.io.from_anndata(
-            f"{tmp}/census_data/{organism}", adata, measurement_name="RNA", X_layer_name="raw"
+    t0 = time.time()
+    with H5adInput(h5ad_path) as source:
+        where = f"the input h5ad {h5ad_path}"
+        obs, var, matrix = _census_shaped(
+            source, Path(h5ad_path).stem, dataset_id, donor_id, donor_column, cell_type_column,
+            gene_id_column, counts_layer, tissue_general, is_primary_data, disease, where,
         )
-        log.info("wrote the store's cells in %.1fs", time.time() - t0)
-        with soma.Collection.open(tmp, "w") as root:
-            root["census_data"].set(organism, soma.Experiment.open(f"{tmp}/census_data/{organism}"), use_relative_uri=True)
+        log.info("building a local Census at %s from %s: %d cells x %d genes (%s, %s)", uri, h5ad_path,
+                 len(obs), len(var), matrix.name, matrix.layout)
+        datasets = obs.groupby("dataset_id", observed=True).size()
+        with atomic_path(uri) as tmp:
+            tmp = str(Path(tmp).resolve())  # tiledbsoma relates member URIs on absolute paths
+            soma.Collection.create(tmp).close()
+            with soma.Collection.open(tmp, "w") as root:
+                info = root.add_new_collection("census_info")
+                root.add_new_collection("census_data")
+                _write_table(info, "summary", {
+                    "label": ["census_schema_version", "census_build_date", "dataset_schema_version", "total_cell_count", "source_h5ad"],
+                    "value": ["2.1.0", time.strftime("%Y-%m-%d"), "5.2.0", str(len(obs)), Path(h5ad_path).name],
+                }, soma)
+                _write_table(info, "datasets", {
+                    "dataset_id": [str(d) for d in datasets.index],
+                    "dataset_title": [dataset_title] * len(datasets),
+                    "citation": [citation] * len(datasets),
+                    "dataset_total_cell_count": [int(n) for n in datasets.values],
+                }, soma)
+            experiment = f"{tmp}/census_data/{organism}"
+            # obs and var through tiledbsoma's own ingestion (an AnnData without X: nothing big);
+            # the counts below, block by block, into an X layer of the same shape.
+            obs.index = obs.index.astype(str)  # AnnData wants string cell names
+            tiledbsoma.io.from_anndata(experiment, ad.AnnData(obs=obs, var=var), measurement_name="RNA")
+            log.info("writing %d cells x %d genes into the store", len(obs), len(var))
+            with soma.Experiment.open(experiment, "w") as exp:
+                # One tile spans all genes, so (cell, gene) order is TileDB's global order: blocks
+                # of a CSR file go in as they are read, without TileDB sorting them (4x faster),
+                # and a row range of cells reads from consecutive tiles.
+                X = exp.ms["RNA"].X.add_new_sparse_ndarray(
+                    "raw", type=pa.float32(), shape=(len(obs), len(var)),
+                    platform_config={"tiledb": {"create": {"dims": {"soma_dim_0": {"tile": ROW_TILE},
+                                                                    "soma_dim_1": {"tile": max(len(var), 1)}}}}})
+                nnz = _write_counts(X, matrix, block_nnz, source, soma)
+            with soma.Collection.open(tmp, "w") as root:
+                root["census_data"].set(organism, soma.Experiment.open(experiment), use_relative_uri=True)
+    log.info("build_local_census: %d cells x %d genes in, %d cells x %d genes (%d non-zeros) in the store, %.1fs",
+             source.n_obs, source.n_vars, len(obs), len(var), nnz, time.time() - t0)
+
+
+def _write_counts(X, matrix, block_nnz: int, source, soma) -> int:
+    """Copy the count matrix into the SOMA array ``X`` block by block, checking every block.
+
+    Each block is one TileDB write (one fragment), handed over in (cell, gene) order, the
+    array's global order. Blocks may overlap in cells (CSC input arrives gene by gene); TileDB
+    merges fragments when it reads.
+    """
+    fix = _counts_fix(source)
+    label = f"{matrix.name} of the input h5ad"
+    unit = "genes (CSC: read column by column)" if matrix.layout == "csc" else "cells"
+    progress, last_log, nnz = Progress(0, matrix.n_major), 0.0, 0
+    for done, rows, cols, values in matrix.blocks(block_nnz):
+        check_counts(values, label, fix)
+        if len(values) == 0:  # rows (or genes) without a count: nothing to store
+            continue
+        rows, cols, values = _in_cell_gene_order(rows, cols, values)
+        X.write(pa.Table.from_pydict({
+            "soma_dim_0": pa.array(rows), "soma_dim_1": pa.array(cols),
+            "soma_data": pa.array(values.astype(np.float32, copy=False)),
+        }), platform_config=soma.TileDBWriteOptions(sort_coords=False))
+        nnz += len(values)
+        if time.perf_counter() - last_log > 10 or done == matrix.n_major:  # a line every 10 s at most
+            last_log = time.perf_counter()
+            log.info("ingest: %d/%d %s, %d non-zeros written (%s)", done, matrix.n_major, unit, nnz, progress.text(done))
+    return nnz
+
+
+def _counts_fix(source) -> str:
+    """What to do when the chosen matrix holds something other than raw counts."""
+    layers = source.layers
+    return (": point census.h5ad.counts_layer (scllm build-census --counts-layer) at the layer holding raw counts"
+            + (f" (this file has layers {layers})" if layers else "")
+            + (", or write the counts of adata.raw into X" if source.has_raw else ""))
+
+
+def _in_cell_gene_order(rows, cols, values):
+    """COO entries sorted by (cell, gene), each position once. CSR row blocks with sorted
+    indices and dense blocks already are; CSC blocks, unsorted indices and duplicate entries
+    (which a non-canonical scipy matrix may store, and which mean their sum) are sorted here."""
+    step_row, step_col = np.diff(rows), np.diff(cols)
+    if np.all((step_row > 0) | ((step_row == 0) & (step_col > 0))):
+        return rows, cols, values
+    order = np.lexsort((cols, rows))
+    rows, cols, values = rows[order], cols[order], values[order]
+    first = np.r_[True, (np.diff(rows) != 0) | (np.diff(cols) != 0)]
+    if not first.all():
+        starts = np.flatnonzero(first)
+        rows, cols, values = rows[starts], cols[starts], np.add.reduceat(values, starts)
+    return rows, cols, values
 
 
 def _write_table(collection, name: str, columns: dict, soma) -> None:
@@ -306,78 +568,65 @@ def _write_table(collection, name: str, columns: dict, soma) -> None:
     df.write(table)
 
 
-def _read_input_h5ad(path) -> ad.AnnData:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no h5ad at {path} (census.h5ad.path); check the path")
-    try:
-        return ad.read_h5ad(path)
-    except Exception as err:  # h5py raises several types for damaged files
-        raise ValueError(
-            f"cannot read {path} as h5ad ({type(err).__name__}: {err}). The file is truncated, damaged or "
-            "not an h5ad: copy or export it again (AnnData.write_h5ad) and rerun."
-        ) from err
+def _census_shaped(source: H5adInput, default_dataset_id, dataset_id, donor_id, donor_column, cell_type_column,
+                   gene_id_column, counts_layer, tissue_general, is_primary_data, disease, where):
+    """The Census-shaped obs and var of ``source`` and its count matrix (a block reader).
+    Every check that needs no count values runs here, before anything is written."""
+    require_cells(source.n_obs, source.n_vars, where)  # an empty store fails deep inside tiledbsoma
+    matrix = source.matrix(counts_layer)
 
-
-def _census_shaped(adata, default_dataset_id, dataset_id, donor_id, donor_column, cell_type_column,
-                   gene_id_column, counts_layer, tissue_general, is_primary_data, disease, where) -> ad.AnnData:
-    require_cells(adata.n_obs, adata.n_vars, where)  # an empty store fails deep inside tiledbsoma
-    if counts_layer and counts_layer not in adata.layers:
-        raise ValueError(f"the input h5ad has no layer {counts_layer!r} (census.h5ad.counts_layer, --counts-layer); "
-                         f"it has {list(adata.layers.keys())}")
-    X = adata.layers[counts_layer] if counts_layer else adata.X
-    X = sp.csr_matrix(X, dtype=np.float32)
-    layers = list(adata.layers.keys())
-    check_counts(X.data, f"{'layers[' + repr(counts_layer) + ']' if counts_layer else 'X'} of the input h5ad", (
-        ": point census.h5ad.counts_layer (scllm build-census --counts-layer) at the layer holding raw counts"
-        + (f" (this file has layers {layers})" if layers else "")
-        + (", or write the counts of adata.raw into X" if adata.raw is not None else "")))
-
-    ids = _ensembl_ids(adata, gene_id_column)
-    names = adata.var["feature_name"].astype(str).values if "feature_name" in adata.var else adata.var_names.astype(str).values
+    ids = _ensembl_ids(source, gene_id_column)
+    names = source.var["feature_name"].astype(str).values if "feature_name" in source.var else source.var.index.astype(str).values
     var = pd.DataFrame({"feature_id": ids, "feature_name": names}, index=pd.Index(ids))
     check_gene_ids(var.index, where)
 
-    src = adata.obs
-    obs = pd.DataFrame(index=pd.RangeIndex(adata.n_obs).astype(str))
+    present = set(source.obs_columns)
+    obs = pd.DataFrame(index=pd.RangeIndex(source.n_obs))  # row numbers: a store's soma_joinid
+
+    def text(name):
+        """A source column as strings; repeated values (donors, labels) stay categorical, as in
+        the Census, so that obs of a million cells stays small."""
+        col = source.obs_column(name)
+        return col.astype(str).astype("category").values if name != "observation_joinid" else col.astype(str).values
 
     def column(name, fallback):
-        return src[name].astype(str).values if name in src else fallback
+        return text(name) if name in present else fallback
 
-    obs["dataset_id"] = column("dataset_id", dataset_id or default_dataset_id) if not dataset_id else dataset_id
+    obs["dataset_id"] = column("dataset_id", default_dataset_id) if not dataset_id else dataset_id
     if donor_column:
-        if donor_column not in src:
+        if donor_column not in present:
             raise ValueError(f"obs has no column {donor_column!r} (census.h5ad.donor_column, --donor-column); "
-                             f"available: {list(src.columns)}")
-        obs["donor_id"] = src[donor_column].astype(str).values
+                             f"available: {source.obs_columns}")
+        obs["donor_id"] = text(donor_column)
     else:
-        obs["donor_id"] = column("donor_id", donor_id or "donor_0") if not donor_id else donor_id
-    label_col = cell_type_column or next((c for c in ("cell_type", "celltype", "cell_type_label") if c in src), None)
+        obs["donor_id"] = column("donor_id", "donor_0") if not donor_id else donor_id
+    label_col = cell_type_column or next((c for c in ("cell_type", "celltype", "cell_type_label") if c in present), None)
     if label_col is not None:
-        if label_col not in src:
+        if label_col not in present:
             raise ValueError(f"obs has no column {label_col!r} (census.h5ad.cell_type_column, --cell-type-column); "
-                             f"available: {list(src.columns)}")
-        obs["cell_type"] = src[label_col].astype(str).values
+                             f"available: {source.obs_columns}")
+        obs["cell_type"] = text(label_col)
     obs["tissue_general"] = column("tissue_general", tissue_general)
-    obs["is_primary_data"] = src["is_primary_data"].astype(bool).values if "is_primary_data" in src else is_primary_data
+    obs["is_primary_data"] = source.obs_column("is_primary_data").astype(bool).values if "is_primary_data" in present else is_primary_data
     obs["disease"] = column("disease", disease)
-    joinids = column("observation_joinid", None) if "observation_joinid" in src else adata.obs_names.astype(str)
+    joinids = column("observation_joinid", None) if "observation_joinid" in present else source.obs_names
     # A cell is (dataset_id, observation_joinid) downstream: ids must be unique within a dataset.
     prefixes = pd.Series(obs["dataset_id"], index=obs.index).astype(str).to_numpy() + ":"
     unique = unique_cell_ids(prefixes + np.asarray(joinids, dtype=str), f"{where} (dataset_id:cell id)")
     obs["observation_joinid"] = [cell[len(prefix):] for cell, prefix in zip(unique, prefixes)]
     for col in ("assay", "sex", "tissue", "development_stage", "cell_type_ontology_term_id"):
-        if col in src:
-            obs[col] = src[col].astype(str).values
-    return ad.AnnData(X=X, obs=obs, var=var)
+        if col in present:
+            obs[col] = text(col)
+    return obs, var, matrix
 
 
-def _ensembl_ids(adata, gene_id_column: str | None) -> np.ndarray:
+def _ensembl_ids(source: H5adInput, gene_id_column: str | None) -> np.ndarray:
     candidates = [gene_id_column] if gene_id_column else ["feature_id", "gene_ids", "gene_id", "ensembl_id", None]
     for col in candidates:
-        values = adata.var_names if col is None else adata.var.get(col)
+        values = source.var.index if col is None else source.var.get(col)
         if values is None:
             if gene_id_column:
-                raise ValueError(f"var has no column {gene_id_column!r}; available: {list(adata.var.columns)}")
+                raise ValueError(f"var has no column {gene_id_column!r}; available: {list(source.var.columns)}")
             continue
         values = np.asarray(values).astype(str)
         if np.mean(np.char.startswith(values, "ENS")) > 0.9:

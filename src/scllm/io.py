@@ -182,6 +182,7 @@ class CSRWriter:
         self.rows_written = 0
         self.nnz = 0
         self.obs_written = False
+        self.reserved = None  # row pointers of X, once reserve() has sized it
         write_elem(self.file, "var", var)
         write_elem(self.file, "uns", uns or {})
         for key in ("obsm", "varm", "obsp", "varp", "layers"):
@@ -215,6 +216,30 @@ class CSRWriter:
         self.nnz += block.nnz
         self.rows_written += block.shape[0]
         self.X.attrs["shape"] = (self.rows_written, self.n_vars)
+
+    def reserve(self, row_nnz: np.ndarray) -> None:
+        """Size X for rows of known lengths, to be filled in any order with ``write_at``: rows
+        that arrive scattered (a sample's cells spread over an input file) go straight to their
+        place, in one pass over the input."""
+        if self.rows_written:
+            raise RuntimeError("reserve() must come before any row is written")
+        indptr = np.r_[0, np.cumsum(row_nnz, dtype=np.int64)]
+        for name in ("data", "indices"):
+            self.X[name].resize((int(indptr[-1]),))
+        self.X["indptr"].resize((len(indptr),))
+        self.X["indptr"][:] = indptr
+        self.reserved = indptr
+        self.rows_written, self.nnz = len(row_nnz), int(indptr[-1])
+        self.X.attrs["shape"] = (self.rows_written, self.n_vars)
+
+    def write_at(self, first_row: int, block: sp.spmatrix) -> None:
+        """Rows ``first_row ..`` of a reserved X; their lengths must be the reserved ones."""
+        block = sp.csr_matrix(block, dtype=self.dtype)
+        a, b = self.reserved[first_row], self.reserved[first_row + block.shape[0]]
+        if block.nnz != b - a or block.shape[1] != self.n_vars:
+            raise RuntimeError(f"rows {first_row}.. hold {block.nnz} values, {b - a} were reserved")
+        self.X["data"][a:b] = block.data
+        self.X["indices"][a:b] = block.indices.astype(np.int32, copy=False)
 
     def set_obs(self, obs: pd.DataFrame) -> None:
         if obs.shape[0] != self.rows_written:
