@@ -113,7 +113,7 @@ def train_step(model, raw_model, optimizer, batch: dict, device, autocast=nullco
     gene_ids, values, padding_mask, masked, mask = (batch[key].to(device, non_blocking=True) for key in TRAINING_BATCH_KEYS)
     with autocast:
         pred = model(gene_ids, masked, padding_mask)
-    loss = masked_mse(pred["expr_pred"], values, mask) + masked_mse(pred["mvc_pred"], values, mask)
+    loss = masked_mse(pred["expr_pred"], values, mask) + masked_mse(pred["gepc_pred"], values, mask)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)

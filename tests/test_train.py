@@ -138,7 +138,7 @@ def test_pretrain_writes_every_artifact_and_rerun_is_a_noop(shards, tmp_path):
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown \(not a git checkout\)", software["git_commit"])
     assert (out / "vocab.json").read_bytes() == (shards.parent / "vocab.json").read_bytes()
     metrics = [line.split("\t") for line in (out / "metrics.tsv").read_text().splitlines()]
-    assert metrics[0] == METRIC_COLUMNS == ["epoch", "step", "lr", "train_loss", "expr_mse", "mvc_mse", "ecs_loss",
+    assert metrics[0] == METRIC_COLUMNS == ["epoch", "step", "lr", "train_loss", "expr_mse", "gepc_mse", "ecs_loss",
                                             "contrastive_loss", "cells_per_s", "tokens_per_s", "mfu"]
     assert [int(r[1]) for r in metrics[1:]] == [2, 4, 6, 8, 10, 12]
     rows = [line.split("\t") for line in (out / "epochs.tsv").read_text().splitlines()]

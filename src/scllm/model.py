@@ -213,8 +213,8 @@ class CellTransformer(nn.Module):
         cell_emb = self.read_cell(x, padding_mask)
         expr_pred = self.expr_head(x).squeeze(-1)
         query = self.mvc_query(genes)
-        mvc_pred = torch.bmm(self.mvc_W(query), cell_emb.unsqueeze(-1)).squeeze(-1) + self.mvc_bias
-        out = {"expr_pred": expr_pred, "mvc_pred": mvc_pred, "cell_emb": cell_emb}
+        gepc_pred = torch.bmm(self.mvc_W(query), cell_emb.unsqueeze(-1)).squeeze(-1) + self.mvc_bias
+        out = {"expr_pred": expr_pred, "gepc_pred": gepc_pred, "cell_emb": cell_emb}
         if self.cfg.contrastive_head_dim:
             out["contrastive_z"] = self.contrastive_head(cell_emb)
         if all_genes:
