@@ -131,7 +131,7 @@ def pretrain(
         ckpt = _resume_point(out, args, env, log)
         if ckpt is not None and _nothing_to_do(ckpt, cfg, out, args, data, env, log):
             return _summary(ckpt)
-        training = _Training.build(cfg, mcfg, data, env, out, args, ckpt, log)
+        training = _Training(cfg, mcfg, data, env, out, args, ckpt, log)
         training.announce()
         return training.run()
     finally:
@@ -335,35 +335,50 @@ class _Window:
         return max(time.perf_counter() - self.start - self.paused, 1e-9)
 
 
+def _model_and_optimizer(cfg, mcfg, data, env, ckpt, log, checkpoint_path):
+    """Model, optimizer, scheduler and run state: fresh (seeded, the same weights on every rank)
+    or as the checkpoint left them."""
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    raw_model = CellTransformer(mcfg)
+    if cfg.gene_emb_init == "pca" and ckpt is None:
+        init_gene_embeddings_from_pca(
+            raw_model, data.train_ds, cfg.seed, log if env.is_main else None
+        )
+    raw_model = raw_model.to(env.device)
+    optimizer = _make_optimizer(raw_model, cfg, env.device)
+    lr_lambda = _lr_lambda(cfg.warmup_steps, data.total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    torch.manual_seed(_seed(cfg.seed, 3, env.rank))  # dropout RNG: different per rank
+    if ckpt is None:
+        return raw_model, optimizer, scheduler, RunState()
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    _set_rng_state(ckpt["rng"][env.rank], env.device)
+    state = RunState(**{f.name: ckpt[f.name] for f in fields(RunState)})
+    log.info(
+        "resuming from %s: epoch %d, batch %d, step %d",
+        checkpoint_path,
+        state.epoch + 1,
+        state.batch,
+        state.global_step,
+    )
+    return raw_model, optimizer, scheduler, state
+
+
 class _Training:
     """One run's model, optimizer and state, and the steps of the training loop."""
 
-    def __init__(
-        self,
-        cfg,
-        mcfg,
-        data,
-        env,
-        out,
-        args,
-        raw_model,
-        optimizer,
-        scheduler,
-        state,
-        last_good_step,
-        log,
-    ):
-        self.cfg, self.mcfg, self.data, self.env, self.out, self.args = (
-            cfg,
-            mcfg,
-            data,
-            env,
-            out,
-            args,
+    def __init__(self, cfg, mcfg, data, env, out, args, ckpt, log):
+        self.cfg, self.mcfg, self.data, self.env = cfg, mcfg, data, env
+        self.out, self.args, self.log = out, args, log
+        self.raw_model, self.optimizer, self.scheduler, self.state = _model_and_optimizer(
+            cfg, mcfg, data, env, ckpt, log, out / CHECKPOINT
         )
-        self.raw_model, self.optimizer, self.scheduler = raw_model, optimizer, scheduler
-        self.state, self.last_good_step, self.log = state, last_good_step, log
-        self.model = torch.compile(raw_model, dynamic=True) if cfg.compile else raw_model
+        self.last_good_step = ckpt["global_step"] if ckpt is not None else None
+        self.model = self.raw_model
+        if cfg.compile:
+            self.model = torch.compile(self.raw_model, dynamic=True)
         if env.world_size > 1:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
             self.model = DDP(self.model, device_ids=device_ids)
@@ -371,52 +386,8 @@ class _Training:
         self.peak = peak_flops(env.device) if env.use_bf16 else None
         self.window = _Window(env.device)
         # Time left at this process's rate, validation and checkpoints included.
-        self.progress = Progress(state.global_step, data.total_steps)
+        self.progress = Progress(self.state.global_step, data.total_steps)
         self.epoch_loss = torch.zeros(2, dtype=torch.float64, device=env.device)  # sum, steps
-
-    @classmethod
-    def build(cls, cfg, mcfg, data, env, out, args, ckpt, log) -> _Training:
-        """Model and optimizer: fresh (seeded, the same on every rank) or from the checkpoint."""
-        torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        raw_model = CellTransformer(mcfg)
-        if cfg.gene_emb_init == "pca" and ckpt is None:
-            init_gene_embeddings_from_pca(
-                raw_model, data.train_ds, cfg.seed, log if env.is_main else None
-            )
-        raw_model = raw_model.to(env.device)
-        optimizer = _make_optimizer(raw_model, cfg, env.device)
-        lr_lambda = _lr_lambda(cfg.warmup_steps, data.total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        torch.manual_seed(_seed(cfg.seed, 3, env.rank))  # dropout RNG: different per rank
-        state = RunState()
-        if ckpt is not None:
-            raw_model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            _set_rng_state(ckpt["rng"][env.rank], env.device)
-            state = RunState(**{f.name: ckpt[f.name] for f in fields(RunState)})
-            log.info(
-                "resuming from %s: epoch %d, batch %d, step %d",
-                out / CHECKPOINT,
-                state.epoch + 1,
-                state.batch,
-                state.global_step,
-            )
-        last_good_step = ckpt["global_step"] if ckpt is not None else None
-        return cls(
-            cfg,
-            mcfg,
-            data,
-            env,
-            out,
-            args,
-            raw_model,
-            optimizer,
-            scheduler,
-            state,
-            last_good_step,
-            log,
-        )
 
     def announce(self) -> None:
         """Log the setup; write args.json and the vocabulary next to the model (rank 0)."""
