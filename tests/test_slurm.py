@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from test_workflow import DATA_OUTPUTS, REPO, SNAKEMAKE, TINY_TRAINING, copy_workflow, write_config
+from conftest import DATA_OUTPUTS, REPO, SNAKEMAKE, TINY_TRAINING, copy_workflow, write_config
 
 pytestmark = pytest.mark.workflow
 

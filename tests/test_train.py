@@ -21,8 +21,7 @@ from scllm.embedding import embed_shard_cells, load_model
 from scllm.tokens import PAD_VALUE, build_vocab, read_shard, vocab_sha256, write_vocab
 from scllm.train import EPOCH_COLUMNS, METRIC_COLUMNS, pretrain
 
-# Shared with other test modules (they import them from here).
-from conftest import TINY_MODEL, TINY_TRAIN, write_synthetic_shards  # noqa: E402,F401,I001
+from conftest import TINY_MODEL, TINY_TRAIN, assert_same_weights, tensors, write_synthetic_shards  # noqa: I001
 
 ARTIFACTS = ["best_model.pt", "args.json", "vocab.json", "genes.tsv", "metrics.tsv", "epochs.tsv",
              "loss_curve.png", "last_checkpoint.pt"]
@@ -31,16 +30,6 @@ ARTIFACTS = ["best_model.pt", "args.json", "vocab.json", "genes.tsv", "metrics.t
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return write_synthetic_shards(tmp_path_factory.mktemp("shards"))
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_weights(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 # --- batches ------------------------------------------------------------------------------------
