@@ -254,3 +254,17 @@ def test_gepc_profile_mse_covers_masked_and_unexpressed_genes():
     # The per-token GEPC prediction is the whole-vocabulary one read at the cell's genes.
     genes = batch["gene_ids"][0, 1:len(cells[0][0])]
     torch.testing.assert_close(out["gepc_pred"][0, 1:len(cells[0][0])], out["gepc_all_pred"][0, genes])
+
+
+def test_weights_saved_under_the_old_head_names_still_load():
+    """The GEPC head's parameters were once named mvc_*: such a state dict loads into gepc_*."""
+    cfg = ModelConfig(vocab_size=12, n_bins=51, n_layers=1, n_heads=2, d_model=8, d_ff=16)
+    torch.manual_seed(0)
+    saved = CellTransformer(cfg).state_dict()
+    legacy = {k.replace("gepc_", "mvc_"): v for k, v in saved.items()}
+    assert any(k.startswith("mvc_") for k in legacy) and not any(k.startswith("gepc_") for k in legacy)
+    torch.manual_seed(1)
+    model = CellTransformer(cfg)
+    model.load_state_dict(legacy)  # strict: every key found
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
