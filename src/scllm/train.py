@@ -1002,6 +1002,11 @@ def _load_checkpoint(path: Path, args: dict, log) -> dict | None:
             ", ".join(changed) or "format",
         )
         return None
+    # Written before the GEPC columns were renamed (mvc_mse -> gepc_mse): same values.
+    for table in ("metrics", "epochs"):
+        ckpt[table] = [
+            {k.replace("mvc_mse", "gepc_mse"): v for k, v in row.items()} for row in ckpt[table]
+        ]
     return ckpt
 
 
