@@ -282,7 +282,9 @@ def write_config(workdir: Path, name: str, overrides: dict) -> str:
 @pytest.fixture
 def workflow_copy(tmp_path) -> Path:
     """A fresh copy of the workflow in a temporary directory."""
-    return copy_workflow(tmp_path / "workflow")
+    dest = tmp_path / "workflow"
+    dest.mkdir()
+    return copy_workflow(dest)
 
 
 @pytest.fixture(scope="session")
