@@ -161,14 +161,15 @@ class _Environment:
     @classmethod
     def start(cls, cfg: TrainConfig) -> _Environment:
         rank, world_size, device, own_group = _setup_distributed(cfg.device)
-        threads = torch.get_num_threads()
-        signals = _StopSignals().install()
-        if cfg.num_threads:
-            torch.set_num_threads(int(cfg.num_threads))
         use_bf16 = cfg.amp == "bf16" or (
             cfg.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        threads = torch.get_num_threads()
+        if cfg.num_threads:
+            torch.set_num_threads(int(cfg.num_threads))
+        # Last: nothing after it can fail, so the caller's handlers are always restored (close).
+        signals = _StopSignals().install()
         return cls(rank, world_size, device, own_group, use_bf16, autocast, signals, threads)
 
     def close(self) -> None:
