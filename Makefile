@@ -22,7 +22,11 @@ demo: setup
 test: setup
 	$(BIN)/pytest
 
+# Style (ruff, snakefmt; settings in pyproject.toml) and Snakemake's own best-practice checks.
 lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check Snakefile rules/
 	$(BIN)/snakemake --lint
 
 clean:

@@ -151,7 +151,7 @@ def run_one(job: dict) -> dict:
                                      umap=False, seed=0)
     return {"variant": job["variant"], "seed": job["seed"], "model": job["model"], "train": job["train"],
             **{m: scores[m] for m in METRICS[:5]}, "leiden_resolution": scores["_leiden_resolution"],
-            "val_expr_mse": masked["expr_mse"], "val_gepc_mse": masked["mvc_mse"],
+            "val_expr_mse": masked["expr_mse"], "val_gepc_mse": masked["gepc_mse"],
             "val_baseline_mse": masked["baseline_mse"], "best_epoch": masked["epoch"], "train_s": round(train_s, 1),
             "dim": int(emb.obsm["X_scllm"].shape[1])}
 

@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from scllm.config import TrainConfig  # noqa: E402
 from scllm.data import (  # noqa: E402
     TRAINING_BATCH_KEYS, LengthGroupedBatchSampler, ShardDataset, prefetched, training_batch)
 from scllm.model import CellTransformer, ModelConfig, attention_kernels, masked_mse, peak_flops  # noqa: E402
@@ -46,7 +47,8 @@ from scllm.tokens import PAD_VALUE  # noqa: E402
 
 VARIANTS = ("pad1201_fp32", "grouped_fp32", "grouped_bf16", "compiled_bf16", "tokens_bf16")
 N_GENES, N_BINS, MAX_LEN = 1200, 51, 1201
-MASK_RATIOS = [0.25, 0.5, 0.75]  # the training default
+DEFAULTS = TrainConfig()  # the library's training settings: the benchmark times those
+MASK_RATIOS = DEFAULTS.mask_ratios
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, for the "what MFU would this need" line
 
 
@@ -113,10 +115,10 @@ def train_step(model, raw_model, optimizer, batch: dict, device, autocast=nullco
     gene_ids, values, padding_mask, masked, mask = (batch[key].to(device, non_blocking=True) for key in TRAINING_BATCH_KEYS)
     with autocast:
         pred = model(gene_ids, masked, padding_mask)
-    loss = masked_mse(pred["expr_pred"], values, mask) + masked_mse(pred["mvc_pred"], values, mask)
+    loss = masked_mse(pred["expr_pred"], values, mask) + masked_mse(pred["gepc_pred"], values, mask)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), DEFAULTS.grad_clip)
     optimizer.step()
     return loss, gene_ids.numel()
 
@@ -127,7 +129,7 @@ def run_variant(variant: str, batch_size: int, cells, lengths, args, device) -> 
                       d_model=args.d_model, d_ff=args.d_ff, dropout=0.2)
     raw = CellTransformer(cfg).to(device)
     model = torch.compile(raw, dynamic=True) if variant.startswith("compiled") else raw
-    optimizer = torch.optim.AdamW(raw.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=DEFAULTS.lr, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant.endswith("bf16") else nullcontext()
     grouped = not variant.startswith("pad1201")
     # Every variant times the same cells in the same batches; pad1201 pads them to 1,201 tokens.
@@ -207,7 +209,7 @@ def step_overhead(args, device, steps: int = 20) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=N_GENES + 2, n_bins=N_BINS, n_layers=args.layers, n_heads=1, d_model=8, d_ff=8)
     model = CellTransformer(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=DEFAULTS.lr, fused=device.type == "cuda")
     cells = make_cells(np.array([8, 8]), np.random.default_rng(0))
     batch = training_batch(cells, cfg.pad_id, [0.5], torch.Generator().manual_seed(0))
     batch = {key: batch[key].to(device) for key in TRAINING_BATCH_KEYS}  # on the device already: no copies timed
@@ -246,15 +248,15 @@ def main() -> None:
     p.add_argument("--manifest", help="resample cell lengths from this shard manifest's training cells")
     p.add_argument("--mean-length", type=float, default=500.0, help="synthetic lengths: log-normal mean")
     p.add_argument("--cells", type=int, default=20000)
-    p.add_argument("--batch-size", type=int, nargs="+", default=[32], help="one or more cells-per-step values")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[DEFAULTS.batch_size], help="one or more cells-per-step values")
     p.add_argument("--max-tokens", type=int, nargs="+", default=[16384, 65536],
                    help="tokens_bf16: padded-token budgets per batch")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--d-ff", type=int, default=512)
+    p.add_argument("--layers", type=int, default=ModelConfig.n_layers)
+    p.add_argument("--heads", type=int, default=ModelConfig.n_heads)
+    p.add_argument("--d-model", type=int, default=ModelConfig.d_model)
+    p.add_argument("--d-ff", type=int, default=ModelConfig.d_ff)
     p.add_argument("--out", required=True)
     args = p.parse_args()
     device = torch.device(args.device)

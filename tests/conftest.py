@@ -1,29 +1,62 @@
-"""Helpers shared by test modules: tiny model settings and synthetic token shards.
+"""What the test modules share: tiny model and train settings, synthetic token shards and a
+synthetic Census source, a copy of the workflow and a config writer, weight comparison.
 
-New test modules take them as fixtures: ``synthetic_shards`` (write_synthetic_shards), ``flip_bytes``.
+Test modules never import each other: they take these as fixtures (``tiny_model``,
+``tiny_train``, ``synthetic_shards``, ``synthetic_source``, ``workflow_copy``, ``config_writer``,
+``same_weights``, ``flip_bytes``), or import the plain values from here where a module-level
+constant needs them (``from conftest import TINY_MODEL``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
-import numpy as np
+import anndata as ad
 import h5py
+import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
+import yaml
 
 from scllm.checks import file_sha256
-from scllm.tokens import (CLS_VALUE, MASK_VALUE, PAD_VALUE, build_vocab, sequences_from_binned, vocab_sha256,
-                          write_shard, write_vocab)
+from scllm.tokens import (
+    CLS_VALUE,
+    MASK_VALUE,
+    PAD_VALUE,
+    build_vocab,
+    sequences_from_binned,
+    vocab_sha256,
+    write_shard,
+    write_vocab,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 TINY_MODEL = {"n_layers": 2, "n_heads": 2, "d_model": 32, "d_ff": 64, "dropout": 0.1}
-TINY_TRAIN = {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "checkpoint_every_steps": 3,
-              "log_every_steps": 2, "bucket_size_batches": 2, "num_threads": 1, "device": "cpu"}
+TINY_TRAIN = {
+    "epochs": 2,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup_steps": 2,
+    "checkpoint_every_steps": 3,
+    "log_every_steps": 2,
+    "bucket_size_batches": 2,
+    "num_threads": 1,
+    "device": "cpu",
+}
 
 
-def write_synthetic_shards(root: Path, n_train=44, n_val=12, n_genes=24, n_bins=51, cells_per_shard=20, seed=0) -> Path:
-    """Shards + vocab.json + genes.tsv + manifest.json in the tokenize_shards layout; returns the manifest path.
+def write_synthetic_shards(
+    root: Path, n_train=44, n_val=12, n_genes=24, n_bins=51, cells_per_shard=20, seed=0
+) -> Path:
+    """Shards + vocab.json + genes.tsv + manifest.json in the tokenize_shards layout; returns the
+    manifest path.
 
     Each gene has a typical bin, so there is something to learn; cells express 3..n_genes genes.
     """
@@ -31,29 +64,66 @@ def write_synthetic_shards(root: Path, n_train=44, n_val=12, n_genes=24, n_bins=
     feature_ids = [f"ENSG{i:011d}" for i in range(n_genes)]
     vocab = build_vocab(feature_ids)
     write_vocab(vocab, root / "vocab.json")
-    (root / "genes.tsv").write_text("feature_id\tfeature_name\trank\n"
-                                    + "".join(f"{g}\tGENE{i}\t{i + 1}\n" for i, g in enumerate(feature_ids)))
+    (root / "genes.tsv").write_text(
+        "feature_id\tfeature_name\trank\n"
+        + "".join(f"{g}\tGENE{i}\t{i + 1}\n" for i, g in enumerate(feature_ids))
+    )
     sha = vocab_sha256(vocab)
     level = rng.uniform(3, n_bins - 3, n_genes)
-    manifest = {"n_genes": n_genes, "vocab_size": n_genes + 2, "cls_id": n_genes, "pad_id": n_genes + 1,
-                "n_bins": n_bins, "cls_value": CLS_VALUE, "pad_value": PAD_VALUE, "mask_value": MASK_VALUE,
-                "vocab_sha256": sha, "max_seq_len": n_genes + 1, "splits": {}}
+    manifest = {
+        "n_genes": n_genes,
+        "vocab_size": n_genes + 2,
+        "cls_id": n_genes,
+        "pad_id": n_genes + 1,
+        "n_bins": n_bins,
+        "cls_value": CLS_VALUE,
+        "pad_value": PAD_VALUE,
+        "mask_value": MASK_VALUE,
+        "vocab_sha256": sha,
+        "max_seq_len": n_genes + 1,
+        "splits": {},
+    }
     for split, n_cells in (("train", n_train), ("validation", n_val)):
         binned = np.zeros((n_cells, n_genes), dtype=np.int16)
         for i in range(n_cells):
             genes = rng.choice(n_genes, rng.integers(3, n_genes + 1), replace=False)
-            binned[i, genes] = np.clip(np.round(level[genes] + rng.normal(0, 3, len(genes))), 1, n_bins - 1)
+            binned[i, genes] = np.clip(
+                np.round(level[genes] + rng.normal(0, 3, len(genes))), 1, n_bins - 1
+            )
         entries = []
         for k, start in enumerate(range(0, n_cells, cells_per_shard)):
-            block = sp.csr_matrix(binned[start:start + cells_per_shard])
+            block = sp.csr_matrix(binned[start : start + cells_per_shard])
             offsets, gene_ids, values = sequences_from_binned(block, cls_id=n_genes)
             rel = f"{split}/shard_{k:05d}.h5"
-            attrs = {key: manifest[key] for key in ("n_genes", "n_bins", "cls_id", "pad_id", "cls_value",
-                                                    "pad_value", "mask_value", "vocab_sha256")}
-            write_shard(root / rel, offsets, gene_ids, values, np.arange(start, start + block.shape[0]),
-                        {**attrs, "split": split})
-            entries.append({"path": rel, "n_cells": block.shape[0], "n_tokens": int(offsets[-1]),
-                            "sha256": file_sha256(root / rel)})
+            attrs = {
+                key: manifest[key]
+                for key in (
+                    "n_genes",
+                    "n_bins",
+                    "cls_id",
+                    "pad_id",
+                    "cls_value",
+                    "pad_value",
+                    "mask_value",
+                    "vocab_sha256",
+                )
+            }
+            write_shard(
+                root / rel,
+                offsets,
+                gene_ids,
+                values,
+                np.arange(start, start + block.shape[0]),
+                {**attrs, "split": split},
+            )
+            entries.append(
+                {
+                    "path": rel,
+                    "n_cells": block.shape[0],
+                    "n_tokens": int(offsets[-1]),
+                    "sha256": file_sha256(root / rel),
+                }
+            )
         manifest["splits"][split] = entries
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return root / "manifest.json"
@@ -66,12 +136,15 @@ def synthetic_shards():
 
 
 def _flip_bytes(path: Path, dataset: str, n: int = 3) -> None:
-    """Invert ``n`` bytes in the middle of a dataset's stored data, as a disk or copy error would."""
+    """Invert ``n`` bytes in the middle of a dataset's stored data, as a disk or copy error
+    would."""
     with h5py.File(path, "r") as f:
         start, size = f[dataset].id.get_offset(), f[dataset].id.get_storage_size()
     data = bytearray(path.read_bytes())
     for k in range(n):
-        data[start + size // 2 + 8 * k + 2] ^= 0xFF  # a middle byte of an element: the value changes a lot
+        data[start + size // 2 + 8 * k + 2] ^= (
+            0xFF  # a middle byte of an element: the value changes a lot
+        )
     path.write_bytes(bytes(data))
 
 
@@ -79,3 +152,142 @@ def _flip_bytes(path: Path, dataset: str, n: int = 3) -> None:
 def flip_bytes():
     """``_flip_bytes(path, dataset, n=3)``: damage a dataset's bytes in place."""
     return _flip_bytes
+
+
+# --- trained weights -----------------------------------------------------------------------------
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A saved model or checkpoint, as pretrain wrote it."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict):
+    """Bit-identical tensors under the same names (resume must reproduce a run exactly)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> dict:
+    return dict(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_train() -> dict:
+    return dict(TINY_TRAIN)
+
+
+@pytest.fixture(scope="session")
+def same_weights():
+    """``assert_same_weights(a, b)``."""
+    return assert_same_weights
+
+
+# --- a synthetic Census source -------------------------------------------------------------------
+
+SOURCE_GENES = 40
+# (dataset_id, donor_id, n_cells); donor ids repeat across datasets and must stay separate samples
+DONORS = [
+    ("dsA", "d1", 40), ("dsA", "d2", 25), ("dsA", "pooled", 12),
+    ("dsB", "d1", 30), ("dsB", "d3", 20),
+    ("dsC", "d4", 35), ("dsC", "d5", 18), ("dsC", "d1", 10), ("dsC", "d6", 14),
+]  # fmt: skip
+
+
+def synthetic_source(seed=0) -> ad.AnnData:
+    """Raw counts of the DONORS' cells with Census obs columns: some non-blood, non-primary or
+    diseased cells scattered in, one lung-only and one duplicate-only sample."""
+    rng = np.random.default_rng(seed)
+    obs = pd.DataFrame([{"dataset_id": dataset, "donor_id": donor}
+                        for dataset, donor, n in DONORS for _ in range(n)])  # fmt: skip
+    n = len(obs)
+    obs["tissue_general"] = "blood"
+    obs["is_primary_data"] = True
+    obs["disease"] = "normal"
+    obs.loc[rng.random(n) < 0.1, "tissue_general"] = "lung"  # scattered non-blood cells
+    obs.loc[rng.random(n) < 0.1, "is_primary_data"] = False  # scattered duplicates
+    obs.loc[rng.random(n) < 0.1, "disease"] = "COVID-19"
+    obs.loc[(obs.dataset_id == "dsC") & (obs.donor_id == "d6"), "tissue_general"] = "lung"
+    obs.loc[(obs.dataset_id == "dsB") & (obs.donor_id == "d3"), "is_primary_data"] = False
+    obs["cell_type"] = rng.choice(["T cell", "B cell", "monocyte"], n)
+    obs["observation_joinid"] = [f"j{rng.integers(1e9):09d}_{i}" for i in range(n)]
+    obs.index = [f"cell{i}" for i in range(n)]
+    # Ensembl ids (some with version suffixes) in var['gene_ids'], symbols as var names
+    gene_ids = [f"ENSG{i:011d}" + (".7" if i % 3 == 0 else "") for i in range(SOURCE_GENES)]
+    var = pd.DataFrame({"gene_ids": gene_ids}, index=[f"GENE{i}" for i in range(SOURCE_GENES)])
+    dense = rng.poisson(rng.gamma(0.5, 2.0, SOURCE_GENES), size=(n, SOURCE_GENES)).astype(
+        np.float32
+    )
+    dense[:, 0] = np.arange(n)  # every cell distinct, so row matching is a real check
+    return ad.AnnData(X=sp.csr_matrix(dense), obs=obs, var=var)
+
+
+@pytest.fixture(name="synthetic_source", scope="session")
+def synthetic_source_fixture():
+    """``synthetic_source(seed=0)``: a fresh AnnData per call."""
+    return synthetic_source
+
+
+# --- the workflow --------------------------------------------------------------------------------
+
+DATA_OUTPUTS = {  # rule -> an output it writes, in DAG order
+    "build_local_census": "census_store",
+    "sample_census": "cells.h5ad",
+    "filter_qc": "filtered.h5ad",
+    "select_hvg": "hvg.tsv",
+    "normalize_bin": "binned.h5ad",
+    "split": "split.tsv",
+    "tokenize_shards": "shards/manifest.json",
+    "pretrain": "model/best_model.pt",
+    "embed": "embeddings.h5ad",
+    "evaluate": "evaluation/metrics.tsv",
+}
+# run: demo, so that workflow tests share (and check) the embedded default's results folder.
+TINY_TRAINING = {
+    "run": "demo",
+    "model": {"n_layers": 1, "n_heads": 2, "d_model": 16, "d_ff": 32, "dropout": 0.0},
+    "train": {"epochs": 1, "batch_size": 64, "warmup_steps": 2},
+}
+
+
+def copy_workflow(dest: Path) -> Path:
+    """The workflow's files (no results) copied to ``dest``, to run Snakemake there."""
+    for name in (
+        "Snakefile",
+        "rules",
+        "workflow",
+        "config",
+        "envs",
+        "profiles",
+        "resources",
+        "src",
+    ):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def write_config(workdir: Path, name: str, overrides: dict) -> str:
+    """config/<name> in ``workdir`` holding ``overrides``; returns its path for --configfile."""
+    path = workdir / "config" / name
+    path.write_text(yaml.safe_dump(overrides))
+    return f"config/{name}"
+
+
+@pytest.fixture
+def workflow_copy(tmp_path) -> Path:
+    """A fresh copy of the workflow in a temporary directory."""
+    dest = tmp_path / "workflow"
+    dest.mkdir()
+    return copy_workflow(dest)
+
+
+@pytest.fixture(scope="session")
+def config_writer():
+    """``write_config(workdir, name, overrides)``."""
+    return write_config

@@ -23,8 +23,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import yaml
-from test_census import synthetic_source
-from test_train import TINY_MODEL, TINY_TRAIN, write_synthetic_shards
+from conftest import TINY_MODEL, TINY_TRAIN, synthetic_source, write_synthetic_shards
 
 from scllm import census as census_mod
 from scllm.binning import normalize_bin

@@ -8,45 +8,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 from scllm.census import CensusUnavailableError, build_local_census, open_census, sample_census
 
-N_GENES = 40
+from conftest import synthetic_source  # noqa: I001
+
 CAP = 90
-# (dataset_id, donor_id, n_cells); donor ids repeat across datasets and must stay separate samples
-DONORS = [
-    ("dsA", "d1", 40), ("dsA", "d2", 25), ("dsA", "pooled", 12),
-    ("dsB", "d1", 30), ("dsB", "d3", 20),
-    ("dsC", "d4", 35), ("dsC", "d5", 18), ("dsC", "d1", 10), ("dsC", "d6", 14),
-]
-
-
-def synthetic_source(seed=0) -> ad.AnnData:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for dataset, donor, n in DONORS:
-        for _ in range(n):
-            rows.append({"dataset_id": dataset, "donor_id": donor})
-    obs = pd.DataFrame(rows)
-    n = len(obs)
-    obs["tissue_general"] = "blood"
-    obs["is_primary_data"] = True
-    obs["disease"] = "normal"
-    obs.loc[rng.random(n) < 0.1, "tissue_general"] = "lung"  # scattered non-blood cells
-    obs.loc[rng.random(n) < 0.1, "is_primary_data"] = False  # scattered duplicates
-    obs.loc[rng.random(n) < 0.1, "disease"] = "COVID-19"
-    obs.loc[(obs.dataset_id == "dsC") & (obs.donor_id == "d6"), "tissue_general"] = "lung"  # a lung-only sample
-    obs.loc[(obs.dataset_id == "dsB") & (obs.donor_id == "d3"), "is_primary_data"] = False  # a duplicate-only sample
-    obs["cell_type"] = rng.choice(["T cell", "B cell", "monocyte"], n)
-    obs["observation_joinid"] = [f"j{rng.integers(1e9):09d}_{i}" for i in range(n)]
-    obs.index = [f"cell{i}" for i in range(n)]
-    # Ensembl ids (some with version suffixes) in var['gene_ids'], symbols as var names
-    gene_ids = [f"ENSG{i:011d}" + (".7" if i % 3 == 0 else "") for i in range(N_GENES)]
-    var = pd.DataFrame({"gene_ids": gene_ids}, index=[f"GENE{i}" for i in range(N_GENES)])
-    dense = rng.poisson(rng.gamma(0.5, 2.0, N_GENES), size=(n, N_GENES)).astype(np.float32)
-    dense[:, 0] = np.arange(n)  # every cell distinct, so row matching is a real check
-    return ad.AnnData(X=sp.csr_matrix(dense), obs=obs, var=var)
 
 
 def eligible_counts(obs: pd.DataFrame) -> pd.Series:
@@ -175,7 +142,7 @@ def test_build_rejects_non_integer_counts(tmp_path):
 
 def test_build_rejects_var_without_ensembl_ids(tmp_path):
     src = synthetic_source()
-    src.var = pd.DataFrame(index=[f"GENE{i}" for i in range(N_GENES)])  # symbols only
+    src.var = pd.DataFrame(index=[f"GENE{i}" for i in range(src.n_vars)])  # symbols only
     src.write_h5ad(tmp_path / "symbols.h5ad")
     with pytest.raises(ValueError, match="Ensembl ids"):
         build_local_census(tmp_path / "symbols.h5ad", tmp_path / "soma")

@@ -103,9 +103,9 @@ def test_baseline_matrix_is_scanpys_log_normalized_hvgs(tmp_path):
 def test_masked_value_error_reads_the_best_epoch(tmp_path):
     path = tmp_path / "epochs.tsv"
     pd.DataFrame({"epoch": [1, 2, 3], "step": [10, 20, 30], "train_loss": [400, 300, 250],
-                  "val_loss": [350, 240, 260], "val_expr_mse": [160, 110, 120], "val_mvc_mse": [190, 130, 140],
+                  "val_loss": [350, 240, 260], "val_expr_mse": [160, 110, 120], "val_gepc_mse": [190, 130, 140],
                   "val_mean_bin_baseline_mse": [215, 215, 215]}).to_csv(path, sep="\t", index=False)
-    assert masked_value_error(path) == {"epoch": 2, "n_epochs": 3, "expr_mse": 110.0, "mvc_mse": 130.0,
+    assert masked_value_error(path) == {"epoch": 2, "n_epochs": 3, "expr_mse": 110.0, "gepc_mse": 130.0,
                                         "baseline_mse": 215.0}
 
 
@@ -126,7 +126,7 @@ def test_evaluate_writes_table_and_umaps(tmp_path):
     obs.loc["c0", "cell_type"] = "unknown"  # not scored
     ad.AnnData(obs=obs, obsm={"X_scllm": X}, uns={"scllm": {"cells": "all"}}).write_h5ad(tmp_path / "emb.h5ad")
     pd.DataFrame({"epoch": [1], "step": [5], "train_loss": [300.0], "val_loss": [250.0], "val_expr_mse": [120.0],
-                  "val_mvc_mse": [130.0], "val_mean_bin_baseline_mse": [210.0]}).to_csv(
+                  "val_gepc_mse": [130.0], "val_mean_bin_baseline_mse": [210.0]}).to_csv(
         tmp_path / "epochs.tsv", sep="\t", index=False)
     (tmp_path / "args.json").write_text('{"data": {"n_validation_cells": 7}}')
     out = tmp_path / "evaluation"

@@ -19,8 +19,7 @@ from pathlib import Path
 import anndata as ad
 import pytest
 import torch
-from test_census import synthetic_source
-from test_train import TINY_MODEL, assert_same_weights, tensors, write_synthetic_shards
+from conftest import TINY_MODEL, assert_same_weights, synthetic_source, tensors, write_synthetic_shards
 
 import scllm.train as train_mod
 from scllm import binning, census, hvg, qc, tokens

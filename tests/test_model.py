@@ -55,7 +55,7 @@ def test_tiny_model_overfits_one_batch():
     losses = []
     for _ in range(150):
         out = model(batch["gene_ids"], masked, batch["padding_mask"])
-        loss = masked_mse(out["expr_pred"], batch["values"], mask) + masked_mse(out["mvc_pred"], batch["values"], mask)
+        loss = masked_mse(out["expr_pred"], batch["values"], mask) + masked_mse(out["gepc_pred"], batch["values"], mask)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -97,17 +97,17 @@ def test_outputs_do_not_depend_on_padding(norm_first):
     n = len(short[0])
     torch.testing.assert_close(p["cell_emb"][1], a["cell_emb"][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(p["expr_pred"][1, :n], a["expr_pred"][0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(p["mvc_pred"][1, :n], a["mvc_pred"][0], atol=1e-5, rtol=0)
-    assert torch.isfinite(p["expr_pred"]).all() and torch.isfinite(p["mvc_pred"]).all()
+    torch.testing.assert_close(p["gepc_pred"][1, :n], a["gepc_pred"][0], atol=1e-5, rtol=0)
+    assert torch.isfinite(p["expr_pred"]).all() and torch.isfinite(p["gepc_pred"]).all()
 
 
 def test_training_mode_with_padding_gives_finite_gradients():
     model = tiny_model(dropout=0.2).train()
     batch = collate(random_cells(6, min_len=1), PAD_ID)
     out = model(batch["gene_ids"], batch["values"], batch["padding_mask"])
-    assert out["expr_pred"].shape == out["mvc_pred"].shape == batch["gene_ids"].shape
+    assert out["expr_pred"].shape == out["gepc_pred"].shape == batch["gene_ids"].shape
     assert out["cell_emb"].shape == (6, 32)
-    (out["expr_pred"].sum() + out["mvc_pred"].sum()).backward()
+    (out["expr_pred"].sum() + out["gepc_pred"].sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert not model.gene_emb.weight.grad[PAD_ID].any(), "the <pad> gene embedding must not learn"
 
@@ -253,4 +253,18 @@ def test_gepc_profile_mse_covers_masked_and_unexpressed_genes():
     assert out["gepc_all_pred"].shape == (4, N_GENES)
     # The per-token GEPC prediction is the whole-vocabulary one read at the cell's genes.
     genes = batch["gene_ids"][0, 1:len(cells[0][0])]
-    torch.testing.assert_close(out["mvc_pred"][0, 1:len(cells[0][0])], out["gepc_all_pred"][0, genes])
+    torch.testing.assert_close(out["gepc_pred"][0, 1:len(cells[0][0])], out["gepc_all_pred"][0, genes])
+
+
+def test_weights_saved_under_the_old_head_names_still_load():
+    """The GEPC head's parameters were once named mvc_*: such a state dict loads into gepc_*."""
+    cfg = ModelConfig(vocab_size=12, n_bins=51, n_layers=1, n_heads=2, d_model=8, d_ff=16)
+    torch.manual_seed(0)
+    saved = CellTransformer(cfg).state_dict()
+    legacy = {k.replace("gepc_", "mvc_"): v for k, v in saved.items()}
+    assert any(k.startswith("mvc_") for k in legacy) and not any(k.startswith("gepc_") for k in legacy)
+    torch.manual_seed(1)
+    model = CellTransformer(cfg)
+    model.load_state_dict(legacy)  # strict: every key found
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key

@@ -25,8 +25,8 @@ def shards(tmp_path_factory, synthetic_shards):
 @pytest.mark.parametrize("settings, column", [
     ({"ecs_weight": 10.0}, "ecs_loss"),
     ({"contrastive_weight": 1.0}, "contrastive_loss"),
-    ({"gepc_targets": "masked+unexpressed"}, "mvc_mse"),
-    ({"gepc_targets": "all", "gene_emb_init": "pca"}, "mvc_mse"),
+    ({"gepc_targets": "masked+unexpressed"}, "gepc_mse"),
+    ({"gepc_targets": "all", "gene_emb_init": "pca"}, "gepc_mse"),
 ])
 def test_each_objective_trains_and_is_logged(shards, tmp_path, settings, column):
     summary = pretrain(shards, tmp_path, {**TINY_MODEL, "cell_emb_style": "mean"}, {**TRAIN, **settings})
@@ -127,16 +127,17 @@ def test_bad_weights_are_refused_outside_snakemake_too(shards, tmp_path, setting
 
 def test_vc_weight_adds_the_weighted_variance_covariance_term():
     from scllm.model import variance_covariance_loss
-    from scllm.train import TRAIN_DEFAULTS, objective
+    from scllm.config import TrainConfig
+    from scllm.train import objective
 
     g = torch.Generator().manual_seed(0)
     gene_ids = torch.randint(0, 20, (6, 9), generator=g)
     values = torch.randint(1, 51, (6, 9), generator=g)
     mask = torch.rand(6, 9, generator=g) < 0.4
-    pred = {"expr_pred": torch.randn(6, 9, generator=g), "mvc_pred": torch.randn(6, 9, generator=g),
+    pred = {"expr_pred": torch.randn(6, 9, generator=g), "gepc_pred": torch.randn(6, 9, generator=g),
             "cell_emb": torch.randn(6, 5, generator=g)}
-    off = objective(pred, gene_ids, values, mask, dict(TRAIN_DEFAULTS))[0]
-    on = objective(pred, gene_ids, values, mask, {**TRAIN_DEFAULTS, "vc_weight": 2.5})[0]
+    off = objective(pred, gene_ids, values, mask, TrainConfig())[0]
+    on = objective(pred, gene_ids, values, mask, TrainConfig(vc_weight=2.5))[0]
     assert (on - off).item() == pytest.approx(2.5 * variance_covariance_loss(pred["cell_emb"]).item(), rel=1e-5)
     with pytest.raises(ValueError, match="train.vc_weight must be >= 0"):
         pretrain("unused", "unused", train_cfg={"vc_weight": -1})
@@ -144,7 +145,8 @@ def test_vc_weight_adds_the_weighted_variance_covariance_term():
 
 def test_contrastive_head_is_what_the_contrastive_term_compares():
     from scllm.model import contrastive_loss
-    from scllm.train import TRAIN_DEFAULTS, objective
+    from scllm.config import TrainConfig
+    from scllm.train import objective
 
     cfg = ModelConfig(vocab_size=22, n_bins=51, n_layers=1, n_heads=2, d_model=8, d_ff=16, dropout=0.0,
                       cell_emb_style="mean", contrastive_head_dim=5)
@@ -161,9 +163,9 @@ def test_contrastive_head_is_what_the_contrastive_term_compares():
         by_hand = torch.relu(pred["cell_emb"] @ head[0].weight.T + head[0].bias) @ head[2].weight.T + head[2].bias
     assert pred["contrastive_z"].shape == (6, 5) and pred["cell_emb"].shape == (6, 8)
     assert torch.allclose(pred["contrastive_z"], by_hand, atol=1e-6)
-    settings = {**TRAIN_DEFAULTS, "contrastive_weight": 1.0}
+    settings = TrainConfig(contrastive_weight=1.0)
     got = objective(pred, gene_ids, values, mask, settings, views=2)[4]
-    assert got.item() == pytest.approx(contrastive_loss(by_hand, 2, settings["contrastive_temperature"]).item(),
+    assert got.item() == pytest.approx(contrastive_loss(by_hand, 2, settings.contrastive_temperature).item(),
                                        rel=1e-5)
     assert got.item() != pytest.approx(contrastive_loss(pred["cell_emb"], 2, 0.1).item(), rel=1e-3)
     # without a head the term compares the cell embeddings themselves, and no head weights exist

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from test_workflow import DATA_OUTPUTS, REPO, SNAKEMAKE, TINY_TRAINING, copy_workflow, write_config
+from conftest import DATA_OUTPUTS, REPO, SNAKEMAKE, TINY_TRAINING, copy_workflow, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -194,10 +194,10 @@ def test_results_equal_a_local_run(runs):
         pd.testing.assert_frame_equal(epochs_a, epochs_b, rtol=1e-4)
 
 
-def test_an_unedited_profile_is_refused_naming_the_three_values(tmp_path):
+def test_an_unedited_profile_is_refused_naming_the_three_values(workflow_copy):
     """Needs no cluster: the check runs when the workflow is parsed, before any job is submitted."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    workdir = copy_workflow(tmp_path)
+    workdir = workflow_copy
     proc = subprocess.run([*SNAKEMAKE, "--profile", "profiles/slurm", "-n"], cwd=workdir,
                           capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
@@ -215,11 +215,11 @@ def test_an_unedited_profile_is_refused_naming_the_three_values(tmp_path):
     assert proc.returncode == 0 and "This was a dry-run" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_a_multi_node_pretrain_without_its_srun_settings_is_refused(tmp_path):
+def test_a_multi_node_pretrain_without_its_srun_settings_is_refused(workflow_copy):
     """Needs no cluster: nodes: 2 alone would run the rule in a one-node `srun -n1` step; the
     workflow stops at parse time naming the three lines the README asks for, and runs with them."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    workdir = copy_workflow(tmp_path)
+    workdir = workflow_copy
     edit_profile(workdir)
     path = workdir / "profiles/slurm/config.yaml"
     text = path.read_text()

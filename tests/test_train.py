@@ -19,10 +19,9 @@ import scllm
 from scllm.data import LengthGroupedBatchSampler, ShardDataset, collate
 from scllm.embedding import embed_shard_cells, load_model
 from scllm.tokens import PAD_VALUE, build_vocab, read_shard, vocab_sha256, write_vocab
-from scllm.train import EPOCH_COLUMNS, METRIC_COLUMNS, pretrain
+from scllm.train import CHECKPOINT, EPOCH_COLUMNS, METRIC_COLUMNS, pretrain
 
-# Shared with other test modules (they import them from here).
-from conftest import TINY_MODEL, TINY_TRAIN, write_synthetic_shards  # noqa: E402,F401,I001
+from conftest import TINY_MODEL, TINY_TRAIN, assert_same_weights, tensors, write_synthetic_shards  # noqa: I001
 
 ARTIFACTS = ["best_model.pt", "args.json", "vocab.json", "genes.tsv", "metrics.tsv", "epochs.tsv",
              "loss_curve.png", "last_checkpoint.pt"]
@@ -31,16 +30,6 @@ ARTIFACTS = ["best_model.pt", "args.json", "vocab.json", "genes.tsv", "metrics.t
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return write_synthetic_shards(tmp_path_factory.mktemp("shards"))
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_weights(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 # --- batches ------------------------------------------------------------------------------------
@@ -138,7 +127,7 @@ def test_pretrain_writes_every_artifact_and_rerun_is_a_noop(shards, tmp_path):
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown \(not a git checkout\)", software["git_commit"])
     assert (out / "vocab.json").read_bytes() == (shards.parent / "vocab.json").read_bytes()
     metrics = [line.split("\t") for line in (out / "metrics.tsv").read_text().splitlines()]
-    assert metrics[0] == METRIC_COLUMNS == ["epoch", "step", "lr", "train_loss", "expr_mse", "mvc_mse", "ecs_loss",
+    assert metrics[0] == METRIC_COLUMNS == ["epoch", "step", "lr", "train_loss", "expr_mse", "gepc_mse", "ecs_loss",
                                             "contrastive_loss", "cells_per_s", "tokens_per_s", "mfu"]
     assert [int(r[1]) for r in metrics[1:]] == [2, 4, 6, 8, 10, 12]
     rows = [line.split("\t") for line in (out / "epochs.tsv").read_text().splitlines()]
@@ -179,6 +168,23 @@ def test_resume_is_bitwise_exact(shards, tmp_path):
     assert_same_weights(a["optimizer"]["state"][0], b["optimizer"]["state"][0])
     assert [r["step"] for r in a["metrics"]] == [r["step"] for r in b["metrics"]]  # no rows lost or doubled
     assert [r["val_loss"] for r in a["epochs"]] == [r["val_loss"] for r in b["epochs"]]
+
+
+def test_checkpoint_from_before_the_gepc_rename_resumes_exactly(shards, tmp_path):
+    """A checkpoint whose GEPC head and columns are named mvc (the old name) resumes as if
+    written today: same final weights as an uninterrupted run, no blank GEPC column."""
+    pretrain(shards, tmp_path / "a", TINY_MODEL, TINY_TRAIN)
+    pretrain(shards, tmp_path / "b", TINY_MODEL, {**TINY_TRAIN, "max_steps": 4})
+    ckpt = tensors(tmp_path / "b" / CHECKPOINT)
+    ckpt["model"] = {k.replace("gepc_", "mvc_"): v for k, v in ckpt["model"].items()}
+    ckpt["metrics"] = [{k.replace("gepc_mse", "mvc_mse"): v for k, v in r.items()} for r in ckpt["metrics"]]
+    assert ckpt["metrics"] and all("mvc_mse" in r for r in ckpt["metrics"])
+    torch.save(ckpt, tmp_path / "b" / CHECKPOINT)
+    pretrain(shards, tmp_path / "b", TINY_MODEL, TINY_TRAIN)
+    assert_same_weights(tensors(tmp_path / "a" / "best_model.pt"), tensors(tmp_path / "b" / "best_model.pt"))
+    rows = [line.split("\t") for line in (tmp_path / "b" / "metrics.tsv").read_text().splitlines()]
+    column = rows[0].index("gepc_mse")
+    assert all(row[column] for row in rows[1:])
 
 
 def test_changed_settings_start_a_fresh_run(shards, tmp_path, caplog):

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from scllm import __version__
+from scllm.config import EmbedConfig  # defaults; no torch import (scllm.embedding has one)
 from scllm.errors import REFUSALS
 from scllm.io import setup_logging
 
-MIN_COVERAGE_DEFAULT = 0.5  # scllm.embedding.MIN_COVERAGE (not imported here: it would import torch)
 
 
 def _build_census(args: argparse.Namespace) -> None:
@@ -79,11 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     embed.add_argument("--gene-id-column", help="var column identifying genes, or 'index' for var_names "
                        "(default: whichever of var_names and the var columns matches the most vocabulary genes)")
     embed.add_argument("--counts-layer", help="layer holding the counts (default: X)")
-    embed.add_argument("--min-coverage", type=float, default=MIN_COVERAGE_DEFAULT,
+    embed.add_argument("--min-coverage", type=float, default=EmbedConfig.min_coverage,
                        help="minimum fraction of vocabulary genes found (default: %(default)s)")
-    embed.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default: %(default)s)")
-    embed.add_argument("--chunk-size", type=int, default=20_000, help="cells read at a time (default: %(default)s)")
-    embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    embed.add_argument("--batch-size", type=int, default=EmbedConfig.batch_size,
+                       help="cells per forward pass (default: %(default)s)")
+    embed.add_argument("--chunk-size", type=int, default=EmbedConfig.chunk_size,
+                       help="cells read at a time (default: %(default)s)")
+    embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default=EmbedConfig.device)
     embed.set_defaults(func=_embed)
 
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from scllm.config import EmbedConfig
 from scllm.checks import check_cells_and_genes, check_counts, load_torch_file
 from scllm.data import RaggedCells, collate
 from scllm.errors import CorruptArtifactError, InputError
@@ -34,7 +35,7 @@ EMBEDDING_KEY = "X_scllm"
 # Measured on PBMC 3k with the demo model, dropping random vocabulary genes: kNN cell-type accuracy
 # with all genes 0.76; with 75% of them 0.76, 60% 0.73, 50% 0.73, 40% 0.69, 30% 0.64, 10% 0.51 (the
 # centred cosine similarity to the all-genes embeddings: 0.94, 0.89, 0.86, 0.79, 0.49, 0.24).
-MIN_COVERAGE = 0.5
+MIN_COVERAGE = EmbedConfig.min_coverage
 # The pipeline's normalize_bin defaults, used when a model records no binning settings.
 DEFAULT_BINNING = {"seed": 0, "target_sum": 1e4, "log1p": False}
 # How to get a good best_model.pt back (load_model's refusals).
@@ -83,7 +84,7 @@ def _as_cells(cells) -> RaggedCells:
 
 
 @torch.no_grad()
-def embed_shard_cells(model: CellTransformer, cells, batch_size: int = 64) -> np.ndarray:
+def embed_shard_cells(model: CellTransformer, cells, batch_size: int = EmbedConfig.batch_size) -> np.ndarray:
     """Cell embeddings [n_cells, cell_emb_dim] (float32, input order) for a shard path, a Shard,
     a RaggedCells, or an (offsets, gene_ids, values) tuple of token arrays.
 
@@ -146,8 +147,8 @@ def _write_embeddings(path, obs: pd.DataFrame, embeddings: np.ndarray, uns: dict
 
 # --- the pipeline's cells: from the token shards -----------------------------------------------
 
-def embed_shards(model_dir, shards_dir, binned_h5ad, out_h5ad, *, cells: str = "validation",
-                 batch_size: int = 64, device: str = "auto") -> dict:
+def embed_shards(model_dir, shards_dir, binned_h5ad, out_h5ad, *, cells: str = EmbedConfig.cells,
+                 batch_size: int = EmbedConfig.batch_size, device: str = EmbedConfig.device) -> dict:
     """Embed the cells of the token shards (``cells``: ``validation`` or ``all``) into an h5ad:
     ``obsm["X_scllm"]``, obs from ``binned_h5ad`` (rows given by the shards' ``cell_index``) plus
     ``split``, cells in binned.h5ad order. One shard is in memory at a time.
@@ -448,8 +449,9 @@ def _provenance(model_dir, model, mapping: GeneMapping, binning: dict, binning_s
 
 
 def embed(adata, model_dir, *, layer: str | None = None, gene_id_column: str | None = None,
-          key_added: str = EMBEDDING_KEY, min_coverage: float = MIN_COVERAGE, batch_size: int = 64,
-          chunk_size: int = 20_000, device: str = "auto", copy: bool = False):
+          key_added: str = EMBEDDING_KEY, min_coverage: float = MIN_COVERAGE,
+          batch_size: int = EmbedConfig.batch_size, chunk_size: int = EmbedConfig.chunk_size,
+          device: str = EmbedConfig.device, copy: bool = False):
     """Embed the cells of an AnnData in memory (or backed) with a pretrained model, scanpy style.
 
     Adds ``adata.obsm[key_added]`` (cells x embedding dim), ``adata.obs["scllm_n_genes"]`` (vocabulary
@@ -483,8 +485,9 @@ def embed(adata, model_dir, *, layer: str | None = None, gene_id_column: str | N
 
 
 def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = None, counts_layer: str | None = None,
-               min_coverage: float = MIN_COVERAGE, batch_size: int = 64, chunk_size: int = 20_000,
-               device: str = "auto") -> dict:
+               min_coverage: float = MIN_COVERAGE, batch_size: int = EmbedConfig.batch_size,
+               chunk_size: int = EmbedConfig.chunk_size,
+               device: str = EmbedConfig.device) -> dict:
     """Embed the cells of any h5ad with a pretrained model; writes obs + ``obsm["X_scllm"]``.
 
     As ``embed`` (the same embeddings for the same cells), from a file: X (or ``counts_layer``)

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scllm.config import EvaluateConfig
 from scllm.io import atomic_path, open_backed, read_rows, row_chunks
 
 log = logging.getLogger("scllm")
@@ -33,16 +34,6 @@ log = logging.getLogger("scllm")
 EMBEDDING_KEY = "X_scllm"
 UNLABELED = {"", "nan", "none", "na", "n/a", "unknown", "unassigned"}
 BASELINE_TARGET_SUM = 1e4
-SETTINGS = {
-    "label_key": "cell_type",
-    "batch_key": "sample",
-    "max_cells": 50_000,
-    "n_neighbors": 15,
-    "n_folds": 5,
-    "leiden_resolutions": [0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0],
-    "n_pcs": 50,
-    "seed": 0,
-}
 TABLE_COLUMNS = ["metric", "scllm", "baseline", "baseline_method", "cells", "details"]
 
 
@@ -230,7 +221,7 @@ def masked_value_error(epochs_tsv) -> dict:
         raise ValueError(f"{epochs_tsv} holds no epoch; the model has not finished an epoch")
     best = epochs.loc[epochs["val_loss"].idxmin()]
     return {"epoch": int(best["epoch"]), "n_epochs": int(epochs["epoch"].max()),
-            "expr_mse": float(best["val_expr_mse"]), "mvc_mse": float(best["val_mvc_mse"]),
+            "expr_mse": float(best["val_expr_mse"]), "gepc_mse": float(best["val_gepc_mse"]),
             "baseline_mse": float(best["val_mean_bin_baseline_mse"])}
 
 
@@ -295,10 +286,8 @@ def write_table(rows: list[dict], tsv_path, html_path=None, title: str = "") -> 
 # --- the rules -----------------------------------------------------------------------------------------------
 
 def _settings(settings: dict) -> dict:
-    unknown = set(settings) - set(SETTINGS)
-    if unknown:
-        raise ValueError(f"unknown evaluate settings {sorted(unknown)}; known: {sorted(SETTINGS)}")
-    return {**SETTINGS, **settings}
+    """The evaluate section with its defaults (scllm.config.EvaluateConfig), as a dict."""
+    return EvaluateConfig.from_dict(settings).to_dict()
 
 
 def labelled_cells(obs: pd.DataFrame, label_key: str, max_cells: int, seed: int, where) -> np.ndarray:
@@ -420,7 +409,7 @@ def evaluate(embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv, out_table, o
         {"metric": "masked_mse_expression", "scllm": masked["expr_mse"], "baseline": masked["baseline_mse"],
          "baseline_method": "each cell's mean visible bin", "cells": val_cells,
          "details": f"{epoch_note}; expression head"},
-        {"metric": "masked_mse_gepc", "scllm": masked["mvc_mse"], "baseline": masked["baseline_mse"],
+        {"metric": "masked_mse_gepc", "scllm": masked["gepc_mse"], "baseline": masked["baseline_mse"],
          "baseline_method": "each cell's mean visible bin", "cells": val_cells,
          "details": f"{epoch_note}; {gepc_note}"},
     ]

@@ -5,7 +5,7 @@ gene embedding + value embedding and no positional information (a cell's genes h
 Two heads predict the bins of masked tokens:
 
 - the expression head reads each token's own output;
-- the GEPC/MVC head (scGPT's "inner product" MVCDecoder) predicts a gene's bin from the cell
+- the GEPC head (scGPT names it MVC: its "inner product" MVCDecoder) predicts a gene's bin from the cell
   embedding alone, so the cell embedding must summarise the whole cell.
 
 The cell embedding is read out as the ``<cls>`` output (``cell_emb_style: cls``, scGPT's
@@ -138,6 +138,12 @@ class Block(nn.Module):
         return self.ln2(x + self.ff(x))
 
 
+def _rename_legacy_gepc_keys(state_dict, prefix, *args) -> None:
+    """mvc_query/mvc_W/mvc_bias (scGPT's name for the head) -> gepc_*, in place."""
+    for key in [k for k in state_dict if k.startswith(prefix + "mvc_")]:
+        state_dict[prefix + "gepc_" + key[len(prefix) + len("mvc_"):]] = state_dict.pop(key)
+
+
 class CellTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -157,20 +163,22 @@ class CellTransformer(nn.Module):
         self.expr_head = nn.Sequential(
             nn.Linear(d, d), nn.LeakyReLU(), nn.Linear(d, d), nn.LeakyReLU(), nn.Linear(d, 1)
         )
-        # GEPC/MVC head (scGPT MVCDecoder, "inner product"): value = W(query(gene)) . cell_emb.
-        self.mvc_query = nn.Sequential(nn.Linear(d, d), nn.Sigmoid())
-        self.mvc_W = nn.Linear(d, self.cell_emb_dim, bias=False)
+        # GEPC head (scGPT's MVCDecoder, "inner product"): value = W(query(gene)) . cell_emb.
+        self.gepc_query = nn.Sequential(nn.Linear(d, d), nn.Sigmoid())
+        self.gepc_W = nn.Linear(d, self.cell_emb_dim, bias=False)
         # Both heads start at the mean expressed bin (n_bins / 2 = mean of 1..n_bins-1), not 0:
         # otherwise the first hundreds of steps only learn the output scale. (scGPT starts at 0
         # and has no GEPC bias; this is our one deviation, and it helps short runs most.)
-        self.mvc_bias = nn.Parameter(torch.zeros(1))
+        self.gepc_bias = nn.Parameter(torch.zeros(1))
         if cfg.contrastive_head_dim:
             self.contrastive_head = nn.Sequential(nn.Linear(self.cell_emb_dim, self.cell_emb_dim), nn.ReLU(),
                                                   nn.Linear(self.cell_emb_dim, cfg.contrastive_head_dim))
+        # Weights saved when the GEPC parameters were named mvc_* still load.
+        self._register_load_state_dict_pre_hook(_rename_legacy_gepc_keys)
         self.apply(self._init_weights)
         with torch.no_grad():
             self.expr_head[-1].bias.fill_(cfg.n_bins / 2)
-            self.mvc_bias.fill_(cfg.n_bins / 2)
+            self.gepc_bias.fill_(cfg.n_bins / 2)
 
     @property
     def cell_emb_dim(self) -> int:
@@ -212,9 +220,9 @@ class CellTransformer(nn.Module):
         x = self.final_norm(x)
         cell_emb = self.read_cell(x, padding_mask)
         expr_pred = self.expr_head(x).squeeze(-1)
-        query = self.mvc_query(genes)
-        mvc_pred = torch.bmm(self.mvc_W(query), cell_emb.unsqueeze(-1)).squeeze(-1) + self.mvc_bias
-        out = {"expr_pred": expr_pred, "mvc_pred": mvc_pred, "cell_emb": cell_emb}
+        query = self.gepc_query(genes)
+        gepc_pred = torch.bmm(self.gepc_W(query), cell_emb.unsqueeze(-1)).squeeze(-1) + self.gepc_bias
+        out = {"expr_pred": expr_pred, "gepc_pred": gepc_pred, "cell_emb": cell_emb}
         if self.cfg.contrastive_head_dim:
             out["contrastive_z"] = self.contrastive_head(cell_emb)
         if all_genes:
@@ -224,8 +232,8 @@ class CellTransformer(nn.Module):
     def gepc_all_genes(self, cell_emb: torch.Tensor) -> torch.Tensor:
         """The GEPC head's prediction [B, n_genes] for every vocabulary gene (ids 0..n_genes-1;
         <cls> and <pad> are the last two ids) from the cell embedding alone."""
-        query = self.mvc_query(self.gene_emb.weight[: self.cfg.vocab_size - 2])
-        return cell_emb @ self.mvc_W(query).T + self.mvc_bias
+        query = self.gepc_query(self.gene_emb.weight[: self.cfg.vocab_size - 2])
+        return cell_emb @ self.gepc_W(query).T + self.gepc_bias
 
     def read_cell(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """The cell embedding from the encoder output ``x`` [B, L, d] (see ``cell_emb_style``)."""

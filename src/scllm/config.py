@@ -1,0 +1,155 @@
+"""Settings with their defaults, one source for the library, the command line and the benchmarks.
+
+Each dataclass holds one section of ``config/schema.yaml`` (``ModelConfig``, in scllm.model, holds
+``model``). tests/test_config.py fails when a schema default and a dataclass default differ, so a
+library call and a Snakemake run with the same settings train and score the same way.
+
+No torch here: the command line imports this module without paying for torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+GEPC_TARGETS = ("masked", "masked+unexpressed", "all")
+
+
+def _from_dict(cls, settings: dict | None, section: str):
+    """``cls(**settings)``, naming unknown keys (a misspelt key must not be ignored silently)."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(settings or {}) - known
+    if unknown:
+        raise ValueError(f"unknown {section} settings {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**(settings or {}))
+
+
+@dataclass
+class TrainConfig:
+    """The ``train`` section: optimisation, objectives and how the run is operated.
+
+    warmup_steps and checkpoint_every_steps are sized for the reference run (300k cells, batch 32:
+    about 9,000 steps per epoch, 54,000 in all): 1,000 warmup steps are under 2% of the run, and a
+    checkpoint every 1,000 steps loses at most minutes of GPU time while keeping checkpoint writes
+    (weights, optimizer state, best model) rare. Small runs (the demo, the tests) set their own.
+    """
+
+    epochs: int = 6
+    batch_size: int = 32  # per process (GPU)
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 1000
+    grad_clip: float = 1.0
+    mask_ratios: list = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    # Objectives beyond the masked expression MSE (always on): weights 0 switch them off.
+    gepc_weight: float = 1.0  # masked MSE of the GEPC head (predicts from the cell embedding)
+    # Which genes GEPC predicts from the cell embedding: "masked" (scGPT: the masked tokens);
+    # "masked+unexpressed" adds 0 for every vocabulary gene the cell does not express (they are
+    # not tokens, so the embedding must record which genes are absent as well as present);
+    # "all" predicts the whole vocabulary profile, visible tokens included.
+    gepc_targets: str = "masked"
+    ecs_weight: float = 0.0  # scGPT's elastic cell similarity (scGPT uses 10 with threshold 0.8)
+    ecs_threshold: float = 0.8
+    # InfoNCE between two masked views of each cell, each keeping a random contrastive_view_genes
+    # of its gene tokens (doubles the rows of a batch, not its tokens at 0.5).
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
+    contrastive_view_genes: float = 0.5  # fraction of a cell's gene tokens each view keeps
+    vc_weight: float = 0.0  # VICReg's variance-covariance term on the cell embedding (0 = off)
+    # Initial gene embeddings: "random" (normal, std 0.02) or "pca": the genes' loadings on the
+    # principal axes of the training cells' bins (co-expressed genes start close together).
+    gene_emb_init: str = "random"
+    seed: int = 0
+    checkpoint_every_steps: int = 1000
+    max_steps: int | None = None  # stop (with a checkpoint) after this many global steps
+    bucket_size_batches: int = 100
+    log_every_steps: int = 10
+    compile: bool = False
+    amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere; or "bf16" / "fp32"
+    num_threads: int | None = None
+    device: str = "auto"  # auto: cuda if available; or "cpu" / "cuda"
+
+    # Library-only: not in the schema (a Snakemake rule sets num_threads from its threads).
+    LIBRARY_ONLY = ("max_steps", "num_threads")
+    # How a run is operated, not its result: these may differ on resume.
+    OPERATIONAL = (
+        "max_steps",
+        "checkpoint_every_steps",
+        "log_every_steps",
+        "compile",
+        "num_threads",
+    )
+
+    @classmethod
+    def from_dict(cls, settings: dict | None) -> TrainConfig:
+        return _from_dict(cls, settings, "train")
+
+    def __post_init__(self):
+        if self.gene_emb_init not in ("random", "pca"):
+            raise ValueError(
+                f"train.gene_emb_init must be 'random' or 'pca', not {self.gene_emb_init!r}"
+            )
+        for key in ("gepc_weight", "ecs_weight", "contrastive_weight", "vc_weight"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(
+                    f"train.{key} must be >= 0 (0 switches the term off), "
+                    f"not {getattr(self, key)!r}"
+                )
+        if not self.contrastive_temperature > 0:
+            raise ValueError(
+                f"train.contrastive_temperature must be > 0, not {self.contrastive_temperature!r}"
+            )
+        if not 0 < self.contrastive_view_genes <= 1:
+            raise ValueError(
+                "train.contrastive_view_genes must be in (0, 1], "
+                f"not {self.contrastive_view_genes!r}"
+            )
+        if self.gepc_targets not in GEPC_TARGETS:
+            raise ValueError(
+                f"train.gepc_targets must be one of {GEPC_TARGETS}, not {self.gepc_targets!r}"
+            )
+        if self.amp not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.amp must be auto, bf16 or fp32, not {self.amp!r}")
+        if not self.mask_ratios or not all(0 < r < 1 for r in self.mask_ratios):
+            raise ValueError(
+                "train.mask_ratios must be a non-empty list of values in (0, 1), "
+                f"not {self.mask_ratios}"
+            )
+        self.mask_ratios = [float(r) for r in self.mask_ratios]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvaluateConfig:
+    """The ``evaluate`` section: how the cell embeddings are scored against the PCA baseline."""
+
+    label_key: str = "cell_type"
+    batch_key: str = "sample"
+    max_cells: int = 50_000
+    n_neighbors: int = 15
+    n_folds: int = 5
+    leiden_resolutions: list = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
+    n_pcs: int = 50
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, settings: dict | None) -> EvaluateConfig:
+        return _from_dict(cls, settings, "evaluate")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EmbedConfig:
+    """The ``embed`` section plus what ``scllm embed`` adds for an arbitrary h5ad."""
+
+    cells: str = "validation"  # which tokenized cells rule embed embeds: "validation" or "all"
+    batch_size: int = 64  # cells per forward pass
+    device: str = "auto"
+    # scllm embed only (not in the schema):
+    chunk_size: int = 20_000  # cells read at a time (the schema's top-level chunk_size)
+    min_coverage: float = 0.5  # minimum fraction of vocabulary genes found in the input
+
+    LIBRARY_ONLY = ("chunk_size", "min_coverage")

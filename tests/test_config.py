@@ -1,0 +1,147 @@
+"""One source of defaults: the schema's defaults (what a Snakemake run gets) must equal the
+library's (what scllm.train.pretrain, scllm.evaluate, the command line and the benchmarks get).
+
+Any drift between config/schema.yaml and the config dataclasses or the stage functions' keyword
+defaults fails here, naming the setting.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scllm.binning import normalize_bin
+from scllm.config import EmbedConfig, EvaluateConfig, TrainConfig
+from scllm.hvg import select_hvg
+from scllm.model import ModelConfig
+from scllm.qc import filter_qc
+from scllm.split import split_cells
+from scllm.tokens import tokenize_shards
+from scllm.train import DATA_MODEL_KEYS
+
+SCHEMA = yaml.safe_load((Path(__file__).parents[1] / "config" / "schema.yaml").read_text())
+
+
+def schema_defaults(section: str) -> dict:
+    return {
+        key: spec["default"] for key, spec in SCHEMA["properties"][section]["properties"].items()
+    }
+
+
+def dataclass_defaults(cls) -> dict:
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def keyword_defaults(function) -> dict:
+    return {
+        name: p.default
+        for name, p in inspect.signature(function).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and p.default is not p.empty
+    }
+
+
+def assert_same(schema: dict, library: dict, where: str) -> None:
+    drift = {
+        key: (schema.get(key, "<missing>"), library.get(key, "<missing>"))
+        for key in set(schema) | set(library)
+        if schema.get(key, "<missing>") != library.get(key, "<missing>")
+    }
+    assert not drift, f"{where}: schema default vs library default differ: {drift}"
+
+
+@pytest.mark.parametrize(
+    "section, cls, not_in_schema",
+    [
+        ("train", TrainConfig, TrainConfig.LIBRARY_ONLY),
+        ("evaluate", EvaluateConfig, ()),
+        ("embed", EmbedConfig, EmbedConfig.LIBRARY_ONLY),
+        ("model", ModelConfig, DATA_MODEL_KEYS),
+    ],
+)
+def test_schema_defaults_equal_the_config_dataclasses(section, cls, not_in_schema):
+    library = {k: v for k, v in dataclass_defaults(cls).items() if k not in not_in_schema}
+    assert_same(schema_defaults(section), library, section)
+
+
+@pytest.mark.parametrize(
+    "section, function",
+    [
+        ("qc", filter_qc),
+        ("hvg", select_hvg),
+        ("normalize_bin", normalize_bin),
+        ("split", split_cells),
+        ("tokenize", tokenize_shards),
+    ],
+)
+def test_schema_defaults_equal_the_stage_functions_defaults(section, function):
+    # The rule passes the section as keywords: each must be one, with the same default. Keywords
+    # the schema does not offer (hvg's LOESS span) are the library's alone.
+    schema, library = schema_defaults(section), keyword_defaults(function)
+    library = {k: v for k, v in library.items() if k in schema}
+    assert_same(schema, library, f"{section} ({function.__module__}.{function.__name__})")
+
+
+def test_chunk_size_and_embedding_defaults_agree():
+    chunk_size = SCHEMA["properties"]["chunk_size"]["default"]
+    for function in (filter_qc, normalize_bin, tokenize_shards):
+        if "chunk_size" in keyword_defaults(function):
+            assert keyword_defaults(function)["chunk_size"] == chunk_size, function.__name__
+    assert EmbedConfig.chunk_size == chunk_size
+    # the model's bins come from normalize_bin's, through the shards
+    assert dataclass_defaults(ModelConfig)["n_bins"] == schema_defaults("normalize_bin")["n_bins"]
+
+
+def test_every_schema_section_with_settings_is_checked():
+    checked = {
+        "train",
+        "evaluate",
+        "embed",
+        "model",
+        "qc",
+        "hvg",
+        "normalize_bin",
+        "split",
+        "tokenize",
+    }
+    # census (the ingest) and heldout (paths and column names, no library defaults) are not
+    sections = {k for k, v in SCHEMA["properties"].items() if v.get("type") == "object"}
+    assert sections - checked == {"census", "heldout"}
+
+
+def test_the_drift_check_catches_a_changed_default():
+    """The check is not vacuous: a library default that moves away from the schema fails it."""
+    schema = schema_defaults("train")
+    library = {**dataclass_defaults(TrainConfig), "warmup_steps": 100}
+    with pytest.raises(AssertionError, match="warmup_steps"):
+        assert_same(
+            schema,
+            {k: v for k, v in library.items() if k not in TrainConfig.LIBRARY_ONLY},
+            "train",
+        )
+
+
+def test_train_config_rejects_unknown_and_bad_settings():
+    with pytest.raises(ValueError, match=r"unknown train settings \['lrate'\]"):
+        TrainConfig.from_dict({"lrate": 1})
+    with pytest.raises(ValueError, match="train.mask_ratios"):
+        TrainConfig(mask_ratios=[1.5])
+    with pytest.raises(ValueError, match=r"unknown evaluate settings \['k'\]"):
+        EvaluateConfig.from_dict({"k": 3})
+
+
+def test_embedding_fallback_binning_is_normalize_bins_default():
+    """A model that records no binning settings is embedded with normalize_bin's defaults."""
+    from scllm.embedding import DEFAULT_BINNING
+
+    defaults = schema_defaults("normalize_bin")
+    assert DEFAULT_BINNING == {key: defaults[key] for key in DEFAULT_BINNING}
