@@ -22,9 +22,9 @@ report: "workflow/report/workflow.rst"
 
 
 rule all:
+    default_target: True
     input:
         rules.pretrain.output,
         rules.evaluate.output,
         rules.report.output,
         rules.evaluate_heldout.output if config["heldout"]["path"] else [],  # defined only then
-    default_target: True

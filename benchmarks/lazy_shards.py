@@ -50,7 +50,15 @@ def write_corpus(root: Path, n_cells: int, n_validation: int, mean_length: float
                  seed: int) -> Path:
     """Shards + vocab.json + genes.tsv + manifest.json in the tokenize_shards layout."""
     from scllm.checks import file_sha256
-    from scllm.tokens import CLS_VALUE, MASK_VALUE, PAD_VALUE, build_vocab, vocab_sha256, write_shard, write_vocab
+    from scllm.tokens import (
+        CLS_VALUE,
+        MASK_VALUE,
+        PAD_VALUE,
+        build_vocab,
+        vocab_sha256,
+        write_shard,
+        write_vocab,
+    )
 
     root.mkdir(parents=True, exist_ok=True)
     feature_ids = [f"ENSG{i:011d}" for i in range(N_GENES)]

@@ -41,7 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from scllm.config import TrainConfig  # noqa: E402
 from scllm.data import (  # noqa: E402
-    TRAINING_BATCH_KEYS, LengthGroupedBatchSampler, ShardDataset, prefetched, training_batch)
+    TRAINING_BATCH_KEYS,
+    LengthGroupedBatchSampler,
+    ShardDataset,
+    prefetched,
+    training_batch,
+)
 from scllm.model import CellTransformer, ModelConfig, attention_kernels, masked_mse, peak_flops  # noqa: E402
 from scllm.tokens import PAD_VALUE  # noqa: E402
 
@@ -109,11 +114,11 @@ def attention_kernel(model, batch: dict, device: torch.device, autocast) -> str:
     return attention_kernels(model, *inputs, autocast=autocast)
 
 
-def train_step(model, raw_model, optimizer, batch: dict, device, autocast=nullcontext()) -> tuple[torch.Tensor, int]:
+def train_step(model, raw_model, optimizer, batch: dict, device, autocast=None) -> tuple[torch.Tensor, int]:
     """One step as scllm.train runs it (``model`` may be compiled; ``raw_model`` holds the
     weights to clip). Returns the loss and the number of tokens computed, padding included."""
     gene_ids, values, padding_mask, masked, mask = (batch[key].to(device, non_blocking=True) for key in TRAINING_BATCH_KEYS)
-    with autocast:
+    with autocast or nullcontext():
         pred = model(gene_ids, masked, padding_mask)
     loss = masked_mse(pred["expr_pred"], values, mask) + masked_mse(pred["gepc_pred"], values, mask)
     optimizer.zero_grad(set_to_none=True)

@@ -15,8 +15,10 @@ def run_name():
         return config["run"]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(cli_files[-1]).stem)
     given = ", ".join(os.path.relpath(f) for f in cli_files)
-    logger.info(f"run: not set in {given}; outputs go to results/{name}/ "
-                f"(set run: in the file to choose another name)")
+    logger.info(
+        f"run: not set in {given}; outputs go to results/{name}/ "
+        f"(set run: in the file to choose another name)"
+    )
     return name
 
 
@@ -32,16 +34,24 @@ def census_input(wildcards):
     source = config["census"]["source"]
     path = {"h5ad": config["census"]["h5ad"]["path"], "uri": config["census"]["uri"]}.get(source)
     if source in ("h5ad", "uri") and not path:
-        setting = "census.h5ad.path (your h5ad of raw counts)" if source == "h5ad" else "census.uri (a local store)"
-        raise WorkflowError(f"census.source: {source} reads {setting}, which is not set: set it, or choose "
-                            "another census.source (release, uri, h5ad)")
+        setting = (
+            "census.h5ad.path (your h5ad of raw counts)"
+            if source == "h5ad"
+            else "census.uri (a local store)"
+        )
+        raise WorkflowError(
+            f"census.source: {source} reads {setting}, which is not set: set it, or choose "
+            "another census.source (release, uri, h5ad)"
+        )
     return {"h5ad": path} if source == "h5ad" else {"store": path} if source == "uri" else {}
 
 
 def sampling_params(wildcards, input):
     """The census settings that decide which cells are sampled: only the source in use, so
     editing an unused key reruns nothing."""
-    census = {k: v for k, v in config["census"].items() if k not in ("h5ad", "census_version", "uri")}
+    census = {
+        k: v for k, v in config["census"].items() if k not in ("h5ad", "census_version", "uri")
+    }
     if census["source"] == "release":
         census["census_version"] = config["census"]["census_version"]
     elif census["source"] == "uri":
@@ -60,7 +70,10 @@ def profile_placeholders():
     """'section: rule: resource = value' for every resource still holding a placeholder."""
     settings = workflow.resource_settings
     sections = [("default-resources", settings.default_resources)]
-    sections += [(f"set-resources: {rule}", resources) for rule, resources in settings.overwrite_resources.items()]
+    sections += [
+        (f"set-resources: {rule}", resources)
+        for rule, resources in settings.overwrite_resources.items()
+    ]
     found = []
     for where, resources in sections:
         for name, resource in (resources or {}).items():
@@ -72,7 +85,8 @@ def profile_placeholders():
 
 if profile_placeholders():
     raise WorkflowError(
-        "the SLURM profile still holds its placeholders:\n  " + "\n  ".join(profile_placeholders())
+        "the SLURM profile still holds its placeholders:\n  "
+        + "\n  ".join(profile_placeholders())
         + "\nEdit these three values in profiles/slurm/config.yaml before submitting: default-resources "
         "slurm_partition (your CPU partition) and slurm_account (your account; delete the line if your "
         "cluster has none), and set-resources pretrain slurm_partition (your GPU partition). `sinfo -s` "
@@ -89,7 +103,9 @@ def multi_node_gaps():
         return []
     gaps = []
     if "mpi" not in raw:  # without it the plugin starts the rule with `srun -n1`, on one node only
-        gaps.append('mpi: "srun"  (the rule then runs in the batch step and starts torchrun on every node)')
+        gaps.append(
+            'mpi: "srun"  (the rule then runs in the batch step and starts torchrun on every node)'
+        )
     if raw.get("tasks") != nodes:
         gaps.append(f"tasks: {nodes}  (= nodes: one torchrun per node, sbatch --ntasks)")
     if raw.get("tasks_per_gpu") != "0":
@@ -100,5 +116,6 @@ def multi_node_gaps():
 if multi_node_gaps():
     raise WorkflowError(
         "pretrain asks for several nodes, but set-resources: pretrain: lacks\n  "
-        + "\n  ".join(multi_node_gaps()) + "\nAdd them beside nodes: in the profile (README, 'Several nodes')."
+        + "\n  ".join(multi_node_gaps())
+        + "\nAdd them beside nodes: in the profile (README, 'Several nodes')."
     )

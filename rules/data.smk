@@ -12,14 +12,14 @@ rule sample_census:
     output:
         cells=f"{RESULTS}/cells.h5ad",
         samples=f"{RESULTS}/samples.tsv",
-    params:
-        census=sampling_params,
     log:
         f"{LOGS}/sample_census.log",
     benchmark:
         f"{BENCH}/sample_census.tsv"
     conda:
         "../envs/data.yaml"
+    params:
+        census=sampling_params,
     script:
         "../workflow/scripts/sample_census.py"
 
@@ -30,14 +30,14 @@ rule filter_qc:
     output:
         h5ad=f"{RESULTS}/filtered.h5ad",
         table=f"{RESULTS}/qc.tsv",
-    params:
-        qc=config["qc"],
     log:
         f"{LOGS}/filter_qc.log",
     benchmark:
         f"{BENCH}/filter_qc.tsv"
     conda:
         "../envs/data.yaml"
+    params:
+        qc=config["qc"],
     script:
         "../workflow/scripts/filter_qc.py"
 
@@ -47,14 +47,14 @@ rule select_hvg:
         h5ad=rules.filter_qc.output.h5ad,
     output:
         table=f"{RESULTS}/hvg.tsv",
-    params:
-        hvg=config["hvg"],
     log:
         f"{LOGS}/select_hvg.log",
     benchmark:
         f"{BENCH}/select_hvg.tsv"
     conda:
         "../envs/data.yaml"
+    params:
+        hvg=config["hvg"],
     script:
         "../workflow/scripts/select_hvg.py"
 
@@ -65,15 +65,15 @@ rule normalize_bin:
         hvg=rules.select_hvg.output.table,
     output:
         h5ad=f"{RESULTS}/binned.h5ad",
-    params:
-        normalize_bin=config["normalize_bin"],
-    threads: 2
     log:
         f"{LOGS}/normalize_bin.log",
     benchmark:
         f"{BENCH}/normalize_bin.tsv"
     conda:
         "../envs/data.yaml"
+    threads: 2
+    params:
+        normalize_bin=config["normalize_bin"],
     script:
         "../workflow/scripts/normalize_bin.py"
 
@@ -83,14 +83,14 @@ rule split:
         h5ad=rules.normalize_bin.output.h5ad,
     output:
         table=f"{RESULTS}/split.tsv",
-    params:
-        split=config["split"],
     log:
         f"{LOGS}/split.log",
     benchmark:
         f"{BENCH}/split.tsv"
     conda:
         "../envs/data.yaml"
+    params:
+        split=config["split"],
     script:
         "../workflow/scripts/split.py"
 
@@ -101,13 +101,13 @@ rule tokenize_shards:
         split=rules.split.output.table,
     output:
         shards=directory(f"{RESULTS}/shards"),
-    params:
-        tokenize=config["tokenize"],
     log:
         f"{LOGS}/tokenize_shards.log",
     benchmark:
         f"{BENCH}/tokenize_shards.tsv"
     conda:
         "../envs/data.yaml"
+    params:
+        tokenize=config["tokenize"],
     script:
         "../workflow/scripts/tokenize_shards.py"

@@ -13,15 +13,15 @@ rule embed:
         vocab=rules.pretrain.output.vocab,
     output:
         h5ad=f"{RESULTS}/embeddings.h5ad",
-    params:
-        embed=config["embed"],
-    threads: 4
     log:
         f"{LOGS}/embed.log",
     benchmark:
         f"{BENCH}/embed.tsv"
     conda:
         "../envs/train.yaml"
+    threads: 4
+    params:
+        embed=config["embed"],
     script:
         "../workflow/scripts/embed.py"
 
@@ -60,15 +60,15 @@ rule evaluate:
             category="Evaluation",
             labels={"figure": "UMAP by sample"},
         ),
-    params:
-        evaluate=config["evaluate"],
-    threads: 2
     log:
         f"{LOGS}/evaluate.log",
     benchmark:
         f"{BENCH}/evaluate.tsv"
     conda:
         "../envs/eval.yaml"
+    threads: 2
+    params:
+        evaluate=config["evaluate"],
     script:
         "../workflow/scripts/evaluate.py"
 
@@ -99,17 +99,19 @@ if config["heldout"]["path"]:
                 category="Evaluation",
                 labels={"figure": "held-out UMAP by cell type"},
             ),
-        params:
-            heldout={k: v for k, v in config["heldout"].items() if k != "path"},
-            evaluate={k: v for k, v in config["evaluate"].items() if k not in ("label_key", "batch_key")},
-            embed={k: v for k, v in config["embed"].items() if k in ("batch_size", "device")},
-        threads: 2
         log:
             f"{LOGS}/evaluate_heldout.log",
         benchmark:
             f"{BENCH}/evaluate_heldout.tsv"
         conda:
             "../envs/heldout.yaml"
+        threads: 2
+        params:
+            heldout={k: v for k, v in config["heldout"].items() if k != "path"},
+            evaluate={
+                k: v for k, v in config["evaluate"].items() if k not in ("label_key", "batch_key")
+            },
+            embed={k: v for k, v in config["embed"].items() if k in ("batch_size", "device")},
         script:
             "../workflow/scripts/evaluate_heldout.py"
 

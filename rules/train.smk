@@ -17,17 +17,17 @@ rule pretrain:
             caption="../workflow/report/loss_curve.rst",
             category="Pretraining",
         ),
-    params:
-        model=config["model"],
-        train=config["train"],
-    threads: 8
-    resources:
-        gpu=1,
     log:
         f"{LOGS}/pretrain.log",
     benchmark:
         f"{BENCH}/pretrain.tsv"
     conda:
         "../envs/train.yaml"
+    threads: 8
+    resources:
+        gpu=1,
+    params:
+        model=config["model"],
+        train=config["train"],
     script:
         "../workflow/scripts/pretrain.py"

@@ -23,12 +23,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import yaml
-from conftest import TINY_MODEL, TINY_TRAIN, synthetic_source, write_synthetic_shards
 
+from conftest import TINY_MODEL, TINY_TRAIN, synthetic_source, write_synthetic_shards
 from scllm import census as census_mod
 from scllm.binning import normalize_bin
-from scllm.checks import file_sha256
 from scllm.census import CensusUnavailableError, build_local_census, open_census, sample_census
+from scllm.checks import file_sha256
 from scllm.hvg import select_hvg
 from scllm.qc import filter_qc
 from scllm.split import split_cells

@@ -12,7 +12,6 @@ import scipy.sparse as sp
 
 from scllm.binning import bin_csr, content_keys, normalize_bin, normalize_total
 
-
 # ---------------------------------------------------------------------------------------------
 # Reference: scGPT's binning written plainly (scgpt/preprocess.py: Preprocessor + _digitize)
 # ---------------------------------------------------------------------------------------------

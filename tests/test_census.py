@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scllm.census import CensusUnavailableError, build_local_census, open_census, sample_census
-
 from conftest import synthetic_source  # noqa: I001
+from scllm.census import CensusUnavailableError, build_local_census, open_census, sample_census
 
 CAP = 90
 

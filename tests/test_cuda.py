@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_MODEL, TINY_TRAIN  # noqa: I001
 from scllm.data import collate, mask_values
 from scllm.model import FUSED_ATTENTION_OPS, CellTransformer, ModelConfig, attention_kernels
 from scllm.train import pretrain
-
-from conftest import TINY_MODEL, TINY_TRAIN  # noqa: I001
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA_TRAIN = {**TINY_TRAIN, "device": "cuda"}

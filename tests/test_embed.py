@@ -16,8 +16,16 @@ import torch
 from scllm.binning import normalize_bin
 from scllm.cli import main as cli_main
 from scllm.embedding import (
-    EMBEDDING_KEY, GeneCoverageError, binning_settings, embed_h5ad, embed_shard_cells, embed_shards, load_model,
-    map_genes, model_genes, tokenize_counts,
+    EMBEDDING_KEY,
+    GeneCoverageError,
+    binning_settings,
+    embed_h5ad,
+    embed_shard_cells,
+    embed_shards,
+    load_model,
+    map_genes,
+    model_genes,
+    tokenize_counts,
 )
 from scllm.model import CellTransformer, ModelConfig
 from scllm.tokens import build_vocab, read_shard, tokenize_shards, vocab_sha256, write_vocab

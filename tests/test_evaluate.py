@@ -10,7 +10,13 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from scllm.evaluate import (
-    TABLE_COLUMNS, evaluate, knn_scores, leiden_scores, log_normalized_hvgs, masked_value_error, neighbors_graph,
+    TABLE_COLUMNS,
+    evaluate,
+    knn_scores,
+    leiden_scores,
+    log_normalized_hvgs,
+    masked_value_error,
+    neighbors_graph,
     silhouette,
 )
 

@@ -19,13 +19,25 @@ from pathlib import Path
 import anndata as ad
 import pytest
 import torch
-from conftest import TINY_MODEL, assert_same_weights, synthetic_source, tensors, write_synthetic_shards
 
 import scllm.train as train_mod
+from conftest import (
+    TINY_MODEL,
+    assert_same_weights,
+    synthetic_source,
+    tensors,
+    write_synthetic_shards,
+)
 from scllm import binning, census, hvg, qc, tokens
 from scllm.errors import UnsafeFileError
 from scllm.io import atomic_path
-from scllm.train import CHECKPOINT, PREEMPTED_EXIT_CODE, NonFiniteLossError, TrainingPreempted, pretrain
+from scllm.train import (
+    CHECKPOINT,
+    PREEMPTED_EXIT_CODE,
+    NonFiniteLossError,
+    TrainingPreempted,
+    pretrain,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # 160 cells / 8 -> 20 steps per epoch, 40 in all; a step is logged as soon as it is done.

@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from test_census import synthetic_source
 
 from scllm import census as census_mod
 from scllm.census import build_local_census, sample_census, sample_h5ad
 from scllm.errors import InputError
 from scllm.ingest import H5adInput
+from test_census import synthetic_source
 
 SAMPLING = dict(max_cells=90, seed=0, disease="normal", chunk_size=16)
 

@@ -13,12 +13,19 @@ import scipy.sparse as sp
 import torch
 
 import scllm.train as train_mod
+from conftest import TINY_MODEL, TINY_TRAIN, write_synthetic_shards  # noqa: I001
 from scllm.data import LengthGroupedBatchSampler, RaggedCells, ShardDataset
 from scllm.errors import CorruptArtifactError
-from scllm.tokens import (Shard, ShardReader, check_shard, read_listed_shard, read_manifest, read_shard,
-                          sequences_from_binned, write_shard)
-
-from conftest import TINY_MODEL, TINY_TRAIN, write_synthetic_shards  # noqa: I001
+from scllm.tokens import (
+    Shard,
+    ShardReader,
+    check_shard,
+    read_listed_shard,
+    read_manifest,
+    read_shard,
+    sequences_from_binned,
+    write_shard,
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,16 @@ import pytest
 import torch
 
 from scllm.data import collate, mask_values
-from scllm.model import (CellTransformer, ModelConfig, contrastive_loss, ecs_loss, masked_mse,
-                         variance_covariance_loss)
-from scllm.train import gepc_profile_mse
+from scllm.model import (
+    CellTransformer,
+    ModelConfig,
+    contrastive_loss,
+    ecs_loss,
+    masked_mse,
+    variance_covariance_loss,
+)
 from scllm.tokens import MASK_VALUE, PAD_VALUE
+from scllm.train import gepc_profile_mse
 
 N_GENES, N_BINS = 30, 51
 CLS_ID, PAD_ID = N_GENES, N_GENES + 1

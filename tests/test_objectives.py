@@ -126,8 +126,8 @@ def test_bad_weights_are_refused_outside_snakemake_too(shards, tmp_path, setting
 
 
 def test_vc_weight_adds_the_weighted_variance_covariance_term():
-    from scllm.model import variance_covariance_loss
     from scllm.config import TrainConfig
+    from scllm.model import variance_covariance_loss
     from scllm.train import objective
 
     g = torch.Generator().manual_seed(0)
@@ -144,8 +144,8 @@ def test_vc_weight_adds_the_weighted_variance_covariance_term():
 
 
 def test_contrastive_head_is_what_the_contrastive_term_compares():
-    from scllm.model import contrastive_loss
     from scllm.config import TrainConfig
+    from scllm.model import contrastive_loss
     from scllm.train import objective
 
     cfg = ModelConfig(vocab_size=22, n_bins=51, n_layers=1, n_heads=2, d_model=8, d_ff=16, dropout=0.0,

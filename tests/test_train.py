@@ -16,12 +16,11 @@ import pytest
 import torch
 
 import scllm
+from conftest import TINY_MODEL, TINY_TRAIN, assert_same_weights, tensors, write_synthetic_shards  # noqa: I001
 from scllm.data import LengthGroupedBatchSampler, ShardDataset, collate
 from scllm.embedding import embed_shard_cells, load_model
 from scllm.tokens import PAD_VALUE, build_vocab, read_shard, vocab_sha256, write_vocab
 from scllm.train import CHECKPOINT, EPOCH_COLUMNS, METRIC_COLUMNS, pretrain
-
-from conftest import TINY_MODEL, TINY_TRAIN, assert_same_weights, tensors, write_synthetic_shards  # noqa: I001
 
 ARTIFACTS = ["best_model.pt", "args.json", "vocab.json", "genes.tsv", "metrics.tsv", "epochs.tsv",
              "loss_curve.png", "last_checkpoint.pt"]

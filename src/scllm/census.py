@@ -189,16 +189,7 @@ def sample_census(
 
         samples, keep, obs = _select(cells, max_cells, seed, f"the Census at {uri or census_version}")
 
-        var = exp.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat().to_pandas()
-        var = var.sort_values("soma_joinid", ignore_index=True)
-        if not np.array_equal(var["soma_joinid"].to_numpy(), np.arange(len(var))):
-            raise ValueError(f"the Census at {uri or census_version} numbers its genes (var soma_joinid) with gaps; "
-                             "a Census numbers them 0..n-1. Build the store with `scllm build-census`.")
-        var.index = pd.Index(var["feature_id"].astype(str).values, name=None)
-        var = var[["feature_name"]].astype(str)
-        check_gene_ids(var.index, f"the Census at {uri or census_version} (var feature_id)")
-        var.insert(0, "feature_id", var.index.values)
-
+        var = _census_var(exp, f"the Census at {uri or census_version}")
         uns = {
             "census": {
                 "source": str(uri) if uri else f"census_version={census_version}",
@@ -277,17 +268,7 @@ def sample_h5ad(
                 max_cells=max_cells, seed=seed, chunk_size=chunk_size))
         log.info("reading %s: %d cells x %d genes (%s, %s); filter: %s", h5ad_path, source.n_obs, source.n_vars,
                  matrix.name, matrix.layout, filt)
-        match = shaped["tissue_general"].astype(str) == tissue_general
-        if primary_only:
-            match &= shaped["is_primary_data"].astype(bool)
-        if disease:
-            match &= shaped["disease"].astype(str) == disease
-        columns = REQUIRED_OBS + [c for c in OPTIONAL_OBS if c in shaped and c not in REQUIRED_OBS]
-        cells = shaped.loc[match.to_numpy(), columns].reset_index(drop=True)
-        cells.insert(0, "soma_joinid", np.flatnonzero(match.to_numpy()))  # a store numbers cells by input row
-        log.info("%d cells match the filter", len(cells))
-        if cells.empty:
-            raise ValueError(f"no cells match the Census filter [{filt}]; check census.tissue_general/disease")
+        cells = _matching_cells(shaped, tissue_general, primary_only, disease, filt)
         samples, keep, obs = _select(cells, max_cells, seed, where)
         var = var_in[["feature_name"]].astype(str)
         var.insert(0, "feature_id", var.index.values)
@@ -314,6 +295,39 @@ def sample_h5ad(
     log.info("sample_census: %d cells x %d genes in, wrote %d cells x %d genes in %.1fs",
              source.n_obs, source.n_vars, obs.shape[0], var.shape[0], time.time() - t0)
     return ad.AnnData(obs=obs, var=var, uns=uns)
+
+
+def _census_var(exp, where: str) -> pd.DataFrame:
+    """The experiment's genes, in soma_joinid order, as cells.h5ad's var (index and feature_id:
+    the Ensembl id; feature_name)."""
+    var = exp.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat().to_pandas()
+    var = var.sort_values("soma_joinid", ignore_index=True)
+    if not np.array_equal(var["soma_joinid"].to_numpy(), np.arange(len(var))):
+        raise ValueError(f"{where} numbers its genes (var soma_joinid) with gaps; a Census numbers them 0..n-1. "
+                         "Build the store with `scllm build-census`.")
+    var.index = pd.Index(var["feature_id"].astype(str).values, name=None)
+    var = var[["feature_name"]].astype(str)
+    check_gene_ids(var.index, f"{where} (var feature_id)")
+    var.insert(0, "feature_id", var.index.values)
+    return var
+
+
+def _matching_cells(shaped: pd.DataFrame, tissue_general: str, primary_only: bool, disease: str | None,
+                    filt: str) -> pd.DataFrame:
+    """The cells of a Census-shaped obs that pass the filter, numbered by input row (soma_joinid),
+    as a store built from the same file would number them."""
+    match = shaped["tissue_general"].astype(str) == tissue_general
+    if primary_only:
+        match &= shaped["is_primary_data"].astype(bool)
+    if disease:
+        match &= shaped["disease"].astype(str) == disease
+    columns = REQUIRED_OBS + [c for c in OPTIONAL_OBS if c in shaped and c not in REQUIRED_OBS]
+    cells = shaped.loc[match.to_numpy(), columns].reset_index(drop=True)
+    cells.insert(0, "soma_joinid", np.flatnonzero(match.to_numpy()))
+    log.info("%d cells match the filter", len(cells))
+    if cells.empty:
+        raise ValueError(f"no cells match the Census filter [{filt}]; check census.tissue_general/disease")
+    return cells
 
 
 class _RowLengthsChanged(Exception):

@@ -11,7 +11,6 @@ from scllm.errors import REFUSALS
 from scllm.io import setup_logging
 
 
-
 def _build_census(args: argparse.Namespace) -> None:
     from scllm.census import build_local_census
 

@@ -8,16 +8,24 @@ removes most padding while keeping the batch order random.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from scllm.errors import CorruptArtifactError
-from scllm.tokens import MASK_VALUE, PAD_VALUE, RETOKENIZE, open_listed_shard, read_manifest, read_vocab, vocab_sha256
+from scllm.tokens import (
+    MASK_VALUE,
+    PAD_VALUE,
+    RETOKENIZE,
+    open_listed_shard,
+    read_manifest,
+    read_vocab,
+    vocab_sha256,
+)
 
 T = TypeVar("T")
 # The tensors of a training batch (training_batch), in the order the training step unpacks them.
@@ -135,7 +143,7 @@ class LengthGroupedBatchSampler:
         self.rank, self.world_size = rank, world_size
         self.shuffle = shuffle
 
-    def all_batches(self, epoch: int) -> "Batches":
+    def all_batches(self, epoch: int) -> Batches:
         """The epoch's batches for all ranks, in order."""
         n = len(self.lengths)
         rng = np.random.default_rng([self.seed, epoch])
@@ -154,7 +162,7 @@ class LengthGroupedBatchSampler:
         picked = rng.permutation(len(starts)) if self.shuffle else np.arange(len(starts))
         return Batches(order, bounds, picked)
 
-    def epoch_batches(self, epoch: int, skip: int = 0) -> "Batches":
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Batches:
         """This rank's batches of ``epoch``, without the first ``skip`` (for resuming)."""
         batches = self.all_batches(epoch)
         usable = len(batches) - len(batches) % self.world_size

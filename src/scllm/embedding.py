@@ -19,13 +19,22 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scllm.config import EmbedConfig
 from scllm.checks import check_cells_and_genes, check_counts, load_torch_file
+from scllm.config import EmbedConfig
 from scllm.data import RaggedCells, collate
 from scllm.errors import CorruptArtifactError, InputError
 from scllm.model import CellTransformer, ModelConfig
-from scllm.tokens import (CLS_TOKEN, Shard, read_json, read_listed_shard, read_manifest, read_shard,
-                          read_vocab, sequences_from_binned, vocab_sha256)
+from scllm.tokens import (
+    CLS_TOKEN,
+    Shard,
+    read_json,
+    read_listed_shard,
+    read_manifest,
+    read_shard,
+    read_vocab,
+    sequences_from_binned,
+    vocab_sha256,
+)
 
 log = logging.getLogger("scllm")
 

@@ -48,7 +48,12 @@ def knn_scores(X: np.ndarray, labels, *, n_neighbors: int = 15, n_folds: int = 5
     Returns NaN scores when the split is impossible (one group, or fewer than two labels).
     """
     from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import (
+        GroupKFold,
+        LeaveOneGroupOut,
+        StratifiedKFold,
+        cross_val_predict,
+    )
     from sklearn.neighbors import KNeighborsClassifier
 
     labels = np.asarray(labels).astype(str)

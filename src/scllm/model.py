@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 VALUE_ENCODERS = ("bins", "continuous")
 CELL_EMB_STYLES = ("cls", "mean", "cls+mean", "sum")
 

@@ -14,7 +14,14 @@ import numpy as np
 import pandas as pd
 
 from scllm.checks import check_counts
-from scllm.io import CSRWriter, atomic_path, open_backed, read_rows, require_obs_columns, row_chunks
+from scllm.io import (
+    CSRWriter,
+    atomic_path,
+    open_backed,
+    read_rows,
+    require_obs_columns,
+    row_chunks,
+)
 
 log = logging.getLogger("scllm")
 

@@ -233,7 +233,7 @@ def read_listed_shard(shards_dir: str | Path, manifest: dict, entry: dict) -> Sh
     return shard
 
 
-def open_listed_shard(shards_dir: str | Path, manifest: dict, entry: dict) -> "ShardReader":
+def open_listed_shard(shards_dir: str | Path, manifest: dict, entry: dict) -> ShardReader:
     """``read_listed_shard`` without holding the shard in memory: the same checks (sha256, arrays,
     counts, vocabulary), done block by block, and a ``ShardReader`` that reads cells on demand."""
     path = _check_listed_file(shards_dir, entry)
