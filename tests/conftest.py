@@ -233,7 +233,6 @@ def synthetic_source_fixture():
 # --- the workflow --------------------------------------------------------------------------------
 
 DATA_OUTPUTS = {  # rule -> an output it writes, in DAG order
-    "build_local_census": "census_store",
     "sample_census": "cells.h5ad",
     "filter_qc": "filtered.h5ad",
     "select_hvg": "hvg.tsv",
