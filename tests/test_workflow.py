@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,22 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-DATA_OUTPUTS = {  # rule -> an output it writes, in DAG order
-    "sample_census": "cells.h5ad",
-    "filter_qc": "filtered.h5ad",
-    "select_hvg": "hvg.tsv",
-    "normalize_bin": "binned.h5ad",
-    "split": "split.tsv",
-    "tokenize_shards": "shards/manifest.json",
-    "pretrain": "model/best_model.pt",
-    "embed": "embeddings.h5ad",
-    "evaluate": "evaluation/metrics.tsv",
-}
-# run: demo, so that the tests below share (and check) the embedded default's results folder.
-TINY_TRAINING = {"run": "demo", "model": {"n_layers": 1, "n_heads": 2, "d_model": 16, "d_ff": 32, "dropout": 0.0},
-                 "train": {"epochs": 1, "batch_size": 64, "warmup_steps": 2}}
+from conftest import DATA_OUTPUTS, REPO, SNAKEMAKE, TINY_TRAINING, copy_workflow, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -42,22 +26,6 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
-
-
-def copy_workflow(dest: Path) -> Path:
-    for name in ("Snakefile", "rules", "workflow", "config", "envs", "profiles", "resources", "src"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
-
-
-def write_config(workdir: Path, name: str, overrides: dict) -> str:
-    path = workdir / "config" / name
-    path.write_text(yaml.safe_dump(overrides))
-    return f"config/{name}"
 
 
 @pytest.fixture(scope="module")
