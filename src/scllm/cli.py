@@ -41,7 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scllm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_build_census(commands)
+    _add_embed(commands)
 
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        args.func(args)
+    except REFUSALS as err:
+        print(f"scllm {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_build_census(commands) -> None:
     build = commands.add_parser(
         "build-census",
         help="build a local Census-shaped SOMA store from an h5ad of raw counts",
@@ -64,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--organism", default="homo_sapiens")
     build.set_defaults(func=_build_census)
 
+
+def _add_embed(commands) -> None:
     embed = commands.add_parser(
         "embed",
         help="embed the cells of an h5ad with a pretrained model (cell embeddings in obsm['X_scllm'])",
@@ -86,15 +101,6 @@ def main(argv: list[str] | None = None) -> int:
                        help="cells read at a time (default: %(default)s)")
     embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default=EmbedConfig.device)
     embed.set_defaults(func=_embed)
-
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        args.func(args)
-    except REFUSALS as err:
-        print(f"scllm {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

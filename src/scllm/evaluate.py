@@ -373,22 +373,13 @@ def evaluate(embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv, out_table, o
     """Score the embeddings of ``embeddings_h5ad`` and the PCA baseline; write the metrics table
     (TSV and HTML) and UMAPs coloured by label and by sample. ``args_json`` (the model's) gives
     the number of validation cells behind the masked-value error."""
-    import anndata as ad
-
     from scllm.hvg import read_hvg_table
 
     cfg = _settings(settings)
     t0 = time.time()
-    emb = ad.read_h5ad(embeddings_h5ad)
     label_key, batch_key, seed = cfg["label_key"], cfg["batch_key"], int(cfg["seed"])
-    for key, what in ((label_key, "evaluate.label_key"), (batch_key, "evaluate.batch_key")):
-        if key not in emb.obs:
-            raise ValueError(f"{embeddings_h5ad} has no obs column {key!r} ({what}); columns: {list(emb.obs.columns)}")
-    if EMBEDDING_KEY not in emb.obsm:
-        raise ValueError(f"{embeddings_h5ad} has no obsm[{EMBEDDING_KEY!r}]; rerun the embed rule")
+    emb, keep = _labelled_embeddings(embeddings_h5ad, cfg)
     cells_setting = emb.uns.get("scllm", {}).get("cells", "given")
-    keep = labelled_cells(emb.obs, label_key, cfg["max_cells"], seed, f"{embeddings_h5ad} (embed.cells: all embeds "
-                          "every cell)")
     sub = emb[keep]
     labels = sub.obs[label_key].astype(str).to_numpy()
     samples = sub.obs[batch_key].astype(str).to_numpy()
@@ -400,7 +391,36 @@ def evaluate(embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv, out_table, o
     X = np.asarray(sub.obsm[EMBEDDING_KEY])
     table, panels = score_against_pca(X, pca, labels, samples, cfg, f"{len(keep)} ({cells_setting})", label_key,
                                       batch_key, f"PCA-{pca.shape[1]} of log-normalized HVGs")
+    table += masked_value_rows(epochs_tsv, args_json)
+    n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
+    title = (f"scLLM embeddings ({X.shape[1]} dims) vs PCA-{pca.shape[1]} of log-normalized HVGs: {len(keep)} "
+             f"cells ({cells_setting}), {n_labels} {label_key} labels, {n_samples} sample(s)")
+    result = _write_results(table, title, panels, [(out_umap_label, labels, label_key),
+                                                   (out_umap_sample, samples, batch_key)], out_table, out_html, seed)
+    log.info("evaluate: %d cells in, %d scored; wrote %s, %s, %s, %s in %.1fs", emb.n_obs, len(keep), out_table,
+             out_html, out_umap_label, out_umap_sample, time.time() - t0)
+    return result
 
+
+def _labelled_embeddings(embeddings_h5ad, cfg: dict):
+    """The embeddings file, checked for the label and batch columns and the embedding, and the
+    rows of the labelled cells to score (at most evaluate.max_cells)."""
+    import anndata as ad
+
+    emb = ad.read_h5ad(embeddings_h5ad)
+    for key, what in ((cfg["label_key"], "evaluate.label_key"), (cfg["batch_key"], "evaluate.batch_key")):
+        if key not in emb.obs:
+            raise ValueError(f"{embeddings_h5ad} has no obs column {key!r} ({what}); columns: {list(emb.obs.columns)}")
+    if EMBEDDING_KEY not in emb.obsm:
+        raise ValueError(f"{embeddings_h5ad} has no obsm[{EMBEDDING_KEY!r}]; rerun the embed rule")
+    keep = labelled_cells(emb.obs, cfg["label_key"], cfg["max_cells"], int(cfg["seed"]),
+                          f"{embeddings_h5ad} (embed.cells: all embeds every cell)")
+    return emb, keep
+
+
+def masked_value_rows(epochs_tsv, args_json=None) -> list[dict]:
+    """The metrics table's rows for the masked-value error of both heads against the baseline of
+    each cell's mean visible bin, at the best validation epoch."""
     masked = masked_value_error(epochs_tsv)
     epoch_note = f"best epoch {masked['epoch']} of {masked['n_epochs']}, fixed masks"
     run_args = json.loads(Path(args_json).read_text()) if args_json else {}
@@ -410,7 +430,7 @@ def evaluate(embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv, out_table, o
                  f"GEPC head (from the cell embedding), trained on gepc_targets: {gepc_targets}, which includes 0 for "
                  "every unexpressed gene, so it predicts masked tokens low: not comparable with the baseline")
     val_cells = f"{n_val} (validation)" if n_val is not None else "validation"
-    table += [
+    return [
         {"metric": "masked_mse_expression", "scllm": masked["expr_mse"], "baseline": masked["baseline_mse"],
          "baseline_method": "each cell's mean visible bin", "cells": val_cells,
          "details": f"{epoch_note}; expression head"},
@@ -418,14 +438,6 @@ def evaluate(embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv, out_table, o
          "baseline_method": "each cell's mean visible bin", "cells": val_cells,
          "details": f"{epoch_note}; {gepc_note}"},
     ]
-    n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
-    title = (f"scLLM embeddings ({X.shape[1]} dims) vs PCA-{pca.shape[1]} of log-normalized HVGs: {len(keep)} "
-             f"cells ({cells_setting}), {n_labels} {label_key} labels, {n_samples} sample(s)")
-    result = _write_results(table, title, panels, [(out_umap_label, labels, label_key),
-                                                   (out_umap_sample, samples, batch_key)], out_table, out_html, seed)
-    log.info("evaluate: %d cells in, %d scored; wrote %s, %s, %s, %s in %.1fs", emb.n_obs, len(keep), out_table,
-             out_html, out_umap_label, out_umap_sample, time.time() - t0)
-    return result
 
 
 def log_normalized_vocab_genes(h5ad, columns: np.ndarray, rows: np.ndarray, *, counts_layer: str | None = None,
@@ -457,31 +469,43 @@ def evaluate_heldout(model_dir, h5ad, out_embeddings, out_table, out_html, out_u
     t0 = time.time()
     seed = int(cfg["seed"])
     # Check the labels before any work, so a refused file leaves nothing behind.
-    source = open_backed(h5ad)
-    obs = source.obs.copy()
-    source.file.close()
-    keep = labelled_cells(obs, label_key, cfg["max_cells"], seed, h5ad)
-    if batch_key is not None and batch_key not in obs:
-        raise ValueError(f"{h5ad} has no obs column {batch_key!r} (heldout.batch_key); columns: {list(obs.columns)}")
-    labels = obs[label_key].astype(str).to_numpy()[keep]
-    samples = obs[batch_key].astype(str).to_numpy()[keep] if batch_key else np.full(len(keep), "all")
+    keep, labels, samples = _heldout_labels(h5ad, label_key, batch_key, cfg)
 
     summary = embed_h5ad(model_dir, h5ad, out_embeddings, gene_id_column=gene_id_column, counts_layer=counts_layer,
                          chunk_size=chunk_size, device=device, batch_size=batch_size)
     emb = ad.read_h5ad(out_embeddings)
     # The baseline sees the vocabulary genes the embedding found.
-    matrix = log_normalized_vocab_genes(h5ad, summary["columns"], keep, counts_layer=counts_layer,
-                                        chunk_size=chunk_size)
-    pca = pca_baseline(matrix, n_pcs=cfg["n_pcs"], seed=seed)
-    log.info("evaluate: PCA baseline on the held-out cells: %d cells x %d vocabulary genes -> %d PCs", *matrix.shape,
-             pca.shape[1])
+    pca = _vocab_genes_baseline(h5ad, summary["columns"], keep, counts_layer, chunk_size, cfg)
     X = np.asarray(emb.obsm[EMBEDDING_KEY])[keep]
-    table, panels = score_against_pca(X, pca, labels, samples, cfg, f"{len(keep)} (held out: {Path(h5ad).name})",
+    name = Path(h5ad).name
+    table, panels = score_against_pca(X, pca, labels, samples, cfg, f"{len(keep)} (held out: {name})",
                                       label_key, batch_key or "sample",
                                       f"PCA-{pca.shape[1]} of log-normalized vocabulary genes (same cells)")
-    title = (f"scLLM embeddings ({X.shape[1]} dims) of {len(keep)} held-out cells ({Path(h5ad).name}, "
+    title = (f"scLLM embeddings ({X.shape[1]} dims) of {len(keep)} held-out cells ({name}, "
              f"{summary['coverage']:.0%} of the vocabulary found) vs PCA of the same cells")
     result = _write_results(table, title, panels, [(out_umap_label, labels, label_key)], out_table, out_html, seed)
     log.info("evaluate: %s: %d cells, %d scored; wrote %s, %s, %s in %.1fs", h5ad, emb.n_obs, len(keep), out_table,
              out_html, out_umap_label, time.time() - t0)
     return result
+
+
+def _vocab_genes_baseline(h5ad, columns, keep, counts_layer, chunk_size: int, cfg: dict) -> np.ndarray:
+    matrix = log_normalized_vocab_genes(h5ad, columns, keep, counts_layer=counts_layer, chunk_size=chunk_size)
+    pca = pca_baseline(matrix, n_pcs=cfg["n_pcs"], seed=int(cfg["seed"]))
+    log.info("evaluate: PCA baseline on the held-out cells: %d cells x %d vocabulary genes -> %d PCs", *matrix.shape,
+             pca.shape[1])
+    return pca
+
+
+def _heldout_labels(h5ad, label_key: str, batch_key: str | None, cfg: dict):
+    """Rows of the held-out file's labelled cells to score, their labels and their samples (one
+    sample "all" without a batch_key), read from obs alone."""
+    source = open_backed(h5ad)
+    obs = source.obs.copy()
+    source.file.close()
+    keep = labelled_cells(obs, label_key, cfg["max_cells"], int(cfg["seed"]), h5ad)
+    if batch_key is not None and batch_key not in obs:
+        raise ValueError(f"{h5ad} has no obs column {batch_key!r} (heldout.batch_key); columns: {list(obs.columns)}")
+    labels = obs[label_key].astype(str).to_numpy()[keep]
+    samples = obs[batch_key].astype(str).to_numpy()[keep] if batch_key else np.full(len(keep), "all")
+    return keep, labels, samples

@@ -104,38 +104,58 @@ def _read_tsv(path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t")
 
 
-def write_report(out_html, *, run: str, qc_tsv, samples_tsv, hvg_tsv, epochs_tsv, loss_curve_png, metrics_tsv,
-                 umap_cell_type_png, umap_sample_png) -> list[str]:
+def write_report(out_html, *, run: str, qc_tsv, samples_tsv, hvg_tsv, epochs_tsv, loss_curve_png,
+                 metrics_tsv, umap_cell_type_png, umap_sample_png) -> list[str]:
     """Write the run's report; returns the titles of the sections it holds."""
+    samples_section, n_samples = _samples_section(samples_tsv)
+    sections = [
+        samples_section,
+        *_preprocessing_sections(qc_tsv, hvg_tsv),
+        *_model_sections(epochs_tsv, loss_curve_png, metrics_tsv, umap_cell_type_png),
+    ]
+    if n_samples > 1:
+        sections.append(("UMAP by sample", "The same UMAPs coloured by sample: mixed colours mean the "
+                         "embedding does not separate cells by where they came from.",
+                         _image(umap_sample_png)))
+    body = "".join(_section(*s) for s in sections)
+    title = html.escape(run)
+    with atomic_path(out_html) as tmp:
+        Path(tmp).write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>scLLM run {title}"
+                             f"</title>{STYLE}</head><body><h1>scLLM-pretrain: run {title}</h1>\n{body}"
+                             "</body></html>\n")
+    log.info("report: %d sections (%s) -> %s", len(sections), ", ".join(s[0] for s in sections), out_html)
+    return [s[0] for s in sections]
+
+
+def _samples_section(samples_tsv) -> tuple[tuple[str, str, str], int]:
+    """The samples table with how many were chosen; also returns that number."""
     samples = _read_tsv(samples_tsv)
     chosen = samples[samples["chosen"].astype(str) == "True"] if "chosen" in samples else samples
-    metrics = _read_tsv(metrics_tsv)
-    epochs = _read_tsv(epochs_tsv)
+    n_cells = int(chosen["n_cells"].sum()) if "n_cells" in chosen else "n/a"
+    caption = (f"{len(chosen)} sample(s) (dataset, donor) chosen of {len(samples)} eligible, "
+               f"{n_cells} cells (samples.tsv).")
+    return ("Samples", caption, _table(samples, "samples")), len(chosen)
+
+
+def _preprocessing_sections(qc_tsv, hvg_tsv) -> list[tuple[str, str, str]]:
     hvgs = _read_tsv(hvg_tsv)
-    n_samples = len(chosen)
-    sections = [
-        ("Samples", f"{n_samples} sample(s) (dataset, donor) chosen of {len(samples)} eligible, "
-         f"{int(chosen['n_cells'].sum()) if 'n_cells' in chosen else 'n/a'} cells (samples.tsv).", _table(samples, "samples")),
+    return [
         ("Quality control", "Cells and genes before and after filter_qc, over all cells and per sample, "
          "with the thresholds used (qc.tsv).", _table(_read_tsv(qc_tsv), "rows")),
         ("Highly variable genes", f"The {len(hvgs)} HVGs, the model's vocabulary, in rank order (hvg.tsv); "
          "the 50 most variable first, all of them below.", _hvg_list(hvgs)),
+    ]
+
+
+def _model_sections(epochs_tsv, loss_curve_png, metrics_tsv, umap_cell_type_png) -> list[tuple[str, str, str]]:
+    return [
         ("Pretraining", "Train and validation losses per epoch (epochs.tsv); the validation masked-value "
          "error of each head against predicting each cell's mean visible bin, with fixed masks.",
-         _table(epochs, "epochs") + _image(loss_curve_png)),
+         _table(_read_tsv(epochs_tsv), "epochs") + _image(loss_curve_png)),
         ("Cell embedding vs PCA", "How well the model's cell embedding tells the labelled cell types apart, "
          "next to PCA of log-normalized HVGs on the same cells; the better value is in bold "
-         "(metrics.tsv). Metrics that do not apply to this run are left out.", metrics_html(metrics)),
+         "(metrics.tsv). Metrics that do not apply to this run are left out.",
+         metrics_html(_read_tsv(metrics_tsv))),
         ("UMAP by cell type", "UMAPs of the scLLM embedding and of the PCA baseline, coloured by cell type.",
          _image(umap_cell_type_png)),
     ]
-    if n_samples > 1:
-        sections.append(("UMAP by sample", "The same UMAPs coloured by sample: mixed colours mean the "
-                         "embedding does not separate cells by where they came from.", _image(umap_sample_png)))
-    body = "".join(_section(*s) for s in sections)
-    with atomic_path(out_html) as tmp:
-        Path(tmp).write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>scLLM run {html.escape(run)}"
-                             f"</title>{STYLE}</head><body><h1>scLLM-pretrain: run {html.escape(run)}</h1>\n{body}"
-                             "</body></html>\n")
-    log.info("report: %d sections (%s) -> %s", len(sections), ", ".join(s[0] for s in sections), out_html)
-    return [s[0] for s in sections]

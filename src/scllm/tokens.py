@@ -437,12 +437,14 @@ class _ShardBuffer:
         self.parts, self.n_buffered = [], 0
 
 
-def tokenize_shards(binned_h5ad, split_tsv, out_dir, *, cells_per_shard: int = 100_000, chunk_size: int = 20_000) -> dict:
+def tokenize_shards(binned_h5ad, split_tsv, out_dir, *, cells_per_shard: int = 100_000,
+                    chunk_size: int = 20_000) -> dict:
     """Write ragged token shards per split, ``vocab.json``, ``genes.tsv`` and ``manifest.json``."""
     t0 = time.time()
     adata = open_backed(binned_h5ad)
     split = read_split(split_tsv)
-    if len(split) != adata.n_obs or not np.array_equal(split["cell"].to_numpy(), adata.obs_names.to_numpy()):
+    if len(split) != adata.n_obs or not np.array_equal(split["cell"].to_numpy(),
+                                                       adata.obs_names.to_numpy()):
         raise ValueError(f"{split_tsv} does not list the cells of {binned_h5ad} in order; rerun the split rule")
     n_bins = int(adata.uns["binning"]["n_bins"])
     genes = adata.var[["feature_id", "feature_name"]].reset_index(drop=True)
@@ -456,18 +458,7 @@ def tokenize_shards(binned_h5ad, split_tsv, out_dir, *, cells_per_shard: int = 1
         tmp = Path(tmp)
         tmp.mkdir()
         buffers = {name: _ShardBuffer(tmp, name, cells_per_shard, attrs) for name in sorted(set(labels))}
-        for start, stop in row_chunks(adata.n_obs, chunk_size):
-            block = read_rows(adata, start, stop)
-            _check_bins(block.data, n_bins, binned_h5ad)
-            offsets, gene_ids, values = sequences_from_binned(block, attrs["cls_id"])
-            for name, buffer in buffers.items():
-                rows = np.flatnonzero(labels[start:stop] == name)
-                if rows.size:
-                    sub_offsets, sub_genes, sub_values = _take_cells(offsets, gene_ids, values, rows)
-                    buffer.add(sub_offsets, sub_genes, sub_values, rows + start)
-            log.info("tokenize_shards: %d/%d cells", stop, adata.n_obs)
-        for buffer in buffers.values():
-            buffer.flush()
+        _fill_shards(adata, binned_h5ad, labels, buffers, n_bins, attrs["cls_id"], chunk_size)
         write_vocab(vocab, tmp / "vocab.json")
         genes.assign(token_id=np.arange(n_genes)).to_csv(tmp / "genes.tsv", sep="\t", index=False)
         manifest = {
@@ -479,14 +470,35 @@ def tokenize_shards(binned_h5ad, split_tsv, out_dir, *, cells_per_shard: int = 1
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     adata.file.close()
-    summary = {name: (sum(s["n_cells"] for s in shards), sum(s["n_tokens"] for s in shards), len(shards))
-               for name, shards in manifest["splits"].items()}
-    for name, (cells, tokens, n_shards) in summary.items():
-        log.info("tokenize_shards: %s: %d cells, %d tokens (mean length %.0f) in %d shard(s)",
-                 name, cells, tokens, tokens / max(cells, 1), n_shards)
-    log.info("tokenize_shards: vocabulary %d genes + <cls> + <pad>, max length %d, %.1fs",
-             n_genes, manifest["max_seq_len"], time.time() - t0)
+    _log_summary(manifest, n_genes, time.time() - t0)
     return manifest
+
+
+def _fill_shards(adata, binned_h5ad, labels, buffers: dict, n_bins: int, cls_id: int,
+                 chunk_size: int) -> None:
+    """Stream the binned cells in row chunks into each split's shard buffer, then flush them."""
+    for start, stop in row_chunks(adata.n_obs, chunk_size):
+        block = read_rows(adata, start, stop)
+        _check_bins(block.data, n_bins, binned_h5ad)
+        offsets, gene_ids, values = sequences_from_binned(block, cls_id)
+        for name, buffer in buffers.items():
+            rows = np.flatnonzero(labels[start:stop] == name)
+            if rows.size:
+                sub_offsets, sub_genes, sub_values = _take_cells(offsets, gene_ids, values, rows)
+                buffer.add(sub_offsets, sub_genes, sub_values, rows + start)
+        log.info("tokenize_shards: %d/%d cells", stop, adata.n_obs)
+    for buffer in buffers.values():
+        buffer.flush()
+
+
+def _log_summary(manifest: dict, n_genes: int, seconds: float) -> None:
+    for name, shards in manifest["splits"].items():
+        cells = sum(s["n_cells"] for s in shards)
+        tokens = sum(s["n_tokens"] for s in shards)
+        log.info("tokenize_shards: %s: %d cells, %d tokens (mean length %.0f) in %d shard(s)",
+                 name, cells, tokens, tokens / max(cells, 1), len(shards))
+    log.info("tokenize_shards: vocabulary %d genes + <cls> + <pad>, max length %d, %.1fs",
+             n_genes, manifest["max_seq_len"], seconds)
 
 
 def _check_bins(data: np.ndarray, n_bins: int, path) -> None:
