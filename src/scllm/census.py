@@ -158,38 +158,14 @@ def sample_census(
     """
     t0 = time.time()
     filt = value_filter(tissue_general, primary_only, disease)
+    where = f"the Census at {uri or census_version}"
     with open_census(census_version, uri) as census:
         provenance = census_provenance(census)
-        organisms = list(census["census_data"].keys()) if "census_data" in census else []
-        if organism not in organisms:
-            raise ValueError(
-                f"census.organism={organism!r} is not in this Census (it has {sorted(organisms)}); "
-                "set census.organism to one of them"
-            )
-        exp = census["census_data"][organism]
-        available = set(exp.obs.schema.names)
-        missing = [c for c in REQUIRED_OBS + (["disease"] if disease else []) if c not in available]
-        if missing:
-            raise ValueError(
-                f"the Census obs lacks columns {missing}, which sampling needs"
-                + (" (disease only for the census.disease filter: set census.disease: null to drop it)"
-                   if missing == ["disease"] else "")
-                + ". Build the store with `scllm build-census` (or census.source: h5ad), which fills "
-                "in missing Census columns from its options."
-            )
-        columns = ["soma_joinid"] + REQUIRED_OBS + [c for c in OPTIONAL_OBS if c in available and c not in REQUIRED_OBS]
-        log.info("querying %s obs: %s", organism, filt)
-        cells = exp.obs.read(value_filter=filt, column_names=columns).concat().to_pandas()
-        log.info("%d cells match the filter", len(cells))
-        if cells.empty:
-            raise ValueError(f"no cells match the Census filter [{filt}]; check census.tissue_general/disease")
-        for col in cells.columns:  # categoricals span the whole Census: keep only what we hold
-            if isinstance(cells[col].dtype, pd.CategoricalDtype):
-                cells[col] = cells[col].cat.remove_unused_categories()
-
-        samples, keep, obs = _select(cells, max_cells, seed, f"the Census at {uri or census_version}")
-
-        var = _census_var(exp, f"the Census at {uri or census_version}")
+        exp = _organism_experiment(census, organism)
+        columns = _obs_columns_to_read(exp, disease)
+        cells = _query_cells(exp, organism, filt, columns)
+        samples, keep, obs = _select(cells, max_cells, seed, where)
+        var = _census_var(exp, where)
         uns = {
             "census": {
                 "source": str(uri) if uri else f"census_version={census_version}",
@@ -203,20 +179,76 @@ def sample_census(
                 "n_samples_chosen": int(samples["chosen"].sum()),
             }
         }
-        progress = Progress(0, len(keep))
-        X = exp.ms["RNA"].X["raw"]
-        with atomic_path(out_h5ad) as tmp, CSRWriter(tmp, var=var, uns=uns) as writer:
-            for sample_key, group in keep.groupby(SAMPLE_KEYS, observed=True, sort=False):
-                joinids = group["soma_joinid"].to_numpy()
-                for block in _read_rows(X, joinids, len(var), chunk_size):
-                    writer.append(block)
-                log.info("sample %s: %d cells (%d/%d written; %s)", "/".join(map(str, sample_key)), len(joinids),
-                         writer.rows_written, len(keep), progress.text(writer.rows_written))
-            writer.set_obs(obs)
-        with atomic_path(out_samples) as tmp:
-            samples.to_csv(tmp, sep="\t", index=False)
+        _write_sample_by_sample(out_h5ad, exp, keep, obs, var, uns, chunk_size)
+        _write_samples_tsv(samples, out_samples)
     log.info("sample_census: wrote %d cells x %d genes in %.1fs", obs.shape[0], var.shape[0], time.time() - t0)
     return ad.AnnData(obs=obs, var=var, uns=uns)
+
+
+def _organism_experiment(census, organism: str):
+    """The Census' experiment for ``organism`` (``census_data/<organism>``), or a clear error
+    naming the organisms it has."""
+    organisms = list(census["census_data"].keys()) if "census_data" in census else []
+    if organism not in organisms:
+        raise ValueError(
+            f"census.organism={organism!r} is not in this Census (it has {sorted(organisms)}); "
+            "set census.organism to one of them"
+        )
+    return census["census_data"][organism]
+
+
+def _obs_columns_to_read(exp, disease: str | None) -> list[str]:
+    """soma_joinid, the obs columns sampling needs and the optional ones this store has.
+
+    A store lacking a needed column (disease only when filtering on it) fails here, before any
+    cell is read, with the way to a store that has them.
+    """
+    available = set(exp.obs.schema.names)
+    missing = [c for c in REQUIRED_OBS + (["disease"] if disease else []) if c not in available]
+    if missing:
+        raise ValueError(
+            f"the Census obs lacks columns {missing}, which sampling needs"
+            + (" (disease only for the census.disease filter: set census.disease: null to drop it)"
+               if missing == ["disease"] else "")
+            + ". Build the store with `scllm build-census` (or census.source: h5ad), which fills "
+            "in missing Census columns from its options."
+        )
+    optional = [c for c in OPTIONAL_OBS if c in available and c not in REQUIRED_OBS]
+    return ["soma_joinid"] + REQUIRED_OBS + optional
+
+
+def _query_cells(exp, organism: str, filt: str, columns: list[str]) -> pd.DataFrame:
+    """The obs ``columns`` of every cell that passes the filter; an error if none does."""
+    log.info("querying %s obs: %s", organism, filt)
+    cells = exp.obs.read(value_filter=filt, column_names=columns).concat().to_pandas()
+    log.info("%d cells match the filter", len(cells))
+    if cells.empty:
+        raise ValueError(f"no cells match the Census filter [{filt}]; check census.tissue_general/disease")
+    for col in cells.columns:  # categoricals span the whole Census: keep only what we hold
+        if isinstance(cells[col].dtype, pd.CategoricalDtype):
+            cells[col] = cells[col].cat.remove_unused_categories()
+    return cells
+
+
+def _write_sample_by_sample(out_h5ad, exp, keep: pd.DataFrame, obs, var, uns, chunk_size: int) -> None:
+    """cells.h5ad: the raw counts of the chosen cells (``keep``), read from the store's X/raw
+    one sample at a time, so that every sample is a contiguous block of rows."""
+    progress = Progress(0, len(keep))
+    X = exp.ms["RNA"].X["raw"]
+    with atomic_path(out_h5ad) as tmp, CSRWriter(tmp, var=var, uns=uns) as writer:
+        for sample_key, group in keep.groupby(SAMPLE_KEYS, observed=True, sort=False):
+            joinids = group["soma_joinid"].to_numpy()
+            for block in _read_rows(X, joinids, len(var), chunk_size):
+                writer.append(block)
+            log.info("sample %s: %d cells (%d/%d written; %s)", "/".join(map(str, sample_key)), len(joinids),
+                     writer.rows_written, len(keep), progress.text(writer.rows_written))
+        writer.set_obs(obs)
+
+
+def _write_samples_tsv(samples: pd.DataFrame, out_samples) -> None:
+    """samples.tsv: every sample available, its number of cells and whether it was chosen."""
+    with atomic_path(out_samples) as tmp:
+        samples.to_csv(tmp, sep="\t", index=False)
 
 
 def sample_h5ad(
@@ -249,52 +281,119 @@ def sample_h5ad(
     matrix cannot be read by rows; it goes through a temporary local Census instead (slower,
     same memory bound).
     """
+    # One pass gives what two steps would: build_local_census on the file (as primary data;
+    # tissue_general and disease filled in from the filter where the file lacks them), then
+    # sample_census on that store. These are their settings; a CSC input takes the two steps.
+    build = dict(
+        dataset_id=dataset_id,
+        donor_id=donor_id,
+        donor_column=donor_column,
+        cell_type_column=cell_type_column,
+        gene_id_column=gene_id_column,
+        counts_layer=counts_layer,
+        tissue_general=tissue_general,
+        disease=disease or "normal",
+        organism=organism,
+        block_nnz=block_nnz,
+    )
+    sample = dict(
+        organism=organism,
+        tissue_general=tissue_general,
+        primary_only=primary_only,
+        disease=disease,
+        max_cells=max_cells,
+        seed=seed,
+        chunk_size=chunk_size,
+    )
+    return _sample_in_one_pass(h5ad_path, out_h5ad, out_samples, build, sample)
+
+
+def _sample_in_one_pass(h5ad_path, out_h5ad, out_samples, build: dict, sample: dict) -> ad.AnnData:
+    """``sample_h5ad`` with its settings grouped as the two steps it stands for take them
+    (``build``: build_local_census', ``sample``: sample_census'). obs and var are shaped as such
+    a store would hold them, the cells chosen on them, and their counts copied in one pass."""
     t0 = time.time()
     where = f"the input h5ad {h5ad_path}"
-    filt = value_filter(tissue_general, primary_only, disease)
+    filt = value_filter(sample["tissue_general"], sample["primary_only"], sample["disease"])
     with H5adInput(h5ad_path) as source:
         shaped, var_in, matrix = _census_shaped(
-            source, Path(h5ad_path).stem, dataset_id, donor_id, donor_column, cell_type_column, gene_id_column,
-            counts_layer, tissue_general, True, disease or "normal", where)
+            source,
+            Path(h5ad_path).stem,
+            build["dataset_id"],
+            build["donor_id"],
+            build["donor_column"],
+            build["cell_type_column"],
+            build["gene_id_column"],
+            build["counts_layer"],
+            build["tissue_general"],
+            True,  # is_primary_data
+            build["disease"],
+            where,
+        )
         if matrix.layout == "csc":
             log.info("%s stores %s column by column (CSC), which cannot be read by cells: going through a "
                      "temporary local Census (write your h5ad as CSR to skip this step)", h5ad_path, matrix.name)
             source.close()
-            return _sample_through_store(h5ad_path, out_h5ad, out_samples, dict(
-                dataset_id=dataset_id, donor_id=donor_id, donor_column=donor_column, cell_type_column=cell_type_column,
-                gene_id_column=gene_id_column, counts_layer=counts_layer, tissue_general=tissue_general,
-                disease=disease or "normal", organism=organism, block_nnz=block_nnz), dict(
-                organism=organism, tissue_general=tissue_general, primary_only=primary_only, disease=disease,
-                max_cells=max_cells, seed=seed, chunk_size=chunk_size))
-        log.info("reading %s: %d cells x %d genes (%s, %s); filter: %s", h5ad_path, source.n_obs, source.n_vars,
-                 matrix.name, matrix.layout, filt)
-        cells = _matching_cells(shaped, tissue_general, primary_only, disease, filt)
-        samples, keep, obs = _select(cells, max_cells, seed, where)
+            return _sample_through_store(h5ad_path, out_h5ad, out_samples, build, sample)
+        samples, obs, chosen = _choose_input_rows(h5ad_path, source, matrix, shaped, filt, where, sample)
+        # Before writing, drop the input's shaped obs (a million cells' worth); the filtered and
+        # chosen copies went with _choose_input_rows: only cells.h5ad's obs stays.
+        del shaped
         var = var_in[["feature_name"]].astype(str)
         var.insert(0, "feature_id", var.index.values)
-        uns = {"census": {
-            "source": str(h5ad_path), "census_version": "local", "organism": organism, "value_filter": filt,
-            "provenance": {"source_h5ad": Path(h5ad_path).name, "total_cell_count": str(source.n_obs)},
-            "max_cells": int(max_cells), "seed": int(seed),
-            "n_samples_available": int(len(samples)), "n_samples_chosen": int(samples["chosen"].sum()),
-        }}
-        # Where each input row goes in cells.h5ad (-1: not chosen), and every output row's length.
-        chosen = keep["soma_joinid"].to_numpy()
-        out_row = np.full(source.n_obs, -1, dtype=np.int64)
-        out_row[chosen] = np.arange(len(chosen))
-        del shaped, cells, keep  # a million cells' obs, three times over: only cells.h5ad's obs stays
-        try:
-            _write_cells(out_h5ad, matrix.row_nnz(block_nnz)[chosen], matrix, out_row, var, uns, obs, block_nnz,
-                         chunk_size, source)
-        except _RowLengthsChanged:
-            log.info("%s of %s stores zeros or repeated genes; counting every row's values first", matrix.name, h5ad_path)
-            _write_cells(out_h5ad, matrix.row_nnz(block_nnz, canonical=True)[chosen], matrix, out_row, var, uns, obs,
-                         block_nnz, chunk_size, source)
-        with atomic_path(out_samples) as tmp:
-            samples.to_csv(tmp, sep="\t", index=False)
+        uns = _input_uns(h5ad_path, source.n_obs, filt, samples, sample)
+        _write_chosen_rows(out_h5ad, h5ad_path, source, matrix, chosen, obs, var, uns, build["block_nnz"],
+                           sample["chunk_size"])
+        _write_samples_tsv(samples, out_samples)
     log.info("sample_census: %d cells x %d genes in, wrote %d cells x %d genes in %.1fs",
              source.n_obs, source.n_vars, obs.shape[0], var.shape[0], time.time() - t0)
     return ad.AnnData(obs=obs, var=var, uns=uns)
+
+
+def _choose_input_rows(h5ad_path, source, matrix, shaped: pd.DataFrame, filt: str, where: str, sample: dict):
+    """The samples (all, and which were chosen), cells.h5ad's obs and the input rows of the chosen
+    cells in cells.h5ad's order. Its copies of obs (matching cells, chosen cells) go on return."""
+    log.info("reading %s: %d cells x %d genes (%s, %s); filter: %s", h5ad_path, source.n_obs, source.n_vars,
+             matrix.name, matrix.layout, filt)
+    cells = _matching_cells(shaped, sample["tissue_general"], sample["primary_only"], sample["disease"], filt)
+    samples, keep, obs = _select(cells, sample["max_cells"], sample["seed"], where)
+    return samples, obs, keep["soma_joinid"].to_numpy()
+
+
+def _input_uns(h5ad_path, n_obs: int, filt: str, samples: pd.DataFrame, sample: dict) -> dict:
+    """cells.h5ad's uns["census"] for cells sampled straight from an h5ad."""
+    return {
+        "census": {
+            "source": str(h5ad_path),
+            "census_version": "local",
+            "organism": sample["organism"],
+            "value_filter": filt,
+            "provenance": {"source_h5ad": Path(h5ad_path).name, "total_cell_count": str(n_obs)},
+            "max_cells": int(sample["max_cells"]),
+            "seed": int(sample["seed"]),
+            "n_samples_available": int(len(samples)),
+            "n_samples_chosen": int(samples["chosen"].sum()),
+        }
+    }
+
+
+def _write_chosen_rows(out_h5ad, h5ad_path, source, matrix, chosen, obs, var, uns, block_nnz, chunk_size) -> None:
+    """cells.h5ad from the input rows ``chosen`` (in output order), in one pass over the input.
+
+    X is laid out from the stored row lengths before any value is read. A row that stores zeros
+    or repeated genes is shorter once written: then every row's values are counted first and
+    the file is written again.
+    """
+    # Where each input row goes in cells.h5ad (-1: not chosen).
+    out_row = np.full(source.n_obs, -1, dtype=np.int64)
+    out_row[chosen] = np.arange(len(chosen))
+    try:
+        _write_cells(out_h5ad, matrix.row_nnz(block_nnz)[chosen], matrix, out_row, var, uns, obs, block_nnz,
+                     chunk_size, source)
+    except _RowLengthsChanged:
+        log.info("%s of %s stores zeros or repeated genes; counting every row's values first", matrix.name, h5ad_path)
+        _write_cells(out_h5ad, matrix.row_nnz(block_nnz, canonical=True)[chosen], matrix, out_row, var, uns, obs,
+                     block_nnz, chunk_size, source)
 
 
 def _census_var(exp, where: str) -> pd.DataFrame:
@@ -473,7 +572,7 @@ def build_local_census(
     ``block_nnz`` values, so memory holds obs, var and one block, whatever the number of cells.
     """
     import tiledbsoma as soma
-    import tiledbsoma.io
+    import tiledbsoma.io  # makes soma.io available: _write_experiment ingests obs and var with it
 
     t0 = time.time()
     with H5adInput(h5ad_path) as source:
@@ -487,39 +586,53 @@ def build_local_census(
         datasets = obs.groupby("dataset_id", observed=True).size()
         with atomic_path(uri) as tmp:
             tmp = str(Path(tmp).resolve())  # tiledbsoma relates member URIs on absolute paths
-            soma.Collection.create(tmp).close()
-            with soma.Collection.open(tmp, "w") as root:
-                info = root.add_new_collection("census_info")
-                root.add_new_collection("census_data")
-                _write_table(info, "summary", {
-                    "label": ["census_schema_version", "census_build_date", "dataset_schema_version", "total_cell_count", "source_h5ad"],
-                    "value": ["2.1.0", time.strftime("%Y-%m-%d"), "5.2.0", str(len(obs)), Path(h5ad_path).name],
-                }, soma)
-                _write_table(info, "datasets", {
-                    "dataset_id": [str(d) for d in datasets.index],
-                    "dataset_title": [dataset_title] * len(datasets),
-                    "citation": [citation] * len(datasets),
-                    "dataset_total_cell_count": [int(n) for n in datasets.values],
-                }, soma)
-            experiment = f"{tmp}/census_data/{organism}"
-            # obs and var through tiledbsoma's own ingestion (an AnnData without X: nothing big);
-            # the counts below, block by block, into an X layer of the same shape.
-            obs.index = obs.index.astype(str)  # AnnData wants string cell names
-            tiledbsoma.io.from_anndata(experiment, ad.AnnData(obs=obs, var=var), measurement_name="RNA")
-            log.info("writing %d cells x %d genes into the store", len(obs), len(var))
-            with soma.Experiment.open(experiment, "w") as exp:
-                # One tile spans all genes, so (cell, gene) order is TileDB's global order: blocks
-                # of a CSR file go in as they are read, without TileDB sorting them (4x faster),
-                # and a row range of cells reads from consecutive tiles.
-                X = exp.ms["RNA"].X.add_new_sparse_ndarray(
-                    "raw", type=pa.float32(), shape=(len(obs), len(var)),
-                    platform_config={"tiledb": {"create": {"dims": {"soma_dim_0": {"tile": ROW_TILE},
-                                                                    "soma_dim_1": {"tile": max(len(var), 1)}}}}})
-                nnz = _write_counts(X, matrix, block_nnz, source, soma)
-            with soma.Collection.open(tmp, "w") as root:
-                root["census_data"].set(organism, soma.Experiment.open(experiment), use_relative_uri=True)
+            _write_census_info(tmp, h5ad_path, len(obs), datasets, dataset_title, citation, soma)
+            nnz = _write_experiment(tmp, organism, obs, var, matrix, block_nnz, source, soma)
     log.info("build_local_census: %d cells x %d genes in, %d cells x %d genes (%d non-zeros) in the store, %.1fs",
              source.n_obs, source.n_vars, len(obs), len(var), nnz, time.time() - t0)
+
+
+def _write_census_info(root_uri: str, h5ad_path, n_cells: int, datasets: pd.Series, dataset_title: str,
+                       citation: str, soma) -> None:
+    """The store's root collection, holding census_info (the summary and datasets tables of a
+    Census release) and census_data, still empty."""
+    soma.Collection.create(root_uri).close()
+    with soma.Collection.open(root_uri, "w") as root:
+        info = root.add_new_collection("census_info")
+        root.add_new_collection("census_data")
+        _write_table(info, "summary", {
+            "label": ["census_schema_version", "census_build_date", "dataset_schema_version", "total_cell_count", "source_h5ad"],
+            "value": ["2.1.0", time.strftime("%Y-%m-%d"), "5.2.0", str(n_cells), Path(h5ad_path).name],
+        }, soma)
+        _write_table(info, "datasets", {
+            "dataset_id": [str(d) for d in datasets.index],
+            "dataset_title": [dataset_title] * len(datasets),
+            "citation": [citation] * len(datasets),
+            "dataset_total_cell_count": [int(n) for n in datasets.values],
+        }, soma)
+
+
+def _write_experiment(root_uri: str, organism: str, obs, var, matrix, block_nnz: int, source, soma) -> int:
+    """census_data/<organism> of the store at ``root_uri``: obs, var and the counts in X/raw.
+    Returns the number of non-zeros written."""
+    experiment = f"{root_uri}/census_data/{organism}"
+    # obs and var through tiledbsoma's own ingestion (an AnnData without X: nothing big);
+    # the counts below, block by block, into an X layer of the same shape.
+    obs.index = obs.index.astype(str)  # AnnData wants string cell names
+    soma.io.from_anndata(experiment, ad.AnnData(obs=obs, var=var), measurement_name="RNA")
+    log.info("writing %d cells x %d genes into the store", len(obs), len(var))
+    with soma.Experiment.open(experiment, "w") as exp:
+        # One tile spans all genes, so (cell, gene) order is TileDB's global order: blocks
+        # of a CSR file go in as they are read, without TileDB sorting them (4x faster),
+        # and a row range of cells reads from consecutive tiles.
+        X = exp.ms["RNA"].X.add_new_sparse_ndarray(
+            "raw", type=pa.float32(), shape=(len(obs), len(var)),
+            platform_config={"tiledb": {"create": {"dims": {"soma_dim_0": {"tile": ROW_TILE},
+                                                            "soma_dim_1": {"tile": max(len(var), 1)}}}}})
+        nnz = _write_counts(X, matrix, block_nnz, source, soma)
+    with soma.Collection.open(root_uri, "w") as root:
+        root["census_data"].set(organism, soma.Experiment.open(experiment), use_relative_uri=True)
+    return nnz
 
 
 def _write_counts(X, matrix, block_nnz: int, source, soma) -> int:
@@ -588,50 +701,63 @@ def _census_shaped(source: H5adInput, default_dataset_id, dataset_id, donor_id, 
     Every check that needs no count values runs here, before anything is written."""
     require_cells(source.n_obs, source.n_vars, where)  # an empty store fails deep inside tiledbsoma
     matrix = source.matrix(counts_layer)
-
-    ids = _ensembl_ids(source, gene_id_column)
-    names = source.var["feature_name"].astype(str).values if "feature_name" in source.var else source.var.index.astype(str).values
-    var = pd.DataFrame({"feature_id": ids, "feature_name": names}, index=pd.Index(ids))
-    check_gene_ids(var.index, where)
+    var = _shaped_var(source, gene_id_column, where)
 
     present = set(source.obs_columns)
     obs = pd.DataFrame(index=pd.RangeIndex(source.n_obs))  # row numbers: a store's soma_joinid
 
-    def text(name):
-        """A source column as strings; repeated values (donors, labels) stay categorical, as in
-        the Census, so that obs of a million cells stays small."""
-        col = source.obs_column(name)
-        return col.astype(str).astype("category").values if name != "observation_joinid" else col.astype(str).values
-
     def column(name, fallback):
-        return text(name) if name in present else fallback
+        """The file's own column where it has one; else the fallback, filled in."""
+        return _obs_strings(source, name) if name in present else fallback
 
     obs["dataset_id"] = column("dataset_id", default_dataset_id) if not dataset_id else dataset_id
     if donor_column:
-        if donor_column not in present:
-            raise ValueError(f"obs has no column {donor_column!r} (census.h5ad.donor_column, --donor-column); "
-                             f"available: {source.obs_columns}")
-        obs["donor_id"] = text(donor_column)
+        obs["donor_id"] = _named_obs_column(source, donor_column, "census.h5ad.donor_column, --donor-column")
     else:
         obs["donor_id"] = column("donor_id", "donor_0") if not donor_id else donor_id
     label_col = cell_type_column or next((c for c in ("cell_type", "celltype", "cell_type_label") if c in present), None)
     if label_col is not None:
-        if label_col not in present:
-            raise ValueError(f"obs has no column {label_col!r} (census.h5ad.cell_type_column, --cell-type-column); "
-                             f"available: {source.obs_columns}")
-        obs["cell_type"] = text(label_col)
+        obs["cell_type"] = _named_obs_column(source, label_col, "census.h5ad.cell_type_column, --cell-type-column")
     obs["tissue_general"] = column("tissue_general", tissue_general)
     obs["is_primary_data"] = source.obs_column("is_primary_data").astype(bool).values if "is_primary_data" in present else is_primary_data
     obs["disease"] = column("disease", disease)
     joinids = column("observation_joinid", None) if "observation_joinid" in present else source.obs_names
-    # A cell is (dataset_id, observation_joinid) downstream: ids must be unique within a dataset.
-    prefixes = pd.Series(obs["dataset_id"], index=obs.index).astype(str).to_numpy() + ":"
-    unique = unique_cell_ids(prefixes + np.asarray(joinids, dtype=str), f"{where} (dataset_id:cell id)")
-    obs["observation_joinid"] = [cell[len(prefix):] for cell, prefix in zip(unique, prefixes)]
+    obs["observation_joinid"] = _observation_joinids(obs, joinids, where)
     for col in ("assay", "sex", "tissue", "development_stage", "cell_type_ontology_term_id"):
         if col in present:
-            obs[col] = text(col)
+            obs[col] = _obs_strings(source, col)
     return obs, var, matrix
+
+
+def _shaped_var(source: H5adInput, gene_id_column: str | None, where: str) -> pd.DataFrame:
+    """The input's genes as a Census var: keyed on Ensembl ids (also feature_id), with names."""
+    ids = _ensembl_ids(source, gene_id_column)
+    names = source.var["feature_name"].astype(str).values if "feature_name" in source.var else source.var.index.astype(str).values
+    var = pd.DataFrame({"feature_id": ids, "feature_name": names}, index=pd.Index(ids))
+    check_gene_ids(var.index, where)
+    return var
+
+
+def _obs_strings(source: H5adInput, name: str):
+    """An obs column of the input as strings; repeated values (donors, labels) stay categorical,
+    as in the Census, so that obs of a million cells stays small."""
+    col = source.obs_column(name)
+    return col.astype(str).astype("category").values if name != "observation_joinid" else col.astype(str).values
+
+
+def _named_obs_column(source: H5adInput, name: str, setting: str):
+    """The obs column a setting names, which the input must have."""
+    if name not in source.obs_columns:
+        raise ValueError(f"obs has no column {name!r} ({setting}); available: {source.obs_columns}")
+    return _obs_strings(source, name)
+
+
+def _observation_joinids(obs: pd.DataFrame, joinids, where: str) -> list:
+    """The cells' observation_joinid, checked unique within each dataset: a cell is
+    (dataset_id, observation_joinid) downstream."""
+    prefixes = pd.Series(obs["dataset_id"], index=obs.index).astype(str).to_numpy() + ":"
+    unique = unique_cell_ids(prefixes + np.asarray(joinids, dtype=str), f"{where} (dataset_id:cell id)")
+    return [cell[len(prefix):] for cell, prefix in zip(unique, prefixes)]
 
 
 def _ensembl_ids(source: H5adInput, gene_id_column: str | None) -> np.ndarray:
