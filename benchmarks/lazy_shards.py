@@ -46,8 +46,9 @@ MODELS = {  # the default model (config/config.yaml) and a small one, where memo
 }
 
 
-def write_corpus(root: Path, n_cells: int, n_validation: int, mean_length: float, max_length: int,
-                 seed: int) -> Path:
+def write_corpus(
+    root: Path, n_cells: int, n_validation: int, mean_length: float, max_length: int, seed: int
+) -> Path:
     """Shards + vocab.json + genes.tsv + manifest.json in the tokenize_shards layout."""
     from scllm.checks import file_sha256
     from scllm.tokens import (
@@ -64,20 +65,37 @@ def write_corpus(root: Path, n_cells: int, n_validation: int, mean_length: float
     feature_ids = [f"ENSG{i:011d}" for i in range(N_GENES)]
     vocab = build_vocab(feature_ids)
     write_vocab(vocab, root / "vocab.json")
-    (root / "genes.tsv").write_text("feature_id\tfeature_name\ttoken_id\n"
-                                    + "".join(f"{g}\tG{i}\t{i}\n" for i, g in enumerate(feature_ids)))
-    attrs = {"n_genes": N_GENES, "n_bins": N_BINS, "cls_id": N_GENES, "pad_id": N_GENES + 1,
-             "cls_value": CLS_VALUE, "pad_value": PAD_VALUE, "mask_value": MASK_VALUE,
-             "vocab_sha256": vocab_sha256(vocab)}
-    manifest = {**attrs, "vocab_size": N_GENES + 2, "format_version": 1, "max_seq_len": N_GENES + 1,
-                "binning": {"n_bins": N_BINS}, "splits": {}}
+    (root / "genes.tsv").write_text(
+        "feature_id\tfeature_name\ttoken_id\n"
+        + "".join(f"{g}\tG{i}\t{i}\n" for i, g in enumerate(feature_ids))
+    )
+    attrs = {
+        "n_genes": N_GENES,
+        "n_bins": N_BINS,
+        "cls_id": N_GENES,
+        "pad_id": N_GENES + 1,
+        "cls_value": CLS_VALUE,
+        "pad_value": PAD_VALUE,
+        "mask_value": MASK_VALUE,
+        "vocab_sha256": vocab_sha256(vocab),
+    }
+    manifest = {
+        **attrs,
+        "vocab_size": N_GENES + 2,
+        "format_version": 1,
+        "max_seq_len": N_GENES + 1,
+        "binning": {"n_bins": N_BINS},
+        "splits": {},
+    }
     rng = np.random.default_rng(seed)
     sigma = 0.6  # log-normal spread of cell lengths
     for split, n in (("train", n_cells), ("validation", n_validation)):
         entries = []
         for k, start in enumerate(range(0, n, CELLS_PER_SHARD)):
             m = min(CELLS_PER_SHARD, n - start)
-            lengths = np.clip(rng.lognormal(np.log(mean_length) - sigma ** 2 / 2, sigma, m), 2, max_length)
+            lengths = np.clip(
+                rng.lognormal(np.log(mean_length) - sigma**2 / 2, sigma, m), 2, max_length
+            )
             lengths = lengths.astype(np.int64)
             offsets = np.zeros(m + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
@@ -85,9 +103,23 @@ def write_corpus(root: Path, n_cells: int, n_validation: int, mean_length: float
             values = rng.integers(1, N_BINS, offsets[-1], dtype=np.int16)
             gene_ids[offsets[:-1]], values[offsets[:-1]] = N_GENES, CLS_VALUE
             rel = f"{split}/shard_{k:05d}.h5"
-            write_shard(root / rel, offsets, gene_ids, values, np.arange(start, start + m), {**attrs, "split": split})
-            entries.append({"path": rel, "n_cells": m, "n_tokens": int(offsets[-1]), "max_len": int(lengths.max()),
-                            "sha256": file_sha256(root / rel)})
+            write_shard(
+                root / rel,
+                offsets,
+                gene_ids,
+                values,
+                np.arange(start, start + m),
+                {**attrs, "split": split},
+            )
+            entries.append(
+                {
+                    "path": rel,
+                    "n_cells": m,
+                    "n_tokens": int(offsets[-1]),
+                    "max_len": int(lengths.max()),
+                    "sha256": file_sha256(root / rel),
+                }
+            )
         manifest["splits"][split] = entries
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return root / "manifest.json"
@@ -103,12 +135,18 @@ def in_memory_dataset():
             manifest_path = Path(manifest_path)
             manifest = read_manifest(manifest_path)
             check_vocab(manifest, manifest_path.parent / "vocab.json", manifest_path)
-            parts = [read_listed_shard(manifest_path.parent, manifest, e) for e in manifest["splits"][split]]
+            parts = [
+                read_listed_shard(manifest_path.parent, manifest, e)
+                for e in manifest["splits"][split]
+            ]
             lengths = np.concatenate([np.diff(p.offsets) for p in parts])
             offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
-            super().__init__(offsets, np.concatenate([p.gene_ids for p in parts]),
-                             np.concatenate([p.values for p in parts]))
+            super().__init__(
+                offsets,
+                np.concatenate([p.gene_ids for p in parts]),
+                np.concatenate([p.values for p in parts]),
+            )
 
     return InMemoryShardDataset
 
@@ -122,6 +160,7 @@ def peak_rss_mb() -> float:
 
 # --- the measured processes ---------------------------------------------------------------------
 
+
 def child_train(args) -> dict:
     import scllm.train as train_mod
 
@@ -129,8 +168,15 @@ def child_train(args) -> dict:
         train_mod.ShardDataset = in_memory_dataset()
     out = Path(args.workdir) / f"run_{args.mode}"
     shutil.rmtree(out, ignore_errors=True)
-    train = {"batch_size": 32, "max_steps": args.steps, "checkpoint_every_steps": 10 ** 9, "log_every_steps": 5,
-             "num_threads": args.threads, "device": "cpu", "warmup_steps": 10}
+    train = {
+        "batch_size": 32,
+        "max_steps": args.steps,
+        "checkpoint_every_steps": 10**9,
+        "log_every_steps": 5,
+        "num_threads": args.threads,
+        "device": "cpu",
+        "warmup_steps": 10,
+    }
     t0 = time.perf_counter()
     train_mod.pretrain(args.manifest, out, MODELS[args.model], train)
     seconds = time.perf_counter() - t0
@@ -161,8 +207,13 @@ def child_data(args) -> dict:
         cells += len(batch["lengths"])
         tokens += int(batch["lengths"].sum())
     seconds = time.perf_counter() - t0
-    return {"open_s": open_s, "batches": n, "cells": cells, "cells_per_s": cells / seconds,
-            "tokens_per_s": tokens / seconds}
+    return {
+        "open_s": open_s,
+        "batches": n,
+        "cells": cells,
+        "cells_per_s": cells / seconds,
+        "tokens_per_s": tokens / seconds,
+    }
 
 
 def longest_batch(manifest_path: Path, steps: int) -> int:
@@ -178,24 +229,51 @@ def longest_batch(manifest_path: Path, steps: int) -> int:
         with h5py.File(manifest_path.parent / entry["path"], "r") as f:
             lengths.append(np.diff(f["offsets"][:]))
     lengths = np.concatenate(lengths)
-    return max(int(lengths[b].max()) for b in LengthGroupedBatchSampler(lengths, 32, 0, 100).epoch_batches(0)[:steps])
+    return max(
+        int(lengths[b].max())
+        for b in LengthGroupedBatchSampler(lengths, 32, 0, 100).epoch_batches(0)[:steps]
+    )
 
 
 def run_child(kind: str, mode: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--_child", kind, "--_mode", mode, "--_manifest", str(args.manifest),
-           "--workdir", str(args.workdir), "--steps", str(args.steps), "--batches", str(args.batches),
-           "--model", args.model, "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_child",
+        kind,
+        "--_mode",
+        mode,
+        "--_manifest",
+        str(args.manifest),
+        "--workdir",
+        str(args.workdir),
+        "--steps",
+        str(args.steps),
+        "--batches",
+        str(args.batches),
+        "--model",
+        args.model,
+        "--threads",
+        str(args.threads),
+    ]
     if mode == "before":
         if not args.before_src:
-            raise SystemExit("--modes before needs --before-src (the src folder of another checkout)")
+            raise SystemExit(
+                "--modes before needs --before-src (the src folder of another checkout)"
+            )
         cmd += ["--_src", str(args.before_src)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f"{kind} {mode} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{kind:5s} {mode:9s}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                               for k, v in result.items()), flush=True)
+    print(
+        f"{kind:5s} {mode:9s}: "
+        + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+        ),
+        flush=True,
+    )
     return result
 
 
@@ -203,11 +281,24 @@ def machine() -> dict:
     import h5py
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 ** 2
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1), "python": platform.python_version(),
-            "numpy": np.__version__, "torch": torch.__version__, "h5py": h5py.__version__}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 1024**2
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem, 1),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "h5py": h5py.__version__,
+    }
 
 
 def main() -> None:
@@ -216,16 +307,28 @@ def main() -> None:
     parser.add_argument("--validation-cells", type=int, default=3_000)
     parser.add_argument("--mean-length", type=float, default=400, help="before the cap")
     parser.add_argument("--max-length", type=int, default=800, help="at most N_GENES + 1 = 1201")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per training process")
-    parser.add_argument("--batches", type=int, default=1_000, help="batches timed in the data-path processes")
-    parser.add_argument("--repeats", type=int, default=3, help="data-path runs per mode (median reported)")
+    parser.add_argument(
+        "--steps", type=int, default=30, help="training steps per training process"
+    )
+    parser.add_argument(
+        "--batches", type=int, default=1_000, help="batches timed in the data-path processes"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="data-path runs per mode (median reported)"
+    )
     parser.add_argument("--model", choices=sorted(MODELS), default="small")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--modes", default="lazy,in_memory", help="comma-separated: lazy, in_memory, before")
-    parser.add_argument("--before-src", type=Path, help="src folder of the scllm to time as 'before'")
+    parser.add_argument(
+        "--modes", default="lazy,in_memory", help="comma-separated: lazy, in_memory, before"
+    )
+    parser.add_argument(
+        "--before-src", type=Path, help="src folder of the scllm to time as 'before'"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scllm_lazy"))
-    parser.add_argument("--keep", action="store_true", help="keep the shards (reused when --cells matches)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the shards (reused when --cells matches)"
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     parser.add_argument("--_mode", help=argparse.SUPPRESS)
@@ -247,14 +350,25 @@ def main() -> None:
     args.manifest = corpus / "manifest.json"
     if not args.manifest.exists():
         t0 = time.perf_counter()
-        write_corpus(corpus, args.cells, args.validation_cells, args.mean_length, args.max_length, args.seed)
+        write_corpus(
+            corpus, args.cells, args.validation_cells, args.mean_length, args.max_length, args.seed
+        )
         print(f"wrote {args.cells} cells in {time.perf_counter() - t0:.0f}s", flush=True)
     manifest = json.loads(args.manifest.read_text())
     n_tokens = sum(e["n_tokens"] for e in manifest["splits"]["train"])
-    result = {"cells": args.cells, "tokens": n_tokens, "mean_length": n_tokens / args.cells,
-              "shard_bytes": sum((corpus / e["path"]).stat().st_size for e in manifest["splits"]["train"]),
-              "model": args.model, "steps": args.steps, "threads": args.threads,
-              "longest_batch_tokens": longest_batch(args.manifest, args.steps), "machine": machine()}
+    result = {
+        "cells": args.cells,
+        "tokens": n_tokens,
+        "mean_length": n_tokens / args.cells,
+        "shard_bytes": sum(
+            (corpus / e["path"]).stat().st_size for e in manifest["splits"]["train"]
+        ),
+        "model": args.model,
+        "steps": args.steps,
+        "threads": args.threads,
+        "longest_batch_tokens": longest_batch(args.manifest, args.steps),
+        "machine": machine(),
+    }
     modes = args.modes.split(",")
     # The data path is timed --repeats times, the modes taking turns, so a busy machine slows all
     # of them alike; the result keeps every run and the median.
@@ -263,9 +377,12 @@ def main() -> None:
         for mode in modes:
             runs[mode].append(run_child("data", mode, args))
     for mode in modes:
-        result[f"data_{mode}"] = {**runs[mode][0], "cells_per_s": float(np.median([r["cells_per_s"] for r in runs[mode]])),
-                                  "cells_per_s_runs": [r["cells_per_s"] for r in runs[mode]],
-                                  "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[mode])}
+        result[f"data_{mode}"] = {
+            **runs[mode][0],
+            "cells_per_s": float(np.median([r["cells_per_s"] for r in runs[mode]])),
+            "cells_per_s_runs": [r["cells_per_s"] for r in runs[mode]],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[mode]),
+        }
     for mode in modes:
         result[f"train_{mode}"] = run_child("train", mode, args)
     if args.out:

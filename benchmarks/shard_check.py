@@ -31,25 +31,36 @@ from scllm.checks import file_sha256  # noqa: E402
 from scllm.tokens import CLS_VALUE, Shard, check_shard, read_listed_shard, write_shard  # noqa: E402
 
 
-def synthetic_shard(path: Path, n_cells: int, mean_length: int, n_genes: int, n_bins: int, seed: int) -> dict:
+def synthetic_shard(
+    path: Path, n_cells: int, mean_length: int, n_genes: int, n_bins: int, seed: int
+) -> dict:
     rng = np.random.default_rng(seed)
     sigma = 0.5
-    lengths = rng.lognormal(np.log(mean_length) - sigma ** 2 / 2, sigma, n_cells).astype(np.int64)
+    lengths = rng.lognormal(np.log(mean_length) - sigma**2 / 2, sigma, n_cells).astype(np.int64)
     lengths = np.clip(lengths, 2, n_genes + 1)
     offsets = np.zeros(n_cells + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     gene_ids = rng.integers(0, n_genes, offsets[-1], dtype=np.int32)
     values = rng.integers(1, n_bins, offsets[-1], dtype=np.int16)
     gene_ids[offsets[:-1]], values[offsets[:-1]] = n_genes, CLS_VALUE
-    attrs = {"n_genes": n_genes, "n_bins": n_bins, "cls_id": n_genes, "pad_id": n_genes + 1, "cls_value": CLS_VALUE,
-             "vocab_sha256": "synthetic", "split": "train"}
+    attrs = {
+        "n_genes": n_genes,
+        "n_bins": n_bins,
+        "cls_id": n_genes,
+        "pad_id": n_genes + 1,
+        "cls_value": CLS_VALUE,
+        "vocab_sha256": "synthetic",
+        "split": "train",
+    }
     write_shard(path, offsets, gene_ids, values, np.arange(n_cells), attrs)
     return attrs
 
 
 def read_arrays(path: Path) -> Shard:
     with h5py.File(path, "r") as f:
-        return Shard(f["offsets"][:], f["gene_ids"][:], f["values"][:], f["cell_index"][:], dict(f.attrs))
+        return Shard(
+            f["offsets"][:], f["gene_ids"][:], f["values"][:], f["cell_index"][:], dict(f.attrs)
+        )
 
 
 def timed(fn, repeats: int) -> float:
@@ -62,7 +73,9 @@ def timed(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cells", type=int, default=100_000)
     parser.add_argument("--mean-length", type=int, default=500)
     parser.add_argument("--genes", type=int, default=1200)
@@ -74,10 +87,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train/shard_00000.h5"
-        attrs = synthetic_shard(path, args.cells, args.mean_length, args.genes, args.bins, args.seed)
+        attrs = synthetic_shard(
+            path, args.cells, args.mean_length, args.genes, args.bins, args.seed
+        )
         shard = read_arrays(path)
-        entry = {"path": "train/shard_00000.h5", "n_cells": shard.n_cells, "n_tokens": len(shard.gene_ids),
-                 "sha256": file_sha256(path)}
+        entry = {
+            "path": "train/shard_00000.h5",
+            "n_cells": shard.n_cells,
+            "n_tokens": len(shard.gene_ids),
+            "sha256": file_sha256(path),
+        }
         manifest = {**attrs, "splits": {"train": [entry]}}
         assert check_shard(shard) is None
         size = path.stat().st_size
@@ -86,11 +105,22 @@ def main() -> None:
         sha_s = timed(lambda: file_sha256(path), args.repeats)
         listed_s = timed(lambda: read_listed_shard(tmp, manifest, entry), args.repeats)
     result = {
-        "cells": args.cells, "tokens": entry["n_tokens"], "mean_length": entry["n_tokens"] / args.cells,
-        "file_mb": size / 1e6, "read_s": read_s, "check_s": check_s, "sha256_s": sha_s, "listed_s": listed_s,
-        "sha256_gb_per_s": size / 1e9 / sha_s, "repeats": args.repeats,
-        "machine": {"python": platform.python_version(), "numpy": np.__version__, "h5py": h5py.__version__,
-                    "processor": platform.processor() or platform.machine()},
+        "cells": args.cells,
+        "tokens": entry["n_tokens"],
+        "mean_length": entry["n_tokens"] / args.cells,
+        "file_mb": size / 1e6,
+        "read_s": read_s,
+        "check_s": check_s,
+        "sha256_s": sha_s,
+        "listed_s": listed_s,
+        "sha256_gb_per_s": size / 1e9 / sha_s,
+        "repeats": args.repeats,
+        "machine": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "h5py": h5py.__version__,
+            "processor": platform.processor() or platform.machine(),
+        },
     }
     print(json.dumps(result, indent=1))
     if args.out:

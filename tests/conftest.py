@@ -200,8 +200,13 @@ def synthetic_source(seed=0) -> ad.AnnData:
     """Raw counts of the DONORS' cells with Census obs columns: some non-blood, non-primary or
     diseased cells scattered in, one lung-only and one duplicate-only sample."""
     rng = np.random.default_rng(seed)
-    obs = pd.DataFrame([{"dataset_id": dataset, "donor_id": donor}
-                        for dataset, donor, n in DONORS for _ in range(n)])  # fmt: skip
+    obs = pd.DataFrame(
+        [
+            {"dataset_id": dataset, "donor_id": donor}
+            for dataset, donor, n in DONORS
+            for _ in range(n)
+        ]
+    )
     n = len(obs)
     obs["tissue_general"] = "blood"
     obs["is_primary_data"] = True

@@ -24,7 +24,6 @@ import pytest
 import scipy.sparse as sp
 import yaml
 
-from conftest import TINY_MODEL, TINY_TRAIN, synthetic_source, write_synthetic_shards
 from scllm import census as census_mod
 from scllm.binning import normalize_bin
 from scllm.census import CensusUnavailableError, build_local_census, open_census, sample_census
@@ -34,6 +33,8 @@ from scllm.qc import filter_qc
 from scllm.split import split_cells
 from scllm.tokens import build_vocab, read_shard, vocab_sha256, write_shard
 from scllm.train import pretrain
+
+from conftest import TINY_MODEL, TINY_TRAIN, synthetic_source, write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,15 +56,20 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cells_h5ad(store, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cells")
-    sample_census(root / "cells.h5ad", root / "samples.tsv", uri=str(store), max_cells=1000, chunk_size=16)
+    sample_census(
+        root / "cells.h5ad", root / "samples.tsv", uri=str(store), max_cells=1000, chunk_size=16
+    )
     return root / "cells.h5ad"
 
 
 def sample(store, out: Path, **kwargs):
-    return sample_census(out / "cells.h5ad", out / "samples.tsv", uri=str(store), chunk_size=16, **kwargs)
+    return sample_census(
+        out / "cells.h5ad", out / "samples.tsv", uri=str(store), chunk_size=16, **kwargs
+    )
 
 
 # --- the input h5ad and the Census ------------------------------------------------------------------
+
 
 def test_negative_counts_in_a_layer_name_the_layer_setting(tmp_path):
     src = synthetic_source()
@@ -73,7 +79,9 @@ def test_negative_counts_in_a_layer_name_the_layer_setting(tmp_path):
     with pytest.raises(ValueError, match="non-negative integer counts") as err:
         build_local_census(tmp_path / "in.h5ad", tmp_path / "soma", counts_layer="counts")
     assert "layers['counts']" in str(err.value) and "census.h5ad.counts_layer" in str(err.value)
-    with pytest.raises(ValueError, match=r"no layer 'raw'.*census\.h5ad\.counts_layer.*\['counts'\]"):
+    with pytest.raises(
+        ValueError, match=r"no layer 'raw'.*census\.h5ad\.counts_layer.*\['counts'\]"
+    ):
         build_local_census(tmp_path / "in.h5ad", tmp_path / "soma", counts_layer="raw")
     assert leftovers(tmp_path, "soma") == []
 
@@ -89,7 +97,9 @@ def test_non_integer_counts_in_a_store_stop_sampling_midway(tmp_path, monkeypatc
     with monkeypatch.context() as m:
         m.setattr(census_mod, "check_counts", lambda *a, **k: None)
         build_local_census(tmp_path / "norm.h5ad", tmp_path / "soma")
-    with pytest.raises(ValueError, match="Census X/raw holds values that are not non-negative integer counts"):
+    with pytest.raises(
+        ValueError, match="Census X/raw holds values that are not non-negative integer counts"
+    ):
         sample(tmp_path / "soma", tmp_path, max_cells=1000, disease=None, primary_only=False)
     assert leftovers(tmp_path, "cells.h5ad", "samples.tsv") == []
 
@@ -97,7 +107,9 @@ def test_non_integer_counts_in_a_store_stop_sampling_midway(tmp_path, monkeypatc
 def test_missing_obs_columns_are_named(tmp_path, monkeypatch):
     src = synthetic_source()
     src.write_h5ad(tmp_path / "in.h5ad")
-    with pytest.raises(ValueError, match=r"no column 'patient' \(census\.h5ad\.donor_column.*available"):
+    with pytest.raises(
+        ValueError, match=r"no column 'patient' \(census\.h5ad\.donor_column.*available"
+    ):
         build_local_census(tmp_path / "in.h5ad", tmp_path / "soma", donor_column="patient")
     with pytest.raises(ValueError, match=r"no column 'label' \(census\.h5ad\.cell_type_column"):
         build_local_census(tmp_path / "in.h5ad", tmp_path / "soma", cell_type_column="label")
@@ -123,7 +135,12 @@ def test_pipeline_h5ad_without_sample_column(cells_h5ad, tmp_path):
     del adata.obs["sample"]
     adata.write_h5ad(tmp_path / "cells.h5ad")
     with pytest.raises(ValueError, match=r"no obs column\(s\) \['sample'\].*rerun sample_census"):
-        filter_qc(tmp_path / "cells.h5ad", tmp_path / "filtered.h5ad", tmp_path / "qc.tsv", min_genes_per_cell=1)
+        filter_qc(
+            tmp_path / "cells.h5ad",
+            tmp_path / "filtered.h5ad",
+            tmp_path / "qc.tsv",
+            min_genes_per_cell=1,
+        )
     assert leftovers(tmp_path, "filtered.h5ad", "qc.tsv") == []
 
 
@@ -131,7 +148,9 @@ def test_explicit_gene_id_column_without_ensembl_ids(tmp_path):
     src = synthetic_source()
     src.var["symbol"] = src.var_names
     src.write_h5ad(tmp_path / "in.h5ad")
-    with pytest.raises(ValueError, match=r"var\['symbol'\] \(census\.h5ad\.gene_id_column\) does not hold Ensembl"):
+    with pytest.raises(
+        ValueError, match=r"var\['symbol'\] \(census\.h5ad\.gene_id_column\) does not hold Ensembl"
+    ):
         build_local_census(tmp_path / "in.h5ad", tmp_path / "soma", gene_id_column="symbol")
     assert leftovers(tmp_path, "soma") == []
 
@@ -148,15 +167,29 @@ def test_unknown_census_version_is_named(monkeypatch):
     import cellxgene_census._open as census_open
 
     def description(version):  # the real function, minus the download of the directory
-        directory = {"2025-01-30": {"soma": {"uri": "s3://cellxgene-census-public-us-west-2/cell-census/2025-01-30/soma/"}}}
+        directory = {
+            "2025-01-30": {
+                "soma": {
+                    "uri": "s3://cellxgene-census-public-us-west-2/cell-census/2025-01-30/soma/"
+                }
+            }
+        }
         if version not in directory:
             raise ValueError(f"Unable to locate Census version: {version}.")
         return directory[version]
 
-    monkeypatch.setattr(census_open, "_get_census_mirrors", lambda: {
-        "default": "AWS-S3-us-west-2",
-        "AWS-S3-us-west-2": {"provider": "S3", "base_uri": "s3://cellxgene-census-public-us-west-2/",
-                             "region": "us-west-2"}})
+    monkeypatch.setattr(
+        census_open,
+        "_get_census_mirrors",
+        lambda: {
+            "default": "AWS-S3-us-west-2",
+            "AWS-S3-us-west-2": {
+                "provider": "S3",
+                "base_uri": "s3://cellxgene-census-public-us-west-2/",
+                "region": "us-west-2",
+            },
+        },
+    )
     monkeypatch.setattr(census_open, "get_census_version_description", description)
     with pytest.raises(CensusUnavailableError) as err:
         open_census(version="2031-02-30")
@@ -173,7 +206,9 @@ def test_config_schema_rejects_misspelt_keys_and_moving_versions():
     def check(**overrides):
         config = yaml.safe_load((REPO / "config/demo.yaml").read_text())
         for section, value in overrides.items():
-            config[section] = {**config.get(section, {}), **value} if isinstance(value, dict) else value
+            config[section] = (
+                {**config.get(section, {}), **value} if isinstance(value, dict) else value
+            )
         validate(config, str(REPO / "config/schema.yaml"))
 
     check()  # the embedded default is valid
@@ -181,7 +216,9 @@ def test_config_schema_rejects_misspelt_keys_and_moving_versions():
         check(censsu={"max_cells": 5})
     with pytest.raises(Exception, match="'max_cell' was unexpected"):
         check(census={"max_cell": 5})
-    with pytest.raises(Exception, match=r"(?s)'stable' does not match.*census_version.*dated Census release"):
+    with pytest.raises(
+        Exception, match=r"(?s)'stable' does not match.*census_version.*dated Census release"
+    ):
         check(census={"census_version": "stable"})
     with pytest.raises(Exception, match="'epoch' was unexpected"):
         check(train={"epoch": 3})
@@ -189,15 +226,21 @@ def test_config_schema_rejects_misspelt_keys_and_moving_versions():
 
 def test_unknown_model_setting(tmp_path):
     manifest = write_synthetic_shards(tmp_path / "shards", n_train=8, n_val=2)
-    with pytest.raises(ValueError, match=r"unknown model settings \['n_layer'\]; known: .*'n_layers'"):
+    with pytest.raises(
+        ValueError, match=r"unknown model settings \['n_layer'\]; known: .*'n_layers'"
+    ):
         pretrain(manifest, tmp_path / "run", {**TINY_MODEL, "n_layer": 3}, TINY_TRAIN)
     assert not (tmp_path / "run").exists()
 
 
 # --- empty selections --------------------------------------------------------------------------------
 
+
 def test_census_filter_matching_nothing(store, tmp_path):
-    with pytest.raises(ValueError, match=r"no cells match the Census filter \[tissue_general == 'brain'.*census\.tissue_general"):
+    with pytest.raises(
+        ValueError,
+        match=r"no cells match the Census filter \[tissue_general == 'brain'.*census\.tissue_general",
+    ):
         sample(store, tmp_path, tissue_general="brain")
     with pytest.raises(ValueError, match="census.tissue_general/disease"):
         sample(store, tmp_path, disease="influenza")
@@ -206,34 +249,62 @@ def test_census_filter_matching_nothing(store, tmp_path):
 
 def test_qc_removing_everything(cells_h5ad, tmp_path):
     outputs = (tmp_path / "filtered.h5ad", tmp_path / "qc.tsv")
-    with pytest.raises(ValueError, match=r"no cell expresses >= qc\.min_genes_per_cell=1000.*lower qc\.min_genes_per_cell"):
+    with pytest.raises(
+        ValueError,
+        match=r"no cell expresses >= qc\.min_genes_per_cell=1000.*lower qc\.min_genes_per_cell",
+    ):
         filter_qc(cells_h5ad, *outputs, min_genes_per_cell=1000, chunk_size=16)
-    with pytest.raises(ValueError, match=r"qc\.min_gene_counts=1000000000 .*; lower qc\.min_gene_counts"):
+    with pytest.raises(
+        ValueError, match=r"qc\.min_gene_counts=1000000000 .*; lower qc\.min_gene_counts"
+    ):
         filter_qc(cells_h5ad, *outputs, min_gene_counts=10**9, chunk_size=16)
     assert leftovers(tmp_path, "filtered.h5ad", "qc.tsv") == []
 
 
 def test_hvg_and_binning_with_nothing_left(cells_h5ad, tmp_path):
-    with pytest.raises(ValueError, match=r"no sample could be used.*lower hvg\.min_cells_per_sample"):
+    with pytest.raises(
+        ValueError, match=r"no sample could be used.*lower hvg\.min_cells_per_sample"
+    ):
         select_hvg(cells_h5ad, tmp_path / "hvg.tsv", n_top_genes=10, min_cells_per_sample=10_000)
     assert leftovers(tmp_path, "hvg.tsv") == []
     features = ad.read_h5ad(cells_h5ad, backed="r").var
-    pd.DataFrame({"feature_id": features.index[:10], "feature_name": features["feature_name"][:10],
-                  "rank": range(10)}).to_csv(tmp_path / "hvg.tsv", sep="\t", index=False)
-    with pytest.raises(ValueError, match=r"normalize_bin\.min_expressed_hvgs=11 .*lower normalize_bin\.min_expressed_hvgs"):
-        normalize_bin(cells_h5ad, tmp_path / "hvg.tsv", tmp_path / "binned.h5ad", min_expressed_hvgs=11, chunk_size=16)
+    pd.DataFrame(
+        {
+            "feature_id": features.index[:10],
+            "feature_name": features["feature_name"][:10],
+            "rank": range(10),
+        }
+    ).to_csv(tmp_path / "hvg.tsv", sep="\t", index=False)
+    with pytest.raises(
+        ValueError,
+        match=r"normalize_bin\.min_expressed_hvgs=11 .*lower normalize_bin\.min_expressed_hvgs",
+    ):
+        normalize_bin(
+            cells_h5ad,
+            tmp_path / "hvg.tsv",
+            tmp_path / "binned.h5ad",
+            min_expressed_hvgs=11,
+            chunk_size=16,
+        )
     assert leftovers(tmp_path, "binned.h5ad") == []
 
 
 # --- damaged files -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_damaged_h5ad(cells_h5ad, tmp_path, damage):
     data = cells_h5ad.read_bytes()
-    broken = {"truncated": data[: len(data) // 2], "garbage": b"not an h5ad\n" * 100, "empty": b""}[damage]
+    broken = {
+        "truncated": data[: len(data) // 2],
+        "garbage": b"not an h5ad\n" * 100,
+        "empty": b"",
+    }[damage]
     (tmp_path / "cells.h5ad").write_bytes(broken)
     # a stage reading the pipeline's own file
-    with pytest.raises(ValueError, match=r"cannot open .*cells\.h5ad as h5ad.*rerun the stage that writes it"):
+    with pytest.raises(
+        ValueError, match=r"cannot open .*cells\.h5ad as h5ad.*rerun the stage that writes it"
+    ):
         filter_qc(tmp_path / "cells.h5ad", tmp_path / "filtered.h5ad", tmp_path / "qc.tsv")
     with pytest.raises(ValueError, match="cannot open"):
         split_cells(tmp_path / "cells.h5ad", tmp_path / "split.tsv")
@@ -254,7 +325,9 @@ def test_truncated_shard_or_manifest_stops_pretrain_before_any_output(tmp_path):
     shard = tmp_path / "shards/train/shard_00001.h5"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 3])
-    with pytest.raises(ValueError, match=r"shard .*shard_00001\.h5 has sha256 .*--forcerun tokenize_shards"):
+    with pytest.raises(
+        ValueError, match=r"shard .*shard_00001\.h5 has sha256 .*--forcerun tokenize_shards"
+    ):
         pretrain(manifest, tmp_path / "run", TINY_MODEL, TINY_TRAIN)
     assert not (tmp_path / "run").exists()
     manifest.write_text(manifest.read_text()[:40])
@@ -264,6 +337,7 @@ def test_truncated_shard_or_manifest_stops_pretrain_before_any_output(tmp_path):
 
 
 # --- vocabularies ------------------------------------------------------------------------------------
+
 
 def test_shards_and_model_with_different_vocabularies(tmp_path):
     from scllm.data import ShardDataset
@@ -276,8 +350,14 @@ def test_shards_and_model_with_different_vocabularies(tmp_path):
     # a shard of the same shape but another gene vocabulary
     other = build_vocab([f"ENSG{i:011d}" for i in range(100, 124)])
     shard = read_shard(tmp_path / "a/validation/shard_00000.h5")
-    write_shard(tmp_path / "other.h5", shard.offsets, shard.gene_ids, shard.values, shard.cell_index,
-                {**shard.attrs, "vocab_sha256": vocab_sha256(other)})
+    write_shard(
+        tmp_path / "other.h5",
+        shard.offsets,
+        shard.gene_ids,
+        shard.values,
+        shard.cell_index,
+        {**shard.attrs, "vocab_sha256": vocab_sha256(other)},
+    )
     with pytest.raises(ValueError, match="tokenize the cells with the model's vocab.json") as err:
         embed_shard_cells(model, tmp_path / "other.h5")
     assert vocab_sha256(other) in str(err.value) and model.vocab_sha256 in str(err.value)
@@ -288,7 +368,9 @@ def test_shards_and_model_with_different_vocabularies(tmp_path):
     with pytest.raises(ValueError, match="has sha256 .* but the manifest recorded"):
         ShardDataset(manifest, "validation")
     listed = json.loads(manifest.read_text())  # as if the manifest had been rewritten to match
-    listed["splits"]["validation"][0]["sha256"] = file_sha256(tmp_path / "a/validation/shard_00000.h5")
+    listed["splits"]["validation"][0]["sha256"] = file_sha256(
+        tmp_path / "a/validation/shard_00000.h5"
+    )
     manifest.write_text(json.dumps(listed))
     with pytest.raises(ValueError, match="come from different runs. .*--forcerun tokenize_shards"):
         ShardDataset(manifest, "validation")

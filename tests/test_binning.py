@@ -46,7 +46,7 @@ def random_cells_without_ties(rng, lengths, n_genes, dtype=np.float64) -> sp.csr
         vals += (rng.choice(1_000_000, k, replace=False) / 1000.0 + 0.01).tolist()
     m = sp.csr_matrix((np.asarray(vals, dtype=dtype), (rows, cols)), shape=(len(lengths), n_genes))
     for i in range(m.shape[0]):
-        row = m.data[m.indptr[i]:m.indptr[i + 1]]
+        row = m.data[m.indptr[i] : m.indptr[i + 1]]
         assert len(np.unique(row)) == len(row)  # precondition: no ties
     return m
 
@@ -82,17 +82,19 @@ def test_bins_equal_scgpt_without_ties(n_bins, dtype):
     np.testing.assert_array_equal(out.indices, m.indices)
     assert out.nnz == m.nnz and np.all(out.data >= 1) and np.all(out.data <= n_bins - 1)
     for i, k in enumerate(LENGTHS):
-        nz = m.data[m.indptr[i]:m.indptr[i + 1]]
-        got = out.data[out.indptr[i]:out.indptr[i + 1]].astype(np.int64)
+        nz = m.data[m.indptr[i] : m.indptr[i + 1]]
+        got = out.data[out.indptr[i] : out.indptr[i + 1]].astype(np.int64)
         if k == 1:
             # One value: every edge equals it, so scGPT itself draws a bin among 1..n_bins-1.
             low, high = ref_allowed_range(nz, n_bins)
             assert low[0] == 1 and high[0] == n_bins - 1
             assert low[0] <= got[0] <= high[0]
         else:
-            np.testing.assert_array_equal(got, ref_bins_no_ties(nz, n_bins), err_msg=f"cell {i} ({k} values)")
+            np.testing.assert_array_equal(
+                got, ref_bins_no_ties(nz, n_bins), err_msg=f"cell {i} ({k} values)"
+            )
     if n_bins == 51:  # a long cell uses every bin, the smallest value bin 1, the largest bin 50
-        long = out.data[out.indptr[-3]:out.indptr[-2]]
+        long = out.data[out.indptr[-3] : out.indptr[-2]]
         assert set(long.tolist()) == set(range(1, 51))
 
 
@@ -122,13 +124,15 @@ def test_tied_values_in_scgpt_range(n_bins):
     np.testing.assert_array_equal(out.indices, m.indices)
     n_collapsed = 0
     for i in range(m.shape[0]):
-        nz = m.data[m.indptr[i]:m.indptr[i + 1]]
+        nz = m.data[m.indptr[i] : m.indptr[i + 1]]
         if nz.size == 0:
             continue
-        got = out.data[out.indptr[i]:out.indptr[i + 1]].astype(np.int64)
+        got = out.data[out.indptr[i] : out.indptr[i + 1]].astype(np.int64)
         low, high = ref_allowed_range(nz, n_bins)
         bad = (got < low) | (got > high)
-        assert not bad.any(), f"cell {i}: values {nz[bad][:5]} got bins {got[bad][:5]}, allowed {low[bad][:5]}..{high[bad][:5]}"
+        assert not bad.any(), (
+            f"cell {i}: values {nz[bad][:5]} got bins {got[bad][:5]}, allowed {low[bad][:5]}..{high[bad][:5]}"
+        )
         n_collapsed += int((high > low).sum())
     assert n_collapsed > 1000  # the data do exercise the tie rule
 
@@ -143,7 +147,7 @@ def test_ties_spread_uniformly_over_collapsed_bins():
     ones = out[:2000]
     low, high = ref_allowed_range(values, n_bins)
     assert low[0] == 1 and high[0] > 20  # the ones collapse many bins
-    counts = np.bincount(ones, minlength=high[0] + 1)[low[0]:high[0] + 1]
+    counts = np.bincount(ones, minlength=high[0] + 1)[low[0] : high[0] + 1]
     expected = 2000 / len(counts)
     assert counts.min() > 0.5 * expected and counts.max() < 1.5 * expected, counts
 
@@ -159,7 +163,7 @@ def test_ties_deterministic_per_seed_and_chunk_independent():
     assert (whole.data != other.data).sum() > 100  # another seed draws other bins for ties
     # the untied values do not depend on the seed
     for i in range(m.shape[0]):
-        nz = m.data[m.indptr[i]:m.indptr[i + 1]]
+        nz = m.data[m.indptr[i] : m.indptr[i + 1]]
         if nz.size == 0:
             continue
         low, high = ref_allowed_range(nz, 51)
@@ -168,30 +172,50 @@ def test_ties_deterministic_per_seed_and_chunk_independent():
         np.testing.assert_array_equal(whole.data[sl][fixed], other.data[sl][fixed])
 
     for chunk in (1, 10, 33):
-        parts = [bin_csr(m[a:a + chunk], n_bins=51, seed=42, row_offset=a) for a in range(0, m.shape[0], chunk)]
+        parts = [
+            bin_csr(m[a : a + chunk], n_bins=51, seed=42, row_offset=a)
+            for a in range(0, m.shape[0], chunk)
+        ]
         chunked = sp.vstack(parts).tocsr()
         np.testing.assert_array_equal(chunked.indptr, whole.indptr)
         np.testing.assert_array_equal(chunked.indices, whole.indices)
         np.testing.assert_array_equal(chunked.data, whole.data, err_msg=f"chunk size {chunk}")
     # without the right row offset, the chunks draw differently (row_offset matters)
-    wrong = sp.vstack([bin_csr(m[a:a + 10], n_bins=51, seed=42) for a in range(0, m.shape[0], 10)]).tocsr()
+    wrong = sp.vstack(
+        [bin_csr(m[a : a + 10], n_bins=51, seed=42) for a in range(0, m.shape[0], 10)]
+    ).tocsr()
     assert (wrong.data != whole.data).any()
 
 
 def test_content_keys_follow_the_counts_only():
     rng = np.random.default_rng(3)
-    m = sp.random(40, 30, density=0.3, format="csr", random_state=rng, data_rvs=lambda n: rng.integers(1, 4, n))
+    m = sp.random(
+        40,
+        30,
+        density=0.3,
+        format="csr",
+        random_state=rng,
+        data_rvs=lambda n: rng.integers(1, 4, n),
+    )
     m = sp.csr_matrix(m.astype(np.int32))
     before = (m.indptr.copy(), m.indices.copy(), m.data.copy())
     keys = content_keys(m)
     assert keys.dtype == np.int64 and (keys >= 0).all() and len(set(keys.tolist())) == 40
-    assert all(np.array_equal(x, y) for x, y in zip(before, (m.indptr, m.indices, m.data)))  # input untouched
+    assert all(
+        np.array_equal(x, y) for x, y in zip(before, (m.indptr, m.indices, m.data))
+    )  # input untouched
     # the same counts as float64 in reverse row order: the keys follow the rows
     np.testing.assert_array_equal(content_keys(m[::-1].astype(np.float64)), keys[::-1])
     # row 0 stored with unsorted indices and an explicit zero: the same cell, the same key
     a, b = m.indptr[0], m.indptr[1]
-    row0 = sp.csr_matrix((np.r_[m.data[a:b][::-1], 0], np.r_[m.indices[a:b][::-1], np.setdiff1d(np.arange(30), m.indices[a:b])[0]],
-                          [0, b - a + 1]), shape=(1, 30))
+    row0 = sp.csr_matrix(
+        (
+            np.r_[m.data[a:b][::-1], 0],
+            np.r_[m.indices[a:b][::-1], np.setdiff1d(np.arange(30), m.indices[a:b])[0]],
+            [0, b - a + 1],
+        ),
+        shape=(1, 30),
+    )
     assert content_keys(row0)[0] == keys[0]
     changed = m.copy()
     changed.data[0] += 1
@@ -201,26 +225,48 @@ def test_content_keys_follow_the_counts_only():
 def test_normalize_bin_gives_a_cell_the_same_bins_in_any_row(tmp_path):
     """Tie-break draws are keyed on a cell's counts: a duplicated cell gets identical bins."""
     rng = np.random.default_rng(8)
-    counts = sp.random(12, 20, density=0.5, format="csr", random_state=rng, data_rvs=lambda n: rng.integers(1, 3, n))
-    counts = sp.csr_matrix(sp.vstack([counts, counts[[4]]]).astype(np.float32))  # cell 12 == cell 4
+    counts = sp.random(
+        12,
+        20,
+        density=0.5,
+        format="csr",
+        random_state=rng,
+        data_rvs=lambda n: rng.integers(1, 3, n),
+    )
+    counts = sp.csr_matrix(
+        sp.vstack([counts, counts[[4]]]).astype(np.float32)
+    )  # cell 12 == cell 4
     genes = [f"ENSG{i:011d}" for i in range(20)]
     obs = pd.DataFrame({"sample": ["s"] * 13}, index=[f"c{i}" for i in range(13)])
-    var = pd.DataFrame({"feature_id": genes, "feature_name": [f"G{i}" for i in range(20)]}, index=genes)
+    var = pd.DataFrame(
+        {"feature_id": genes, "feature_name": [f"G{i}" for i in range(20)]}, index=genes
+    )
     ad.AnnData(X=counts, obs=obs, var=var).write_h5ad(tmp_path / "in.h5ad")
-    pd.DataFrame({"feature_id": genes, "feature_name": var["feature_name"], "rank": np.arange(1, 21)}).to_csv(
-        tmp_path / "hvg.tsv", sep="\t", index=False)
+    pd.DataFrame(
+        {"feature_id": genes, "feature_name": var["feature_name"], "rank": np.arange(1, 21)}
+    ).to_csv(tmp_path / "hvg.tsv", sep="\t", index=False)
     for chunk in (13, 4):
-        normalize_bin(tmp_path / "in.h5ad", tmp_path / "hvg.tsv", tmp_path / f"out{chunk}.h5ad", n_bins=5, chunk_size=chunk)
+        normalize_bin(
+            tmp_path / "in.h5ad",
+            tmp_path / "hvg.tsv",
+            tmp_path / f"out{chunk}.h5ad",
+            n_bins=5,
+            chunk_size=chunk,
+        )
     out = ad.read_h5ad(tmp_path / "out4.h5ad").X
     assert (ad.read_h5ad(tmp_path / "out13.h5ad").X != out).nnz == 0
     np.testing.assert_array_equal(out[12].toarray(), out[4].toarray())
     # ties exist here, so draws keyed on the row would have given the two copies other bins
-    by_row = bin_csr(normalize_total(counts, np.asarray(counts.sum(axis=1)).ravel(), 1e4, False), n_bins=5)
+    by_row = bin_csr(
+        normalize_total(counts, np.asarray(counts.sum(axis=1)).ravel(), 1e4, False), n_bins=5
+    )
     assert not np.array_equal(by_row[12].toarray(), by_row[4].toarray())
 
 
 def test_explicit_zeros_are_not_binned():
-    m = sp.csr_matrix((np.array([0.0, 2.0, 0.0, 5.0]), np.array([0, 1, 2, 3]), np.array([0, 4])), shape=(1, 4))
+    m = sp.csr_matrix(
+        (np.array([0.0, 2.0, 0.0, 5.0]), np.array([0, 1, 2, 3]), np.array([0, 4])), shape=(1, 4)
+    )
     out = bin_csr(m, n_bins=51)
     np.testing.assert_array_equal(out.toarray(), [[0, 1, 0, 50]])
 
@@ -242,7 +288,7 @@ def test_bins_invariant_under_normalize_total_and_log1p():
     totals = np.asarray(m.sum(axis=1)).ravel()
     normalized = normalize_total(m, totals, 1e4, log1p=True)
     for i in range(normalized.shape[0]):  # precondition: the transform kept values distinct
-        row = normalized.data[normalized.indptr[i]:normalized.indptr[i + 1]]
+        row = normalized.data[normalized.indptr[i] : normalized.indptr[i + 1]]
         assert len(np.unique(row)) == len(row)
     a = bin_csr(m, n_bins=51, seed=0)
     b = bin_csr(normalized, n_bins=51, seed=0)

@@ -9,15 +9,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import synthetic_source  # noqa: I001
 from scllm.census import CensusUnavailableError, build_local_census, open_census, sample_census
+
+from conftest import synthetic_source
 
 CAP = 90
 
 
 def eligible_counts(obs: pd.DataFrame) -> pd.Series:
     obs = obs.astype({"dataset_id": str, "donor_id": str, "tissue_general": str, "disease": str})
-    m = obs[(obs.tissue_general == "blood") & obs.is_primary_data.astype(bool) & (obs.disease == "normal")]
+    m = obs[
+        (obs.tissue_general == "blood")
+        & obs.is_primary_data.astype(bool)
+        & (obs.disease == "normal")
+    ]
     return m.groupby(["dataset_id", "donor_id"]).size()
 
 
@@ -36,7 +41,15 @@ def run_sample(census, tmp_path, seed, max_cells=CAP, name=None):
     _, uri, _ = census
     name = name or f"s{seed}_{max_cells}"
     out_h5ad, out_tsv = tmp_path / f"{name}.h5ad", tmp_path / f"{name}.tsv"
-    sample_census(out_h5ad, out_tsv, uri=str(uri), max_cells=max_cells, seed=seed, disease="normal", chunk_size=16)
+    sample_census(
+        out_h5ad,
+        out_tsv,
+        uri=str(uri),
+        max_cells=max_cells,
+        seed=seed,
+        disease="normal",
+        chunk_size=16,
+    )
     cells = ad.read_h5ad(out_h5ad)
     samples = pd.read_csv(out_tsv, sep="\t", dtype={"dataset_id": str, "donor_id": str})
     return cells, samples
@@ -78,13 +91,19 @@ def test_sample_census_takes_whole_eligible_samples(census, tmp_path):
         assert listed.loc[key, "n_cells"] == n
         assert bool(listed.loc[key, "chosen"]) == (key in per_sample.index)
     # donor 'd1' of different datasets: separate samples
-    assert {k for k in listed.index if k[1] == "d1"} == {("dsA", "d1"), ("dsB", "d1"), ("dsC", "d1")}
+    assert {k for k in listed.index if k[1] == "d1"} == {
+        ("dsA", "d1"),
+        ("dsB", "d1"),
+        ("dsC", "d1"),
+    }
 
     # each sample's cells form one contiguous block of rows
     label = obs["sample"].astype(str).to_numpy()
     runs = label[np.r_[True, label[1:] != label[:-1]]]
     assert len(runs) == len(set(runs)) == len(per_sample)
-    np.testing.assert_array_equal(label, obs["dataset_id"].astype(str) + "/" + obs["donor_id"].astype(str))
+    np.testing.assert_array_equal(
+        label, obs["dataset_id"].astype(str) + "/" + obs["donor_id"].astype(str)
+    )
 
 
 def test_sample_census_counts_equal_source_rows(census, tmp_path):
@@ -103,7 +122,9 @@ def test_sample_census_counts_equal_source_rows(census, tmp_path):
     assert list(cells.var["feature_id"]) == expected_ids
     assert list(cells.var["feature_name"]) == list(src.var_names)
     # a cell's id across releases: (dataset_id, observation_joinid)
-    assert list(cells.obs_names) == [f"{d}:{j}" for d, j in zip(cells.obs["dataset_id"], cells.obs["observation_joinid"])]
+    assert list(cells.obs_names) == [
+        f"{d}:{j}" for d, j in zip(cells.obs["dataset_id"], cells.obs["observation_joinid"])
+    ]
     info = cells.uns["census"]
     assert int(info["seed"]) == 0 and int(info["max_cells"]) == CAP
     assert "blood" in info["value_filter"] and "normal" in info["value_filter"]

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, TINY_TRAIN  # noqa: I001
 from scllm.data import collate, mask_values
 from scllm.model import FUSED_ATTENTION_OPS, CellTransformer, ModelConfig, attention_kernels
 from scllm.train import pretrain
+
+from conftest import TINY_MODEL, TINY_TRAIN
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA_TRAIN = {**TINY_TRAIN, "device": "cuda"}
@@ -34,7 +35,9 @@ def report(key: str, value) -> None:
         json.dump(data, f, indent=1)
 
 
-def random_batch(n_cells: int, n_genes: int, n_bins: int, seed: int, device) -> tuple[torch.Tensor, ...]:
+def random_batch(
+    n_cells: int, n_genes: int, n_bins: int, seed: int, device
+) -> tuple[torch.Tensor, ...]:
     """Cells of uneven lengths (so there is padding), masked at 40%, on ``device``."""
     rng = np.random.default_rng(seed)
     cells = []
@@ -43,7 +46,9 @@ def random_batch(n_cells: int, n_genes: int, n_bins: int, seed: int, device) -> 
         genes = np.r_[n_genes, rng.choice(n_genes, n, replace=False)]
         cells.append((genes, np.r_[0, rng.integers(1, n_bins, n)]))
     batch = collate(cells, pad_id=n_genes + 1)
-    masked, _ = mask_values(batch["values"], batch["padding_mask"], 0.4, torch.Generator().manual_seed(seed))
+    masked, _ = mask_values(
+        batch["values"], batch["padding_mask"], 0.4, torch.Generator().manual_seed(seed)
+    )
     return batch["gene_ids"].to(device), masked.to(device), batch["padding_mask"].to(device)
 
 
@@ -58,7 +63,9 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_bf16_forward_matches_fp32():
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=202, n_bins=51, n_layers=4, n_heads=4, d_model=128, d_ff=256, dropout=0.0)
+    cfg = ModelConfig(
+        vocab_size=202, n_bins=51, n_layers=4, n_heads=4, d_model=128, d_ff=256, dropout=0.0
+    )
     model = CellTransformer(cfg).cuda().eval()
     inputs = random_batch(32, 200, 51, seed=1, device="cuda")
     with torch.no_grad():
@@ -66,8 +73,10 @@ def test_bf16_forward_matches_fp32():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             bf16 = model(*inputs)
     real = ~inputs[2]
-    errors = {"expr_pred": relative_error(bf16["expr_pred"][real], fp32["expr_pred"][real]),
-              "cell_emb": relative_error(bf16["cell_emb"], fp32["cell_emb"])}
+    errors = {
+        "expr_pred": relative_error(bf16["expr_pred"][real], fp32["expr_pred"][real]),
+        "cell_emb": relative_error(bf16["cell_emb"], fp32["cell_emb"]),
+    }
     report("bf16_vs_fp32_relative_error", errors)
     # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 2e-3 per operation); four layers of
     # matmuls and softmax land at about 1e-2. A wrong mask or cast would be off by order 1.
@@ -76,20 +85,30 @@ def test_bf16_forward_matches_fp32():
 
 def test_training_forward_runs_a_fused_attention_kernel():
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=202, n_bins=51, n_layers=2, n_heads=4, d_model=128, d_ff=256, dropout=0.1)
+    cfg = ModelConfig(
+        vocab_size=202, n_bins=51, n_layers=2, n_heads=4, d_model=128, d_ff=256, dropout=0.1
+    )
     model = CellTransformer(cfg).cuda().train()
     inputs = random_batch(16, 200, 51, seed=2, device="cuda")
     kernels = {}
-    for precision, autocast in (("bf16", torch.autocast("cuda", dtype=torch.bfloat16)), ("fp32", None)):
+    for precision, autocast in (
+        ("bf16", torch.autocast("cuda", dtype=torch.bfloat16)),
+        ("fp32", None),
+    ):
         kernels[precision] = attention_kernels(model, *inputs, autocast=autocast)
     report("attention_kernels_training_forward", kernels)
     # With a padding mask, flash attention is not eligible; the memory-efficient or cuDNN kernel is.
-    assert kernels["bf16"] != "math" and set(kernels["bf16"].split(",")) <= set(FUSED_ATTENTION_OPS), kernels
+    assert kernels["bf16"] != "math" and set(kernels["bf16"].split(",")) <= set(
+        FUSED_ATTENTION_OPS
+    ), kernels
 
 
 def largest_relative_difference(a: dict, b: dict) -> float:
     """max over tensors of ||a - b|| / ||a||."""
-    return max(float((a[k].double() - b[k].double()).norm() / a[k].double().norm().clamp(min=1e-12)) for k in a)
+    return max(
+        float((a[k].double() - b[k].double()).norm() / a[k].double().norm().clamp(min=1e-12))
+        for k in a
+    )
 
 
 def test_pretrain_on_cuda_resumes_within_tolerance(shards, tmp_path):
@@ -100,13 +119,21 @@ def test_pretrain_on_cuda_resumes_within_tolerance(shards, tmp_path):
     assert resumed["done"] and resumed["global_step"] == full["global_step"]
 
     def weights(run):
-        return torch.load(tmp_path / run / "last_checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+        return torch.load(
+            tmp_path / run / "last_checkpoint.pt", map_location="cpu", weights_only=True
+        )["model"]
 
     a, a2, b = weights("a"), weights("a2"), weights("b")
     rerun, resume = largest_relative_difference(a, a2), largest_relative_difference(a, b)
-    report("cuda_weights_relative_difference", {"rerun": rerun, "resume": resume, "bitwise_equal_resume": resume == 0,
-                                                "val_loss": [full["best_val_loss"], again["best_val_loss"],
-                                                             resumed["best_val_loss"]]})
+    report(
+        "cuda_weights_relative_difference",
+        {
+            "rerun": rerun,
+            "resume": resume,
+            "bitwise_equal_resume": resume == 0,
+            "val_loss": [full["best_val_loss"], again["best_val_loss"], resumed["best_val_loss"]],
+        },
+    )
     # CUDA's atomics (embedding and attention backward) can make even two fresh runs differ in
     # the last bits; a resume must stay within that kind of noise, far below the weights' size.
     assert resume < 1e-3 and rerun < 1e-3, (rerun, resume)

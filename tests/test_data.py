@@ -20,8 +20,12 @@ def random_cells(n_cells, seed=0, min_len=1, max_len=40):
     cells = []
     for _ in range(n_cells):
         n = int(rng.integers(min_len, max_len + 1))
-        cells.append((np.r_[30, rng.choice(30, min(n, 30), replace=False)].astype(np.int32),
-                      np.r_[0, rng.integers(1, 51, min(n, 30))].astype(np.int16)))
+        cells.append(
+            (
+                np.r_[30, rng.choice(30, min(n, 30), replace=False)].astype(np.int32),
+                np.r_[0, rng.integers(1, 51, min(n, 30))].astype(np.int16),
+            )
+        )
     return cells
 
 
@@ -31,9 +35,13 @@ def test_masks_are_the_lowest_scores_of_the_generators_draws(ratio):
     uniform draws (float64, one per position, row-major) from the generator: written out here
     independently, so any change to the masking (which a resumed run relies on) shows."""
     batch = collate(random_cells(25, seed=1), PAD_ID)
-    _, mask = mask_values(batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(7))
+    _, mask = mask_values(
+        batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(7)
+    )
 
-    scores = torch.rand(batch["values"].shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).numpy()
+    scores = torch.rand(
+        batch["values"].shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64
+    ).numpy()
     expected = np.zeros(mask.shape, dtype=bool)
     for row in range(mask.shape[0]):
         genes = np.flatnonzero(~batch["padding_mask"][row].numpy())[1:]  # not <cls>, not padding
@@ -117,17 +125,22 @@ def test_lowest_per_row_equals_a_stable_argsort_also_with_ties():
     for trial in range(200):
         rows, cols = rng.integers(1, 9), rng.integers(1, 60)
         # few distinct values in half the trials: ties everywhere, also at the threshold
-        scores = rng.integers(0, 4, (rows, cols)).astype(float) if trial % 2 else rng.random((rows, cols))
+        scores = (
+            rng.integers(0, 4, (rows, cols)).astype(float)
+            if trial % 2
+            else rng.random((rows, cols))
+        )
         k = rng.integers(0, cols + 1, rows)
         order = np.argsort(scores, axis=1, kind="stable")
         expected = np.zeros((rows, cols), dtype=bool)
         for r in range(rows):
-            expected[r, order[r, :k[r]]] = True
+            expected[r, order[r, : k[r]]] = True
         assert np.array_equal(lowest_per_row(scores, k), expected), trial
 
 
 def test_masks_equal_those_of_earlier_versions():
     """mask_values as it was (one stable torch argsort of the scores) gives the same masks."""
+
     def earlier(values, padding_mask, ratio, generator):
         n_genes = (~padding_mask).sum(1) - 1
         n_mask = torch.round(n_genes.double() * ratio).long()
@@ -142,6 +155,10 @@ def test_masks_equal_those_of_earlier_versions():
     for seed in range(50):
         batch = collate(random_cells(17, seed=seed, max_len=300), PAD_ID)
         for ratio in (0.25, 0.5, 0.75):
-            ours = mask_values(batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(seed))
-            theirs = earlier(batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(seed))
+            ours = mask_values(
+                batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(seed)
+            )
+            theirs = earlier(
+                batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(seed)
+            )
             assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])

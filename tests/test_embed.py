@@ -40,7 +40,9 @@ SYMBOLS = [f"GENE{i}" for i in range(N_VOCAB)]
 def counts_matrix(n_cells=N_CELLS, seed=0) -> sp.csr_matrix:
     """Small integer counts with many ties (as real data), over vocabulary + other genes."""
     rng = np.random.default_rng(seed)
-    dense = rng.negative_binomial(1, 0.5, size=(n_cells, N_VOCAB + N_OTHER)) * (rng.random((n_cells, N_VOCAB + N_OTHER)) < 0.6)
+    dense = rng.negative_binomial(1, 0.5, size=(n_cells, N_VOCAB + N_OTHER)) * (
+        rng.random((n_cells, N_VOCAB + N_OTHER)) < 0.6
+    )
     dense[:, 0] += 1  # every cell expresses a vocabulary gene
     return sp.csr_matrix(dense.astype(np.float32))
 
@@ -50,9 +52,12 @@ def write_model(root: Path, binning: dict | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     vocab = build_vocab(VOCAB_IDS)
     write_vocab(vocab, root / "vocab.json")
-    pd.DataFrame({"feature_id": VOCAB_IDS, "feature_name": SYMBOLS, "token_id": range(N_VOCAB)}).to_csv(
-        root / "genes.tsv", sep="\t", index=False)
-    cfg = ModelConfig(vocab_size=N_VOCAB + 2, n_bins=11, n_layers=2, n_heads=2, d_model=16, d_ff=32, dropout=0.1)
+    pd.DataFrame(
+        {"feature_id": VOCAB_IDS, "feature_name": SYMBOLS, "token_id": range(N_VOCAB)}
+    ).to_csv(root / "genes.tsv", sep="\t", index=False)
+    cfg = ModelConfig(
+        vocab_size=N_VOCAB + 2, n_bins=11, n_layers=2, n_heads=2, d_model=16, d_ff=32, dropout=0.1
+    )
     torch.manual_seed(0)
     torch.save(CellTransformer(cfg).state_dict(), root / "best_model.pt")
     data = {"vocab_sha256": vocab_sha256(vocab), "n_genes": N_VOCAB}
@@ -63,7 +68,9 @@ def write_model(root: Path, binning: dict | None = None) -> Path:
 
 
 def write_input(path: Path, X, var: pd.DataFrame, obs_names=None) -> Path:
-    obs = pd.DataFrame(index=obs_names if obs_names is not None else [f"cell{i}" for i in range(X.shape[0])])
+    obs = pd.DataFrame(
+        index=obs_names if obs_names is not None else [f"cell{i}" for i in range(X.shape[0])]
+    )
     obs["donor"] = "d1"
     ad.AnnData(X=X, obs=obs, var=var).write_h5ad(path)
     return path
@@ -72,17 +79,23 @@ def write_input(path: Path, X, var: pd.DataFrame, obs_names=None) -> Path:
 def input_var(ids=True) -> pd.DataFrame:
     """Vocabulary genes (shuffled, with Ensembl version suffixes) and other genes."""
     names = SYMBOLS + [f"OTHER{i}" for i in range(N_OTHER)]
-    gene_ids = [f"{g}.{i % 3 + 1}" for i, g in enumerate(VOCAB_IDS)] + [f"ENSG9{i:010d}" for i in range(N_OTHER)]
+    gene_ids = [f"{g}.{i % 3 + 1}" for i, g in enumerate(VOCAB_IDS)] + [
+        f"ENSG9{i:010d}" for i in range(N_OTHER)
+    ]
     var = pd.DataFrame({"gene_ids": gene_ids}, index=names) if ids else pd.DataFrame(index=names)
     return var
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return write_model(tmp_path_factory.mktemp("model"), binning={"n_bins": 11, "seed": 5, "target_sum": 1e4, "log1p": False})
+    return write_model(
+        tmp_path_factory.mktemp("model"),
+        binning={"n_bins": 11, "seed": 5, "target_sum": 1e4, "log1p": False},
+    )
 
 
 # --- gene mapping and coverage ---------------------------------------------------------------------
+
 
 def test_map_genes_by_ensembl_column_symbols_or_var_names(model_dir):
     model, vocab, _ = load_model(model_dir)
@@ -92,7 +105,10 @@ def test_map_genes_by_ensembl_column_symbols_or_var_names(model_dir):
     by_id = map_genes(var, genes)
     assert by_id.source == "Ensembl ids in var['gene_ids']" and by_id.coverage == 1.0
     # token t is fed by the input column holding gene t
-    assert all(var["gene_ids"].iloc[c].split(".")[0] == VOCAB_IDS[t] for t, c in zip(by_id.token_ids, by_id.columns))
+    assert all(
+        var["gene_ids"].iloc[c].split(".")[0] == VOCAB_IDS[t]
+        for t, c in zip(by_id.token_ids, by_id.columns)
+    )
     by_symbol = map_genes(input_var(ids=False).iloc[perm], genes)
     assert by_symbol.source == "gene symbols in var_names" and by_symbol.n_found == N_VOCAB
     np.testing.assert_array_equal(by_symbol.columns, by_id.columns)
@@ -114,56 +130,106 @@ def test_duplicate_and_ambiguous_genes(model_dir):
 
 
 def test_poor_gene_overlap_is_a_clear_error_with_the_coverage_figure(model_dir, tmp_path, capsys):
-    keep = list(range(12)) + list(range(N_VOCAB, N_VOCAB + N_OTHER))  # 12 of 40 vocabulary genes: 30%
+    keep = list(range(12)) + list(
+        range(N_VOCAB, N_VOCAB + N_OTHER)
+    )  # 12 of 40 vocabulary genes: 30%
     path = write_input(tmp_path / "poor.h5ad", counts_matrix()[:, keep], input_var().iloc[keep])
     with pytest.raises(GeneCoverageError) as err:
         embed_h5ad(model_dir, path, tmp_path / "out.h5ad")
     message = str(err.value)
-    assert "coverage 30.0%" in message and "12 of 40 vocabulary genes" in message and "minimum 50%" in message
+    assert (
+        "coverage 30.0%" in message
+        and "12 of 40 vocabulary genes" in message
+        and "minimum 50%" in message
+    )
     assert "--gene-id-column" in message and "genes.tsv" in message and "do not subset" in message
     assert not (tmp_path / "out.h5ad").exists()
     # the command line prints the same message and fails; a lower threshold lets it through
     assert cli_main(["embed", str(model_dir), str(path), str(tmp_path / "out.h5ad")]) == 1
     assert "coverage 30.0%" in capsys.readouterr().err
-    assert cli_main(["embed", str(model_dir), str(path), str(tmp_path / "out.h5ad"), "--min-coverage", "0.25"]) == 0
+    assert (
+        cli_main(
+            [
+                "embed",
+                str(model_dir),
+                str(path),
+                str(tmp_path / "out.h5ad"),
+                "--min-coverage",
+                "0.25",
+            ]
+        )
+        == 0
+    )
     assert ad.read_h5ad(tmp_path / "out.h5ad").uns["scllm"]["coverage"] == pytest.approx(0.3)
 
 
 # --- binning as in training ---------------------------------------------------------------------------
 
+
 def test_tokens_equal_the_pipelines_for_the_same_cells(tmp_path):
     """normalize_bin + tokenize_shards on a counts file == tokenize_counts on it, in any chunks and
     in any row order: both key the tie-break draws on the cell's counts."""
     counts = counts_matrix(n_cells=23, seed=4)
-    var = pd.DataFrame({"feature_id": input_var()["gene_ids"].str.split(".").str[0].to_numpy(),
-                        "feature_name": input_var().index.to_numpy()})
+    var = pd.DataFrame(
+        {
+            "feature_id": input_var()["gene_ids"].str.split(".").str[0].to_numpy(),
+            "feature_name": input_var().index.to_numpy(),
+        }
+    )
     var.index = var["feature_id"].to_numpy()
-    obs = pd.DataFrame({"sample": ["s"] * counts.shape[0]}, index=[f"c{i}" for i in range(counts.shape[0])])
+    obs = pd.DataFrame(
+        {"sample": ["s"] * counts.shape[0]}, index=[f"c{i}" for i in range(counts.shape[0])]
+    )
     ad.AnnData(X=counts, obs=obs, var=var).write_h5ad(tmp_path / "filtered.h5ad")
     order = np.random.default_rng(2).permutation(N_VOCAB)  # HVG rank order != column order
-    pd.DataFrame({"feature_id": np.array(VOCAB_IDS)[order], "feature_name": np.array(SYMBOLS)[order],
-                  "rank": np.arange(1, N_VOCAB + 1)}).to_csv(tmp_path / "hvg.tsv", sep="\t", index=False)
-    normalize_bin(tmp_path / "filtered.h5ad", tmp_path / "hvg.tsv", tmp_path / "binned.h5ad", n_bins=11, seed=5,
-                  chunk_size=7)
-    pd.DataFrame({"cell": obs.index, "split": ["train"] * 23}).to_csv(tmp_path / "split.tsv", sep="\t", index=False)
+    pd.DataFrame(
+        {
+            "feature_id": np.array(VOCAB_IDS)[order],
+            "feature_name": np.array(SYMBOLS)[order],
+            "rank": np.arange(1, N_VOCAB + 1),
+        }
+    ).to_csv(tmp_path / "hvg.tsv", sep="\t", index=False)
+    normalize_bin(
+        tmp_path / "filtered.h5ad",
+        tmp_path / "hvg.tsv",
+        tmp_path / "binned.h5ad",
+        n_bins=11,
+        seed=5,
+        chunk_size=7,
+    )
+    pd.DataFrame({"cell": obs.index, "split": ["train"] * 23}).to_csv(
+        tmp_path / "split.tsv", sep="\t", index=False
+    )
     tokenize_shards(tmp_path / "binned.h5ad", tmp_path / "split.tsv", tmp_path / "shards")
     shard = read_shard(tmp_path / "shards/train/shard_00000.h5")
 
     vocab = build_vocab(list(np.array(VOCAB_IDS)[order]))
-    genes = pd.DataFrame({"feature_id": np.array(VOCAB_IDS)[order], "feature_name": np.array(SYMBOLS)[order],
-                          "token_id": np.arange(N_VOCAB)})
+    genes = pd.DataFrame(
+        {
+            "feature_id": np.array(VOCAB_IDS)[order],
+            "feature_name": np.array(SYMBOLS)[order],
+            "token_id": np.arange(N_VOCAB),
+        }
+    )
     mapping = map_genes(var, genes)
     assert mapping.source == "Ensembl ids in var_names" and mapping.coverage == 1
     binning = {"n_bins": 11, "seed": 5, "target_sum": 1e4, "log1p": False}
     for chunk in (23, 5):
-        parts = [tokenize_counts(counts[a:a + chunk], mapping, vocab["<cls>"], binning) for a in range(0, 23, chunk)]
+        parts = [
+            tokenize_counts(counts[a : a + chunk], mapping, vocab["<cls>"], binning)
+            for a in range(0, 23, chunk)
+        ]
         gene_ids = np.concatenate([p[1] for p in parts])
         values = np.concatenate([p[2] for p in parts])
         np.testing.assert_array_equal(gene_ids, shard.gene_ids)
         np.testing.assert_array_equal(values, shard.values)
-    reversed_offsets, _, reversed_values = tokenize_counts(counts[::-1], mapping, vocab["<cls>"], binning)
+    reversed_offsets, _, reversed_values = tokenize_counts(
+        counts[::-1], mapping, vocab["<cls>"], binning
+    )
     last = shard.offsets[-2:]
-    np.testing.assert_array_equal(reversed_values[:reversed_offsets[1]], shard.values[last[0]:last[1]])
+    np.testing.assert_array_equal(
+        reversed_values[: reversed_offsets[1]], shard.values[last[0] : last[1]]
+    )
     # ties exist, so the draws matter: another seed gives other tokens
     other = tokenize_counts(counts, mapping, vocab["<cls>"], {**binning, "seed": 6})
     assert not np.array_equal(other[2], shard.values)
@@ -171,19 +237,30 @@ def test_tokens_equal_the_pipelines_for_the_same_cells(tmp_path):
 
 def test_binning_settings_come_from_args_or_defaults(model_dir, tmp_path):
     args = json.loads((model_dir / "args.json").read_text())
-    assert binning_settings(args) == ({"n_bins": 11, "seed": 5, "target_sum": 1e4, "log1p": False}, "args.json")
+    assert binning_settings(args) == (
+        {"n_bins": 11, "seed": 5, "target_sum": 1e4, "log1p": False},
+        "args.json",
+    )
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"binning": {"n_bins": 11, "seed": 9, "target_sum": 100.0, "log1p": True}}))
+    manifest.write_text(
+        json.dumps({"binning": {"n_bins": 11, "seed": 9, "target_sum": 100.0, "log1p": True}})
+    )
     from_manifest = {"model": args["model"], "data": {"manifest": str(manifest)}}
-    assert binning_settings(from_manifest)[0]["seed"] == 9 and binning_settings(from_manifest)[1] == str(manifest)
+    assert binning_settings(from_manifest)[0]["seed"] == 9 and binning_settings(from_manifest)[
+        1
+    ] == str(manifest)
     bare = {"model": args["model"], "data": {"manifest": str(tmp_path / "gone.json")}}
-    assert binning_settings(bare) == ({"n_bins": 11, "seed": 0, "target_sum": 1e4, "log1p": False}, "defaults")
+    assert binning_settings(bare) == (
+        {"n_bins": 11, "seed": 0, "target_sum": 1e4, "log1p": False},
+        "defaults",
+    )
     manifest.write_text(json.dumps({"binning": {"n_bins": 51, "seed": 0}}))
     with pytest.raises(ValueError, match="n_bins=51 but the model has n_bins=11"):
         binning_settings(from_manifest)
 
 
 # --- embeddings --------------------------------------------------------------------------------------------
+
 
 def test_a_cell_gets_the_same_embedding_alone_and_in_a_batch(model_dir, tmp_path):
     counts = counts_matrix()
@@ -194,23 +271,47 @@ def test_a_cell_gets_the_same_embedding_alone_and_in_a_batch(model_dir, tmp_path
     emb = out.obsm[EMBEDDING_KEY]
     assert emb.shape == (N_CELLS, 16) and emb.dtype == np.float32 and np.isfinite(emb).all()
     assert list(out.obs_names) == [f"cell{i}" for i in range(N_CELLS)] and "donor" in out.obs
-    assert (out.obs["scllm_n_genes"] > 0).all() and out.uns["scllm"]["gene_match"] == "Ensembl ids in var['gene_ids']"
+    assert (out.obs["scllm_n_genes"] > 0).all() and out.uns["scllm"][
+        "gene_match"
+    ] == "Ensembl ids in var['gene_ids']"
     assert len({tuple(np.round(e, 4)) for e in emb}) == N_CELLS  # cells differ
 
-    for i in (0, 17, N_CELLS - 1):  # alone, in a file of its own (as row 0), with another batch size
+    for i in (
+        0,
+        17,
+        N_CELLS - 1,
+    ):  # alone, in a file of its own (as row 0), with another batch size
         alone = write_input(tmp_path / f"alone{i}.h5ad", counts[i], var, obs_names=[f"x{i}"])
         embed_h5ad(model_dir, alone, tmp_path / f"alone{i}_out.h5ad", batch_size=1)
-        np.testing.assert_allclose(ad.read_h5ad(tmp_path / f"alone{i}_out.h5ad").obsm[EMBEDDING_KEY][0], emb[i],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            ad.read_h5ad(tmp_path / f"alone{i}_out.h5ad").obsm[EMBEDDING_KEY][0],
+            emb[i],
+            rtol=1e-5,
+            atol=1e-5,
+        )
     # a dense X, the counts in a layer, and shuffled rows give the same vectors
     X_other = np.zeros(counts.shape, dtype=np.float32)
     perm = np.random.default_rng(0).permutation(N_CELLS)
-    adata = ad.AnnData(X=X_other, obs=pd.DataFrame(index=[f"cell{i}" for i in perm]), var=var,
-                       layers={"counts": counts[perm].toarray()})
+    adata = ad.AnnData(
+        X=X_other,
+        obs=pd.DataFrame(index=[f"cell{i}" for i in perm]),
+        var=var,
+        layers={"counts": counts[perm].toarray()},
+    )
     adata.write_h5ad(tmp_path / "layer.h5ad")
-    embed_h5ad(model_dir, tmp_path / "layer.h5ad", tmp_path / "layer_out.h5ad", counts_layer="counts", chunk_size=4)
-    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "layer_out.h5ad").obsm[EMBEDDING_KEY], emb[perm],
-                               rtol=1e-5, atol=1e-5)
+    embed_h5ad(
+        model_dir,
+        tmp_path / "layer.h5ad",
+        tmp_path / "layer_out.h5ad",
+        counts_layer="counts",
+        chunk_size=4,
+    )
+    np.testing.assert_allclose(
+        ad.read_h5ad(tmp_path / "layer_out.h5ad").obsm[EMBEDDING_KEY],
+        emb[perm],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_in_memory_api_matches_the_cli_and_keeps_the_users_cells(model_dir, tmp_path):
@@ -218,30 +319,48 @@ def test_in_memory_api_matches_the_cli_and_keeps_the_users_cells(model_dir, tmp_
 
     counts = counts_matrix()
     var = input_var()
-    path = write_input(tmp_path / "cells.h5ad", counts, var, obs_names=[f"AAAC{i}-1" for i in range(N_CELLS)])
+    path = write_input(
+        tmp_path / "cells.h5ad", counts, var, obs_names=[f"AAAC{i}-1" for i in range(N_CELLS)]
+    )
     cli_main(["embed", str(model_dir), str(path), str(tmp_path / "cli.h5ad"), "--device", "cpu"])
     from_cli = ad.read_h5ad(tmp_path / "cli.h5ad")
 
     adata = ad.read_h5ad(path)
     adata.obs["cell_type"] = "T"
     before_X = adata.X.copy()
-    assert scllm.embed(adata, model_dir, device="cpu", chunk_size=7) is None  # in place, as scanpy's functions
-    np.testing.assert_allclose(adata.obsm["X_scllm"], from_cli.obsm[EMBEDDING_KEY], rtol=1e-5, atol=1e-6)
-    assert list(adata.obs_names) == [f"AAAC{i}-1" for i in range(N_CELLS)] == list(from_cli.obs_names)
-    assert adata.obs["cell_type"].eq("T").all() and (adata.X != before_X).nnz == 0  # nothing else touched
+    assert (
+        scllm.embed(adata, model_dir, device="cpu", chunk_size=7) is None
+    )  # in place, as scanpy's functions
+    np.testing.assert_allclose(
+        adata.obsm["X_scllm"], from_cli.obsm[EMBEDDING_KEY], rtol=1e-5, atol=1e-6
+    )
+    assert (
+        list(adata.obs_names) == [f"AAAC{i}-1" for i in range(N_CELLS)] == list(from_cli.obs_names)
+    )
+    assert (
+        adata.obs["cell_type"].eq("T").all() and (adata.X != before_X).nnz == 0
+    )  # nothing else touched
     np.testing.assert_array_equal(adata.obs["scllm_n_genes"], from_cli.obs["scllm_n_genes"])
     assert adata.uns["scllm"]["layer"] == "X"
     assert adata.uns["scllm"]["software"]["packages"]["torch"] == torch.__version__
 
     # copy=True leaves the input alone; a dense layer and a view of some cells give the same vectors
-    dense = ad.AnnData(X=np.zeros(counts.shape, np.float32), obs=adata.obs[[]].copy(), var=var,
-                       layers={"counts": counts.toarray()})
-    out = scllm.embed(dense, model_dir, layer="counts", key_added="X_model", copy=True, device="cpu")
+    dense = ad.AnnData(
+        X=np.zeros(counts.shape, np.float32),
+        obs=adata.obs[[]].copy(),
+        var=var,
+        layers={"counts": counts.toarray()},
+    )
+    out = scllm.embed(
+        dense, model_dir, layer="counts", key_added="X_model", copy=True, device="cpu"
+    )
     assert "X_model" not in dense.obsm and "scllm" not in dense.uns
     np.testing.assert_allclose(out.obsm["X_model"], adata.obsm["X_scllm"], rtol=1e-5, atol=1e-6)
     some = adata[[3, 11, 20]].copy()
     scllm.embed(some, model_dir, device="cpu")
-    np.testing.assert_allclose(some.obsm["X_scllm"], adata.obsm["X_scllm"][[3, 11, 20]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        some.obsm["X_scllm"], adata.obsm["X_scllm"][[3, 11, 20]], rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(ValueError, match="no layer 'raw'"):
         scllm.embed(adata, model_dir, layer="raw", device="cpu")
 
@@ -258,26 +377,62 @@ def test_embed_shards_keeps_binned_obs_in_order(model_dir, tmp_path):
     """The embed rule's library call: validation or all cells, obs rows from binned.h5ad."""
     rng = np.random.default_rng(0)
     n = 26
-    binned = sp.csr_matrix((rng.integers(1, 11, (n, N_VOCAB)) * (rng.random((n, N_VOCAB)) < 0.4)).astype(np.uint8))
+    binned = sp.csr_matrix(
+        (rng.integers(1, 11, (n, N_VOCAB)) * (rng.random((n, N_VOCAB)) < 0.4)).astype(np.uint8)
+    )
     var = pd.DataFrame({"feature_id": VOCAB_IDS, "feature_name": SYMBOLS}, index=VOCAB_IDS)
-    obs = pd.DataFrame({"cell_type": rng.choice(["a", "b"], n), "sample": "s1"}, index=[f"c{i}" for i in range(n)])
-    ad.AnnData(X=binned, obs=obs, var=var, uns={"binning": {"n_bins": 11}}).write_h5ad(tmp_path / "binned.h5ad")
+    obs = pd.DataFrame(
+        {"cell_type": rng.choice(["a", "b"], n), "sample": "s1"}, index=[f"c{i}" for i in range(n)]
+    )
+    ad.AnnData(X=binned, obs=obs, var=var, uns={"binning": {"n_bins": 11}}).write_h5ad(
+        tmp_path / "binned.h5ad"
+    )
     split = np.where(rng.random(n) < 0.3, "validation", "train")
-    pd.DataFrame({"cell": obs.index, "split": split}).to_csv(tmp_path / "split.tsv", sep="\t", index=False)
-    tokenize_shards(tmp_path / "binned.h5ad", tmp_path / "split.tsv", tmp_path / "shards", cells_per_shard=5)
+    pd.DataFrame({"cell": obs.index, "split": split}).to_csv(
+        tmp_path / "split.tsv", sep="\t", index=False
+    )
+    tokenize_shards(
+        tmp_path / "binned.h5ad", tmp_path / "split.tsv", tmp_path / "shards", cells_per_shard=5
+    )
 
-    embed_shards(model_dir, tmp_path / "shards", tmp_path / "binned.h5ad", tmp_path / "val.h5ad", cells="validation")
-    embed_shards(model_dir, tmp_path / "shards", tmp_path / "binned.h5ad", tmp_path / "all.h5ad", cells="all",
-                 batch_size=3)
+    embed_shards(
+        model_dir,
+        tmp_path / "shards",
+        tmp_path / "binned.h5ad",
+        tmp_path / "val.h5ad",
+        cells="validation",
+    )
+    embed_shards(
+        model_dir,
+        tmp_path / "shards",
+        tmp_path / "binned.h5ad",
+        tmp_path / "all.h5ad",
+        cells="all",
+        batch_size=3,
+    )
     val, every = ad.read_h5ad(tmp_path / "val.h5ad"), ad.read_h5ad(tmp_path / "all.h5ad")
-    assert list(every.obs_names) == list(obs.index) and list(every.obs["cell_type"]) == list(obs["cell_type"])
+    assert list(every.obs_names) == list(obs.index) and list(every.obs["cell_type"]) == list(
+        obs["cell_type"]
+    )
     assert list(every.obs["split"]) == list(split)
-    assert list(val.obs_names) == list(obs.index[split == "validation"]) and (val.obs["split"] == "validation").all()
-    np.testing.assert_allclose(every[val.obs_names].obsm[EMBEDDING_KEY], val.obsm[EMBEDDING_KEY], rtol=1e-5, atol=1e-5)
+    assert (
+        list(val.obs_names) == list(obs.index[split == "validation"])
+        and (val.obs["split"] == "validation").all()
+    )
+    np.testing.assert_allclose(
+        every[val.obs_names].obsm[EMBEDDING_KEY], val.obsm[EMBEDDING_KEY], rtol=1e-5, atol=1e-5
+    )
     # the same as embedding the binned rows directly
     model, _, _ = load_model(model_dir)
     from scllm.tokens import sequences_from_binned
+
     direct = embed_shard_cells(model, sequences_from_binned(binned, N_VOCAB), batch_size=26)
     np.testing.assert_allclose(every.obsm[EMBEDDING_KEY], direct, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="'validation' or 'all'"):
-        embed_shards(model_dir, tmp_path / "shards", tmp_path / "binned.h5ad", tmp_path / "x.h5ad", cells="train")
+        embed_shards(
+            model_dir,
+            tmp_path / "shards",
+            tmp_path / "binned.h5ad",
+            tmp_path / "x.h5ad",
+            cells="train",
+        )

@@ -26,7 +26,9 @@ def blobs(n_per=60, n_types=4, dim=8, spread=0.3, seed=0, n_samples=1):
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 10, (n_types, dim))
     labels = np.repeat([f"type{i}" for i in range(n_types)], n_per)
-    X = centres[np.repeat(np.arange(n_types), n_per)] + rng.normal(0, spread, (n_types * n_per, dim))
+    X = centres[np.repeat(np.arange(n_types), n_per)] + rng.normal(
+        0, spread, (n_types * n_per, dim)
+    )
     samples = np.array([f"s{i % n_samples}" for i in range(len(labels))])
     return X.astype(np.float32), labels, samples
 
@@ -41,7 +43,9 @@ def test_knn_on_separated_clusters_is_perfect(separated):
     cv = knn_scores(X, labels, n_neighbors=15, n_folds=5)
     assert cv["accuracy"] == 1.0 and cv["macro_f1"] == 1.0 and cv["n_folds"] == 5
     held = knn_scores(X, labels, n_neighbors=15, groups=samples)
-    assert held["accuracy"] == 1.0 and held["macro_f1"] == 1.0 and held["n_folds"] == 3  # one sample per fold
+    assert (
+        held["accuracy"] == 1.0 and held["macro_f1"] == 1.0 and held["n_folds"] == 3
+    )  # one sample per fold
 
 
 def test_knn_on_random_labels_is_at_chance():
@@ -58,7 +62,9 @@ def test_knn_held_out_samples_and_impossible_splits():
     samples = np.where(labels == "type1", "s1", "s0")
     held = knn_scores(X, labels, groups=samples)
     assert held["accuracy"] == 0.0
-    assert np.isnan(knn_scores(X, labels, groups=np.full(len(labels), "one"))["accuracy"])  # one sample
+    assert np.isnan(
+        knn_scores(X, labels, groups=np.full(len(labels), "one"))["accuracy"]
+    )  # one sample
     assert np.isnan(knn_scores(X, np.full(len(labels), "same"))["accuracy"])  # one label
 
 
@@ -66,7 +72,11 @@ def test_leiden_recovers_separated_clusters_and_not_random_labels(separated):
     X, labels, _ = separated
     graph = neighbors_graph(X, n_neighbors=15)
     found = leiden_scores(graph, labels, resolutions=[0.1, 0.5, 1.0])
-    assert found["ari"] == pytest.approx(1.0) and found["nmi"] == pytest.approx(1.0) and found["n_clusters"] == 4
+    assert (
+        found["ari"] == pytest.approx(1.0)
+        and found["nmi"] == pytest.approx(1.0)
+        and found["n_clusters"] == 4
+    )
     random = np.random.default_rng(0).permutation(labels)
     chance = leiden_scores(graph, random, resolutions=[0.1, 0.5, 1.0])
     assert abs(chance["ari"]) < 0.05 and chance["nmi"] < 0.1
@@ -80,8 +90,12 @@ def test_silhouette_known_cases(separated):
 
 
 def write_filtered(path, counts, genes, cells):
-    var = pd.DataFrame({"feature_id": genes, "feature_name": [g.lower() for g in genes]}, index=genes)
-    ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32), obs=pd.DataFrame(index=cells), var=var).write_h5ad(path)
+    var = pd.DataFrame(
+        {"feature_id": genes, "feature_name": [g.lower() for g in genes]}, index=genes
+    )
+    ad.AnnData(
+        X=sp.csr_matrix(counts, dtype=np.float32), obs=pd.DataFrame(index=cells), var=var
+    ).write_h5ad(path)
 
 
 def test_baseline_matrix_is_scanpys_log_normalized_hvgs(tmp_path):
@@ -96,7 +110,9 @@ def test_baseline_matrix_is_scanpys_log_normalized_hvgs(tmp_path):
     wanted = [cells[i] for i in (30, 1, 5, 17, 2)]  # a subset, out of file order
     got = log_normalized_hvgs(tmp_path / "filtered.h5ad", hvgs, wanted, chunk_size=8)
 
-    ref = ad.AnnData(X=counts.astype(np.float32), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes))
+    ref = ad.AnnData(
+        X=counts.astype(np.float32), obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=genes)
+    )
     sc.pp.normalize_total(ref, target_sum=1e4)  # totals over all genes
     sc.pp.log1p(ref)
     expected = ref[wanted, hvgs].X
@@ -108,11 +124,24 @@ def test_baseline_matrix_is_scanpys_log_normalized_hvgs(tmp_path):
 
 def test_masked_value_error_reads_the_best_epoch(tmp_path):
     path = tmp_path / "epochs.tsv"
-    pd.DataFrame({"epoch": [1, 2, 3], "step": [10, 20, 30], "train_loss": [400, 300, 250],
-                  "val_loss": [350, 240, 260], "val_expr_mse": [160, 110, 120], "val_gepc_mse": [190, 130, 140],
-                  "val_mean_bin_baseline_mse": [215, 215, 215]}).to_csv(path, sep="\t", index=False)
-    assert masked_value_error(path) == {"epoch": 2, "n_epochs": 3, "expr_mse": 110.0, "gepc_mse": 130.0,
-                                        "baseline_mse": 215.0}
+    pd.DataFrame(
+        {
+            "epoch": [1, 2, 3],
+            "step": [10, 20, 30],
+            "train_loss": [400, 300, 250],
+            "val_loss": [350, 240, 260],
+            "val_expr_mse": [160, 110, 120],
+            "val_gepc_mse": [190, 130, 140],
+            "val_mean_bin_baseline_mse": [215, 215, 215],
+        }
+    ).to_csv(path, sep="\t", index=False)
+    assert masked_value_error(path) == {
+        "epoch": 2,
+        "n_epochs": 3,
+        "expr_mse": 110.0,
+        "gepc_mse": 130.0,
+        "baseline_mse": 215.0,
+    }
 
 
 def test_evaluate_writes_table_and_umaps(tmp_path):
@@ -120,32 +149,70 @@ def test_evaluate_writes_table_and_umaps(tmp_path):
     rng = np.random.default_rng(3)
     n_types, n_per, n_genes = 3, 50, 30
     labels = np.repeat([f"type{i}" for i in range(n_types)], n_per)
-    profile = rng.gamma(1.0, 2.0, (n_types, n_genes)) * (rng.random((n_types, n_genes)) < 0.4) + 0.05
+    profile = (
+        rng.gamma(1.0, 2.0, (n_types, n_genes)) * (rng.random((n_types, n_genes)) < 0.4) + 0.05
+    )
     counts = rng.poisson(profile[np.repeat(np.arange(n_types), n_per)] * 5)
     genes = [f"ENSG{i:011d}" for i in range(n_genes)]
     cells = [f"c{i}" for i in range(len(labels))]
     write_filtered(tmp_path / "filtered.h5ad", counts, genes, cells)
-    pd.DataFrame({"feature_id": genes[:20], "feature_name": genes[:20], "rank": range(1, 21)}).to_csv(
-        tmp_path / "hvg.tsv", sep="\t", index=False)
+    pd.DataFrame(
+        {"feature_id": genes[:20], "feature_name": genes[:20], "rank": range(1, 21)}
+    ).to_csv(tmp_path / "hvg.tsv", sep="\t", index=False)
     X, _, _ = blobs(n_per=n_per, n_types=n_types, dim=16, seed=1)
-    obs = pd.DataFrame({"cell_type": labels, "sample": np.where(np.arange(len(labels)) % 2, "d1", "d2")}, index=cells)
+    obs = pd.DataFrame(
+        {"cell_type": labels, "sample": np.where(np.arange(len(labels)) % 2, "d1", "d2")},
+        index=cells,
+    )
     obs.loc["c0", "cell_type"] = "unknown"  # not scored
-    ad.AnnData(obs=obs, obsm={"X_scllm": X}, uns={"scllm": {"cells": "all"}}).write_h5ad(tmp_path / "emb.h5ad")
-    pd.DataFrame({"epoch": [1], "step": [5], "train_loss": [300.0], "val_loss": [250.0], "val_expr_mse": [120.0],
-                  "val_gepc_mse": [130.0], "val_mean_bin_baseline_mse": [210.0]}).to_csv(
-        tmp_path / "epochs.tsv", sep="\t", index=False)
+    ad.AnnData(obs=obs, obsm={"X_scllm": X}, uns={"scllm": {"cells": "all"}}).write_h5ad(
+        tmp_path / "emb.h5ad"
+    )
+    pd.DataFrame(
+        {
+            "epoch": [1],
+            "step": [5],
+            "train_loss": [300.0],
+            "val_loss": [250.0],
+            "val_expr_mse": [120.0],
+            "val_gepc_mse": [130.0],
+            "val_mean_bin_baseline_mse": [210.0],
+        }
+    ).to_csv(tmp_path / "epochs.tsv", sep="\t", index=False)
     (tmp_path / "args.json").write_text('{"data": {"n_validation_cells": 7}}')
     out = tmp_path / "evaluation"
-    table = evaluate(tmp_path / "emb.h5ad", tmp_path / "filtered.h5ad", tmp_path / "hvg.tsv", tmp_path / "epochs.tsv",
-                     out / "metrics.tsv", out / "metrics.html", out / "umap_cell_type.png", out / "umap_sample.png",
-                     args_json=tmp_path / "args.json", n_pcs=10, leiden_resolutions=[0.2, 0.5], chunk_size=40)
+    table = evaluate(
+        tmp_path / "emb.h5ad",
+        tmp_path / "filtered.h5ad",
+        tmp_path / "hvg.tsv",
+        tmp_path / "epochs.tsv",
+        out / "metrics.tsv",
+        out / "metrics.html",
+        out / "umap_cell_type.png",
+        out / "umap_sample.png",
+        args_json=tmp_path / "args.json",
+        n_pcs=10,
+        leiden_resolutions=[0.2, 0.5],
+        chunk_size=40,
+    )
     written = pd.read_csv(out / "metrics.tsv", sep="\t")
     assert list(written.columns) == TABLE_COLUMNS
     metrics = written.set_index("metric")
-    assert list(metrics.index) == ["knn_accuracy_cv", "knn_macro_f1_cv", "knn_accuracy_heldout_sample",
-                                   "knn_macro_f1_heldout_sample", "leiden_ari", "leiden_nmi", "silhouette_label",
-                                   "silhouette_sample", "masked_mse_expression", "masked_mse_gepc"]
-    assert metrics.loc["knn_accuracy_cv", "scllm"] == 1.0 and metrics.loc["leiden_ari", "scllm"] == pytest.approx(1.0)
+    assert list(metrics.index) == [
+        "knn_accuracy_cv",
+        "knn_macro_f1_cv",
+        "knn_accuracy_heldout_sample",
+        "knn_macro_f1_heldout_sample",
+        "leiden_ari",
+        "leiden_nmi",
+        "silhouette_label",
+        "silhouette_sample",
+        "masked_mse_expression",
+        "masked_mse_gepc",
+    ]
+    assert metrics.loc["knn_accuracy_cv", "scllm"] == 1.0 and metrics.loc[
+        "leiden_ari", "scllm"
+    ] == pytest.approx(1.0)
     assert metrics.loc["knn_accuracy_heldout_sample", "scllm"] == 1.0
     assert metrics.loc["knn_accuracy_cv", "baseline"] > 0.9  # the counts separate the types too
     assert metrics.loc["knn_accuracy_cv", "cells"] == "149 (all)"
@@ -158,11 +225,21 @@ def test_evaluate_writes_table_and_umaps(tmp_path):
     for png in ("umap_cell_type.png", "umap_sample.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no obs column 'celltype'"):
-        evaluate(tmp_path / "emb.h5ad", tmp_path / "filtered.h5ad", tmp_path / "hvg.tsv", tmp_path / "epochs.tsv",
-                 out / "m.tsv", out / "m.html", out / "a.png", out / "b.png", label_key="celltype")
+        evaluate(
+            tmp_path / "emb.h5ad",
+            tmp_path / "filtered.h5ad",
+            tmp_path / "hvg.tsv",
+            tmp_path / "epochs.tsv",
+            out / "m.tsv",
+            out / "m.html",
+            out / "a.png",
+            out / "b.png",
+            label_key="celltype",
+        )
 
 
 # --- held-out evaluation: cells the model never saw -------------------------------------------------
+
 
 def heldout_files(root):
     """A random-initialised model over 30 genes and an h5ad of 90 new cells of 3 types (each type
@@ -181,12 +258,17 @@ def heldout_files(root):
     model_dir.mkdir()
     vocab = build_vocab(ids)
     write_vocab(vocab, model_dir / "vocab.json")
-    pd.DataFrame({"feature_id": ids, "feature_name": [f"G{i}" for i in range(30)], "token_id": range(30)}).to_csv(
-        model_dir / "genes.tsv", sep="\t", index=False)
-    cfg = ModelConfig(vocab_size=32, n_bins=11, n_layers=1, n_heads=2, d_model=16, d_ff=32, dropout=0.0)
+    pd.DataFrame(
+        {"feature_id": ids, "feature_name": [f"G{i}" for i in range(30)], "token_id": range(30)}
+    ).to_csv(model_dir / "genes.tsv", sep="\t", index=False)
+    cfg = ModelConfig(
+        vocab_size=32, n_bins=11, n_layers=1, n_heads=2, d_model=16, d_ff=32, dropout=0.0
+    )
     torch.manual_seed(0)
     torch.save(CellTransformer(cfg).state_dict(), model_dir / "best_model.pt")
-    (model_dir / "args.json").write_text(json.dumps({"model": asdict(cfg), "data": {"vocab_sha256": vocab_sha256(vocab)}}))
+    (model_dir / "args.json").write_text(
+        json.dumps({"model": asdict(cfg), "data": {"vocab_sha256": vocab_sha256(vocab)}})
+    )
 
     rng = np.random.default_rng(0)
     types = np.repeat(["B", "T", "NK"], 32)
@@ -212,19 +294,33 @@ def test_heldout_evaluation_embeds_new_cells_and_fits_pca_on_them(tmp_path):
     model_dir, h5ad, counts, labels = heldout_files(tmp_path)
     out = tmp_path / "heldout"
     out.mkdir()
-    table = evaluate_heldout(model_dir, h5ad, out / "embeddings.h5ad", out / "metrics.tsv", out / "metrics.html",
-                             out / "umap.png", label_key="cell_type", device="cpu", n_pcs=5)
+    table = evaluate_heldout(
+        model_dir,
+        h5ad,
+        out / "embeddings.h5ad",
+        out / "metrics.tsv",
+        out / "metrics.html",
+        out / "umap.png",
+        label_key="cell_type",
+        device="cpu",
+        n_pcs=5,
+    )
     labelled = labels != "unknown"
     rows = table.set_index("metric")
     assert rows.loc["knn_accuracy_cv", "cells"] == f"{labelled.sum()} (held out: new cells.h5ad)"
     # The three types are separable from their gene blocks: the baseline on the same cells finds them.
-    assert rows.loc["knn_accuracy_cv", "baseline"] == 1.0 and rows.loc["leiden_ari", "baseline"] == 1.0
+    assert (
+        rows.loc["knn_accuracy_cv", "baseline"] == 1.0
+        and rows.loc["leiden_ari", "baseline"] == 1.0
+    )
     assert np.isnan(rows.loc["knn_accuracy_heldout_sample", "scllm"])  # one sample
     assert "masked_mse_expression" not in rows.index  # no validation error for foreign cells
     # The embeddings are scllm embed's, obs names kept.
     emb = ad.read_h5ad(out / "embeddings.h5ad")
     embed_h5ad(model_dir, h5ad, tmp_path / "cli.h5ad", device="cpu")
-    np.testing.assert_array_equal(emb.obsm["X_scllm"], ad.read_h5ad(tmp_path / "cli.h5ad").obsm["X_scllm"])
+    np.testing.assert_array_equal(
+        emb.obsm["X_scllm"], ad.read_h5ad(tmp_path / "cli.h5ad").obsm["X_scllm"]
+    )
     assert list(emb.obs_names) == [f"new{i}" for i in range(96)]
     # The baseline's input: log1p(1e4 * counts / total over all 40 genes), vocabulary genes in token order.
     rows_kept = np.flatnonzero(labelled)
@@ -244,6 +340,14 @@ def test_heldout_evaluation_refuses_files_without_labels(tmp_path):
 
     model_dir, h5ad, _, _ = heldout_files(tmp_path)
     with pytest.raises(ValueError, match="no obs column 'celltype'"):
-        evaluate_heldout(model_dir, h5ad, tmp_path / "e.h5ad", tmp_path / "m.tsv", tmp_path / "m.html",
-                         tmp_path / "u.png", label_key="celltype", device="cpu")
+        evaluate_heldout(
+            model_dir,
+            h5ad,
+            tmp_path / "e.h5ad",
+            tmp_path / "m.tsv",
+            tmp_path / "m.html",
+            tmp_path / "u.png",
+            label_key="celltype",
+            device="cpu",
+        )
     assert not any((tmp_path / name).exists() for name in ("e.h5ad", "m.tsv", "m.html", "u.png"))

@@ -21,13 +21,6 @@ import pytest
 import torch
 
 import scllm.train as train_mod
-from conftest import (
-    TINY_MODEL,
-    assert_same_weights,
-    synthetic_source,
-    tensors,
-    write_synthetic_shards,
-)
 from scllm import binning, census, hvg, qc, tokens
 from scllm.errors import UnsafeFileError
 from scllm.io import atomic_path
@@ -39,10 +32,27 @@ from scllm.train import (
     pretrain,
 )
 
+from conftest import (
+    TINY_MODEL,
+    assert_same_weights,
+    synthetic_source,
+    tensors,
+    write_synthetic_shards,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 # 160 cells / 8 -> 20 steps per epoch, 40 in all; a step is logged as soon as it is done.
-TRAIN = {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "checkpoint_every_steps": 3,
-         "log_every_steps": 1, "bucket_size_batches": 2, "num_threads": 1, "device": "cpu"}
+TRAIN = {
+    "epochs": 2,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup_steps": 2,
+    "checkpoint_every_steps": 3,
+    "log_every_steps": 1,
+    "bucket_size_batches": 2,
+    "num_threads": 1,
+    "device": "cpu",
+}
 TOTAL_STEPS = 40
 
 
@@ -74,27 +84,56 @@ def temporaries(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.rglob(".*.tmp*"))
 
 
-def start_training(shards: Path, out: Path, tmp_path: Path, train: dict = TRAIN) -> tuple[subprocess.Popen, Path]:
+def start_training(
+    shards: Path, out: Path, tmp_path: Path, train: dict = TRAIN
+) -> tuple[subprocess.Popen, Path]:
     """``python -m scllm.train`` as its own process; returns it and its log file."""
-    params, log = tmp_path / "params.json", tmp_path / f"train{len(list(tmp_path.glob('train*.log')))}.log"
+    params, log = (
+        tmp_path / "params.json",
+        tmp_path / f"train{len(list(tmp_path.glob('train*.log')))}.log",
+    )
     params.write_text(json.dumps({"model": TINY_MODEL, "train": train}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])
+        ),
+    }
     with open(log.with_suffix(".stderr"), "w") as stderr:  # a file, not a pipe nobody drains
-        proc = subprocess.Popen([sys.executable, "-m", "scllm.train", "--manifest", str(shards), "--out", str(out),
-                                 "--params", str(params), "--log-file", str(log)],
-                                env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "scllm.train",
+                "--manifest",
+                str(shards),
+                "--out",
+                str(out),
+                "--params",
+                str(params),
+                "--log-file",
+                str(log),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     return proc, log
 
 
-def wait_for_step(proc: subprocess.Popen, log: Path, step: int, out: Path, timeout: float = 120) -> None:
+def wait_for_step(
+    proc: subprocess.Popen, log: Path, step: int, out: Path, timeout: float = 120
+) -> None:
     """Until the process has logged ``step`` and a checkpoint exists."""
     deadline = time.monotonic() + timeout
     pattern = re.compile(rf" step {step}/{TOTAL_STEPS} ")
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             stderr = log.with_suffix(".stderr").read_text()[-3000:]
-            raise AssertionError(f"training ended (status {proc.returncode}) before step {step}:\n{stderr}")
+            raise AssertionError(
+                f"training ended (status {proc.returncode}) before step {step}:\n{stderr}"
+            )
         if (out / CHECKPOINT).exists() and log.exists() and pattern.search(log.read_text()):
             return
         time.sleep(0.005)
@@ -103,6 +142,7 @@ def wait_for_step(proc: subprocess.Popen, log: Path, step: int, out: Path, timeo
 
 
 # --- kill, preemption ---------------------------------------------------------------------------------
+
 
 def test_sigkill_at_a_random_step_resumes_to_the_same_weights(shards, reference, tmp_path, caplog):
     step = random.Random().randint(4, TOTAL_STEPS - 12)  # any step after the first checkpoint (3)
@@ -113,31 +153,49 @@ def test_sigkill_at_a_random_step_resumes_to_the_same_weights(shards, reference,
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     killed = tensors(out / CHECKPOINT)
-    assert not killed["done"] and 3 <= killed["global_step"] < TOTAL_STEPS, (step, killed["global_step"])
-    (out / f".{CHECKPOINT}.tmp{proc.pid}").write_bytes(b"half a checkpoint")  # as if killed mid-write
+    assert not killed["done"] and 3 <= killed["global_step"] < TOTAL_STEPS, (
+        step,
+        killed["global_step"],
+    )
+    (out / f".{CHECKPOINT}.tmp{proc.pid}").write_bytes(
+        b"half a checkpoint"
+    )  # as if killed mid-write
 
     with caplog.at_level(logging.INFO, logger="scllm"):
         pretrain(shards, out, TINY_MODEL, TRAIN)  # the rerun, as the job's retry would
-    assert re.search(rf"resuming from .*: epoch \d, batch \d+, step {killed['global_step']}\n", caplog.text + "\n")
+    assert re.search(
+        rf"resuming from .*: epoch \d, batch \d+, step {killed['global_step']}\n",
+        caplog.text + "\n",
+    )
     assert_same_run(out, reference)
     assert temporaries(out) == [], "a killed run's temporaries were left behind"
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_for_requeue(shards, reference, tmp_path):
-    train = {**TRAIN, "checkpoint_every_steps": 1000}  # only epoch ends and the signal write checkpoints
+    train = {
+        **TRAIN,
+        "checkpoint_every_steps": 1000,
+    }  # only epoch ends and the signal write checkpoints
     step = random.Random().randint(2, 17)  # inside epoch 1: no checkpoint yet when it arrives
     out = tmp_path / "run"
     proc, log = start_training(shards, out, tmp_path, train)
     pattern = re.compile(rf" step {step}/{TOTAL_STEPS} ")
     deadline = time.monotonic() + 120
     while not (log.exists() and pattern.search(log.read_text())):
-        assert proc.poll() is None and time.monotonic() < deadline, "training ended or stalled before the signal"
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            "training ended or stalled before the signal"
+        )
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE, log.with_suffix(".stderr").read_text()[-3000:]
+    assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE, log.with_suffix(".stderr").read_text()[
+        -3000:
+    ]
     text = log.read_text()
-    found = re.search(rf"stopped by SIGTERM in epoch 1, batch \d+/20: checkpoint at step (\d+) saved to "
-                      rf".*{CHECKPOINT}; exiting with code {PREEMPTED_EXIT_CODE} so the job can be requeued", text)
+    found = re.search(
+        rf"stopped by SIGTERM in epoch 1, batch \d+/20: checkpoint at step (\d+) saved to "
+        rf".*{CHECKPOINT}; exiting with code {PREEMPTED_EXIT_CODE} so the job can be requeued",
+        text,
+    )
     assert found, text[-2000:]
     ckpt = tensors(out / CHECKPOINT)
     assert ckpt["global_step"] == int(found.group(1)) >= step and not ckpt["done"]
@@ -161,7 +219,10 @@ def test_sigusr1_checkpoints_and_stops_in_process(shards, reference, tmp_path, m
 
     monkeypatch.setattr(train_mod, "masked_mse", signalling_mse)
     before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
-    with pytest.raises(TrainingPreempted, match="stopped by SIGUSR1 in epoch 1, batch 11/20: checkpoint at step 11"):
+    with pytest.raises(
+        TrainingPreempted,
+        match="stopped by SIGUSR1 in epoch 1, batch 11/20: checkpoint at step 11",
+    ):
         pretrain(shards, tmp_path, TINY_MODEL, {**TRAIN, "checkpoint_every_steps": 1000})
     assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
     assert tensors(tmp_path / CHECKPOINT)["global_step"] == 11
@@ -172,8 +233,11 @@ def test_sigusr1_checkpoints_and_stops_in_process(shards, reference, tmp_path, m
 
 # --- divergence ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fault", ["nan_loss", "inf_loss", "nan_weights"])
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, reference, tmp_path, monkeypatch, fault):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    shards, reference, tmp_path, monkeypatch, fault
+):
     """From step 25 (epoch 2) on, the loss (or, with a finite loss, the gradients and so the weights)
     is poisoned. The last checkpoint before it is step 24; epoch 1 gave best_model.pt."""
     calls = {"mse": 0, "clip": 0}
@@ -202,10 +266,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, refere
         pretrain(shards, tmp_path, TINY_MODEL, train)
     message = str(err.value)
     assert f"NaN or infinite by step {25 if fault != 'nan_weights' else 27} (epoch 2)" in message
-    assert f"{tmp_path / CHECKPOINT} keeps the last good state (step 24)" in message and "train.lr" in message
+    assert (
+        f"{tmp_path / CHECKPOINT} keeps the last good state (step 24)" in message
+        and "train.lr" in message
+    )
 
     ckpt = tensors(tmp_path / CHECKPOINT)
-    assert ckpt["global_step"] == 24 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert ckpt["global_step"] == 24 and all(
+        torch.isfinite(v).all() for v in ckpt["model"].values()
+    )
     best = tensors(tmp_path / "best_model.pt")
     assert all(torch.isfinite(v).all() for v in best.values())
     assert_same_weights(best, ckpt["best_model"])
@@ -219,13 +288,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, refere
 
 
 def test_non_finite_loss_before_any_checkpoint(shards, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "masked_mse", lambda *args: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(
+        train_mod, "masked_mse", lambda *args: torch.tensor(float("nan"), requires_grad=True)
+    )
     with pytest.raises(NonFiniteLossError, match="by step 1 .*no checkpoint had been written yet"):
         pretrain(shards, tmp_path, TINY_MODEL, TRAIN)
     assert not (tmp_path / CHECKPOINT).exists() and not (tmp_path / "best_model.pt").exists()
 
 
 # --- atomic artifacts ---------------------------------------------------------------------------------
+
 
 class InjectedFault(Exception):
     """Not one of the types a stage handles itself."""
@@ -239,6 +311,7 @@ def fail_on_call(n: int, real):
         if calls["n"] == n:
             raise InjectedFault(f"injected on call {n}")
         return real(*args, **kwargs)
+
     return wrapper
 
 
@@ -262,34 +335,89 @@ def test_a_failure_mid_stage_leaves_neither_the_artifact_nor_its_temporary(tmp_p
         run()
         assert all((tmp_path / o).exists() for o in outputs)
 
-    sample = lambda: census.sample_census(tmp_path / "cells.h5ad", tmp_path / "samples.tsv",  # noqa: E731
-                                          uri=str(tmp_path / "soma"), max_cells=1000, chunk_size=8)
-    stage("sample_census", (census, "check_counts", fail_on_call(5, census.check_counts)), sample,
-          ["cells.h5ad", "samples.tsv"])
+    def sample():
+        census.sample_census(
+            tmp_path / "cells.h5ad",
+            tmp_path / "samples.tsv",
+            uri=str(tmp_path / "soma"),
+            max_cells=1000,
+            chunk_size=8,
+        )
+
+    stage(
+        "sample_census",
+        (census, "check_counts", fail_on_call(5, census.check_counts)),
+        sample,
+        ["cells.h5ad", "samples.tsv"],
+    )
     n_chunks = -(-ad.read_h5ad(tmp_path / "cells.h5ad", backed="r").n_obs // 16)
-    stage("filter_qc", (qc, "read_rows", fail_on_call(n_chunks + 3, qc.read_rows)),  # in the writing pass
-          lambda: qc.filter_qc(tmp_path / "cells.h5ad", tmp_path / "filtered.h5ad", tmp_path / "qc.tsv",
-                               min_genes_per_cell=5, chunk_size=16), ["filtered.h5ad", "qc.tsv"])
-    stage("select_hvg", (hvg, "read_rows", fail_on_call(3, hvg.read_rows)),
-          lambda: hvg.select_hvg(tmp_path / "filtered.h5ad", tmp_path / "hvg.tsv", n_top_genes=20,
-                                 min_cells_per_sample=10), ["hvg.tsv"])
-    stage("normalize_bin", (binning, "bin_csr", fail_on_call(3, binning.bin_csr)),
-          lambda: binning.normalize_bin(tmp_path / "filtered.h5ad", tmp_path / "hvg.tsv", tmp_path / "binned.h5ad",
-                                        chunk_size=16), ["binned.h5ad"])
+    stage(
+        "filter_qc",
+        (qc, "read_rows", fail_on_call(n_chunks + 3, qc.read_rows)),  # in the writing pass
+        lambda: qc.filter_qc(
+            tmp_path / "cells.h5ad",
+            tmp_path / "filtered.h5ad",
+            tmp_path / "qc.tsv",
+            min_genes_per_cell=5,
+            chunk_size=16,
+        ),
+        ["filtered.h5ad", "qc.tsv"],
+    )
+    stage(
+        "select_hvg",
+        (hvg, "read_rows", fail_on_call(3, hvg.read_rows)),
+        lambda: hvg.select_hvg(
+            tmp_path / "filtered.h5ad",
+            tmp_path / "hvg.tsv",
+            n_top_genes=20,
+            min_cells_per_sample=10,
+        ),
+        ["hvg.tsv"],
+    )
+    stage(
+        "normalize_bin",
+        (binning, "bin_csr", fail_on_call(3, binning.bin_csr)),
+        lambda: binning.normalize_bin(
+            tmp_path / "filtered.h5ad",
+            tmp_path / "hvg.tsv",
+            tmp_path / "binned.h5ad",
+            chunk_size=16,
+        ),
+        ["binned.h5ad"],
+    )
     from scllm.split import split_cells
+
     split_cells(tmp_path / "binned.h5ad", tmp_path / "split.tsv", validation_fraction=0.2)
-    stage("tokenize_shards", (tokens, "sequences_from_binned", fail_on_call(4, tokens.sequences_from_binned)),
-          lambda: tokens.tokenize_shards(tmp_path / "binned.h5ad", tmp_path / "split.tsv", tmp_path / "shards",
-                                         cells_per_shard=10, chunk_size=16), ["shards"])
+    stage(
+        "tokenize_shards",
+        (tokens, "sequences_from_binned", fail_on_call(4, tokens.sequences_from_binned)),
+        lambda: tokens.tokenize_shards(
+            tmp_path / "binned.h5ad",
+            tmp_path / "split.tsv",
+            tmp_path / "shards",
+            cells_per_shard=10,
+            chunk_size=16,
+        ),
+        ["shards"],
+    )
     assert len(list((tmp_path / "shards").rglob("*.h5"))) >= 4
 
     # pretrain: a failure while writing the checkpoint leaves the previous state only
     def half_save(obj, path, *args, **kwargs):
         Path(path).write_bytes(b"half")
         raise InjectedFault("disk full")
-    stage("pretrain", (train_mod.torch, "save", half_save),
-          lambda: pretrain(tmp_path / "shards/manifest.json", tmp_path / "model", TINY_MODEL,
-                           {**TRAIN, "epochs": 1}), ["model/best_model.pt", f"model/{CHECKPOINT}"])
+
+    stage(
+        "pretrain",
+        (train_mod.torch, "save", half_save),
+        lambda: pretrain(
+            tmp_path / "shards/manifest.json",
+            tmp_path / "model",
+            TINY_MODEL,
+            {**TRAIN, "epochs": 1},
+        ),
+        ["model/best_model.pt", f"model/{CHECKPOINT}"],
+    )
 
 
 def test_atomic_path_removes_what_a_killed_writer_left(tmp_path):
@@ -304,6 +432,7 @@ def test_atomic_path_removes_what_a_killed_writer_left(tmp_path):
 
 
 # --- loading checkpoints ------------------------------------------------------------------------------
+
 
 class Payload:
     """Unpickling this runs code: it creates ``marker``."""
@@ -331,7 +460,9 @@ def test_checkpoints_load_with_weights_only(shards, reference, tmp_path, caplog)
     for name in ("args.json", "vocab.json"):
         (model_dir / name).write_bytes((reference / name).read_bytes())
     (model_dir / "best_model.pt").write_bytes((tmp_path / "evil.pt").read_bytes())
-    with pytest.raises(UnsafeFileError, match="is not a checkpoint of this project.*must not be loaded") as err:
+    with pytest.raises(
+        UnsafeFileError, match="is not a checkpoint of this project.*must not be loaded"
+    ) as err:
         load_model(model_dir)
     assert "weights_only" not in str(err.value)  # torch's text advises the unsafe load
     assert not marker.exists()

@@ -35,9 +35,13 @@ def synthetic_counts(samples=SAMPLES, n_genes=N_GENES, seed=0) -> ad.AnnData:
         blocks.append(rng.negative_binomial(size[None, :], size[None, :] / (size[None, :] + m)))
         labels += [name] * n
     X = sp.csr_matrix(np.vstack(blocks).astype(np.float32))
-    obs = pd.DataFrame({"sample": pd.Categorical(labels)}, index=[f"cell{i}" for i in range(len(labels))])
+    obs = pd.DataFrame(
+        {"sample": pd.Categorical(labels)}, index=[f"cell{i}" for i in range(len(labels))]
+    )
     ids = [f"ENSG{i:011d}" for i in range(n_genes)]
-    var = pd.DataFrame({"feature_id": ids, "feature_name": [f"GENE{i}" for i in range(n_genes)]}, index=ids)
+    var = pd.DataFrame(
+        {"feature_id": ids, "feature_name": [f"GENE{i}" for i in range(n_genes)]}, index=ids
+    )
     return ad.AnnData(X=X, obs=obs, var=var)
 
 
@@ -75,7 +79,9 @@ def test_select_hvg_equals_scanpy_batched(counts_h5ad, tmp_path, flavor):
     assert list(table["feature_id"]) == list(ref.index)
     np.testing.assert_array_equal(written["rank"], np.arange(50))
     assert list(written["feature_name"]) == adata.var.loc[ref.index, "feature_name"].tolist()
-    np.testing.assert_array_equal(written["highly_variable_nbatches"], ref["highly_variable_nbatches"])
+    np.testing.assert_array_equal(
+        written["highly_variable_nbatches"], ref["highly_variable_nbatches"]
+    )
     np.testing.assert_allclose(written["highly_variable_rank"], ref["highly_variable_rank"])
     # the ranking is non-trivial: genes are found in different numbers of batches
     assert written["highly_variable_nbatches"].nunique() > 1
@@ -97,8 +103,12 @@ def test_small_sample_left_out_with_warning(tmp_path, caplog, flavor):
     path = tmp_path / "filtered.h5ad"
     adata.write_h5ad(path)
     with caplog.at_level(logging.WARNING, logger="scllm"):
-        table = select_hvg(path, tmp_path / "hvg.tsv", n_top_genes=50, flavor=flavor, min_cells_per_sample=50)
-    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "tiny" in r.getMessage()]
+        table = select_hvg(
+            path, tmp_path / "hvg.tsv", n_top_genes=50, flavor=flavor, min_cells_per_sample=50
+        )
+    warned = [
+        r for r in caplog.records if r.levelno == logging.WARNING and "tiny" in r.getMessage()
+    ]
     assert warned, [r.getMessage() for r in caplog.records]
     assert "min_cells_per_sample" in warned[0].getMessage()
 
@@ -134,12 +144,22 @@ def test_ranking_ignores_last_bit_noise_between_cpus():
     exact = rng.gamma(2.0, 1.0, (3, 200))
     exact[:, 50:60] = exact[:, [50]]  # ten genes with identical statistics: exact ties
     index = pd.Index([f"g{i}" for i in range(200)])
-    noisy = exact * (1 + rng.uniform(-6e-15, 6e-15, exact.shape))  # the AVX2 vs AVX-512 difference seen
+    noisy = exact * (
+        1 + rng.uniform(-6e-15, 6e-15, exact.shape)
+    )  # the AVX2 vs AVX-512 difference seen
     for flavor in ("seurat_v3", "seurat_v3_paper"):
         a, b = combine_batches(exact, 80, flavor, index), combine_batches(noisy, 80, flavor, index)
         assert list(a.index) == list(b.index)
         assert a["variances_norm"].tolist() == b["variances_norm"].tolist()  # byte-identical table
-    tied = [g for g in combine_batches(noisy, 200, "seurat_v3", index).index if g in {f"g{i}" for i in range(50, 60)}]
+    tied = [
+        g
+        for g in combine_batches(noisy, 200, "seurat_v3", index).index
+        if g in {f"g{i}" for i in range(50, 60)}
+    ]
     assert tied == [f"g{i}" for i in range(50, 60)], "ties go to the earlier gene"
-    np.testing.assert_allclose(round_significant(np.array([123456.7890123, -0.000123456789012, 0.0]), 4),
-                               [123500.0, -0.0001235, 0.0], rtol=1e-14, atol=0)
+    np.testing.assert_allclose(
+        round_significant(np.array([123456.7890123, -0.000123456789012, 0.0]), 4),
+        [123500.0, -0.0001235, 0.0],
+        rtol=1e-14,
+        atol=0,
+    )

@@ -31,20 +31,44 @@ def todays_store(h5ad, uri, gene_tile: int | None = None) -> None:
     import tiledbsoma.io
 
     with H5adInput(h5ad) as source:
-        obs, var, _ = census_mod._census_shaped(source, "source", None, None, None, None, None, None,
-                                                "blood", True, "normal", "test input")
+        obs, var, _ = census_mod._census_shaped(
+            source,
+            "source",
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            "blood",
+            True,
+            "normal",
+            "test input",
+        )
     obs.index = obs.index.astype(str)
     X = sp.csr_matrix(ad.read_h5ad(h5ad).X, dtype=np.float32)
     uri = str(uri.resolve())
     soma.Collection.create(uri).close()
     with soma.Collection.open(uri, "w") as root:
         root.add_new_collection("census_data")
-    tiles = {"tiledb": {"create": {"dims": {"soma_dim_1": {"tile": gene_tile}}}}} if gene_tile else None
-    tiledbsoma.io.from_anndata(f"{uri}/census_data/homo_sapiens", ad.AnnData(X=X, obs=obs, var=var),
-                               measurement_name="RNA", X_layer_name="raw", platform_config=tiles)
+    tiles = (
+        {"tiledb": {"create": {"dims": {"soma_dim_1": {"tile": gene_tile}}}}}
+        if gene_tile
+        else None
+    )
+    tiledbsoma.io.from_anndata(
+        f"{uri}/census_data/homo_sapiens",
+        ad.AnnData(X=X, obs=obs, var=var),
+        measurement_name="RNA",
+        X_layer_name="raw",
+        platform_config=tiles,
+    )
     with soma.Collection.open(uri, "w") as root:
-        root["census_data"].set("homo_sapiens", soma.Experiment.open(f"{uri}/census_data/homo_sapiens"),
-                                use_relative_uri=True)
+        root["census_data"].set(
+            "homo_sapiens",
+            soma.Experiment.open(f"{uri}/census_data/homo_sapiens"),
+            use_relative_uri=True,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +100,15 @@ def layout(name: str) -> tuple[ad.AnnData, dict, dict]:
         split = np.floor(data[halves] / 2)
         data = data.copy()
         data[halves] -= split
-        row, col, data = np.r_[row, extra_rows, row[halves]], np.r_[col, zero_cols, col[halves]], np.r_[data, 0 * extra_rows, split]
+        row, col, data = (
+            np.r_[row, extra_rows, row[halves]],
+            np.r_[col, zero_cols, col[halves]],
+            np.r_[data, 0 * extra_rows, split],
+        )
         order = np.random.default_rng(1).permutation(len(row))
-        X = _csr_keeping_entries(sp.coo_matrix((data[order], (row[order], col[order])), shape=src.shape))
+        X = _csr_keeping_entries(
+            sp.coo_matrix((data[order], (row[order], col[order])), shape=src.shape)
+        )
         src.X = X
     elif name == "counts_layer":
         src.layers["counts"] = src.X.copy()
@@ -100,7 +130,15 @@ def _csr_keeping_entries(coo: sp.coo_matrix) -> sp.csr_matrix:
     return X
 
 
-LAYOUTS = ["csr", "csc", "dense", "int_counts", "unsorted_with_stored_zeros", "counts_layer", "gzip_chunked"]
+LAYOUTS = [
+    "csr",
+    "csc",
+    "dense",
+    "int_counts",
+    "unsorted_with_stored_zeros",
+    "counts_layer",
+    "gzip_chunked",
+]
 
 
 def assert_same_cells(path, samples_path, reference) -> None:
@@ -115,27 +153,41 @@ def assert_same_cells(path, samples_path, reference) -> None:
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_every_layout_sampled_straight_from_the_h5ad_gives_todays_cells(name, reference, tmp_path, caplog):
+def test_every_layout_sampled_straight_from_the_h5ad_gives_todays_cells(
+    name, reference, tmp_path, caplog
+):
     src, options, write = layout(name)
     src.write_h5ad(tmp_path / "in.h5ad", **write)
     # blocks of a few cells, so that samples and blocks cut across each other
     with caplog.at_level(logging.INFO, logger="scllm"):
-        sample_h5ad(tmp_path / "in.h5ad", tmp_path / "cells.h5ad", tmp_path / "samples.tsv", block_nnz=200,
-                    **options, **SAMPLING)
+        sample_h5ad(
+            tmp_path / "in.h5ad",
+            tmp_path / "cells.h5ad",
+            tmp_path / "samples.tsv",
+            block_nnz=200,
+            **options,
+            **SAMPLING,
+        )
     # stored zeros and repeated genes change row lengths: counted first, then written
-    assert ("counting every row's values first" in caplog.text) == (name == "unsorted_with_stored_zeros")
+    assert ("counting every row's values first" in caplog.text) == (
+        name == "unsorted_with_stored_zeros"
+    )
     assert ("temporary local Census" in caplog.text) == (name == "csc")
     assert_same_cells(tmp_path / "cells.h5ad", tmp_path / "samples.tsv", reference)
     # nothing but the two outputs (a CSC input's temporary store is gone)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "in.h5ad", "samples.tsv"]
 
 
-@pytest.mark.parametrize("name", ["csr", "csc", "dense", "unsorted_with_stored_zeros", "counts_layer"])
+@pytest.mark.parametrize(
+    "name", ["csr", "csc", "dense", "unsorted_with_stored_zeros", "counts_layer"]
+)
 def test_every_layout_through_a_streamed_store_gives_todays_cells(name, reference, tmp_path):
     src, options, write = layout(name)
     src.write_h5ad(tmp_path / "in.h5ad", **write)
     build_local_census(tmp_path / "in.h5ad", tmp_path / "store", block_nnz=150, **options)
-    sample_census(tmp_path / "cells.h5ad", tmp_path / "samples.tsv", uri=str(tmp_path / "store"), **SAMPLING)
+    sample_census(
+        tmp_path / "cells.h5ad", tmp_path / "samples.tsv", uri=str(tmp_path / "store"), **SAMPLING
+    )
     assert_same_cells(tmp_path / "cells.h5ad", tmp_path / "samples.tsv", reference)
 
 
@@ -146,8 +198,12 @@ def test_a_store_tiled_across_genes_is_read_into_the_same_cells(reference, tmp_p
     todays_store(tmp_path / "in.h5ad", tmp_path / "store", gene_tile=8)
     sorts = []
     real_sort = sp.csr_matrix.sort_indices
-    monkeypatch.setattr(sp.csr_matrix, "sort_indices", lambda self: sorts.append(1) or real_sort(self))
-    sample_census(tmp_path / "cells.h5ad", tmp_path / "samples.tsv", uri=str(tmp_path / "store"), **SAMPLING)
+    monkeypatch.setattr(
+        sp.csr_matrix, "sort_indices", lambda self: sorts.append(1) or real_sort(self)
+    )
+    sample_census(
+        tmp_path / "cells.h5ad", tmp_path / "samples.tsv", uri=str(tmp_path / "store"), **SAMPLING
+    )
     assert sorts  # the reordering path ran
     assert_same_cells(tmp_path / "cells.h5ad", tmp_path / "samples.tsv", reference)
 
@@ -159,8 +215,15 @@ def test_samples_spread_over_the_file_are_written_whole_and_in_order(tmp_path):
     order = np.random.default_rng(3).permutation(src.n_obs)
     src = src[order].copy()
     src.write_h5ad(tmp_path / "in.h5ad")
-    sample_h5ad(tmp_path / "in.h5ad", tmp_path / "cells.h5ad", tmp_path / "samples.tsv", block_nnz=100,
-                max_cells=1000, primary_only=False, disease=None)
+    sample_h5ad(
+        tmp_path / "in.h5ad",
+        tmp_path / "cells.h5ad",
+        tmp_path / "samples.tsv",
+        block_nnz=100,
+        max_cells=1000,
+        primary_only=False,
+        disease=None,
+    )
     cells = ad.read_h5ad(tmp_path / "cells.h5ad")
     blood = src.obs["tissue_general"].to_numpy() == "blood"
     assert cells.n_obs == blood.sum()
@@ -197,17 +260,34 @@ def test_bad_counts_in_chosen_cells_name_the_fix_and_leave_nothing(tmp_path):
     src.X = sp.csr_matrix(dense)
     src.obs["tissue_general"] = "blood"
     src.write_h5ad(tmp_path / "in.h5ad")
-    with pytest.raises(InputError, match=r"X of the input h5ad holds values that are not non-negative integer "
-                                         r"counts \(non-integer.*census\.h5ad\.counts_layer.*\['counts'\]"):
-        sample_h5ad(tmp_path / "in.h5ad", tmp_path / "out/cells.h5ad", tmp_path / "out/samples.tsv",
-                    block_nnz=100, max_cells=1000, primary_only=False, disease=None)
+    with pytest.raises(
+        InputError,
+        match=r"X of the input h5ad holds values that are not non-negative integer "
+        r"counts \(non-integer.*census\.h5ad\.counts_layer.*\['counts'\]",
+    ):
+        sample_h5ad(
+            tmp_path / "in.h5ad",
+            tmp_path / "out/cells.h5ad",
+            tmp_path / "out/samples.tsv",
+            block_nnz=100,
+            max_cells=1000,
+            primary_only=False,
+            disease=None,
+        )
     assert list((tmp_path / "out").iterdir()) == []
     # the same file as CSC goes through a temporary store: refused the same way, nothing left
     src.X = sp.csc_matrix(src.X)
     src.write_h5ad(tmp_path / "csc.h5ad")
     with pytest.raises(InputError, match="non-integer"):
-        sample_h5ad(tmp_path / "csc.h5ad", tmp_path / "out/cells.h5ad", tmp_path / "out/samples.tsv",
-                    block_nnz=100, max_cells=1000, primary_only=False, disease=None)
+        sample_h5ad(
+            tmp_path / "csc.h5ad",
+            tmp_path / "out/cells.h5ad",
+            tmp_path / "out/samples.tsv",
+            block_nnz=100,
+            max_cells=1000,
+            primary_only=False,
+            disease=None,
+        )
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -215,11 +295,19 @@ def test_missing_gene_ids_and_layers_are_refused_before_reading_counts(tmp_path)
     src = synthetic_source()
     src.var = pd.DataFrame(index=[f"GENE{i}" for i in range(src.n_vars)])  # symbols only
     src.write_h5ad(tmp_path / "in.h5ad")
-    with pytest.raises(ValueError, match=r"no Ensembl gene ids found in var.*census\.h5ad\.gene_id_column"):
-        sample_h5ad(tmp_path / "in.h5ad", tmp_path / "out/cells.h5ad", tmp_path / "out/samples.tsv")
+    with pytest.raises(
+        ValueError, match=r"no Ensembl gene ids found in var.*census\.h5ad\.gene_id_column"
+    ):
+        sample_h5ad(
+            tmp_path / "in.h5ad", tmp_path / "out/cells.h5ad", tmp_path / "out/samples.tsv"
+        )
     with pytest.raises(InputError, match=r"no layer 'counts' \(census\.h5ad\.counts_layer"):
-        sample_h5ad(tmp_path / "in.h5ad", tmp_path / "out/cells.h5ad", tmp_path / "out/samples.tsv",
-                    counts_layer="counts")
+        sample_h5ad(
+            tmp_path / "in.h5ad",
+            tmp_path / "out/cells.h5ad",
+            tmp_path / "out/samples.tsv",
+            counts_layer="counts",
+        )
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
@@ -228,5 +316,7 @@ def test_a_damaged_h5ad_is_refused_clearly(tmp_path):
     data = (tmp_path / "in.h5ad").read_bytes()
     (tmp_path / "in.h5ad").write_bytes(data[: len(data) // 3])
     with pytest.raises(ValueError, match=r"cannot read .*in\.h5ad as h5ad.*export it again"):
-        sample_h5ad(tmp_path / "in.h5ad", tmp_path / "out/cells.h5ad", tmp_path / "out/samples.tsv")
+        sample_h5ad(
+            tmp_path / "in.h5ad", tmp_path / "out/cells.h5ad", tmp_path / "out/samples.tsv"
+        )
     assert not (tmp_path / "out/cells.h5ad").exists()

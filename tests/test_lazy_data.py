@@ -13,7 +13,6 @@ import scipy.sparse as sp
 import torch
 
 import scllm.train as train_mod
-from conftest import TINY_MODEL, TINY_TRAIN, write_synthetic_shards  # noqa: I001
 from scllm.data import LengthGroupedBatchSampler, RaggedCells, ShardDataset
 from scllm.errors import CorruptArtifactError
 from scllm.tokens import (
@@ -27,20 +26,29 @@ from scllm.tokens import (
     write_shard,
 )
 
+from conftest import TINY_MODEL, TINY_TRAIN, write_synthetic_shards
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    return write_synthetic_shards(tmp_path_factory.mktemp("shards"), n_train=90, n_val=10, cells_per_shard=25)
+    return write_synthetic_shards(
+        tmp_path_factory.mktemp("shards"), n_train=90, n_val=10, cells_per_shard=25
+    )
 
 
 def in_memory(manifest_path: Path, split: str) -> RaggedCells:
     """The split as the in-memory ShardDataset of earlier versions built it: every shard read whole
     and concatenated in manifest order."""
     manifest = read_manifest(manifest_path)
-    parts = [read_listed_shard(manifest_path.parent, manifest, e) for e in manifest["splits"][split]]
+    parts = [
+        read_listed_shard(manifest_path.parent, manifest, e) for e in manifest["splits"][split]
+    ]
     lengths = np.concatenate([np.diff(p.offsets) for p in parts])
-    return RaggedCells(np.r_[0, np.cumsum(lengths)], np.concatenate([p.gene_ids for p in parts]),
-                       np.concatenate([p.values for p in parts]))
+    return RaggedCells(
+        np.r_[0, np.cumsum(lengths)],
+        np.concatenate([p.gene_ids for p in parts]),
+        np.concatenate([p.values for p in parts]),
+    )
 
 
 def reference_batches(lengths, batch_size, seed, bucket_size_batches, epoch, shuffle=True):
@@ -50,9 +58,9 @@ def reference_batches(lengths, batch_size, seed, bucket_size_batches, epoch, shu
     order = rng.permutation(n) if shuffle else np.arange(n)
     batches = []
     for start in range(0, n, batch_size * bucket_size_batches):
-        bucket = order[start:start + batch_size * bucket_size_batches]
+        bucket = order[start : start + batch_size * bucket_size_batches]
         bucket = bucket[np.argsort(-lengths[bucket], kind="stable")]
-        batches += [bucket[i:i + batch_size] for i in range(0, len(bucket), batch_size)]
+        batches += [bucket[i : i + batch_size] for i in range(0, len(bucket), batch_size)]
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
@@ -62,7 +70,9 @@ def test_cells_read_lazily_equal_the_shards_read_whole(shards):
     for split in ("train", "validation"):
         lazy, whole = ShardDataset(shards, split), in_memory(shards, split)
         assert len(lazy) == len(whole) and np.array_equal(lazy.lengths, whole.lengths)
-        order = np.random.default_rng(0).permutation(len(whole))  # any order, across shard boundaries
+        order = np.random.default_rng(0).permutation(
+            len(whole)
+        )  # any order, across shard boundaries
         for (g, v), i in zip(lazy.cells(order), order):
             assert np.array_equal(g, whole.cell(i)[0]) and np.array_equal(v, whole.cell(i)[1])
             assert g.dtype == np.int32 and v.dtype == np.int16
@@ -88,11 +98,19 @@ def test_reading_cells_keeps_no_tokens_in_memory(tmp_path):
     every cell in batches of 32 keeps nothing and never holds more than a few batches' tokens."""
     rng = np.random.default_rng(0)
     n_cells, n_genes = 4_000, 1_200
-    binned = sp.random(n_cells, n_genes, density=0.4, format="csr", random_state=1, dtype=np.float32)
+    binned = sp.random(
+        n_cells, n_genes, density=0.4, format="csr", random_state=1, dtype=np.float32
+    )
     binned.data = rng.integers(1, 51, binned.nnz).astype(np.float32)
     offsets, gene_ids, values = sequences_from_binned(binned, cls_id=n_genes)
-    write_shard(tmp_path / "big.h5", offsets, gene_ids, values, np.arange(n_cells),
-                {"n_genes": n_genes, "n_bins": 51, "cls_id": n_genes})
+    write_shard(
+        tmp_path / "big.h5",
+        offsets,
+        gene_ids,
+        values,
+        np.arange(n_cells),
+        {"n_genes": n_genes, "n_bins": 51, "cls_id": n_genes},
+    )
     reader = ShardReader(tmp_path / "big.h5")
     assert reader.check() is None and reader.n_tokens == len(gene_ids) > 400 * n_cells
     tracemalloc.start()
@@ -104,7 +122,11 @@ def test_reading_cells_keeps_no_tokens_in_memory(tmp_path):
             assert g[0] == n_genes and len(v) == lengths[i]
     after, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert retained < 6 * n_cells and after - retained < 64_000 and peak < 200_000, (retained, after, peak)
+    assert retained < 6 * n_cells and after - retained < 64_000 and peak < 200_000, (
+        retained,
+        after,
+        peak,
+    )
 
 
 def test_a_chunked_compressed_shard_reads_the_same_through_h5py(shards, tmp_path):
@@ -146,14 +168,22 @@ def test_block_checks_find_what_a_whole_shard_check_finds(tmp_path, damage):
 def unchecked(path) -> Shard:
     """A shard's arrays, read whole without any check."""
     with h5py.File(path, "r") as f:
-        return Shard(f["offsets"][:], f["gene_ids"][:], f["values"][:], f["cell_index"][:],
-                     {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()})
+        return Shard(
+            f["offsets"][:],
+            f["gene_ids"][:],
+            f["values"][:],
+            f["cell_index"][:],
+            {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()},
+        )
 
 
 def test_a_damaged_listed_shard_is_refused_when_opened(tmp_path, flip_bytes):
     manifest = write_synthetic_shards(tmp_path, n_train=30, n_val=4)
     flip_bytes(manifest.parent / "train/shard_00001.h5", "values")
-    with pytest.raises(CorruptArtifactError, match=r"train/shard_00001\.h5 has sha256 .*--forcerun tokenize_shards"):
+    with pytest.raises(
+        CorruptArtifactError,
+        match=r"train/shard_00001\.h5 has sha256 .*--forcerun tokenize_shards",
+    ):
         ShardDataset(manifest, "train")
 
 

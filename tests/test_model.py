@@ -37,8 +37,16 @@ def one_thread():
 
 def tiny_model(seed=0, **overrides) -> CellTransformer:
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=N_GENES + 2, n_bins=N_BINS, n_layers=2, n_heads=2, d_model=32, d_ff=64, dropout=0.0,
-               pad_id=PAD_ID)
+    cfg = dict(
+        vocab_size=N_GENES + 2,
+        n_bins=N_BINS,
+        n_layers=2,
+        n_heads=2,
+        d_model=32,
+        d_ff=64,
+        dropout=0.0,
+        pad_id=PAD_ID,
+    )
     return CellTransformer(ModelConfig(**{**cfg, **overrides}))
 
 
@@ -49,19 +57,28 @@ def random_cells(n_cells, min_len=5, max_len=25, seed=0):
     for _ in range(n_cells):
         n = int(rng.integers(min_len, max_len + 1))
         genes = rng.choice(N_GENES, n, replace=False)
-        cells.append((np.r_[CLS_ID, genes].astype(np.int32), np.r_[0, rng.integers(1, N_BINS, n)].astype(np.int16)))
+        cells.append(
+            (
+                np.r_[CLS_ID, genes].astype(np.int32),
+                np.r_[0, rng.integers(1, N_BINS, n)].astype(np.int16),
+            )
+        )
     return cells
 
 
 def test_tiny_model_overfits_one_batch():
     batch = collate(random_cells(8), PAD_ID)
-    masked, mask = mask_values(batch["values"], batch["padding_mask"], 0.5, torch.Generator().manual_seed(0))
+    masked, mask = mask_values(
+        batch["values"], batch["padding_mask"], 0.5, torch.Generator().manual_seed(0)
+    )
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(150):
         out = model(batch["gene_ids"], masked, batch["padding_mask"])
-        loss = masked_mse(out["expr_pred"], batch["values"], mask) + masked_mse(out["gepc_pred"], batch["values"], mask)
+        loss = masked_mse(out["expr_pred"], batch["values"], mask) + masked_mse(
+            out["gepc_pred"], batch["values"], mask
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -74,7 +91,9 @@ def test_tiny_model_overfits_one_batch():
 def test_masks_skip_cls_and_padding_and_match_ratio(ratio):
     cells = random_cells(16, min_len=1, max_len=29, seed=1)
     batch = collate(cells, PAD_ID)
-    masked, mask = mask_values(batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(3))
+    masked, mask = mask_values(
+        batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(3)
+    )
     assert not mask[:, 0].any(), "<cls> was masked"
     assert not (mask & batch["padding_mask"]).any(), "padding was masked"
     for row, (genes, _) in enumerate(cells):
@@ -82,15 +101,22 @@ def test_masks_skip_cls_and_padding_and_match_ratio(ratio):
     assert (masked[mask] == MASK_VALUE).all()
     assert torch.equal(masked[~mask], batch["values"][~mask])
     # Same generator seed, same masks; another seed, other masks.
-    _, again = mask_values(batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(3))
-    _, other = mask_values(batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(4))
+    _, again = mask_values(
+        batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(3)
+    )
+    _, other = mask_values(
+        batch["values"], batch["padding_mask"], ratio, torch.Generator().manual_seed(4)
+    )
     assert torch.equal(mask, again) and not torch.equal(mask, other)
 
 
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_outputs_do_not_depend_on_padding(norm_first):
     model = tiny_model(seed=1, norm_first=norm_first).eval()
-    short, long = random_cells(2, seed=2, min_len=6, max_len=6)[0], random_cells(1, seed=3, min_len=25)[0]
+    short, long = (
+        random_cells(2, seed=2, min_len=6, max_len=6)[0],
+        random_cells(1, seed=3, min_len=25)[0],
+    )
     alone = collate([short], PAD_ID)
     padded = collate([long, short], PAD_ID)
     assert padded["padding_mask"][1].sum() == len(long[0]) - len(short[0])
@@ -154,20 +180,25 @@ def test_import_scllm_does_not_import_torch():
 
 # --- cell-embedding readouts and objectives, each against a plain-Python computation ---------------
 
+
 @pytest.mark.parametrize("style", ["cls", "mean", "cls+mean", "sum"])
 def test_cell_embedding_readouts(style):
     model = tiny_model(seed=4, cell_emb_style=style).eval()
     cells = random_cells(3, min_len=3, max_len=9, seed=5)
     batch = collate(cells, PAD_ID)
     x = {}
-    model.read_cell = (lambda orig: lambda h, pad: (x.setdefault("h", h), orig(h, pad))[1])(model.read_cell)
+    model.read_cell = (lambda orig: lambda h, pad: (x.setdefault("h", h), orig(h, pad))[1])(
+        model.read_cell
+    )
     with torch.no_grad():
         emb = model(batch["gene_ids"], batch["values"], batch["padding_mask"])["cell_emb"]
     h = x["h"]
     for row, (genes, _) in enumerate(cells):
-        cls, mean = h[row, 0], h[row, 1:len(genes)].mean(0)  # gene tokens only, no padding
-        total = h[row, 1:len(genes)].sum(0) / math.sqrt(N_GENES + 2)
-        expected = {"cls": cls, "mean": mean, "cls+mean": torch.cat([cls, mean]), "sum": total}[style]
+        cls, mean = h[row, 0], h[row, 1 : len(genes)].mean(0)  # gene tokens only, no padding
+        total = h[row, 1 : len(genes)].sum(0) / math.sqrt(N_GENES + 2)
+        expected = {"cls": cls, "mean": mean, "cls+mean": torch.cat([cls, mean]), "sum": total}[
+            style
+        ]
         torch.testing.assert_close(emb[row], expected, atol=1e-6, rtol=0)
     assert emb.shape[1] == model.cell_emb_dim == (64 if style == "cls+mean" else 32)
 
@@ -178,8 +209,12 @@ def test_continuous_value_encoder_trains_and_ignores_padding():
     short = random_cells(1, min_len=5, max_len=5, seed=6)[0]
     long = random_cells(1, min_len=20, seed=7)[0]
     with torch.no_grad():
-        alone = model(*(collate([short], PAD_ID)[k] for k in ("gene_ids", "values", "padding_mask")))
-        both = model(*(collate([long, short], PAD_ID)[k] for k in ("gene_ids", "values", "padding_mask")))
+        alone = model(
+            *(collate([short], PAD_ID)[k] for k in ("gene_ids", "values", "padding_mask"))
+        )
+        both = model(
+            *(collate([long, short], PAD_ID)[k] for k in ("gene_ids", "values", "padding_mask"))
+        )
     torch.testing.assert_close(both["cell_emb"][1], alone["cell_emb"][0], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="value_encoder"):
         tiny_model(value_encoder="embedding")
@@ -193,7 +228,11 @@ def test_ecs_loss_matches_scgpt_formula():
     total = 0.0
     for i in range(5):
         for j in range(5):
-            cos = 0.0 if i == j else float(torch.dot(emb[i], emb[j]) / (emb[i].norm() * emb[j].norm()))
+            cos = (
+                0.0
+                if i == j
+                else float(torch.dot(emb[i], emb[j]) / (emb[i].norm() * emb[j].norm()))
+            )
             total += 1 - (max(cos, 0.0) - threshold) ** 2
     assert ecs_loss(emb, threshold).item() == pytest.approx(total / 25, abs=1e-6)
 
@@ -206,12 +245,15 @@ def test_variance_covariance_loss_matches_vicreg_formula():
     centred = emb - emb.mean(0)
     std = np.sqrt(centred.var(0, ddof=1) + 1e-4)
     cov = centred.T @ centred / (n - 1)
-    expected = np.maximum(1 - std, 0).mean() + (cov ** 2).sum() / d - (np.diag(cov) ** 2).sum() / d
+    expected = np.maximum(1 - std, 0).mean() + (cov**2).sum() / d - (np.diag(cov) ** 2).sum() / d
     got = variance_covariance_loss(torch.tensor(emb, dtype=torch.float32)).item()
     assert got == pytest.approx(expected, rel=1e-5)
     # decorrelated unit-variance dimensions cost (almost) nothing
     white = np.linalg.qr(rng.normal(size=(200, 4)))[0] * np.sqrt(199)
-    assert variance_covariance_loss(torch.tensor(white - white.mean(0), dtype=torch.float32)).item() < 0.05
+    assert (
+        variance_covariance_loss(torch.tensor(white - white.mean(0), dtype=torch.float32)).item()
+        < 0.05
+    )
     with pytest.raises(ValueError, match="at least 2 rows"):
         variance_covariance_loss(torch.zeros(1, 4))
 
@@ -236,30 +278,41 @@ def test_contrastive_loss_matches_nt_xent():
 def test_gepc_profile_mse_covers_masked_and_unexpressed_genes():
     cells = random_cells(4, min_len=3, max_len=10, seed=8)
     batch = collate(cells, PAD_ID)
-    _, mask = mask_values(batch["values"], batch["padding_mask"], 0.5, torch.Generator().manual_seed(2))
+    _, mask = mask_values(
+        batch["values"], batch["padding_mask"], 0.5, torch.Generator().manual_seed(2)
+    )
     pred = torch.randn(4, N_GENES, generator=torch.Generator().manual_seed(3))
     se, n = 0.0, 0
     for row, (genes, values) in enumerate(cells):
-        masked = {int(g): int(v) for g, v, m in zip(genes[1:], values[1:], mask[row, 1:len(genes)]) if m}
+        masked = {
+            int(g): int(v)
+            for g, v, m in zip(genes[1:], values[1:], mask[row, 1 : len(genes)])
+            if m
+        }
         visible = {int(g) for g in genes[1:]} - set(masked)
         for gene in range(N_GENES):
             if gene not in visible:
                 se += (float(pred[row, gene]) - masked.get(gene, 0)) ** 2
                 n += 1
-    assert gepc_profile_mse(pred, batch["gene_ids"], batch["values"], mask).item() == pytest.approx(se / n, rel=1e-5)
+    assert gepc_profile_mse(
+        pred, batch["gene_ids"], batch["values"], mask
+    ).item() == pytest.approx(se / n, rel=1e-5)
     # visible_too: the whole profile, each cell's visible genes scored against their bins as well
     se_all = 0.0
     for row, (genes, values) in enumerate(cells):
         profile = dict(zip(genes[1:].tolist(), values[1:].tolist()))
         se_all += sum((float(pred[row, g]) - profile.get(g, 0)) ** 2 for g in range(N_GENES))
-    assert gepc_profile_mse(pred, batch["gene_ids"], batch["values"], mask, visible_too=True).item() == \
-        pytest.approx(se_all / (4 * N_GENES), rel=1e-5)
+    assert gepc_profile_mse(
+        pred, batch["gene_ids"], batch["values"], mask, visible_too=True
+    ).item() == pytest.approx(se_all / (4 * N_GENES), rel=1e-5)
     model = tiny_model()
     out = model(batch["gene_ids"], batch["values"], batch["padding_mask"], all_genes=True)
     assert out["gepc_all_pred"].shape == (4, N_GENES)
     # The per-token GEPC prediction is the whole-vocabulary one read at the cell's genes.
-    genes = batch["gene_ids"][0, 1:len(cells[0][0])]
-    torch.testing.assert_close(out["gepc_pred"][0, 1:len(cells[0][0])], out["gepc_all_pred"][0, genes])
+    genes = batch["gene_ids"][0, 1 : len(cells[0][0])]
+    torch.testing.assert_close(
+        out["gepc_pred"][0, 1 : len(cells[0][0])], out["gepc_all_pred"][0, genes]
+    )
 
 
 def test_weights_saved_under_the_old_head_names_still_load():
@@ -268,7 +321,9 @@ def test_weights_saved_under_the_old_head_names_still_load():
     torch.manual_seed(0)
     saved = CellTransformer(cfg).state_dict()
     legacy = {k.replace("gepc_", "mvc_"): v for k, v in saved.items()}
-    assert any(k.startswith("mvc_") for k in legacy) and not any(k.startswith("gepc_") for k in legacy)
+    assert any(k.startswith("mvc_") for k in legacy) and not any(
+        k.startswith("gepc_") for k in legacy
+    )
     torch.manual_seed(1)
     model = CellTransformer(cfg)
     model.load_state_dict(legacy)  # strict: every key found

@@ -13,8 +13,15 @@ from scllm.model import CellTransformer, ModelConfig
 from scllm.train import init_gene_embeddings_from_pca, pretrain
 
 TINY_MODEL = {"n_layers": 1, "n_heads": 2, "d_model": 16, "d_ff": 32, "dropout": 0.0}
-TRAIN = {"epochs": 1, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "log_every_steps": 1, "num_threads": 1,
-         "device": "cpu"}
+TRAIN = {
+    "epochs": 1,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup_steps": 1,
+    "log_every_steps": 1,
+    "num_threads": 1,
+    "device": "cpu",
+}
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +29,19 @@ def shards(tmp_path_factory, synthetic_shards):
     return synthetic_shards(tmp_path_factory.mktemp("shards"), n_train=40, n_val=8)
 
 
-@pytest.mark.parametrize("settings, column", [
-    ({"ecs_weight": 10.0}, "ecs_loss"),
-    ({"contrastive_weight": 1.0}, "contrastive_loss"),
-    ({"gepc_targets": "masked+unexpressed"}, "gepc_mse"),
-    ({"gepc_targets": "all", "gene_emb_init": "pca"}, "gepc_mse"),
-])
+@pytest.mark.parametrize(
+    "settings, column",
+    [
+        ({"ecs_weight": 10.0}, "ecs_loss"),
+        ({"contrastive_weight": 1.0}, "contrastive_loss"),
+        ({"gepc_targets": "masked+unexpressed"}, "gepc_mse"),
+        ({"gepc_targets": "all", "gene_emb_init": "pca"}, "gepc_mse"),
+    ],
+)
 def test_each_objective_trains_and_is_logged(shards, tmp_path, settings, column):
-    summary = pretrain(shards, tmp_path, {**TINY_MODEL, "cell_emb_style": "mean"}, {**TRAIN, **settings})
+    summary = pretrain(
+        shards, tmp_path, {**TINY_MODEL, "cell_emb_style": "mean"}, {**TRAIN, **settings}
+    )
     assert summary["done"] and np.isfinite(summary["best_val_loss"])
     metrics = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
     assert metrics[column].notna().all() and np.isfinite(metrics[column]).all()
@@ -52,13 +64,20 @@ def test_gene_subset_views_differ_and_keep_cls():
     a, b = gene_subset(genes, values, 0.5, gen), gene_subset(genes, values, 0.5, gen)
     for g, v in (a, b):
         assert g[0] == 30 and v[0] == 0 and len(g) == 11  # <cls> + round(0.5 * 20)
-        assert np.all(np.diff(g[1:]) > 0) and np.array_equal(v[1:], g[1:] + 1)  # pairs kept together
+        assert np.all(np.diff(g[1:]) > 0) and np.array_equal(
+            v[1:], g[1:] + 1
+        )  # pairs kept together
     assert not np.array_equal(a[0], b[0])
-    batch = training_batch([(genes, values)] * 3, 31, [0.5], torch.Generator().manual_seed(1), views=2,
-                           view_genes=0.5)
+    batch = training_batch(
+        [(genes, values)] * 3, 31, [0.5], torch.Generator().manual_seed(1), views=2, view_genes=0.5
+    )
     assert batch["gene_ids"].shape == (6, 11)
-    full = training_batch([(genes, values)] * 3, 31, [0.5], torch.Generator().manual_seed(1), views=2)
-    assert full["gene_ids"].shape == (6, 21) and torch.equal(full["gene_ids"][0], full["gene_ids"][3])
+    full = training_batch(
+        [(genes, values)] * 3, 31, [0.5], torch.Generator().manual_seed(1), views=2
+    )
+    assert full["gene_ids"].shape == (6, 21) and torch.equal(
+        full["gene_ids"][0], full["gene_ids"][3]
+    )
 
 
 def test_pca_init_puts_the_top_axis_of_the_bins_in_the_gene_embeddings(shards):
@@ -81,10 +100,13 @@ def test_pca_init_puts_the_top_axis_of_the_bins_in_the_gene_embeddings(shards):
     assert torch.equal(model.gene_emb.weight[24:].detach(), before[24:])  # <cls>, <pad> untouched
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"gepc_targets": "everything"}, "gepc_targets"),
-    ({"gene_emb_init": "glove"}, "gene_emb_init"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"gepc_targets": "everything"}, "gepc_targets"),
+        ({"gene_emb_init": "glove"}, "gene_emb_init"),
+    ],
+)
 def test_bad_objective_settings_are_refused(shards, tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         pretrain(shards, tmp_path, TINY_MODEL, {**TRAIN, **settings})
@@ -96,12 +118,23 @@ def test_genes_left_out_of_a_view_are_scored_as_the_cells_not_as_unexpressed():
 
     genes = np.r_[20, np.arange(20)].astype(np.int32)  # <cls> + all 20 vocabulary genes, bin 30
     values = np.r_[0, np.full(20, 30)].astype(np.int16)
-    batch = training_batch([(genes, values)], 21, [0.5], torch.Generator().manual_seed(0), views=2, view_genes=0.5)
+    batch = training_batch(
+        [(genes, values)], 21, [0.5], torch.Generator().manual_seed(0), views=2, view_genes=0.5
+    )
     assert batch["gene_ids"].shape == (2, 11) and batch["profile_gene_ids"].shape == (2, 21)
     perfect = torch.full((2, 20), 30.0)  # the whole cell, predicted exactly
     for visible_too in (False, True):
-        assert gepc_profile_mse(perfect, batch["gene_ids"], batch["values"], batch["mask"], visible_too,
-                                (batch["profile_gene_ids"], batch["profile_values"])).item() == 0.0
+        assert (
+            gepc_profile_mse(
+                perfect,
+                batch["gene_ids"],
+                batch["values"],
+                batch["mask"],
+                visible_too,
+                (batch["profile_gene_ids"], batch["profile_values"]),
+            ).item()
+            == 0.0
+        )
     # Without the whole cells, the 10 genes each view leaves out would count as unexpressed (target 0).
     assert gepc_profile_mse(perfect, batch["gene_ids"], batch["values"], batch["mask"]).item() > 0
 
@@ -115,11 +148,14 @@ def test_pca_init_is_deterministic(shards):
     assert torch.equal(a.gene_emb.weight[:24], b.gene_emb.weight[:24])  # rows 24, 25: <cls>, <pad>
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"contrastive_temperature": 0}, "contrastive_temperature"),
-    ({"contrastive_view_genes": 1.5}, "contrastive_view_genes"),
-    ({"ecs_weight": -1}, "ecs_weight"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"contrastive_temperature": 0}, "contrastive_temperature"),
+        ({"contrastive_view_genes": 1.5}, "contrastive_view_genes"),
+        ({"ecs_weight": -1}, "ecs_weight"),
+    ],
+)
 def test_bad_weights_are_refused_outside_snakemake_too(shards, tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         pretrain(shards, tmp_path, TINY_MODEL, {**TRAIN, **settings})
@@ -134,11 +170,16 @@ def test_vc_weight_adds_the_weighted_variance_covariance_term():
     gene_ids = torch.randint(0, 20, (6, 9), generator=g)
     values = torch.randint(1, 51, (6, 9), generator=g)
     mask = torch.rand(6, 9, generator=g) < 0.4
-    pred = {"expr_pred": torch.randn(6, 9, generator=g), "gepc_pred": torch.randn(6, 9, generator=g),
-            "cell_emb": torch.randn(6, 5, generator=g)}
+    pred = {
+        "expr_pred": torch.randn(6, 9, generator=g),
+        "gepc_pred": torch.randn(6, 9, generator=g),
+        "cell_emb": torch.randn(6, 5, generator=g),
+    }
     off = objective(pred, gene_ids, values, mask, TrainConfig())[0]
     on = objective(pred, gene_ids, values, mask, TrainConfig(vc_weight=2.5))[0]
-    assert (on - off).item() == pytest.approx(2.5 * variance_covariance_loss(pred["cell_emb"]).item(), rel=1e-5)
+    assert (on - off).item() == pytest.approx(
+        2.5 * variance_covariance_loss(pred["cell_emb"]).item(), rel=1e-5
+    )
     with pytest.raises(ValueError, match="train.vc_weight must be >= 0"):
         pretrain("unused", "unused", train_cfg={"vc_weight": -1})
 
@@ -148,25 +189,42 @@ def test_contrastive_head_is_what_the_contrastive_term_compares():
     from scllm.model import contrastive_loss
     from scllm.train import objective
 
-    cfg = ModelConfig(vocab_size=22, n_bins=51, n_layers=1, n_heads=2, d_model=8, d_ff=16, dropout=0.0,
-                      cell_emb_style="mean", contrastive_head_dim=5)
+    cfg = ModelConfig(
+        vocab_size=22,
+        n_bins=51,
+        n_layers=1,
+        n_heads=2,
+        d_model=8,
+        d_ff=16,
+        dropout=0.0,
+        cell_emb_style="mean",
+        contrastive_head_dim=5,
+    )
     model = CellTransformer(cfg).eval()
     g = torch.Generator().manual_seed(0)
-    gene_ids = torch.cat([torch.full((6, 1), 20), torch.randint(0, 20, (6, 7), generator=g)], dim=1)
-    values = torch.cat([torch.zeros(6, 1, dtype=torch.long), torch.randint(1, 51, (6, 7), generator=g)], dim=1)
+    gene_ids = torch.cat(
+        [torch.full((6, 1), 20), torch.randint(0, 20, (6, 7), generator=g)], dim=1
+    )
+    values = torch.cat(
+        [torch.zeros(6, 1, dtype=torch.long), torch.randint(1, 51, (6, 7), generator=g)], dim=1
+    )
     padding = torch.zeros(6, 8, dtype=torch.bool)
     mask = torch.zeros(6, 8, dtype=torch.bool)
     with torch.no_grad():
         pred = model(gene_ids, values, padding)
         head = model.contrastive_head
         # the head, computed by hand: Linear -> ReLU -> Linear on the cell embedding
-        by_hand = torch.relu(pred["cell_emb"] @ head[0].weight.T + head[0].bias) @ head[2].weight.T + head[2].bias
+        by_hand = (
+            torch.relu(pred["cell_emb"] @ head[0].weight.T + head[0].bias) @ head[2].weight.T
+            + head[2].bias
+        )
     assert pred["contrastive_z"].shape == (6, 5) and pred["cell_emb"].shape == (6, 8)
     assert torch.allclose(pred["contrastive_z"], by_hand, atol=1e-6)
     settings = TrainConfig(contrastive_weight=1.0)
     got = objective(pred, gene_ids, values, mask, settings, views=2)[4]
-    assert got.item() == pytest.approx(contrastive_loss(by_hand, 2, settings.contrastive_temperature).item(),
-                                       rel=1e-5)
+    assert got.item() == pytest.approx(
+        contrastive_loss(by_hand, 2, settings.contrastive_temperature).item(), rel=1e-5
+    )
     assert got.item() != pytest.approx(contrastive_loss(pred["cell_emb"], 2, 0.1).item(), rel=1e-3)
     # without a head the term compares the cell embeddings themselves, and no head weights exist
     plain = CellTransformer(ModelConfig(**{**cfg.__dict__, "contrastive_head_dim": 0}))

@@ -31,7 +31,9 @@ def test_conda_envs_pin_what_pyproject_pins(env):
     for line in pip_lists[0]:
         name, version = _requirement(line)
         assert name in pins, f"envs/{env} installs {name}, which pyproject.toml does not list"
-        assert version == pins[name], f"envs/{env} pins {name}{version}, pyproject.toml {name}{pins[name]}"
+        assert version == pins[name], (
+            f"envs/{env} pins {name}{version}, pyproject.toml {name}{pins[name]}"
+        )
 
 
 def test_version_is_the_packages_and_help_is_plain_text(capsys):

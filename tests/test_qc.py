@@ -63,8 +63,14 @@ def test_filter_qc_matches_an_independent_computation(tmp_path, chunk_size):
     dense, samples = random_counts()
     src = counts_h5ad(tmp_path / "cells.h5ad", dense, samples)
     out = tmp_path / "filtered.h5ad"
-    table = filter_qc(src, out, tmp_path / "qc.tsv", min_gene_counts=MIN_GENE_COUNTS,
-                      min_genes_per_cell=MIN_GENES_PER_CELL, chunk_size=chunk_size)  # fmt: skip
+    table = filter_qc(
+        src,
+        out,
+        tmp_path / "qc.tsv",
+        min_gene_counts=MIN_GENE_COUNTS,
+        min_genes_per_cell=MIN_GENES_PER_CELL,
+        chunk_size=chunk_size,
+    )
     genes, cells, n_expressed, rows = expected(dense, samples, MIN_GENE_COUNTS, MIN_GENES_PER_CELL)
     assert 0 < genes.sum() < len(genes) and 0 < cells.sum() < len(cells)  # both filters bite
 
@@ -111,8 +117,14 @@ def test_stored_zeros_are_not_expressed_genes(tmp_path):
     plain = counts_h5ad(tmp_path / "plain.h5ad", dense, samples)
     zeros = counts_h5ad(tmp_path / "zeros.h5ad", dense, samples, explicit_zeros=80)
     for name, src in (("plain", plain), ("zeros", zeros)):
-        filter_qc(src, tmp_path / f"{name}_f.h5ad", tmp_path / f"{name}.tsv", min_gene_counts=3,
-                  min_genes_per_cell=5, chunk_size=9)  # fmt: skip
+        filter_qc(
+            src,
+            tmp_path / f"{name}_f.h5ad",
+            tmp_path / f"{name}.tsv",
+            min_gene_counts=3,
+            min_genes_per_cell=5,
+            chunk_size=9,
+        )
     a, b = ad.read_h5ad(tmp_path / "plain_f.h5ad"), ad.read_h5ad(tmp_path / "zeros_f.h5ad")
     assert list(a.obs_names) == list(b.obs_names) and list(a.var_names) == list(b.var_names)
     np.testing.assert_array_equal(a.obs["n_genes_by_counts"], b.obs["n_genes_by_counts"])
@@ -122,7 +134,8 @@ def test_stored_zeros_are_not_expressed_genes(tmp_path):
 def test_zero_thresholds_keep_everything(tmp_path):
     dense, samples = random_counts(seed=2)
     src = counts_h5ad(tmp_path / "cells.h5ad", dense, samples)
-    table = filter_qc(src, tmp_path / "f.h5ad", tmp_path / "qc.tsv", min_gene_counts=0,
-                      min_genes_per_cell=0)  # fmt: skip
+    table = filter_qc(
+        src, tmp_path / "f.h5ad", tmp_path / "qc.tsv", min_gene_counts=0, min_genes_per_cell=0
+    )
     np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "f.h5ad").X.toarray(), dense)
     assert table.loc[table.scope == "all", ["cells_in", "cells_out"]].values.tolist() == [[60, 60]]

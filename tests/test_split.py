@@ -10,12 +10,21 @@ import scipy.sparse as sp
 
 from scllm.split import assign_split, read_split, split_cells
 
-SIZES = {"dsA/d1": 900, "dsA/d2": 1400, "dsB/d1": 700, "dsB/d3": 1100, "dsC/d4": 500, "dsC/d5": 400}
+SIZES = {
+    "dsA/d1": 900,
+    "dsA/d2": 1400,
+    "dsB/d1": 700,
+    "dsB/d3": 1100,
+    "dsC/d4": 500,
+    "dsC/d5": 400,
+}
 
 
 def make_obs(sizes=SIZES) -> pd.DataFrame:
     samples = np.repeat(list(sizes), list(sizes.values()))
-    return pd.DataFrame({"sample": pd.Categorical(samples)}, index=[f"c{i}" for i in range(len(samples))])
+    return pd.DataFrame(
+        {"sample": pd.Categorical(samples)}, index=[f"c{i}" for i in range(len(samples))]
+    )
 
 
 def test_by_cell_fraction_and_seed():
@@ -59,8 +68,13 @@ def test_by_sample_holds_out_whole_samples(seed):
 
 def test_by_sample_seeded():
     obs = make_obs()
-    held = [frozenset(obs["sample"][assign_split(obs, 0.1, "sample", seed=s) == "validation"]) for s in range(8)]
-    assert held[0] == frozenset(obs["sample"][assign_split(obs, 0.1, "sample", seed=0) == "validation"])
+    held = [
+        frozenset(obs["sample"][assign_split(obs, 0.1, "sample", seed=s) == "validation"])
+        for s in range(8)
+    ]
+    assert held[0] == frozenset(
+        obs["sample"][assign_split(obs, 0.1, "sample", seed=0) == "validation"]
+    )
     assert len(set(held)) > 1
 
 
@@ -84,7 +98,13 @@ def test_split_cells_writes_table_in_cell_order(tmp_path):
     obs = make_obs({"s0": 40, "s1": 60})
     adata = ad.AnnData(X=sp.csr_matrix((len(obs), 3), dtype=np.uint8), obs=obs)
     adata.write_h5ad(tmp_path / "binned.h5ad")
-    split_cells(tmp_path / "binned.h5ad", tmp_path / "split.tsv", validation_fraction=0.1, by="sample", seed=2)
+    split_cells(
+        tmp_path / "binned.h5ad",
+        tmp_path / "split.tsv",
+        validation_fraction=0.1,
+        by="sample",
+        seed=2,
+    )
     table = read_split(tmp_path / "split.tsv")
     assert list(table.columns) == ["cell", "sample", "split"]
     assert list(table["cell"]) == list(obs.index)

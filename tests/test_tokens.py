@@ -29,7 +29,7 @@ def test_sequences_from_binned_layout():
     np.testing.assert_array_equal(offsets, [0, 4, 5, 8])  # lengths = non-zeros + 1
     assert gene_ids.dtype.kind == "i" and values.dtype.kind == "i"  # signed: pad -2 / mask -1 fit
     for i in range(3):
-        g, v = gene_ids[offsets[i]:offsets[i + 1]], values[offsets[i]:offsets[i + 1]]
+        g, v = gene_ids[offsets[i] : offsets[i + 1]], values[offsets[i] : offsets[i + 1]]
         assert g[0] == cls_id and v[0] == 0
         cols = np.flatnonzero(dense[i])  # column order
         np.testing.assert_array_equal(g[1:], cols)
@@ -42,7 +42,7 @@ def test_sequences_from_binned_random():
     offsets, gene_ids, values = sequences_from_binned(sp.csr_matrix(dense.astype(np.uint8)), 25)
     np.testing.assert_array_equal(np.diff(offsets), (dense > 0).sum(axis=1) + 1)
     for i in range(40):
-        g, v = gene_ids[offsets[i]:offsets[i + 1]], values[offsets[i]:offsets[i + 1]]
+        g, v = gene_ids[offsets[i] : offsets[i + 1]], values[offsets[i] : offsets[i + 1]]
         rebuilt = np.zeros(25, dtype=np.int64)
         rebuilt[g[1:]] = v[1:]
         np.testing.assert_array_equal(rebuilt, dense[i])
@@ -53,7 +53,9 @@ def test_sequences_from_binned_random():
 def binned_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokens")
     rng = np.random.default_rng(3)
-    dense = rng.integers(1, 51, size=(N_CELLS, N_GENES)) * (rng.random((N_CELLS, N_GENES)) < rng.uniform(0.05, 0.9, (N_CELLS, 1)))
+    dense = rng.integers(1, 51, size=(N_CELLS, N_GENES)) * (
+        rng.random((N_CELLS, N_GENES)) < rng.uniform(0.05, 0.9, (N_CELLS, 1))
+    )
     dense[0] = 0
     dense[0, 4] = 17  # a cell with a single HVG
     dense[10] = rng.integers(1, 51, N_GENES)  # a cell expressing every HVG
@@ -64,18 +66,24 @@ def binned_inputs(tmp_path_factory):
     adata = ad.AnnData(
         X=X,
         obs=pd.DataFrame({"sample": pd.Categorical(samples)}, index=names),
-        var=pd.DataFrame({"feature_id": ids, "feature_name": [f"G{i}" for i in range(N_GENES)]}, index=ids),
+        var=pd.DataFrame(
+            {"feature_id": ids, "feature_name": [f"G{i}" for i in range(N_GENES)]}, index=ids
+        ),
         uns={"binning": {"n_bins": 51, "seed": 0, "target_sum": 1e4, "log1p": False}},
     )
     adata.write_h5ad(root / "binned.h5ad")
     split = np.where(rng.random(N_CELLS) < 0.3, "validation", "train")
-    pd.DataFrame({"cell": names, "sample": samples, "split": split}).to_csv(root / "split.tsv", sep="\t", index=False)
+    pd.DataFrame({"cell": names, "sample": samples, "split": split}).to_csv(
+        root / "split.tsv", sep="\t", index=False
+    )
     return root, dense, split, ids
 
 
 def run_tokenize(binned_inputs, name):
     root = binned_inputs[0]
-    manifest = tokenize_shards(root / "binned.h5ad", root / "split.tsv", root / name, cells_per_shard=7, chunk_size=10)
+    manifest = tokenize_shards(
+        root / "binned.h5ad", root / "split.tsv", root / name, cells_per_shard=7, chunk_size=10
+    )
     return root / name, manifest
 
 
@@ -88,7 +96,9 @@ def test_tokenize_shards_end_to_end(binned_inputs):
     assert vocab == {**{g: i for i, g in enumerate(ids)}, "<cls>": G, "<pad>": G + 1}
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == manifest
-    assert manifest["vocab_size"] == G + 2 and manifest["cls_id"] == G and manifest["pad_id"] == G + 1
+    assert (
+        manifest["vocab_size"] == G + 2 and manifest["cls_id"] == G and manifest["pad_id"] == G + 1
+    )
     assert manifest["n_bins"] == 51
     assert manifest["max_seq_len"] == int((dense > 0).sum(axis=1).max()) + 1 == G + 1
     assert set(manifest["splits"]) == {"train", "validation"}
@@ -104,7 +114,11 @@ def test_tokenize_shards_end_to_end(binned_inputs):
             assert shard.n_cells == entry["n_cells"]
             assert len(shard.gene_ids) == entry["n_tokens"]
             assert shard.lengths.max() == entry["max_len"]
-            assert shard.attrs["split"] == name and shard.attrs["cls_id"] == G and shard.attrs["pad_id"] == G + 1
+            assert (
+                shard.attrs["split"] == name
+                and shard.attrs["cls_id"] == G
+                and shard.attrs["pad_id"] == G + 1
+            )
             assert shard.attrs["n_bins"] == 51
             for j, row in enumerate(shard.cell_index):
                 g, v = shard.cell(j)
@@ -116,7 +130,9 @@ def test_tokenize_shards_end_to_end(binned_inputs):
         # every cell of the split exactly once, none of the other split
         assert sorted(seen) == expected_cells.tolist()
         assert sum(s["n_cells"] for s in shards) == len(expected_cells)
-        assert sum(s["n_tokens"] for s in shards) == int((dense[expected_cells] > 0).sum() + len(expected_cells))
+        assert sum(s["n_tokens"] for s in shards) == int(
+            (dense[expected_cells] > 0).sum() + len(expected_cells)
+        )
 
 
 def test_tokenize_shards_byte_identical(binned_inputs):
@@ -149,4 +165,6 @@ def test_split_table_must_match_cells(binned_inputs, tmp_path):
     table = pd.read_csv(root / "split.tsv", sep="\t")
     table.iloc[::-1].to_csv(tmp_path / "reversed.tsv", sep="\t", index=False)
     with pytest.raises(ValueError, match="split"):
-        tokenize_shards(root / "binned.h5ad", tmp_path / "reversed.tsv", tmp_path / "out", cells_per_shard=7)
+        tokenize_shards(
+            root / "binned.h5ad", tmp_path / "reversed.tsv", tmp_path / "out", cells_per_shard=7
+        )

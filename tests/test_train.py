@@ -16,14 +16,23 @@ import pytest
 import torch
 
 import scllm
-from conftest import TINY_MODEL, TINY_TRAIN, assert_same_weights, tensors, write_synthetic_shards  # noqa: I001
 from scllm.data import LengthGroupedBatchSampler, ShardDataset, collate
 from scllm.embedding import embed_shard_cells, load_model
 from scllm.tokens import PAD_VALUE, build_vocab, read_shard, vocab_sha256, write_vocab
 from scllm.train import CHECKPOINT, EPOCH_COLUMNS, METRIC_COLUMNS, pretrain
 
-ARTIFACTS = ["best_model.pt", "args.json", "vocab.json", "genes.tsv", "metrics.tsv", "epochs.tsv",
-             "loss_curve.png", "last_checkpoint.pt"]
+from conftest import TINY_MODEL, TINY_TRAIN, assert_same_weights, tensors, write_synthetic_shards
+
+ARTIFACTS = [
+    "best_model.pt",
+    "args.json",
+    "vocab.json",
+    "genes.tsv",
+    "metrics.tsv",
+    "epochs.tsv",
+    "loss_curve.png",
+    "last_checkpoint.pt",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +42,23 @@ def shards(tmp_path_factory) -> Path:
 
 # --- batches ------------------------------------------------------------------------------------
 
+
 def test_sampler_covers_every_cell_once_deterministically():
     lengths = np.random.default_rng(0).integers(2, 300, 1003)
     sampler = LengthGroupedBatchSampler(lengths, batch_size=16, seed=7, bucket_size_batches=10)
     epoch0 = sampler.epoch_batches(0)
     assert len(epoch0) == len(sampler) == -(-1003 // 16)
     assert sorted(np.concatenate(epoch0).tolist()) == list(range(1003))
-    again = LengthGroupedBatchSampler(lengths, batch_size=16, seed=7, bucket_size_batches=10).epoch_batches(0)
+    again = LengthGroupedBatchSampler(
+        lengths, batch_size=16, seed=7, bucket_size_batches=10
+    ).epoch_batches(0)
     assert all(np.array_equal(a, b) for a, b in zip(epoch0, again))
     epoch1 = sampler.epoch_batches(1)
     assert sorted(np.concatenate(epoch1).tolist()) == list(range(1003))
     assert not all(np.array_equal(a, b) for a, b in zip(epoch0, epoch1))
-    other_seed = LengthGroupedBatchSampler(lengths, 16, seed=8, bucket_size_batches=10).epoch_batches(0)
+    other_seed = LengthGroupedBatchSampler(
+        lengths, 16, seed=8, bucket_size_batches=10
+    ).epoch_batches(0)
     assert not all(np.array_equal(a, b) for a, b in zip(epoch0, other_seed))
     # Resuming skips exactly the batches already done.
     assert all(np.array_equal(a, b) for a, b in zip(sampler.epoch_batches(0, skip=5), epoch0[5:]))
@@ -52,7 +66,9 @@ def test_sampler_covers_every_cell_once_deterministically():
 
 def test_sampler_groups_lengths_and_reduces_padding():
     lengths = np.random.default_rng(1).integers(2, 1200, 3200)
-    grouped = LengthGroupedBatchSampler(lengths, 32, seed=0, bucket_size_batches=100).epoch_batches(0)
+    grouped = LengthGroupedBatchSampler(
+        lengths, 32, seed=0, bucket_size_batches=100
+    ).epoch_batches(0)
     random_batches = np.array_split(np.random.default_rng(0).permutation(3200), 100)
     padded = lambda batches: sum(len(b) * lengths[b].max() for b in batches)  # noqa: E731
     assert padded(grouped) < 0.6 * padded(random_batches)
@@ -61,21 +77,29 @@ def test_sampler_groups_lengths_and_reduces_padding():
 
 def test_sampler_partitions_batches_across_ranks():
     lengths = np.arange(1, 91)  # 90 cells / 8 = 12 batches, 4 ranks -> 3 each
-    ranks = [LengthGroupedBatchSampler(lengths, 8, seed=3, bucket_size_batches=2, rank=r, world_size=4)
-             for r in range(4)]
+    ranks = [
+        LengthGroupedBatchSampler(lengths, 8, seed=3, bucket_size_batches=2, rank=r, world_size=4)
+        for r in range(4)
+    ]
     per_rank = [s.epoch_batches(2) for s in ranks]
     assert all(len(b) == len(ranks[0]) == 3 for b in per_rank)
     seen = np.concatenate([np.concatenate(b) for b in per_rank])
     assert len(seen) == len(set(seen.tolist()))  # no cell on two ranks
     # 5 ranks: 12 batches -> 2 each, the last 2 batches of this epoch's order are dropped.
-    five = [LengthGroupedBatchSampler(lengths, 8, seed=3, bucket_size_batches=2, rank=r, world_size=5).epoch_batches(2)
-            for r in range(5)]
+    five = [
+        LengthGroupedBatchSampler(
+            lengths, 8, seed=3, bucket_size_batches=2, rank=r, world_size=5
+        ).epoch_batches(2)
+        for r in range(5)
+    ]
     assert [len(b) for b in five] == [2] * 5
 
 
 def test_collate_pads_to_the_longest_cell_of_the_batch():
-    cells = [(np.array([5, 1, 2], np.int32), np.array([0, 3, 4], np.int16)),
-             (np.array([5, 0, 3, 4, 1], np.int32), np.array([0, 1, 2, 3, 4], np.int16))]
+    cells = [
+        (np.array([5, 1, 2], np.int32), np.array([0, 3, 4], np.int16)),
+        (np.array([5, 0, 3, 4, 1], np.int32), np.array([0, 1, 2, 3, 4], np.int16)),
+    ]
     batch = collate(cells, pad_id=9)
     assert batch["gene_ids"].shape == batch["values"].shape == (2, 5)
     assert batch["gene_ids"][0].tolist() == [5, 1, 2, 9, 9]
@@ -90,7 +114,9 @@ def test_shard_dataset_reads_all_shards_of_a_split(shards):
     first = read_shard(shards.parent / "train/shard_00001.h5")
     g, v = train.cell(20)
     assert np.array_equal(g, first.cell(0)[0]) and np.array_equal(v, first.cell(0)[1])
-    assert all(g[0] == 24 for g, _ in train.cells(range(len(train))))  # every cell starts with <cls>
+    assert all(
+        g[0] == 24 for g, _ in train.cells(range(len(train)))
+    )  # every cell starts with <cls>
     with pytest.raises(ValueError, match="no split 'test'"):
         ShardDataset(shards, "test")
 
@@ -109,6 +135,7 @@ def test_vocab_mismatch_names_both_hashes(tmp_path):
 
 # --- pretrain --------------------------------------------------------------------------------------
 
+
 def test_pretrain_writes_every_artifact_and_rerun_is_a_noop(shards, tmp_path):
     out = tmp_path / "run"
     summary = pretrain(shards, out, TINY_MODEL, TINY_TRAIN)
@@ -117,17 +144,41 @@ def test_pretrain_writes_every_artifact_and_rerun_is_a_noop(shards, tmp_path):
         assert (out / name).stat().st_size > 0, name
     args = json.loads((out / "args.json").read_text())
     assert args["data"]["vocab_sha256"] == json.loads(shards.read_text())["vocab_sha256"]
-    assert args["model"]["d_model"] == 32 and args["model"]["vocab_size"] == 26 and args["train"]["lr"] == 3e-3
+    assert (
+        args["model"]["d_model"] == 32
+        and args["model"]["vocab_size"] == 26
+        and args["train"]["lr"] == 3e-3
+    )
     # provenance: the manifest relative to the model directory, the software that trained it
     assert not Path(args["data"]["manifest"]).is_absolute()
     assert (out / args["data"]["manifest"]).resolve() == shards.resolve()
     software = args["provenance"]
-    assert software["scllm"] == scllm.__version__ and software["packages"]["torch"] == torch.__version__
-    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown \(not a git checkout\)", software["git_commit"])
+    assert (
+        software["scllm"] == scllm.__version__
+        and software["packages"]["torch"] == torch.__version__
+    )
+    assert re.fullmatch(
+        r"[0-9a-f]{40}(-dirty)?|unknown \(not a git checkout\)", software["git_commit"]
+    )
     assert (out / "vocab.json").read_bytes() == (shards.parent / "vocab.json").read_bytes()
     metrics = [line.split("\t") for line in (out / "metrics.tsv").read_text().splitlines()]
-    assert metrics[0] == METRIC_COLUMNS == ["epoch", "step", "lr", "train_loss", "expr_mse", "gepc_mse", "ecs_loss",
-                                            "contrastive_loss", "cells_per_s", "tokens_per_s", "mfu"]
+    assert (
+        metrics[0]
+        == METRIC_COLUMNS
+        == [
+            "epoch",
+            "step",
+            "lr",
+            "train_loss",
+            "expr_mse",
+            "gepc_mse",
+            "ecs_loss",
+            "contrastive_loss",
+            "cells_per_s",
+            "tokens_per_s",
+            "mfu",
+        ]
+    )
     assert [int(r[1]) for r in metrics[1:]] == [2, 4, 6, 8, 10, 12]
     rows = [line.split("\t") for line in (out / "epochs.tsv").read_text().splitlines()]
     assert rows[0] == EPOCH_COLUMNS and "val_mean_bin_baseline_mse" in rows[0]
@@ -140,7 +191,9 @@ def test_pretrain_writes_every_artifact_and_rerun_is_a_noop(shards, tmp_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     again = pretrain(shards, out, TINY_MODEL, TINY_TRAIN)
     assert again == summary
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes, "a finished run rewrote files"
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes, (
+        "a finished run rewrote files"
+    )
 
     # Outputs deleted after completion (as Snakemake does before rerunning) come back without training.
     (out / "best_model.pt").unlink()
@@ -161,11 +214,18 @@ def test_resume_is_bitwise_exact(shards, tmp_path):
     last = pretrain(shards, tmp_path / "b", TINY_MODEL, TINY_TRAIN)
     assert last["done"] and last["global_step"] == full["global_step"]
     assert last["best_val_loss"] == full["best_val_loss"]
-    assert_same_weights(tensors(tmp_path / "a" / "best_model.pt"), tensors(tmp_path / "b" / "best_model.pt"))
-    a, b = tensors(tmp_path / "a" / "last_checkpoint.pt"), tensors(tmp_path / "b" / "last_checkpoint.pt")
+    assert_same_weights(
+        tensors(tmp_path / "a" / "best_model.pt"), tensors(tmp_path / "b" / "best_model.pt")
+    )
+    a, b = (
+        tensors(tmp_path / "a" / "last_checkpoint.pt"),
+        tensors(tmp_path / "b" / "last_checkpoint.pt"),
+    )
     assert_same_weights(a["model"], b["model"])
     assert_same_weights(a["optimizer"]["state"][0], b["optimizer"]["state"][0])
-    assert [r["step"] for r in a["metrics"]] == [r["step"] for r in b["metrics"]]  # no rows lost or doubled
+    assert [r["step"] for r in a["metrics"]] == [
+        r["step"] for r in b["metrics"]
+    ]  # no rows lost or doubled
     assert [r["val_loss"] for r in a["epochs"]] == [r["val_loss"] for r in b["epochs"]]
 
 
@@ -176,11 +236,15 @@ def test_checkpoint_from_before_the_gepc_rename_resumes_exactly(shards, tmp_path
     pretrain(shards, tmp_path / "b", TINY_MODEL, {**TINY_TRAIN, "max_steps": 4})
     ckpt = tensors(tmp_path / "b" / CHECKPOINT)
     ckpt["model"] = {k.replace("gepc_", "mvc_"): v for k, v in ckpt["model"].items()}
-    ckpt["metrics"] = [{k.replace("gepc_mse", "mvc_mse"): v for k, v in r.items()} for r in ckpt["metrics"]]
+    ckpt["metrics"] = [
+        {k.replace("gepc_mse", "mvc_mse"): v for k, v in r.items()} for r in ckpt["metrics"]
+    ]
     assert ckpt["metrics"] and all("mvc_mse" in r for r in ckpt["metrics"])
     torch.save(ckpt, tmp_path / "b" / CHECKPOINT)
     pretrain(shards, tmp_path / "b", TINY_MODEL, TINY_TRAIN)
-    assert_same_weights(tensors(tmp_path / "a" / "best_model.pt"), tensors(tmp_path / "b" / "best_model.pt"))
+    assert_same_weights(
+        tensors(tmp_path / "a" / "best_model.pt"), tensors(tmp_path / "b" / "best_model.pt")
+    )
     rows = [line.split("\t") for line in (tmp_path / "b" / "metrics.tsv").read_text().splitlines()]
     column = rows[0].index("gepc_mse")
     assert all(row[column] for row in rows[1:])
@@ -213,6 +277,7 @@ def test_bad_settings_are_rejected(shards, tmp_path):
 
 # --- using the model ------------------------------------------------------------------------------
 
+
 def test_load_model_and_embed_cells(shards, tmp_path):
     pretrain(shards, tmp_path, TINY_MODEL, {**TINY_TRAIN, "epochs": 1})
     model, vocab, args = load_model(tmp_path)
@@ -241,17 +306,42 @@ def test_torchrun_two_processes_on_cpu(shards, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "scllm.train", "--manifest", str(shards), "--out", str(tmp_path / "run"),
-           "--params", str(params), "--log-file", str(tmp_path / "train.log")]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "scllm.train",
+        "--manifest",
+        str(shards),
+        "--out",
+        str(tmp_path / "run"),
+        "--params",
+        str(params),
+        "--log-file",
+        str(tmp_path / "train.log"),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert args["world_size"] == 2
     ckpt = tensors(tmp_path / "run" / "last_checkpoint.pt")
-    assert ckpt["done"] and ckpt["global_step"] == 3 and len(ckpt["rng"]) == 2  # 6 batches over 2 ranks
+    assert (
+        ckpt["done"] and ckpt["global_step"] == 3 and len(ckpt["rng"]) == 2
+    )  # 6 batches over 2 ranks
     log_text = (tmp_path / "train.log").read_text()
     assert "2 process(es)" in log_text and "validation loss" in log_text
 
@@ -264,14 +354,22 @@ def test_log_lines_show_elapsed_time_and_time_left(shards, tmp_path, caplog, mon
     monkeypatch.setattr(train_mod.time, "perf_counter", lambda: next(clock))
     progress = Progress(first=20, total=100)  # resumed at step 20, clock 100 s
     assert progress.text(40) == "elapsed 0:00:10, about 0:00:30 to go"  # 20 steps in 10 s, 60 left
-    assert progress.text(57) == "elapsed 0:00:25, about 0:00:29 to go"  # 37 steps in 25 s, 43 left: 29.05 s
+    assert (
+        progress.text(57) == "elapsed 0:00:25, about 0:00:29 to go"
+    )  # 37 steps in 25 s, 43 left: 29.05 s
     monkeypatch.undo()
 
     with caplog.at_level(logging.INFO, logger="scllm"):
         pretrain(shards, tmp_path, TINY_MODEL, TINY_TRAIN)
-    step_lines = [r.getMessage() for r in caplog.records if " step " in r.getMessage() and "loss" in r.getMessage()]
+    step_lines = [
+        r.getMessage()
+        for r in caplog.records
+        if " step " in r.getMessage() and "loss" in r.getMessage()
+    ]
     epoch_lines = [r.getMessage() for r in caplog.records if " done: train loss" in r.getMessage()]
     assert step_lines and len(epoch_lines) == TINY_TRAIN["epochs"]
     pattern = r"; elapsed \d+:\d\d:\d\d, about \d+:\d\d:\d\d to go$"
-    assert all(re.search(pattern, line) for line in step_lines + epoch_lines[:-1]), step_lines + epoch_lines
+    assert all(re.search(pattern, line) for line in step_lines + epoch_lines[:-1]), (
+        step_lines + epoch_lines
+    )
     assert epoch_lines[-1].endswith("about 0:00:00 to go")

@@ -21,10 +21,20 @@ from conftest import DATA_OUTPUTS, REPO, SNAKEMAKE, TINY_TRAINING, copy_workflow
 pytestmark = pytest.mark.workflow
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*SNAKEMAKE, "--cores", "2", *args], cwd=workdir, capture_output=True, text=True, timeout=timeout)
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [*SNAKEMAKE, "--cores", "2", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -40,27 +50,41 @@ def demo_run(tmp_path_factory) -> Path:
 
 def test_full_run_writes_every_artifact_and_logs_counts(demo_run):
     results = demo_run / "results" / "demo"
-    assert "Shell command: None" not in (demo_run / "snakemake.out").read_text()  # script rules: no noise
+    assert (
+        "Shell command: None" not in (demo_run / "snakemake.out").read_text()
+    )  # script rules: no noise
     # progress a person can plan around: elapsed time per sample, a line per evaluation step
     logs = results / "logs"
-    assert re.search(r"evaluate: \d+ x \d+: Leiden at \d+ resolutions done", (logs / "evaluate.log").read_text())
+    assert re.search(
+        r"evaluate: \d+ x \d+: Leiden at \d+ resolutions done", (logs / "evaluate.log").read_text()
+    )
     # the demo's h5ad is read directly, in row blocks, with progress
-    assert re.search(r"ingest: read 2700/2700 cells of the input, wrote 2700/2700 chosen cells \(elapsed \d:\d\d:\d\d",
-                     (logs / "sample_census.log").read_text())
+    assert re.search(
+        r"ingest: read 2700/2700 cells of the input, wrote 2700/2700 chosen cells \(elapsed \d:\d\d:\d\d",
+        (logs / "sample_census.log").read_text(),
+    )
     assert not (results / "census_store").exists()
     report = (results / "report.html").read_text()  # the run's report, under the run's folder
     assert "<h2>Cell embedding vs PCA</h2>" in report and "<h2>Pretraining</h2>" in report
-    assert "UMAP by sample" not in report and "silhouette_sample" not in report  # one sample: left out
-    assert (results / "logs" / "report.log").stat().st_size > 0 and not (demo_run / "report.html").exists()
+    assert (
+        "UMAP by sample" not in report and "silhouette_sample" not in report
+    )  # one sample: left out
+    assert (results / "logs" / "report.log").stat().st_size > 0 and not (
+        demo_run / "report.html"
+    ).exists()
     for rule, output in DATA_OUTPUTS.items():
         assert (results / output).exists(), f"{rule} did not write {output}"
         assert (results / "logs" / f"{rule}.log").stat().st_size > 0, f"{rule} wrote no log"
         assert (results / "benchmarks" / f"{rule}.tsv").exists(), f"{rule} wrote no benchmark"
     manifest = json.loads((results / "shards" / "manifest.json").read_text())
-    n_cells = {split: sum(s["n_cells"] for s in shards) for split, shards in manifest["splits"].items()}
+    n_cells = {
+        split: sum(s["n_cells"] for s in shards) for split, shards in manifest["splits"].items()
+    }
     assert n_cells["train"] + n_cells["validation"] == 2700  # PBMC 3k passes QC whole
     assert n_cells["validation"] == round(0.03 * 2700)
-    assert manifest["n_genes"] == 1200 and manifest["cls_id"] == 1200 and manifest["pad_id"] == 1201
+    assert (
+        manifest["n_genes"] == 1200 and manifest["cls_id"] == 1200 and manifest["pad_id"] == 1201
+    )
     assert "cells 2700 -> 2700" in (results / "logs" / "filter_qc.log").read_text()
     assert "1200 HVGs out" in (results / "logs" / "select_hvg.log").read_text()
 
@@ -68,7 +92,11 @@ def test_full_run_writes_every_artifact_and_logs_counts(demo_run):
 def test_changing_one_setting_reruns_that_stage_and_later_only(demo_run, tmp_path):
     workdir = copy_workflow(tmp_path)
     shutil.copytree(demo_run / "results", workdir / "results")
-    shutil.copytree(demo_run / ".snakemake", workdir / ".snakemake", ignore=shutil.ignore_patterns("conda", "singularity"))
+    shutil.copytree(
+        demo_run / ".snakemake",
+        workdir / ".snakemake",
+        ignore=shutil.ignore_patterns("conda", "singularity"),
+    )
     tiny = write_config(workdir, "tiny.yaml", TINY_TRAINING)
     dry = snakemake(workdir, "--configfile", tiny, "-n")
     assert "Nothing to be done" in dry.stdout + dry.stderr
@@ -76,14 +104,24 @@ def test_changing_one_setting_reruns_that_stage_and_later_only(demo_run, tmp_pat
     results = workdir / "results" / "demo"
     before = {rule: (results / out).stat().st_mtime_ns for rule, out in DATA_OUTPUTS.items()}
     time.sleep(1.1)
-    changed = write_config(workdir, "changed.yaml", {**TINY_TRAINING, "normalize_bin": {"n_bins": 21}})
+    changed = write_config(
+        workdir, "changed.yaml", {**TINY_TRAINING, "normalize_bin": {"n_bins": 21}}
+    )
     snakemake(workdir, "--configfile", changed)
-    rerun = {rule for rule, out in DATA_OUTPUTS.items() if (results / out).stat().st_mtime_ns != before[rule]}
+    rerun = {
+        rule
+        for rule, out in DATA_OUTPUTS.items()
+        if (results / out).stat().st_mtime_ns != before[rule]
+    }
     assert rerun == {"normalize_bin", "split", "tokenize_shards", "pretrain", "embed", "evaluate"}
     assert json.loads((results / "shards" / "manifest.json").read_text())["n_bins"] == 21
 
     # chunk_size bounds memory, not results: changing it reruns nothing
-    rechunked = write_config(workdir, "rechunked.yaml", {**TINY_TRAINING, "normalize_bin": {"n_bins": 21}, "chunk_size": 500})
+    rechunked = write_config(
+        workdir,
+        "rechunked.yaml",
+        {**TINY_TRAINING, "normalize_bin": {"n_bins": 21}, "chunk_size": 500},
+    )
     dry = snakemake(workdir, "--configfile", rechunked, "-n")
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
@@ -93,8 +131,9 @@ def test_same_inputs_and_seed_give_byte_identical_shards(demo_run, tmp_path):
     snakemake(workdir, "tokenize_shards")
     ours = sorted((workdir / "results/demo/shards").rglob("*"))
     theirs = sorted((demo_run / "results/demo/shards").rglob("*"))
-    assert [p.relative_to(workdir / "results/demo/shards") for p in ours] == \
-        [p.relative_to(demo_run / "results/demo/shards") for p in theirs]
+    assert [p.relative_to(workdir / "results/demo/shards") for p in ours] == [
+        p.relative_to(demo_run / "results/demo/shards") for p in theirs
+    ]
     for a, b in zip(ours, theirs):
         if a.is_file():
             assert a.read_bytes() == b.read_bytes(), f"{a.name} differs between two runs"
@@ -113,7 +152,15 @@ PINNED_SHARDS = {
 # (row in the train shard, cell_index, tokens, first 8 gene ids, first 8 values, sum of ids, sum of values)
 PINNED_CELLS = [
     (0, 0, 108, [1200, 3, 5, 7, 11, 12, 35, 37], [0, 38, 48, 45, 32, 15, 23, 44], 58787, 2839),
-    (1000, 1031, 111, [1200, 1, 3, 5, 7, 10, 11, 17], [0, 47, 49, 50, 48, 45, 40, 43], 57548, 2867),
+    (
+        1000,
+        1031,
+        111,
+        [1200, 1, 3, 5, 7, 10, 11, 17],
+        [0, 47, 49, 50, 48, 45, 40, 43],
+        57548,
+        2867,
+    ),
     (2618, 2699, 90, [1200, 1, 3, 5, 7, 17, 26, 52], [0, 18, 17, 49, 48, 37, 21, 44], 47658, 2108),
 ]
 
@@ -122,12 +169,19 @@ def test_embedded_default_shards_are_the_pinned_bytes(demo_run):
     import hashlib
 
     shards = demo_run / "results" / "demo" / "shards"
-    with h5py.File(shards / "train/shard_00000.h5", "r") as f:  # tokens first: they say what differs
-        offsets, gene_ids, values, cell_index = (f[k][:] for k in ("offsets", "gene_ids", "values", "cell_index"))
+    with h5py.File(
+        shards / "train/shard_00000.h5", "r"
+    ) as f:  # tokens first: they say what differs
+        offsets, gene_ids, values, cell_index = (
+            f[k][:] for k in ("offsets", "gene_ids", "values", "cell_index")
+        )
     for row, index, n, first_ids, first_values, id_sum, value_sum in PINNED_CELLS:
         a, b = offsets[row], offsets[row + 1]
         assert (int(cell_index[row]), int(b - a)) == (index, n)
-        assert gene_ids[a:a + 8].tolist() == first_ids and values[a:a + 8].tolist() == first_values
+        assert (
+            gene_ids[a : a + 8].tolist() == first_ids
+            and values[a : a + 8].tolist() == first_values
+        )
         assert (int(gene_ids[a:b].sum()), int(values[a:b].sum())) == (id_sum, value_sum)
     for name, sha in PINNED_SHARDS.items():
         actual = hashlib.sha256((shards / name).read_bytes()).hexdigest()
@@ -140,32 +194,60 @@ def test_a_cell_gets_the_pipelines_embedding_from_scllm_embed(demo_run):
 
     results = demo_run / "results" / "demo"
     pipeline = ad.read_h5ad(results / "embeddings.h5ad")
-    cells = ad.read_h5ad(results / "filtered.h5ad")[pipeline.obs_names[::-1]].copy()  # another order
+    cells = ad.read_h5ad(results / "filtered.h5ad")[
+        pipeline.obs_names[::-1]
+    ].copy()  # another order
     scllm.embed(cells, results / "model", device="cpu", batch_size=7)
-    np.testing.assert_allclose(cells.obsm["X_scllm"][::-1], pipeline.obsm["X_scllm"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        cells.obsm["X_scllm"][::-1], pipeline.obsm["X_scllm"], rtol=0, atol=1e-5
+    )
 
 
 def test_heldout_evaluation_rule_runs_only_when_asked_and_reruns_nothing_else(demo_run, tmp_path):
     workdir = copy_workflow(tmp_path)
     shutil.copytree(demo_run / "results", workdir / "results")
-    shutil.copytree(demo_run / ".snakemake", workdir / ".snakemake", ignore=shutil.ignore_patterns("conda", "singularity"))
+    shutil.copytree(
+        demo_run / ".snakemake",
+        workdir / ".snakemake",
+        ignore=shutil.ignore_patterns("conda", "singularity"),
+    )
     results = workdir / "results" / "demo"
     before = {rule: (results / out).stat().st_mtime_ns for rule, out in DATA_OUTPUTS.items()}
     # A labelled h5ad of "new" cells: PBMC 3k's first 300 cells under other names.
     cells = ad.read_h5ad(REPO / "resources" / "pbmc3k" / "pbmc3k.h5ad")[:300].copy()
     cells.obs_names = [f"new_{i}" for i in range(cells.n_obs)]
     cells.write_h5ad(workdir / "new_cells.h5ad")
-    config = write_config(workdir, "heldout.yaml", {**TINY_TRAINING, "heldout": {
-        "path": "new_cells.h5ad", "label_key": "celltype", "gene_id_column": "gene_ids"}})
+    config = write_config(
+        workdir,
+        "heldout.yaml",
+        {
+            **TINY_TRAINING,
+            "heldout": {
+                "path": "new_cells.h5ad",
+                "label_key": "celltype",
+                "gene_id_column": "gene_ids",
+            },
+        },
+    )
     snakemake(workdir, "--configfile", config)
-    assert {rule for rule, out in DATA_OUTPUTS.items() if (results / out).stat().st_mtime_ns != before[rule]} == set()
-    table = pd.read_csv(results / "evaluation" / "heldout" / "metrics.tsv", sep="\t").set_index("metric")
+    assert {
+        rule
+        for rule, out in DATA_OUTPUTS.items()
+        if (results / out).stat().st_mtime_ns != before[rule]
+    } == set()
+    table = pd.read_csv(results / "evaluation" / "heldout" / "metrics.tsv", sep="\t").set_index(
+        "metric"
+    )
     assert table.loc["knn_accuracy_cv", "cells"] == "300 (held out: new_cells.h5ad)"
-    assert 0.5 < table.loc["knn_accuracy_cv", "baseline"] <= 1.0 and np.isfinite(table.loc["knn_accuracy_cv", "scllm"])
+    assert 0.5 < table.loc["knn_accuracy_cv", "baseline"] <= 1.0 and np.isfinite(
+        table.loc["knn_accuracy_cv", "scllm"]
+    )
     emb = ad.read_h5ad(results / "evaluation" / "heldout" / "embeddings.h5ad")
     assert list(emb.obs_names[:2]) == ["new_0", "new_1"]
     log = (results / "logs" / "evaluate_heldout.log").read_text()
-    assert "PCA baseline on the held-out cells: 300 cells" in log and "300 cells, 300 scored" in log
+    assert (
+        "PCA baseline on the held-out cells: 300 cells" in log and "300 cells, 300 scored" in log
+    )
 
 
 def test_a_config_file_without_run_gets_its_own_results_folder(tmp_path):
@@ -176,7 +258,10 @@ def test_a_config_file_without_run_gets_its_own_results_folder(tmp_path):
     assert "run: not set in my experiment.yaml; outputs go to results/my_experiment/" in out
     assert "results/my_experiment/evaluation/metrics.tsv" in out and "results/demo/" not in out
     named = write_config(workdir, "named.yaml", {"run": "mine"})
-    assert "results/mine/evaluation/metrics.tsv" in snakemake(workdir, "--configfile", named, "-n").stdout
+    assert (
+        "results/mine/evaluation/metrics.tsv"
+        in snakemake(workdir, "--configfile", named, "-n").stdout
+    )
     # --config run=... counts as setting it, and without config files the embedded default is the demo
     forced = snakemake(workdir, "--configfile", "my experiment.yaml", "--config", "run=demo", "-n")
     forced = forced.stdout + forced.stderr
@@ -195,10 +280,15 @@ def test_invalid_config_value_fails_before_any_job_and_names_the_key(tmp_path):
 
 def test_own_h5ad_without_its_path_is_named_before_any_job(tmp_path):
     workdir = copy_workflow(tmp_path)
-    bad = write_config(workdir, "nopath.yaml", {"census": {"source": "h5ad", "h5ad": {"path": None}}})
+    bad = write_config(
+        workdir, "nopath.yaml", {"census": {"source": "h5ad", "h5ad": {"path": None}}}
+    )
     proc = snakemake(workdir, "--configfile", bad, "-n", check=False)
     assert proc.returncode != 0
-    assert "census.source: h5ad reads census.h5ad.path (your h5ad of raw counts), which is not set" in proc.stderr + proc.stdout
+    assert (
+        "census.source: h5ad reads census.h5ad.path (your h5ad of raw counts), which is not set"
+        in proc.stderr + proc.stdout
+    )
     assert not (workdir / "results").exists()
 
 
@@ -214,12 +304,27 @@ def test_real_census_offline_fails_at_once_with_guidance(tmp_path):
     workdir = copy_workflow(tmp_path)
     dry = snakemake(workdir, "--configfile", "config/config.yaml", "-n")
     stats = (dry.stdout + dry.stderr).split("Job stats:")[1]
-    jobs = [line.split()[0] for line in stats.splitlines() if line.split()[:1] and line.split()[0] in DATA_OUTPUTS]
-    assert jobs == ["sample_census", "filter_qc", "select_hvg", "normalize_bin", "split", "tokenize_shards", "pretrain",
-                    "embed", "evaluate"]
+    jobs = [
+        line.split()[0]
+        for line in stats.splitlines()
+        if line.split()[:1] and line.split()[0] in DATA_OUTPUTS
+    ]
+    assert jobs == [
+        "sample_census",
+        "filter_qc",
+        "select_hvg",
+        "normalize_bin",
+        "split",
+        "tokenize_shards",
+        "pretrain",
+        "embed",
+        "evaluate",
+    ]
 
     started = time.time()
-    proc = snakemake(workdir, "sample_census", "--configfile", "config/config.yaml", check=False, timeout=300)
+    proc = snakemake(
+        workdir, "sample_census", "--configfile", "config/config.yaml", check=False, timeout=300
+    )
     assert proc.returncode != 0
     assert time.time() - started < 120
     log = (workdir / "results/census_blood_300k/logs/sample_census.log").read_text()
@@ -233,7 +338,11 @@ def test_a_damaged_shard_stops_pretrain_and_the_fix_it_names_works(demo_run, tmp
     exists), so the refusal names --forcerun; this runs exactly that."""
     workdir = copy_workflow(tmp_path)
     shutil.copytree(demo_run / "results", workdir / "results")
-    shutil.copytree(demo_run / ".snakemake", workdir / ".snakemake", ignore=shutil.ignore_patterns("conda", "singularity"))
+    shutil.copytree(
+        demo_run / ".snakemake",
+        workdir / ".snakemake",
+        ignore=shutil.ignore_patterns("conda", "singularity"),
+    )
     tiny = write_config(workdir, "tiny.yaml", TINY_TRAINING)
     results = workdir / "results" / "demo"
     checkpoint = (results / "model/last_checkpoint.pt").read_bytes()
@@ -245,7 +354,9 @@ def test_a_damaged_shard_stops_pretrain_and_the_fix_it_names_works(demo_run, tmp
     assert "shards/train/shard_00000.h5 has sha256" in log and "Traceback" not in log
     fix = log.split("Rewrite the shards with `")[1].split("`")[0]
     assert fix == "snakemake --forcerun tokenize_shards"
-    assert (results / "model/last_checkpoint.pt").read_bytes() == checkpoint, "a step on damaged data was saved"
+    assert (results / "model/last_checkpoint.pt").read_bytes() == checkpoint, (
+        "a step on damaged data was saved"
+    )
 
     snakemake(workdir, "--configfile", tiny, *fix.split()[1:])  # the fix, as the message words it
     assert (results / "model/best_model.pt").exists()

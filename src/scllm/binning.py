@@ -79,13 +79,20 @@ def content_keys(matrix: sp.csr_matrix) -> np.ndarray:
     indptr, indices, data = matrix.indptr, matrix.indices.astype(np.int32), matrix.data
     for r in range(matrix.shape[0]):
         a, b = indptr[r], indptr[r + 1]
-        digest = hashlib.blake2b(indices[a:b].tobytes() + b"|" + data[a:b].tobytes(), digest_size=8).digest()
+        digest = hashlib.blake2b(
+            indices[a:b].tobytes() + b"|" + data[a:b].tobytes(), digest_size=8
+        ).digest()
         keys[r] = int.from_bytes(digest, "little") >> 1
     return keys
 
 
-def bin_csr(matrix: sp.csr_matrix, n_bins: int = 51, seed: int = 0, row_offset: int = 0,
-            row_ids: np.ndarray | None = None) -> sp.csr_matrix:
+def bin_csr(
+    matrix: sp.csr_matrix,
+    n_bins: int = 51,
+    seed: int = 0,
+    row_offset: int = 0,
+    row_ids: np.ndarray | None = None,
+) -> sp.csr_matrix:
     """Per-cell quantile bins of a CSR matrix's non-zero values (same sparsity, uint8).
 
     Tie-breaking draws are keyed on (seed, row id, gene). Row ids default to the rows' global
@@ -100,14 +107,27 @@ def bin_csr(matrix: sp.csr_matrix, n_bins: int = 51, seed: int = 0, row_offset: 
     out = np.empty(matrix.nnz, dtype=np.int64)
     if row_ids is None:
         row_ids = np.arange(row_offset, row_offset + matrix.shape[0], dtype=np.int64)
-    _bin_rows(matrix.indptr, matrix.indices, matrix.data, quantiles, np.asarray(row_ids, dtype=np.int64),
-              np.int64(seed), out)
-    return sp.csr_matrix((out.astype(np.uint8), matrix.indices.copy(), matrix.indptr.copy()), shape=matrix.shape)
+    _bin_rows(
+        matrix.indptr,
+        matrix.indices,
+        matrix.data,
+        quantiles,
+        np.asarray(row_ids, dtype=np.int64),
+        np.int64(seed),
+        out,
+    )
+    return sp.csr_matrix(
+        (out.astype(np.uint8), matrix.indices.copy(), matrix.indptr.copy()), shape=matrix.shape
+    )
 
 
-def normalize_total(counts: sp.csr_matrix, totals: np.ndarray, target_sum: float, log1p: bool) -> sp.csr_matrix:
+def normalize_total(
+    counts: sp.csr_matrix, totals: np.ndarray, target_sum: float, log1p: bool
+) -> sp.csr_matrix:
     """scanpy's ``normalize_total`` (with precomputed per-cell totals) and optional ``log1p``."""
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
+    scale = np.divide(
+        target_sum, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0
+    )
     out = sp.csr_matrix(sp.diags(scale) @ counts, dtype=np.float32)
     out.sort_indices()  # the product leaves column indices unsorted; readers expect them sorted
     if log1p:
@@ -141,8 +161,10 @@ def normalize_bin(
             "the HVG table belongs to another run: rerun select_hvg"
         )
     columns = adata.var_names.get_indexer(hvgs["feature_id"])
-    var = pd.DataFrame({"feature_id": hvgs["feature_id"].values, "feature_name": hvgs["feature_name"].values},
-                       index=pd.Index(hvgs["feature_id"].values))
+    var = pd.DataFrame(
+        {"feature_id": hvgs["feature_id"].values, "feature_name": hvgs["feature_name"].values},
+        index=pd.Index(hvgs["feature_id"].values),
+    )
     uns = dict(adata.uns)
     uns["binning"] = {"n_bins": n_bins, "seed": seed, "target_sum": target_sum, "log1p": log1p}
     n_cells = adata.n_obs
@@ -154,7 +176,9 @@ def normalize_bin(
             totals = np.asarray(counts.sum(axis=1)).ravel()
             hvg_counts = counts[:, columns]
             normalized = normalize_total(hvg_counts, totals, target_sum, log1p)
-            binned = bin_csr(normalized, n_bins=n_bins, seed=seed, row_ids=content_keys(hvg_counts))
+            binned = bin_csr(
+                normalized, n_bins=n_bins, seed=seed, row_ids=content_keys(hvg_counts)
+            )
             n_expressed[start:stop] = np.diff(binned.indptr)
             keep = n_expressed[start:stop] >= min_expressed_hvgs
             keep_cells[start:stop] = keep
@@ -171,5 +195,11 @@ def normalize_bin(
     adata.file.close()
     log.info(
         "normalize_bin: cells %d -> %d (dropped %d with < %d expressed HVGs), %d HVGs, %d bins in %.1fs",
-        n_cells, keep_cells.sum(), n_cells - keep_cells.sum(), min_expressed_hvgs, len(columns), n_bins, time.time() - t0,
+        n_cells,
+        keep_cells.sum(),
+        n_cells - keep_cells.sum(),
+        min_expressed_hvgs,
+        len(columns),
+        n_bins,
+        time.time() - t0,
     )

@@ -26,10 +26,27 @@ from scllm.io import CSRWriter, Progress, atomic_path
 
 log = logging.getLogger("scllm")
 
-SAMPLE_KEYS = ["dataset_id", "donor_id"]  # the schema has no sample column; donor_id is per dataset
-REQUIRED_OBS = ["dataset_id", "donor_id", "observation_joinid", "tissue_general", "is_primary_data"]
+SAMPLE_KEYS = [
+    "dataset_id",
+    "donor_id",
+]  # the schema has no sample column; donor_id is per dataset
+REQUIRED_OBS = [
+    "dataset_id",
+    "donor_id",
+    "observation_joinid",
+    "tissue_general",
+    "is_primary_data",
+]
 # Carried into cells.h5ad when the Census has them (labels for evaluation, metadata for users).
-OPTIONAL_OBS = ["cell_type", "cell_type_ontology_term_id", "assay", "disease", "tissue", "sex", "development_stage"]
+OPTIONAL_OBS = [
+    "cell_type",
+    "cell_type_ontology_term_id",
+    "assay",
+    "disease",
+    "tissue",
+    "sex",
+    "development_stage",
+]
 EMBEDDED_DEFAULT_HINT = (
     "To try the pipeline without network access, run the embedded default: "
     "`snakemake --cores 2` (config/demo.yaml), which reads a local Census-shaped store "
@@ -55,7 +72,9 @@ def open_census(version: str | None = None, uri: str | None = None):
 
     if uri is not None:
         if not Path(uri).exists() and "://" not in str(uri):
-            raise CensusUnavailableError(f"no Census-shaped store at census.uri={uri!r}; build one with `scllm build-census`")
+            raise CensusUnavailableError(
+                f"no Census-shaped store at census.uri={uri!r}; build one with `scllm build-census`"
+            )
         return cellxgene_census.open_soma(uri=str(uri), tiledb_config=READ_BUFFERS)
     try:
         return cellxgene_census.open_soma(census_version=version, tiledb_config=READ_BUFFERS)
@@ -67,7 +86,8 @@ def open_census(version: str | None = None, uri: str | None = None):
     except OSError as err:  # requests' ConnectionError and friends
         raise CensusUnavailableError(
             f"The CELLxGENE Census cannot be reached (census_version={version!r}): {type(err).__name__}. "
-            "Check network access to the Census, or use a local copy (census.source: uri, census.uri: PATH). " + EMBEDDED_DEFAULT_HINT
+            "Check network access to the Census, or use a local copy (census.source: uri, census.uri: PATH). "
+            + EMBEDDED_DEFAULT_HINT
         ) from err
 
 
@@ -124,11 +144,20 @@ def _select(cells: pd.DataFrame, max_cells: int, seed: int, where: str):
     chosen = samples[samples["chosen"]]
     log.info(
         "%d samples (dataset, donor) available; chose %d holding %d cells (cap %d, seed %d)",
-        len(samples), len(chosen), int(chosen["n_cells"].sum()), max_cells, seed,
+        len(samples),
+        len(chosen),
+        int(chosen["n_cells"].sum()),
+        max_cells,
+        seed,
     )
     too_big = samples[samples["n_cells"] > max_cells]
     for row in too_big.itertuples():
-        log.warning("sample %s/%s has %d cells, more than the cap: never chosen", row.dataset_id, row.donor_id, row.n_cells)
+        log.warning(
+            "sample %s/%s has %d cells, more than the cap: never chosen",
+            row.dataset_id,
+            row.donor_id,
+            row.n_cells,
+        )
 
     keep = cells.merge(chosen[SAMPLE_KEYS], on=SAMPLE_KEYS, how="inner")
     keep = keep.sort_values(SAMPLE_KEYS + ["soma_joinid"], ignore_index=True)
@@ -169,7 +198,9 @@ def sample_census(
         uns = {
             "census": {
                 "source": str(uri) if uri else f"census_version={census_version}",
-                "census_version": str(census_version or provenance.get("census_build_date", "local")),
+                "census_version": str(
+                    census_version or provenance.get("census_build_date", "local")
+                ),
                 "provenance": provenance,
                 "organism": organism,
                 "value_filter": filt,
@@ -181,7 +212,12 @@ def sample_census(
         }
         _write_sample_by_sample(out_h5ad, exp, keep, obs, var, uns, chunk_size)
         _write_samples_tsv(samples, out_samples)
-    log.info("sample_census: wrote %d cells x %d genes in %.1fs", obs.shape[0], var.shape[0], time.time() - t0)
+    log.info(
+        "sample_census: wrote %d cells x %d genes in %.1fs",
+        obs.shape[0],
+        var.shape[0],
+        time.time() - t0,
+    )
     return ad.AnnData(obs=obs, var=var, uns=uns)
 
 
@@ -208,8 +244,11 @@ def _obs_columns_to_read(exp, disease: str | None) -> list[str]:
     if missing:
         raise ValueError(
             f"the Census obs lacks columns {missing}, which sampling needs"
-            + (" (disease only for the census.disease filter: set census.disease: null to drop it)"
-               if missing == ["disease"] else "")
+            + (
+                " (disease only for the census.disease filter: set census.disease: null to drop it)"
+                if missing == ["disease"]
+                else ""
+            )
             + ". Build the store with `scllm build-census` (or census.source: h5ad), which fills "
             "in missing Census columns from its options."
         )
@@ -223,14 +262,18 @@ def _query_cells(exp, organism: str, filt: str, columns: list[str]) -> pd.DataFr
     cells = exp.obs.read(value_filter=filt, column_names=columns).concat().to_pandas()
     log.info("%d cells match the filter", len(cells))
     if cells.empty:
-        raise ValueError(f"no cells match the Census filter [{filt}]; check census.tissue_general/disease")
+        raise ValueError(
+            f"no cells match the Census filter [{filt}]; check census.tissue_general/disease"
+        )
     for col in cells.columns:  # categoricals span the whole Census: keep only what we hold
         if isinstance(cells[col].dtype, pd.CategoricalDtype):
             cells[col] = cells[col].cat.remove_unused_categories()
     return cells
 
 
-def _write_sample_by_sample(out_h5ad, exp, keep: pd.DataFrame, obs, var, uns, chunk_size: int) -> None:
+def _write_sample_by_sample(
+    out_h5ad, exp, keep: pd.DataFrame, obs, var, uns, chunk_size: int
+) -> None:
     """cells.h5ad: the raw counts of the chosen cells (``keep``), read from the store's X/raw
     one sample at a time, so that every sample is a contiguous block of rows."""
     progress = Progress(0, len(keep))
@@ -240,8 +283,14 @@ def _write_sample_by_sample(out_h5ad, exp, keep: pd.DataFrame, obs, var, uns, ch
             joinids = group["soma_joinid"].to_numpy()
             for block in _read_rows(X, joinids, len(var), chunk_size):
                 writer.append(block)
-            log.info("sample %s: %d cells (%d/%d written; %s)", "/".join(map(str, sample_key)), len(joinids),
-                     writer.rows_written, len(keep), progress.text(writer.rows_written))
+            log.info(
+                "sample %s: %d cells (%d/%d written; %s)",
+                "/".join(map(str, sample_key)),
+                len(joinids),
+                writer.rows_written,
+                len(keep),
+                progress.text(writer.rows_written),
+            )
         writer.set_obs(obs)
 
 
@@ -275,9 +324,9 @@ def sample_h5ad(
     building a local Census from it (``build_local_census``, with the same settings; missing
     tissue_general/disease filled from the filter) and sampling that, in one pass over the file.
 
-    The input is read once, in row blocks of at most ``chunk_size`` cells and ``block_nnz`` values; each block's chosen
-    cells go straight to their rows in cells.h5ad, whose layout (sample by sample) is known
-    from the row lengths before any value is read. Memory: obs, var and one block. A CSC
+    The input is read once, in row blocks of at most ``chunk_size`` cells and ``block_nnz``
+    values; each block's chosen cells go straight to their rows in cells.h5ad, whose layout
+    (sample by sample) is known from the row lengths before any value is read. Memory: obs, var and one block. A CSC
     matrix cannot be read by rows; it goes through a temporary local Census instead (slower,
     same memory bound).
     """
@@ -331,31 +380,64 @@ def _sample_in_one_pass(h5ad_path, out_h5ad, out_samples, build: dict, sample: d
             where,
         )
         if matrix.layout == "csc":
-            log.info("%s stores %s column by column (CSC), which cannot be read by cells: going through a "
-                     "temporary local Census (write your h5ad as CSR to skip this step)", h5ad_path, matrix.name)
+            log.info(
+                "%s stores %s column by column (CSC), which cannot be read by cells: going through a "
+                "temporary local Census (write your h5ad as CSR to skip this step)",
+                h5ad_path,
+                matrix.name,
+            )
             source.close()
             return _sample_through_store(h5ad_path, out_h5ad, out_samples, build, sample)
-        samples, obs, chosen = _choose_input_rows(h5ad_path, source, matrix, shaped, filt, where, sample)
+        samples, obs, chosen = _choose_input_rows(
+            h5ad_path, source, matrix, shaped, filt, where, sample
+        )
         # Before writing, drop the input's shaped obs (a million cells' worth); the filtered and
         # chosen copies went with _choose_input_rows: only cells.h5ad's obs stays.
         del shaped
         var = var_in[["feature_name"]].astype(str)
         var.insert(0, "feature_id", var.index.values)
         uns = _input_uns(h5ad_path, source.n_obs, filt, samples, sample)
-        _write_chosen_rows(out_h5ad, h5ad_path, source, matrix, chosen, obs, var, uns, build["block_nnz"],
-                           sample["chunk_size"])
+        _write_chosen_rows(
+            out_h5ad,
+            h5ad_path,
+            source,
+            matrix,
+            chosen,
+            obs,
+            var,
+            uns,
+            build["block_nnz"],
+            sample["chunk_size"],
+        )
         _write_samples_tsv(samples, out_samples)
-    log.info("sample_census: %d cells x %d genes in, wrote %d cells x %d genes in %.1fs",
-             source.n_obs, source.n_vars, obs.shape[0], var.shape[0], time.time() - t0)
+    log.info(
+        "sample_census: %d cells x %d genes in, wrote %d cells x %d genes in %.1fs",
+        source.n_obs,
+        source.n_vars,
+        obs.shape[0],
+        var.shape[0],
+        time.time() - t0,
+    )
     return ad.AnnData(obs=obs, var=var, uns=uns)
 
 
-def _choose_input_rows(h5ad_path, source, matrix, shaped: pd.DataFrame, filt: str, where: str, sample: dict):
+def _choose_input_rows(
+    h5ad_path, source, matrix, shaped: pd.DataFrame, filt: str, where: str, sample: dict
+):
     """The samples (all, and which were chosen), cells.h5ad's obs and the input rows of the chosen
     cells in cells.h5ad's order. Its copies of obs (matching cells, chosen cells) go on return."""
-    log.info("reading %s: %d cells x %d genes (%s, %s); filter: %s", h5ad_path, source.n_obs, source.n_vars,
-             matrix.name, matrix.layout, filt)
-    cells = _matching_cells(shaped, sample["tissue_general"], sample["primary_only"], sample["disease"], filt)
+    log.info(
+        "reading %s: %d cells x %d genes (%s, %s); filter: %s",
+        h5ad_path,
+        source.n_obs,
+        source.n_vars,
+        matrix.name,
+        matrix.layout,
+        filt,
+    )
+    cells = _matching_cells(
+        shaped, sample["tissue_general"], sample["primary_only"], sample["disease"], filt
+    )
     samples, keep, obs = _select(cells, sample["max_cells"], sample["seed"], where)
     return samples, obs, keep["soma_joinid"].to_numpy()
 
@@ -377,7 +459,9 @@ def _input_uns(h5ad_path, n_obs: int, filt: str, samples: pd.DataFrame, sample: 
     }
 
 
-def _write_chosen_rows(out_h5ad, h5ad_path, source, matrix, chosen, obs, var, uns, block_nnz, chunk_size) -> None:
+def _write_chosen_rows(
+    out_h5ad, h5ad_path, source, matrix, chosen, obs, var, uns, block_nnz, chunk_size
+) -> None:
     """cells.h5ad from the input rows ``chosen`` (in output order), in one pass over the input.
 
     X is laid out from the stored row lengths before any value is read. A row that stores zeros
@@ -388,22 +472,53 @@ def _write_chosen_rows(out_h5ad, h5ad_path, source, matrix, chosen, obs, var, un
     out_row = np.full(source.n_obs, -1, dtype=np.int64)
     out_row[chosen] = np.arange(len(chosen))
     try:
-        _write_cells(out_h5ad, matrix.row_nnz(block_nnz)[chosen], matrix, out_row, var, uns, obs, block_nnz,
-                     chunk_size, source)
+        _write_cells(
+            out_h5ad,
+            matrix.row_nnz(block_nnz)[chosen],
+            matrix,
+            out_row,
+            var,
+            uns,
+            obs,
+            block_nnz,
+            chunk_size,
+            source,
+        )
     except _RowLengthsChanged:
-        log.info("%s of %s stores zeros or repeated genes; counting every row's values first", matrix.name, h5ad_path)
-        _write_cells(out_h5ad, matrix.row_nnz(block_nnz, canonical=True)[chosen], matrix, out_row, var, uns, obs,
-                     block_nnz, chunk_size, source)
+        log.info(
+            "%s of %s stores zeros or repeated genes; counting every row's values first",
+            matrix.name,
+            h5ad_path,
+        )
+        _write_cells(
+            out_h5ad,
+            matrix.row_nnz(block_nnz, canonical=True)[chosen],
+            matrix,
+            out_row,
+            var,
+            uns,
+            obs,
+            block_nnz,
+            chunk_size,
+            source,
+        )
 
 
 def _census_var(exp, where: str) -> pd.DataFrame:
     """The experiment's genes, in soma_joinid order, as cells.h5ad's var (index and feature_id:
     the Ensembl id; feature_name)."""
-    var = exp.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat().to_pandas()
+    var = (
+        exp.ms["RNA"]
+        .var.read(column_names=["soma_joinid", "feature_id", "feature_name"])
+        .concat()
+        .to_pandas()
+    )
     var = var.sort_values("soma_joinid", ignore_index=True)
     if not np.array_equal(var["soma_joinid"].to_numpy(), np.arange(len(var))):
-        raise ValueError(f"{where} numbers its genes (var soma_joinid) with gaps; a Census numbers them 0..n-1. "
-                         "Build the store with `scllm build-census`.")
+        raise ValueError(
+            f"{where} numbers its genes (var soma_joinid) with gaps; a Census numbers them 0..n-1. "
+            "Build the store with `scllm build-census`."
+        )
     var.index = pd.Index(var["feature_id"].astype(str).values, name=None)
     var = var[["feature_name"]].astype(str)
     check_gene_ids(var.index, f"{where} (var feature_id)")
@@ -411,8 +526,9 @@ def _census_var(exp, where: str) -> pd.DataFrame:
     return var
 
 
-def _matching_cells(shaped: pd.DataFrame, tissue_general: str, primary_only: bool, disease: str | None,
-                    filt: str) -> pd.DataFrame:
+def _matching_cells(
+    shaped: pd.DataFrame, tissue_general: str, primary_only: bool, disease: str | None, filt: str
+) -> pd.DataFrame:
     """The cells of a Census-shaped obs that pass the filter, numbered by input row (soma_joinid),
     as a store built from the same file would number them."""
     match = shaped["tissue_general"].astype(str) == tissue_general
@@ -425,7 +541,9 @@ def _matching_cells(shaped: pd.DataFrame, tissue_general: str, primary_only: boo
     cells.insert(0, "soma_joinid", np.flatnonzero(match.to_numpy()))
     log.info("%d cells match the filter", len(cells))
     if cells.empty:
-        raise ValueError(f"no cells match the Census filter [{filt}]; check census.tissue_general/disease")
+        raise ValueError(
+            f"no cells match the Census filter [{filt}]; check census.tissue_general/disease"
+        )
     return cells
 
 
@@ -433,7 +551,9 @@ class _RowLengthsChanged(Exception):
     """A row held stored zeros or repeated genes: its length in cells.h5ad is not its stored one."""
 
 
-def _write_cells(out_h5ad, row_nnz, matrix, out_row, var, uns, obs, block_nnz, chunk_size, source) -> None:
+def _write_cells(
+    out_h5ad, row_nnz, matrix, out_row, var, uns, obs, block_nnz, chunk_size, source
+) -> None:
     """cells.h5ad with X sized for ``row_nnz`` values per row, filled in one pass over the input."""
     with atomic_path(out_h5ad) as tmp, CSRWriter(tmp, var=var, uns=uns) as writer:
         writer.reserve(row_nnz)
@@ -441,12 +561,19 @@ def _write_cells(out_h5ad, row_nnz, matrix, out_row, var, uns, obs, block_nnz, c
         writer.set_obs(obs)
 
 
-def _scatter_rows(matrix, out_row: np.ndarray, writer: CSRWriter, block_nnz: int, chunk_size: int, source) -> None:
+def _scatter_rows(
+    matrix, out_row: np.ndarray, writer: CSRWriter, block_nnz: int, chunk_size: int, source
+) -> None:
     """One pass over the input in row blocks: each block's chosen rows, checked, into their place.
     Within a block the rows of one sample are consecutive in the output, so a block costs one
     write per sample it holds."""
     fix = _counts_fix(source)
-    progress, last_log, total, written = Progress(0, matrix.n_obs), 0.0, int((out_row >= 0).sum()), 0
+    progress, last_log, total, written = (
+        Progress(0, matrix.n_obs),
+        0.0,
+        int((out_row >= 0).sum()),
+        0,
+    )
     for done, block, first in matrix.row_blocks(block_nnz, chunk_size):
         targets = out_row[first:done]
         local = np.flatnonzero(targets >= 0)
@@ -463,10 +590,18 @@ def _scatter_rows(matrix, out_row: np.ndarray, writer: CSRWriter, block_nnz: int
             cuts = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive output rows
             for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
                 writer.write_at(int(rows[a]), block[a:b])
-        if time.perf_counter() - last_log > 10 or done == matrix.n_obs:  # a line every 10 s at most
+        if (
+            time.perf_counter() - last_log > 10 or done == matrix.n_obs
+        ):  # a line every 10 s at most
             last_log = time.perf_counter()
-            log.info("ingest: read %d/%d cells of the input, wrote %d/%d chosen cells (%s)", done, matrix.n_obs,
-                     written, total, progress.text(done))
+            log.info(
+                "ingest: read %d/%d cells of the input, wrote %d/%d chosen cells (%s)",
+                done,
+                matrix.n_obs,
+                written,
+                total,
+                progress.text(done),
+            )
 
 
 def _canonical(block: sp.csr_matrix) -> sp.csr_matrix:
@@ -479,7 +614,9 @@ def _canonical(block: sp.csr_matrix) -> sp.csr_matrix:
     return block
 
 
-def _sample_through_store(h5ad_path, out_h5ad, out_samples, build: dict, sample: dict) -> ad.AnnData:
+def _sample_through_store(
+    h5ad_path, out_h5ad, out_samples, build: dict, sample: dict
+) -> ad.AnnData:
     """sample_census on a local Census built from the h5ad in a temporary folder beside the
     output, removed afterwards (and on the next run, if a killed run left it)."""
     out_dir = Path(out_h5ad).parent
@@ -508,23 +645,40 @@ def _read_rows(X, joinids: np.ndarray, n_vars: int, chunk_size: int):
     for start in range(0, len(joinids), chunk_size):
         chunk = joinids[start : start + chunk_size]
         first, last = int(chunk[0]), int(chunk[-1])
-        cells = slice(first, last) if last - first + 1 == len(chunk) else chunk  # SOMA slices include the end
-        parts = [(t["soma_dim_0"].to_numpy(), t["soma_dim_1"].to_numpy(), t["soma_data"].to_numpy())
-                 for t in X.read(coords=(cells, slice(None)), result_order="auto").tables()]
-        rows, cols, data = (np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, dtype)
-                            for i, dtype in enumerate((np.int64, np.int64, np.float32)))
-        check_counts(data, "Census X/raw", ": a local store must be built from raw counts "
-                     "(scllm build-census checks them)")
+        cells = (
+            slice(first, last) if last - first + 1 == len(chunk) else chunk
+        )  # SOMA slices include the end
+        parts = [
+            (t["soma_dim_0"].to_numpy(), t["soma_dim_1"].to_numpy(), t["soma_data"].to_numpy())
+            for t in X.read(coords=(cells, slice(None)), result_order="auto").tables()
+        ]
+        rows, cols, data = (
+            np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, dtype)
+            for i, dtype in enumerate((np.int64, np.int64, np.float32))
+        )
+        check_counts(
+            data,
+            "Census X/raw",
+            ": a local store must be built from raw counts (scllm build-census checks them)",
+        )
         position = np.searchsorted(chunk, rows)  # each value's row within the block
-        if len(rows) and (position.max() >= len(chunk) or not np.array_equal(chunk[position], rows)):
+        if len(rows) and (
+            position.max() >= len(chunk) or not np.array_equal(chunk[position], rows)
+        ):
             raise RuntimeError("the Census returned counts of cells that were not requested")
         step_row, step_col = np.diff(position), np.diff(cols)
-        if np.all((step_row > 0) | ((step_row == 0) & (step_col > 0))):  # already (cell, gene) order
+        if np.all(
+            (step_row > 0) | ((step_row == 0) & (step_col > 0))
+        ):  # already (cell, gene) order
             indptr = np.r_[0, np.cumsum(np.bincount(position, minlength=len(chunk)))]
-            block = sp.csr_matrix((data.astype(np.float32, copy=False), cols.astype(np.int32), indptr),
-                                  shape=(len(chunk), n_vars))
+            block = sp.csr_matrix(
+                (data.astype(np.float32, copy=False), cols.astype(np.int32), indptr),
+                shape=(len(chunk), n_vars),
+            )
         else:  # a store tiled across genes (the Census): scipy's linear COO -> CSR, then per-row sorts
-            block = sp.csr_matrix((data, (position, cols)), shape=(len(chunk), n_vars), dtype=np.float32)
+            block = sp.csr_matrix(
+                (data, (position, cols)), shape=(len(chunk), n_vars), dtype=np.float32
+            )
             block.sort_indices()
         yield block
 
@@ -534,10 +688,16 @@ def _cells_obs(cells: pd.DataFrame) -> pd.DataFrame:
     for col in obs.columns:
         if obs[col].dtype == object or isinstance(obs[col].dtype, pd.CategoricalDtype):
             obs[col] = pd.Categorical(obs[col].astype(str))
-    obs.insert(0, "sample", pd.Categorical(obs["dataset_id"].astype(str) + "/" + obs["donor_id"].astype(str)))
+    obs.insert(
+        0,
+        "sample",
+        pd.Categorical(obs["dataset_id"].astype(str) + "/" + obs["donor_id"].astype(str)),
+    )
     obs["census_soma_joinid"] = cells["soma_joinid"].to_numpy()  # only valid within this release
     # (dataset_id, observation_joinid) identifies a cell across releases
-    obs.index = pd.Index(obs["dataset_id"].astype(str) + ":" + obs["observation_joinid"].astype(str))
+    obs.index = pd.Index(
+        obs["dataset_id"].astype(str) + ":" + obs["observation_joinid"].astype(str)
+    )
     return obs
 
 
@@ -578,41 +738,96 @@ def build_local_census(
     with H5adInput(h5ad_path) as source:
         where = f"the input h5ad {h5ad_path}"
         obs, var, matrix = _census_shaped(
-            source, Path(h5ad_path).stem, dataset_id, donor_id, donor_column, cell_type_column,
-            gene_id_column, counts_layer, tissue_general, is_primary_data, disease, where,
+            source,
+            Path(h5ad_path).stem,
+            dataset_id,
+            donor_id,
+            donor_column,
+            cell_type_column,
+            gene_id_column,
+            counts_layer,
+            tissue_general,
+            is_primary_data,
+            disease,
+            where,
         )
-        log.info("building a local Census at %s from %s: %d cells x %d genes (%s, %s)", uri, h5ad_path,
-                 len(obs), len(var), matrix.name, matrix.layout)
+        log.info(
+            "building a local Census at %s from %s: %d cells x %d genes (%s, %s)",
+            uri,
+            h5ad_path,
+            len(obs),
+            len(var),
+            matrix.name,
+            matrix.layout,
+        )
         datasets = obs.groupby("dataset_id", observed=True).size()
         with atomic_path(uri) as tmp:
             tmp = str(Path(tmp).resolve())  # tiledbsoma relates member URIs on absolute paths
             _write_census_info(tmp, h5ad_path, len(obs), datasets, dataset_title, citation, soma)
             nnz = _write_experiment(tmp, organism, obs, var, matrix, block_nnz, source, soma)
-    log.info("build_local_census: %d cells x %d genes in, %d cells x %d genes (%d non-zeros) in the store, %.1fs",
-             source.n_obs, source.n_vars, len(obs), len(var), nnz, time.time() - t0)
+    log.info(
+        "build_local_census: %d cells x %d genes in, %d cells x %d genes (%d non-zeros) in the store, %.1fs",
+        source.n_obs,
+        source.n_vars,
+        len(obs),
+        len(var),
+        nnz,
+        time.time() - t0,
+    )
 
 
-def _write_census_info(root_uri: str, h5ad_path, n_cells: int, datasets: pd.Series, dataset_title: str,
-                       citation: str, soma) -> None:
+def _write_census_info(
+    root_uri: str,
+    h5ad_path,
+    n_cells: int,
+    datasets: pd.Series,
+    dataset_title: str,
+    citation: str,
+    soma,
+) -> None:
     """The store's root collection, holding census_info (the summary and datasets tables of a
     Census release) and census_data, still empty."""
     soma.Collection.create(root_uri).close()
     with soma.Collection.open(root_uri, "w") as root:
         info = root.add_new_collection("census_info")
         root.add_new_collection("census_data")
-        _write_table(info, "summary", {
-            "label": ["census_schema_version", "census_build_date", "dataset_schema_version", "total_cell_count", "source_h5ad"],
-            "value": ["2.1.0", time.strftime("%Y-%m-%d"), "5.2.0", str(n_cells), Path(h5ad_path).name],
-        }, soma)
-        _write_table(info, "datasets", {
-            "dataset_id": [str(d) for d in datasets.index],
-            "dataset_title": [dataset_title] * len(datasets),
-            "citation": [citation] * len(datasets),
-            "dataset_total_cell_count": [int(n) for n in datasets.values],
-        }, soma)
+        _write_table(
+            info,
+            "summary",
+            {
+                "label": [
+                    "census_schema_version",
+                    "census_build_date",
+                    "dataset_schema_version",
+                    "total_cell_count",
+                    "source_h5ad",
+                ],
+                "value": [
+                    "2.1.0",
+                    time.strftime("%Y-%m-%d"),
+                    "5.2.0",
+                    str(n_cells),
+                    Path(h5ad_path).name,
+                ],
+            },
+            soma,
+        )
+        _write_table(
+            info,
+            "datasets",
+            {
+                "dataset_id": [str(d) for d in datasets.index],
+                "dataset_title": [dataset_title] * len(datasets),
+                "citation": [citation] * len(datasets),
+                "dataset_total_cell_count": [int(n) for n in datasets.values],
+            },
+            soma,
+        )
 
 
-def _write_experiment(root_uri: str, organism: str, obs, var, matrix, block_nnz: int, source, soma) -> int:
+def _write_experiment(
+    root_uri: str, organism: str, obs, var, matrix, block_nnz: int, source, soma
+) -> int:
     """census_data/<organism> of the store at ``root_uri``: obs, var and the counts in X/raw.
     Returns the number of non-zeros written."""
     experiment = f"{root_uri}/census_data/{organism}"
@@ -626,9 +841,20 @@ def _write_experiment(root_uri: str, organism: str, obs, var, matrix, block_nnz:
         # of a CSR file go in as they are read, without TileDB sorting them (4x faster),
         # and a row range of cells reads from consecutive tiles.
         X = exp.ms["RNA"].X.add_new_sparse_ndarray(
-            "raw", type=pa.float32(), shape=(len(obs), len(var)),
-            platform_config={"tiledb": {"create": {"dims": {"soma_dim_0": {"tile": ROW_TILE},
-                                                            "soma_dim_1": {"tile": max(len(var), 1)}}}}})
+            "raw",
+            type=pa.float32(),
+            shape=(len(obs), len(var)),
+            platform_config={
+                "tiledb": {
+                    "create": {
+                        "dims": {
+                            "soma_dim_0": {"tile": ROW_TILE},
+                            "soma_dim_1": {"tile": max(len(var), 1)},
+                        }
+                    }
+                }
+            },
+        )
         nnz = _write_counts(X, matrix, block_nnz, source, soma)
     with soma.Collection.open(root_uri, "w") as root:
         root["census_data"].set(organism, soma.Experiment.open(experiment), use_relative_uri=True)
@@ -651,23 +877,40 @@ def _write_counts(X, matrix, block_nnz: int, source, soma) -> int:
         if len(values) == 0:  # rows (or genes) without a count: nothing to store
             continue
         rows, cols, values = _in_cell_gene_order(rows, cols, values)
-        X.write(pa.Table.from_pydict({
-            "soma_dim_0": pa.array(rows), "soma_dim_1": pa.array(cols),
-            "soma_data": pa.array(values.astype(np.float32, copy=False)),
-        }), platform_config=soma.TileDBWriteOptions(sort_coords=False))
+        X.write(
+            pa.Table.from_pydict(
+                {
+                    "soma_dim_0": pa.array(rows),
+                    "soma_dim_1": pa.array(cols),
+                    "soma_data": pa.array(values.astype(np.float32, copy=False)),
+                }
+            ),
+            platform_config=soma.TileDBWriteOptions(sort_coords=False),
+        )
         nnz += len(values)
-        if time.perf_counter() - last_log > 10 or done == matrix.n_major:  # a line every 10 s at most
+        if (
+            time.perf_counter() - last_log > 10 or done == matrix.n_major
+        ):  # a line every 10 s at most
             last_log = time.perf_counter()
-            log.info("ingest: %d/%d %s, %d non-zeros written (%s)", done, matrix.n_major, unit, nnz, progress.text(done))
+            log.info(
+                "ingest: %d/%d %s, %d non-zeros written (%s)",
+                done,
+                matrix.n_major,
+                unit,
+                nnz,
+                progress.text(done),
+            )
     return nnz
 
 
 def _counts_fix(source) -> str:
     """What to do when the chosen matrix holds something other than raw counts."""
     layers = source.layers
-    return (": point census.h5ad.counts_layer (scllm build-census --counts-layer) at the layer holding raw counts"
-            + (f" (this file has layers {layers})" if layers else "")
-            + (", or write the counts of adata.raw into X" if source.has_raw else ""))
+    return (
+        ": point census.h5ad.counts_layer (scllm build-census --counts-layer) at the layer holding raw counts"
+        + (f" (this file has layers {layers})" if layers else "")
+        + (", or write the counts of adata.raw into X" if source.has_raw else "")
+    )
 
 
 def _in_cell_gene_order(rows, cols, values):
@@ -687,19 +930,41 @@ def _in_cell_gene_order(rows, cols, values):
 
 
 def _write_table(collection, name: str, columns: dict, soma) -> None:
-    table = pa.table({"soma_joinid": pa.array(np.arange(len(next(iter(columns.values())))), pa.int64()), **columns})
+    table = pa.table(
+        {
+            "soma_joinid": pa.array(np.arange(len(next(iter(columns.values())))), pa.int64()),
+            **columns,
+        }
+    )
     # Plain string columns: categoricals written this way come back empty in tiledbsoma 2.3.
     df = collection.add_new_dataframe(
-        name, schema=table.schema, index_column_names=["soma_joinid"], domain=[(0, max(table.num_rows - 1, 0))]
+        name,
+        schema=table.schema,
+        index_column_names=["soma_joinid"],
+        domain=[(0, max(table.num_rows - 1, 0))],
     )
     df.write(table)
 
 
-def _census_shaped(source: H5adInput, default_dataset_id, dataset_id, donor_id, donor_column, cell_type_column,
-                   gene_id_column, counts_layer, tissue_general, is_primary_data, disease, where):
+def _census_shaped(
+    source: H5adInput,
+    default_dataset_id,
+    dataset_id,
+    donor_id,
+    donor_column,
+    cell_type_column,
+    gene_id_column,
+    counts_layer,
+    tissue_general,
+    is_primary_data,
+    disease,
+    where,
+):
     """The Census-shaped obs and var of ``source`` and its count matrix (a block reader).
     Every check that needs no count values runs here, before anything is written."""
-    require_cells(source.n_obs, source.n_vars, where)  # an empty store fails deep inside tiledbsoma
+    require_cells(
+        source.n_obs, source.n_vars, where
+    )  # an empty store fails deep inside tiledbsoma
     matrix = source.matrix(counts_layer)
     var = _shaped_var(source, gene_id_column, where)
 
@@ -712,16 +977,28 @@ def _census_shaped(source: H5adInput, default_dataset_id, dataset_id, donor_id, 
 
     obs["dataset_id"] = column("dataset_id", default_dataset_id) if not dataset_id else dataset_id
     if donor_column:
-        obs["donor_id"] = _named_obs_column(source, donor_column, "census.h5ad.donor_column, --donor-column")
+        obs["donor_id"] = _named_obs_column(
+            source, donor_column, "census.h5ad.donor_column, --donor-column"
+        )
     else:
         obs["donor_id"] = column("donor_id", "donor_0") if not donor_id else donor_id
-    label_col = cell_type_column or next((c for c in ("cell_type", "celltype", "cell_type_label") if c in present), None)
+    label_col = cell_type_column or next(
+        (c for c in ("cell_type", "celltype", "cell_type_label") if c in present), None
+    )
     if label_col is not None:
-        obs["cell_type"] = _named_obs_column(source, label_col, "census.h5ad.cell_type_column, --cell-type-column")
+        obs["cell_type"] = _named_obs_column(
+            source, label_col, "census.h5ad.cell_type_column, --cell-type-column"
+        )
     obs["tissue_general"] = column("tissue_general", tissue_general)
-    obs["is_primary_data"] = source.obs_column("is_primary_data").astype(bool).values if "is_primary_data" in present else is_primary_data
+    obs["is_primary_data"] = (
+        source.obs_column("is_primary_data").astype(bool).values
+        if "is_primary_data" in present
+        else is_primary_data
+    )
     obs["disease"] = column("disease", disease)
-    joinids = column("observation_joinid", None) if "observation_joinid" in present else source.obs_names
+    joinids = (
+        column("observation_joinid", None) if "observation_joinid" in present else source.obs_names
+    )
     obs["observation_joinid"] = _observation_joinids(obs, joinids, where)
     for col in ("assay", "sex", "tissue", "development_stage", "cell_type_ontology_term_id"):
         if col in present:
@@ -732,7 +1009,11 @@ def _census_shaped(source: H5adInput, default_dataset_id, dataset_id, donor_id, 
 def _shaped_var(source: H5adInput, gene_id_column: str | None, where: str) -> pd.DataFrame:
     """The input's genes as a Census var: keyed on Ensembl ids (also feature_id), with names."""
     ids = _ensembl_ids(source, gene_id_column)
-    names = source.var["feature_name"].astype(str).values if "feature_name" in source.var else source.var.index.astype(str).values
+    names = (
+        source.var["feature_name"].astype(str).values
+        if "feature_name" in source.var
+        else source.var.index.astype(str).values
+    )
     var = pd.DataFrame({"feature_id": ids, "feature_name": names}, index=pd.Index(ids))
     check_gene_ids(var.index, where)
     return var
@@ -742,13 +1023,19 @@ def _obs_strings(source: H5adInput, name: str):
     """An obs column of the input as strings; repeated values (donors, labels) stay categorical,
     as in the Census, so that obs of a million cells stays small."""
     col = source.obs_column(name)
-    return col.astype(str).astype("category").values if name != "observation_joinid" else col.astype(str).values
+    return (
+        col.astype(str).astype("category").values
+        if name != "observation_joinid"
+        else col.astype(str).values
+    )
 
 
 def _named_obs_column(source: H5adInput, name: str, setting: str):
     """The obs column a setting names, which the input must have."""
     if name not in source.obs_columns:
-        raise ValueError(f"obs has no column {name!r} ({setting}); available: {source.obs_columns}")
+        raise ValueError(
+            f"obs has no column {name!r} ({setting}); available: {source.obs_columns}"
+        )
     return _obs_strings(source, name)
 
 
@@ -756,17 +1043,25 @@ def _observation_joinids(obs: pd.DataFrame, joinids, where: str) -> list:
     """The cells' observation_joinid, checked unique within each dataset: a cell is
     (dataset_id, observation_joinid) downstream."""
     prefixes = pd.Series(obs["dataset_id"], index=obs.index).astype(str).to_numpy() + ":"
-    unique = unique_cell_ids(prefixes + np.asarray(joinids, dtype=str), f"{where} (dataset_id:cell id)")
-    return [cell[len(prefix):] for cell, prefix in zip(unique, prefixes)]
+    unique = unique_cell_ids(
+        prefixes + np.asarray(joinids, dtype=str), f"{where} (dataset_id:cell id)"
+    )
+    return [cell[len(prefix) :] for cell, prefix in zip(unique, prefixes)]
 
 
 def _ensembl_ids(source: H5adInput, gene_id_column: str | None) -> np.ndarray:
-    candidates = [gene_id_column] if gene_id_column else ["feature_id", "gene_ids", "gene_id", "ensembl_id", None]
+    candidates = (
+        [gene_id_column]
+        if gene_id_column
+        else ["feature_id", "gene_ids", "gene_id", "ensembl_id", None]
+    )
     for col in candidates:
         values = source.var.index if col is None else source.var.get(col)
         if values is None:
             if gene_id_column:
-                raise ValueError(f"var has no column {gene_id_column!r}; available: {list(source.var.columns)}")
+                raise ValueError(
+                    f"var has no column {gene_id_column!r}; available: {list(source.var.columns)}"
+                )
             continue
         values = np.asarray(values).astype(str)
         if np.mean(np.char.startswith(values, "ENS")) > 0.9:

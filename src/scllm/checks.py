@@ -34,18 +34,30 @@ def check_counts(values: np.ndarray, where: str, fix: str = "", *, integer: bool
     bad = ~finite | negative | fractional
     if not bad.any():
         return
-    kinds = [name for name, hit in (("NaN or infinite", ~finite), ("negative", negative), ("non-integer", fractional))
-             if hit.any()]
+    kinds = [
+        name
+        for name, hit in (
+            ("NaN or infinite", ~finite),
+            ("negative", negative),
+            ("non-integer", fractional),
+        )
+        if hit.any()
+    ]
     if integer:
-        need = ("The pipeline needs raw counts, not normalized or log-transformed values"
-                + (fix or ": use the raw count matrix of your data"))
+        need = "The pipeline needs raw counts, not normalized or log-transformed values" + (
+            fix or ": use the raw count matrix of your data"
+        )
         what = "non-negative integer counts"
     else:
-        need = ("Embedding needs raw counts or normalized (log-transformed) values, not scaled or centred data "
-                "and no missing values" + (fix or ": use the raw count matrix of your data"))
+        need = (
+            "Embedding needs raw counts or normalized (log-transformed) values, not scaled or centred data "
+            "and no missing values" + (fix or ": use the raw count matrix of your data")
+        )
         what = "finite non-negative values"
-    raise InputError(f"{where} holds values that are not {what} ({' and '.join(kinds)}, e.g. "
-                     f"{values[bad][:3].tolist()}). {need}.")
+    raise InputError(
+        f"{where} holds values that are not {what} ({' and '.join(kinds)}, e.g. "
+        f"{values[bad][:3].tolist()}). {need}."
+    )
 
 
 def _plainly_counts(values: np.ndarray, integer: bool) -> bool:
@@ -78,10 +90,14 @@ def check_cells_and_genes(cell_ids, gene_ids, where: str) -> pd.Index:
 
 def require_cells(n_cells: int, n_genes: int | None, where: str) -> None:
     if n_cells == 0:
-        raise InputError(f"{where} holds no cells: there is nothing to process. Check that it is the file you "
-                         "meant, and that a subset taken before writing it kept some cells.")
+        raise InputError(
+            f"{where} holds no cells: there is nothing to process. Check that it is the file you "
+            "meant, and that a subset taken before writing it kept some cells."
+        )
     if n_genes == 0:
-        raise InputError(f"{where} holds no genes (var is empty); write the file with its full gene matrix.")
+        raise InputError(
+            f"{where} holds no genes (var is empty); write the file with its full gene matrix."
+        )
 
 
 def check_gene_ids(gene_ids, where: str) -> None:
@@ -89,9 +105,11 @@ def check_gene_ids(gene_ids, where: str) -> None:
     gene_ids = pd.Index(np.asarray(gene_ids).astype(str))
     if gene_ids.has_duplicates:
         dup = gene_ids[gene_ids.duplicated()].unique()
-        raise InputError(f"{where}: {len(dup)} gene id(s) occur more than once (e.g. {dup[:3].tolist()}); genes are "
-                         "keyed on Ensembl ids, so each must name one column. Sum or drop the duplicate columns "
-                         "(e.g. adata[:, ~adata.var_names.duplicated()]) and rerun.")
+        raise InputError(
+            f"{where}: {len(dup)} gene id(s) occur more than once (e.g. {dup[:3].tolist()}); genes are "
+            "keyed on Ensembl ids, so each must name one column. Sum or drop the duplicate columns "
+            "(e.g. adata[:, ~adata.var_names.duplicated()]) and rerun."
+        )
 
 
 def unique_cell_ids(cell_ids, where: str) -> pd.Index:
@@ -106,9 +124,14 @@ def unique_cell_ids(cell_ids, where: str) -> pd.Index:
         return cell_ids
     dup = cell_ids[cell_ids.duplicated()].unique()
     unique = make_index_unique(cell_ids, join="-")
-    log.warning("%s: %d cell id(s) occur more than once (e.g. %s); made unique as anndata's obs_names_make_unique "
-                "does: repeats get -1, -2, ... appended (e.g. %s). Give the cells unique ids to choose your own.",
-                where, len(dup), dup[:3].tolist(), unique[cell_ids.duplicated()][:3].tolist())
+    log.warning(
+        "%s: %d cell id(s) occur more than once (e.g. %s); made unique as anndata's obs_names_make_unique "
+        "does: repeats get -1, -2, ... appended (e.g. %s). Give the cells unique ids to choose your own.",
+        where,
+        len(dup),
+        dup[:3].tolist(),
+        unique[cell_ids.duplicated()][:3].tolist(),
+    )
     return unique
 
 
@@ -134,10 +157,19 @@ def load_torch_file(path: str | Path, fix: str):
         # from None: torch's own text suggests loading it unsafely, which is exactly what must not happen
         raise UnsafeFileError(
             f"{path} is not a checkpoint of this project: it holds Python objects other than tensors and plain "
-            "values, which could run code when unpickled. It was not loaded and must not be loaded. " + fix
+            "values, which could run code when unpickled. It was not loaded and must not be loaded. "
+            + fix
         ) from None
     except FileNotFoundError:
         raise
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as err:  # truncated zip, garbage bytes
-        raise CorruptArtifactError(f"cannot read {path} ({type(err).__name__}: {str(err)[:200]}): the file is "
-                                   f"truncated or damaged. {fix}") from None
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+    ) as err:  # truncated zip, garbage bytes
+        raise CorruptArtifactError(
+            f"cannot read {path} ({type(err).__name__}: {str(err)[:200]}): the file is "
+            f"truncated or damaged. {fix}"
+        ) from None

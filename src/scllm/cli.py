@@ -15,26 +15,43 @@ def _build_census(args: argparse.Namespace) -> None:
     from scllm.census import build_local_census
 
     build_local_census(
-        args.h5ad, args.out,
-        dataset_id=args.dataset_id, dataset_title=args.dataset_title, donor_id=args.donor_id,
-        donor_column=args.donor_column, cell_type_column=args.cell_type_column,
-        gene_id_column=args.gene_id_column, counts_layer=args.counts_layer,
-        tissue_general=args.tissue_general, disease=args.disease, organism=args.organism,
+        args.h5ad,
+        args.out,
+        dataset_id=args.dataset_id,
+        dataset_title=args.dataset_title,
+        donor_id=args.donor_id,
+        donor_column=args.donor_column,
+        cell_type_column=args.cell_type_column,
+        gene_id_column=args.gene_id_column,
+        counts_layer=args.counts_layer,
+        tissue_general=args.tissue_general,
+        disease=args.disease,
+        organism=args.organism,
     )
-    print(f"Wrote a Census-shaped store to {args.out}. Use it with census.source: uri and census.uri: {args.out}")
+    print(
+        f"Wrote a Census-shaped store to {args.out}. Use it with census.source: uri and census.uri: {args.out}"
+    )
 
 
 def _embed(args: argparse.Namespace) -> None:
     from scllm.embedding import embed_h5ad
 
     summary = embed_h5ad(
-        args.model_dir, args.h5ad, args.out,
-        gene_id_column=args.gene_id_column, counts_layer=args.counts_layer, min_coverage=args.min_coverage,
-        batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device,
+        args.model_dir,
+        args.h5ad,
+        args.out,
+        gene_id_column=args.gene_id_column,
+        counts_layer=args.counts_layer,
+        min_coverage=args.min_coverage,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        device=args.device,
     )
-    print(f"Embedded {summary['n_cells']} cells with {args.model_dir}: vocabulary coverage {summary['n_found']}/"
-          f"{summary['n_vocab']} ({summary['coverage']:.1%}), genes matched by {summary['gene_match']}. "
-          f"Wrote obsm['X_scllm'] ({summary['n_cells']} x {summary['dim']}) and obs to {args.out}")
+    print(
+        f"Embedded {summary['n_cells']} cells with {args.model_dir}: vocabulary coverage {summary['n_found']}/"
+        f"{summary['n_vocab']} ({summary['coverage']:.1%}), genes matched by {summary['gene_match']}. "
+        f"Wrote obsm['X_scllm'] ({summary['n_cells']} x {summary['dim']}) and obs to {args.out}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,9 +82,13 @@ def _add_build_census(commands) -> None:
     )
     build.add_argument("h5ad", help="input h5ad with raw integer counts in X (or --counts-layer)")
     build.add_argument("out", help="directory of the store to write")
-    build.add_argument("--dataset-id", help="dataset id for every cell (default: obs.dataset_id or the file name)")
+    build.add_argument(
+        "--dataset-id", help="dataset id for every cell (default: obs.dataset_id or the file name)"
+    )
     build.add_argument("--dataset-title", default="")
-    build.add_argument("--donor-id", help="donor id for every cell (default: obs.donor_id or 'donor_0')")
+    build.add_argument(
+        "--donor-id", help="donor id for every cell (default: obs.donor_id or 'donor_0')"
+    )
     build.add_argument("--donor-column", help="obs column holding each cell's donor")
     build.add_argument("--cell-type-column", help="obs column holding cell-type labels")
     build.add_argument("--gene-id-column", help="var column of Ensembl ids (default: detected)")
@@ -87,18 +108,36 @@ def _add_embed(commands) -> None:
         "write the cell embeddings to obsm['X_scllm'] of OUT (with the input's obs). Reads the input in row "
         "chunks. Fails with the coverage figure if too few vocabulary genes are found.",
     )
-    embed.add_argument("model_dir", help="a pretrain output directory (best_model.pt, args.json, vocab.json, genes.tsv)")
+    embed.add_argument(
+        "model_dir",
+        help="a pretrain output directory (best_model.pt, args.json, vocab.json, genes.tsv)",
+    )
     embed.add_argument("h5ad", help="input h5ad with counts in X (or --counts-layer), all genes")
     embed.add_argument("out", help="h5ad to write (obs of the input, obsm['X_scllm'])")
-    embed.add_argument("--gene-id-column", help="var column identifying genes, or 'index' for var_names "
-                       "(default: whichever of var_names and the var columns matches the most vocabulary genes)")
+    embed.add_argument(
+        "--gene-id-column",
+        help="var column identifying genes, or 'index' for var_names "
+        "(default: whichever of var_names and the var columns matches the most vocabulary genes)",
+    )
     embed.add_argument("--counts-layer", help="layer holding the counts (default: X)")
-    embed.add_argument("--min-coverage", type=float, default=EmbedConfig.min_coverage,
-                       help="minimum fraction of vocabulary genes found (default: %(default)s)")
-    embed.add_argument("--batch-size", type=int, default=EmbedConfig.batch_size,
-                       help="cells per forward pass (default: %(default)s)")
-    embed.add_argument("--chunk-size", type=int, default=EmbedConfig.chunk_size,
-                       help="cells read at a time (default: %(default)s)")
+    embed.add_argument(
+        "--min-coverage",
+        type=float,
+        default=EmbedConfig.min_coverage,
+        help="minimum fraction of vocabulary genes found (default: %(default)s)",
+    )
+    embed.add_argument(
+        "--batch-size",
+        type=int,
+        default=EmbedConfig.batch_size,
+        help="cells per forward pass (default: %(default)s)",
+    )
+    embed.add_argument(
+        "--chunk-size",
+        type=int,
+        default=EmbedConfig.chunk_size,
+        help="cells read at a time (default: %(default)s)",
+    )
     embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default=EmbedConfig.device)
     embed.set_defaults(func=_embed)
 

@@ -70,19 +70,25 @@ class ShardDataset:
         manifest_path = Path(manifest_path)
         self.manifest = manifest = read_manifest(manifest_path)
         if split not in manifest.get("splits", {}):
-            raise ValueError(f"{manifest_path} has no split {split!r} (has {sorted(manifest.get('splits', {}))})")
+            raise ValueError(
+                f"{manifest_path} has no split {split!r} (has {sorted(manifest.get('splits', {}))})"
+            )
         check_vocab(manifest, manifest_path.parent / "vocab.json", manifest_path)
         self.split = split
-        self.shards = [open_listed_shard(manifest_path.parent, manifest, entry)
-                       for entry in manifest["splits"][split]]
+        self.shards = [
+            open_listed_shard(manifest_path.parent, manifest, entry)
+            for entry in manifest["splits"][split]
+        ]
         # cell i of the split is cell i - first_cell[k] of shard k
         self.first_cell = np.zeros(len(self.shards) + 1, dtype=np.int64)
         np.cumsum([s.n_cells for s in self.shards], out=self.first_cell[1:])
         # A cell has at most n_genes + 1 tokens: int16 (2 bytes a cell) unless the vocabulary is huge.
         dtype = np.int16 if int(manifest["n_genes"]) < np.iinfo(np.int16).max else np.int32
-        self.lengths = np.empty(self.first_cell[-1], dtype=dtype)  # filled in place: no second copy
+        self.lengths = np.empty(
+            self.first_cell[-1], dtype=dtype
+        )  # filled in place: no second copy
         for shard, start in zip(self.shards, self.first_cell):
-            self.lengths[start:start + shard.n_cells] = np.diff(shard.offsets())
+            self.lengths[start : start + shard.n_cells] = np.diff(shard.offsets())
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -97,7 +103,10 @@ class ShardDataset:
             raise IndexError(f"cell indices must lie in 0..{len(self) - 1} (split {self.split!r})")
         shard = np.searchsorted(self.first_cell, indices, side="right") - 1
         local = (indices - self.first_cell[shard]).tolist()  # plain ints: this runs for every cell
-        return [self.shards[k].cell(i, n) for k, i, n in zip(shard.tolist(), local, self.lengths[indices].tolist())]
+        return [
+            self.shards[k].cell(i, n)
+            for k, i, n in zip(shard.tolist(), local, self.lengths[indices].tolist())
+        ]
 
     def close(self) -> None:
         for shard in self.shards:
@@ -111,11 +120,14 @@ def check_vocab(manifest: dict, vocab_path: Path, manifest_path) -> dict[str, in
     if actual != manifest["vocab_sha256"]:
         raise CorruptArtifactError(
             f"vocabulary mismatch: {vocab_path} has sha256 {actual} but {manifest_path} records "
-            f"{manifest['vocab_sha256']}. vocab.json and the shards come from different runs. " + RETOKENIZE
+            f"{manifest['vocab_sha256']}. vocab.json and the shards come from different runs. "
+            + RETOKENIZE
         )
     if len(vocab) != manifest["vocab_size"]:
-        raise CorruptArtifactError(f"{vocab_path} has {len(vocab)} entries but {manifest_path} says "
-                                   f"vocab_size={manifest['vocab_size']}. " + RETOKENIZE)
+        raise CorruptArtifactError(
+            f"{vocab_path} has {len(vocab)} entries but {manifest_path} says "
+            f"vocab_size={manifest['vocab_size']}. " + RETOKENIZE
+        )
     return vocab
 
 
@@ -132,8 +144,16 @@ class LengthGroupedBatchSampler:
     are views into it), so 10M cells cost 40 MB here rather than a list of millions of arrays.
     """
 
-    def __init__(self, lengths, batch_size: int, seed: int = 0, bucket_size_batches: int = 100,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    def __init__(
+        self,
+        lengths,
+        batch_size: int,
+        seed: int = 0,
+        bucket_size_batches: int = 100,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ):
         if batch_size < 1 or bucket_size_batches < 1:
             raise ValueError("batch_size and bucket_size_batches must be >= 1")
         self.lengths = np.asarray(lengths)
@@ -154,7 +174,7 @@ class LengthGroupedBatchSampler:
             rng.shuffle(order)
         starts = []
         for start in range(0, n, self.bucket):
-            bucket = order[start:start + self.bucket]
+            bucket = order[start : start + self.bucket]
             bucket[:] = bucket[np.argsort(-self.lengths[bucket], kind="stable")]
             starts.append(np.arange(start, start + len(bucket), self.batch_size))
         starts = np.concatenate(starts + [np.zeros(0, np.int64)])
@@ -166,7 +186,7 @@ class LengthGroupedBatchSampler:
         """This rank's batches of ``epoch``, without the first ``skip`` (for resuming)."""
         batches = self.all_batches(epoch)
         usable = len(batches) - len(batches) % self.world_size
-        return batches[self.rank:usable:self.world_size][skip:]
+        return batches[self.rank : usable : self.world_size][skip:]
 
     def __len__(self) -> int:
         n_batches = -(-len(self.lengths) // self.batch_size)  # every bucket but the last is full
@@ -187,7 +207,7 @@ class Batches(Sequence):
         if isinstance(k, slice):
             return Batches(self.order, self.bounds, self.picked[k])
         j = self.picked[k]
-        return self.order[self.bounds[j]:self.bounds[j + 1]]
+        return self.order[self.bounds[j] : self.bounds[j + 1]]
 
 
 def collate(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -196,14 +216,15 @@ def collate(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str
     gene_ids = np.full((len(cells), max_len), pad_id, dtype=np.int64)
     values = np.full((len(cells), max_len), PAD_VALUE, dtype=np.int64)
     for row, (g, v) in enumerate(cells):
-        gene_ids[row, :len(g)] = g
-        values[row, :len(v)] = v
+        gene_ids[row, : len(g)] = g
+        values[row, : len(v)] = v
     gene_ids, values = torch.from_numpy(gene_ids), torch.from_numpy(values)
     return {"gene_ids": gene_ids, "values": values, "padding_mask": values == PAD_VALUE}
 
 
-def mask_values(values: torch.Tensor, padding_mask: torch.Tensor, ratio: float,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_values(
+    values: torch.Tensor, padding_mask: torch.Tensor, ratio: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask ``round(ratio * n_gene_tokens)`` random gene tokens per cell (round half to even).
 
     Position 0 (<cls>) and padding are never masked. Returns (input values with MASK_VALUE at the
@@ -236,9 +257,15 @@ def lowest_per_row(scores: np.ndarray, k: np.ndarray) -> np.ndarray:
     return mask
 
 
-def training_batch(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int, ratios: list[float],
-                   generator: torch.Generator, pin_memory: bool = False, views: int = 1,
-                   view_genes: float = 1.0) -> dict:
+def training_batch(
+    cells: list[tuple[np.ndarray, np.ndarray]],
+    pad_id: int,
+    ratios: list[float],
+    generator: torch.Generator,
+    pin_memory: bool = False,
+    views: int = 1,
+    view_genes: float = 1.0,
+) -> dict:
     """Collate ``cells`` and mask them at a ratio drawn from ``ratios``.
 
     ``views`` > 1 repeats the cells that many times (rows ``i + k * len(cells)`` are the same
@@ -259,7 +286,9 @@ def training_batch(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int, rati
         cells = [gene_subset(g, v, view_genes, generator) for g, v in cells]
     batch = collate(cells, pad_id)
     ratio = ratios[int(torch.randint(len(ratios), (1,), generator=generator))]
-    batch["masked_values"], batch["mask"] = mask_values(batch["values"], batch["padding_mask"], ratio, generator)
+    batch["masked_values"], batch["mask"] = mask_values(
+        batch["values"], batch["padding_mask"], ratio, generator
+    )
     if whole is not None:  # what a whole-profile objective reconstructs
         batch["profile_gene_ids"], batch["profile_values"] = whole["gene_ids"], whole["values"]
     if pin_memory:
@@ -268,7 +297,9 @@ def training_batch(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int, rati
     return batch
 
 
-def gene_subset(gene_ids: np.ndarray, values: np.ndarray, fraction: float, generator: torch.Generator):
+def gene_subset(
+    gene_ids: np.ndarray, values: np.ndarray, fraction: float, generator: torch.Generator
+):
     """``<cls>`` and a random ``fraction`` of a cell's gene tokens (at least one), in their order."""
     n = len(gene_ids) - 1
     if n < 2:

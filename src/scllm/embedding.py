@@ -48,33 +48,44 @@ MIN_COVERAGE = EmbedConfig.min_coverage
 # The pipeline's normalize_bin defaults, used when a model records no binning settings.
 DEFAULT_BINNING = {"seed": 0, "target_sum": 1e4, "log1p": False}
 # How to get a good best_model.pt back (load_model's refusals).
-MODEL_FIX = ("If the directory is this pipeline's pretrain output, delete best_model.pt and rerun snakemake: "
-             "pretrain rewrites it from last_checkpoint.pt. Otherwise get the model directory again from a source "
-             "you trust.")
+MODEL_FIX = (
+    "If the directory is this pipeline's pretrain output, delete best_model.pt and rerun snakemake: "
+    "pretrain rewrites it from last_checkpoint.pt. Otherwise get the model directory again from a source "
+    "you trust."
+)
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
 
 def load_model(model_dir, device="cpu") -> tuple[CellTransformer, dict[str, int], dict]:
     """(model in eval mode, vocabulary, args) from a pretrain output directory."""
     model_dir = Path(model_dir)
-    missing = [n for n in ("best_model.pt", "args.json", "vocab.json") if not (model_dir / n).exists()]
+    missing = [
+        n for n in ("best_model.pt", "args.json", "vocab.json") if not (model_dir / n).exists()
+    ]
     if missing:
-        raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)}; is it a finished pretrain output directory?")
+        raise FileNotFoundError(
+            f"{model_dir} lacks {', '.join(missing)}; is it a finished pretrain output directory?"
+        )
     args = read_json(model_dir / "args.json")
     vocab = read_vocab(model_dir / "vocab.json")
     expected = args.get("data", {}).get("vocab_sha256")
     if expected and vocab_sha256(vocab) != expected:
-        raise ValueError(f"{model_dir}/vocab.json has sha256 {vocab_sha256(vocab)} but args.json records {expected}; "
-                         "the directory mixes files of different runs")
+        raise ValueError(
+            f"{model_dir}/vocab.json has sha256 {vocab_sha256(vocab)} but args.json records {expected}; "
+            "the directory mixes files of different runs"
+        )
     model = CellTransformer(ModelConfig(**args["model"]))
     weights = load_torch_file(model_dir / "best_model.pt", MODEL_FIX)
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as err:  # tensors, but not this model's
-        raise CorruptArtifactError(f"{model_dir / 'best_model.pt'} does not hold the weights of the model "
-                                   f"{model_dir / 'args.json'} describes ({str(err).splitlines()[0][:200]}). "
-                                   + MODEL_FIX) from None
-    model.vocab_sha256 = vocab_sha256(vocab)  # lets embed_shard_cells refuse shards of another vocabulary
+        raise CorruptArtifactError(
+            f"{model_dir / 'best_model.pt'} does not hold the weights of the model "
+            f"{model_dir / 'args.json'} describes ({str(err).splitlines()[0][:200]}). " + MODEL_FIX
+        ) from None
+    model.vocab_sha256 = vocab_sha256(
+        vocab
+    )  # lets embed_shard_cells refuse shards of another vocabulary
     return model.to(device).eval(), vocab, args
 
 
@@ -86,14 +97,18 @@ def _as_cells(cells) -> RaggedCells:
     if isinstance(cells, Shard):
         return RaggedCells(cells.offsets, cells.gene_ids, cells.values)
     if not isinstance(cells, (tuple, list)) or len(cells) != 3:
-        raise TypeError(f"cannot embed a {type(cells).__name__}: pass a shard path, a Shard, a RaggedCells or an "
-                        "(offsets, gene_ids, values) tuple (a ShardDataset reads its shards lazily: pass their paths)")
+        raise TypeError(
+            f"cannot embed a {type(cells).__name__}: pass a shard path, a Shard, a RaggedCells or an "
+            "(offsets, gene_ids, values) tuple (a ShardDataset reads its shards lazily: pass their paths)"
+        )
     offsets, gene_ids, values = cells
     return RaggedCells(offsets, gene_ids, values)
 
 
 @torch.no_grad()
-def embed_shard_cells(model: CellTransformer, cells, batch_size: int = EmbedConfig.batch_size) -> np.ndarray:
+def embed_shard_cells(
+    model: CellTransformer, cells, batch_size: int = EmbedConfig.batch_size
+) -> np.ndarray:
     """Cell embeddings [n_cells, cell_emb_dim] (float32, input order) for a shard path, a Shard,
     a RaggedCells, or an (offsets, gene_ids, values) tuple of token arrays.
 
@@ -103,8 +118,10 @@ def embed_shard_cells(model: CellTransformer, cells, batch_size: int = EmbedConf
         shard = read_shard(cells)
         expected = getattr(model, "vocab_sha256", None)
         if expected and shard.attrs.get("vocab_sha256", expected) != expected:
-            raise ValueError(f"{cells} was tokenized with vocabulary {shard.attrs['vocab_sha256']} but the model "
-                             f"uses {expected}; tokenize the cells with the model's vocab.json")
+            raise ValueError(
+                f"{cells} was tokenized with vocabulary {shard.attrs['vocab_sha256']} but the model "
+                f"uses {expected}; tokenize the cells with the model's vocab.json"
+            )
         cells = shard
     cells = _as_cells(cells)
     _check_tokens(cells, model.cfg)
@@ -114,7 +131,7 @@ def embed_shard_cells(model: CellTransformer, cells, batch_size: int = EmbedConf
     out = np.zeros((len(cells), model.cell_emb_dim), dtype=np.float32)
     order = np.argsort(-cells.lengths, kind="stable")
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         batch = collate(cells.cells(idx), model.cfg.pad_id)
         pred = model(*(batch[k].to(device) for k in ("gene_ids", "values", "padding_mask")))
         out[idx] = pred["cell_emb"].float().cpu().numpy()
@@ -129,11 +146,15 @@ def _check_tokens(cells: RaggedCells, cfg) -> None:
         return
     ids, values = cells.gene_ids, cells.values
     if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        raise InputError(f"token gene ids lie outside the model's vocabulary 0..{cfg.vocab_size - 1} (found "
-                         f"{int(ids.min())}..{int(ids.max())}); tokenize the cells with the model's vocab.json")
+        raise InputError(
+            f"token gene ids lie outside the model's vocabulary 0..{cfg.vocab_size - 1} (found "
+            f"{int(ids.min())}..{int(ids.max())}); tokenize the cells with the model's vocab.json"
+        )
     if values.min() < min(cfg.mask_value, 0) or values.max() > cfg.n_bins - 1:
-        raise InputError(f"token values lie outside the model's bins 0..{cfg.n_bins - 1} and mask {cfg.mask_value} (found "
-                         f"{int(values.min())}..{int(values.max())}); bin the cells with the model's n_bins")
+        raise InputError(
+            f"token values lie outside the model's bins 0..{cfg.n_bins - 1} and mask {cfg.mask_value} (found "
+            f"{int(values.min())}..{int(values.max())}); bin the cells with the model's n_bins"
+        )
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -156,8 +177,17 @@ def _write_embeddings(path, obs: pd.DataFrame, embeddings: np.ndarray, uns: dict
 
 # --- the pipeline's cells: from the token shards -----------------------------------------------
 
-def embed_shards(model_dir, shards_dir, binned_h5ad, out_h5ad, *, cells: str = EmbedConfig.cells,
-                 batch_size: int = EmbedConfig.batch_size, device: str = EmbedConfig.device) -> dict:
+
+def embed_shards(
+    model_dir,
+    shards_dir,
+    binned_h5ad,
+    out_h5ad,
+    *,
+    cells: str = EmbedConfig.cells,
+    batch_size: int = EmbedConfig.batch_size,
+    device: str = EmbedConfig.device,
+) -> dict:
     """Embed the cells of the token shards (``cells``: ``validation`` or ``all``) into an h5ad:
     ``obsm["X_scllm"]``, obs from ``binned_h5ad`` (rows given by the shards' ``cell_index``) plus
     ``split``, cells in binned.h5ad order. One shard is in memory at a time.
@@ -171,8 +201,10 @@ def embed_shards(model_dir, shards_dir, binned_h5ad, out_h5ad, *, cells: str = E
     model, vocab, args = load_model(model_dir, resolve_device(device))
     manifest = read_manifest(shards_dir / "manifest.json")
     if manifest["vocab_sha256"] != model.vocab_sha256:
-        raise ValueError(f"{shards_dir} was tokenized with vocabulary {manifest['vocab_sha256']} but the model in "
-                         f"{model_dir} uses {model.vocab_sha256}; rerun pretrain on these shards")
+        raise ValueError(
+            f"{shards_dir} was tokenized with vocabulary {manifest['vocab_sha256']} but the model in "
+            f"{model_dir} uses {model.vocab_sha256}; rerun pretrain on these shards"
+        )
     splits = ["validation"] if cells == "validation" else sorted(manifest["splits"])
     missing = [s for s in splits if not manifest["splits"].get(s)]
     if cells == "validation" and missing:
@@ -194,21 +226,37 @@ def embed_shards(model_dir, shards_dir, binned_h5ad, out_h5ad, *, cells: str = E
     binned = open_backed(binned_h5ad)
     n_obs = binned.n_obs
     if len(index) and (index[-1] >= n_obs or np.any(np.diff(index) == 0)):
-        raise ValueError(f"the shards' cell_index does not fit {binned_h5ad} ({n_obs} cells); "
-                         "the shards come from another binned.h5ad: rerun tokenize_shards")
+        raise ValueError(
+            f"the shards' cell_index does not fit {binned_h5ad} ({n_obs} cells); "
+            "the shards come from another binned.h5ad: rerun tokenize_shards"
+        )
     obs = binned.obs.iloc[index].copy()
     binned.file.close()
     obs["split"] = pd.Categorical(split_of, categories=sorted(manifest["splits"]))
     counts = {s: int((split_of == s).sum()) for s in splits}
-    uns = {"model": str(Path(model_dir)), "vocab_sha256": model.vocab_sha256, "cells": cells,
-           "n_cells": counts, "source": "token shards", "software": software_provenance()}
+    uns = {
+        "model": str(Path(model_dir)),
+        "vocab_sha256": model.vocab_sha256,
+        "cells": cells,
+        "n_cells": counts,
+        "source": "token shards",
+        "software": software_provenance(),
+    }
     _write_embeddings(out_h5ad, obs, embeddings, uns)
-    log.info("embed: %d of %d cells (%s) -> %s [%d x %d] in %.1fs", len(index), n_obs,
-             ", ".join(f"{s} {n}" for s, n in counts.items()), out_h5ad, *embeddings.shape, time.time() - t0)
+    log.info(
+        "embed: %d of %d cells (%s) -> %s [%d x %d] in %.1fs",
+        len(index),
+        n_obs,
+        ", ".join(f"{s} {n}" for s, n in counts.items()),
+        out_h5ad,
+        *embeddings.shape,
+        time.time() - t0,
+    )
     return {"n_cells": len(index), "by_split": counts, "dim": embeddings.shape[1]}
 
 
 # --- any h5ad: map genes, normalize, bin, tokenize, embed ----------------------------------------
+
 
 class GeneCoverageError(ValueError):
     """Too few of the model's vocabulary genes were found in the input."""
@@ -223,7 +271,9 @@ class GeneMapping:
     n_vocab: int
     source: str  # e.g. "Ensembl ids in var['gene_ids']"
     missing_examples: list[str]
-    n_duplicated: int = 0  # vocabulary genes found in more than one input column (the first is used)
+    n_duplicated: int = (
+        0  # vocabulary genes found in more than one input column (the first is used)
+    )
 
     @property
     def n_found(self) -> int:
@@ -244,8 +294,10 @@ def model_genes(model_dir, vocab: dict[str, int]) -> pd.DataFrame:
     if path.exists():
         genes = pd.read_csv(path, sep="\t", dtype={"feature_id": str, "feature_name": str})
         if genes["feature_id"].tolist() != ids:
-            raise ValueError(f"{path} does not list the genes of {Path(model_dir) / 'vocab.json'} in order; "
-                             "the model directory mixes files of different runs")
+            raise ValueError(
+                f"{path} does not list the genes of {Path(model_dir) / 'vocab.json'} in order; "
+                "the model directory mixes files of different runs"
+            )
     else:  # symbols unknown: Ensembl ids only
         genes = pd.DataFrame({"feature_id": ids, "feature_name": pd.NA})
     genes["token_id"] = [vocab[g] for g in genes["feature_id"]]
@@ -265,7 +317,9 @@ def _first_positions(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return np.where(where >= 0, positions[np.maximum(where, 0)], -1)
 
 
-def map_genes(var: pd.DataFrame, genes: pd.DataFrame, gene_id_column: str | None = None) -> GeneMapping:
+def map_genes(
+    var: pd.DataFrame, genes: pd.DataFrame, gene_id_column: str | None = None
+) -> GeneMapping:
     """Map the input's genes (``var`` with its index as var_names) to the vocabulary.
 
     Looks at var_names and every text column of var (or only ``gene_id_column``; ``index`` means
@@ -274,16 +328,26 @@ def map_genes(var: pd.DataFrame, genes: pd.DataFrame, gene_id_column: str | None
     and keeps the candidate that finds the most vocabulary genes. Duplicate input genes: the
     first column counts.
     """
-    if gene_id_column is not None and gene_id_column not in ("index", "var_names") and gene_id_column not in var:
-        raise ValueError(f"var has no column {gene_id_column!r} (gene id column); available: "
-                         f"{['index'] + list(var.columns)}")
+    if (
+        gene_id_column is not None
+        and gene_id_column not in ("index", "var_names")
+        and gene_id_column not in var
+    ):
+        raise ValueError(
+            f"var has no column {gene_id_column!r} (gene id column); available: "
+            f"{['index'] + list(var.columns)}"
+        )
     if gene_id_column in (None, "index", "var_names"):
         candidates = [("var_names", var.index)]
     else:
         candidates = []
     if gene_id_column is None:
-        candidates += [(f"var[{c!r}]", var[c]) for c in var.columns
-                       if var[c].dtype == object or isinstance(var[c].dtype, (pd.CategoricalDtype, pd.StringDtype))]
+        candidates += [
+            (f"var[{c!r}]", var[c])
+            for c in var.columns
+            if var[c].dtype == object
+            or isinstance(var[c].dtype, (pd.CategoricalDtype, pd.StringDtype))
+        ]
     elif gene_id_column not in ("index", "var_names"):
         candidates = [(f"var[{gene_id_column!r}]", var[gene_id_column])]
 
@@ -294,22 +358,36 @@ def map_genes(var: pd.DataFrame, genes: pd.DataFrame, gene_id_column: str | None
     for label, values in candidates:
         values = np.asarray(values).astype(str)
         ids = _strip_version(values)
-        for kind, keys, usable in (("Ensembl ids", feature_ids, np.ones(len(genes), bool)),
-                                   ("gene symbols", names.astype(str).to_numpy(dtype=object), unique_name.to_numpy())):
-            positions = np.where(usable, _first_positions(ids if kind == "Ensembl ids" else values, keys), -1)
-            score = (int((positions >= 0).sum()), kind == "Ensembl ids")  # ties: ids, they are unambiguous
+        for kind, keys, usable in (
+            ("Ensembl ids", feature_ids, np.ones(len(genes), bool)),
+            ("gene symbols", names.astype(str).to_numpy(dtype=object), unique_name.to_numpy()),
+        ):
+            positions = np.where(
+                usable, _first_positions(ids if kind == "Ensembl ids" else values, keys), -1
+            )
+            score = (
+                int((positions >= 0).sum()),
+                kind == "Ensembl ids",
+            )  # ties: ids, they are unambiguous
             if best is None or score > best[0]:
                 matched = pd.Index(ids if kind == "Ensembl ids" else values)
-                n_dup = int(pd.Index(keys[positions >= 0]).isin(matched[matched.duplicated()]).sum())
+                n_dup = int(
+                    pd.Index(keys[positions >= 0]).isin(matched[matched.duplicated()]).sum()
+                )
                 best = (score, f"{kind} in {label}", positions, n_dup)
     if best is None:
         raise ValueError("var has no text column and no var_names to match genes on")
     _, source, positions, n_duplicated = best
     hit = positions >= 0
     missing = genes.loc[~hit, "feature_id"].head(3).tolist()
-    return GeneMapping(token_ids=genes["token_id"].to_numpy()[hit].astype(np.int64),
-                       columns=positions[hit].astype(np.int64), n_vocab=len(genes), source=source,
-                       missing_examples=missing, n_duplicated=n_duplicated)
+    return GeneMapping(
+        token_ids=genes["token_id"].to_numpy()[hit].astype(np.int64),
+        columns=positions[hit].astype(np.int64),
+        n_vocab=len(genes),
+        source=source,
+        missing_examples=missing,
+        n_duplicated=n_duplicated,
+    )
 
 
 def binning_settings(args: dict, model_dir=None) -> tuple[dict, str]:
@@ -328,7 +406,9 @@ def binning_settings(args: dict, model_dir=None) -> tuple[dict, str]:
         if binning:
             binning = {**DEFAULT_BINNING, **binning}
             if int(binning.get("n_bins", n_bins)) != n_bins:
-                raise ValueError(f"{where} records n_bins={binning['n_bins']} but the model has n_bins={n_bins}")
+                raise ValueError(
+                    f"{where} records n_bins={binning['n_bins']} but the model has n_bins={n_bins}"
+                )
             return {**binning, "n_bins": n_bins}, where
     return {**DEFAULT_BINNING, "n_bins": n_bins}, "defaults"
 
@@ -346,12 +426,19 @@ def tokenize_counts(counts: sp.csr_matrix, mapping: GeneMapping, n_genes: int, b
     counts = sp.csr_matrix(counts)
     totals = np.asarray(counts.sum(axis=1)).ravel()
     picked = counts[:, mapping.columns].tocoo()
-    in_vocab = sp.csr_matrix((picked.data, (picked.row, mapping.token_ids[picked.col])),
-                             shape=(counts.shape[0], n_genes), dtype=np.float32)
+    in_vocab = sp.csr_matrix(
+        (picked.data, (picked.row, mapping.token_ids[picked.col])),
+        shape=(counts.shape[0], n_genes),
+        dtype=np.float32,
+    )
     in_vocab.sum_duplicates()
     in_vocab.eliminate_zeros()
-    normalized = normalize_total(in_vocab, totals, float(binning["target_sum"]), bool(binning["log1p"]))
-    binned = bin_csr(normalized, int(binning["n_bins"]), int(binning["seed"]), row_ids=content_keys(in_vocab))
+    normalized = normalize_total(
+        in_vocab, totals, float(binning["target_sum"]), bool(binning["log1p"])
+    )
+    binned = bin_csr(
+        normalized, int(binning["n_bins"]), int(binning["seed"]), row_ids=content_keys(in_vocab)
+    )
     return sequences_from_binned(binned, cls_id=n_genes)
 
 
@@ -371,8 +458,16 @@ class _Rows:
         elem = self.file[key]
         self.where = f"layers[{layer!r}]" if layer else "X"
         self.elem = sparse_dataset(elem) if hasattr(elem, "keys") else elem
-        if self.elem.shape[0] and hasattr(elem, "keys") and elem.attrs.get("encoding-type") == "csc_matrix":
-            log.warning("%s of %s is stored column-wise (CSC): reading rows is slow; store it as CSR", self.where, path)
+        if (
+            self.elem.shape[0]
+            and hasattr(elem, "keys")
+            and elem.attrs.get("encoding-type") == "csc_matrix"
+        ):
+            log.warning(
+                "%s of %s is stored column-wise (CSC): reading rows is slow; store it as CSR",
+                self.where,
+                path,
+            )
 
     def __getitem__(self, rows: slice) -> sp.csr_matrix:
         return sp.csr_matrix(self.elem[rows], dtype=np.float32)
@@ -386,21 +481,45 @@ def _model_for_embedding(model_dir, device: str):
     model, vocab, args = load_model(model_dir, resolve_device(device))
     binning, binning_source = binning_settings(args, model_dir)
     if binning_source == "defaults":
-        log.warning("%s/args.json records no binning settings; binning with n_bins=%d (the model's) and the pipeline "
-                    "defaults seed=%d, target_sum=%g, log1p=%s (seed only decides ties; target_sum and log1p do not "
-                    "change the bins)", model_dir, binning["n_bins"], binning["seed"], binning["target_sum"],
-                    binning["log1p"])
+        log.warning(
+            "%s/args.json records no binning settings; binning with n_bins=%d (the model's) and the pipeline "
+            "defaults seed=%d, target_sum=%g, log1p=%s (seed only decides ties; target_sum and log1p do not "
+            "change the bins)",
+            model_dir,
+            binning["n_bins"],
+            binning["seed"],
+            binning["target_sum"],
+            binning["log1p"],
+        )
     return model, model_genes(model_dir, vocab), vocab[CLS_TOKEN], binning, binning_source
 
 
-def _checked_mapping(var: pd.DataFrame, genes: pd.DataFrame, gene_id_column, where: str, n_cells: int, model_dir,
-                     min_coverage: float) -> GeneMapping:
+def _checked_mapping(
+    var: pd.DataFrame,
+    genes: pd.DataFrame,
+    gene_id_column,
+    where: str,
+    n_cells: int,
+    model_dir,
+    min_coverage: float,
+) -> GeneMapping:
     """``map_genes``, refused (GeneCoverageError) below ``min_coverage`` with what to do about it."""
     mapping = map_genes(var, genes, gene_id_column)
     if mapping.n_duplicated:
-        log.warning("embed: %d vocabulary genes match more than one column of %s (%s); the first column of each "
-                    "is used", mapping.n_duplicated, where, mapping.source)
-    log.info("embed: %s: %d cells x %d genes; vocabulary coverage: %s", where, n_cells, len(var), mapping.describe())
+        log.warning(
+            "embed: %d vocabulary genes match more than one column of %s (%s); the first column of each "
+            "is used",
+            mapping.n_duplicated,
+            where,
+            mapping.source,
+        )
+    log.info(
+        "embed: %s: %d cells x %d genes; vocabulary coverage: %s",
+        where,
+        n_cells,
+        len(var),
+        mapping.describe(),
+    )
     if mapping.coverage < min_coverage:
         raise GeneCoverageError(
             f"{where}: vocabulary coverage {mapping.coverage:.1%} is below the minimum {min_coverage:.0%}: only "
@@ -412,13 +531,26 @@ def _checked_mapping(var: pd.DataFrame, genes: pd.DataFrame, gene_id_column, whe
             f"feature_name column of {Path(model_dir) / 'genes.tsv'}. --min-coverage lowers the threshold at your own risk."
         )
     if mapping.coverage < 0.9:
-        log.warning("embed: %d vocabulary genes are missing from %s and will read as not expressed",
-                    mapping.n_vocab - mapping.n_found, where)
+        log.warning(
+            "embed: %d vocabulary genes are missing from %s and will read as not expressed",
+            mapping.n_vocab - mapping.n_found,
+            where,
+        )
     return mapping
 
 
-def _embed_rows(model, mapping: GeneMapping, n_genes: int, binning: dict, read_rows, n_cells: int, where: str, *,
-                batch_size: int, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _embed_rows(
+    model,
+    mapping: GeneMapping,
+    n_genes: int,
+    binning: dict,
+    read_rows,
+    n_cells: int,
+    where: str,
+    *,
+    batch_size: int,
+    chunk_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings, vocabulary genes expressed per cell) of the cells that ``read_rows(start, stop)``
     returns as sparse or dense count blocks, ``chunk_size`` cells at a time."""
     from scllm.io import Progress, row_chunks
@@ -429,38 +561,73 @@ def _embed_rows(model, mapping: GeneMapping, n_genes: int, binning: dict, read_r
     progress = Progress(0, n_cells)
     for start, stop in row_chunks(n_cells, chunk_size):
         counts = sp.csr_matrix(read_rows(start, stop), dtype=np.float32)
-        check_counts(counts.data, where, ": give raw counts (or normalized, log-transformed values), e.g. with "
-                     "--counts-layer counts (layer= in scllm.embed)", integer=False)
+        check_counts(
+            counts.data,
+            where,
+            ": give raw counts (or normalized, log-transformed values), e.g. with "
+            "--counts-layer counts (layer= in scllm.embed)",
+            integer=False,
+        )
         if not non_integer and counts.nnz and not np.all(np.mod(counts.data, 1) == 0):
             non_integer = True
-            log.info("embed: %s holds non-integer values (normalized?); per-cell scaling and log1p keep each "
-                     "value's quantile bin, but tied values may be spread over their bins differently than "
-                     "from raw counts", where)
+            log.info(
+                "embed: %s holds non-integer values (normalized?); per-cell scaling and log1p keep each "
+                "value's quantile bin, but tied values may be spread over their bins differently than "
+                "from raw counts",
+                where,
+            )
         offsets, gene_ids, values = tokenize_counts(counts, mapping, n_genes, binning)
         n_tokens[start:stop] = np.diff(offsets) - 1
         embeddings[start:stop] = embed_shard_cells(model, (offsets, gene_ids, values), batch_size)
         log.info("embed: %d/%d cells; %s", stop, n_cells, progress.text(stop))
     empty = int((n_tokens == 0).sum())
     if empty:
-        log.warning("embed: %d cells express none of the vocabulary genes (their embedding says nothing of the cell; obs "
-                    "scllm_n_genes == 0)", empty)
+        log.warning(
+            "embed: %d cells express none of the vocabulary genes (their embedding says nothing of the cell; obs "
+            "scllm_n_genes == 0)",
+            empty,
+        )
     return embeddings, n_tokens
 
 
-def _provenance(model_dir, model, mapping: GeneMapping, binning: dict, binning_source: str, source: str,
-                layer: str | None) -> dict:
+def _provenance(
+    model_dir,
+    model,
+    mapping: GeneMapping,
+    binning: dict,
+    binning_source: str,
+    source: str,
+    layer: str | None,
+) -> dict:
     from scllm.io import software_provenance
 
-    return {"model": str(Path(model_dir)), "vocab_sha256": model.vocab_sha256, "source": source,
-            "layer": layer or "X", "gene_match": mapping.source, "n_vocab_genes": mapping.n_vocab,
-            "n_vocab_genes_found": mapping.n_found, "coverage": mapping.coverage,
-            "binning": {**binning, "source": binning_source}, "software": software_provenance()}
+    return {
+        "model": str(Path(model_dir)),
+        "vocab_sha256": model.vocab_sha256,
+        "source": source,
+        "layer": layer or "X",
+        "gene_match": mapping.source,
+        "n_vocab_genes": mapping.n_vocab,
+        "n_vocab_genes_found": mapping.n_found,
+        "coverage": mapping.coverage,
+        "binning": {**binning, "source": binning_source},
+        "software": software_provenance(),
+    }
 
 
-def embed(adata, model_dir, *, layer: str | None = None, gene_id_column: str | None = None,
-          key_added: str = EMBEDDING_KEY, min_coverage: float = MIN_COVERAGE,
-          batch_size: int = EmbedConfig.batch_size, chunk_size: int = EmbedConfig.chunk_size,
-          device: str = EmbedConfig.device, copy: bool = False):
+def embed(
+    adata,
+    model_dir,
+    *,
+    layer: str | None = None,
+    gene_id_column: str | None = None,
+    key_added: str = EMBEDDING_KEY,
+    min_coverage: float = MIN_COVERAGE,
+    batch_size: int = EmbedConfig.batch_size,
+    chunk_size: int = EmbedConfig.chunk_size,
+    device: str = EmbedConfig.device,
+    copy: bool = False,
+):
     """Embed the cells of an AnnData in memory (or backed) with a pretrained model, scanpy style.
 
     Adds ``adata.obsm[key_added]`` (cells x embedding dim), ``adata.obs["scllm_n_genes"]`` (vocabulary
@@ -483,20 +650,43 @@ def embed(adata, model_dir, *, layer: str | None = None, gene_id_column: str | N
     matrix = adata.layers[layer] if layer else adata.X
     where = f"adata.layers[{layer!r}]" if layer else "adata.X"
     if matrix is None:
-        raise ValueError(f"{where} is empty: give an AnnData with counts in X or in a layer (layer=...)")
-    mapping = _checked_mapping(adata.var, genes, gene_id_column, where, adata.n_obs, model_dir, min_coverage)
-    embeddings, n_tokens = _embed_rows(model, mapping, n_genes, binning, lambda a, b: matrix[a:b], adata.n_obs, where,
-                                       batch_size=batch_size, chunk_size=chunk_size)
+        raise ValueError(
+            f"{where} is empty: give an AnnData with counts in X or in a layer (layer=...)"
+        )
+    mapping = _checked_mapping(
+        adata.var, genes, gene_id_column, where, adata.n_obs, model_dir, min_coverage
+    )
+    embeddings, n_tokens = _embed_rows(
+        model,
+        mapping,
+        n_genes,
+        binning,
+        lambda a, b: matrix[a:b],
+        adata.n_obs,
+        where,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+    )
     adata.obsm[key_added] = embeddings
     adata.obs["scllm_n_genes"] = n_tokens
-    adata.uns["scllm"] = _provenance(model_dir, model, mapping, binning, binning_source, "in memory", layer)
+    adata.uns["scllm"] = _provenance(
+        model_dir, model, mapping, binning, binning_source, "in memory", layer
+    )
     return adata if copy else None
 
 
-def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = None, counts_layer: str | None = None,
-               min_coverage: float = MIN_COVERAGE, batch_size: int = EmbedConfig.batch_size,
-               chunk_size: int = EmbedConfig.chunk_size,
-               device: str = EmbedConfig.device) -> dict:
+def embed_h5ad(
+    model_dir,
+    in_h5ad,
+    out_h5ad,
+    *,
+    gene_id_column: str | None = None,
+    counts_layer: str | None = None,
+    min_coverage: float = MIN_COVERAGE,
+    batch_size: int = EmbedConfig.batch_size,
+    chunk_size: int = EmbedConfig.chunk_size,
+    device: str = EmbedConfig.device,
+) -> dict:
     """Embed the cells of any h5ad with a pretrained model; writes obs + ``obsm["X_scllm"]``.
 
     As ``embed`` (the same embeddings for the same cells), from a file: X (or ``counts_layer``)
@@ -511,19 +701,45 @@ def embed_h5ad(model_dir, in_h5ad, out_h5ad, *, gene_id_column: str | None = Non
     adata.file.close()
     # Genes are mapped (and their duplicates handled) by map_genes, so only the cells are checked here.
     obs.index = check_cells_and_genes(obs.index, None, str(in_h5ad))
-    mapping = _checked_mapping(var, genes, gene_id_column, str(in_h5ad), n_cells, model_dir, min_coverage)
+    mapping = _checked_mapping(
+        var, genes, gene_id_column, str(in_h5ad), n_cells, model_dir, min_coverage
+    )
     rows = _Rows(in_h5ad, counts_layer)
     try:
-        embeddings, n_tokens = _embed_rows(model, mapping, n_genes, binning, lambda a, b: rows[a:b], n_cells,
-                                           f"{rows.where} of {in_h5ad}", batch_size=batch_size,
-                                           chunk_size=chunk_size)
+        embeddings, n_tokens = _embed_rows(
+            model,
+            mapping,
+            n_genes,
+            binning,
+            lambda a, b: rows[a:b],
+            n_cells,
+            f"{rows.where} of {in_h5ad}",
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+        )
     finally:
         rows.close()
     obs["scllm_n_genes"] = n_tokens
-    uns = _provenance(model_dir, model, mapping, binning, binning_source, str(in_h5ad), counts_layer)
+    uns = _provenance(
+        model_dir, model, mapping, binning, binning_source, str(in_h5ad), counts_layer
+    )
     _write_embeddings(out_h5ad, obs, embeddings, uns)
-    log.info("embed: %d cells (median %d vocabulary genes expressed) -> %s [%d x %d] in %.1fs", n_cells,
-             int(np.median(n_tokens)) if n_cells else 0, out_h5ad, *embeddings.shape, time.time() - t0)
-    return {"n_cells": n_cells, "dim": embeddings.shape[1], "coverage": mapping.coverage,
-            "n_found": mapping.n_found, "n_vocab": mapping.n_vocab, "gene_match": mapping.source,
-            "binning_source": binning_source, "n_empty": int((n_tokens == 0).sum()), "columns": mapping.columns}
+    log.info(
+        "embed: %d cells (median %d vocabulary genes expressed) -> %s [%d x %d] in %.1fs",
+        n_cells,
+        int(np.median(n_tokens)) if n_cells else 0,
+        out_h5ad,
+        *embeddings.shape,
+        time.time() - t0,
+    )
+    return {
+        "n_cells": n_cells,
+        "dim": embeddings.shape[1],
+        "coverage": mapping.coverage,
+        "n_found": mapping.n_found,
+        "n_vocab": mapping.n_vocab,
+        "gene_match": mapping.source,
+        "binning_source": binning_source,
+        "n_empty": int((n_tokens == 0).sum()),
+        "columns": mapping.columns,
+    }

@@ -34,7 +34,9 @@ def sample_ranges(samples: pd.Series) -> list[tuple[str, int, int]]:
     stops = np.r_[starts[1:], len(values)]
     ranges = [(values[a], int(a), int(b)) for a, b in zip(starts, stops)]
     if len({name for name, _, _ in ranges}) != len(ranges):
-        raise ValueError("cells of a sample are not contiguous; the file was not written by sample_census")
+        raise ValueError(
+            "cells of a sample are not contiguous; the file was not written by sample_census"
+        )
     return ranges
 
 
@@ -45,7 +47,9 @@ def sample_normalized_variance(counts, span: float = 0.3) -> np.ndarray:
     one = ad.AnnData(X=counts)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        df = sc.pp.highly_variable_genes(one, flavor="seurat_v3", n_top_genes=1, span=span, inplace=False)
+        df = sc.pp.highly_variable_genes(
+            one, flavor="seurat_v3", n_top_genes=1, span=span, inplace=False
+        )
     return df["variances_norm"].to_numpy()
 
 
@@ -59,7 +63,9 @@ def round_significant(values: np.ndarray, digits: int) -> np.ndarray:
     return np.where(usable, np.round(values / power, digits - 1) * power, values)
 
 
-def combine_batches(norm_vars: np.ndarray, n_top_genes: int, flavor: str, index: pd.Index) -> pd.DataFrame:
+def combine_batches(
+    norm_vars: np.ndarray, n_top_genes: int, flavor: str, index: pd.Index
+) -> pd.DataFrame:
     """scanpy's cross-batch ranking of seurat_v3 (``norm_vars``: batches x genes).
 
     The per-sample variances carry last-bit noise that depends on the CPU (sums vectorised
@@ -75,8 +81,11 @@ def combine_batches(norm_vars: np.ndarray, n_top_genes: int, flavor: str, index:
     ranks[ranks >= n_top_genes] = np.nan
     median_rank = np.ma.median(np.ma.masked_invalid(ranks), axis=0).filled(np.nan)
     df = pd.DataFrame(
-        {"highly_variable_nbatches": nbatches, "highly_variable_rank": median_rank,
-         "variances_norm": round_significant(norm_vars.mean(axis=0), SIGNIFICANT_DIGITS)},
+        {
+            "highly_variable_nbatches": nbatches,
+            "highly_variable_rank": median_rank,
+            "variances_norm": round_significant(norm_vars.mean(axis=0), SIGNIFICANT_DIGITS),
+        },
         index=index,
     )
     if flavor == "seurat_v3":
@@ -107,21 +116,34 @@ def select_hvg(
     adata = open_backed(in_h5ad)
     require_obs_columns(adata, ["sample"], in_h5ad)
     if n_top_genes > adata.n_vars:
-        raise ValueError(f"hvg.n_top_genes={n_top_genes} exceeds the {adata.n_vars} genes left after QC; lower it")
+        raise ValueError(
+            f"hvg.n_top_genes={n_top_genes} exceeds the {adata.n_vars} genes left after QC; lower it"
+        )
     norm_vars, used = [], []
     ranges = sample_ranges(adata.obs["sample"])
     for name, start, stop in ranges:
         if stop - start < min_cells_per_sample:
-            log.warning("HVG: sample %s left out: %d cells < hvg.min_cells_per_sample=%d", name, stop - start, min_cells_per_sample)
+            log.warning(
+                "HVG: sample %s left out: %d cells < hvg.min_cells_per_sample=%d",
+                name,
+                stop - start,
+                min_cells_per_sample,
+            )
             continue
         counts = read_rows(adata, start, stop)
         try:
             norm_vars.append(sample_normalized_variance(counts, span))
             used.append(name)
-        except (ValueError, RuntimeError, ArithmeticError) as err:  # skmisc's LOESS on degenerate data
+        except (
+            ValueError,
+            RuntimeError,
+            ArithmeticError,
+        ) as err:  # skmisc's LOESS on degenerate data
             log.warning("HVG: sample %s left out: seurat_v3 LOESS fit failed (%s)", name, err)
             continue
-        log.info("HVG: sample %s (%d cells) done (%d/%d)", name, stop - start, len(used), len(ranges))
+        log.info(
+            "HVG: sample %s (%d cells) done (%d/%d)", name, stop - start, len(used), len(ranges)
+        )
     if not used:
         raise ValueError(
             f"no sample could be used for HVG selection (all have < {min_cells_per_sample} cells or failed "
@@ -136,10 +158,17 @@ def select_hvg(
     adata.file.close()
     log.info(
         "select_hvg: %d genes in, %d HVGs out (flavor %s) from %d of %d samples in %.1fs",
-        adata.n_vars, len(table), flavor, len(used), len(ranges), time.time() - t0,
+        adata.n_vars,
+        len(table),
+        flavor,
+        len(used),
+        len(ranges),
+        time.time() - t0,
     )
     return table
 
 
 def read_hvg_table(path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t", dtype={"feature_id": str, "feature_name": str}).sort_values("rank")
+    return pd.read_csv(path, sep="\t", dtype={"feature_id": str, "feature_name": str}).sort_values(
+        "rank"
+    )

@@ -35,7 +35,9 @@ class H5adInput:
             self._obs = self.file["obs"]
             self.var = read_elem(self.file["var"])
             self.obs_names = pd.Index(read_elem(self._obs[self._obs.attrs["_index"]])).astype(str)
-        except Exception as err:  # h5py and anndata raise several types for damaged or foreign files
+        except (
+            Exception
+        ) as err:  # h5py and anndata raise several types for damaged or foreign files
             self.close()
             raise ValueError(
                 f"cannot read {path} as h5ad ({type(err).__name__}: {err}). The file is truncated, damaged or "
@@ -55,12 +57,18 @@ class H5adInput:
         """X, or ``layers[layer]``, as a block reader."""
         if layer:
             if layer not in self.layers:
-                raise InputError(f"the input h5ad has no layer {layer!r} (census.h5ad.counts_layer, --counts-layer); "
-                                 f"it has {self.layers}")
-            return CountMatrix(self.file["layers"][layer], self.n_obs, self.n_vars, f"layers[{layer!r}]")
+                raise InputError(
+                    f"the input h5ad has no layer {layer!r} (census.h5ad.counts_layer, --counts-layer); "
+                    f"it has {self.layers}"
+                )
+            return CountMatrix(
+                self.file["layers"][layer], self.n_obs, self.n_vars, f"layers[{layer!r}]"
+            )
         if "X" not in self.file:
-            raise InputError(f"{self.path} has no X matrix; name the layer holding raw counts with "
-                             f"census.h5ad.counts_layer (--counts-layer){f' (it has {self.layers})' if self.layers else ''}")
+            raise InputError(
+                f"{self.path} has no X matrix; name the layer holding raw counts with "
+                f"census.h5ad.counts_layer (--counts-layer){f' (it has {self.layers})' if self.layers else ''}"
+            )
         return CountMatrix(self.file["X"], self.n_obs, self.n_vars, "X")
 
     def close(self) -> None:
@@ -89,22 +97,35 @@ class CountMatrix:
         if isinstance(elem, h5py.Dataset):
             self.layout = "dense"
             if elem.shape != (n_obs, n_vars):
-                raise InputError(f"{name} of the input h5ad has shape {elem.shape}, but obs x var is {(n_obs, n_vars)}")
+                raise InputError(
+                    f"{name} of the input h5ad has shape {elem.shape}, but obs x var is {(n_obs, n_vars)}"
+                )
             self.elem, self.dtype = elem, elem.dtype
         else:
             encoding = elem.attrs.get("encoding-type", elem.attrs.get("h5sparse_format", ""))
             encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
-            self.layout = {"csr_matrix": "csr", "csr": "csr", "csc_matrix": "csc", "csc": "csc"}.get(encoding)
+            self.layout = {
+                "csr_matrix": "csr",
+                "csr": "csr",
+                "csc_matrix": "csc",
+                "csc": "csc",
+            }.get(encoding)
             if self.layout is None:
-                raise InputError(f"{name} of the input h5ad is stored as {encoding or 'an unknown encoding'!r}; "
-                                 "expected a CSR, CSC or dense matrix. Write it with a recent anndata (AnnData.write_h5ad).")
+                raise InputError(
+                    f"{name} of the input h5ad is stored as {encoding or 'an unknown encoding'!r}; "
+                    "expected a CSR, CSC or dense matrix. Write it with a recent anndata (AnnData.write_h5ad)."
+                )
             self.data, self.indices = elem["data"], elem["indices"]
-            self.indptr = elem["indptr"][:].astype(np.int64)  # one pointer per row (CSR) or column (CSC)
+            self.indptr = elem["indptr"][:].astype(
+                np.int64
+            )  # one pointer per row (CSR) or column (CSC)
             self.dtype = self.data.dtype
             n_major = n_obs if self.layout == "csr" else n_vars
             if len(self.indptr) != n_major + 1:
-                raise InputError(f"{name} of the input h5ad is damaged: {len(self.indptr) - 1} row/column pointers "
-                                 f"for {n_major} {'rows' if self.layout == 'csr' else 'columns'}; export it again.")
+                raise InputError(
+                    f"{name} of the input h5ad is damaged: {len(self.indptr) - 1} row/column pointers "
+                    f"for {n_major} {'rows' if self.layout == 'csr' else 'columns'}; export it again."
+                )
         if not (np.issubdtype(self.dtype, np.number) or self.dtype == bool):
             raise InputError(f"{name} of the input h5ad holds {self.dtype} values, not numbers")
 
@@ -127,8 +148,12 @@ class CountMatrix:
             return np.concatenate(lengths).astype(np.int64)
         if self.layout == "dense":
             step = max(1, block_nnz // max(self.n_vars, 1))
-            return np.concatenate([np.count_nonzero(self.elem[a:min(a + step, self.n_obs)], axis=1)
-                                   for a in range(0, self.n_obs, step)]).astype(np.int64)
+            return np.concatenate(
+                [
+                    np.count_nonzero(self.elem[a : min(a + step, self.n_obs)], axis=1)
+                    for a in range(0, self.n_obs, step)
+                ]
+            ).astype(np.int64)
         raise ValueError("a CSC matrix is not read by rows")
 
     def row_blocks(self, block_nnz: int, max_rows: int | None = None):
@@ -146,10 +171,18 @@ class CountMatrix:
             a, b = self.indptr[start], self.indptr[stop]
             indices = self.indices[a:b]
             if indices.size and (indices.min() < 0 or indices.max() >= self.n_vars):
-                raise InputError(f"{self.name} of the input h5ad is damaged: gene indices out of range near row "
-                                 f"{start}; export it again.")
-            yield stop, sp.csr_matrix((self.data[a:b], indices, self.indptr[start:stop + 1] - a),
-                                      shape=(stop - start, self.n_vars)), start
+                raise InputError(
+                    f"{self.name} of the input h5ad is damaged: gene indices out of range near row "
+                    f"{start}; export it again."
+                )
+            yield (
+                stop,
+                sp.csr_matrix(
+                    (self.data[a:b], indices, self.indptr[start : stop + 1] - a),
+                    shape=(stop - start, self.n_vars),
+                ),
+                start,
+            )
 
     def blocks(self, block_nnz: int):
         """Yield ``(done, rows, cols, values)``: int64 cell and gene positions and the raw values of
@@ -165,10 +198,17 @@ class CountMatrix:
         for start, stop in _cuts(self.indptr, block_nnz):
             a, b = self.indptr[start], self.indptr[stop]
             values, minor = self.data[a:b], self.indices[a:b].astype(np.int64)
-            major = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(self.indptr[start:stop + 1]))
-            if minor.size and (minor.min() < 0 or minor.max() >= (self.n_vars if self.layout == "csr" else self.n_obs)):
-                raise InputError(f"{self.name} of the input h5ad is damaged: indices out of range near "
-                                 f"{'row' if self.layout == 'csr' else 'column'} {start}; export it again.")
+            major = np.repeat(
+                np.arange(start, stop, dtype=np.int64), np.diff(self.indptr[start : stop + 1])
+            )
+            if minor.size and (
+                minor.min() < 0
+                or minor.max() >= (self.n_vars if self.layout == "csr" else self.n_obs)
+            ):
+                raise InputError(
+                    f"{self.name} of the input h5ad is damaged: indices out of range near "
+                    f"{'row' if self.layout == 'csr' else 'column'} {start}; export it again."
+                )
             keep = values != 0
             if not keep.all():
                 values, minor, major = values[keep], minor[keep], major[keep]

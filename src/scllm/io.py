@@ -38,8 +38,19 @@ class Progress:
         return f"elapsed {_duration(elapsed)}, about {_duration(elapsed / (done - self.first) * (self.total - done))} to go"
 
 
-PROVENANCE_PACKAGES = ("torch", "numpy", "scipy", "anndata", "h5py", "pandas", "numba", "scanpy",
-                       "tiledbsoma", "cellxgene-census", "snakemake")
+PROVENANCE_PACKAGES = (
+    "torch",
+    "numpy",
+    "scipy",
+    "anndata",
+    "h5py",
+    "pandas",
+    "numba",
+    "scanpy",
+    "tiledbsoma",
+    "cellxgene-census",
+    "snakemake",
+)
 
 
 def software_provenance() -> dict:
@@ -61,13 +72,26 @@ def software_provenance() -> dict:
     commit = "unknown (not a git checkout)"
     repo = Path(__file__).resolve().parents[2]
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if head.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
             commit = head.stdout.strip() + ("-dirty" if dirty else "")
-    return {"scllm": __version__, "git_commit": commit, "python": platform.python_version(),
-            "packages": {p: version(p) for p in PROVENANCE_PACKAGES}}
+    return {
+        "scllm": __version__,
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "packages": {p: version(p) for p in PROVENANCE_PACKAGES},
+    }
 
 
 def _duration(seconds: float) -> str:
@@ -133,13 +157,19 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     process is killed outright (SIGKILL, out of memory, node failure). For a stage's own output
     folder, before it writes there; returns what was removed."""
     directory = Path(directory)
-    stale = [p for p in directory.glob(".*.tmp*") if _TEMPORARY.match(p.name)] if directory.is_dir() else []
+    stale = (
+        [p for p in directory.glob(".*.tmp*") if _TEMPORARY.match(p.name)]
+        if directory.is_dir()
+        else []
+    )
     for path in stale:
         _remove(path)
     return stale
 
 
-def require_obs_columns(adata: ad.AnnData, columns: list[str], path, writer: str = "sample_census") -> None:
+def require_obs_columns(
+    adata: ad.AnnData, columns: list[str], path, writer: str = "sample_census"
+) -> None:
     """A clear error when an h5ad lacks obs columns the stage needs (before anything is written)."""
     missing = [c for c in columns if c not in adata.obs.columns]
     if missing:
@@ -194,8 +224,14 @@ class CSRWriter:
         X.attrs["encoding-version"] = "0.1.0"
         X.attrs["shape"] = (0, self.n_vars)
         # int64 row pointers: a matrix may hold more than 2**31 non-zeros
-        for name, dt, first in (("data", dtype, []), ("indices", np.int32, []), ("indptr", np.int64, [0])):
-            X.create_dataset(name, data=np.asarray(first, dtype=dt), maxshape=(None,), chunks=(self.CHUNK,))
+        for name, dt, first in (
+            ("data", dtype, []),
+            ("indices", np.int32, []),
+            ("indptr", np.int64, [0]),
+        ):
+            X.create_dataset(
+                name, data=np.asarray(first, dtype=dt), maxshape=(None,), chunks=(self.CHUNK,)
+            )
         self.X = X
 
     def _extend(self, name: str, values: np.ndarray) -> None:
@@ -237,13 +273,17 @@ class CSRWriter:
         block = sp.csr_matrix(block, dtype=self.dtype)
         a, b = self.reserved[first_row], self.reserved[first_row + block.shape[0]]
         if block.nnz != b - a or block.shape[1] != self.n_vars:
-            raise RuntimeError(f"rows {first_row}.. hold {block.nnz} values, {b - a} were reserved")
+            raise RuntimeError(
+                f"rows {first_row}.. hold {block.nnz} values, {b - a} were reserved"
+            )
         self.X["data"][a:b] = block.data
         self.X["indices"][a:b] = block.indices.astype(np.int32, copy=False)
 
     def set_obs(self, obs: pd.DataFrame) -> None:
         if obs.shape[0] != self.rows_written:
-            raise RuntimeError(f"obs has {obs.shape[0]} rows but {self.rows_written} rows of X were written")
+            raise RuntimeError(
+                f"obs has {obs.shape[0]} rows but {self.rows_written} rows of X were written"
+            )
         write_elem(self.file, "obs", obs)
         self.obs_written = True
 
@@ -278,19 +318,35 @@ def read_rows(adata: ad.AnnData, start: int, stop: int) -> sp.csr_matrix:
     group = adata.file["X"]
     if index is None:
         if not isinstance(group, h5py.Group) or group.attrs.get("encoding-type") != "csr_matrix":
-            raise ValueError(f"{adata.filename}: X is not a CSR matrix; the pipeline's h5ad files store CSR")
+            raise ValueError(
+                f"{adata.filename}: X is not a CSR matrix; the pipeline's h5ad files store CSR"
+            )
         index = group["indptr"][:].astype(np.int64)
         n_stored = min(group["data"].shape[0], group["indices"].shape[0])
-        if len(index) != adata.n_obs + 1 or index[0] != 0 or np.any(np.diff(index) < 0) or index[-1] > n_stored:
-            raise _damaged_matrix(adata.filename, f"its row pointers (X/indptr) do not describe {adata.n_obs} rows "
-                                  f"of {n_stored} stored values")
+        if (
+            len(index) != adata.n_obs + 1
+            or index[0] != 0
+            or np.any(np.diff(index) < 0)
+            or index[-1] > n_stored
+        ):
+            raise _damaged_matrix(
+                adata.filename,
+                f"its row pointers (X/indptr) do not describe {adata.n_obs} rows "
+                f"of {n_stored} stored values",
+            )
         adata._scllm_indptr = index
     a, b = index[start], index[stop]
     indices = group["indices"][a:b]
     # Column indices out of range would read as other genes or fail deep inside scipy.
     if indices.size and (indices.min() < 0 or indices.max() >= adata.n_vars):
-        raise _damaged_matrix(adata.filename, f"rows {start}..{stop - 1} have column indices outside 0..{adata.n_vars - 1}")
-    return sp.csr_matrix((group["data"][a:b], indices, index[start:stop + 1] - a), shape=(stop - start, adata.n_vars))
+        raise _damaged_matrix(
+            adata.filename,
+            f"rows {start}..{stop - 1} have column indices outside 0..{adata.n_vars - 1}",
+        )
+    return sp.csr_matrix(
+        (group["data"][a:b], indices, index[start : stop + 1] - a),
+        shape=(stop - start, adata.n_vars),
+    )
 
 
 def _damaged_matrix(path, problem: str) -> CorruptArtifactError:

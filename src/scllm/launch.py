@@ -37,20 +37,36 @@ SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 SHUTDOWN_TIMEOUT = 120
 
 
-def torchrun_args(nnodes: int, nproc_per_node: int | str, rdzv_endpoint: str, rdzv_id: str) -> list[str]:
+def torchrun_args(
+    nnodes: int, nproc_per_node: int | str, rdzv_endpoint: str, rdzv_id: str
+) -> list[str]:
     """torchrun's arguments for one node of ``nnodes``, meeting the others at ``rdzv_endpoint``."""
     if nnodes < 1:
         raise ValueError(f"nnodes must be >= 1, not {nnodes}")
-    return [f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}", f"--signals-to-handle={SIGNALS}",
-            f"--shutdown-timeout={SHUTDOWN_TIMEOUT}"]
+    return [
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={rdzv_endpoint}",
+        f"--rdzv-id={rdzv_id}",
+        f"--signals-to-handle={SIGNALS}",
+        f"--shutdown-timeout={SHUTDOWN_TIMEOUT}",
+    ]
 
 
-def node_command(nnodes: int, nproc_per_node: int | str, rdzv_endpoint: str, rdzv_id: str,
-                 train_args: list[str]) -> list[str]:
+def node_command(
+    nnodes: int, nproc_per_node: int | str, rdzv_endpoint: str, rdzv_id: str, train_args: list[str]
+) -> list[str]:
     """The command each node runs: this module (torchrun) starting ``scllm.train train_args``."""
-    return [sys.executable, "-m", "scllm.launch", *torchrun_args(nnodes, nproc_per_node, rdzv_endpoint, rdzv_id),
-            "-m", "scllm.train", *train_args]
+    return [
+        sys.executable,
+        "-m",
+        "scllm.launch",
+        *torchrun_args(nnodes, nproc_per_node, rdzv_endpoint, rdzv_id),
+        "-m",
+        "scllm.train",
+        *train_args,
+    ]
 
 
 def slurm_nodes(env=os.environ) -> list[str]:
@@ -59,10 +75,17 @@ def slurm_nodes(env=os.environ) -> list[str]:
     if not nodelist:
         return []
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True,
-                             env=env)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
     except (OSError, subprocess.CalledProcessError) as err:
-        raise InputError(f"cannot list the nodes of SLURM job {env.get('SLURM_JOB_ID')} ({nodelist}): {err}") from err
+        raise InputError(
+            f"cannot list the nodes of SLURM job {env.get('SLURM_JOB_ID')} ({nodelist}): {err}"
+        ) from err
     return out.stdout.split()
 
 
@@ -73,12 +96,26 @@ def srun_command(nnodes: int, command: list[str]) -> list[str]:
     instead of leaving them waiting in a collective (a normal end or a preemption ends all nodes
     within seconds: every process waits for the checkpoint); ``--label``: each line says which
     node printed it."""
-    return ["srun", "--overlap", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1",
-            f"--wait={SHUTDOWN_TIMEOUT}", "--label", *command]
+    return [
+        "srun",
+        "--overlap",
+        f"--nodes={nnodes}",
+        f"--ntasks={nnodes}",
+        "--ntasks-per-node=1",
+        f"--wait={SHUTDOWN_TIMEOUT}",
+        "--label",
+        *command,
+    ]
 
 
-def launch_training(train_args: list[str], log_file: str | Path, *, nodes: int = 1, procs_per_node: int | str = 1,
-                    env: dict | None = None) -> int:
+def launch_training(
+    train_args: list[str],
+    log_file: str | Path,
+    *,
+    nodes: int = 1,
+    procs_per_node: int | str = 1,
+    env: dict | None = None,
+) -> int:
     """Run ``scllm.train train_args`` in ``procs_per_node`` processes on this node (torchrun), or on
     each of ``nodes`` nodes of the current SLURM job (srun starting torchrun on every node, meeting
     at a c10d rendezvous on this node). Every line any process prints (every rank's log lines,
@@ -95,18 +132,27 @@ def launch_training(train_args: list[str], log_file: str | Path, *, nodes: int =
             raise InputError(
                 f"training on {nodes} nodes needs a SLURM job holding them (this process sees "
                 f"{len(hosts) or 'no SLURM job with'} node(s)). Run it with the SLURM profile (see README, "
-                "'Several nodes'), or set nodes: 1.")
+                "'Several nodes'), or set nodes: 1."
+            )
         # The rendezvous (a TCP store) lives in this node's torchrun; the other nodes connect to it.
         endpoint = f"{socket.gethostname()}:{free_port()}"
         run_id = env.get("SLURM_JOB_ID") or uuid.uuid4().hex
-        command = srun_command(nodes, node_command(nodes, procs_per_node, endpoint, run_id, train_args))
+        command = srun_command(
+            nodes, node_command(nodes, procs_per_node, endpoint, run_id, train_args)
+        )
     else:
         command = node_command(1, procs_per_node, "localhost:0", uuid.uuid4().hex, train_args)
     with open(log_file, "a") as log:
         log.write("launching: " + " ".join(command) + "\n")
         log.flush()
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                bufsize=1)
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            bufsize=1,
+        )
         forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         try:
@@ -142,9 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         if PREEMPTED_EXIT_CODE in codes and all(c == PREEMPTED_EXIT_CODE or c < 0 for c in codes):
             return PREEMPTED_EXIT_CODE
         return 1
-    except SignalException as err:  # this node's torchrun was signalled; its workers were told to stop
-        print(f"scllm.launch: stopped by {err.sigval.name}; exiting with {PREEMPTED_EXIT_CODE} (rerun to resume)",
-              file=sys.stderr, flush=True)
+    except (
+        SignalException
+    ) as err:  # this node's torchrun was signalled; its workers were told to stop
+        print(
+            f"scllm.launch: stopped by {err.sigval.name}; exiting with {PREEMPTED_EXIT_CODE} (rerun to resume)",
+            file=sys.stderr,
+            flush=True,
+        )
         return PREEMPTED_EXIT_CODE
     return 0
 

@@ -63,13 +63,19 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.value_encoder not in VALUE_ENCODERS:
-            raise ValueError(f"value_encoder must be one of {VALUE_ENCODERS}, not {self.value_encoder!r}")
+            raise ValueError(
+                f"value_encoder must be one of {VALUE_ENCODERS}, not {self.value_encoder!r}"
+            )
         if self.cell_emb_style not in CELL_EMB_STYLES:
-            raise ValueError(f"cell_emb_style must be one of {CELL_EMB_STYLES}, not {self.cell_emb_style!r}")
+            raise ValueError(
+                f"cell_emb_style must be one of {CELL_EMB_STYLES}, not {self.cell_emb_style!r}"
+            )
         if self.contrastive_head_dim < 0:
             raise ValueError(f"contrastive_head_dim must be >= 0, not {self.contrastive_head_dim}")
         if not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(f"pad_id={self.pad_id} is outside the vocabulary (size {self.vocab_size})")
+            raise ValueError(
+                f"pad_id={self.pad_id} is outside the vocabulary (size {self.vocab_size})"
+            )
 
 
 class SelfAttention(nn.Module):
@@ -84,7 +90,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
-        q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (
+            t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v)
+        )
         # attn_mask [B, 1, 1, L] hides padding keys only. Every query (pads included) still sees
         # <cls>, so no softmax row is empty (an all-masked row would give NaN).
         y = F.scaled_dot_product_attention(
@@ -140,7 +148,7 @@ class Block(nn.Module):
 def _rename_legacy_gepc_keys(state_dict, prefix, *args) -> None:
     """mvc_query/mvc_W/mvc_bias (scGPT's name for the head) -> gepc_*, in place."""
     for key in [k for k in state_dict if k.startswith(prefix + "mvc_")]:
-        state_dict[prefix + "gepc_" + key[len(prefix) + len("mvc_"):]] = state_dict.pop(key)
+        state_dict[prefix + "gepc_" + key[len(prefix) + len("mvc_") :]] = state_dict.pop(key)
 
 
 class CellTransformer(nn.Module):
@@ -170,8 +178,11 @@ class CellTransformer(nn.Module):
         # and has no GEPC bias; this is our one deviation, and it helps short runs most.)
         self.gepc_bias = nn.Parameter(torch.zeros(1))
         if cfg.contrastive_head_dim:
-            self.contrastive_head = nn.Sequential(nn.Linear(self.cell_emb_dim, self.cell_emb_dim), nn.ReLU(),
-                                                  nn.Linear(self.cell_emb_dim, cfg.contrastive_head_dim))
+            self.contrastive_head = nn.Sequential(
+                nn.Linear(self.cell_emb_dim, self.cell_emb_dim),
+                nn.ReLU(),
+                nn.Linear(self.cell_emb_dim, cfg.contrastive_head_dim),
+            )
         # Weights saved when the GEPC parameters were named mvc_* still load.
         self._register_load_state_dict_pre_hook(_rename_legacy_gepc_keys)
         self.apply(self._init_weights)
@@ -203,8 +214,13 @@ class CellTransformer(nn.Module):
         values = torch.where(values == cfg.mask_value, cfg.n_bins, values)
         return torch.where(values == cfg.pad_value, cfg.n_bins + 1, values)
 
-    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor,
-                all_genes: bool = False) -> dict:
+    def forward(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        padding_mask: torch.Tensor,
+        all_genes: bool = False,
+    ) -> dict:
         """gene_ids, values [B, L] (position 0 is <cls>); padding_mask [B, L], True at padding.
         ``all_genes`` adds ``gepc_all_pred`` [B, n_genes]: the GEPC head on every vocabulary gene."""
         genes = self.gene_emb(gene_ids)
@@ -220,7 +236,9 @@ class CellTransformer(nn.Module):
         cell_emb = self.read_cell(x, padding_mask)
         expr_pred = self.expr_head(x).squeeze(-1)
         query = self.gepc_query(genes)
-        gepc_pred = torch.bmm(self.gepc_W(query), cell_emb.unsqueeze(-1)).squeeze(-1) + self.gepc_bias
+        gepc_pred = (
+            torch.bmm(self.gepc_W(query), cell_emb.unsqueeze(-1)).squeeze(-1) + self.gepc_bias
+        )
         out = {"expr_pred": expr_pred, "gepc_pred": gepc_pred, "cell_emb": cell_emb}
         if self.cfg.contrastive_head_dim:
             out["contrastive_z"] = self.contrastive_head(cell_emb)
@@ -266,7 +284,14 @@ class CellTransformer(nn.Module):
 
 
 # Dense bf16 peak FLOP/s per GPU, for MFU. Unknown devices (and CPUs) report no MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -279,9 +304,14 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-FUSED_ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                       "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                       "_flash_attention_forward", "_efficient_attention_forward")
+FUSED_ATTENTION_OPS = (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_flash_attention_forward",
+    "_efficient_attention_forward",
+)
 
 
 def attention_kernels(model: nn.Module, gene_ids, values, padding_mask, autocast=None) -> str:
@@ -330,16 +360,22 @@ def contrastive_loss(cell_emb: torch.Tensor, n_views: int, temperature: float) -
     rows of the batch by cosine similarity / ``temperature``."""
     n = len(cell_emb)
     if n_views < 2 or n % n_views:
-        raise ValueError(f"contrastive_loss needs >= 2 views of each cell and rows divisible by them ({n}, {n_views})")
+        raise ValueError(
+            f"contrastive_loss needs >= 2 views of each cell and rows divisible by them ({n}, {n_views})"
+        )
     z = F.normalize(cell_emb.float(), p=2, dim=1)
-    logits = (z @ z.T / temperature).masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
+    logits = (z @ z.T / temperature).masked_fill(
+        torch.eye(n, dtype=torch.bool, device=z.device), float("-inf")
+    )
     cell = torch.arange(n, device=z.device) % (n // n_views)
     positive = (cell[:, None] == cell[None, :]) & ~torch.eye(n, dtype=torch.bool, device=z.device)
     log_prob = logits.log_softmax(dim=1)
     return -(log_prob.masked_fill(~positive, 0.0).sum(1) / positive.sum(1)).mean()
 
 
-def variance_covariance_loss(cell_emb: torch.Tensor, target_std: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+def variance_covariance_loss(
+    cell_emb: torch.Tensor, target_std: float = 1.0, eps: float = 1e-4
+) -> torch.Tensor:
     """VICReg's anti-collapse terms (Bardes et al., 2022) over a batch of cell embeddings: the
     mean hinge ``relu(target_std - std_j)`` of each dimension's standard deviation, plus the sum
     of squared off-diagonal covariances divided by the dimension. Minimising it keeps every
@@ -360,5 +396,13 @@ def count_params_text(model: nn.Module) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
-__all__ = ["ModelConfig", "CellTransformer", "masked_mse", "ecs_loss", "contrastive_loss", "variance_covariance_loss",
-           "peak_flops", "count_params_text"]
+__all__ = [
+    "ModelConfig",
+    "CellTransformer",
+    "masked_mse",
+    "ecs_loss",
+    "contrastive_loss",
+    "variance_covariance_loss",
+    "peak_flops",
+    "count_params_text",
+]

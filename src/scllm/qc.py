@@ -61,7 +61,11 @@ def filter_qc(
     adata.file.close()
     log.info(
         "filter_qc: cells %d -> %d, genes %d -> %d in %.1fs",
-        n_cells, keep_cells.sum(), n_genes, keep_genes.sum(), time.time() - t0,
+        n_cells,
+        keep_cells.sum(),
+        n_genes,
+        keep_genes.sum(),
+        time.time() - t0,
     )
     return table
 
@@ -103,7 +107,9 @@ def _write_kept_cells(
             totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
             n_expressed[start:stop] = expressed
             writer.append(block[keep])
-            log.info("filter_qc: %d/%d cells read, %d kept", stop, n_cells, keep_cells[:stop].sum())
+            log.info(
+                "filter_qc: %d/%d cells read, %d kept", stop, n_cells, keep_cells[:stop].sum()
+            )
         if not keep_cells.any():
             raise ValueError(
                 f"no cell expresses >= qc.min_genes_per_cell={min_genes_per_cell} genes "

@@ -21,11 +21,20 @@ from scllm.io import atomic_path
 log = logging.getLogger("scllm")
 
 # Which way is better, per metric; metrics not listed get no winner.
-HIGHER_IS_BETTER = {"knn_accuracy_cv", "knn_macro_f1_cv", "knn_accuracy_heldout_sample",
-                    "knn_macro_f1_heldout_sample", "leiden_ari", "leiden_nmi", "silhouette_label"}
+HIGHER_IS_BETTER = {
+    "knn_accuracy_cv",
+    "knn_macro_f1_cv",
+    "knn_accuracy_heldout_sample",
+    "knn_macro_f1_heldout_sample",
+    "leiden_ari",
+    "leiden_nmi",
+    "silhouette_label",
+}
 LOWER_IS_BETTER = {"masked_mse_expression", "masked_mse_gepc"}
 CLOSER_TO_ZERO_IS_BETTER = {"silhouette_sample"}
-MAX_ROWS = 200  # longer tables (samples of a real Census run, the HVG list) show this many, then say so
+MAX_ROWS = (
+    200  # longer tables (samples of a real Census run, the HVG list) show this many, then say so
+)
 
 STYLE = """<style>
 body{font-family:system-ui,sans-serif;font-size:14px;max-width:1100px;margin:2em auto;color:#222}
@@ -54,20 +63,38 @@ def winner(metric: str, ours: float, baseline: float) -> str | None:
 def metrics_html(table: pd.DataFrame) -> str:
     """The metrics as an HTML table: n/a rows dropped, the better value of each row in bold, the
     baseline's name in the header (it is the same for a group of rows), details kept."""
-    rows = table[np.isfinite(table["scllm"].astype(float)) & np.isfinite(table["baseline"].astype(float))]
+    rows = table[
+        np.isfinite(table["scllm"].astype(float)) & np.isfinite(table["baseline"].astype(float))
+    ]
     if rows.empty:
         return "<p>No metric applies to these cells.</p>"
     parts = []
     for method, group in rows.groupby("baseline_method", sort=False):
         body = []
         for r in group.itertuples():
-            best = None if "not comparable" in str(r.details) else winner(r.metric, float(r.scllm), float(r.baseline))
-            cells = [_cell(r.scllm, best in ("scllm", "tie")), _cell(r.baseline, best in ("baseline", "tie"))]
-            verdict = {"scllm": "scLLM", "baseline": "baseline", "tie": "tie", None: "not comparable"}[best]
-            body.append(f"<tr><td>{html.escape(r.metric)}</td>{''.join(cells)}<td>{verdict}</td>"
-                        f"<td>{html.escape(str(r.cells))}</td><td>{html.escape(str(r.details))}</td></tr>")
-        parts.append(f"<table><tr><th>metric</th><th>scLLM</th><th>baseline: {html.escape(str(method))}</th>"
-                     f"<th>better</th><th>cells</th><th>details</th></tr>{''.join(body)}</table>")
+            best = (
+                None
+                if "not comparable" in str(r.details)
+                else winner(r.metric, float(r.scllm), float(r.baseline))
+            )
+            cells = [
+                _cell(r.scllm, best in ("scllm", "tie")),
+                _cell(r.baseline, best in ("baseline", "tie")),
+            ]
+            verdict = {
+                "scllm": "scLLM",
+                "baseline": "baseline",
+                "tie": "tie",
+                None: "not comparable",
+            }[best]
+            body.append(
+                f"<tr><td>{html.escape(r.metric)}</td>{''.join(cells)}<td>{verdict}</td>"
+                f"<td>{html.escape(str(r.cells))}</td><td>{html.escape(str(r.details))}</td></tr>"
+            )
+        parts.append(
+            f"<table><tr><th>metric</th><th>scLLM</th><th>baseline: {html.escape(str(method))}</th>"
+            f"<th>better</th><th>cells</th><th>details</th></tr>{''.join(body)}</table>"
+        )
     return "\n".join(parts)
 
 
@@ -79,15 +106,22 @@ def _cell(value: float, bold: bool) -> str:
 
 def _table(frame: pd.DataFrame, what: str) -> str:
     shown = frame.head(MAX_ROWS)
-    note = f"<p class='caption'>First {MAX_ROWS} of {len(frame)} {what}; the file has all.</p>" \
-        if len(frame) > MAX_ROWS else ""
-    return shown.to_html(index=False, border=0, escape=True, float_format=lambda v: f"{v:.4g}") + note
+    note = (
+        f"<p class='caption'>First {MAX_ROWS} of {len(frame)} {what}; the file has all.</p>"
+        if len(frame) > MAX_ROWS
+        else ""
+    )
+    return (
+        shown.to_html(index=False, border=0, escape=True, float_format=lambda v: f"{v:.4g}") + note
+    )
 
 
 def _hvg_list(hvgs: pd.DataFrame) -> str:
     top = ", ".join(html.escape(str(g)) for g in hvgs["feature_name"].head(50))
     columns = [c for c in ("feature_name", "feature_id", "variances_norm") if c in hvgs]
-    full = hvgs[columns].to_html(index=False, border=0, escape=True, float_format=lambda v: f"{v:.4g}")
+    full = hvgs[columns].to_html(
+        index=False, border=0, escape=True, float_format=lambda v: f"{v:.4g}"
+    )
     return f"<p>{top}</p><details><summary>All {len(hvgs)} genes</summary>{full}</details>"
 
 
@@ -104,8 +138,19 @@ def _read_tsv(path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t")
 
 
-def write_report(out_html, *, run: str, qc_tsv, samples_tsv, hvg_tsv, epochs_tsv, loss_curve_png,
-                 metrics_tsv, umap_cell_type_png, umap_sample_png) -> list[str]:
+def write_report(
+    out_html,
+    *,
+    run: str,
+    qc_tsv,
+    samples_tsv,
+    hvg_tsv,
+    epochs_tsv,
+    loss_curve_png,
+    metrics_tsv,
+    umap_cell_type_png,
+    umap_sample_png,
+) -> list[str]:
     """Write the run's report; returns the titles of the sections it holds."""
     samples_section, n_samples = _samples_section(samples_tsv)
     sections = [
@@ -114,16 +159,28 @@ def write_report(out_html, *, run: str, qc_tsv, samples_tsv, hvg_tsv, epochs_tsv
         *_model_sections(epochs_tsv, loss_curve_png, metrics_tsv, umap_cell_type_png),
     ]
     if n_samples > 1:
-        sections.append(("UMAP by sample", "The same UMAPs coloured by sample: mixed colours mean the "
-                         "embedding does not separate cells by where they came from.",
-                         _image(umap_sample_png)))
+        sections.append(
+            (
+                "UMAP by sample",
+                "The same UMAPs coloured by sample: mixed colours mean the "
+                "embedding does not separate cells by where they came from.",
+                _image(umap_sample_png),
+            )
+        )
     body = "".join(_section(*s) for s in sections)
     title = html.escape(run)
     with atomic_path(out_html) as tmp:
-        Path(tmp).write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>scLLM run {title}"
-                             f"</title>{STYLE}</head><body><h1>scLLM-pretrain: run {title}</h1>\n{body}"
-                             "</body></html>\n")
-    log.info("report: %d sections (%s) -> %s", len(sections), ", ".join(s[0] for s in sections), out_html)
+        Path(tmp).write_text(
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>scLLM run {title}"
+            f"</title>{STYLE}</head><body><h1>scLLM-pretrain: run {title}</h1>\n{body}"
+            "</body></html>\n"
+        )
+    log.info(
+        "report: %d sections (%s) -> %s",
+        len(sections),
+        ", ".join(s[0] for s in sections),
+        out_html,
+    )
     return [s[0] for s in sections]
 
 
@@ -132,30 +189,51 @@ def _samples_section(samples_tsv) -> tuple[tuple[str, str, str], int]:
     samples = _read_tsv(samples_tsv)
     chosen = samples[samples["chosen"].astype(str) == "True"] if "chosen" in samples else samples
     n_cells = int(chosen["n_cells"].sum()) if "n_cells" in chosen else "n/a"
-    caption = (f"{len(chosen)} sample(s) (dataset, donor) chosen of {len(samples)} eligible, "
-               f"{n_cells} cells (samples.tsv).")
+    caption = (
+        f"{len(chosen)} sample(s) (dataset, donor) chosen of {len(samples)} eligible, "
+        f"{n_cells} cells (samples.tsv)."
+    )
     return ("Samples", caption, _table(samples, "samples")), len(chosen)
 
 
 def _preprocessing_sections(qc_tsv, hvg_tsv) -> list[tuple[str, str, str]]:
     hvgs = _read_tsv(hvg_tsv)
     return [
-        ("Quality control", "Cells and genes before and after filter_qc, over all cells and per sample, "
-         "with the thresholds used (qc.tsv).", _table(_read_tsv(qc_tsv), "rows")),
-        ("Highly variable genes", f"The {len(hvgs)} HVGs, the model's vocabulary, in rank order (hvg.tsv); "
-         "the 50 most variable first, all of them below.", _hvg_list(hvgs)),
+        (
+            "Quality control",
+            "Cells and genes before and after filter_qc, over all cells and per sample, "
+            "with the thresholds used (qc.tsv).",
+            _table(_read_tsv(qc_tsv), "rows"),
+        ),
+        (
+            "Highly variable genes",
+            f"The {len(hvgs)} HVGs, the model's vocabulary, in rank order (hvg.tsv); "
+            "the 50 most variable first, all of them below.",
+            _hvg_list(hvgs),
+        ),
     ]
 
 
-def _model_sections(epochs_tsv, loss_curve_png, metrics_tsv, umap_cell_type_png) -> list[tuple[str, str, str]]:
+def _model_sections(
+    epochs_tsv, loss_curve_png, metrics_tsv, umap_cell_type_png
+) -> list[tuple[str, str, str]]:
     return [
-        ("Pretraining", "Train and validation losses per epoch (epochs.tsv); the validation masked-value "
-         "error of each head against predicting each cell's mean visible bin, with fixed masks.",
-         _table(_read_tsv(epochs_tsv), "epochs") + _image(loss_curve_png)),
-        ("Cell embedding vs PCA", "How well the model's cell embedding tells the labelled cell types apart, "
-         "next to PCA of log-normalized HVGs on the same cells; the better value is in bold "
-         "(metrics.tsv). Metrics that do not apply to this run are left out.",
-         metrics_html(_read_tsv(metrics_tsv))),
-        ("UMAP by cell type", "UMAPs of the scLLM embedding and of the PCA baseline, coloured by cell type.",
-         _image(umap_cell_type_png)),
+        (
+            "Pretraining",
+            "Train and validation losses per epoch (epochs.tsv); the validation masked-value "
+            "error of each head against predicting each cell's mean visible bin, with fixed masks.",
+            _table(_read_tsv(epochs_tsv), "epochs") + _image(loss_curve_png),
+        ),
+        (
+            "Cell embedding vs PCA",
+            "How well the model's cell embedding tells the labelled cell types apart, "
+            "next to PCA of log-normalized HVGs on the same cells; the better value is in bold "
+            "(metrics.tsv). Metrics that do not apply to this run are left out.",
+            metrics_html(_read_tsv(metrics_tsv)),
+        ),
+        (
+            "UMAP by cell type",
+            "UMAPs of the scLLM embedding and of the PCA baseline, coloured by cell type.",
+            _image(umap_cell_type_png),
+        ),
     ]

@@ -52,8 +52,14 @@ def assign_split(obs: pd.DataFrame, validation_fraction: float, by: str, seed: i
     return pd.Series(split, index=obs.index, name="split")
 
 
-def split_cells(in_h5ad: str | Path, out_tsv: str | Path, *, validation_fraction: float = 0.03,
-                by: str = "cell", seed: int = 0) -> pd.DataFrame:
+def split_cells(
+    in_h5ad: str | Path,
+    out_tsv: str | Path,
+    *,
+    validation_fraction: float = 0.03,
+    by: str = "cell",
+    seed: int = 0,
+) -> pd.DataFrame:
     adata = open_backed(in_h5ad)
     require_obs_columns(adata, ["sample"], in_h5ad)
     obs = adata.obs
@@ -63,14 +69,23 @@ def split_cells(in_h5ad: str | Path, out_tsv: str | Path, *, validation_fraction
         raise CorruptArtifactError(
             f"{in_h5ad} holds {len(dup)} cell id(s) more than once (e.g. {dup[:3].tolist()}), so a split could list "
             "one id in both train and validation. sample_census writes unique ids: rerun the pipeline from there "
-            "with `snakemake --forcerun sample_census`.")
+            "with `snakemake --forcerun sample_census`."
+        )
     split = assign_split(obs, validation_fraction, by, seed)
-    table = pd.DataFrame({"cell": obs.index, "sample": obs["sample"].astype(str).values, "split": split.values})
+    table = pd.DataFrame(
+        {"cell": obs.index, "sample": obs["sample"].astype(str).values, "split": split.values}
+    )
     with atomic_path(out_tsv) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
     counts = table.groupby("split").agg(cells=("cell", "size"), samples=("sample", "nunique"))
-    log.info("split (by %s, seed %d, validation fraction %.3f): %d cells in ->\n%s",
-             by, seed, validation_fraction, len(table), counts.to_string())
+    log.info(
+        "split (by %s, seed %d, validation fraction %.3f): %d cells in ->\n%s",
+        by,
+        seed,
+        validation_fraction,
+        len(table),
+        counts.to_string(),
+    )
     return table
 
 

@@ -43,9 +43,11 @@ MASK_VALUE = -1
 SHARD_FORMAT_VERSION = 1
 # The fix for any damaged or mismatched shard artifact. Deleting a file inside shards/ is not
 # enough: Snakemake does not rerun a rule whose output directory still exists.
-RETOKENIZE = ("Rewrite the shards with `snakemake --forcerun tokenize_shards` (plus your usual --cores, "
-              "--configfile or --profile options), which also reruns what depends on them; deleting a file inside "
-              "the shards folder is not enough, since Snakemake does not rerun a rule whose output folder exists.")
+RETOKENIZE = (
+    "Rewrite the shards with `snakemake --forcerun tokenize_shards` (plus your usual --cores, "
+    "--configfile or --profile options), which also reruns what depends on them; deleting a file inside "
+    "the shards folder is not enough, since Snakemake does not rerun a rule whose output folder exists."
+)
 
 
 def build_vocab(feature_ids: list[str]) -> dict[str, int]:
@@ -82,13 +84,17 @@ def read_json(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise CorruptArtifactError(
             f"cannot read {path}: {data if isinstance(data, Exception) else 'not a JSON object'}. The file is "
-            "truncated or damaged. In a shards folder: " + RETOKENIZE + " In a model directory: delete the file "
+            "truncated or damaged. In a shards folder: "
+            + RETOKENIZE
+            + " In a model directory: delete the file "
             "and rerun snakemake (pretrain rewrites its missing outputs)."
         )
     return data
 
 
-def sequences_from_binned(binned: sp.csr_matrix, cls_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sequences_from_binned(
+    binned: sp.csr_matrix, cls_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ragged token arrays for a block of binned cells (cells x genes in vocabulary order).
 
     Returns (offsets, gene_ids, values) with one ``<cls>`` token prepended to every cell.
@@ -162,11 +168,14 @@ def read_shard(path: str | Path) -> Shard:
                 gene_ids=f["gene_ids"][:],
                 values=f["values"][:],
                 cell_index=f["cell_index"][:],
-                attrs={k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()},
+                attrs={
+                    k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()
+                },
             )
     except (OSError, ValueError, KeyError) as err:
-        raise CorruptArtifactError(f"cannot read shard {path}: {err}. The file is truncated or not a shard. "
-                                   + RETOKENIZE) from err
+        raise CorruptArtifactError(
+            f"cannot read shard {path}: {err}. The file is truncated or not a shard. " + RETOKENIZE
+        ) from err
     problem = check_shard(shard)
     if problem:
         raise CorruptArtifactError(f"shard {path} is damaged: {problem}. " + RETOKENIZE)
@@ -191,11 +200,15 @@ def check_shard(shard: Shard, first_cell: int = 0) -> str | None:
     if lengths.size and lengths.min() < 1:
         return f"offsets decrease or repeat (cell {first_cell + int(np.argmin(lengths))})"
     if offsets[-1] != len(gene_ids) or len(gene_ids) != len(values):
-        return (f"offsets end at {int(offsets[-1])} but the shard holds {len(gene_ids)} gene ids and "
-                f"{len(values)} values")
+        return (
+            f"offsets end at {int(offsets[-1])} but the shard holds {len(gene_ids)} gene ids and "
+            f"{len(values)} values"
+        )
     if lengths.size and lengths.max() > n_genes + 1:
-        return (f"cell {first_cell + int(np.argmax(lengths))} has {int(lengths.max())} tokens, more than <cls> + "
-                f"{n_genes} genes")
+        return (
+            f"cell {first_cell + int(np.argmax(lengths))} has {int(lengths.max())} tokens, more than <cls> + "
+            f"{n_genes} genes"
+        )
     if len(shard.cell_index) != len(lengths):
         return f"{len(shard.cell_index)} cell_index entries for {len(lengths)} cells"
     if len(shard.cell_index) and shard.cell_index.min() < 0:
@@ -209,10 +222,15 @@ def check_shard(shard: Shard, first_cell: int = 0) -> str | None:
     # Fast path, no per-token mask: every id in 0..G (<cls> = G) with exactly one <cls> per cell,
     # every value a bin 1..n_bins-1 except the <cls> values (0).
     n_cells = len(first)
-    if (cls_id == n_genes and gene_ids.min() >= 0 and gene_ids.max() <= cls_id
-            and np.count_nonzero(gene_ids == cls_id) == n_cells
-            and values.min() >= min(1, cls_value) and values.max() <= max(n_bins - 1, cls_value)
-            and (1 <= cls_value <= n_bins - 1 or np.count_nonzero(values == cls_value) == n_cells)):
+    if (
+        cls_id == n_genes
+        and gene_ids.min() >= 0
+        and gene_ids.max() <= cls_id
+        and np.count_nonzero(gene_ids == cls_id) == n_cells
+        and values.min() >= min(1, cls_value)
+        and values.max() <= max(n_bins - 1, cls_value)
+        and (1 <= cls_value <= n_bins - 1 or np.count_nonzero(values == cls_value) == n_cells)
+    ):
         return None
     is_gene = np.ones(len(gene_ids), dtype=bool)
     is_gene[first] = False
@@ -229,7 +247,9 @@ def read_listed_shard(shards_dir: str | Path, manifest: dict, entry: dict) -> Sh
     byte, also where the arrays stay plausible), its cell and token counts, and its vocabulary."""
     path = _check_listed_file(shards_dir, entry)
     shard = read_shard(path)
-    _check_against_manifest(path, shard.n_cells, len(shard.gene_ids), shard.attrs, shards_dir, manifest, entry)
+    _check_against_manifest(
+        path, shard.n_cells, len(shard.gene_ids), shard.attrs, shards_dir, manifest, entry
+    )
     return shard
 
 
@@ -241,7 +261,9 @@ def open_listed_shard(shards_dir: str | Path, manifest: dict, entry: dict) -> Sh
     problem = reader.check()
     if problem:
         raise CorruptArtifactError(f"shard {path} is damaged: {problem}. " + RETOKENIZE)
-    _check_against_manifest(path, reader.n_cells, reader.n_tokens, reader.attrs, shards_dir, manifest, entry)
+    _check_against_manifest(
+        path, reader.n_cells, reader.n_tokens, reader.attrs, shards_dir, manifest, entry
+    )
     return reader
 
 
@@ -250,29 +272,42 @@ def _check_listed_file(shards_dir, entry: dict) -> Path:
     path = Path(shards_dir) / entry["path"]
     expected = entry.get("sha256")
     if expected is None:
-        raise CorruptArtifactError(f"{Path(shards_dir) / 'manifest.json'} records no sha256 for {entry['path']} "
-                                   "(written by an older version), so the shard cannot be checked. " + RETOKENIZE)
+        raise CorruptArtifactError(
+            f"{Path(shards_dir) / 'manifest.json'} records no sha256 for {entry['path']} "
+            "(written by an older version), so the shard cannot be checked. " + RETOKENIZE
+        )
     if path.exists():
         actual = file_sha256(path)
         if actual != expected:
             raise CorruptArtifactError(
                 f"shard {path} has sha256 {actual}, but the manifest recorded {expected} when tokenize_shards wrote "
-                "it: the file was changed or damaged since. " + RETOKENIZE)
+                "it: the file was changed or damaged since. " + RETOKENIZE
+            )
     return path
 
 
 def _check_against_manifest(path, n_cells, n_tokens, attrs, shards_dir, manifest, entry) -> None:
     counts = {"n_cells": n_cells, "n_tokens": n_tokens}
-    differ = [f"{k} {v} (manifest: {entry[k]})" for k, v in counts.items() if k in entry and entry[k] != v]
-    differ += [f"{k} {attrs.get(k)} (manifest: {manifest[k]})" for k in ("n_genes", "n_bins", "cls_id")
-               if k in manifest and attrs.get(k) != manifest[k]]
+    differ = [
+        f"{k} {v} (manifest: {entry[k]})"
+        for k, v in counts.items()
+        if k in entry and entry[k] != v
+    ]
+    differ += [
+        f"{k} {attrs.get(k)} (manifest: {manifest[k]})"
+        for k in ("n_genes", "n_bins", "cls_id")
+        if k in manifest and attrs.get(k) != manifest[k]
+    ]
     if differ:
-        raise CorruptArtifactError(f"shard {path} does not match {Path(shards_dir) / 'manifest.json'}: "
-                                   f"{', '.join(differ)}. " + RETOKENIZE)
+        raise CorruptArtifactError(
+            f"shard {path} does not match {Path(shards_dir) / 'manifest.json'}: "
+            f"{', '.join(differ)}. " + RETOKENIZE
+        )
     if attrs.get("vocab_sha256", manifest["vocab_sha256"]) != manifest["vocab_sha256"]:
         raise CorruptArtifactError(
             f"shard {entry['path']} has vocab_sha256 {attrs['vocab_sha256']} but the manifest in "
-            f"{shards_dir} has {manifest['vocab_sha256']}; the shards come from different runs. " + RETOKENIZE
+            f"{shards_dir} has {manifest['vocab_sha256']}; the shards come from different runs. "
+            + RETOKENIZE
         )
 
 
@@ -299,15 +334,19 @@ class ShardReader:
                     raise ValueError(f"missing datasets {sorted(missing)}")
                 if any(f[name].ndim != 1 for name in SHARD_DATASETS):
                     raise ValueError("its datasets are not one-dimensional")
-                self.attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+                self.attrs = {
+                    k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()
+                }
                 self.n_cells = len(f["offsets"]) - 1
                 self.n_tokens = len(f["gene_ids"])
                 self.lengths_stored = {name: len(f[name]) for name in SHARD_DATASETS}
                 # name -> (byte offset in the file, dtype), or None where only h5py can read it
                 self._layout = {name: _byte_range(f[name]) for name in SHARD_DATASETS}
         except (OSError, ValueError, KeyError) as err:
-            raise CorruptArtifactError(f"cannot read shard {path}: {err}. The file is truncated or not a shard. "
-                                       + RETOKENIZE) from err
+            raise CorruptArtifactError(
+                f"cannot read shard {path}: {err}. The file is truncated or not a shard. "
+                + RETOKENIZE
+            ) from err
         self._fd = os.open(self.path, os.O_RDONLY)
         self._h5 = h5py.File(self.path, "r") if None in self._layout.values() else None
 
@@ -320,7 +359,9 @@ class ShardReader:
         size = (stop - start) * dtype.itemsize
         data = os.pread(self._fd, size, offset + start * dtype.itemsize)
         if len(data) != size:  # a regular file returns all at once unless it ends early
-            raise CorruptArtifactError(f"shard {self.path} ended early (reading {name}). " + RETOKENIZE)
+            raise CorruptArtifactError(
+                f"shard {self.path} ended early (reading {name}). " + RETOKENIZE
+            )
         return np.frombuffer(data, dtype=dtype)  # no copy: the array uses the bytes pread returned
 
     def offsets(self) -> np.ndarray:
@@ -332,28 +373,42 @@ class ShardReader:
         fd, layout = self._fd, self._layout
         if layout["offsets"] is None or layout["gene_ids"] is None or layout["values"] is None:
             start = int(self.read("offsets", i, i + 1)[0])
-            return self.read("gene_ids", start, start + length), self.read("values", start, start + length)
-        (o_at, _), (g_at, g_type), (v_at, v_type) = layout["offsets"], layout["gene_ids"], layout["values"]
-        start = int.from_bytes(os.pread(fd, 8, o_at + 8 * i), "little", signed=True)  # "<i8" (_byte_range)
+            return self.read("gene_ids", start, start + length), self.read(
+                "values", start, start + length
+            )
+        (o_at, _), (g_at, g_type), (v_at, v_type) = (
+            layout["offsets"],
+            layout["gene_ids"],
+            layout["values"],
+        )
+        start = int.from_bytes(
+            os.pread(fd, 8, o_at + 8 * i), "little", signed=True
+        )  # "<i8" (_byte_range)
         genes = os.pread(fd, length * g_type.itemsize, g_at + start * g_type.itemsize)
         values = os.pread(fd, length * v_type.itemsize, v_at + start * v_type.itemsize)
         if len(genes) != length * g_type.itemsize or len(values) != length * v_type.itemsize:
-            raise CorruptArtifactError(f"shard {self.path} ended early (reading cell {i}). " + RETOKENIZE)
+            raise CorruptArtifactError(
+                f"shard {self.path} ended early (reading cell {i}). " + RETOKENIZE
+            )
         return np.frombuffer(genes, dtype=g_type), np.frombuffer(values, dtype=v_type)
 
     def check(self, block_tokens: int = 1 << 22) -> str | None:
         """``check_shard`` over the whole file, reading about ``block_tokens`` tokens at a time."""
         stored = self.lengths_stored
         empty = np.zeros(0, dtype=np.int64)
-        problem = check_shard(Shard(np.zeros(1, dtype=np.int64), empty, empty, empty, self.attrs))  # attributes
+        problem = check_shard(
+            Shard(np.zeros(1, dtype=np.int64), empty, empty, empty, self.attrs)
+        )  # attributes
         if problem or stored["offsets"] < 1:
             return problem or "offsets do not start at 0"
         offsets = self.offsets()
         if offsets[0] != 0:
             return "offsets do not start at 0"
         if offsets[-1] != stored["gene_ids"] or stored["gene_ids"] != stored["values"]:
-            return (f"offsets end at {int(offsets[-1])} but the shard holds {stored['gene_ids']} gene ids and "
-                    f"{stored['values']} values")
+            return (
+                f"offsets end at {int(offsets[-1])} but the shard holds {stored['gene_ids']} gene ids and "
+                f"{stored['values']} values"
+            )
         if stored["cell_index"] != self.n_cells:
             return f"{stored['cell_index']} cell_index entries for {self.n_cells} cells"
         if np.any(np.diff(offsets) < 1):  # before the blocks: their token ranges must be valid
@@ -361,11 +416,19 @@ class ShardReader:
         first = 0
         while first < self.n_cells:
             # the cells whose tokens start within the next block_tokens (at least one cell)
-            last = max(first + 1, int(np.searchsorted(offsets, offsets[first] + block_tokens, side="right")) - 1)
+            last = max(
+                first + 1,
+                int(np.searchsorted(offsets, offsets[first] + block_tokens, side="right")) - 1,
+            )
             last = min(last, self.n_cells)
             a, b = int(offsets[first]), int(offsets[last])
-            block = Shard(offsets[first:last + 1] - a, self.read("gene_ids", a, b), self.read("values", a, b),
-                          self.read("cell_index", first, last), self.attrs)
+            block = Shard(
+                offsets[first : last + 1] - a,
+                self.read("gene_ids", a, b),
+                self.read("values", a, b),
+                self.read("cell_index", first, last),
+                self.attrs,
+            )
             problem = check_shard(block, first_cell=first)
             if problem:
                 return problem
@@ -389,7 +452,9 @@ def _byte_range(dataset: h5py.Dataset):
     offset = dataset.id.get_offset()
     if dataset.chunks is not None or dataset.compression is not None or offset is None:
         return None
-    if dataset.name == "/offsets" and dataset.dtype != np.dtype("<i8"):  # cell() reads them as int64
+    if dataset.name == "/offsets" and dataset.dtype != np.dtype(
+        "<i8"
+    ):  # cell() reads them as int64
         return None
     return offset, dataset.dtype
 
@@ -402,7 +467,12 @@ class _ShardBuffer:
     """Collects one split's sequences and flushes a shard file every ``cells_per_shard`` cells."""
 
     def __init__(self, out_dir: Path, split: str, cells_per_shard: int, attrs: dict):
-        self.out_dir, self.split, self.cells_per_shard, self.attrs = out_dir, split, cells_per_shard, attrs
+        self.out_dir, self.split, self.cells_per_shard, self.attrs = (
+            out_dir,
+            split,
+            cells_per_shard,
+            attrs,
+        )
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.n_buffered = 0
         self.shards: list[dict] = []
@@ -413,8 +483,14 @@ class _ShardBuffer:
         while start_cell < len(lengths):
             take = min(self.cells_per_shard - self.n_buffered, len(lengths) - start_cell)
             a, b = offsets[start_cell], offsets[start_cell + take]
-            self.parts.append((lengths[start_cell:start_cell + take], gene_ids[a:b], values[a:b],
-                               cell_index[start_cell:start_cell + take]))
+            self.parts.append(
+                (
+                    lengths[start_cell : start_cell + take],
+                    gene_ids[a:b],
+                    values[a:b],
+                    cell_index[start_cell : start_cell + take],
+                )
+            )
             self.n_buffered += take
             start_cell += take
             if self.n_buffered == self.cells_per_shard:
@@ -428,44 +504,73 @@ class _ShardBuffer:
         np.cumsum(lengths, out=offsets[1:])
         rel = f"{self.split}/shard_{len(self.shards):05d}.h5"
         write_shard(
-            self.out_dir / rel, offsets,
-            np.concatenate([p[1] for p in self.parts]), np.concatenate([p[2] for p in self.parts]),
-            np.concatenate([p[3] for p in self.parts]), {**self.attrs, "split": self.split},
+            self.out_dir / rel,
+            offsets,
+            np.concatenate([p[1] for p in self.parts]),
+            np.concatenate([p[2] for p in self.parts]),
+            np.concatenate([p[3] for p in self.parts]),
+            {**self.attrs, "split": self.split},
         )
-        self.shards.append({"path": rel, "n_cells": int(len(lengths)), "n_tokens": int(offsets[-1]),
-                            "max_len": int(lengths.max()), "sha256": file_sha256(self.out_dir / rel)})
+        self.shards.append(
+            {
+                "path": rel,
+                "n_cells": int(len(lengths)),
+                "n_tokens": int(offsets[-1]),
+                "max_len": int(lengths.max()),
+                "sha256": file_sha256(self.out_dir / rel),
+            }
+        )
         self.parts, self.n_buffered = [], 0
 
 
-def tokenize_shards(binned_h5ad, split_tsv, out_dir, *, cells_per_shard: int = 100_000,
-                    chunk_size: int = 20_000) -> dict:
+def tokenize_shards(
+    binned_h5ad, split_tsv, out_dir, *, cells_per_shard: int = 100_000, chunk_size: int = 20_000
+) -> dict:
     """Write ragged token shards per split, ``vocab.json``, ``genes.tsv`` and ``manifest.json``."""
     t0 = time.time()
     adata = open_backed(binned_h5ad)
     split = read_split(split_tsv)
-    if len(split) != adata.n_obs or not np.array_equal(split["cell"].to_numpy(),
-                                                       adata.obs_names.to_numpy()):
-        raise ValueError(f"{split_tsv} does not list the cells of {binned_h5ad} in order; rerun the split rule")
+    if len(split) != adata.n_obs or not np.array_equal(
+        split["cell"].to_numpy(), adata.obs_names.to_numpy()
+    ):
+        raise ValueError(
+            f"{split_tsv} does not list the cells of {binned_h5ad} in order; rerun the split rule"
+        )
     n_bins = int(adata.uns["binning"]["n_bins"])
     genes = adata.var[["feature_id", "feature_name"]].reset_index(drop=True)
     vocab = build_vocab(genes["feature_id"].tolist())
     n_genes = len(genes)
-    attrs = {"n_genes": n_genes, "n_bins": n_bins, "cls_id": vocab[CLS_TOKEN], "pad_id": vocab[PAD_TOKEN],
-             "cls_value": CLS_VALUE, "pad_value": PAD_VALUE, "mask_value": MASK_VALUE,
-             "vocab_sha256": vocab_sha256(vocab)}
+    attrs = {
+        "n_genes": n_genes,
+        "n_bins": n_bins,
+        "cls_id": vocab[CLS_TOKEN],
+        "pad_id": vocab[PAD_TOKEN],
+        "cls_value": CLS_VALUE,
+        "pad_value": PAD_VALUE,
+        "mask_value": MASK_VALUE,
+        "vocab_sha256": vocab_sha256(vocab),
+    }
     labels = split["split"].to_numpy()
     with atomic_path(out_dir) as tmp:
         tmp = Path(tmp)
         tmp.mkdir()
-        buffers = {name: _ShardBuffer(tmp, name, cells_per_shard, attrs) for name in sorted(set(labels))}
+        buffers = {
+            name: _ShardBuffer(tmp, name, cells_per_shard, attrs) for name in sorted(set(labels))
+        }
         _fill_shards(adata, binned_h5ad, labels, buffers, n_bins, attrs["cls_id"], chunk_size)
         write_vocab(vocab, tmp / "vocab.json")
         genes.assign(token_id=np.arange(n_genes)).to_csv(tmp / "genes.tsv", sep="\t", index=False)
         manifest = {
-            **attrs, "vocab_size": n_genes + 2, "format_version": SHARD_FORMAT_VERSION,
+            **attrs,
+            "vocab_size": n_genes + 2,
+            "format_version": SHARD_FORMAT_VERSION,
             # how values were binned, so a model's users can bin new cells the same way
-            "binning": {k: (v.item() if hasattr(v, "item") else v) for k, v in adata.uns["binning"].items()},
-            "max_seq_len": max((s["max_len"] for b in buffers.values() for s in b.shards), default=1),
+            "binning": {
+                k: (v.item() if hasattr(v, "item") else v) for k, v in adata.uns["binning"].items()
+            },
+            "max_seq_len": max(
+                (s["max_len"] for b in buffers.values() for s in b.shards), default=1
+            ),
             "splits": {name: b.shards for name, b in buffers.items()},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -474,8 +579,9 @@ def tokenize_shards(binned_h5ad, split_tsv, out_dir, *, cells_per_shard: int = 1
     return manifest
 
 
-def _fill_shards(adata, binned_h5ad, labels, buffers: dict, n_bins: int, cls_id: int,
-                 chunk_size: int) -> None:
+def _fill_shards(
+    adata, binned_h5ad, labels, buffers: dict, n_bins: int, cls_id: int, chunk_size: int
+) -> None:
     """Stream the binned cells in row chunks into each split's shard buffer, then flush them."""
     for start, stop in row_chunks(adata.n_obs, chunk_size):
         block = read_rows(adata, start, stop)
@@ -495,10 +601,20 @@ def _log_summary(manifest: dict, n_genes: int, seconds: float) -> None:
     for name, shards in manifest["splits"].items():
         cells = sum(s["n_cells"] for s in shards)
         tokens = sum(s["n_tokens"] for s in shards)
-        log.info("tokenize_shards: %s: %d cells, %d tokens (mean length %.0f) in %d shard(s)",
-                 name, cells, tokens, tokens / max(cells, 1), len(shards))
-    log.info("tokenize_shards: vocabulary %d genes + <cls> + <pad>, max length %d, %.1fs",
-             n_genes, manifest["max_seq_len"], seconds)
+        log.info(
+            "tokenize_shards: %s: %d cells, %d tokens (mean length %.0f) in %d shard(s)",
+            name,
+            cells,
+            tokens,
+            tokens / max(cells, 1),
+            len(shards),
+        )
+    log.info(
+        "tokenize_shards: vocabulary %d genes + <cls> + <pad>, max length %d, %.1fs",
+        n_genes,
+        manifest["max_seq_len"],
+        seconds,
+    )
 
 
 def _check_bins(data: np.ndarray, n_bins: int, path) -> None:
@@ -509,7 +625,8 @@ def _check_bins(data: np.ndarray, n_bins: int, path) -> None:
         raise CorruptArtifactError(
             f"{path} holds values that are not bins 1..{n_bins - 1} (e.g. {bad[:3].tolist()}): the file is damaged "
             "or not written by normalize_bin. Delete it and rerun snakemake (Snakemake reruns a rule whose output "
-            "file is missing).")
+            "file is missing)."
+        )
 
 
 def _take_cells(offsets, gene_ids, values, rows):
@@ -517,5 +634,7 @@ def _take_cells(offsets, gene_ids, values, rows):
     lengths = np.diff(offsets)[rows]
     new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(lengths, out=new_offsets[1:])
-    token_idx = np.repeat(offsets[:-1][rows] - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+    token_idx = np.repeat(offsets[:-1][rows] - new_offsets[:-1], lengths) + np.arange(
+        new_offsets[-1]
+    )
     return new_offsets, gene_ids[token_idx], values[token_idx]

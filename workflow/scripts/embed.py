@@ -1,4 +1,5 @@
 """Rule embed: cell embeddings of the tokenized cells (validation or all) with the best model."""
+
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Rule evaluate: kNN, Leiden and silhouette scores of the embeddings vs a PCA baseline; UMAPs."""
+
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 from scllm.evaluate import evaluate
 from scllm.io import setup_logging

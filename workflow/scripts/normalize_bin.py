@@ -1,4 +1,5 @@
 """Rule normalize_bin: normalize per cell, keep the HVGs, bin values per cell."""
+
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 import numba
 

@@ -1,4 +1,5 @@
 """Rule report: the run's self-contained HTML report (results/<run>/report.html)."""
+
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 from scllm.io import setup_logging
 from scllm.report import write_report

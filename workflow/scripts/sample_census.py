@@ -1,5 +1,6 @@
 """Rule sample_census: stream the chosen samples' raw counts from a Census, or from your own
 h5ad (census.source: h5ad), into cells.h5ad."""
+
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 from scllm.census import sample_census, sample_h5ad
 from scllm.io import setup_logging

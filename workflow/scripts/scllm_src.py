@@ -1,6 +1,7 @@
 """Put the repository's src/ first on sys.path, so rule scripts import this checkout's scllm
 without an install step (in conda envs and on cluster nodes too). Snakemake puts this folder on
 the path of every rule script; scripts import this module before importing scllm."""
+
 import sys
 from pathlib import Path
 

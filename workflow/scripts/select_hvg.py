@@ -1,4 +1,5 @@
 """Rule select_hvg: the gene vocabulary, ranked highly variable genes across samples."""
+
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 from scllm.hvg import select_hvg
 from scllm.io import setup_logging

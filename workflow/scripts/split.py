@@ -1,4 +1,5 @@
 """Rule split: train/validation assignment of the binned cells."""
+
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 from scllm.io import setup_logging
 from scllm.split import split_cells

@@ -1,4 +1,5 @@
 """Rule tokenize_shards: ragged token shards per split, vocab.json and manifest.json."""
+
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 from scllm.io import setup_logging
 from scllm.tokens import tokenize_shards
