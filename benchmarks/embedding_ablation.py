@@ -67,7 +67,8 @@ VARIANTS = {
         {},
     ),
     "seeds_recipe": (
-        "the earlier default: <cls>, GEPC on masked tokens, random init, lr 1e-3, batch 32, 6 epochs",
+        "the earlier default: <cls>, GEPC on masked tokens, random init, lr 1e-3, batch 32, "
+        "6 epochs",
         *SEEDS_RECIPE,
     ),
     "no_contrastive": ("without the contrastive term: the base of the rows below", {}, dict(BASE)),
@@ -429,7 +430,8 @@ def main(argv=None) -> None:
                 f.write(json.dumps(row) + "\n")
             print(
                 f"{row['variant']:>18} seed {row['seed']}: kNN {row['knn_accuracy_cv']:.3f} F1 "
-                f"{row['knn_macro_f1_cv']:.3f} ARI {row['leiden_ari']:.3f} val expr MSE {row['val_expr_mse']:.1f} "
+                f"{row['knn_macro_f1_cv']:.3f} ARI {row['leiden_ari']:.3f} val expr MSE "
+                f"{row['val_expr_mse']:.1f} "
                 f"({row['train_s']:.0f} s)",
                 flush=True,
             )

@@ -1,14 +1,15 @@
 """Memory and speed of the training data path with lazily read shards, against holding every
 shard in memory (the ShardDataset of earlier versions), on synthetic shards of N cells.
 
-    python benchmarks/lazy_shards.py --cells 100000 --workdir /tmp/scllm_lazy --out results/lazy_100000.json
+    python benchmarks/lazy_shards.py --cells 100000 --workdir /tmp/scllm_lazy \\
+        --out results/lazy_100000.json
 
 Writes the shards directly (no pipeline run): N training cells in 100k-cell shards, lengths from
 a log-normal (mean --mean-length tokens) capped at --max-length, random gene ids and bins. The
 cap is there for the memory comparison: a training step's activation memory follows its longest
 batch, and with 7% of the cells at the cap every run's first steps include a batch of that
-length (``longest_batch_tokens`` records it), so runs at different N differ only in their data. Then, each in
-a fresh process whose own peak RSS (VmHWM) is recorded:
+length (``longest_batch_tokens`` records it), so runs at different N differ only in their data.
+Then, each in a fresh process whose own peak RSS (VmHWM) is recorded:
 
 - ``train_lazy`` / ``train_in_memory``: ``python -m scllm.train`` for --steps steps (model
   --model, batch 32) on the shards, reading them lazily / as before.
@@ -39,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 N_GENES, N_BINS, CELLS_PER_SHARD = 1200, 51, 100_000
-MODELS = {  # the default model (config/config.yaml) and a small one, where memory outside the data is least
+# the default model (config/config.yaml) and a small one, where memory outside the data is least
+MODELS = {
     "default": {},
     # dropout 0: on the CPU attention dropout makes SDPA fall back to its slow unfused kernel
     "small": {"n_layers": 2, "n_heads": 2, "d_model": 64, "d_ff": 64, "dropout": 0.0},
@@ -126,7 +128,8 @@ def write_corpus(
 
 
 def in_memory_dataset():
-    """The ShardDataset of earlier versions: every shard of the split read whole and concatenated."""
+    """The ShardDataset of earlier versions: every shard of the split read whole and
+    concatenated."""
     from scllm.data import RaggedCells, check_vocab
     from scllm.tokens import read_listed_shard, read_manifest
 

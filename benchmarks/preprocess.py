@@ -1,13 +1,15 @@
 """Preprocessing benchmark: synthetic Census-like counts through every data stage after sampling,
 or (``--ingest``) from a user's h5ad through every data stage.
 
-    .venv/bin/python benchmarks/preprocess.py --cells 100000 --out benchmarks/results/preprocess_100000.json
-    .venv/bin/python benchmarks/preprocess.py --ingest h5ad --cells 300000 --genes 12000 --samples 44 \
-        --min-expressed 300 --max-expressed 1500 --out benchmarks/results/ingest_h5ad_300000.json
+    .venv/bin/python benchmarks/preprocess.py --cells 100000 \
+        --out benchmarks/results/preprocess_100000.json
+    .venv/bin/python benchmarks/preprocess.py --ingest h5ad --cells 300000 --genes 12000 \
+        --samples 44 --min-expressed 300 --max-expressed 1500 \
+        --out benchmarks/results/ingest_h5ad_300000.json
 
 1. Generates ``cells.h5ad`` (raw integer counts, float32 CSR, cells of each sample contiguous)
-   streaming with ``scllm.io.CSRWriter``: the whole matrix is never in memory. Not timed as a stage.
-   With ``--ingest`` it generates ``input.h5ad`` instead, shaped as a user's file (obs
+   streaming with ``scllm.io.CSRWriter``: the whole matrix is never in memory. Not timed as a
+   stage. With ``--ingest`` it generates ``input.h5ad`` instead, shaped as a user's file (obs
    ``donor_id``; var ``gene_ids`` with Ensembl ids, symbols as var names).
 2. With ``--ingest h5ad``, times sample_census reading input.h5ad directly (``sample_h5ad``, the
    pipeline's ``census.source: h5ad``); with ``--ingest store``, build_local_census then
@@ -22,8 +24,8 @@ sample-specific mixture; a number of expressed genes k drawn log-normally in [--
 --max-expressed] (3% low-quality cells get 30..300, so QC drops some); genes drawn with replacement
 from a heavy-tailed gene distribution (~10% of genes practically never expressed, so QC drops genes
 too), duplicates merged; the count of an expressed gene is 1 + a geometric (negative binomial,
-r = 1) variate whose mean depends on the gene, the cell's depth, the cell type and a sample-specific
-gene effect (batch effect on 10% of the genes).
+r = 1) variate whose mean depends on the gene, the cell's depth, the cell type and a
+sample-specific gene effect (batch effect on 10% of the genes).
 """
 
 from __future__ import annotations
@@ -146,8 +148,8 @@ def generate(
     user_input: bool = False,
     interleave: int = 0,
 ) -> dict:
-    """Write the synthetic cells to ``path``: as the pipeline's ``cells.h5ad`` (obs 'sample'), or with
-    ``user_input`` as a user's h5ad for ``build_local_census`` (obs 'donor_id', 'cell_type';
+    """Write the synthetic cells to ``path``: as the pipeline's ``cells.h5ad`` (obs 'sample'), or
+    with ``user_input`` as a user's h5ad for ``build_local_census`` (obs 'donor_id', 'cell_type';
     var 'gene_ids' holding Ensembl ids, gene symbols as var names). ``interleave``: samples take
     turns in runs of that many cells (a file ordered by something other than donor)."""
     import pandas as pd
@@ -193,7 +195,8 @@ def generate(
                     left[s] -= n
                     samples += [f"sample_{s:02d}"] * n
                 print(
-                    f"generate: {writer.rows_written} cells, {nnz / 1e6:.0f}M nnz, {time.time() - t0:.0f}s",
+                    f"generate: {writer.rows_written} cells, {nnz / 1e6:.0f}M nnz, "
+                    f"{time.time() - t0:.0f}s",
                     flush=True,
                 )
             sizes_done = []
@@ -210,7 +213,8 @@ def generate(
                 done += n
             samples += [f"sample_{s:02d}"] * int(size)
             print(
-                f"generate: sample {s + 1}/{len(sizes)} ({size} cells), {writer.rows_written} cells, "
+                f"generate: sample {s + 1}/{len(sizes)} ({size} cells), "
+                f"{writer.rows_written} cells, "
                 f"{nnz / 1e6:.0f}M nnz, {time.time() - t0:.0f}s",
                 flush=True,
             )
@@ -556,14 +560,16 @@ def main(argv=None) -> None:
         "--ingest",
         choices=sorted(INGEST),
         default=None,
-        help="start from a user's h5ad (input.h5ad): 'h5ad' times sample_census reading it directly (the "
-        "pipeline's census.source: h5ad), 'store' build_local_census then sample_census on that store",
+        help="start from a user's h5ad (input.h5ad): 'h5ad' times sample_census reading it "
+        "directly (the pipeline's census.source: h5ad), 'store' build_local_census then "
+        "sample_census on that store",
     )
     ap.add_argument(
         "--interleave",
         type=int,
         default=0,
-        help="samples take turns in the generated file in runs of this many cells (default: one block each)",
+        help="samples take turns in the generated file in runs of this many cells "
+        "(default: one block each)",
     )
     ap.add_argument(
         "--keep", action="store_true", help="keep the workdir (default: delete it at the end)"
@@ -571,7 +577,8 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--compare-scgpt-style",
         action="store_true",
-        help="also time scGPT-style in-memory Preprocessor steps on the same cells.h5ad (untested; needs RAM ~ 50 bytes per non-zero)",
+        help="also time scGPT-style in-memory Preprocessor steps on the same cells.h5ad "
+        "(untested; needs RAM ~ 50 bytes per non-zero)",
     )
     ap.add_argument("--_stage", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -615,7 +622,8 @@ def main(argv=None) -> None:
     try:
         target = p["input" if args.ingest else "cells"]
         print(
-            f"generating {args.cells} cells x {args.genes} genes into {target} (log: generate.log)",
+            f"generating {args.cells} cells x {args.genes} genes into {target} "
+            "(log: generate.log)",
             flush=True,
         )
         spawn(
@@ -658,7 +666,8 @@ def main(argv=None) -> None:
             total += rec["wall_s"]
             print(
                 f"{name}: {rec['wall_s']:.1f}s wall, {rec['cells_per_s']:.0f} cells/s, "
-                f"peak RSS {rec['peak_rss_mb']:.0f} MB, cells {rec['cells_in']} -> {rec['cells_out']}",
+                f"peak RSS {rec['peak_rss_mb']:.0f} MB, cells {rec['cells_in']} -> "
+                f"{rec['cells_out']}",
                 flush=True,
             )
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -672,7 +681,8 @@ def main(argv=None) -> None:
             rec["cells_per_s"] = round(rec["cells_in"] / rec["wall_s"], 1)
             result["scgpt_style_inmemory"] = rec
             print(
-                f"scgpt-style in-memory: {rec['wall_s']:.1f}s wall, peak RSS {rec['peak_rss_mb']:.0f} MB",
+                f"scgpt-style in-memory: {rec['wall_s']:.1f}s wall, "
+                f"peak RSS {rec['peak_rss_mb']:.0f} MB",
                 flush=True,
             )
         result["total_wall_s"] = round(total, 1)

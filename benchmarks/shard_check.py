@@ -8,7 +8,8 @@ the file in the page cache:
   sha256     scllm.checks.file_sha256 of the file
   listed     scllm.tokens.read_listed_shard: sha256 + read + check + comparison with the manifest
 
-    python benchmarks/shard_check.py --cells 100000 --mean-length 500 --out benchmarks/results/shard_check.json
+    python benchmarks/shard_check.py --cells 100000 --mean-length 500 \\
+        --out benchmarks/results/shard_check.json
 """
 
 from __future__ import annotations

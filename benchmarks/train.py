@@ -16,8 +16,9 @@ padding shows up as lost throughput.
 
     python benchmarks/train.py --device cuda --manifest results/demo/shards/manifest.json \\
         --batch-size 32 128 --out benchmarks/results/train_cuda_pbmc3k.json
-    python benchmarks/train.py --device cpu --manifest results/demo/shards/manifest.json --cells 1000 \\
-        --batch-size 4 --warmup 2 --steps 4 --variants pad1201_fp32 grouped_fp32 grouped_bf16 compiled_bf16 \\
+    python benchmarks/train.py --device cpu --manifest results/demo/shards/manifest.json \\
+        --cells 1000 --batch-size 4 --warmup 2 --steps 4 \\
+        --variants pad1201_fp32 grouped_fp32 grouped_bf16 compiled_bf16 \\
         --out benchmarks/results/train_cpu_pbmc3k.json
 
 Cell lengths: resampled from a shard manifest's training cells (--manifest: real data), or a
@@ -249,9 +250,9 @@ def input_pipeline_rate(
 def step_overhead(args, device, steps: int = 20) -> dict:
     """Seconds per training step of a model with the benchmark's layer count but d_model 8, on
     2 cells of 8 tokens: the step's compute is negligible, so this is the fixed cost of running
-    a step eagerly (Python, dispatch, kernel launches, optimizer), counted in aten ops too. A step must carry enough cells
-    to amortise it: at this overhead, 8,000 cells/s leaves no time for compute below
-    8,000 x overhead cells per step."""
+    a step eagerly (Python, dispatch, kernel launches, optimizer), counted in aten ops too. A step
+    must carry enough cells to amortise it: at this overhead, 8,000 cells/s leaves no time for
+    compute below 8,000 x overhead cells per step."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
@@ -442,8 +443,9 @@ def main() -> None:
             else:
                 mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
                 print(
-                    f"{variant:14s} batch {bs:5d}: {row['cells_per_s']:9.1f} cells/s {row['tokens_per_s']:11.0f} "
-                    f"tokens/s {row['useful_tflops']:8.3f} TFLOP/s MFU {mfu} padding {row['padding_fraction']:.1%} "
+                    f"{variant:14s} batch {bs:5d}: {row['cells_per_s']:9.1f} cells/s "
+                    f"{row['tokens_per_s']:11.0f} tokens/s {row['useful_tflops']:8.3f} TFLOP/s "
+                    f"MFU {mfu} padding {row['padding_fraction']:.1%} "
                     f"attention {row['attention']}",
                     flush=True,
                 )

@@ -2,8 +2,9 @@
 artifact behind (neither the output nor its temporary).
 
 Covered elsewhere, not repeated here: non-integer counts and var without Ensembl ids
-(test_census.test_build_rejects_*), a cap below every sample (test_census.test_cap_below_every_sample),
-a truncated shard (test_tokens.test_truncated_shard_is_reported), vocab.json vs shards
+(test_census.test_build_rejects_*), a cap below every sample
+(test_census.test_cap_below_every_sample), a truncated shard
+(test_tokens.test_truncated_shard_is_reported), vocab.json vs shards
 (test_train.test_vocab_mismatch_names_both_hashes), unknown train settings
 (test_train.test_bad_settings_are_rejected), misspelt config keys and wrong types through snakemake
 (test_workflow.test_misspelt_config_key_is_rejected / test_invalid_config_value_*), and an offline
@@ -68,7 +69,7 @@ def sample(store, out: Path, **kwargs):
     )
 
 
-# --- the input h5ad and the Census ------------------------------------------------------------------
+# --- the input h5ad and the Census ---------------------------------------------------------------
 
 
 def test_negative_counts_in_a_layer_name_the_layer_setting(tmp_path):
@@ -233,13 +234,14 @@ def test_unknown_model_setting(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-# --- empty selections --------------------------------------------------------------------------------
+# --- empty selections ----------------------------------------------------------------------------
 
 
 def test_census_filter_matching_nothing(store, tmp_path):
     with pytest.raises(
         ValueError,
-        match=r"no cells match the Census filter \[tissue_general == 'brain'.*census\.tissue_general",
+        match=r"no cells match the Census filter \[tissue_general == 'brain'"
+        r".*census\.tissue_general",
     ):
         sample(store, tmp_path, tissue_general="brain")
     with pytest.raises(ValueError, match="census.tissue_general/disease"):
@@ -289,7 +291,7 @@ def test_hvg_and_binning_with_nothing_left(cells_h5ad, tmp_path):
     assert leftovers(tmp_path, "binned.h5ad") == []
 
 
-# --- damaged files -----------------------------------------------------------------------------------
+# --- damaged files -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -336,7 +338,7 @@ def test_truncated_shard_or_manifest_stops_pretrain_before_any_output(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-# --- vocabularies ------------------------------------------------------------------------------------
+# --- vocabularies --------------------------------------------------------------------------------
 
 
 def test_shards_and_model_with_different_vocabularies(tmp_path):

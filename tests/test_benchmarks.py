@@ -56,7 +56,8 @@ def test_training_benchmark_counts_cells_and_padding(tmp_path):
         assert round(row["cells_per_s"] * row["seconds"]) == 3 * 4
         assert row["tokens_per_s"] / row["cells_per_s"] >= 2
         assert row["mfu"] is None  # no MFU on a CPU
-        # torch's CPU fused kernel takes no attention dropout (0.2 here); update if torch lifts that.
+        # torch's CPU fused kernel takes no attention dropout (0.2 here); update if torch lifts
+        # that.
         assert row["attention"] == "math"
     # Both time the same cells; padded to 1,201 nearly all computed tokens are padding.
     mean_real = pad["tokens_per_s"] / pad["cells_per_s"]

@@ -1,4 +1,5 @@
-"""scGPT's per-cell quantile binning (bin_csr) and normalize_total, against plain reference code."""
+"""scGPT's per-cell quantile binning (bin_csr) and normalize_total, against plain reference
+code."""
 
 from __future__ import annotations
 
@@ -131,7 +132,8 @@ def test_tied_values_in_scgpt_range(n_bins):
         low, high = ref_allowed_range(nz, n_bins)
         bad = (got < low) | (got > high)
         assert not bad.any(), (
-            f"cell {i}: values {nz[bad][:5]} got bins {got[bad][:5]}, allowed {low[bad][:5]}..{high[bad][:5]}"
+            f"cell {i}: values {nz[bad][:5]} got bins {got[bad][:5]}, "
+            f"allowed {low[bad][:5]}..{high[bad][:5]}"
         )
         n_collapsed += int((high > low).sum())
     assert n_collapsed > 1000  # the data do exercise the tie rule

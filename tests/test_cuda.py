@@ -97,7 +97,8 @@ def test_training_forward_runs_a_fused_attention_kernel():
     ):
         kernels[precision] = attention_kernels(model, *inputs, autocast=autocast)
     report("attention_kernels_training_forward", kernels)
-    # With a padding mask, flash attention is not eligible; the memory-efficient or cuDNN kernel is.
+    # With a padding mask, flash attention is not eligible; the memory-efficient or cuDNN kernel
+    # is.
     assert kernels["bf16"] != "math" and set(kernels["bf16"].split(",")) <= set(
         FUSED_ATTENTION_OPS
     ), kernels

@@ -94,7 +94,7 @@ def model_dir(tmp_path_factory) -> Path:
     )
 
 
-# --- gene mapping and coverage ---------------------------------------------------------------------
+# --- gene mapping and coverage -------------------------------------------------------------------
 
 
 def test_map_genes_by_ensembl_column_symbols_or_var_names(model_dir):
@@ -163,7 +163,7 @@ def test_poor_gene_overlap_is_a_clear_error_with_the_coverage_figure(model_dir, 
     assert ad.read_h5ad(tmp_path / "out.h5ad").uns["scllm"]["coverage"] == pytest.approx(0.3)
 
 
-# --- binning as in training ---------------------------------------------------------------------------
+# --- binning as in training ----------------------------------------------------------------------
 
 
 def test_tokens_equal_the_pipelines_for_the_same_cells(tmp_path):
@@ -259,7 +259,7 @@ def test_binning_settings_come_from_args_or_defaults(model_dir, tmp_path):
         binning_settings(from_manifest)
 
 
-# --- embeddings --------------------------------------------------------------------------------------------
+# --- embeddings ----------------------------------------------------------------------------------
 
 
 def test_a_cell_gets_the_same_embedding_alone_and_in_a_batch(model_dir, tmp_path):
@@ -344,7 +344,8 @@ def test_in_memory_api_matches_the_cli_and_keeps_the_users_cells(model_dir, tmp_
     assert adata.uns["scllm"]["layer"] == "X"
     assert adata.uns["scllm"]["software"]["packages"]["torch"] == torch.__version__
 
-    # copy=True leaves the input alone; a dense layer and a view of some cells give the same vectors
+    # copy=True leaves the input alone; a dense layer and a view of some cells give the same
+    # vectors
     dense = ad.AnnData(
         X=np.zeros(counts.shape, np.float32),
         obs=adata.obs[[]].copy(),

@@ -1,4 +1,5 @@
-"""Evaluation metrics on cases with known answers, the PCA baseline's input, and the rule's outputs."""
+"""Evaluation metrics on cases with known answers, the PCA baseline's input, and the rule's
+outputs."""
 
 from __future__ import annotations
 
@@ -238,7 +239,7 @@ def test_evaluate_writes_table_and_umaps(tmp_path):
         )
 
 
-# --- held-out evaluation: cells the model never saw -------------------------------------------------
+# --- held-out evaluation: cells the model never saw ----------------------------------------------
 
 
 def heldout_files(root):
@@ -308,7 +309,8 @@ def test_heldout_evaluation_embeds_new_cells_and_fits_pca_on_them(tmp_path):
     labelled = labels != "unknown"
     rows = table.set_index("metric")
     assert rows.loc["knn_accuracy_cv", "cells"] == f"{labelled.sum()} (held out: new cells.h5ad)"
-    # The three types are separable from their gene blocks: the baseline on the same cells finds them.
+    # The three types are separable from their gene blocks: the baseline on the same cells finds
+    # them.
     assert (
         rows.loc["knn_accuracy_cv", "baseline"] == 1.0
         and rows.loc["leiden_ari", "baseline"] == 1.0
@@ -322,7 +324,8 @@ def test_heldout_evaluation_embeds_new_cells_and_fits_pca_on_them(tmp_path):
         emb.obsm["X_scllm"], ad.read_h5ad(tmp_path / "cli.h5ad").obsm["X_scllm"]
     )
     assert list(emb.obs_names) == [f"new{i}" for i in range(96)]
-    # The baseline's input: log1p(1e4 * counts / total over all 40 genes), vocabulary genes in token order.
+    # The baseline's input: log1p(1e4 * counts / total over all 40 genes), vocabulary genes in
+    # token order.
     rows_kept = np.flatnonzero(labelled)
     matrix = log_normalized_vocab_genes(h5ad, _vocab_columns(h5ad), rows_kept)
     expected = np.log1p(1e4 * counts[rows_kept, :30] / counts[rows_kept].sum(1, keepdims=True))

@@ -141,7 +141,7 @@ def wait_for_step(
     raise AssertionError(f"no step {step} within {timeout}s")
 
 
-# --- kill, preemption ---------------------------------------------------------------------------------
+# --- kill, preemption ----------------------------------------------------------------------------
 
 
 def test_sigkill_at_a_random_step_resumes_to_the_same_weights(shards, reference, tmp_path, caplog):
@@ -231,15 +231,15 @@ def test_sigusr1_checkpoints_and_stops_in_process(shards, reference, tmp_path, m
     assert_same_run(tmp_path, reference)
 
 
-# --- divergence ---------------------------------------------------------------------------------------
+# --- divergence ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fault", ["nan_loss", "inf_loss", "nan_weights"])
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     shards, reference, tmp_path, monkeypatch, fault
 ):
-    """From step 25 (epoch 2) on, the loss (or, with a finite loss, the gradients and so the weights)
-    is poisoned. The last checkpoint before it is step 24; epoch 1 gave best_model.pt."""
+    """From step 25 (epoch 2) on, the loss (or, with a finite loss, the gradients and so the
+    weights) is poisoned. The last checkpoint before it is step 24; epoch 1 gave best_model.pt."""
     calls = {"mse": 0, "clip": 0}
     masked_mse, clip = train_mod.masked_mse, torch.nn.utils.clip_grad_norm_
     train = dict(TRAIN)
@@ -296,7 +296,7 @@ def test_non_finite_loss_before_any_checkpoint(shards, tmp_path, monkeypatch):
     assert not (tmp_path / CHECKPOINT).exists() and not (tmp_path / "best_model.pt").exists()
 
 
-# --- atomic artifacts ---------------------------------------------------------------------------------
+# --- atomic artifacts ----------------------------------------------------------------------------
 
 
 class InjectedFault(Exception):
@@ -316,7 +316,8 @@ def fail_on_call(n: int, real):
 
 
 def test_a_failure_mid_stage_leaves_neither_the_artifact_nor_its_temporary(tmp_path, monkeypatch):
-    """Each streaming stage fails after writing part of its output, then runs for real to feed the next."""
+    """Each streaming stage fails after writing part of its output, then runs for real to feed
+    the next."""
     synthetic_source().write_h5ad(tmp_path / "source.h5ad")
     with monkeypatch.context() as m:
         m.setattr(census, "_write_table", fail_on_call(2, census._write_table))
@@ -431,7 +432,7 @@ def test_atomic_path_removes_what_a_killed_writer_left(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp4244", "cells.h5ad", "shards"]
 
 
-# --- loading checkpoints ------------------------------------------------------------------------------
+# --- loading checkpoints -------------------------------------------------------------------------
 
 
 class Payload:
@@ -445,7 +446,8 @@ class Payload:
 
 
 def test_checkpoints_load_with_weights_only(shards, reference, tmp_path, caplog):
-    """A checkpoint or model file holding an arbitrary pickled object is refused, and its code never runs."""
+    """A checkpoint or model file holding an arbitrary pickled object is refused, and its code
+    never runs."""
     from scllm.embedding import load_model
 
     marker = tmp_path / "payload_ran"

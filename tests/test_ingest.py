@@ -81,7 +81,8 @@ def reference(tmp_path_factory):
 
 
 def layout(name: str) -> tuple[ad.AnnData, dict, dict]:
-    """The synthetic source in one of the layouts users have; (AnnData, its build options, write options)."""
+    """The synthetic source in one of the layouts users have; (AnnData, its build options, write
+    options)."""
     src = synthetic_source()
     if name == "csc":
         src.X = sp.csc_matrix(src.X)

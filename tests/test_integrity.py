@@ -75,7 +75,8 @@ def shards(clean_shards, tmp_path) -> Path:
 
 @pytest.fixture
 def binned(tmp_path) -> Path:
-    """An h5ad with as many rows as the synthetic shards' cell_index needs (embed_shards reads its obs)."""
+    """An h5ad with as many rows as the synthetic shards' cell_index needs (embed_shards reads
+    its obs)."""
     obs = pd.DataFrame({"sample": "s"}, index=[f"c{i}" for i in range(40)])
     ad.AnnData(X=sp.csr_matrix((40, N_GENES), dtype=np.float32), obs=obs).write_h5ad(
         tmp_path / "binned.h5ad"
@@ -106,7 +107,7 @@ def embed_validation(model_dir: Path, manifest: Path, binned: Path, out: Path):
     return embed_shards(model_dir, manifest.parent, binned, out, cells="validation", device="cpu")
 
 
-# --- damaged shards: through a real pretrain run and through embed -------------------------------------
+# --- damaged shards: through a real pretrain run and through embed -------------------------------
 
 
 @pytest.mark.parametrize("dataset", ["offsets", "gene_ids", "values"])
@@ -213,7 +214,8 @@ def test_a_damaged_hdf5_header_and_an_unchecked_manifest_name_the_rerun_that_wor
 
 
 def test_python_m_scllm_train_refuses_in_one_paragraph(shards, tmp_path, flip_bytes):
-    """The entry point the multi-GPU rule uses; rule scripts share its error hook (setup_logging)."""
+    """The entry point the multi-GPU rule uses; rule scripts share its error hook
+    (setup_logging)."""
     flip_bytes(shards.parent / "train/shard_00000.h5", "gene_ids")
     params = tmp_path / "params.json"
     params.write_text(json.dumps({"model": TINY, "train": TRAIN}))
@@ -249,7 +251,7 @@ def test_python_m_scllm_train_refuses_in_one_paragraph(shards, tmp_path, flip_by
     assert not (tmp_path / "run").exists()
 
 
-# --- inputs of counts: scllm embed, build_local_census, sample_census -----------------------------------
+# --- inputs of counts: scllm embed, build_local_census, sample_census ----------------------------
 
 
 def write_counts(path: Path, X, obs_names=None, gene_ids=GENE_IDS) -> Path:

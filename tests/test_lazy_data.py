@@ -188,7 +188,8 @@ def test_a_damaged_listed_shard_is_refused_when_opened(tmp_path, flip_bytes):
 
 
 def test_training_on_lazy_shards_equals_training_in_memory(shards, tmp_path, monkeypatch):
-    """The same run with the split held in memory (as before) ends with the same weights, bit for bit."""
+    """The same run with the split held in memory (as before) ends with the same weights, bit for
+    bit."""
     train = {**TINY_TRAIN, "epochs": 2, "gene_emb_init": "pca"}
     lazy = train_mod.pretrain(shards, tmp_path / "lazy", TINY_MODEL, train)
 

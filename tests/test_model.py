@@ -28,7 +28,8 @@ CLS_ID, PAD_ID = N_GENES, N_GENES + 1
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    # Tiny tensors gain nothing from threads, and OpenMP threads spin badly on a busy 2-core machine.
+    # Tiny tensors gain nothing from threads, and OpenMP threads spin badly on a busy 2-core
+    # machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -51,7 +52,8 @@ def tiny_model(seed=0, **overrides) -> CellTransformer:
 
 
 def random_cells(n_cells, min_len=5, max_len=25, seed=0):
-    """Cells as (gene_ids, values) token arrays: <cls> then distinct genes with bins 1..N_BINS-1."""
+    """Cells as (gene_ids, values) token arrays: <cls> then distinct genes with bins
+    1..N_BINS-1."""
     rng = np.random.default_rng(seed)
     cells = []
     for _ in range(n_cells):
@@ -174,11 +176,14 @@ def test_config_rejects_bad_head_count():
 
 
 def test_import_scllm_does_not_import_torch():
-    code = "import sys, scllm; assert 'torch' not in sys.modules, 'torch imported'; assert callable(scllm.load_model)"
+    code = (
+        "import sys, scllm; assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert callable(scllm.load_model)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# --- cell-embedding readouts and objectives, each against a plain-Python computation ---------------
+# --- cell-embedding readouts and objectives, each against a plain-Python computation -------------
 
 
 @pytest.mark.parametrize("style", ["cls", "mean", "cls+mean", "sum"])

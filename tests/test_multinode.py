@@ -119,7 +119,8 @@ def assert_same_training(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def one_node(shards, tmp_path_factory) -> dict:
-    """Both processes under one launcher, as the pretrain rule starts them on one node: the reference."""
+    """Both processes under one launcher, as the pretrain rule starts them on one node: the
+    reference."""
     tmp = tmp_path_factory.mktemp("one_node")
     status = launch_training(
         train_args(shards, tmp / "run"),
@@ -166,8 +167,8 @@ def test_sigterm_on_one_node_checkpoints_every_node_and_resumes(shards, one_node
     procs[1].send_signal(signal.SIGTERM)  # the second node only
     assert finish(procs, tmp_path) == [PREEMPTED_EXIT_CODE] * 2, outputs(tmp_path)
     found = re.search(
-        r"stopped by (SIGTERM|a signal on another process) in epoch \d, batch \d+/10: checkpoint at "
-        r"step (\d+)",
+        r"stopped by (SIGTERM|a signal on another process) in epoch \d, batch \d+/10: "
+        r"checkpoint at step (\d+)",
         log.read_text(),
     )
     assert found, log.read_text()[-3000:]
@@ -187,10 +188,13 @@ def test_the_rules_launcher_starts_every_node_through_srun(shards, one_node, tmp
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho nodeA; echo nodeB\n")
-    # srun --overlap --nodes=N --ntasks=N ... --label CMD...: N copies of CMD, output prefixed "task: "
+    # srun --overlap --nodes=N --ntasks=N ... --label CMD...: N copies of CMD, output prefixed
+    # "task: "
     (bin_dir / "srun").write_text(
-        "#!/bin/bash\nn=1; while [[ $1 == -* ]]; do [[ $1 == --ntasks=* ]] && n=${1#--ntasks=}; shift; done\n"
-        'pids=(); for ((t=0; t<n; t++)); do SLURM_PROCID=$t "$@" 2>&1 | sed -u "s/^/$t: /" & pids+=($!); done\n'
+        "#!/bin/bash\n"
+        "n=1; while [[ $1 == -* ]]; do [[ $1 == --ntasks=* ]] && n=${1#--ntasks=}; shift; done\n"
+        'pids=(); for ((t=0; t<n; t++)); do SLURM_PROCID=$t "$@" 2>&1 | sed -u "s/^/$t: /" & '
+        "pids+=($!); done\n"
         'rc=0; for p in "${pids[@]}"; do wait $p || rc=$?; done; exit $rc\n'
     )
     for name in ("scontrol", "srun"):

@@ -135,7 +135,8 @@ def test_genes_left_out_of_a_view_are_scored_as_the_cells_not_as_unexpressed():
             ).item()
             == 0.0
         )
-    # Without the whole cells, the 10 genes each view leaves out would count as unexpressed (target 0).
+    # Without the whole cells, the 10 genes each view leaves out would count as unexpressed
+    # (target 0).
     assert gepc_profile_mse(perfect, batch["gene_ids"], batch["values"], batch["mask"]).item() > 0
 
 

@@ -80,7 +80,8 @@ def cluster_problem() -> str | None:
     missing = sorted({cpu, gpu} - set(gres))
     if missing:
         return (
-            f"the cluster has no partition {', '.join(missing)} (named in profiles/slurm/config.yaml); "
+            f"the cluster has no partition {', '.join(missing)} "
+            "(named in profiles/slurm/config.yaml); "
             f"this test runs on the test cluster of tests/slurm/start_local_slurm.sh"
         )
     if "gpu" not in gres[gpu]:
@@ -263,7 +264,8 @@ def test_results_equal_a_local_run(runs):
 
 
 def test_an_unedited_profile_is_refused_naming_the_three_values(workflow_copy):
-    """Needs no cluster: the check runs when the workflow is parsed, before any job is submitted."""
+    """Needs no cluster: the check runs when the workflow is parsed, before any job is
+    submitted."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
     workdir = workflow_copy
     proc = subprocess.run(

@@ -133,7 +133,7 @@ def test_vocab_mismatch_names_both_hashes(tmp_path):
     assert "tokenize_shards" in str(err.value)
 
 
-# --- pretrain --------------------------------------------------------------------------------------
+# --- pretrain ------------------------------------------------------------------------------------
 
 
 def test_pretrain_writes_every_artifact_and_rerun_is_a_noop(shards, tmp_path):
@@ -195,7 +195,8 @@ def test_pretrain_writes_every_artifact_and_rerun_is_a_noop(shards, tmp_path):
         "a finished run rewrote files"
     )
 
-    # Outputs deleted after completion (as Snakemake does before rerunning) come back without training.
+    # Outputs deleted after completion (as Snakemake does before rerunning) come back without
+    # training.
     (out / "best_model.pt").unlink()
     (out / "metrics.tsv").unlink()
     pretrain(shards, out, TINY_MODEL, TINY_TRAIN)
@@ -205,7 +206,8 @@ def test_pretrain_writes_every_artifact_and_rerun_is_a_noop(shards, tmp_path):
 
 def test_resume_is_bitwise_exact(shards, tmp_path):
     full = pretrain(shards, tmp_path / "a", TINY_MODEL, TINY_TRAIN)
-    # Stopped mid-epoch 1 (step 4 of 6), then mid-epoch 2 after a checkpoint (step 8), then finished.
+    # Stopped mid-epoch 1 (step 4 of 6), then mid-epoch 2 after a checkpoint (step 8), then
+    # finished.
     first = pretrain(shards, tmp_path / "b", TINY_MODEL, {**TINY_TRAIN, "max_steps": 4})
     assert first == {**first, "global_step": 4, "done": False}
     assert not (tmp_path / "b" / "best_model.pt").exists()
@@ -275,7 +277,7 @@ def test_bad_settings_are_rejected(shards, tmp_path):
         pretrain(shards, tmp_path, {**TINY_MODEL, "vocab_size": 99}, TINY_TRAIN)
 
 
-# --- using the model ------------------------------------------------------------------------------
+# --- using the model -----------------------------------------------------------------------------
 
 
 def test_load_model_and_embed_cells(shards, tmp_path):
@@ -300,7 +302,8 @@ def test_load_model_and_embed_cells(shards, tmp_path):
 
 
 def test_torchrun_two_processes_on_cpu(shards, tmp_path):
-    """DDP through torchrun with gloo: both ranks train in lock-step and rank 0 writes the outputs."""
+    """DDP through torchrun with gloo: both ranks train in lock-step and rank 0 writes the
+    outputs."""
     params = tmp_path / "params.json"
     params.write_text(json.dumps({"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 1}}))
     with socket.socket() as s:

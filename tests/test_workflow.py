@@ -60,7 +60,8 @@ def test_full_run_writes_every_artifact_and_logs_counts(demo_run):
     )
     # the demo's h5ad is read directly, in row blocks, with progress
     assert re.search(
-        r"ingest: read 2700/2700 cells of the input, wrote 2700/2700 chosen cells \(elapsed \d:\d\d:\d\d",
+        r"ingest: read 2700/2700 cells of the input, wrote 2700/2700 chosen cells "
+        r"\(elapsed \d:\d\d:\d\d",
         (logs / "sample_census.log").read_text(),
     )
     assert not (results / "census_store").exists()
@@ -147,9 +148,12 @@ def test_same_inputs_and_seed_give_byte_identical_shards(demo_run, tmp_path):
 # were rounded, AVX2 and AVX-512 machines ordered tied genes differently: other vocabularies.)
 PINNED_SHARDS = {
     "train/shard_00000.h5": "78463cc1e63e952b7d3b1c0f8d06016a9a5fde356c7933db75c6487ab08f11ff",
-    "validation/shard_00000.h5": "85b02a3cb1e73bf8d8d98c915ec04393d2e916cd78a96c77bf99bb75633a7406",
+    "validation/shard_00000.h5": (
+        "85b02a3cb1e73bf8d8d98c915ec04393d2e916cd78a96c77bf99bb75633a7406"
+    ),
 }
-# (row in the train shard, cell_index, tokens, first 8 gene ids, first 8 values, sum of ids, sum of values)
+# (row in the train shard, cell_index, tokens, first 8 gene ids, first 8 values, sum of ids,
+# sum of values)
 PINNED_CELLS = [
     (0, 0, 108, [1200, 3, 5, 7, 11, 12, 35, 37], [0, 38, 48, 45, 32, 15, 23, 44], 58787, 2839),
     (
@@ -189,7 +193,8 @@ def test_embedded_default_shards_are_the_pinned_bytes(demo_run):
 
 
 def test_a_cell_gets_the_pipelines_embedding_from_scllm_embed(demo_run):
-    """scllm.embed on the pipeline's filtered.h5ad (counts, all genes) reproduces embeddings.h5ad."""
+    """scllm.embed on the pipeline's filtered.h5ad (counts, all genes) reproduces
+    embeddings.h5ad."""
     import scllm
 
     results = demo_run / "results" / "demo"
@@ -262,7 +267,8 @@ def test_a_config_file_without_run_gets_its_own_results_folder(tmp_path):
         "results/mine/evaluation/metrics.tsv"
         in snakemake(workdir, "--configfile", named, "-n").stdout
     )
-    # --config run=... counts as setting it, and without config files the embedded default is the demo
+    # --config run=... counts as setting it, and without config files the embedded default is the
+    # demo
     forced = snakemake(workdir, "--configfile", "my experiment.yaml", "--config", "run=demo", "-n")
     forced = forced.stdout + forced.stderr
     assert "results/demo/evaluation/metrics.tsv" in forced and "not set" not in forced

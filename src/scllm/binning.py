@@ -157,7 +157,8 @@ def normalize_bin(
     missing = ~hvgs["feature_id"].isin(adata.var_names)
     if missing.any():
         raise ValueError(
-            f"{missing.sum()} HVGs are not genes of {in_h5ad} (e.g. {hvgs.feature_id[missing].head(3).tolist()}); "
+            f"{missing.sum()} HVGs are not genes of {in_h5ad} "
+            f"(e.g. {hvgs.feature_id[missing].head(3).tolist()}); "
             "the HVG table belongs to another run: rerun select_hvg"
         )
     columns = adata.var_names.get_indexer(hvgs["feature_id"])
@@ -186,7 +187,8 @@ def normalize_bin(
             log.info("normalize_bin: %d/%d cells", stop, n_cells)
         if not keep_cells.any():
             raise ValueError(
-                f"no cell expresses >= normalize_bin.min_expressed_hvgs={min_expressed_hvgs} HVGs (the most any "
+                "no cell expresses >= normalize_bin.min_expressed_hvgs="
+                f"{min_expressed_hvgs} HVGs (the most any "
                 f"cell has is {n_expressed.max()}); lower normalize_bin.min_expressed_hvgs"
             )
         obs = adata.obs.loc[keep_cells].copy()
@@ -194,7 +196,8 @@ def normalize_bin(
         writer.set_obs(obs)
     adata.file.close()
     log.info(
-        "normalize_bin: cells %d -> %d (dropped %d with < %d expressed HVGs), %d HVGs, %d bins in %.1fs",
+        "normalize_bin: cells %d -> %d (dropped %d with < %d expressed HVGs), %d HVGs, "
+        "%d bins in %.1fs",
         n_cells,
         keep_cells.sum(),
         n_cells - keep_cells.sum(),

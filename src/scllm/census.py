@@ -73,21 +73,23 @@ def open_census(version: str | None = None, uri: str | None = None):
     if uri is not None:
         if not Path(uri).exists() and "://" not in str(uri):
             raise CensusUnavailableError(
-                f"no Census-shaped store at census.uri={uri!r}; build one with `scllm build-census`"
+                f"no Census-shaped store at census.uri={uri!r}; "
+                "build one with `scllm build-census`"
             )
         return cellxgene_census.open_soma(uri=str(uri), tiledb_config=READ_BUFFERS)
     try:
         return cellxgene_census.open_soma(census_version=version, tiledb_config=READ_BUFFERS)
     except ValueError as err:  # raised for a version the release directory does not list
         raise CensusUnavailableError(
-            f"census.census_version={version!r} is not a Census release ({err}). Pick a dated release "
+            f"census.census_version={version!r} is not a Census release ({err}). "
+            "Pick a dated release "
             "from cellxgene_census.get_census_version_directory(), e.g. '2025-01-30'."
         ) from err
     except OSError as err:  # requests' ConnectionError and friends
         raise CensusUnavailableError(
-            f"The CELLxGENE Census cannot be reached (census_version={version!r}): {type(err).__name__}. "
-            "Check network access to the Census, or use a local copy (census.source: uri, census.uri: PATH). "
-            + EMBEDDED_DEFAULT_HINT
+            f"The CELLxGENE Census cannot be reached (census_version={version!r}): "
+            f"{type(err).__name__}. Check network access to the Census, or use a local copy "
+            "(census.source: uri, census.uri: PATH). " + EMBEDDED_DEFAULT_HINT
         ) from err
 
 
@@ -122,7 +124,8 @@ def choose_samples(cells: pd.DataFrame, max_cells: int, seed: int) -> pd.DataFra
     smallest = int(samples["n_cells"].min())
     if smallest > max_cells:
         raise ValueError(
-            f"census.max_cells={max_cells} is smaller than every sample (the smallest has {smallest} cells), "
+            f"census.max_cells={max_cells} is smaller than every sample "
+            f"(the smallest has {smallest} cells), "
             "so no whole sample fits. Raise census.max_cells."
         )
     order = np.random.default_rng(seed).permutation(len(samples))
@@ -245,7 +248,8 @@ def _obs_columns_to_read(exp, disease: str | None) -> list[str]:
         raise ValueError(
             f"the Census obs lacks columns {missing}, which sampling needs"
             + (
-                " (disease only for the census.disease filter: set census.disease: null to drop it)"
+                " (disease only for the census.disease filter: "
+                "set census.disease: null to drop it)"
                 if missing == ["disease"]
                 else ""
             )
@@ -326,9 +330,9 @@ def sample_h5ad(
 
     The input is read once, in row blocks of at most ``chunk_size`` cells and ``block_nnz``
     values; each block's chosen cells go straight to their rows in cells.h5ad, whose layout
-    (sample by sample) is known from the row lengths before any value is read. Memory: obs, var and one block. A CSC
-    matrix cannot be read by rows; it goes through a temporary local Census instead (slower,
-    same memory bound).
+    (sample by sample) is known from the row lengths before any value is read. Memory: obs, var
+    and one block. A CSC matrix cannot be read by rows; it goes through a temporary local Census
+    instead (slower, same memory bound).
     """
     # One pass gives what two steps would: build_local_census on the file (as primary data;
     # tissue_general and disease filled in from the filter where the file lacks them), then
@@ -381,8 +385,9 @@ def _sample_in_one_pass(h5ad_path, out_h5ad, out_samples, build: dict, sample: d
         )
         if matrix.layout == "csc":
             log.info(
-                "%s stores %s column by column (CSC), which cannot be read by cells: going through a "
-                "temporary local Census (write your h5ad as CSR to skip this step)",
+                "%s stores %s column by column (CSC), which cannot be read by cells: "
+                "going through a temporary local Census "
+                "(write your h5ad as CSR to skip this step)",
                 h5ad_path,
                 matrix.name,
             )
@@ -516,7 +521,8 @@ def _census_var(exp, where: str) -> pd.DataFrame:
     var = var.sort_values("soma_joinid", ignore_index=True)
     if not np.array_equal(var["soma_joinid"].to_numpy(), np.arange(len(var))):
         raise ValueError(
-            f"{where} numbers its genes (var soma_joinid) with gaps; a Census numbers them 0..n-1. "
+            f"{where} numbers its genes (var soma_joinid) with gaps; "
+            "a Census numbers them 0..n-1. "
             "Build the store with `scllm build-census`."
         )
     var.index = pd.Index(var["feature_id"].astype(str).values, name=None)
@@ -548,13 +554,15 @@ def _matching_cells(
 
 
 class _RowLengthsChanged(Exception):
-    """A row held stored zeros or repeated genes: its length in cells.h5ad is not its stored one."""
+    """A row held stored zeros or repeated genes: its length in cells.h5ad is not its stored
+    one."""
 
 
 def _write_cells(
     out_h5ad, row_nnz, matrix, out_row, var, uns, obs, block_nnz, chunk_size, source
 ) -> None:
-    """cells.h5ad with X sized for ``row_nnz`` values per row, filled in one pass over the input."""
+    """cells.h5ad with X sized for ``row_nnz`` values per row, filled in one pass over the
+    input."""
     with atomic_path(out_h5ad) as tmp, CSRWriter(tmp, var=var, uns=uns) as writer:
         writer.reserve(row_nnz)
         _scatter_rows(matrix, out_row, writer, block_nnz, chunk_size, source)
@@ -638,9 +646,10 @@ def _read_rows(X, joinids: np.ndarray, n_vars: int, chunk_size: int):
     Reads the SOMA array by cell soma_joinid and builds each CSR block itself. The array's own
     order is asked for (``result_order="auto"``): asking TileDB for row-major order made it
     sort, 16x slower than the read itself; a store from build_local_census is stored in
-    (cell, gene) order anyway. ``axis_query(...).X(...).blockwise(...)`` gives the same blocks but re-indexes
-    every one with pyarrow, which took 40% of this stage (21 of 55 s for 300k cells). A run of
-    consecutive cells (a sample of a local store) is read as one range, not as point lookups.
+    (cell, gene) order anyway. ``axis_query(...).X(...).blockwise(...)`` gives the same blocks
+    but re-indexes every one with pyarrow, which took 40% of this stage (21 of 55 s for 300k
+    cells). A run of consecutive cells (a sample of a local store) is read as one range, not as
+    point lookups.
     """
     for start in range(0, len(joinids), chunk_size):
         chunk = joinids[start : start + chunk_size]
@@ -675,7 +684,9 @@ def _read_rows(X, joinids: np.ndarray, n_vars: int, chunk_size: int):
                 (data.astype(np.float32, copy=False), cols.astype(np.int32), indptr),
                 shape=(len(chunk), n_vars),
             )
-        else:  # a store tiled across genes (the Census): scipy's linear COO -> CSR, then per-row sorts
+        else:
+            # a store tiled across genes (the Census): scipy's linear COO -> CSR, then per-row
+            # sorts
             block = sp.csr_matrix(
                 (data, (position, cols)), shape=(len(chunk), n_vars), dtype=np.float32
             )
@@ -766,7 +777,8 @@ def build_local_census(
             _write_census_info(tmp, h5ad_path, len(obs), datasets, dataset_title, citation, soma)
             nnz = _write_experiment(tmp, organism, obs, var, matrix, block_nnz, source, soma)
     log.info(
-        "build_local_census: %d cells x %d genes in, %d cells x %d genes (%d non-zeros) in the store, %.1fs",
+        "build_local_census: %d cells x %d genes in, %d cells x %d genes (%d non-zeros) "
+        "in the store, %.1fs",
         source.n_obs,
         source.n_vars,
         len(obs),
@@ -907,7 +919,8 @@ def _counts_fix(source) -> str:
     """What to do when the chosen matrix holds something other than raw counts."""
     layers = source.layers
     return (
-        ": point census.h5ad.counts_layer (scllm build-census --counts-layer) at the layer holding raw counts"
+        ": point census.h5ad.counts_layer (scllm build-census --counts-layer) "
+        "at the layer holding raw counts"
         + (f" (this file has layers {layers})" if layers else "")
         + (", or write the counts of adata.raw into X" if source.has_raw else "")
     )
@@ -1068,11 +1081,13 @@ def _ensembl_ids(source: H5adInput, gene_id_column: str | None) -> np.ndarray:
             return np.array([v.split(".")[0] for v in values])  # drop Ensembl version suffixes
         if gene_id_column:
             raise ValueError(
-                f"var[{gene_id_column!r}] (census.h5ad.gene_id_column) does not hold Ensembl gene ids "
-                f"(e.g. {values[:3].tolist()}); name a var column of Ensembl ids (ENSG...) instead"
+                f"var[{gene_id_column!r}] (census.h5ad.gene_id_column) "
+                f"does not hold Ensembl gene ids (e.g. {values[:3].tolist()}); "
+                "name a var column of Ensembl ids (ENSG...) instead"
             )
     raise ValueError(
-        "no Ensembl gene ids found in var (looked at columns feature_id, gene_ids, gene_id, ensembl_id and "
-        "var_names). Genes are keyed on Ensembl ids: add them (e.g. map symbols to ENSG ids), or name the "
-        "column that holds them with census.h5ad.gene_id_column (--gene-id-column)."
+        "no Ensembl gene ids found in var (looked at columns feature_id, gene_ids, gene_id, "
+        "ensembl_id and var_names). Genes are keyed on Ensembl ids: add them (e.g. map symbols "
+        "to ENSG ids), or name the column that holds them with census.h5ad.gene_id_column "
+        "(--gene-id-column)."
     )

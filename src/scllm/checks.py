@@ -50,8 +50,9 @@ def check_counts(values: np.ndarray, where: str, fix: str = "", *, integer: bool
         what = "non-negative integer counts"
     else:
         need = (
-            "Embedding needs raw counts or normalized (log-transformed) values, not scaled or centred data "
-            "and no missing values" + (fix or ": use the raw count matrix of your data")
+            "Embedding needs raw counts or normalized (log-transformed) values, not scaled or "
+            "centred data and no missing values"
+            + (fix or ": use the raw count matrix of your data")
         )
         what = "finite non-negative values"
     raise InputError(
@@ -106,9 +107,9 @@ def check_gene_ids(gene_ids, where: str) -> None:
     if gene_ids.has_duplicates:
         dup = gene_ids[gene_ids.duplicated()].unique()
         raise InputError(
-            f"{where}: {len(dup)} gene id(s) occur more than once (e.g. {dup[:3].tolist()}); genes are "
-            "keyed on Ensembl ids, so each must name one column. Sum or drop the duplicate columns "
-            "(e.g. adata[:, ~adata.var_names.duplicated()]) and rerun."
+            f"{where}: {len(dup)} gene id(s) occur more than once (e.g. {dup[:3].tolist()}); "
+            "genes are keyed on Ensembl ids, so each must name one column. Sum or drop the "
+            "duplicate columns (e.g. adata[:, ~adata.var_names.duplicated()]) and rerun."
         )
 
 
@@ -125,8 +126,9 @@ def unique_cell_ids(cell_ids, where: str) -> pd.Index:
     dup = cell_ids[cell_ids.duplicated()].unique()
     unique = make_index_unique(cell_ids, join="-")
     log.warning(
-        "%s: %d cell id(s) occur more than once (e.g. %s); made unique as anndata's obs_names_make_unique "
-        "does: repeats get -1, -2, ... appended (e.g. %s). Give the cells unique ids to choose your own.",
+        "%s: %d cell id(s) occur more than once (e.g. %s); made unique as anndata's "
+        "obs_names_make_unique does: repeats get -1, -2, ... appended (e.g. %s). Give the cells "
+        "unique ids to choose your own.",
         where,
         len(dup),
         dup[:3].tolist(),
@@ -154,11 +156,12 @@ def load_torch_file(path: str | Path, fix: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        # from None: torch's own text suggests loading it unsafely, which is exactly what must not happen
+        # from None: torch's own text suggests loading it unsafely, which is exactly what must not
+        # happen
         raise UnsafeFileError(
-            f"{path} is not a checkpoint of this project: it holds Python objects other than tensors and plain "
-            "values, which could run code when unpickled. It was not loaded and must not be loaded. "
-            + fix
+            f"{path} is not a checkpoint of this project: it holds Python objects other than "
+            "tensors and plain values, which could run code when unpickled. It was not loaded and "
+            "must not be loaded. " + fix
         ) from None
     except FileNotFoundError:
         raise

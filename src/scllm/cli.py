@@ -29,7 +29,8 @@ def _build_census(args: argparse.Namespace) -> None:
         organism=args.organism,
     )
     print(
-        f"Wrote a Census-shaped store to {args.out}. Use it with census.source: uri and census.uri: {args.out}"
+        f"Wrote a Census-shaped store to {args.out}. "
+        f"Use it with census.source: uri and census.uri: {args.out}"
     )
 
 
@@ -48,8 +49,9 @@ def _embed(args: argparse.Namespace) -> None:
         device=args.device,
     )
     print(
-        f"Embedded {summary['n_cells']} cells with {args.model_dir}: vocabulary coverage {summary['n_found']}/"
-        f"{summary['n_vocab']} ({summary['coverage']:.1%}), genes matched by {summary['gene_match']}. "
+        f"Embedded {summary['n_cells']} cells with {args.model_dir}: vocabulary coverage "
+        f"{summary['n_found']}/{summary['n_vocab']} ({summary['coverage']:.1%}), "
+        f"genes matched by {summary['gene_match']}. "
         f"Wrote obsm['X_scllm'] ({summary['n_cells']} x {summary['dim']}) and obs to {args.out}"
     )
 
@@ -75,9 +77,9 @@ def _add_build_census(commands) -> None:
     build = commands.add_parser(
         "build-census",
         help="build a local Census-shaped SOMA store from an h5ad of raw counts",
-        description="Write a SOMA store with the CELLxGENE Census layout from an h5ad of raw counts, "
-        "so the pipeline samples your cells through the same code path as the real Census. "
-        "Census obs columns already in the file (dataset_id, donor_id, tissue_general, "
+        description="Write a SOMA store with the CELLxGENE Census layout from an h5ad of raw "
+        "counts, so the pipeline samples your cells through the same code path as the real "
+        "Census. Census obs columns already in the file (dataset_id, donor_id, tissue_general, "
         "is_primary_data, disease, cell_type) are kept; the options fill in missing ones.",
     )
     build.add_argument("h5ad", help="input h5ad with raw integer counts in X (or --counts-layer)")
@@ -102,11 +104,13 @@ def _add_build_census(commands) -> None:
 def _add_embed(commands) -> None:
     embed = commands.add_parser(
         "embed",
-        help="embed the cells of an h5ad with a pretrained model (cell embeddings in obsm['X_scllm'])",
-        description="Map the genes of an h5ad to the model's vocabulary (Ensembl ids in var_names or a var "
-        "column, or symbols as in the model's genes.tsv), normalize and bin each cell as in training, and "
-        "write the cell embeddings to obsm['X_scllm'] of OUT (with the input's obs). Reads the input in row "
-        "chunks. Fails with the coverage figure if too few vocabulary genes are found.",
+        help="embed the cells of an h5ad with a pretrained model "
+        "(cell embeddings in obsm['X_scllm'])",
+        description="Map the genes of an h5ad to the model's vocabulary (Ensembl ids in var_names "
+        "or a var column, or symbols as in the model's genes.tsv), normalize and bin each cell as "
+        "in training, and write the cell embeddings to obsm['X_scllm'] of OUT (with the input's "
+        "obs). Reads the input in row chunks. Fails with the coverage figure if too few "
+        "vocabulary genes are found.",
     )
     embed.add_argument(
         "model_dir",

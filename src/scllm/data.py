@@ -57,7 +57,8 @@ class RaggedCells:
 
 
 class ShardDataset:
-    """All cells of one split of a shard manifest, in manifest order, read from the shards on demand.
+    """All cells of one split of a shard manifest, in manifest order, read from the shards on
+    demand.
 
     Only the cells' lengths (2 bytes a cell) stay in memory: they are all the length-grouped
     sampler needs. ``cells(indices)`` reads a batch's tokens from the shard files when the batch is
@@ -71,7 +72,8 @@ class ShardDataset:
         self.manifest = manifest = read_manifest(manifest_path)
         if split not in manifest.get("splits", {}):
             raise ValueError(
-                f"{manifest_path} has no split {split!r} (has {sorted(manifest.get('splits', {}))})"
+                f"{manifest_path} has no split {split!r} "
+                f"(has {sorted(manifest.get('splits', {}))})"
             )
         check_vocab(manifest, manifest_path.parent / "vocab.json", manifest_path)
         self.split = split
@@ -82,7 +84,8 @@ class ShardDataset:
         # cell i of the split is cell i - first_cell[k] of shard k
         self.first_cell = np.zeros(len(self.shards) + 1, dtype=np.int64)
         np.cumsum([s.n_cells for s in self.shards], out=self.first_cell[1:])
-        # A cell has at most n_genes + 1 tokens: int16 (2 bytes a cell) unless the vocabulary is huge.
+        # A cell has at most n_genes + 1 tokens: int16 (2 bytes a cell) unless the vocabulary is
+        # huge.
         dtype = np.int16 if int(manifest["n_genes"]) < np.iinfo(np.int16).max else np.int32
         self.lengths = np.empty(
             self.first_cell[-1], dtype=dtype
@@ -114,7 +117,8 @@ class ShardDataset:
 
 
 def check_vocab(manifest: dict, vocab_path: Path, manifest_path) -> dict[str, int]:
-    """Read vocab.json next to the manifest and make sure it is the one the shards were built with."""
+    """Read vocab.json next to the manifest and make sure it is the one the shards were built
+    with."""
     vocab = read_vocab(vocab_path)
     actual = vocab_sha256(vocab)
     if actual != manifest["vocab_sha256"]:
@@ -195,7 +199,8 @@ class LengthGroupedBatchSampler:
 
 class Batches(Sequence):
     """A list of batches without a list: batch k is ``order[bounds[j]:bounds[j + 1]]`` with
-    ``j = picked[k]`` (a view, not a copy). Slicing gives another ``Batches`` over the same order."""
+    ``j = picked[k]`` (a view, not a copy). Slicing gives another ``Batches`` over the same
+    order."""
 
     def __init__(self, order: np.ndarray, bounds: np.ndarray, picked: np.ndarray):
         self.order, self.bounds, self.picked = order, bounds, picked
@@ -242,7 +247,8 @@ def mask_values(
 
 
 def lowest_per_row(scores: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Boolean mask of the ``k[r]`` lowest scores of each row r; among equal scores, the first ones.
+    """Boolean mask of the ``k[r]`` lowest scores of each row r; among equal scores, the first
+    ones.
 
     The positions scoring at most the row's k-th lowest score: one np.sort of the values, several
     times faster than an argsort on the CPU. Only an exact tie at that score (float64 draws:
@@ -300,7 +306,8 @@ def training_batch(
 def gene_subset(
     gene_ids: np.ndarray, values: np.ndarray, fraction: float, generator: torch.Generator
 ):
-    """``<cls>`` and a random ``fraction`` of a cell's gene tokens (at least one), in their order."""
+    """``<cls>`` and a random ``fraction`` of a cell's gene tokens (at least one), in their
+    order."""
     n = len(gene_ids) - 1
     if n < 2:
         return gene_ids, values

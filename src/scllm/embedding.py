@@ -49,9 +49,9 @@ MIN_COVERAGE = EmbedConfig.min_coverage
 DEFAULT_BINNING = {"seed": 0, "target_sum": 1e4, "log1p": False}
 # How to get a good best_model.pt back (load_model's refusals).
 MODEL_FIX = (
-    "If the directory is this pipeline's pretrain output, delete best_model.pt and rerun snakemake: "
-    "pretrain rewrites it from last_checkpoint.pt. Otherwise get the model directory again from a source "
-    "you trust."
+    "If the directory is this pipeline's pretrain output, delete best_model.pt and rerun "
+    "snakemake: pretrain rewrites it from last_checkpoint.pt. Otherwise get the model directory "
+    "again from a source you trust."
 )
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
@@ -71,7 +71,8 @@ def load_model(model_dir, device="cpu") -> tuple[CellTransformer, dict[str, int]
     expected = args.get("data", {}).get("vocab_sha256")
     if expected and vocab_sha256(vocab) != expected:
         raise ValueError(
-            f"{model_dir}/vocab.json has sha256 {vocab_sha256(vocab)} but args.json records {expected}; "
+            f"{model_dir}/vocab.json has sha256 {vocab_sha256(vocab)} but args.json records "
+            f"{expected}; "
             "the directory mixes files of different runs"
         )
     model = CellTransformer(ModelConfig(**args["model"]))
@@ -98,8 +99,9 @@ def _as_cells(cells) -> RaggedCells:
         return RaggedCells(cells.offsets, cells.gene_ids, cells.values)
     if not isinstance(cells, (tuple, list)) or len(cells) != 3:
         raise TypeError(
-            f"cannot embed a {type(cells).__name__}: pass a shard path, a Shard, a RaggedCells or an "
-            "(offsets, gene_ids, values) tuple (a ShardDataset reads its shards lazily: pass their paths)"
+            f"cannot embed a {type(cells).__name__}: pass a shard path, a Shard, a RaggedCells "
+            "or an (offsets, gene_ids, values) tuple (a ShardDataset reads its shards lazily: "
+            "pass their paths)"
         )
     offsets, gene_ids, values = cells
     return RaggedCells(offsets, gene_ids, values)
@@ -119,8 +121,8 @@ def embed_shard_cells(
         expected = getattr(model, "vocab_sha256", None)
         if expected and shard.attrs.get("vocab_sha256", expected) != expected:
             raise ValueError(
-                f"{cells} was tokenized with vocabulary {shard.attrs['vocab_sha256']} but the model "
-                f"uses {expected}; tokenize the cells with the model's vocab.json"
+                f"{cells} was tokenized with vocabulary {shard.attrs['vocab_sha256']} "
+                f"but the model uses {expected}; tokenize the cells with the model's vocab.json"
             )
         cells = shard
     cells = _as_cells(cells)
@@ -152,8 +154,9 @@ def _check_tokens(cells: RaggedCells, cfg) -> None:
         )
     if values.min() < min(cfg.mask_value, 0) or values.max() > cfg.n_bins - 1:
         raise InputError(
-            f"token values lie outside the model's bins 0..{cfg.n_bins - 1} and mask {cfg.mask_value} (found "
-            f"{int(values.min())}..{int(values.max())}); bin the cells with the model's n_bins"
+            f"token values lie outside the model's bins 0..{cfg.n_bins - 1} and mask "
+            f"{cfg.mask_value} (found {int(values.min())}..{int(values.max())}); "
+            "bin the cells with the model's n_bins"
         )
 
 
@@ -202,8 +205,9 @@ def embed_shards(
     manifest = read_manifest(shards_dir / "manifest.json")
     if manifest["vocab_sha256"] != model.vocab_sha256:
         raise ValueError(
-            f"{shards_dir} was tokenized with vocabulary {manifest['vocab_sha256']} but the model in "
-            f"{model_dir} uses {model.vocab_sha256}; rerun pretrain on these shards"
+            f"{shards_dir} was tokenized with vocabulary {manifest['vocab_sha256']} "
+            f"but the model in {model_dir} uses {model.vocab_sha256}; "
+            "rerun pretrain on these shards"
         )
     splits = ["validation"] if cells == "validation" else sorted(manifest["splits"])
     missing = [s for s in splits if not manifest["splits"].get(s)]
@@ -284,7 +288,10 @@ class GeneMapping:
         return self.n_found / max(self.n_vocab, 1)
 
     def describe(self) -> str:
-        return f"{self.n_found} of {self.n_vocab} vocabulary genes ({self.coverage:.1%}), matched by {self.source}"
+        return (
+            f"{self.n_found} of {self.n_vocab} vocabulary genes ({self.coverage:.1%}), "
+            f"matched by {self.source}"
+        )
 
 
 def model_genes(model_dir, vocab: dict[str, int]) -> pd.DataFrame:
@@ -482,9 +489,9 @@ def _model_for_embedding(model_dir, device: str):
     binning, binning_source = binning_settings(args, model_dir)
     if binning_source == "defaults":
         log.warning(
-            "%s/args.json records no binning settings; binning with n_bins=%d (the model's) and the pipeline "
-            "defaults seed=%d, target_sum=%g, log1p=%s (seed only decides ties; target_sum and log1p do not "
-            "change the bins)",
+            "%s/args.json records no binning settings; binning with n_bins=%d (the model's) and "
+            "the pipeline defaults seed=%d, target_sum=%g, log1p=%s (seed only decides ties; "
+            "target_sum and log1p do not change the bins)",
             model_dir,
             binning["n_bins"],
             binning["seed"],
@@ -503,12 +510,13 @@ def _checked_mapping(
     model_dir,
     min_coverage: float,
 ) -> GeneMapping:
-    """``map_genes``, refused (GeneCoverageError) below ``min_coverage`` with what to do about it."""
+    """``map_genes``, refused (GeneCoverageError) below ``min_coverage`` with what to do about
+    it."""
     mapping = map_genes(var, genes, gene_id_column)
     if mapping.n_duplicated:
         log.warning(
-            "embed: %d vocabulary genes match more than one column of %s (%s); the first column of each "
-            "is used",
+            "embed: %d vocabulary genes match more than one column of %s (%s); the first column "
+            "of each is used",
             mapping.n_duplicated,
             where,
             mapping.source,
@@ -522,13 +530,16 @@ def _checked_mapping(
     )
     if mapping.coverage < min_coverage:
         raise GeneCoverageError(
-            f"{where}: vocabulary coverage {mapping.coverage:.1%} is below the minimum {min_coverage:.0%}: only "
-            f"{mapping.describe()} (best of var_names and the text columns of var; missing e.g. "
-            f"{', '.join(mapping.missing_examples)}). Missing genes look unexpressed to the model, so these embeddings "
-            "would not be comparable to those of the training cells. To fix: keep all genes of your data (do not subset "
-            "to your own highly variable genes before embedding) and identify them the way the model does: Ensembl ids "
-            "(e.g. ENSG00000163736) in var_names or a var column (--gene-id-column COLUMN), or symbols as in the "
-            f"feature_name column of {Path(model_dir) / 'genes.tsv'}. --min-coverage lowers the threshold at your own risk."
+            f"{where}: vocabulary coverage {mapping.coverage:.1%} is below the minimum "
+            f"{min_coverage:.0%}: only {mapping.describe()} (best of var_names and the text "
+            f"columns of var; missing e.g. {', '.join(mapping.missing_examples)}). Missing genes "
+            "look unexpressed to the model, so these embeddings would not be comparable to those "
+            "of the training cells. To fix: keep all genes of your data (do not subset to your "
+            "own highly variable genes before embedding) and identify them the way the model "
+            "does: Ensembl ids (e.g. ENSG00000163736) in var_names or a var column "
+            "(--gene-id-column COLUMN), or symbols as in the feature_name column of "
+            f"{Path(model_dir) / 'genes.tsv'}. --min-coverage lowers the threshold at your own "
+            "risk."
         )
     if mapping.coverage < 0.9:
         log.warning(
@@ -551,8 +562,9 @@ def _embed_rows(
     batch_size: int,
     chunk_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, vocabulary genes expressed per cell) of the cells that ``read_rows(start, stop)``
-    returns as sparse or dense count blocks, ``chunk_size`` cells at a time."""
+    """(embeddings, vocabulary genes expressed per cell) of the cells that
+    ``read_rows(start, stop)`` returns as sparse or dense count blocks, ``chunk_size`` cells at a
+    time."""
     from scllm.io import Progress, row_chunks
 
     embeddings = np.zeros((n_cells, model.cell_emb_dim), dtype=np.float32)
@@ -571,9 +583,9 @@ def _embed_rows(
         if not non_integer and counts.nnz and not np.all(np.mod(counts.data, 1) == 0):
             non_integer = True
             log.info(
-                "embed: %s holds non-integer values (normalized?); per-cell scaling and log1p keep each "
-                "value's quantile bin, but tied values may be spread over their bins differently than "
-                "from raw counts",
+                "embed: %s holds non-integer values (normalized?); per-cell scaling and log1p "
+                "keep each value's quantile bin, but tied values may be spread over their bins "
+                "differently than from raw counts",
                 where,
             )
         offsets, gene_ids, values = tokenize_counts(counts, mapping, n_genes, binning)
@@ -583,8 +595,8 @@ def _embed_rows(
     empty = int((n_tokens == 0).sum())
     if empty:
         log.warning(
-            "embed: %d cells express none of the vocabulary genes (their embedding says nothing of the cell; obs "
-            "scllm_n_genes == 0)",
+            "embed: %d cells express none of the vocabulary genes (their embedding says nothing "
+            "of the cell; obs scllm_n_genes == 0)",
             empty,
         )
     return embeddings, n_tokens
@@ -630,13 +642,14 @@ def embed(
 ):
     """Embed the cells of an AnnData in memory (or backed) with a pretrained model, scanpy style.
 
-    Adds ``adata.obsm[key_added]`` (cells x embedding dim), ``adata.obs["scllm_n_genes"]`` (vocabulary
-    genes each cell expresses) and ``adata.uns["scllm"]`` (model, gene matching, binning); obs
-    names and everything else stay as they are. Counts come from X or ``layer``, sparse or dense,
-    raw counts preferred; genes are matched to the model's vocabulary as ``scllm embed`` does
-    (var_names or a var column; ``gene_id_column`` to choose). Returns None, or the annotated copy
-    with ``copy=True``. The same cell gets the same embedding here, in ``scllm embed`` and alone or
-    in any batch, and the pipeline's own embeddings (the tie-break draws are keyed on its counts).
+    Adds ``adata.obsm[key_added]`` (cells x embedding dim), ``adata.obs["scllm_n_genes"]``
+    (vocabulary genes each cell expresses) and ``adata.uns["scllm"]`` (model, gene matching,
+    binning); obs names and everything else stay as they are. Counts come from X or ``layer``,
+    sparse or dense, raw counts preferred; genes are matched to the model's vocabulary as
+    ``scllm embed`` does (var_names or a var column; ``gene_id_column`` to choose). Returns None,
+    or the annotated copy with ``copy=True``. The same cell gets the same embedding here, in
+    ``scllm embed`` and alone or in any batch, and the pipeline's own embeddings (the tie-break
+    draws are keyed on its counts).
 
         import scanpy as sc, scllm
         scllm.embed(adata, "results/demo/model")
@@ -699,7 +712,8 @@ def embed_h5ad(
     adata = open_backed(in_h5ad)
     obs, var, n_cells = adata.obs.copy(), adata.var.copy(), adata.n_obs
     adata.file.close()
-    # Genes are mapped (and their duplicates handled) by map_genes, so only the cells are checked here.
+    # Genes are mapped (and their duplicates handled) by map_genes, so only the cells are checked
+    # here.
     obs.index = check_cells_and_genes(obs.index, None, str(in_h5ad))
     mapping = _checked_mapping(
         var, genes, gene_id_column, str(in_h5ad), n_cells, model_dir, min_coverage

@@ -19,7 +19,8 @@ class CorruptArtifactError(InputError):
 
 
 class UnsafeFileError(CorruptArtifactError):
-    """A file that is not one of this project's and must not be loaded (e.g. a pickle with code)."""
+    """A file that is not one of this project's and must not be loaded (e.g. a pickle with
+    code)."""
 
 
 # What entry points print as a message: the project's own errors, and the standard types its

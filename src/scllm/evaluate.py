@@ -37,7 +37,7 @@ BASELINE_TARGET_SUM = 1e4
 TABLE_COLUMNS = ["metric", "scllm", "baseline", "baseline_method", "cells", "details"]
 
 
-# --- metrics on one representation ----------------------------------------------------------------
+# --- metrics on one representation ---------------------------------------------------------------
 
 
 def knn_scores(
@@ -96,8 +96,9 @@ def knn_scores(
 
 
 def silhouette(X: np.ndarray, labels, *, seed: int = 0, max_cells: int = 20_000) -> float:
-    """scikit-learn's mean silhouette width (Euclidean) of ``labels``; NaN for < 2 or all-distinct labels.
-    Above ``max_cells`` cells it is estimated on a seeded random sample of that size."""
+    """scikit-learn's mean silhouette width (Euclidean) of ``labels``; NaN for < 2 or
+    all-distinct labels. Above ``max_cells`` cells it is estimated on a seeded random sample of
+    that size."""
     from sklearn.metrics import silhouette_score
 
     labels = np.asarray(labels).astype(str)
@@ -214,7 +215,7 @@ def score_representation(
     return scores, coords
 
 
-# --- the PCA baseline -------------------------------------------------------------------------------
+# --- the PCA baseline ----------------------------------------------------------------------------
 
 
 def log_normalized_hvgs(
@@ -274,7 +275,7 @@ def pca_baseline(matrix: sp.csr_matrix, *, n_pcs: int = 50, seed: int = 0) -> np
     return adata.obsm["X_pca"]
 
 
-# --- the pretraining objective --------------------------------------------------------------------
+# --- the pretraining objective -------------------------------------------------------------------
 
 
 def masked_value_error(epochs_tsv) -> dict:
@@ -293,7 +294,7 @@ def masked_value_error(epochs_tsv) -> dict:
     }
 
 
-# --- plots and tables ---------------------------------------------------------------------------------
+# --- plots and tables ----------------------------------------------------------------------------
 
 
 def _palette(n: int) -> list:
@@ -373,7 +374,7 @@ def write_table(rows: list[dict], tsv_path, html_path=None, title: str = "") -> 
     return table
 
 
-# --- the rules -----------------------------------------------------------------------------------------------
+# --- the rules -----------------------------------------------------------------------------------
 
 
 def _settings(settings: dict) -> dict:
@@ -384,10 +385,12 @@ def _settings(settings: dict) -> dict:
 def labelled_cells(
     obs: pd.DataFrame, label_key: str, max_cells: int, seed: int, where
 ) -> np.ndarray:
-    """Rows of ``obs`` with a usable ``label_key`` label, at most ``max_cells`` (a seeded sample)."""
+    """Rows of ``obs`` with a usable ``label_key`` label, at most ``max_cells`` (a seeded
+    sample)."""
     if label_key not in obs:
         raise ValueError(
-            f"{where} has no obs column {label_key!r} (the label key); columns: {list(obs.columns)}"
+            f"{where} has no obs column {label_key!r} (the label key); "
+            f"columns: {list(obs.columns)}"
         )
     labels = obs[label_key].astype(str)
     labelled = ~labels.str.strip().str.lower().isin(UNLABELED) & obs[label_key].notna()
@@ -404,8 +407,8 @@ def labelled_cells(
     )
     if len(keep) < 10:
         raise ValueError(
-            f"only {len(keep)} cells of {where} carry a {label_key!r} label; scoring needs at least 10 "
-            "labelled cells"
+            f"only {len(keep)} cells of {where} carry a {label_key!r} label; "
+            "scoring needs at least 10 labelled cells"
         )
     return keep
 
@@ -474,14 +477,16 @@ def score_against_pca(
 
 
 def plot_one_colour_note(path, n_cells: int, name: str, value: str) -> None:
-    """In place of a UMAP coloured by ``name`` when all cells share one value: it would be one colour."""
+    """In place of a UMAP coloured by ``name`` when all cells share one value: it would be one
+    colour."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 1.6))
     fig.text(
         0.5,
         0.5,
-        f"All {n_cells} cells have {name} = {value}:\nno UMAP coloured by {name} (it would be one colour).",
+        f"All {n_cells} cells have {name} = {value}:\n"
+        f"no UMAP coloured by {name} (it would be one colour).",
         ha="center",
         va="center",
         fontsize=11,
@@ -559,8 +564,9 @@ def evaluate(
     table += masked_value_rows(epochs_tsv, args_json)
     n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
     title = (
-        f"scLLM embeddings ({X.shape[1]} dims) vs PCA-{pca.shape[1]} of log-normalized HVGs: {len(keep)} "
-        f"cells ({cells_setting}), {n_labels} {label_key} labels, {n_samples} sample(s)"
+        f"scLLM embeddings ({X.shape[1]} dims) vs PCA-{pca.shape[1]} of log-normalized HVGs: "
+        f"{len(keep)} cells ({cells_setting}), {n_labels} {label_key} labels, "
+        f"{n_samples} sample(s)"
     )
     result = _write_results(
         table,
@@ -596,7 +602,8 @@ def _labelled_embeddings(embeddings_h5ad, cfg: dict):
     ):
         if key not in emb.obs:
             raise ValueError(
-                f"{embeddings_h5ad} has no obs column {key!r} ({what}); columns: {list(emb.obs.columns)}"
+                f"{embeddings_h5ad} has no obs column {key!r} ({what}); "
+                f"columns: {list(emb.obs.columns)}"
             )
     if EMBEDDING_KEY not in emb.obsm:
         raise ValueError(f"{embeddings_h5ad} has no obsm[{EMBEDDING_KEY!r}]; rerun the embed rule")
@@ -621,8 +628,9 @@ def masked_value_rows(epochs_tsv, args_json=None) -> list[dict]:
     gepc_note = (
         "GEPC head (from the cell embedding)"
         if gepc_targets == "masked"
-        else f"GEPC head (from the cell embedding), trained on gepc_targets: {gepc_targets}, which includes 0 for "
-        "every unexpressed gene, so it predicts masked tokens low: not comparable with the baseline"
+        else "GEPC head (from the cell embedding), trained on gepc_targets: "
+        f"{gepc_targets}, which includes 0 for every unexpressed gene, so it predicts masked "
+        "tokens low: not comparable with the baseline"
     )
     val_cells = f"{n_val} (validation)" if n_val is not None else "validation"
     return [
@@ -766,7 +774,8 @@ def _heldout_labels(h5ad, label_key: str, batch_key: str | None, cfg: dict):
     keep = labelled_cells(obs, label_key, cfg["max_cells"], int(cfg["seed"]), h5ad)
     if batch_key is not None and batch_key not in obs:
         raise ValueError(
-            f"{h5ad} has no obs column {batch_key!r} (heldout.batch_key); columns: {list(obs.columns)}"
+            f"{h5ad} has no obs column {batch_key!r} (heldout.batch_key); "
+            f"columns: {list(obs.columns)}"
         )
     labels = obs[label_key].astype(str).to_numpy()[keep]
     samples = (

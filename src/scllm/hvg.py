@@ -117,7 +117,8 @@ def select_hvg(
     require_obs_columns(adata, ["sample"], in_h5ad)
     if n_top_genes > adata.n_vars:
         raise ValueError(
-            f"hvg.n_top_genes={n_top_genes} exceeds the {adata.n_vars} genes left after QC; lower it"
+            f"hvg.n_top_genes={n_top_genes} exceeds the {adata.n_vars} genes left after QC; "
+            "lower it"
         )
     norm_vars, used = [], []
     ranges = sample_ranges(adata.obs["sample"])
@@ -146,8 +147,9 @@ def select_hvg(
         )
     if not used:
         raise ValueError(
-            f"no sample could be used for HVG selection (all have < {min_cells_per_sample} cells or failed "
-            "the LOESS fit); lower hvg.min_cells_per_sample or sample more cells"
+            "no sample could be used for HVG selection "
+            f"(all have < {min_cells_per_sample} cells or failed the LOESS fit); "
+            "lower hvg.min_cells_per_sample or sample more cells"
         )
     table = combine_batches(np.vstack(norm_vars), n_top_genes, flavor, adata.var_names)
     table.insert(0, "rank", np.arange(len(table)))

@@ -40,8 +40,9 @@ class H5adInput:
         ) as err:  # h5py and anndata raise several types for damaged or foreign files
             self.close()
             raise ValueError(
-                f"cannot read {path} as h5ad ({type(err).__name__}: {err}). The file is truncated, damaged or "
-                "not an h5ad: copy or export it again (AnnData.write_h5ad) and rerun."
+                f"cannot read {path} as h5ad ({type(err).__name__}: {err}). "
+                "The file is truncated, damaged or not an h5ad: copy or export it again "
+                "(AnnData.write_h5ad) and rerun."
             ) from err
         self.n_obs, self.n_vars = len(self.obs_names), self.var.shape[0]
         self.obs_columns = [c for c in self._obs.keys() if c != self._obs.attrs["_index"]]
@@ -58,7 +59,8 @@ class H5adInput:
         if layer:
             if layer not in self.layers:
                 raise InputError(
-                    f"the input h5ad has no layer {layer!r} (census.h5ad.counts_layer, --counts-layer); "
+                    f"the input h5ad has no layer {layer!r} "
+                    "(census.h5ad.counts_layer, --counts-layer); "
                     f"it has {self.layers}"
                 )
             return CountMatrix(
@@ -67,7 +69,8 @@ class H5adInput:
         if "X" not in self.file:
             raise InputError(
                 f"{self.path} has no X matrix; name the layer holding raw counts with "
-                f"census.h5ad.counts_layer (--counts-layer){f' (it has {self.layers})' if self.layers else ''}"
+                "census.h5ad.counts_layer (--counts-layer)"
+                f"{f' (it has {self.layers})' if self.layers else ''}"
             )
         return CountMatrix(self.file["X"], self.n_obs, self.n_vars, "X")
 
@@ -98,7 +101,8 @@ class CountMatrix:
             self.layout = "dense"
             if elem.shape != (n_obs, n_vars):
                 raise InputError(
-                    f"{name} of the input h5ad has shape {elem.shape}, but obs x var is {(n_obs, n_vars)}"
+                    f"{name} of the input h5ad has shape {elem.shape}, "
+                    f"but obs x var is {(n_obs, n_vars)}"
                 )
             self.elem, self.dtype = elem, elem.dtype
         else:
@@ -112,8 +116,9 @@ class CountMatrix:
             }.get(encoding)
             if self.layout is None:
                 raise InputError(
-                    f"{name} of the input h5ad is stored as {encoding or 'an unknown encoding'!r}; "
-                    "expected a CSR, CSC or dense matrix. Write it with a recent anndata (AnnData.write_h5ad)."
+                    f"{name} of the input h5ad is stored as "
+                    f"{encoding or 'an unknown encoding'!r}; expected a CSR, CSC or dense matrix. "
+                    "Write it with a recent anndata (AnnData.write_h5ad)."
                 )
             self.data, self.indices = elem["data"], elem["indices"]
             self.indptr = elem["indptr"][:].astype(
@@ -123,8 +128,9 @@ class CountMatrix:
             n_major = n_obs if self.layout == "csr" else n_vars
             if len(self.indptr) != n_major + 1:
                 raise InputError(
-                    f"{name} of the input h5ad is damaged: {len(self.indptr) - 1} row/column pointers "
-                    f"for {n_major} {'rows' if self.layout == 'csr' else 'columns'}; export it again."
+                    f"{name} of the input h5ad is damaged: {len(self.indptr) - 1} "
+                    f"row/column pointers for {n_major} "
+                    f"{'rows' if self.layout == 'csr' else 'columns'}; export it again."
                 )
         if not (np.issubdtype(self.dtype, np.number) or self.dtype == bool):
             raise InputError(f"{name} of the input h5ad holds {self.dtype} values, not numbers")
@@ -172,8 +178,8 @@ class CountMatrix:
             indices = self.indices[a:b]
             if indices.size and (indices.min() < 0 or indices.max() >= self.n_vars):
                 raise InputError(
-                    f"{self.name} of the input h5ad is damaged: gene indices out of range near row "
-                    f"{start}; export it again."
+                    f"{self.name} of the input h5ad is damaged: gene indices out of range "
+                    f"near row {start}; export it again."
                 )
             yield (
                 stop,
@@ -185,8 +191,8 @@ class CountMatrix:
             )
 
     def blocks(self, block_nnz: int):
-        """Yield ``(done, rows, cols, values)``: int64 cell and gene positions and the raw values of
-        one block; ``done`` counts the rows (columns for CSC) read so far."""
+        """Yield ``(done, rows, cols, values)``: int64 cell and gene positions and the raw values
+        of one block; ``done`` counts the rows (columns for CSC) read so far."""
         if self.layout == "dense":
             step = max(1, block_nnz // max(self.n_vars, 1))
             for start in range(0, self.n_obs, step):

@@ -35,7 +35,10 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         if done - self.first <= 0:
             return f"elapsed {_duration(elapsed)}"
-        return f"elapsed {_duration(elapsed)}, about {_duration(elapsed / (done - self.first) * (self.total - done))} to go"
+        return (
+            f"elapsed {_duration(elapsed)}, "
+            f"about {_duration(elapsed / (done - self.first) * (self.total - done))} to go"
+        )
 
 
 PROVENANCE_PACKAGES = (
@@ -170,12 +173,14 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
 def require_obs_columns(
     adata: ad.AnnData, columns: list[str], path, writer: str = "sample_census"
 ) -> None:
-    """A clear error when an h5ad lacks obs columns the stage needs (before anything is written)."""
+    """A clear error when an h5ad lacks obs columns the stage needs (before anything is
+    written)."""
     missing = [c for c in columns if c not in adata.obs.columns]
     if missing:
         raise ValueError(
-            f"{path} has no obs column(s) {missing} (it has {list(adata.obs.columns)}); the pipeline's own "
-            f"files carry them: rerun {writer} (or the rules before this one) to rewrite it."
+            f"{path} has no obs column(s) {missing} (it has {list(adata.obs.columns)}); "
+            f"the pipeline's own files carry them: rerun {writer} (or the rules before this one) "
+            "to rewrite it."
         )
 
 
@@ -351,6 +356,6 @@ def read_rows(adata: ad.AnnData, start: int, stop: int) -> sp.csr_matrix:
 
 def _damaged_matrix(path, problem: str) -> CorruptArtifactError:
     return CorruptArtifactError(
-        f"{path} is damaged: {problem}. Delete it and rerun the stage that writes it (Snakemake reruns a rule "
-        "whose output file is missing)."
+        f"{path} is damaged: {problem}. Delete it and rerun the stage that writes it "
+        "(Snakemake reruns a rule whose output file is missing)."
     )

@@ -116,10 +116,10 @@ def launch_training(
     procs_per_node: int | str = 1,
     env: dict | None = None,
 ) -> int:
-    """Run ``scllm.train train_args`` in ``procs_per_node`` processes on this node (torchrun), or on
-    each of ``nodes`` nodes of the current SLURM job (srun starting torchrun on every node, meeting
-    at a c10d rendezvous on this node). Every line any process prints (every rank's log lines,
-    torchrun's messages, tracebacks) is appended to ``log_file`` and echoed to stderr.
+    """Run ``scllm.train train_args`` in ``procs_per_node`` processes on this node (torchrun), or
+    on each of ``nodes`` nodes of the current SLURM job (srun starting torchrun on every node,
+    meeting at a c10d rendezvous on this node). Every line any process prints (every rank's log
+    lines, torchrun's messages, tracebacks) is appended to ``log_file`` and echoed to stderr.
 
     SIGTERM and SIGUSR1 reaching this process are passed on, so the training checkpoints and stops
     wherever the signal arrived. Returns the exit status: 0, 75 (PREEMPTED_EXIT_CODE: stopped by a
@@ -131,10 +131,11 @@ def launch_training(
         if len(hosts) < nodes:
             raise InputError(
                 f"training on {nodes} nodes needs a SLURM job holding them (this process sees "
-                f"{len(hosts) or 'no SLURM job with'} node(s)). Run it with the SLURM profile (see README, "
-                "'Several nodes'), or set nodes: 1."
+                f"{len(hosts) or 'no SLURM job with'} node(s)). Run it with the SLURM profile "
+                "(see README, 'Several nodes'), or set nodes: 1."
             )
-        # The rendezvous (a TCP store) lives in this node's torchrun; the other nodes connect to it.
+        # The rendezvous (a TCP store) lives in this node's torchrun; the other nodes connect to
+        # it.
         endpoint = f"{socket.gethostname()}:{free_port()}"
         run_id = env.get("SLURM_JOB_ID") or uuid.uuid4().hex
         command = srun_command(
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         SignalException
     ) as err:  # this node's torchrun was signalled; its workers were told to stop
         print(
-            f"scllm.launch: stopped by {err.sigval.name}; exiting with {PREEMPTED_EXIT_CODE} (rerun to resume)",
+            f"scllm.launch: stopped by {err.sigval.name}; exiting with {PREEMPTED_EXIT_CODE} "
+            "(rerun to resume)",
             file=sys.stderr,
             flush=True,
         )

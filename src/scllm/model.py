@@ -5,8 +5,8 @@ gene embedding + value embedding and no positional information (a cell's genes h
 Two heads predict the bins of masked tokens:
 
 - the expression head reads each token's own output;
-- the GEPC head (scGPT names it MVC: its "inner product" MVCDecoder) predicts a gene's bin from the cell
-  embedding alone, so the cell embedding must summarise the whole cell.
+- the GEPC head (scGPT names it MVC: its "inner product" MVCDecoder) predicts a gene's bin from
+  the cell embedding alone, so the cell embedding must summarise the whole cell.
 
 The cell embedding is read out as the ``<cls>`` output (``cell_emb_style: cls``, scGPT's
 default), the mean of the gene-token outputs (``mean``), both side by side (``cls+mean``) or
@@ -49,7 +49,8 @@ class ModelConfig:
     # How a value enters: "bins" = an embedding row per bin (categorical); "continuous" = scGPT's
     # ContinuousValueEncoder (the bin as a number through a small MLP).
     value_encoder: str = "bins"
-    # How the cell embedding is read out: "cls", "mean" (of gene-token outputs), "cls+mean" or "sum".
+    # How the cell embedding is read out: "cls", "mean" (of gene-token outputs), "cls+mean" or
+    # "sum".
     cell_emb_style: str = "cls"
     # A SimCLR projection head for the contrastive term: the loss compares head(cell embedding),
     # so the embedding itself need not discard what the views disagree on. 0 = no head.
@@ -222,7 +223,8 @@ class CellTransformer(nn.Module):
         all_genes: bool = False,
     ) -> dict:
         """gene_ids, values [B, L] (position 0 is <cls>); padding_mask [B, L], True at padding.
-        ``all_genes`` adds ``gepc_all_pred`` [B, n_genes]: the GEPC head on every vocabulary gene."""
+        ``all_genes`` adds ``gepc_all_pred`` [B, n_genes]: the GEPC head on every vocabulary
+        gene."""
         genes = self.gene_emb(gene_ids)
         if self.cfg.value_encoder == "bins":
             value = self.value_emb(self.value_index(values))
@@ -361,7 +363,8 @@ def contrastive_loss(cell_emb: torch.Tensor, n_views: int, temperature: float) -
     n = len(cell_emb)
     if n_views < 2 or n % n_views:
         raise ValueError(
-            f"contrastive_loss needs >= 2 views of each cell and rows divisible by them ({n}, {n_views})"
+            "contrastive_loss needs >= 2 views of each cell and rows divisible by them "
+            f"({n}, {n_views})"
         )
     z = F.normalize(cell_emb.float(), p=2, dim=1)
     logits = (z @ z.T / temperature).masked_fill(

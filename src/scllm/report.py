@@ -36,13 +36,18 @@ MAX_ROWS = (
     200  # longer tables (samples of a real Census run, the HVG list) show this many, then say so
 )
 
-STYLE = """<style>
-body{font-family:system-ui,sans-serif;font-size:14px;max-width:1100px;margin:2em auto;color:#222}
-h1{font-size:22px} h2{font-size:17px;margin-top:2em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:.5em 0} td,th{padding:3px 9px;border-bottom:1px solid #e3e3e3;text-align:left}
-th{background:#f4f4f4} td.win{font-weight:bold;background:#e6f4e6} p.caption{color:#555;max-width:900px}
-img{max-width:100%;border:1px solid #eee}
-</style>"""
+STYLE = (
+    "<style>\n"
+    "body{font-family:system-ui,sans-serif;font-size:14px;max-width:1100px;margin:2em auto;"
+    "color:#222}\n"
+    "h1{font-size:22px} h2{font-size:17px;margin-top:2em;border-bottom:1px solid #ccc}\n"
+    "table{border-collapse:collapse;margin:.5em 0} "
+    "td,th{padding:3px 9px;border-bottom:1px solid #e3e3e3;text-align:left}\n"
+    "th{background:#f4f4f4} td.win{font-weight:bold;background:#e6f4e6} "
+    "p.caption{color:#555;max-width:900px}\n"
+    "img{max-width:100%;border:1px solid #eee}\n"
+    "</style>"
+)
 
 
 def winner(metric: str, ours: float, baseline: float) -> str | None:
@@ -92,7 +97,8 @@ def metrics_html(table: pd.DataFrame) -> str:
                 f"<td>{html.escape(str(r.cells))}</td><td>{html.escape(str(r.details))}</td></tr>"
             )
         parts.append(
-            f"<table><tr><th>metric</th><th>scLLM</th><th>baseline: {html.escape(str(method))}</th>"
+            "<table><tr><th>metric</th><th>scLLM</th>"
+            f"<th>baseline: {html.escape(str(method))}</th>"
             f"<th>better</th><th>cells</th><th>details</th></tr>{''.join(body)}</table>"
         )
     return "\n".join(parts)
@@ -221,7 +227,8 @@ def _model_sections(
         (
             "Pretraining",
             "Train and validation losses per epoch (epochs.tsv); the validation masked-value "
-            "error of each head against predicting each cell's mean visible bin, with fixed masks.",
+            "error of each head against predicting each cell's mean visible bin, with fixed "
+            "masks.",
             _table(_read_tsv(epochs_tsv), "epochs") + _image(loss_curve_png),
         ),
         (

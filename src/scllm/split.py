@@ -67,9 +67,9 @@ def split_cells(
     if obs.index.has_duplicates:  # one id in both sets would leak a cell into validation
         dup = obs.index[obs.index.duplicated()].unique()
         raise CorruptArtifactError(
-            f"{in_h5ad} holds {len(dup)} cell id(s) more than once (e.g. {dup[:3].tolist()}), so a split could list "
-            "one id in both train and validation. sample_census writes unique ids: rerun the pipeline from there "
-            "with `snakemake --forcerun sample_census`."
+            f"{in_h5ad} holds {len(dup)} cell id(s) more than once (e.g. {dup[:3].tolist()}), "
+            "so a split could list one id in both train and validation. sample_census writes "
+            "unique ids: rerun the pipeline from there with `snakemake --forcerun sample_census`."
         )
     split = assign_split(obs, validation_fraction, by, seed)
     table = pd.DataFrame(

@@ -45,8 +45,9 @@ SHARD_FORMAT_VERSION = 1
 # enough: Snakemake does not rerun a rule whose output directory still exists.
 RETOKENIZE = (
     "Rewrite the shards with `snakemake --forcerun tokenize_shards` (plus your usual --cores, "
-    "--configfile or --profile options), which also reruns what depends on them; deleting a file inside "
-    "the shards folder is not enough, since Snakemake does not rerun a rule whose output folder exists."
+    "--configfile or --profile options), which also reruns what depends on them; deleting a file "
+    "inside the shards folder is not enough, since Snakemake does not rerun a rule whose output "
+    "folder exists."
 )
 
 
@@ -76,15 +77,17 @@ def read_vocab(path: str | Path) -> dict[str, int]:
 
 
 def read_json(path: str | Path) -> dict:
-    """A JSON file written by tokenize_shards (or copied by pretrain), with a clear error if damaged."""
+    """A JSON file written by tokenize_shards (or copied by pretrain), with a clear error if
+    damaged."""
     try:
         data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         data = err
     if not isinstance(data, dict):
         raise CorruptArtifactError(
-            f"cannot read {path}: {data if isinstance(data, Exception) else 'not a JSON object'}. The file is "
-            "truncated or damaged. In a shards folder: "
+            f"cannot read {path}: "
+            f"{data if isinstance(data, Exception) else 'not a JSON object'}. "
+            "The file is truncated or damaged. In a shards folder: "
             + RETOKENIZE
             + " In a model directory: delete the file "
             "and rerun snakemake (pretrain rewrites its missing outputs)."
@@ -157,7 +160,8 @@ def write_shard(path, offsets, gene_ids, values, cell_index, attrs: dict) -> Non
 
 
 def read_shard(path: str | Path) -> Shard:
-    """Read a shard and check its structure (``check_shard``): a damaged one is refused, naming the file."""
+    """Read a shard and check its structure (``check_shard``): a damaged one is refused, naming
+    the file."""
     try:
         with h5py.File(path, "r") as f:
             missing = {"offsets", "gene_ids", "values", "cell_index"} - set(f.keys())
@@ -183,11 +187,12 @@ def read_shard(path: str | Path) -> Shard:
 
 
 def check_shard(shard: Shard, first_cell: int = 0) -> str | None:
-    """What is wrong with a shard's arrays, or None. Everything the model would trust: offsets start
-    at 0, grow by at least one token per cell (its <cls>) and end at the token count; every cell
-    starts with <cls>; gene ids lie in the vocabulary and values in the bin range. Vectorised: about
-    as fast as reading the arrays. ``first_cell``: where ``shard`` starts when it is one block of a
-    larger shard (``ShardReader.check``), so messages name the cell's number in the file."""
+    """What is wrong with a shard's arrays, or None. Everything the model would trust: offsets
+    start at 0, grow by at least one token per cell (its <cls>) and end at the token count; every
+    cell starts with <cls>; gene ids lie in the vocabulary and values in the bin range. Vectorised:
+    about as fast as reading the arrays. ``first_cell``: where ``shard`` starts when it is one
+    block of a larger shard (``ShardReader.check``), so messages name the cell's number in the
+    file."""
     attrs = shard.attrs
     missing = [k for k in ("n_genes", "n_bins", "cls_id") if k not in attrs]
     if missing:
@@ -206,8 +211,8 @@ def check_shard(shard: Shard, first_cell: int = 0) -> str | None:
         )
     if lengths.size and lengths.max() > n_genes + 1:
         return (
-            f"cell {first_cell + int(np.argmax(lengths))} has {int(lengths.max())} tokens, more than <cls> + "
-            f"{n_genes} genes"
+            f"cell {first_cell + int(np.argmax(lengths))} has {int(lengths.max())} tokens, "
+            f"more than <cls> + {n_genes} genes"
         )
     if len(shard.cell_index) != len(lengths):
         return f"{len(shard.cell_index)} cell_index entries for {len(lengths)} cells"
@@ -236,9 +241,15 @@ def check_shard(shard: Shard, first_cell: int = 0) -> str | None:
     is_gene[first] = False
     genes, bins = gene_ids[is_gene], values[is_gene]
     if genes.size and (genes.min() < 0 or genes.max() >= n_genes):
-        return f"gene ids outside the vocabulary 0..{n_genes - 1} (e.g. {genes[(genes < 0) | (genes >= n_genes)][:3].tolist()})"
+        return (
+            f"gene ids outside the vocabulary 0..{n_genes - 1} "
+            f"(e.g. {genes[(genes < 0) | (genes >= n_genes)][:3].tolist()})"
+        )
     if bins.size and (bins.min() < 1 or bins.max() > n_bins - 1):
-        return f"values outside the bins 1..{n_bins - 1} (e.g. {bins[(bins < 1) | (bins > n_bins - 1)][:3].tolist()})"
+        return (
+            f"values outside the bins 1..{n_bins - 1} "
+            f"(e.g. {bins[(bins < 1) | (bins > n_bins - 1)][:3].tolist()})"
+        )
     return None
 
 
@@ -280,8 +291,9 @@ def _check_listed_file(shards_dir, entry: dict) -> Path:
         actual = file_sha256(path)
         if actual != expected:
             raise CorruptArtifactError(
-                f"shard {path} has sha256 {actual}, but the manifest recorded {expected} when tokenize_shards wrote "
-                "it: the file was changed or damaged since. " + RETOKENIZE
+                f"shard {path} has sha256 {actual}, but the manifest recorded {expected} "
+                "when tokenize_shards wrote it: the file was changed or damaged since. "
+                + RETOKENIZE
             )
     return path
 
@@ -319,10 +331,11 @@ class ShardReader:
     does not grow with the shard.
 
     write_shard stores every dataset contiguously and uncompressed (h5py's default), so a slice of
-    one is a plain byte range of the file: it is read with one ``pread`` at the offset HDF5 reports,
-    with no HDF5 call, no lock and no mapping (pages read through an ``mmap`` would stay in the
-    process's resident memory for the whole epoch). A dataset stored otherwise (chunked or
-    compressed, e.g. after ``h5repack``) is read through h5py instead, which is slower but the same.
+    one is a plain byte range of the file: it is read with one ``pread`` at the offset HDF5
+    reports, with no HDF5 call, no lock and no mapping (pages read through an ``mmap`` would stay
+    in the process's resident memory for the whole epoch). A dataset stored otherwise (chunked or
+    compressed, e.g. after ``h5repack``) is read through h5py instead, which is slower but the
+    same.
     """
 
     def __init__(self, path: str | Path):
@@ -406,8 +419,8 @@ class ShardReader:
             return "offsets do not start at 0"
         if offsets[-1] != stored["gene_ids"] or stored["gene_ids"] != stored["values"]:
             return (
-                f"offsets end at {int(offsets[-1])} but the shard holds {stored['gene_ids']} gene ids and "
-                f"{stored['values']} values"
+                f"offsets end at {int(offsets[-1])} but the shard holds "
+                f"{stored['gene_ids']} gene ids and {stored['values']} values"
             )
         if stored["cell_index"] != self.n_cells:
             return f"{stored['cell_index']} cell_index entries for {self.n_cells} cells"
@@ -623,9 +636,9 @@ def _check_bins(data: np.ndarray, n_bins: int, path) -> None:
     if data.size and (data.min() < 1 or data.max() > n_bins - 1 or np.any(np.mod(data, 1) != 0)):
         bad = data[(data < 1) | (data > n_bins - 1) | (np.mod(data, 1) != 0)]
         raise CorruptArtifactError(
-            f"{path} holds values that are not bins 1..{n_bins - 1} (e.g. {bad[:3].tolist()}): the file is damaged "
-            "or not written by normalize_bin. Delete it and rerun snakemake (Snakemake reruns a rule whose output "
-            "file is missing)."
+            f"{path} holds values that are not bins 1..{n_bins - 1} (e.g. {bad[:3].tolist()}): "
+            "the file is damaged or not written by normalize_bin. Delete it and rerun snakemake "
+            "(Snakemake reruns a rule whose output file is missing)."
         )
 
 

@@ -1,4 +1,5 @@
-"""Rule evaluate_heldout: embed an h5ad the model never saw and score it against PCA of the same cells."""
+"""Rule evaluate_heldout: embed an h5ad the model never saw and score it against PCA of the same
+cells."""
 
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 from pathlib import Path
