@@ -1,15 +1,18 @@
 """What the test modules share: tiny model and train settings, synthetic token shards and a
-synthetic Census source, a copy of the workflow and a config writer, weight comparison.
+synthetic Census source, a copy of the workflow and a config writer, weight comparison, and the
+training entry point run in a child process.
 
 Test modules never import each other: they take these as fixtures (``tiny_model``,
 ``tiny_train``, ``synthetic_shards``, ``synthetic_source``, ``workflow_copy``, ``config_writer``,
-``same_weights``, ``flip_bytes``), or import the plain values from here where a module-level
-constant needs them (``from conftest import TINY_MODEL``).
+``same_weights``, ``flip_bytes``), or import plain values and helpers from here where a
+module-level constant or a child process needs them (``from conftest import TINY_MODEL``,
+``child_env``, ``train_module_args``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -152,6 +155,32 @@ def _flip_bytes(path: Path, dataset: str, n: int = 3) -> None:
 def flip_bytes():
     """``_flip_bytes(path, dataset, n=3)``: damage a dataset's bytes in place."""
     return _flip_bytes
+
+
+# --- the training entry point in a child process ----------------------------------------------
+
+
+def child_env(**extra: str) -> dict:
+    """This environment with the checkout's src/ first on PYTHONPATH, so that a child process
+    imports the scllm under test."""
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **extra, "PYTHONPATH": path}
+
+
+def train_module_args(shards, out, params, log_file) -> list[str]:
+    """``-m scllm.train ...``: the entry point that rule pretrain and torchrun run."""
+    return [
+        "-m",
+        "scllm.train",
+        "--manifest",
+        str(shards),
+        "--out",
+        str(out),
+        "--params",
+        str(params),
+        "--log-file",
+        str(log_file),
+    ]
 
 
 # --- trained weights -----------------------------------------------------------------------------

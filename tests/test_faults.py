@@ -35,12 +35,13 @@ from scllm.train import (
 from conftest import (
     TINY_MODEL,
     assert_same_weights,
+    child_env,
     synthetic_source,
     tensors,
+    train_module_args,
     write_synthetic_shards,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 # 160 cells / 8 -> 20 steps per epoch, 40 in all; a step is logged as soon as it is done.
 TRAIN = {
     "epochs": 2,
@@ -93,29 +94,10 @@ def start_training(
         tmp_path / f"train{len(list(tmp_path.glob('train*.log')))}.log",
     )
     params.write_text(json.dumps({"model": TINY_MODEL, "train": train}))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])
-        ),
-    }
     with open(log.with_suffix(".stderr"), "w") as stderr:  # a file, not a pipe nobody drains
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "scllm.train",
-                "--manifest",
-                str(shards),
-                "--out",
-                str(out),
-                "--params",
-                str(params),
-                "--log-file",
-                str(log),
-            ],
-            env=env,
+            [sys.executable, *train_module_args(shards, out, params, log)],
+            env=child_env(OMP_NUM_THREADS="1"),
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,8 @@ from scllm.split import split_cells
 from scllm.tokens import read_shard
 from scllm.train import CHECKPOINT, pretrain
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import child_env, train_module_args
+
 FIX = "snakemake --forcerun tokenize_shards"
 N_GENES = 24  # synthetic_shards' default vocabulary
 GENE_IDS = [f"ENSG{i:011d}" for i in range(N_GENES)]
@@ -219,27 +219,12 @@ def test_python_m_scllm_train_refuses_in_one_paragraph(shards, tmp_path, flip_by
     flip_bytes(shards.parent / "train/shard_00000.h5", "gene_ids")
     params = tmp_path / "params.json"
     params.write_text(json.dumps({"model": TINY, "train": TRAIN}))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])
-        ),
-    }
     proc = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "scllm.train",
-            "--manifest",
-            str(shards),
-            "--out",
-            str(tmp_path / "run"),
-            "--params",
-            str(params),
-            "--log-file",
-            str(tmp_path / "train.log"),
+            *train_module_args(shards, tmp_path / "run", params, tmp_path / "train.log"),
         ],
-        env=env,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=300,

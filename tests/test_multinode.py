@@ -25,9 +25,8 @@ import torch
 from scllm.launch import free_port, launch_training, node_command
 from scllm.train import CHECKPOINT, PREEMPTED_EXIT_CODE
 
-from conftest import TINY_MODEL, write_synthetic_shards
+from conftest import TINY_MODEL, child_env, write_synthetic_shards
 
-REPO = Path(__file__).resolve().parents[1]
 # 160 cells / (8 per batch x 2 processes) -> 10 steps per epoch, 20 in all
 TRAIN = {
     "epochs": 2,
@@ -45,13 +44,7 @@ TIMEOUT = 240
 
 
 def environment() -> dict:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])
-        ),
-    }
+    return child_env(OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +16,19 @@ import torch
 import scllm
 from scllm.data import LengthGroupedBatchSampler, ShardDataset, collate
 from scllm.embedding import embed_shard_cells, load_model
+from scllm.launch import free_port
 from scllm.tokens import PAD_VALUE, build_vocab, read_shard, vocab_sha256, write_vocab
 from scllm.train import CHECKPOINT, EPOCH_COLUMNS, METRIC_COLUMNS, pretrain
 
-from conftest import TINY_MODEL, TINY_TRAIN, assert_same_weights, tensors, write_synthetic_shards
+from conftest import (
+    TINY_MODEL,
+    TINY_TRAIN,
+    assert_same_weights,
+    child_env,
+    tensors,
+    train_module_args,
+    write_synthetic_shards,
+)
 
 ARTIFACTS = [
     "best_model.pt",
@@ -306,16 +313,6 @@ def test_torchrun_two_processes_on_cpu(shards, tmp_path):
     outputs."""
     params = tmp_path / "params.json"
     params.write_text(json.dumps({"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 1}}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
     cmd = [
         sys.executable,
         "-m",
@@ -325,19 +322,12 @@ def test_torchrun_two_processes_on_cpu(shards, tmp_path):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(port),
-        "-m",
-        "scllm.train",
-        "--manifest",
-        str(shards),
-        "--out",
-        str(tmp_path / "run"),
-        "--params",
-        str(params),
-        "--log-file",
-        str(tmp_path / "train.log"),
+        str(free_port()),
+        *train_module_args(shards, tmp_path / "run", params, tmp_path / "train.log"),
     ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        cmd, env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert args["world_size"] == 2
