@@ -231,9 +231,9 @@ def run_one(job: dict) -> dict:
     import anndata as ad
     import torch
 
-    from scllm.embedding import embed_shards
-    from scllm.evaluate import masked_value_error, score_representation
-    from scllm.train import pretrain
+    from scllm.eval.embed import embed_shards
+    from scllm.eval.evaluate import masked_value_error, score_representation
+    from scllm.train.loop import pretrain
 
     torch.set_num_threads(job["threads"])
     model_cfg, train_cfg, _ = demo_settings()
@@ -282,9 +282,9 @@ def run_one(job: dict) -> dict:
 
 def pca_reference(results: Path, label_key: str) -> dict:
     """The evaluate rule's PCA-50 baseline on the same cells (the target to beat)."""
-    from scllm.evaluate import log_normalized_hvgs, pca_baseline, score_representation
-    from scllm.hvg import read_hvg_table
-    from scllm.io import open_backed
+    from scllm.eval.evaluate import log_normalized_hvgs, pca_baseline, score_representation
+    from scllm.files import open_backed
+    from scllm.prep.hvg import read_hvg_table
 
     binned = open_backed(results / "binned.h5ad")
     obs = binned.obs.copy()

@@ -130,8 +130,8 @@ def write_corpus(
 def in_memory_dataset():
     """The ShardDataset of earlier versions: every shard of the split read whole and
     concatenated."""
-    from scllm.data import RaggedCells, check_vocab
     from scllm.tokens import read_listed_shard, read_manifest
+    from scllm.train.batches import RaggedCells, check_vocab
 
     class InMemoryShardDataset(RaggedCells):
         def __init__(self, manifest_path, split):
@@ -165,7 +165,7 @@ def peak_rss_mb() -> float:
 
 
 def child_train(args) -> dict:
-    import scllm.train as train_mod
+    import scllm.train.loop as train_mod
 
     if args.mode in ("in_memory", "before"):
         train_mod.ShardDataset = in_memory_dataset()
@@ -192,7 +192,7 @@ def child_train(args) -> dict:
 def child_data(args) -> dict:
     import torch
 
-    from scllm.data import LengthGroupedBatchSampler, ShardDataset, training_batch
+    from scllm.train.batches import LengthGroupedBatchSampler, ShardDataset, training_batch
 
     torch.set_num_threads(1)
     dataset_cls = ShardDataset if args.mode == "lazy" else in_memory_dataset()
@@ -224,7 +224,7 @@ def longest_batch(manifest_path: Path, steps: int) -> int:
     Activation memory follows it, so runs at different sizes compare only where it is the same."""
     import h5py
 
-    from scllm.data import LengthGroupedBatchSampler
+    from scllm.train.batches import LengthGroupedBatchSampler
 
     entries = json.loads(manifest_path.read_text())["splits"]["train"]
     lengths = []

@@ -154,7 +154,7 @@ def generate(
     turns in runs of that many cells (a file ordered by something other than donor)."""
     import pandas as pd
 
-    from scllm.io import CSRWriter, atomic_path
+    from scllm.files import CSRWriter, atomic_path
 
     rng = np.random.default_rng(seed)
     sizes = sample_sizes(n_cells, n_samples, rng)
@@ -275,17 +275,17 @@ def store_shape(store: Path) -> tuple[int, int, int]:
 
 def run_stage(name: str, workdir: Path) -> None:
     """Child process: run one stage, report its in-process time and cells in/out on stdout."""
-    from scllm.io import setup_logging
+    from scllm.files import setup_logging
 
     setup_logging()
     p = paths(workdir)
     t0 = time.perf_counter()
     if name == "build_local_census":
-        from scllm.census import build_local_census
+        from scllm.prep.census import build_local_census
 
         build_local_census(p["input"], p["store"], dataset_id="synthetic")
     elif name == "sample_census":  # every cell: a cap of all cells keeps every sample
-        from scllm.census import sample_h5ad
+        from scllm.prep.census import sample_h5ad
 
         sample_h5ad(
             p["input"],
@@ -295,25 +295,25 @@ def run_stage(name: str, workdir: Path) -> None:
             max_cells=h5ad_shape(p["input"])[0],
         )
     elif name == "sample_census_store":
-        from scllm.census import sample_census
+        from scllm.prep.census import sample_census
 
         sample_census(
             p["cells"], p["samples"], uri=str(p["store"]), max_cells=h5ad_shape(p["input"])[0]
         )
     elif name == "filter_qc":
-        from scllm.qc import filter_qc
+        from scllm.prep.qc import filter_qc
 
         filter_qc(p["cells"], p["filtered"], p["qc"])
     elif name == "select_hvg":
-        from scllm.hvg import select_hvg
+        from scllm.prep.hvg import select_hvg
 
         select_hvg(p["filtered"], p["hvg"])
     elif name == "normalize_bin":
-        from scllm.binning import normalize_bin
+        from scllm.prep.binning import normalize_bin
 
         normalize_bin(p["filtered"], p["hvg"], p["binned"])
     elif name == "split_cells":
-        from scllm.split import split_cells
+        from scllm.prep.split import split_cells
 
         split_cells(p["binned"], p["split"])
     elif name == "tokenize_shards":
@@ -325,7 +325,7 @@ def run_stage(name: str, workdir: Path) -> None:
     elif name == "warmup":  # compile numba kernels into the cache; not timed
         import scipy.sparse as sp
 
-        from scllm.binning import bin_csr
+        from scllm.prep.binning import bin_csr
 
         bin_csr(sp.random(10, 10, density=0.5, format="csr", dtype=np.float32, random_state=0))
     else:

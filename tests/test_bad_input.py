@@ -25,15 +25,20 @@ import pytest
 import scipy.sparse as sp
 import yaml
 
-from scllm import census as census_mod
-from scllm.binning import normalize_bin
-from scllm.census import CensusUnavailableError, build_local_census, open_census, sample_census
 from scllm.checks import file_sha256
-from scllm.hvg import select_hvg
-from scllm.qc import filter_qc
-from scllm.split import split_cells
+from scllm.prep import census as census_mod
+from scllm.prep.binning import normalize_bin
+from scllm.prep.census import (
+    CensusUnavailableError,
+    build_local_census,
+    open_census,
+    sample_census,
+)
+from scllm.prep.hvg import select_hvg
+from scllm.prep.qc import filter_qc
+from scllm.prep.split import split_cells
 from scllm.tokens import build_vocab, read_shard, vocab_sha256, write_shard
-from scllm.train import pretrain
+from scllm.train.loop import pretrain
 
 from conftest import TINY_MODEL, TINY_TRAIN, synthetic_source, write_synthetic_shards
 
@@ -342,8 +347,8 @@ def test_truncated_shard_or_manifest_stops_pretrain_before_any_output(tmp_path):
 
 
 def test_shards_and_model_with_different_vocabularies(tmp_path):
-    from scllm.data import ShardDataset
-    from scllm.embedding import embed_shard_cells, load_model
+    from scllm.eval.embed import embed_shard_cells, load_model
+    from scllm.train.batches import ShardDataset
 
     manifest = write_synthetic_shards(tmp_path / "a", n_train=16, n_val=4)
     pretrain(manifest, tmp_path / "model", TINY_MODEL, {**TINY_TRAIN, "epochs": 1})

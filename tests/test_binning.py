@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scllm.binning import bin_csr, content_keys, normalize_bin, normalize_total
+from scllm.prep.binning import bin_csr, content_keys, normalize_bin, normalize_total
 
 # ---------------------------------------------------------------------------------------------
 # Reference: scGPT's binning written plainly (scgpt/preprocess.py: Preprocessor + _digitize)

@@ -9,7 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scllm.census import CensusUnavailableError, build_local_census, open_census, sample_census
+from scllm.prep.census import (
+    CensusUnavailableError,
+    build_local_census,
+    open_census,
+    sample_census,
+)
 
 from conftest import synthetic_source
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scllm.binning import normalize_bin
 from scllm.config import EmbedConfig, EvaluateConfig, TrainConfig
-from scllm.hvg import select_hvg
 from scllm.model import ModelConfig
-from scllm.qc import filter_qc
-from scllm.split import split_cells
+from scllm.prep.binning import normalize_bin
+from scllm.prep.hvg import select_hvg
+from scllm.prep.qc import filter_qc
+from scllm.prep.split import split_cells
 from scllm.tokens import tokenize_shards
-from scllm.train import DATA_MODEL_KEYS
+from scllm.train.loop import DATA_MODEL_KEYS
 
 SCHEMA = yaml.safe_load((Path(__file__).parents[1] / "config" / "schema.yaml").read_text())
 
@@ -141,7 +141,7 @@ def test_train_config_rejects_unknown_and_bad_settings():
 
 def test_embedding_fallback_binning_is_normalize_bins_default():
     """A model that records no binning settings is embedded with normalize_bin's defaults."""
-    from scllm.embedding import DEFAULT_BINNING
+    from scllm.eval.embed import DEFAULT_BINNING
 
     defaults = schema_defaults("normalize_bin")
     assert DEFAULT_BINNING == {key: defaults[key] for key in DEFAULT_BINNING}

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from scllm.data import collate, mask_values
 from scllm.model import FUSED_ATTENTION_OPS, CellTransformer, ModelConfig, attention_kernels
-from scllm.train import pretrain
+from scllm.train.batches import collate, mask_values
+from scllm.train.loop import pretrain
 
 from conftest import TINY_MODEL, TINY_TRAIN
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from scllm.data import collate, mask_values, prefetched, training_batch
 from scllm.tokens import MASK_VALUE
+from scllm.train.batches import collate, mask_values, prefetched, training_batch
 
 PAD_ID = 31
 
@@ -119,7 +119,7 @@ def test_prefetched_stops_its_thread_and_cancels_pending_work_when_closed():
 
 def test_lowest_per_row_equals_a_stable_argsort_also_with_ties():
     """The fast mask selection picks what the first k positions of a stable argsort pick."""
-    from scllm.data import lowest_per_row
+    from scllm.train.batches import lowest_per_row
 
     rng = np.random.default_rng(0)
     for trial in range(200):

@@ -13,9 +13,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scllm.binning import normalize_bin
 from scllm.cli import main as cli_main
-from scllm.embedding import (
+from scllm.eval.embed import (
     EMBEDDING_KEY,
     GeneCoverageError,
     binning_settings,
@@ -28,6 +27,7 @@ from scllm.embedding import (
     tokenize_counts,
 )
 from scllm.model import CellTransformer, ModelConfig
+from scllm.prep.binning import normalize_bin
 from scllm.tokens import build_vocab, read_shard, tokenize_shards, vocab_sha256, write_vocab
 
 N_VOCAB = 40  # vocabulary genes

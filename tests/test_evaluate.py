@@ -10,7 +10,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from scllm.evaluate import (
+from scllm.eval.evaluate import (
     TABLE_COLUMNS,
     evaluate,
     knn_scores,
@@ -289,8 +289,8 @@ def heldout_files(root):
 
 
 def test_heldout_evaluation_embeds_new_cells_and_fits_pca_on_them(tmp_path):
-    from scllm.embedding import embed_h5ad
-    from scllm.evaluate import evaluate_heldout, log_normalized_vocab_genes
+    from scllm.eval.embed import embed_h5ad
+    from scllm.eval.evaluate import evaluate_heldout, log_normalized_vocab_genes
 
     model_dir, h5ad, counts, labels = heldout_files(tmp_path)
     out = tmp_path / "heldout"
@@ -339,7 +339,7 @@ def _vocab_columns(h5ad):
 
 
 def test_heldout_evaluation_refuses_files_without_labels(tmp_path):
-    from scllm.evaluate import evaluate_heldout
+    from scllm.eval.evaluate import evaluate_heldout
 
     model_dir, h5ad, _, _ = heldout_files(tmp_path)
     with pytest.raises(ValueError, match="no obs column 'celltype'"):

@@ -20,11 +20,12 @@ import anndata as ad
 import pytest
 import torch
 
-import scllm.train as train_mod
-from scllm import binning, census, hvg, qc, tokens
+import scllm.train.loop as train_mod
+from scllm import tokens
 from scllm.errors import UnsafeFileError
-from scllm.io import atomic_path
-from scllm.train import (
+from scllm.files import atomic_path
+from scllm.prep import binning, census, hvg, qc
+from scllm.train.loop import (
     CHECKPOINT,
     PREEMPTED_EXIT_CODE,
     NonFiniteLossError,
@@ -368,7 +369,7 @@ def test_a_failure_mid_stage_leaves_neither_the_artifact_nor_its_temporary(tmp_p
         ),
         ["binned.h5ad"],
     )
-    from scllm.split import split_cells
+    from scllm.prep.split import split_cells
 
     split_cells(tmp_path / "binned.h5ad", tmp_path / "split.tsv", validation_fraction=0.2)
     stage(
@@ -430,7 +431,7 @@ class Payload:
 def test_checkpoints_load_with_weights_only(shards, reference, tmp_path, caplog):
     """A checkpoint or model file holding an arbitrary pickled object is refused, and its code
     never runs."""
-    from scllm.embedding import load_model
+    from scllm.eval.embed import load_model
 
     marker = tmp_path / "payload_ran"
     torch.save({"model": Payload(marker)}, tmp_path / "evil.pt")

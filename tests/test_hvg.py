@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scllm.hvg import select_hvg
+from scllm.prep.hvg import select_hvg
 
 N_GENES = 400
 # file order deliberately not sorted: scanpy visits batches sorted, select_hvg in file order
@@ -138,7 +138,7 @@ def test_unknown_flavor(counts_h5ad, tmp_path):
 def test_ranking_ignores_last_bit_noise_between_cpus():
     """Equal variances computed on two CPUs differ in their last bits; the ranking (and so the
     vocabulary) must not follow that noise."""
-    from scllm.hvg import combine_batches, round_significant
+    from scllm.prep.hvg import combine_batches, round_significant
 
     rng = np.random.default_rng(0)
     exact = rng.gamma(2.0, 1.0, (3, 200))

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scllm import census as census_mod
-from scllm.census import build_local_census, sample_census, sample_h5ad
 from scllm.errors import InputError
-from scllm.ingest import H5adInput
+from scllm.h5ad import H5adInput
+from scllm.prep import census as census_mod
+from scllm.prep.census import build_local_census, sample_census, sample_h5ad
 from test_census import synthetic_source
 
 SAMPLING = dict(max_cells=90, seed=0, disease="normal", chunk_size=16)

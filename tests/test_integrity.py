@@ -21,15 +21,15 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scllm.census import build_local_census, sample_census
 from scllm.checks import file_sha256
 from scllm.cli import main as cli_main
-from scllm.data import ShardDataset
-from scllm.embedding import embed_h5ad, embed_shards, load_model
 from scllm.errors import CorruptArtifactError, InputError, UnsafeFileError
-from scllm.split import split_cells
+from scllm.eval.embed import embed_h5ad, embed_shards, load_model
+from scllm.prep.census import build_local_census, sample_census
+from scllm.prep.split import split_cells
 from scllm.tokens import read_shard
-from scllm.train import CHECKPOINT, pretrain
+from scllm.train.batches import ShardDataset
+from scllm.train.loop import CHECKPOINT, pretrain
 
 from conftest import child_env, train_module_args
 

@@ -12,8 +12,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import scllm.train as train_mod
-from scllm.data import LengthGroupedBatchSampler, RaggedCells, ShardDataset
+import scllm.train.loop as train_mod
 from scllm.errors import CorruptArtifactError
 from scllm.tokens import (
     Shard,
@@ -25,6 +24,7 @@ from scllm.tokens import (
     sequences_from_binned,
     write_shard,
 )
+from scllm.train.batches import LengthGroupedBatchSampler, RaggedCells, ShardDataset
 
 from conftest import TINY_MODEL, TINY_TRAIN, write_synthetic_shards
 

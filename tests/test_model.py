@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from scllm.data import collate, mask_values
 from scllm.model import (
     CellTransformer,
     ModelConfig,
@@ -20,7 +19,8 @@ from scllm.model import (
     variance_covariance_loss,
 )
 from scllm.tokens import MASK_VALUE, PAD_VALUE
-from scllm.train import gepc_profile_mse
+from scllm.train.batches import collate, mask_values
+from scllm.train.loop import gepc_profile_mse
 
 N_GENES, N_BINS = 30, 51
 CLS_ID, PAD_ID = N_GENES, N_GENES + 1

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scllm.launch import free_port, launch_training, node_command
-from scllm.train import CHECKPOINT, PREEMPTED_EXIT_CODE
+from scllm.train.launch import free_port, launch_training, node_command
+from scllm.train.loop import CHECKPOINT, PREEMPTED_EXIT_CODE
 
 from conftest import TINY_MODEL, child_env, write_synthetic_shards
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scllm.qc import filter_qc
+from scllm.prep.qc import filter_qc
 
 MIN_GENE_COUNTS, MIN_GENES_PER_CELL = 3, 5
 

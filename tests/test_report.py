@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from scllm.evaluate import TABLE_COLUMNS, write_table
-from scllm.report import metrics_html, winner, write_report
+from scllm.eval.evaluate import TABLE_COLUMNS, write_table
+from scllm.eval.report import metrics_html, winner, write_report
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scllm.split import assign_split, read_split, split_cells
+from scllm.prep.split import assign_split, read_split, split_cells
 
 SIZES = {
     "dsA/d1": 900,

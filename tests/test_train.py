@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import scllm
-from scllm.data import LengthGroupedBatchSampler, ShardDataset, collate
-from scllm.embedding import embed_shard_cells, load_model
-from scllm.launch import free_port
+from scllm.eval.embed import embed_shard_cells, load_model
 from scllm.tokens import PAD_VALUE, build_vocab, read_shard, vocab_sha256, write_vocab
-from scllm.train import CHECKPOINT, EPOCH_COLUMNS, METRIC_COLUMNS, pretrain
+from scllm.train.batches import LengthGroupedBatchSampler, ShardDataset, collate
+from scllm.train.launch import free_port
+from scllm.train.loop import CHECKPOINT, EPOCH_COLUMNS, METRIC_COLUMNS, pretrain
 
 from conftest import (
     TINY_MODEL,
@@ -340,8 +340,8 @@ def test_torchrun_two_processes_on_cpu(shards, tmp_path):
 
 
 def test_log_lines_show_elapsed_time_and_time_left(shards, tmp_path, caplog, monkeypatch):
-    import scllm.train as train_mod
-    from scllm.io import Progress
+    import scllm.train.loop as train_mod
+    from scllm.files import Progress
 
     clock = iter([100.0, 110.0, 125.0])
     monkeypatch.setattr(train_mod.time, "perf_counter", lambda: next(clock))

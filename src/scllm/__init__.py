@@ -8,7 +8,7 @@ __all__ = ["embed", "load_model"]
 def __getattr__(name):
     # Lazy: `import scllm` must not import torch.
     if name in ("embed", "load_model"):
-        import scllm.embedding as embedding
+        import scllm.eval.embed as embedding
 
         return getattr(embedding, name)
     raise AttributeError(f"module 'scllm' has no attribute {name!r}")

@@ -8,11 +8,11 @@ import sys
 from scllm import __version__
 from scllm.config import EmbedConfig  # defaults; no torch import (scllm.embedding has one)
 from scllm.errors import REFUSALS
-from scllm.io import setup_logging
+from scllm.files import setup_logging
 
 
 def _build_census(args: argparse.Namespace) -> None:
-    from scllm.census import build_local_census
+    from scllm.prep.census import build_local_census
 
     build_local_census(
         args.h5ad,
@@ -35,7 +35,7 @@ def _build_census(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from scllm.embedding import embed_h5ad
+    from scllm.eval.embed import embed_h5ad
 
     summary = embed_h5ad(
         args.model_dir,

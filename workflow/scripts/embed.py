@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from scllm.embedding import embed_shards
-from scllm.io import setup_logging
+from scllm.eval.embed import embed_shards
+from scllm.files import setup_logging
 
 setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

@@ -1,8 +1,8 @@
 """Rule evaluate: kNN, Leiden and silhouette scores of the embeddings vs a PCA baseline; UMAPs."""
 
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
-from scllm.evaluate import evaluate
-from scllm.io import setup_logging
+from scllm.eval.evaluate import evaluate
+from scllm.files import setup_logging
 
 setup_logging(snakemake.log[0])
 evaluate(

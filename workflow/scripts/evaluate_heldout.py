@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from scllm.evaluate import evaluate_heldout
-from scllm.io import setup_logging
+from scllm.eval.evaluate import evaluate_heldout
+from scllm.files import setup_logging
 
 setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

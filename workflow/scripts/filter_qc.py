@@ -1,8 +1,8 @@
 """Rule filter_qc: drop rarely counted genes, then cells with too few expressed genes."""
 
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
-from scllm.io import setup_logging
-from scllm.qc import filter_qc
+from scllm.files import setup_logging
+from scllm.prep.qc import filter_qc
 
 setup_logging(snakemake.log[0])
 filter_qc(

@@ -3,8 +3,8 @@
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 import numba
 
-from scllm.binning import normalize_bin
-from scllm.io import setup_logging
+from scllm.prep.binning import normalize_bin
+from scllm.files import setup_logging
 
 setup_logging(snakemake.log[0])
 numba.set_num_threads(min(snakemake.threads, numba.config.NUMBA_NUM_THREADS))

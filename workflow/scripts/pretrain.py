@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from scllm.io import setup_logging
+from scllm.files import setup_logging
 
 log = setup_logging(snakemake.log[0])
 manifest = Path(snakemake.input.shards) / "manifest.json"
@@ -25,7 +25,7 @@ n_gpus = min(gpus, torch.cuda.device_count())
 train_cfg = dict(snakemake.params.train)
 
 if nodes > 1 or n_gpus > 1:
-    from scllm.launch import launch_training
+    from scllm.train.launch import launch_training
 
     out_dir.mkdir(parents=True, exist_ok=True)
     params_file = out_dir / "params.json"
@@ -55,7 +55,7 @@ if nodes > 1 or n_gpus > 1:
         print(f"training processes exited with status {returncode}", file=sys.stderr)
         sys.exit(returncode)
 else:
-    from scllm.train import PREEMPTED_EXIT_CODE, TrainingPreempted, pretrain
+    from scllm.train.loop import PREEMPTED_EXIT_CODE, TrainingPreempted, pretrain
 
     train_cfg.setdefault("num_threads", snakemake.threads)
     try:

@@ -1,8 +1,8 @@
 """Rule report: the run's self-contained HTML report (results/<run>/report.html)."""
 
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
-from scllm.io import setup_logging
-from scllm.report import write_report
+from scllm.files import setup_logging
+from scllm.eval.report import write_report
 
 setup_logging(snakemake.log[0])
 write_report(

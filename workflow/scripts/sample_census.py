@@ -2,8 +2,8 @@
 h5ad (census.source: h5ad), into cells.h5ad."""
 
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
-from scllm.census import sample_census, sample_h5ad
-from scllm.io import setup_logging
+from scllm.prep.census import sample_census, sample_h5ad
+from scllm.files import setup_logging
 
 setup_logging(snakemake.log[0])
 census = snakemake.params.census

@@ -1,7 +1,7 @@
 """Rule tokenize_shards: ragged token shards per split, vocab.json and manifest.json."""
 
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
-from scllm.io import setup_logging
+from scllm.files import setup_logging
 from scllm.tokens import tokenize_shards
 
 setup_logging(snakemake.log[0])

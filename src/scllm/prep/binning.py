@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scllm.io import CSRWriter, atomic_path, open_backed, read_rows, row_chunks
+from scllm.files import CSRWriter, atomic_path, open_backed, read_rows, row_chunks
 
 log = logging.getLogger("scllm")
 
@@ -149,7 +149,7 @@ def normalize_bin(
 ) -> None:
     """Normalize each cell to ``target_sum`` (over all genes), keep the HVGs in vocabulary order,
     and bin. Cells expressing fewer than ``min_expressed_hvgs`` HVGs are dropped (logged)."""
-    from scllm.hvg import read_hvg_table
+    from scllm.prep.hvg import read_hvg_table
 
     t0 = time.time()
     adata = open_backed(in_h5ad)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scllm.io import atomic_path
+from scllm.files import atomic_path
 
 log = logging.getLogger("scllm")
 

@@ -40,19 +40,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scllm.checks import load_torch_file
 from scllm.config import TrainConfig
-from scllm.data import (
-    PROFILE_KEYS,
-    TRAINING_BATCH_KEYS,
-    LengthGroupedBatchSampler,
-    ShardDataset,
-    check_vocab,
-    collate,
-    mask_values,
-    prefetched,
-    training_batch,
-)
 from scllm.errors import CorruptArtifactError
-from scllm.io import (
+from scllm.files import (
     Progress,
     atomic_path,
     remove_stale_temporaries,
@@ -70,6 +59,17 @@ from scllm.model import (
     variance_covariance_loss,
 )
 from scllm.tokens import read_manifest
+from scllm.train.batches import (
+    PROFILE_KEYS,
+    TRAINING_BATCH_KEYS,
+    LengthGroupedBatchSampler,
+    ShardDataset,
+    check_vocab,
+    collate,
+    mask_values,
+    prefetched,
+    training_batch,
+)
 
 # Derived from the data, not settable in the model section.
 DATA_MODEL_KEYS = ("vocab_size", "n_bins", "pad_id", "mask_value", "pad_value")

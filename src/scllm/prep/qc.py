@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from scllm.checks import check_counts
-from scllm.io import (
+from scllm.files import (
     CSRWriter,
     atomic_path,
     open_backed,

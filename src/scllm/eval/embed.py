@@ -21,7 +21,6 @@ import torch
 
 from scllm.checks import check_cells_and_genes, check_counts, load_torch_file
 from scllm.config import EmbedConfig
-from scllm.data import RaggedCells, collate
 from scllm.errors import CorruptArtifactError, InputError
 from scllm.model import CellTransformer, ModelConfig
 from scllm.tokens import (
@@ -35,6 +34,7 @@ from scllm.tokens import (
     sequences_from_binned,
     vocab_sha256,
 )
+from scllm.train.batches import RaggedCells, collate
 
 log = logging.getLogger("scllm")
 
@@ -171,7 +171,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 def _write_embeddings(path, obs: pd.DataFrame, embeddings: np.ndarray, uns: dict) -> None:
     import anndata as ad
 
-    from scllm.io import atomic_path
+    from scllm.files import atomic_path
 
     adata = ad.AnnData(obs=obs, obsm={EMBEDDING_KEY: embeddings}, uns={"scllm": uns})
     with atomic_path(path) as tmp:
@@ -195,7 +195,7 @@ def embed_shards(
     ``obsm["X_scllm"]``, obs from ``binned_h5ad`` (rows given by the shards' ``cell_index``) plus
     ``split``, cells in binned.h5ad order. One shard is in memory at a time.
     """
-    from scllm.io import open_backed, software_provenance
+    from scllm.files import open_backed, software_provenance
 
     if cells not in ("validation", "all"):
         raise ValueError(f"embed.cells must be 'validation' or 'all', not {cells!r}")
@@ -428,7 +428,7 @@ def tokenize_counts(counts: sp.csr_matrix, mapping: GeneMapping, n_genes: int, b
     Tied values are spread over their bins by draws keyed on (seed, the cell's content key, gene),
     as in normalize_bin, so a cell gets the training tokens wherever it sits (alone or in a batch).
     """
-    from scllm.binning import bin_csr, content_keys, normalize_total
+    from scllm.prep.binning import bin_csr, content_keys, normalize_total
 
     counts = sp.csr_matrix(counts)
     totals = np.asarray(counts.sum(axis=1)).ravel()
@@ -565,7 +565,7 @@ def _embed_rows(
     """(embeddings, vocabulary genes expressed per cell) of the cells that
     ``read_rows(start, stop)`` returns as sparse or dense count blocks, ``chunk_size`` cells at a
     time."""
-    from scllm.io import Progress, row_chunks
+    from scllm.files import Progress, row_chunks
 
     embeddings = np.zeros((n_cells, model.cell_emb_dim), dtype=np.float32)
     n_tokens = np.zeros(n_cells, dtype=np.int64)
@@ -611,7 +611,7 @@ def _provenance(
     source: str,
     layer: str | None,
 ) -> dict:
-    from scllm.io import software_provenance
+    from scllm.files import software_provenance
 
     return {
         "model": str(Path(model_dir)),
@@ -705,7 +705,7 @@ def embed_h5ad(
     As ``embed`` (the same embeddings for the same cells), from a file: X (or ``counts_layer``)
     is read in row chunks of ``chunk_size`` cells, so memory does not grow with the file.
     """
-    from scllm.io import open_backed
+    from scllm.files import open_backed
 
     t0 = time.time()
     model, genes, n_genes, binning, binning_source = _model_for_embedding(model_dir, device)

@@ -27,7 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scllm.config import EvaluateConfig
-from scllm.io import atomic_path, open_backed, read_rows, row_chunks
+from scllm.files import atomic_path, open_backed, read_rows, row_chunks
 
 log = logging.getLogger("scllm")
 
@@ -245,7 +245,7 @@ def log_normalized_hvgs(
 def _log_normalized_rows(read_block, n_obs: int, columns, rows, chunk_size: int) -> sp.csr_matrix:
     """log1p(normalize_total(counts, 1e4)) of ``columns`` for ``rows`` (in that order), totals over
     all genes; ``read_block(start, stop)`` gives a CSR block of counts, read in row chunks."""
-    from scllm.binning import normalize_total
+    from scllm.prep.binning import normalize_total
 
     wanted = np.zeros(n_obs, dtype=bool)
     wanted[rows] = True
@@ -364,7 +364,7 @@ def write_table(rows: list[dict], tsv_path, html_path=None, title: str = "") -> 
             + "".join("\t".join(_fmt(r.get(c)) for c in TABLE_COLUMNS) + "\n" for r in rows)
         )
     if html_path is not None:
-        from scllm.report import STYLE, metrics_html
+        from scllm.eval.report import STYLE, metrics_html
 
         with atomic_path(html_path) as tmp:
             Path(tmp).write_text(
@@ -534,7 +534,7 @@ def evaluate(
     """Score the embeddings of ``embeddings_h5ad`` and the PCA baseline; write the metrics table
     (TSV and HTML) and UMAPs coloured by label and by sample. ``args_json`` (the model's) gives
     the number of validation cells behind the masked-value error."""
-    from scllm.hvg import read_hvg_table
+    from scllm.prep.hvg import read_hvg_table
 
     cfg = _settings(settings)
     t0 = time.time()
@@ -663,7 +663,7 @@ def log_normalized_vocab_genes(
 ) -> sp.csr_matrix:
     """log1p(normalize_total(counts, 1e4)) of the input ``columns`` (the model's vocabulary genes
     as found in the file) for ``rows``, totals over all the file's genes, read in row chunks."""
-    from scllm.embedding import _Rows
+    from scllm.eval.embed import _Rows
 
     reader = _Rows(h5ad, counts_layer)
     try:
@@ -696,7 +696,7 @@ def evaluate_heldout(
     (log-normalized counts of the model's vocabulary genes found in the file)."""
     import anndata as ad
 
-    from scllm.embedding import embed_h5ad
+    from scllm.eval.embed import embed_h5ad
 
     cfg = _settings({**settings, "label_key": label_key})
     t0 = time.time()

@@ -1,0 +1,1 @@
+"""Embedding cells with a pretrained model and scoring the embeddings."""

@@ -1,0 +1,206 @@
+"""Launching the training processes: torchrun on each node, srun to start it on every node of a
+SLURM job.
+
+One command per node, the same on every node: ``python -m scllm.launch`` with torchrun's own
+arguments (it is torchrun; see ``torchrun --help``), typically
+
+    python -m scllm.launch --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:PORT --rdzv-id RUN -m scllm.train --manifest ... --out ...
+
+Every node's torchrun meets the others at the c10d rendezvous on HOST:PORT (hosted by the
+torchrun on HOST), which numbers the nodes and the processes; scllm.train then reads RANK,
+WORLD_SIZE and LOCAL_RANK. What this adds to torchrun:
+
+- SIGUSR1 is forwarded to the workers too (SLURM's early warning before a time limit), and they
+  get ``SHUTDOWN_TIMEOUT`` seconds to write their checkpoint before torchrun kills them.
+- The exit status: torchrun reports any worker failure as 1. Here a run whose workers stopped on
+  a signal (or whose torchrun was signalled) exits with scllm.train's PREEMPTED_EXIT_CODE (75),
+  so a job script or SLURM requeue can tell "rerun to resume" from an error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from scllm.errors import InputError
+from scllm.train.loop import PREEMPTED_EXIT_CODE
+
+# SIGTERM: preemption, scancel, time limit; SIGUSR1: `sbatch --signal=USR1@SECONDS`.
+SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# Seconds the workers get, after a signal, to agree on a step, checkpoint it and exit.
+SHUTDOWN_TIMEOUT = 120
+
+
+def torchrun_args(
+    nnodes: int, nproc_per_node: int | str, rdzv_endpoint: str, rdzv_id: str
+) -> list[str]:
+    """torchrun's arguments for one node of ``nnodes``, meeting the others at ``rdzv_endpoint``."""
+    if nnodes < 1:
+        raise ValueError(f"nnodes must be >= 1, not {nnodes}")
+    return [
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={rdzv_endpoint}",
+        f"--rdzv-id={rdzv_id}",
+        f"--signals-to-handle={SIGNALS}",
+        f"--shutdown-timeout={SHUTDOWN_TIMEOUT}",
+    ]
+
+
+def node_command(
+    nnodes: int, nproc_per_node: int | str, rdzv_endpoint: str, rdzv_id: str, train_args: list[str]
+) -> list[str]:
+    """The command each node runs: this module (torchrun) starting ``scllm.train train_args``."""
+    return [
+        sys.executable,
+        "-m",
+        "scllm.launch",
+        *torchrun_args(nnodes, nproc_per_node, rdzv_endpoint, rdzv_id),
+        "-m",
+        "scllm.train",
+        *train_args,
+    ]
+
+
+def slurm_nodes(env=os.environ) -> list[str]:
+    """Host names of the SLURM job's nodes, in SLURM's order ([] outside a SLURM job)."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return []
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise InputError(
+            f"cannot list the nodes of SLURM job {env.get('SLURM_JOB_ID')} ({nodelist}): {err}"
+        ) from err
+    return out.stdout.split()
+
+
+def srun_command(nnodes: int, command: list[str]) -> list[str]:
+    """``command`` once on each of the job's ``nnodes`` nodes: one task per node, which starts
+    that node's training processes. ``--overlap``: the rule's own job step may hold the CPUs of the
+    first node; ``--wait``: a node whose torchrun ended (an error) ends the others a while later
+    instead of leaving them waiting in a collective (a normal end or a preemption ends all nodes
+    within seconds: every process waits for the checkpoint); ``--label``: each line says which
+    node printed it."""
+    return [
+        "srun",
+        "--overlap",
+        f"--nodes={nnodes}",
+        f"--ntasks={nnodes}",
+        "--ntasks-per-node=1",
+        f"--wait={SHUTDOWN_TIMEOUT}",
+        "--label",
+        *command,
+    ]
+
+
+def launch_training(
+    train_args: list[str],
+    log_file: str | Path,
+    *,
+    nodes: int = 1,
+    procs_per_node: int | str = 1,
+    env: dict | None = None,
+) -> int:
+    """Run ``scllm.train train_args`` in ``procs_per_node`` processes on this node (torchrun), or
+    on each of ``nodes`` nodes of the current SLURM job (srun starting torchrun on every node,
+    meeting at a c10d rendezvous on this node). Every line any process prints (every rank's log
+    lines, torchrun's messages, tracebacks) is appended to ``log_file`` and echoed to stderr.
+
+    SIGTERM and SIGUSR1 reaching this process are passed on, so the training checkpoints and stops
+    wherever the signal arrived. Returns the exit status: 0, 75 (PREEMPTED_EXIT_CODE: stopped by a
+    signal with a checkpoint written; rerun to resume) or another failure.
+    """
+    env = dict(os.environ if env is None else env)
+    if nodes > 1:
+        hosts = slurm_nodes(env)
+        if len(hosts) < nodes:
+            raise InputError(
+                f"training on {nodes} nodes needs a SLURM job holding them (this process sees "
+                f"{len(hosts) or 'no SLURM job with'} node(s)). Run it with the SLURM profile "
+                "(see README, 'Several nodes'), or set nodes: 1."
+            )
+        # The rendezvous (a TCP store) lives in this node's torchrun; the other nodes connect to
+        # it.
+        endpoint = f"{socket.gethostname()}:{free_port()}"
+        run_id = env.get("SLURM_JOB_ID") or uuid.uuid4().hex
+        command = srun_command(
+            nodes, node_command(nodes, procs_per_node, endpoint, run_id, train_args)
+        )
+    else:
+        command = node_command(1, procs_per_node, "localhost:0", uuid.uuid4().hex, train_args)
+    with open(log_file, "a") as log:
+        log.write("launching: " + " ".join(command) + "\n")
+        log.flush()
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            bufsize=1,
+        )
+        forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                sys.stderr.write(line)
+            return proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun with the exit status above."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(sys.argv[1:] if argv is None else argv)
+    except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        # 75: the worker checkpointed and stopped; a negative code: killed by a signal (here,
+        # torchrun's shutdown of a node whose peers stopped) - either way a rerun resumes.
+        if PREEMPTED_EXIT_CODE in codes and all(c == PREEMPTED_EXIT_CODE or c < 0 for c in codes):
+            return PREEMPTED_EXIT_CODE
+        return 1
+    except (
+        SignalException
+    ) as err:  # this node's torchrun was signalled; its workers were told to stop
+        print(
+            f"scllm.launch: stopped by {err.sigval.name}; exiting with {PREEMPTED_EXIT_CODE} "
+            "(rerun to resume)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return PREEMPTED_EXIT_CODE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
