@@ -283,7 +283,7 @@ def run_one(job: dict) -> dict:
 def pca_reference(results: Path, label_key: str) -> dict:
     """The evaluate rule's PCA-50 baseline on the same cells (the target to beat)."""
     from scllm.eval.evaluate import log_normalized_hvgs, pca_baseline, score_representation
-    from scllm.files import open_backed
+    from scllm.h5ad import open_backed
     from scllm.prep.hvg import read_hvg_table
 
     binned = open_backed(results / "binned.h5ad")

@@ -154,7 +154,8 @@ def generate(
     turns in runs of that many cells (a file ordered by something other than donor)."""
     import pandas as pd
 
-    from scllm.files import CSRWriter, atomic_path
+    from scllm.files import atomic_path
+    from scllm.h5ad import CSRWriter
 
     rng = np.random.default_rng(seed)
     sizes = sample_sizes(n_cells, n_samples, rng)

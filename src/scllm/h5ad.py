@@ -1,10 +1,12 @@
-"""A user's h5ad, read in blocks: obs and var in memory, the count matrix never whole.
+"""Cells in h5ad files, read and written in row blocks, so no matrix ever has to fit in memory.
 
-``build_local_census`` ingests an h5ad of any size through this module. The count matrix may be
-X or a layer, stored CSR, CSC or dense, compressed or not; it is read straight from the HDF5
-datasets in blocks of at most ``block_nnz`` stored values, so memory depends on the block size,
-not on the number of cells. (``anndata.read_h5ad(..., backed="r")`` would load every layer into
-memory, and ``read_h5ad`` without it the whole file.)
+- The pipeline's own files (cells, filtered, binned): CSR X, opened backed (``open_backed``), read
+  in row chunks (``read_rows``, ``row_chunks``) and written block by block (``CSRWriter``).
+- Your h5ad (``H5adInput``): the count matrix may be X or a layer, stored CSR, CSC or dense,
+  compressed or not; it is read straight from the HDF5 datasets in blocks of at most
+  ``block_nnz`` stored values, so memory depends on the block size, not on the number of cells.
+  (``anndata.read_h5ad(..., backed="r")`` would load every layer into memory, and ``read_h5ad``
+  without it the whole file.)
 """
 
 from __future__ import annotations
@@ -12,15 +14,205 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from anndata.io import read_elem
+from anndata.io import read_elem, write_elem
 
-from scllm.errors import InputError
+from scllm.errors import CorruptArtifactError, InputError
 
 log = logging.getLogger("scllm")
+
+# --- the pipeline's own files --------------------------------------------------------------------
+
+
+def open_backed(path: str | Path) -> ad.AnnData:
+    """Open an h5ad without loading X; a clear error if the file is missing or damaged."""
+    try:
+        return ad.read_h5ad(path, backed="r")
+    except Exception as err:  # h5py raises several types for damaged files
+        raise ValueError(
+            f"cannot open {path} as h5ad ({type(err).__name__}: {err}). The file is missing, "
+            "truncated or not an h5ad; delete it and rerun the stage that writes it."
+        ) from err
+
+
+def read_rows(adata: ad.AnnData, start: int, stop: int) -> sp.csr_matrix:
+    """Rows ``start:stop`` of a backed AnnData's CSR X as an in-memory CSR matrix.
+
+    Reads the HDF5 datasets directly; the row index is read once per opened file and kept on
+    the object (anndata's ``adata.X[start:stop]`` re-reads all of it for every slice).
+    """
+    index = getattr(adata, "_scllm_indptr", None)
+    group = adata.file["X"]
+    if index is None:
+        if not isinstance(group, h5py.Group) or group.attrs.get("encoding-type") != "csr_matrix":
+            raise ValueError(
+                f"{adata.filename}: X is not a CSR matrix; the pipeline's h5ad files store CSR"
+            )
+        index = group["indptr"][:].astype(np.int64)
+        n_stored = min(group["data"].shape[0], group["indices"].shape[0])
+        if (
+            len(index) != adata.n_obs + 1
+            or index[0] != 0
+            or np.any(np.diff(index) < 0)
+            or index[-1] > n_stored
+        ):
+            raise _damaged_matrix(
+                adata.filename,
+                f"its row pointers (X/indptr) do not describe {adata.n_obs} rows "
+                f"of {n_stored} stored values",
+            )
+        adata._scllm_indptr = index
+    a, b = index[start], index[stop]
+    indices = group["indices"][a:b]
+    # Column indices out of range would read as other genes or fail deep inside scipy.
+    if indices.size and (indices.min() < 0 or indices.max() >= adata.n_vars):
+        raise _damaged_matrix(
+            adata.filename,
+            f"rows {start}..{stop - 1} have column indices outside 0..{adata.n_vars - 1}",
+        )
+    return sp.csr_matrix(
+        (group["data"][a:b], indices, index[start : stop + 1] - a),
+        shape=(stop - start, adata.n_vars),
+    )
+
+
+def _damaged_matrix(path, problem: str) -> CorruptArtifactError:
+    return CorruptArtifactError(
+        f"{path} is damaged: {problem}. Delete it and rerun the stage that writes it "
+        "(Snakemake reruns a rule whose output file is missing)."
+    )
+
+
+def row_chunks(n_rows: int, chunk_size: int):
+    """(start, stop) pairs covering ``range(n_rows)``."""
+    for start in range(0, n_rows, chunk_size):
+        yield start, min(start + chunk_size, n_rows)
+
+
+def require_obs_columns(
+    adata: ad.AnnData, columns: list[str], path, writer: str = "sample_census"
+) -> None:
+    """A clear error when an h5ad lacks obs columns the stage needs (before anything is
+    written)."""
+    missing = [c for c in columns if c not in adata.obs.columns]
+    if missing:
+        raise ValueError(
+            f"{path} has no obs column(s) {missing} (it has {list(adata.obs.columns)}); "
+            f"the pipeline's own files carry them: rerun {writer} (or the rules before this one) "
+            "to rewrite it."
+        )
+
+
+class CSRWriter:
+    """Append row blocks of a CSR matrix to an h5ad file, so X never has to fit in memory.
+
+    The file is a regular h5ad (anndata's csr_matrix encoding): var/uns are written up front,
+    ``X``'s data/indices/indptr datasets grow by resizing, and obs (often known only once every
+    row has been seen) is written by ``set_obs`` before closing. Use inside ``atomic_path``.
+    We write X ourselves rather than through anndata's sparse ``append``: that re-reads the
+    whole row index on every append and lets h5py pick tiny chunks (one per row for indptr),
+    which made reading and writing slow down and grow in memory with the number of cells.
+    """
+
+    CHUNK = 1 << 18  # elements per HDF5 chunk: large sequential reads, small enough for slices
+
+    def __init__(self, path, var: pd.DataFrame, uns: dict | None = None, dtype=np.float32):
+        self.file = h5py.File(path, "w")
+        self.n_vars = var.shape[0]
+        self.dtype = dtype
+        self.rows_written = 0
+        self.nnz = 0
+        self.obs_written = False
+        self.reserved = None  # row pointers of X, once reserve() has sized it
+        write_elem(self.file, "var", var)
+        write_elem(self.file, "uns", uns or {})
+        for key in ("obsm", "varm", "obsp", "varp", "layers"):
+            write_elem(self.file, key, {})
+        self.file.attrs["encoding-type"] = "anndata"
+        self.file.attrs["encoding-version"] = "0.1.0"
+        X = self.file.create_group("X")
+        X.attrs["encoding-type"] = "csr_matrix"
+        X.attrs["encoding-version"] = "0.1.0"
+        X.attrs["shape"] = (0, self.n_vars)
+        # int64 row pointers: a matrix may hold more than 2**31 non-zeros
+        for name, dt, first in (
+            ("data", dtype, []),
+            ("indices", np.int32, []),
+            ("indptr", np.int64, [0]),
+        ):
+            X.create_dataset(
+                name, data=np.asarray(first, dtype=dt), maxshape=(None,), chunks=(self.CHUNK,)
+            )
+        self.X = X
+
+    def _extend(self, name: str, values: np.ndarray) -> None:
+        dataset = self.X[name]
+        n = dataset.shape[0]
+        dataset.resize((n + len(values),))
+        dataset[n:] = values
+
+    def append(self, block: sp.spmatrix) -> None:
+        block = sp.csr_matrix(block, dtype=self.dtype)
+        if block.shape[1] != self.n_vars:
+            raise ValueError(f"block has {block.shape[1]} columns, expected {self.n_vars}")
+        if block.shape[0] == 0:
+            return
+        self._extend("data", block.data)
+        self._extend("indices", block.indices.astype(np.int32, copy=False))
+        self._extend("indptr", block.indptr[1:].astype(np.int64) + self.nnz)
+        self.nnz += block.nnz
+        self.rows_written += block.shape[0]
+        self.X.attrs["shape"] = (self.rows_written, self.n_vars)
+
+    def reserve(self, row_nnz: np.ndarray) -> None:
+        """Size X for rows of known lengths, to be filled in any order with ``write_at``: rows
+        that arrive scattered (a sample's cells spread over an input file) go straight to their
+        place, in one pass over the input."""
+        if self.rows_written:
+            raise RuntimeError("reserve() must come before any row is written")
+        indptr = np.r_[0, np.cumsum(row_nnz, dtype=np.int64)]
+        for name in ("data", "indices"):
+            self.X[name].resize((int(indptr[-1]),))
+        self.X["indptr"].resize((len(indptr),))
+        self.X["indptr"][:] = indptr
+        self.reserved = indptr
+        self.rows_written, self.nnz = len(row_nnz), int(indptr[-1])
+        self.X.attrs["shape"] = (self.rows_written, self.n_vars)
+
+    def write_at(self, first_row: int, block: sp.spmatrix) -> None:
+        """Rows ``first_row ..`` of a reserved X; their lengths must be the reserved ones."""
+        block = sp.csr_matrix(block, dtype=self.dtype)
+        a, b = self.reserved[first_row], self.reserved[first_row + block.shape[0]]
+        if block.nnz != b - a or block.shape[1] != self.n_vars:
+            raise RuntimeError(
+                f"rows {first_row}.. hold {block.nnz} values, {b - a} were reserved"
+            )
+        self.X["data"][a:b] = block.data
+        self.X["indices"][a:b] = block.indices.astype(np.int32, copy=False)
+
+    def set_obs(self, obs: pd.DataFrame) -> None:
+        if obs.shape[0] != self.rows_written:
+            raise RuntimeError(
+                f"obs has {obs.shape[0]} rows but {self.rows_written} rows of X were written"
+            )
+        write_elem(self.file, "obs", obs)
+        self.obs_written = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self.file.close()
+        if exc_type is None and not self.obs_written:
+            raise RuntimeError("CSRWriter closed before set_obs(): the h5ad would have no obs")
+        return False
+
+
+# --- your h5ad -----------------------------------------------------------------------------------
 
 
 class H5adInput:

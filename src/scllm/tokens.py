@@ -30,7 +30,8 @@ import scipy.sparse as sp
 
 from scllm.checks import file_sha256
 from scllm.errors import CorruptArtifactError
-from scllm.files import atomic_path, open_backed, read_rows, row_chunks
+from scllm.files import atomic_path
+from scllm.h5ad import open_backed, read_rows, row_chunks
 from scllm.prep.split import read_split
 
 log = logging.getLogger("scllm")

@@ -195,7 +195,8 @@ def embed_shards(
     ``obsm["X_scllm"]``, obs from ``binned_h5ad`` (rows given by the shards' ``cell_index``) plus
     ``split``, cells in binned.h5ad order. One shard is in memory at a time.
     """
-    from scllm.files import open_backed, software_provenance
+    from scllm.files import software_provenance
+    from scllm.h5ad import open_backed
 
     if cells not in ("validation", "all"):
         raise ValueError(f"embed.cells must be 'validation' or 'all', not {cells!r}")
@@ -565,7 +566,8 @@ def _embed_rows(
     """(embeddings, vocabulary genes expressed per cell) of the cells that
     ``read_rows(start, stop)`` returns as sparse or dense count blocks, ``chunk_size`` cells at a
     time."""
-    from scllm.files import Progress, row_chunks
+    from scllm.files import Progress
+    from scllm.h5ad import row_chunks
 
     embeddings = np.zeros((n_cells, model.cell_emb_dim), dtype=np.float32)
     n_tokens = np.zeros(n_cells, dtype=np.int64)
@@ -705,7 +707,7 @@ def embed_h5ad(
     As ``embed`` (the same embeddings for the same cells), from a file: X (or ``counts_layer``)
     is read in row chunks of ``chunk_size`` cells, so memory does not grow with the file.
     """
-    from scllm.files import open_backed
+    from scllm.h5ad import open_backed
 
     t0 = time.time()
     model, genes, n_genes, binning, binning_source = _model_for_embedding(model_dir, device)

@@ -27,7 +27,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scllm.config import EvaluateConfig
-from scllm.files import atomic_path, open_backed, read_rows, row_chunks
+from scllm.files import atomic_path
+from scllm.h5ad import open_backed, read_rows, row_chunks
 
 log = logging.getLogger("scllm")
 

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scllm.files import CSRWriter, atomic_path, open_backed, read_rows, row_chunks
+from scllm.files import atomic_path
+from scllm.h5ad import CSRWriter, open_backed, read_rows, row_chunks
 
 log = logging.getLogger("scllm")
 

@@ -21,8 +21,8 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from scllm.checks import check_counts, check_gene_ids, require_cells, unique_cell_ids
-from scllm.files import CSRWriter, Progress, atomic_path
-from scllm.h5ad import H5adInput
+from scllm.files import Progress, atomic_path
+from scllm.h5ad import CSRWriter, H5adInput
 
 log = logging.getLogger("scllm")
 

@@ -17,7 +17,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scllm.files import atomic_path, open_backed, read_rows, require_obs_columns
+from scllm.files import atomic_path
+from scllm.h5ad import open_backed, read_rows, require_obs_columns
 
 log = logging.getLogger("scllm")
 FLAVORS = ("seurat_v3", "seurat_v3_paper")

@@ -14,14 +14,8 @@ import numpy as np
 import pandas as pd
 
 from scllm.checks import check_counts
-from scllm.files import (
-    CSRWriter,
-    atomic_path,
-    open_backed,
-    read_rows,
-    require_obs_columns,
-    row_chunks,
-)
+from scllm.files import atomic_path
+from scllm.h5ad import CSRWriter, open_backed, read_rows, require_obs_columns, row_chunks
 
 log = logging.getLogger("scllm")
 

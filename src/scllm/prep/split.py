@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from scllm.errors import CorruptArtifactError
-from scllm.files import atomic_path, open_backed, require_obs_columns
+from scllm.files import atomic_path
+from scllm.h5ad import open_backed, require_obs_columns
 
 log = logging.getLogger("scllm")
 TRAIN, VALIDATION = "train", "validation"
