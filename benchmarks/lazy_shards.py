@@ -53,13 +53,13 @@ def write_corpus(
 ) -> Path:
     """Shards + vocab.json + genes.tsv + manifest.json in the tokenize_shards layout."""
     from scllm.checks import file_sha256
+    from scllm.shards import write_shard
     from scllm.tokens import (
         CLS_VALUE,
         MASK_VALUE,
         PAD_VALUE,
         build_vocab,
         vocab_sha256,
-        write_shard,
         write_vocab,
     )
 
@@ -130,8 +130,8 @@ def write_corpus(
 def in_memory_dataset():
     """The ShardDataset of earlier versions: every shard of the split read whole and
     concatenated."""
-    from scllm.tokens import read_listed_shard, read_manifest
-    from scllm.train.batches import RaggedCells, check_vocab
+    from scllm.shards import check_vocab, read_listed_shard, read_manifest
+    from scllm.tokens import RaggedCells
 
     class InMemoryShardDataset(RaggedCells):
         def __init__(self, manifest_path, split):
@@ -192,7 +192,8 @@ def child_train(args) -> dict:
 def child_data(args) -> dict:
     import torch
 
-    from scllm.train.batches import LengthGroupedBatchSampler, ShardDataset, training_batch
+    from scllm.shards import ShardDataset
+    from scllm.train.batches import LengthGroupedBatchSampler, training_batch
 
     torch.set_num_threads(1)
     dataset_cls = ShardDataset if args.mode == "lazy" else in_memory_dataset()

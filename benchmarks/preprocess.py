@@ -318,7 +318,7 @@ def run_stage(name: str, workdir: Path) -> None:
 
         split_cells(p["binned"], p["split"])
     elif name == "tokenize_shards":
-        from scllm.tokens import tokenize_shards
+        from scllm.prep.tokenize import tokenize_shards
 
         tokenize_shards(p["binned"], p["split"], p["shards"])
     elif name == "scgpt_style":

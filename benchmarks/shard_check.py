@@ -29,7 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from scllm.checks import file_sha256  # noqa: E402
-from scllm.tokens import CLS_VALUE, Shard, check_shard, read_listed_shard, write_shard  # noqa: E402
+from scllm.shards import Shard, check_shard, read_listed_shard, write_shard  # noqa: E402
+from scllm.tokens import CLS_VALUE  # noqa: E402
 
 
 def synthetic_shard(

@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from scllm.config import TrainConfig  # noqa: E402
 from scllm.model import CellTransformer, ModelConfig, attention_kernels, masked_mse, peak_flops  # noqa: E402
+from scllm.shards import ShardDataset  # noqa: E402
 from scllm.tokens import PAD_VALUE  # noqa: E402
 from scllm.train.batches import (  # noqa: E402
     TRAINING_BATCH_KEYS,
     LengthGroupedBatchSampler,
-    ShardDataset,
     prefetched,
     training_batch,
 )

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from scllm.checks import file_sha256
+from scllm.shards import write_shard
 from scllm.tokens import (
     CLS_VALUE,
     MASK_VALUE,
@@ -34,7 +35,6 @@ from scllm.tokens import (
     build_vocab,
     sequences_from_binned,
     vocab_sha256,
-    write_shard,
     write_vocab,
 )
 

@@ -37,7 +37,8 @@ from scllm.prep.census import (
 from scllm.prep.hvg import select_hvg
 from scllm.prep.qc import filter_qc
 from scllm.prep.split import split_cells
-from scllm.tokens import build_vocab, read_shard, vocab_sha256, write_shard
+from scllm.shards import read_shard, write_shard
+from scllm.tokens import build_vocab, vocab_sha256
 from scllm.train.loop import pretrain
 
 from conftest import TINY_MODEL, TINY_TRAIN, synthetic_source, write_synthetic_shards
@@ -348,7 +349,7 @@ def test_truncated_shard_or_manifest_stops_pretrain_before_any_output(tmp_path):
 
 def test_shards_and_model_with_different_vocabularies(tmp_path):
     from scllm.eval.embed import embed_shard_cells, load_model
-    from scllm.train.batches import ShardDataset
+    from scllm.shards import ShardDataset
 
     manifest = write_synthetic_shards(tmp_path / "a", n_train=16, n_val=4)
     pretrain(manifest, tmp_path / "model", TINY_MODEL, {**TINY_TRAIN, "epochs": 1})

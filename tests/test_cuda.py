@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from scllm.model import FUSED_ATTENTION_OPS, CellTransformer, ModelConfig, attention_kernels
-from scllm.train.batches import collate, mask_values
+from scllm.tokens import collate
+from scllm.train.batches import mask_values
 from scllm.train.loop import pretrain
 
 from conftest import TINY_MODEL, TINY_TRAIN

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from scllm.tokens import MASK_VALUE
-from scllm.train.batches import collate, mask_values, prefetched, training_batch
+from scllm.tokens import MASK_VALUE, collate
+from scllm.train.batches import mask_values, prefetched, training_batch
 
 PAD_ID = 31
 

@@ -28,7 +28,9 @@ from scllm.eval.embed import (
 )
 from scllm.model import CellTransformer, ModelConfig
 from scllm.prep.binning import normalize_bin
-from scllm.tokens import build_vocab, read_shard, tokenize_shards, vocab_sha256, write_vocab
+from scllm.prep.tokenize import tokenize_shards
+from scllm.shards import read_shard
+from scllm.tokens import build_vocab, vocab_sha256, write_vocab
 
 N_VOCAB = 40  # vocabulary genes
 N_OTHER = 25  # genes of the data outside the vocabulary

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import scllm.train.loop as train_mod
-from scllm import tokens
 from scllm.errors import UnsafeFileError
 from scllm.files import atomic_path
 from scllm.prep import binning, census, hvg, qc
+from scllm.prep import tokenize as tokens
 from scllm.train.loop import (
     CHECKPOINT,
     PREEMPTED_EXIT_CODE,

@@ -27,8 +27,7 @@ from scllm.errors import CorruptArtifactError, InputError, UnsafeFileError
 from scllm.eval.embed import embed_h5ad, embed_shards, load_model
 from scllm.prep.census import build_local_census, sample_census
 from scllm.prep.split import split_cells
-from scllm.tokens import read_shard
-from scllm.train.batches import ShardDataset
+from scllm.shards import ShardDataset, read_shard
 from scllm.train.loop import CHECKPOINT, pretrain
 
 from conftest import child_env, train_module_args

@@ -14,17 +14,18 @@ import torch
 
 import scllm.train.loop as train_mod
 from scllm.errors import CorruptArtifactError
-from scllm.tokens import (
+from scllm.shards import (
     Shard,
+    ShardDataset,
     ShardReader,
     check_shard,
     read_listed_shard,
     read_manifest,
     read_shard,
-    sequences_from_binned,
     write_shard,
 )
-from scllm.train.batches import LengthGroupedBatchSampler, RaggedCells, ShardDataset
+from scllm.tokens import RaggedCells, sequences_from_binned
+from scllm.train.batches import LengthGroupedBatchSampler
 
 from conftest import TINY_MODEL, TINY_TRAIN, write_synthetic_shards
 

@@ -18,8 +18,8 @@ from scllm.model import (
     masked_mse,
     variance_covariance_loss,
 )
-from scllm.tokens import MASK_VALUE, PAD_VALUE
-from scllm.train.batches import collate, mask_values
+from scllm.tokens import MASK_VALUE, PAD_VALUE, collate
+from scllm.train.batches import mask_values
 from scllm.train.loop import gepc_profile_mse
 
 N_GENES, N_BINS = 30, 51

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from scllm.model import CellTransformer, ModelConfig
-from scllm.train.batches import ShardDataset, gene_subset, training_batch
+from scllm.shards import ShardDataset
+from scllm.train.batches import gene_subset, training_batch
 from scllm.train.loop import init_gene_embeddings_from_pca, pretrain
 
 TINY_MODEL = {"n_layers": 1, "n_heads": 2, "d_model": 16, "d_ff": 32, "dropout": 0.0}

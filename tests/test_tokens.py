@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scllm.tokens import read_shard, sequences_from_binned, tokenize_shards
+from scllm.prep.tokenize import tokenize_shards
+from scllm.shards import read_shard
+from scllm.tokens import sequences_from_binned
 
 N_GENES = 30
 N_CELLS = 53

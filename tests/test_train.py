@@ -15,8 +15,9 @@ import torch
 
 import scllm
 from scllm.eval.embed import embed_shard_cells, load_model
-from scllm.tokens import PAD_VALUE, build_vocab, read_shard, vocab_sha256, write_vocab
-from scllm.train.batches import LengthGroupedBatchSampler, ShardDataset, collate
+from scllm.shards import ShardDataset, read_shard
+from scllm.tokens import PAD_VALUE, build_vocab, collate, vocab_sha256, write_vocab
+from scllm.train.batches import LengthGroupedBatchSampler
 from scllm.train.launch import free_port
 from scllm.train.loop import CHECKPOINT, EPOCH_COLUMNS, METRIC_COLUMNS, pretrain
 

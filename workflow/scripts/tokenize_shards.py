@@ -2,7 +2,7 @@
 
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 from scllm.files import setup_logging
-from scllm.tokens import tokenize_shards
+from scllm.prep.tokenize import tokenize_shards
 
 setup_logging(snakemake.log[0])
 tokenize_shards(

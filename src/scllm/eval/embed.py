@@ -23,18 +23,16 @@ from scllm.checks import check_cells_and_genes, check_counts, load_torch_file
 from scllm.config import EmbedConfig
 from scllm.errors import CorruptArtifactError, InputError
 from scllm.model import CellTransformer, ModelConfig
+from scllm.shards import Shard, read_listed_shard, read_manifest, read_shard
 from scllm.tokens import (
     CLS_TOKEN,
-    Shard,
+    RaggedCells,
+    collate,
     read_json,
-    read_listed_shard,
-    read_manifest,
-    read_shard,
     read_vocab,
     sequences_from_binned,
     vocab_sha256,
 )
-from scllm.train.batches import RaggedCells, collate
 
 log = logging.getLogger("scllm")
 

@@ -1,4 +1,5 @@
-"""Cells from token shards, length-grouped batches, per-batch padding and masking.
+"""Training batches: length-grouped batches of cells, padded (``scllm.tokens.collate``) and
+masked, prepared ahead of the step in a background thread.
 
 Padding belongs to the batch: cells are kept ragged and each batch is padded only to its
 longest cell. Batches group cells of similar length (sorted inside large random buckets), which
@@ -10,129 +11,18 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
 
-from scllm.errors import CorruptArtifactError
-from scllm.tokens import (
-    MASK_VALUE,
-    PAD_VALUE,
-    RETOKENIZE,
-    open_listed_shard,
-    read_manifest,
-    read_vocab,
-    vocab_sha256,
-)
+from scllm.tokens import MASK_VALUE, collate
 
 T = TypeVar("T")
 # The tensors of a training batch (training_batch), in the order the training step unpacks them.
 TRAINING_BATCH_KEYS = ("gene_ids", "values", "padding_mask", "masked_values", "mask")
 # Added by training_batch only when views leave genes out: the whole cells behind the rows.
 PROFILE_KEYS = ("profile_gene_ids", "profile_values")
-
-
-class RaggedCells:
-    """Cells as CSR-like ragged arrays: cell i is tokens ``offsets[i]:offsets[i+1]``."""
-
-    def __init__(self, offsets: np.ndarray, gene_ids: np.ndarray, values: np.ndarray):
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.gene_ids = np.asarray(gene_ids)
-        self.values = np.asarray(values)
-        if self.offsets[-1] != len(self.gene_ids) or len(self.gene_ids) != len(self.values):
-            raise ValueError("offsets do not match the token arrays")
-        self.lengths = np.diff(self.offsets)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        start, stop = self.offsets[i], self.offsets[i + 1]
-        return self.gene_ids[start:stop], self.values[start:stop]
-
-    def cells(self, indices) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [self.cell(i) for i in indices]
-
-
-class ShardDataset:
-    """All cells of one split of a shard manifest, in manifest order, read from the shards on
-    demand.
-
-    Only the cells' lengths (2 bytes a cell) stay in memory: they are all the length-grouped
-    sampler needs. ``cells(indices)`` reads a batch's tokens from the shard files when the batch is
-    made (``ShardReader``), so a training process's memory does not grow with the corpus. Every
-    shard is checked against the manifest (sha256, arrays, counts, vocabulary) when it is opened,
-    a block at a time.
-    """
-
-    def __init__(self, manifest_path: str | Path, split: str):
-        manifest_path = Path(manifest_path)
-        self.manifest = manifest = read_manifest(manifest_path)
-        if split not in manifest.get("splits", {}):
-            raise ValueError(
-                f"{manifest_path} has no split {split!r} "
-                f"(has {sorted(manifest.get('splits', {}))})"
-            )
-        check_vocab(manifest, manifest_path.parent / "vocab.json", manifest_path)
-        self.split = split
-        self.shards = [
-            open_listed_shard(manifest_path.parent, manifest, entry)
-            for entry in manifest["splits"][split]
-        ]
-        # cell i of the split is cell i - first_cell[k] of shard k
-        self.first_cell = np.zeros(len(self.shards) + 1, dtype=np.int64)
-        np.cumsum([s.n_cells for s in self.shards], out=self.first_cell[1:])
-        # A cell has at most n_genes + 1 tokens: int16 (2 bytes a cell) unless the vocabulary is
-        # huge.
-        dtype = np.int16 if int(manifest["n_genes"]) < np.iinfo(np.int16).max else np.int32
-        self.lengths = np.empty(
-            self.first_cell[-1], dtype=dtype
-        )  # filled in place: no second copy
-        for shard, start in zip(self.shards, self.first_cell):
-            self.lengths[start : start + shard.n_cells] = np.diff(shard.offsets())
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.cells([i])[0]
-
-    def cells(self, indices) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(gene ids, values) of each cell, read from its shard."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
-            raise IndexError(f"cell indices must lie in 0..{len(self) - 1} (split {self.split!r})")
-        shard = np.searchsorted(self.first_cell, indices, side="right") - 1
-        local = (indices - self.first_cell[shard]).tolist()  # plain ints: this runs for every cell
-        return [
-            self.shards[k].cell(i, n)
-            for k, i, n in zip(shard.tolist(), local, self.lengths[indices].tolist())
-        ]
-
-    def close(self) -> None:
-        for shard in self.shards:
-            shard.close()
-
-
-def check_vocab(manifest: dict, vocab_path: Path, manifest_path) -> dict[str, int]:
-    """Read vocab.json next to the manifest and make sure it is the one the shards were built
-    with."""
-    vocab = read_vocab(vocab_path)
-    actual = vocab_sha256(vocab)
-    if actual != manifest["vocab_sha256"]:
-        raise CorruptArtifactError(
-            f"vocabulary mismatch: {vocab_path} has sha256 {actual} but {manifest_path} records "
-            f"{manifest['vocab_sha256']}. vocab.json and the shards come from different runs. "
-            + RETOKENIZE
-        )
-    if len(vocab) != manifest["vocab_size"]:
-        raise CorruptArtifactError(
-            f"{vocab_path} has {len(vocab)} entries but {manifest_path} says "
-            f"vocab_size={manifest['vocab_size']}. " + RETOKENIZE
-        )
-    return vocab
 
 
 class LengthGroupedBatchSampler:
@@ -213,18 +103,6 @@ class Batches(Sequence):
             return Batches(self.order, self.bounds, self.picked[k])
         j = self.picked[k]
         return self.order[self.bounds[j] : self.bounds[j + 1]]
-
-
-def collate(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest cell: gene pad = ``pad_id``, value pad = PAD_VALUE."""
-    max_len = max(len(g) for g, _ in cells)
-    gene_ids = np.full((len(cells), max_len), pad_id, dtype=np.int64)
-    values = np.full((len(cells), max_len), PAD_VALUE, dtype=np.int64)
-    for row, (g, v) in enumerate(cells):
-        gene_ids[row, : len(g)] = g
-        values[row, : len(v)] = v
-    gene_ids, values = torch.from_numpy(gene_ids), torch.from_numpy(values)
-    return {"gene_ids": gene_ids, "values": values, "padding_mask": values == PAD_VALUE}
 
 
 def mask_values(

@@ -58,14 +58,12 @@ from scllm.model import (
     peak_flops,
     variance_covariance_loss,
 )
-from scllm.tokens import read_manifest
+from scllm.shards import ShardDataset, check_vocab, read_manifest
+from scllm.tokens import collate
 from scllm.train.batches import (
     PROFILE_KEYS,
     TRAINING_BATCH_KEYS,
     LengthGroupedBatchSampler,
-    ShardDataset,
-    check_vocab,
-    collate,
     mask_values,
     prefetched,
     training_batch,
