@@ -50,7 +50,7 @@ part() {
 params() {
     $PY - "$@" <<'EOF'
 import json, sys, yaml
-from scllm.train.loop import DATA_MODEL_KEYS  # set by the shards, not by the settings
+from scllm.config import DATA_MODEL_KEYS  # set by the shards, not by the settings
 out, source, *overrides = sys.argv[1:]
 cfg = json.load(open(source)) if source.endswith(".json") else yaml.safe_load(open(source))
 model = {k: v for k, v in cfg["model"].items() if k not in DATA_MODEL_KEYS}

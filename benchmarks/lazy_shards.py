@@ -165,10 +165,11 @@ def peak_rss_mb() -> float:
 
 
 def child_train(args) -> dict:
-    import scllm.train.loop as train_mod
+    import scllm.train.batches as batches_mod
+    from scllm.train.loop import pretrain
 
     if args.mode in ("in_memory", "before"):
-        train_mod.ShardDataset = in_memory_dataset()
+        batches_mod.ShardDataset = in_memory_dataset()
     out = Path(args.workdir) / f"run_{args.mode}"
     shutil.rmtree(out, ignore_errors=True)
     train = {
@@ -181,7 +182,7 @@ def child_train(args) -> dict:
         "warmup_steps": 10,
     }
     t0 = time.perf_counter()
-    train_mod.pretrain(args.manifest, out, MODELS[args.model], train)
+    pretrain(args.manifest, out, MODELS[args.model], train)
     seconds = time.perf_counter() - t0
     metrics = [line.split("\t") for line in (out / "metrics.tsv").read_text().splitlines()]
     col = metrics[0].index("cells_per_s")

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from scllm.config import TrainConfig  # noqa: E402
-from scllm.model import CellTransformer, ModelConfig, attention_kernels, masked_mse, peak_flops  # noqa: E402
+from scllm.model import CellTransformer, ModelConfig, attention_kernels, peak_flops
 from scllm.shards import ShardDataset  # noqa: E402
 from scllm.tokens import PAD_VALUE  # noqa: E402
 from scllm.train.batches import (  # noqa: E402
@@ -50,6 +50,7 @@ from scllm.train.batches import (  # noqa: E402
     prefetched,
     training_batch,
 )
+from scllm.train.objectives import masked_mse  # noqa: E402
 
 VARIANTS = ("pad1201_fp32", "grouped_fp32", "grouped_bf16", "compiled_bf16", "tokens_bf16")
 N_GENES, N_BINS, MAX_LEN = 1200, 51, 1201

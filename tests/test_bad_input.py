@@ -348,8 +348,9 @@ def test_truncated_shard_or_manifest_stops_pretrain_before_any_output(tmp_path):
 
 
 def test_shards_and_model_with_different_vocabularies(tmp_path):
-    from scllm.eval.embed import embed_shard_cells, load_model
+    from scllm.eval.embed import embed_shard_cells
     from scllm.shards import ShardDataset
+    from scllm.train.checkpoint import load_model
 
     manifest = write_synthetic_shards(tmp_path / "a", n_train=16, n_val=4)
     pretrain(manifest, tmp_path / "model", TINY_MODEL, {**TINY_TRAIN, "epochs": 1})

@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scllm.config import EmbedConfig, EvaluateConfig, TrainConfig
+from scllm.config import DATA_MODEL_KEYS, EmbedConfig, EvaluateConfig, TrainConfig
 from scllm.model import ModelConfig
 from scllm.prep.binning import normalize_bin
 from scllm.prep.hvg import select_hvg
 from scllm.prep.qc import filter_qc
 from scllm.prep.split import split_cells
 from scllm.prep.tokenize import tokenize_shards
-from scllm.train.loop import DATA_MODEL_KEYS
 
 SCHEMA = yaml.safe_load((Path(__file__).parents[1] / "config" / "schema.yaml").read_text())
 

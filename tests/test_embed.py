@@ -21,7 +21,6 @@ from scllm.eval.embed import (
     embed_h5ad,
     embed_shard_cells,
     embed_shards,
-    load_model,
     map_genes,
     model_genes,
     tokenize_counts,
@@ -31,6 +30,7 @@ from scllm.prep.binning import normalize_bin
 from scllm.prep.tokenize import tokenize_shards
 from scllm.shards import read_shard
 from scllm.tokens import build_vocab, vocab_sha256, write_vocab
+from scllm.train.checkpoint import load_model
 
 N_VOCAB = 40  # vocabulary genes
 N_OTHER = 25  # genes of the data outside the vocabulary

@@ -20,18 +20,14 @@ import anndata as ad
 import pytest
 import torch
 
-import scllm.train.loop as train_mod
+import scllm.train.objectives as train_mod
 from scllm.errors import UnsafeFileError
 from scllm.files import atomic_path
 from scllm.prep import binning, census, hvg, qc
 from scllm.prep import tokenize as tokens
-from scllm.train.loop import (
-    CHECKPOINT,
-    PREEMPTED_EXIT_CODE,
-    NonFiniteLossError,
-    TrainingPreempted,
-    pretrain,
-)
+from scllm.train.checkpoint import CHECKPOINT, NonFiniteLossError
+from scllm.train.distributed import PREEMPTED_EXIT_CODE, TrainingPreempted
+from scllm.train.loop import pretrain
 
 from conftest import (
     TINY_MODEL,
@@ -431,7 +427,7 @@ class Payload:
 def test_checkpoints_load_with_weights_only(shards, reference, tmp_path, caplog):
     """A checkpoint or model file holding an arbitrary pickled object is refused, and its code
     never runs."""
-    from scllm.eval.embed import load_model
+    from scllm.train.checkpoint import load_model
 
     marker = tmp_path / "payload_ran"
     torch.save({"model": Payload(marker)}, tmp_path / "evil.pt")

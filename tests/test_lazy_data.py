@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import scllm.train.batches as batches_mod
 import scllm.train.loop as train_mod
 from scllm.errors import CorruptArtifactError
 from scllm.shards import (
@@ -199,7 +200,7 @@ def test_training_on_lazy_shards_equals_training_in_memory(shards, tmp_path, mon
             whole = in_memory(Path(manifest_path), split)
             super().__init__(whole.offsets, whole.gene_ids, whole.values)
 
-    monkeypatch.setattr(train_mod, "ShardDataset", InMemoryDataset)
+    monkeypatch.setattr(batches_mod, "ShardDataset", InMemoryDataset)
     whole = train_mod.pretrain(shards, tmp_path / "whole", TINY_MODEL, train)
     assert lazy == whole
     a = torch.load(tmp_path / "lazy/last_checkpoint.pt", weights_only=True)

@@ -10,17 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from scllm.model import (
-    CellTransformer,
-    ModelConfig,
+from scllm.model import CellTransformer, ModelConfig
+from scllm.tokens import MASK_VALUE, PAD_VALUE, collate
+from scllm.train.batches import mask_values
+from scllm.train.objectives import (
     contrastive_loss,
     ecs_loss,
+    gepc_profile_mse,
     masked_mse,
     variance_covariance_loss,
 )
-from scllm.tokens import MASK_VALUE, PAD_VALUE, collate
-from scllm.train.batches import mask_values
-from scllm.train.loop import gepc_profile_mse
 
 N_GENES, N_BINS = 30, 51
 CLS_ID, PAD_ID = N_GENES, N_GENES + 1

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from scllm.train.checkpoint import CHECKPOINT
+from scllm.train.distributed import PREEMPTED_EXIT_CODE
 from scllm.train.launch import free_port, launch_training, node_command
-from scllm.train.loop import CHECKPOINT, PREEMPTED_EXIT_CODE
 
 from conftest import TINY_MODEL, child_env, write_synthetic_shards
 
@@ -219,3 +220,19 @@ def test_several_nodes_outside_slurm_are_refused(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     with pytest.raises(Exception, match="needs a SLURM job holding them.*Several nodes"):
         launch_training(["--manifest", "m"], tmp_path / "log", nodes=2, env=env)
+
+
+def test_the_rule_trains_in_one_process_unless_given_several_gpus_or_nodes():
+    from scllm.train.launch import JobResources, processes_per_node
+
+    assert processes_per_node(JobResources(), visible_gpus=0, cuda=False) is None
+    assert processes_per_node(JobResources(gpus=1), visible_gpus=1, cuda=True) is None
+    # one node: one process per GPU of the job that this process sees
+    assert processes_per_node(JobResources(gpus=4), visible_gpus=4, cuda=True) == 4
+    assert processes_per_node(JobResources(gpus=4), visible_gpus=2, cuda=True) == 2
+    assert processes_per_node(JobResources(gpus=4), visible_gpus=1, cuda=True) is None
+    # several nodes: each node's torchrun starts one process per GPU it sees
+    assert processes_per_node(JobResources(nodes=2, gpus=16), visible_gpus=8, cuda=True) == "gpu"
+    # the CPU stand-in of the tests: the GPUs shared out over the nodes, at least one each
+    assert processes_per_node(JobResources(nodes=2, gpus=4), visible_gpus=0, cuda=False) == 2
+    assert processes_per_node(JobResources(nodes=2), visible_gpus=0, cuda=False) == 1

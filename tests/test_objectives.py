@@ -11,7 +11,8 @@ import torch
 from scllm.model import CellTransformer, ModelConfig
 from scllm.shards import ShardDataset
 from scllm.train.batches import gene_subset, training_batch
-from scllm.train.loop import init_gene_embeddings_from_pca, pretrain
+from scllm.train.loop import pretrain
+from scllm.train.optim import init_gene_embeddings_from_pca
 
 TINY_MODEL = {"n_layers": 1, "n_heads": 2, "d_model": 16, "d_ff": 32, "dropout": 0.0}
 TRAIN = {
@@ -115,7 +116,7 @@ def test_bad_objective_settings_are_refused(shards, tmp_path, settings, message)
 
 
 def test_genes_left_out_of_a_view_are_scored_as_the_cells_not_as_unexpressed():
-    from scllm.train.loop import gepc_profile_mse
+    from scllm.train.objectives import gepc_profile_mse
 
     genes = np.r_[20, np.arange(20)].astype(np.int32)  # <cls> + all 20 vocabulary genes, bin 30
     values = np.r_[0, np.full(20, 30)].astype(np.int16)
@@ -165,8 +166,7 @@ def test_bad_weights_are_refused_outside_snakemake_too(shards, tmp_path, setting
 
 def test_vc_weight_adds_the_weighted_variance_covariance_term():
     from scllm.config import TrainConfig
-    from scllm.model import variance_covariance_loss
-    from scllm.train.loop import objective
+    from scllm.train.objectives import objective, variance_covariance_loss
 
     g = torch.Generator().manual_seed(0)
     gene_ids = torch.randint(0, 20, (6, 9), generator=g)
@@ -188,8 +188,7 @@ def test_vc_weight_adds_the_weighted_variance_covariance_term():
 
 def test_contrastive_head_is_what_the_contrastive_term_compares():
     from scllm.config import TrainConfig
-    from scllm.model import contrastive_loss
-    from scllm.train.loop import objective
+    from scllm.train.objectives import contrastive_loss, objective
 
     cfg = ModelConfig(
         vocab_size=22,

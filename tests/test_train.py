@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import scllm
-from scllm.eval.embed import embed_shard_cells, load_model
+from scllm.eval.embed import embed_shard_cells
 from scllm.shards import ShardDataset, read_shard
 from scllm.tokens import PAD_VALUE, build_vocab, collate, vocab_sha256, write_vocab
 from scllm.train.batches import LengthGroupedBatchSampler
+from scllm.train.checkpoint import CHECKPOINT, EPOCH_COLUMNS, METRIC_COLUMNS, load_model
 from scllm.train.launch import free_port
-from scllm.train.loop import CHECKPOINT, EPOCH_COLUMNS, METRIC_COLUMNS, pretrain
+from scllm.train.loop import pretrain
 
 from conftest import (
     TINY_MODEL,

@@ -7,8 +7,12 @@ __all__ = ["embed", "load_model"]
 
 def __getattr__(name):
     # Lazy: `import scllm` must not import torch.
-    if name in ("embed", "load_model"):
-        import scllm.eval.embed as embedding
+    if name == "embed":
+        from scllm.eval.embed import embed
 
-        return getattr(embedding, name)
+        return embed
+    if name == "load_model":
+        from scllm.train.checkpoint import load_model
+
+        return load_model
     raise AttributeError(f"module 'scllm' has no attribute {name!r}")

@@ -1,8 +1,8 @@
 """Settings with their defaults, one source for the library, the command line and the benchmarks.
 
-Each dataclass holds one section of ``config/schema.yaml`` (``ModelConfig``, in scllm.model, holds
-``model``). tests/test_config.py fails when a schema default and a dataclass default differ, so a
-library call and a Snakemake run with the same settings train and score the same way.
+Each dataclass holds one section of ``config/schema.yaml``. tests/test_config.py fails when a
+schema default and a dataclass default differ, so a library call and a Snakemake run with the
+same settings train and score the same way.
 
 No torch here: the command line imports this module without paying for torch.
 """
@@ -153,3 +153,84 @@ class EmbedConfig:
     min_coverage: float = 0.5  # minimum fraction of vocabulary genes found in the input
 
     LIBRARY_ONLY = ("chunk_size", "min_coverage")
+
+
+VALUE_ENCODERS = ("bins", "continuous")
+CELL_EMB_STYLES = ("cls", "mean", "cls+mean", "sum")
+# Derived from the data, not settable in the model section.
+DATA_MODEL_KEYS = ("vocab_size", "n_bins", "pad_id", "mask_value", "pad_value")
+
+
+@dataclass
+class ModelConfig:
+    """The ``model`` section, plus what the shards set (DATA_MODEL_KEYS)."""
+
+    vocab_size: int  # genes + <cls> + <pad>
+    n_bins: int = 51  # bins 0..n_bins-1 (0 = not expressed, also the <cls> value)
+    n_layers: int = 12
+    n_heads: int = 8
+    d_model: int = 512
+    d_ff: int = 512
+    dropout: float = 0.2
+    pad_id: int | None = None  # defaults to the last vocabulary entry (<pad>)
+    mask_value: int = -1
+    pad_value: int = -2
+    norm_first: bool = True  # pre-norm (nanoGPT, more stable); False = post-norm as in scGPT
+    # Dropout on attention weights; None = ``dropout`` (as scGPT). On CPU any value > 0 makes
+    # SDPA fall back to its unfused kernel (about 8x slower at 800 tokens): use 0 for CPU demos.
+    attn_dropout: float | None = None
+    # How a value enters: "bins" = an embedding row per bin (categorical); "continuous" = scGPT's
+    # ContinuousValueEncoder (the bin as a number through a small MLP).
+    value_encoder: str = "bins"
+    # How the cell embedding is read out: "cls", "mean" (of gene-token outputs), "cls+mean" or
+    # "sum".
+    cell_emb_style: str = "cls"
+    # A SimCLR projection head for the contrastive term: the loss compares head(cell embedding),
+    # so the embedding itself need not discard what the views disagree on. 0 = no head.
+    contrastive_head_dim: int = 0
+
+    @classmethod
+    def from_dict(cls, settings: dict | None, manifest: dict) -> ModelConfig:
+        """The ``model`` section for the shards of ``manifest``, which set the vocabulary and the
+        token values (DATA_MODEL_KEYS); unknown settings are named."""
+        model_cfg = dict(settings or {})
+        known = {f.name for f in fields(cls)} - set(DATA_MODEL_KEYS)
+        unknown = set(model_cfg) - known - set(DATA_MODEL_KEYS)
+        if unknown:
+            raise ValueError(f"unknown model settings {sorted(unknown)}; known: {sorted(known)}")
+        data = {
+            "vocab_size": manifest["vocab_size"],
+            "n_bins": manifest["n_bins"],
+            "pad_id": manifest["pad_id"],
+            "mask_value": manifest.get("mask_value", -1),
+            "pad_value": manifest.get("pad_value", -2),
+        }
+        for key in DATA_MODEL_KEYS:
+            if key in model_cfg and model_cfg.pop(key) != data[key]:
+                raise ValueError(
+                    f"model.{key} is set by the shards ({data[key]}); "
+                    "remove it from the model settings"
+                )
+        return cls(**data, **model_cfg)
+
+    def __post_init__(self):
+        if self.pad_id is None:
+            self.pad_id = self.vocab_size - 1
+        if self.attn_dropout is None:
+            self.attn_dropout = self.dropout
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.value_encoder not in VALUE_ENCODERS:
+            raise ValueError(
+                f"value_encoder must be one of {VALUE_ENCODERS}, not {self.value_encoder!r}"
+            )
+        if self.cell_emb_style not in CELL_EMB_STYLES:
+            raise ValueError(
+                f"cell_emb_style must be one of {CELL_EMB_STYLES}, not {self.cell_emb_style!r}"
+            )
+        if self.contrastive_head_dim < 0:
+            raise ValueError(f"contrastive_head_dim must be >= 0, not {self.contrastive_head_dim}")
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(
+                f"pad_id={self.pad_id} is outside the vocabulary (size {self.vocab_size})"
+            )

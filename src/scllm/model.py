@@ -11,72 +11,20 @@ Two heads predict the bins of masked tokens:
 The cell embedding is read out as the ``<cls>`` output (``cell_emb_style: cls``, scGPT's
 default), the mean of the gene-token outputs (``mean``), both side by side (``cls+mean``) or
 their sum over the cell's genes, scaled by 1/sqrt(vocabulary size) (``sum``).
-Two optional objectives act on it directly (weights in the training settings): scGPT's elastic
-cell similarity (``ecs_loss``) and a contrastive term between two masked views of each cell
-(``contrastive_loss``).
+The losses that train it, and those acting on the cell embedding directly, are in
+``scllm.train.objectives``; the settings (``ModelConfig``) in ``scllm.config``.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VALUE_ENCODERS = ("bins", "continuous")
-CELL_EMB_STYLES = ("cls", "mean", "cls+mean", "sum")
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int  # genes + <cls> + <pad>
-    n_bins: int = 51  # bins 0..n_bins-1 (0 = not expressed, also the <cls> value)
-    n_layers: int = 12
-    n_heads: int = 8
-    d_model: int = 512
-    d_ff: int = 512
-    dropout: float = 0.2
-    pad_id: int | None = None  # defaults to the last vocabulary entry (<pad>)
-    mask_value: int = -1
-    pad_value: int = -2
-    norm_first: bool = True  # pre-norm (nanoGPT, more stable); False = post-norm as in scGPT
-    # Dropout on attention weights; None = ``dropout`` (as scGPT). On CPU any value > 0 makes
-    # SDPA fall back to its unfused kernel (about 8x slower at 800 tokens): use 0 for CPU demos.
-    attn_dropout: float | None = None
-    # How a value enters: "bins" = an embedding row per bin (categorical); "continuous" = scGPT's
-    # ContinuousValueEncoder (the bin as a number through a small MLP).
-    value_encoder: str = "bins"
-    # How the cell embedding is read out: "cls", "mean" (of gene-token outputs), "cls+mean" or
-    # "sum".
-    cell_emb_style: str = "cls"
-    # A SimCLR projection head for the contrastive term: the loss compares head(cell embedding),
-    # so the embedding itself need not discard what the views disagree on. 0 = no head.
-    contrastive_head_dim: int = 0
-
-    def __post_init__(self):
-        if self.pad_id is None:
-            self.pad_id = self.vocab_size - 1
-        if self.attn_dropout is None:
-            self.attn_dropout = self.dropout
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.value_encoder not in VALUE_ENCODERS:
-            raise ValueError(
-                f"value_encoder must be one of {VALUE_ENCODERS}, not {self.value_encoder!r}"
-            )
-        if self.cell_emb_style not in CELL_EMB_STYLES:
-            raise ValueError(
-                f"cell_emb_style must be one of {CELL_EMB_STYLES}, not {self.cell_emb_style!r}"
-            )
-        if self.contrastive_head_dim < 0:
-            raise ValueError(f"contrastive_head_dim must be >= 0, not {self.contrastive_head_dim}")
-        if not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(
-                f"pad_id={self.pad_id} is outside the vocabulary (size {self.vocab_size})"
-            )
+from scllm.config import ModelConfig
 
 
 class SelfAttention(nn.Module):
@@ -337,63 +285,6 @@ def attention_kernels(model: nn.Module, gene_ids, values, padding_mask, autocast
     return ",".join(sorted(recorder.ops & set(FUSED_ATTENTION_OPS))) or "math"
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the positions where ``mask`` is True (0 if there are none).
-
-    Written with ``where`` rather than boolean indexing: indexing has a data-dependent size, so
-    on a GPU it makes the CPU wait for the device twice per step and stops it queueing work ahead.
-    """
-    squared = torch.where(mask, (pred.float() - target.float()).square(), 0.0)
-    return squared.sum() / mask.sum().clamp(min=1)
-
-
-def ecs_loss(cell_emb: torch.Tensor, threshold: float) -> torch.Tensor:
-    """scGPT's elastic cell similarity: mean over the batch's cell pairs (the diagonal counted as
-    0, as in scGPT) of ``1 - (relu(cos) - threshold)^2``. Minimising it pushes positive cosine
-    similarities away from ``threshold``: similar cells closer together, others apart."""
-    z = F.normalize(cell_emb.float(), p=2, dim=1)
-    cos = (z @ z.T).masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), 0.0)
-    return torch.mean(1 - (F.relu(cos) - threshold) ** 2)
-
-
-def contrastive_loss(cell_emb: torch.Tensor, n_views: int, temperature: float) -> torch.Tensor:
-    """InfoNCE (SimCLR's NT-Xent) between views of the same cells: rows ``i`` and ``i + k * B``
-    (B = rows / n_views) are views of one cell. Each row must pick out its other views among all
-    rows of the batch by cosine similarity / ``temperature``."""
-    n = len(cell_emb)
-    if n_views < 2 or n % n_views:
-        raise ValueError(
-            "contrastive_loss needs >= 2 views of each cell and rows divisible by them "
-            f"({n}, {n_views})"
-        )
-    z = F.normalize(cell_emb.float(), p=2, dim=1)
-    logits = (z @ z.T / temperature).masked_fill(
-        torch.eye(n, dtype=torch.bool, device=z.device), float("-inf")
-    )
-    cell = torch.arange(n, device=z.device) % (n // n_views)
-    positive = (cell[:, None] == cell[None, :]) & ~torch.eye(n, dtype=torch.bool, device=z.device)
-    log_prob = logits.log_softmax(dim=1)
-    return -(log_prob.masked_fill(~positive, 0.0).sum(1) / positive.sum(1)).mean()
-
-
-def variance_covariance_loss(
-    cell_emb: torch.Tensor, target_std: float = 1.0, eps: float = 1e-4
-) -> torch.Tensor:
-    """VICReg's anti-collapse terms (Bardes et al., 2022) over a batch of cell embeddings: the
-    mean hinge ``relu(target_std - std_j)`` of each dimension's standard deviation, plus the sum
-    of squared off-diagonal covariances divided by the dimension. Minimising it keeps every
-    dimension in use and decorrelates them, so the embedding cannot fold onto a few directions."""
-    z = cell_emb.float()
-    n, d = z.shape
-    if n < 2:
-        raise ValueError(f"variance_covariance_loss needs at least 2 rows, got {n}")
-    z = z - z.mean(0)
-    std = torch.sqrt(z.var(0) + eps)
-    cov = (z.T @ z) / (n - 1)
-    off_diagonal = cov - torch.diag(torch.diagonal(cov))
-    return F.relu(target_std - std).mean() + off_diagonal.square().sum() / d
-
-
 def count_params_text(model: nn.Module) -> str:
     n = sum(p.numel() for p in model.parameters())
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
@@ -402,10 +293,6 @@ def count_params_text(model: nn.Module) -> str:
 __all__ = [
     "ModelConfig",
     "CellTransformer",
-    "masked_mse",
-    "ecs_loss",
-    "contrastive_loss",
-    "variance_covariance_loss",
     "peak_flops",
     "count_params_text",
 ]

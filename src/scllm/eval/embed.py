@@ -19,20 +19,18 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scllm.checks import check_cells_and_genes, check_counts, load_torch_file
+from scllm.checks import check_cells_and_genes, check_counts
 from scllm.config import EmbedConfig
-from scllm.errors import CorruptArtifactError, InputError
-from scllm.model import CellTransformer, ModelConfig
+from scllm.errors import InputError
+from scllm.model import CellTransformer
 from scllm.shards import Shard, read_listed_shard, read_manifest, read_shard
 from scllm.tokens import (
     CLS_TOKEN,
     RaggedCells,
     collate,
-    read_json,
-    read_vocab,
     sequences_from_binned,
-    vocab_sha256,
 )
+from scllm.train.checkpoint import load_model
 
 log = logging.getLogger("scllm")
 
@@ -45,47 +43,7 @@ EMBEDDING_KEY = "X_scllm"
 MIN_COVERAGE = EmbedConfig.min_coverage
 # The pipeline's normalize_bin defaults, used when a model records no binning settings.
 DEFAULT_BINNING = {"seed": 0, "target_sum": 1e4, "log1p": False}
-# How to get a good best_model.pt back (load_model's refusals).
-MODEL_FIX = (
-    "If the directory is this pipeline's pretrain output, delete best_model.pt and rerun "
-    "snakemake: pretrain rewrites it from last_checkpoint.pt. Otherwise get the model directory "
-    "again from a source you trust."
-)
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
-
-
-def load_model(model_dir, device="cpu") -> tuple[CellTransformer, dict[str, int], dict]:
-    """(model in eval mode, vocabulary, args) from a pretrain output directory."""
-    model_dir = Path(model_dir)
-    missing = [
-        n for n in ("best_model.pt", "args.json", "vocab.json") if not (model_dir / n).exists()
-    ]
-    if missing:
-        raise FileNotFoundError(
-            f"{model_dir} lacks {', '.join(missing)}; is it a finished pretrain output directory?"
-        )
-    args = read_json(model_dir / "args.json")
-    vocab = read_vocab(model_dir / "vocab.json")
-    expected = args.get("data", {}).get("vocab_sha256")
-    if expected and vocab_sha256(vocab) != expected:
-        raise ValueError(
-            f"{model_dir}/vocab.json has sha256 {vocab_sha256(vocab)} but args.json records "
-            f"{expected}; "
-            "the directory mixes files of different runs"
-        )
-    model = CellTransformer(ModelConfig(**args["model"]))
-    weights = load_torch_file(model_dir / "best_model.pt", MODEL_FIX)
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, TypeError, AttributeError) as err:  # tensors, but not this model's
-        raise CorruptArtifactError(
-            f"{model_dir / 'best_model.pt'} does not hold the weights of the model "
-            f"{model_dir / 'args.json'} describes ({str(err).splitlines()[0][:200]}). " + MODEL_FIX
-        ) from None
-    model.vocab_sha256 = vocab_sha256(
-        vocab
-    )  # lets embed_shard_cells refuse shards of another vocabulary
-    return model.to(device).eval(), vocab, args
 
 
 def _as_cells(cells) -> RaggedCells:

@@ -5,10 +5,9 @@ import the training loop."""
 # Where each public name lives; imported on first use.
 _EXPORTS = {
     "pretrain": "scllm.train.loop",
-    "main": "scllm.train.loop",
-    "TrainingPreempted": "scllm.train.loop",
-    "NonFiniteLossError": "scllm.train.loop",
-    "PREEMPTED_EXIT_CODE": "scllm.train.loop",
+    "TrainingPreempted": "scllm.train.distributed",
+    "PREEMPTED_EXIT_CODE": "scllm.train.distributed",
+    "NonFiniteLossError": "scllm.train.checkpoint",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,7 +1,58 @@
 """``python -m scllm.train``: one training process (rule pretrain, and every process torchrun
 starts)."""
 
-from scllm.train.loop import main
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from scllm.files import setup_logging
+from scllm.train.distributed import PREEMPTED_EXIT_CODE, TrainingPreempted
+from scllm.train.loop import pretrain
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Pretrain the cell transformer on token shards.")
+    parser.add_argument(
+        "--manifest", required=True, help="manifest.json written by tokenize_shards"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output directory (resumed if it holds a checkpoint)"
+    )
+    parser.add_argument("--params", help='JSON file {"model": {...}, "train": {...}}')
+    # --log-file too: torchrun's parser rejects "--log" as an ambiguous prefix of its --log-dir.
+    parser.add_argument(
+        "--log", "--log-file", dest="log", help="log file (rank 0); use --log-file under torchrun"
+    )
+    args = parser.parse_args(argv)
+    params = json.loads(Path(args.params).read_text()) if args.params else {}
+    unknown = set(params) - {"model", "train"}
+    if unknown:
+        parser.error(
+            f"{args.params}: unknown sections {sorted(unknown)}; expected 'model' and 'train'"
+        )
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    # append: under torchrun the launching rule script has already written to this log
+    log = setup_logging(args.log if rank == 0 else None, append=True)
+    if (
+        world_size > 1
+    ):  # every rank logs to stderr, which the launcher gathers into the rule log: say whose line
+        for handler in logging.getLogger().handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.setFormatter(
+                    logging.Formatter(
+                        f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S"
+                    )
+                )
+    try:
+        pretrain(args.manifest, args.out, params.get("model"), params.get("train"), log=log)
+    except TrainingPreempted:  # already logged; the exit status asks for a requeue
+        sys.exit(PREEMPTED_EXIT_CODE)
+
 
 if __name__ == "__main__":
     main()

@@ -11,12 +11,20 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 
+from scllm.config import TrainConfig
+from scllm.shards import ShardDataset, check_vocab, read_manifest
 from scllm.tokens import MASK_VALUE, collate
+
+if TYPE_CHECKING:
+    from scllm.train.distributed import Environment
 
 T = TypeVar("T")
 # The tensors of a training batch (training_batch), in the order the training step unpacks them.
@@ -216,3 +224,64 @@ def prefetched(make: Callable[[int], T], keys: Iterable[int], depth: int = 2) ->
             yield item
     finally:  # also when the consumer stops early (preemption, max_steps, an error)
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class TrainingData:
+    """The shards, their batches for this process, and the run's length in steps."""
+
+    manifest_path: Path
+    manifest: dict
+    train_ds: ShardDataset
+    val_ds: ShardDataset
+    train_sampler: LengthGroupedBatchSampler
+    val_batches: list  # [(batch index, cell indices)], this rank's share, the same every epoch
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.manifest_path.parent
+
+    @classmethod
+    def load(cls, manifest_path: Path, cfg: TrainConfig, env: Environment) -> TrainingData:
+        manifest = read_manifest(manifest_path)
+        check_vocab(manifest, manifest_path.parent / "vocab.json", manifest_path)
+        train_ds = ShardDataset(manifest_path, "train")
+        val_ds = ShardDataset(manifest_path, "validation")
+        if len(val_ds) == 0:
+            raise ValueError(
+                f"{manifest_path} has no validation cells; pretrain needs them to choose "
+                "best_model.pt: raise split.validation_fraction or sample more cells"
+            )
+        sampler = partial(
+            LengthGroupedBatchSampler,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            bucket_size_batches=cfg.bucket_size_batches,
+        )
+        train_sampler = sampler(train_ds.lengths, rank=env.rank, world_size=env.world_size)
+        # Validation: the same batches every epoch (no shuffle), this rank's share of them.
+        val_batches = sampler(val_ds.lengths, shuffle=False).all_batches(0)
+        val_batches = list(enumerate(val_batches))[env.rank :: env.world_size]
+        steps_per_epoch = len(train_sampler)
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(train_ds)} training cells make no batch for {env.world_size} process(es)"
+            )
+        return cls(
+            manifest_path,
+            manifest,
+            train_ds,
+            val_ds,
+            train_sampler,
+            val_batches,
+            steps_per_epoch,
+            cfg.epochs * steps_per_epoch,
+        )
+
+
+def derived_seed(*keys: int) -> int:
+    return int(
+        np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1
+    )

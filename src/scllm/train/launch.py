@@ -20,16 +20,20 @@ WORLD_SIZE and LOCAL_RANK. What this adds to torchrun:
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from scllm.errors import InputError
-from scllm.train.loop import PREEMPTED_EXIT_CODE
+from scllm.files import setup_logging
+from scllm.train.distributed import PREEMPTED_EXIT_CODE, TrainingPreempted
 
 # SIGTERM: preemption, scancel, time limit; SIGUSR1: `sbatch --signal=USR1@SECONDS`.
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -165,6 +169,81 @@ def launch_training(
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+# --- rule pretrain: one process here, or one per GPU on one or several nodes ---------------------
+
+
+@dataclass(frozen=True)
+class JobResources:
+    """What the pretrain job was given: nodes, GPUs in all over every node (``sbatch --gpus``)
+    and CPU threads (a single training process uses them all)."""
+
+    nodes: int = 1
+    gpus: int = 0
+    threads: int = 1
+
+
+def processes_per_node(resources: JobResources, visible_gpus: int, cuda: bool) -> int | str | None:
+    """How the job trains: None for one process here (on a CPU or one GPU); otherwise how many
+    processes torchrun starts on each node: on several nodes one per GPU the node sees ("gpu":
+    SLURM may spread --gpus unevenly over the nodes), on one node one per GPU of the job that this
+    process sees."""
+    n_gpus = min(resources.gpus, visible_gpus)
+    if resources.nodes <= 1 and n_gpus <= 1:
+        return None
+    if resources.nodes > 1:
+        return "gpu" if cuda else max(1, resources.gpus // resources.nodes)
+    return n_gpus
+
+
+def pretrain_job(
+    manifest, out_dir, params: dict, resources: JobResources, log_file, pythonpath=None
+) -> int:
+    """Rule pretrain: train in this process, or launch one process per GPU (torchrun, through srun
+    on every node of a SLURM job with several nodes), the processes appending to ``log_file``.
+    ``params``: the ``model`` and ``train`` sections; ``pythonpath``: put first on the processes'
+    PYTHONPATH (the checkout's src/). Returns the exit status: 0, PREEMPTED_EXIT_CODE (stopped by a
+    signal with a checkpoint written: rerun to resume) or the processes' failure."""
+    import torch
+
+    out_dir = Path(out_dir)
+    per_node = processes_per_node(resources, torch.cuda.device_count(), torch.cuda.is_available())
+    if per_node is None:
+        return _train_here(manifest, out_dir, params, resources.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params_file = out_dir / "params.json"
+    params_file.write_text(json.dumps(params, indent=1))
+    log = logging.getLogger("scllm")
+    log.info("training on %d node(s), %s process(es) per node", resources.nodes, per_node)
+    setup_logging(log_file, append=True)  # reopened for appending: the launcher appends to it too
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")])),
+    }
+    returncode = launch_training(
+        ["--manifest", str(manifest), "--out", str(out_dir), "--params", str(params_file)],
+        log_file,
+        nodes=resources.nodes,
+        procs_per_node=per_node,
+        env=env,
+    )
+    if returncode:  # the processes logged why, to the rule's log
+        print(f"training processes exited with status {returncode}", file=sys.stderr)
+    return returncode
+
+
+def _train_here(manifest, out_dir: Path, params: dict, threads: int) -> int:
+    """One training process: this one, with the job's threads unless train.num_threads is set."""
+    from scllm.train.loop import pretrain
+
+    train = dict(params["train"])
+    train.setdefault("num_threads", threads)
+    try:
+        pretrain(manifest, out_dir, params["model"], train, log=logging.getLogger("scllm"))
+    except TrainingPreempted:  # logged by pretrain; rerun (or requeue) to resume
+        return PREEMPTED_EXIT_CODE
+    return 0
 
 
 def free_port() -> int:

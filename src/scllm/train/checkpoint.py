@@ -1,0 +1,382 @@
+"""What a run leaves on disk and reads back: its identity (the settings and data a checkpoint
+belongs to), ``last_checkpoint.pt`` with every RNG state, the metrics files and the loss curve,
+and the trained model for inference (``load_model``).
+
+Everything the run produces is derived from ``last_checkpoint.pt`` (weights, optimizer,
+scheduler, RNG states, data position, metrics so far, best weights), so a killed job resumes
+exactly where its last checkpoint left it, and a finished one is a no-op when rerun. Checkpoints
+hold tensors and plain values only and are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from scllm.checks import load_torch_file
+from scllm.config import ModelConfig, TrainConfig
+from scllm.errors import CorruptArtifactError
+from scllm.files import atomic_path, remove_stale_temporaries, software_provenance
+from scllm.model import CellTransformer
+from scllm.tokens import read_json, read_vocab, vocab_sha256
+
+if TYPE_CHECKING:
+    from scllm.train.batches import TrainingData
+    from scllm.train.distributed import Environment
+
+# metrics.tsv (one row per log step) and epochs.tsv (one row per epoch, after validation).
+METRIC_COLUMNS = [
+    "epoch", "step", "lr", "train_loss", "expr_mse", "gepc_mse", "ecs_loss", "contrastive_loss",
+    "cells_per_s", "tokens_per_s", "mfu",
+]  # fmt: skip
+EPOCH_COLUMNS = [
+    "epoch", "step", "train_loss", "val_loss", "val_expr_mse", "val_gepc_mse",
+    "val_mean_bin_baseline_mse",
+]  # fmt: skip
+CHECKPOINT = "last_checkpoint.pt"
+OUTPUTS = (
+    "best_model.pt",
+    "args.json",
+    "vocab.json",
+    "metrics.tsv",
+    "epochs.tsv",
+    "loss_curve.png",
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the weights) became NaN or infinite; nothing was saved after the last good
+    state."""
+
+
+@dataclass
+class RunState:
+    """Where the run is and what it has measured: saved in every checkpoint (besides weights,
+    optimizer, scheduler and RNG states), so a resumed run continues with the same values."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches of the current epoch done
+    global_step: int = 0
+    best_val_loss: float = math.inf
+    best_model: dict | None = None  # weights of the best epoch so far (CPU tensors)
+    metrics: list = field(default_factory=list)  # rows of metrics.tsv
+    epochs: list = field(default_factory=list)  # rows of epochs.tsv
+    epoch_loss_sum: float = 0.0  # this epoch's training loss, summed over checkpointed segments
+    epoch_steps: int = 0
+    done: bool = False
+
+    def as_dict(self) -> dict:  # no deep copy (asdict would clone best_model's tensors)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def run_args(mcfg: ModelConfig, cfg: TrainConfig, data: TrainingData, out: Path, world_size):
+    """args.json: the run's settings and data; all but provenance must match to resume."""
+    return {
+        "model": asdict(mcfg),
+        "train": cfg.to_dict(),
+        "data": {
+            # relative to the model directory: a results folder moved or copied whole stays valid
+            "manifest": os.path.relpath(data.manifest_path.resolve(), out.resolve()),
+            "vocab_sha256": data.manifest["vocab_sha256"],
+            # The cells themselves: other shards (new split, bins, cells) must not resume this run.
+            "shards_sha256": _shards_fingerprint(data.manifest_path, data.manifest),
+            "binning": data.manifest.get("binning"),
+            "n_genes": data.manifest["n_genes"],
+            "max_seq_len": data.manifest.get("max_seq_len"),
+            "n_train_cells": len(data.train_ds),
+            "n_validation_cells": len(data.val_ds),
+        },
+        "world_size": world_size,
+        "provenance": software_provenance(),  # not part of the run's identity: resume ignores it
+    }
+
+
+def _shards_fingerprint(manifest_path: Path, manifest: dict) -> str:
+    """The data a checkpoint was trained on: a sha256 over the shards' own sha256s, which
+    ShardDataset has just checked against the files (so the bytes are not hashed twice)."""
+    listed = [
+        (split, shard["path"], shard["sha256"])
+        for split in sorted(manifest["splits"])
+        for shard in manifest["splits"][split]
+    ]
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
+
+
+def identity(args: dict) -> dict:
+    """What must match for a checkpoint to be resumed: everything but operational settings."""
+    train = {k: v for k, v in args["train"].items() if k not in TrainConfig.OPERATIONAL}
+    data = {k: v for k, v in args["data"].items() if k != "manifest"}
+    return {"model": args["model"], "train": train, "data": data, "world_size": args["world_size"]}
+
+
+def resume_point(out: Path, args: dict, env: Environment, log) -> dict | None:
+    """The checkpoint to resume from, or None for a fresh start (which clears earlier outputs)."""
+    if env.is_main:
+        for path in remove_stale_temporaries(out):
+            log.info("removed %s, a temporary left by a killed run", path)
+    ckpt = _load_checkpoint(out / CHECKPOINT, args, log)
+    if ckpt is None and env.is_main:  # no output of an earlier run may pair with this one
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+    return ckpt
+
+
+def nothing_to_do(ckpt: dict, cfg: TrainConfig, out: Path, args, data, env, log) -> bool:
+    """A finished run (outputs rewritten if missing), or one already at max_steps."""
+    if ckpt["done"]:
+        if env.is_main and not all((out / name).exists() for name in OUTPUTS):
+            log.info("run in %s is complete; rewriting missing outputs from %s", out, CHECKPOINT)
+            write_outputs(out, ckpt, args, data.shard_dir, plot=False)
+        else:
+            log.info(
+                "run in %s is already complete (%d steps); nothing to do", out, ckpt["global_step"]
+            )
+        return True
+    if cfg.max_steps is not None and ckpt["global_step"] >= cfg.max_steps:
+        log.info(
+            "checkpoint is at step %d >= max_steps=%d; nothing to do",
+            ckpt["global_step"],
+            cfg.max_steps,
+        )
+        return True
+    return False
+
+
+def _load_checkpoint(path: Path, args: dict, log) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        ckpt = load_torch_file(path, "Starting from scratch; the file will be overwritten.")
+    except CorruptArtifactError as err:  # a damaged (or foreign) file must not block a fresh start
+        log.warning("%s", err)
+        return None
+    expected = identity(args)
+    if ckpt.get("args") != expected:
+        old = ckpt.get("args") or {}
+        changed = sorted(
+            f"{section}.{key}"
+            for section in expected
+            if isinstance(expected[section], dict)
+            for key in set(expected[section]) | set(old.get(section) or {})
+            if expected[section].get(key) != (old.get(section) or {}).get(key)
+        )
+        changed += [
+            s for s in expected if not isinstance(expected[s], dict) and expected[s] != old.get(s)
+        ]
+        log.warning(
+            "%s belongs to a run with other settings (%s differ); starting from scratch and "
+            "overwriting it",
+            path,
+            ", ".join(changed) or "format",
+        )
+        return None
+    # Written before the GEPC columns were renamed (mvc_mse -> gepc_mse): same values.
+    for table in ("metrics", "epochs"):
+        ckpt[table] = [
+            {k.replace("mvc_mse", "gepc_mse"): v for k, v in row.items()} for row in ckpt[table]
+        ]
+    return ckpt
+
+
+def rng_state(device) -> dict:
+    """RNG states as tensors and plain types, so ``torch.load(weights_only=True)`` reads them."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": version, "state": list(py_state), "gauss": gauss},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def non_finite(
+    step: int, epoch: int, last_good_step: int | None, checkpoint: Path
+) -> NonFiniteLossError:
+    kept = (
+        f"{checkpoint} keeps the last good state (step {last_good_step})"
+        if last_good_step is not None
+        else "no checkpoint had been written yet"
+    )
+    return NonFiniteLossError(
+        f"the training loss became NaN or infinite by step {step} (epoch {epoch}); stopped "
+        f"without saving that state: {kept}, and best_model.pt holds only finite weights. Lower "
+        "train.lr or raise train.warmup_steps (with bf16 autocast, try train.amp: fp32), then "
+        "rerun: changed train settings start a fresh run."
+    )
+
+
+def summary(state: dict) -> dict:
+    return {
+        "global_step": state["global_step"],
+        "epochs_done": state["epoch"],
+        "best_val_loss": state["best_val_loss"],
+        "done": state["done"],
+    }
+
+
+def write_outputs(out: Path, ckpt: dict, args: dict, shard_dir: Path, plot: bool) -> None:
+    """Write the human-facing outputs from checkpoint contents (rank 0 only).
+
+    Outputs deleted since the checkpoint (Snakemake removes the outputs of an incomplete job
+    before rerunning it) are recreated, so the resumed run ends with all of them.
+    """
+    _write_tsv(out / "metrics.tsv", METRIC_COLUMNS, ckpt["metrics"])
+    _write_tsv(out / "epochs.tsv", EPOCH_COLUMNS, ckpt["epochs"])
+    if ckpt["best_model"] is not None and not (out / "best_model.pt").exists():
+        with atomic_path(out / "best_model.pt") as tmp:
+            torch.save(ckpt["best_model"], tmp)
+    if plot or not (out / "loss_curve.png").exists():
+        _plot(out / "loss_curve.png", ckpt["metrics"], ckpt["epochs"])
+    if not (out / "args.json").exists():
+        _write_json(out / "args.json", args)
+    for name in ("vocab.json", "genes.tsv"):
+        if not (out / name).exists():
+            _copy(shard_dir / name, out / name)
+
+
+def write_run_files(out: Path, args: dict, shard_dir: Path) -> None:
+    """args.json and the vocabulary (vocab.json, genes.tsv) next to the model, as a run starts."""
+    _write_json(out / "args.json", args)
+    _copy(shard_dir / "vocab.json", out / "vocab.json")
+    _copy(shard_dir / "genes.tsv", out / "genes.tsv")
+
+
+def _write_tsv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    def fmt(v):
+        return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+
+    lines = ["\t".join(columns)] + ["\t".join(fmt(row.get(c)) for c in columns) for row in rows]
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if src.exists():
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+
+
+def _plot(path: Path, metrics: list[dict], epochs: list[dict]) -> None:
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    if metrics:
+        ax1.plot(
+            [r["step"] for r in metrics],
+            [r["train_loss"] for r in metrics],
+            label="train loss (expr + GEPC)",
+        )
+    if epochs:
+        ax1.plot(
+            [r["step"] for r in epochs],
+            [r["val_loss"] for r in epochs],
+            "o-",
+            label="validation loss",
+        )
+        x = [r["epoch"] for r in epochs]
+        ax2.plot(x, [r["val_expr_mse"] for r in epochs], "o-", label="model: expression MSE")
+        ax2.plot(
+            x, [r["val_gepc_mse"] for r in epochs], "^-", label="model: GEPC (cell embedding) MSE"
+        )
+        ax2.plot(
+            x,
+            [r["val_mean_bin_baseline_mse"] for r in epochs],
+            "s--",
+            label="baseline: cell's mean bin",
+        )
+    ax1.set(xlabel="step", ylabel="masked MSE", title="training")
+    ax2.set(xlabel="epoch", ylabel="masked MSE (bins²)", title="validation")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+# --- the trained model, for inference -----------------------------------------------------------
+
+
+# How to get a good best_model.pt back (load_model's refusals).
+MODEL_FIX = (
+    "If the directory is this pipeline's pretrain output, delete best_model.pt and rerun "
+    "snakemake: pretrain rewrites it from last_checkpoint.pt. Otherwise get the model directory "
+    "again from a source you trust."
+)
+
+
+def load_model(model_dir, device="cpu") -> tuple[CellTransformer, dict[str, int], dict]:
+    """(model in eval mode, vocabulary, args) from a pretrain output directory."""
+    model_dir = Path(model_dir)
+    missing = [
+        n for n in ("best_model.pt", "args.json", "vocab.json") if not (model_dir / n).exists()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{model_dir} lacks {', '.join(missing)}; is it a finished pretrain output directory?"
+        )
+    args = read_json(model_dir / "args.json")
+    vocab = read_vocab(model_dir / "vocab.json")
+    expected = args.get("data", {}).get("vocab_sha256")
+    if expected and vocab_sha256(vocab) != expected:
+        raise ValueError(
+            f"{model_dir}/vocab.json has sha256 {vocab_sha256(vocab)} but args.json records "
+            f"{expected}; "
+            "the directory mixes files of different runs"
+        )
+    model = CellTransformer(ModelConfig(**args["model"]))
+    weights = load_torch_file(model_dir / "best_model.pt", MODEL_FIX)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:  # tensors, but not this model's
+        raise CorruptArtifactError(
+            f"{model_dir / 'best_model.pt'} does not hold the weights of the model "
+            f"{model_dir / 'args.json'} describes ({str(err).splitlines()[0][:200]}). " + MODEL_FIX
+        ) from None
+    model.vocab_sha256 = vocab_sha256(
+        vocab
+    )  # lets embed_shard_cells refuse shards of another vocabulary
+    return model.to(device).eval(), vocab, args

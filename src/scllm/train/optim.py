@@ -1,0 +1,99 @@
+"""The model and its optimizer as a run starts: fresh (seeded weights, the same on every process;
+gene embeddings at random or from PCA of the training cells; AdamW with linear warmup then a
+cosine schedule), or as a checkpoint left them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import numpy as np
+import torch
+
+from scllm.model import CellTransformer
+from scllm.train.batches import derived_seed
+from scllm.train.checkpoint import RunState, set_rng_state
+
+
+def model_and_optimizer(cfg, mcfg, data, env, ckpt, log, checkpoint_path):
+    """Model, optimizer, scheduler and run state: fresh (seeded, the same weights on every rank)
+    or as the checkpoint left them."""
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    raw_model = CellTransformer(mcfg)
+    if cfg.gene_emb_init == "pca" and ckpt is None:
+        init_gene_embeddings_from_pca(
+            raw_model, data.train_ds, cfg.seed, log if env.is_main else None
+        )
+    raw_model = raw_model.to(env.device)
+    optimizer = _make_optimizer(raw_model, cfg, env.device)
+    lr_lambda = _lr_lambda(cfg.warmup_steps, data.total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    torch.manual_seed(derived_seed(cfg.seed, 3, env.rank))  # dropout RNG: different per rank
+    if ckpt is None:
+        return raw_model, optimizer, scheduler, RunState()
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"][env.rank], env.device)
+    state = RunState(**{f.name: ckpt[f.name] for f in fields(RunState)})
+    log.info(
+        "resuming from %s: epoch %d, batch %d, step %d",
+        checkpoint_path,
+        state.epoch + 1,
+        state.batch,
+        state.global_step,
+    )
+    return raw_model, optimizer, scheduler, state
+
+
+def init_gene_embeddings_from_pca(
+    model: CellTransformer, cells, seed: int, log=None, max_cells: int = 20_000
+):
+    """Set the gene embeddings (rows 0..n_genes-1) to the genes' loadings on the top d_model
+    principal axes of the cells' binned profiles (a seeded sample of at most ``max_cells``),
+    weighted by each axis's singular value and scaled to the random init's std (0.02)."""
+    n_genes, d = model.cfg.vocab_size - 2, model.cfg.d_model
+    rng = np.random.default_rng(derived_seed(seed, 4))
+    rows = np.sort(rng.choice(len(cells), min(len(cells), max_cells), replace=False))
+    profiles = np.zeros((len(rows), n_genes), dtype=np.float32)
+    for r, i in enumerate(rows):
+        genes, values = cells.cell(i)
+        profiles[r, genes[1:]] = values[1:]  # position 0 is <cls>
+    profiles -= profiles.mean(axis=0)
+    _, singular, axes = np.linalg.svd(profiles, full_matrices=False)
+    k = min(d, len(singular))
+    loadings = axes[:k].T * (singular[:k] / singular[0])  # [n_genes, k]
+    loadings *= 0.02 / max(float(loadings.std()), 1e-12)
+    with torch.no_grad():
+        model.gene_emb.weight[:n_genes] = 0.0
+        model.gene_emb.weight[:n_genes, :k] = torch.from_numpy(loadings)
+    if log is not None:
+        explained = float((singular[:k] ** 2).sum() / (singular**2).sum())
+        log.info(
+            "gene embeddings: loadings on the top %d principal axes of %d cells' bins "
+            "(%.0f%% of their variance)",
+            k,
+            len(rows),
+            100 * explained,
+        )
+
+
+def _lr_lambda(warmup_steps: int, total_steps: int):
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine to 0 at total_steps
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return lr_factor
+
+
+def _make_optimizer(model, cfg, device) -> torch.optim.AdamW:
+    # Decay matrices (linear weights, embeddings); not biases or LayerNorm gains.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
