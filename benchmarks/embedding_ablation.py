@@ -232,7 +232,7 @@ def run_one(job: dict) -> dict:
     import torch
 
     from scllm.eval.embed import embed_shards
-    from scllm.eval.evaluate import masked_value_error, score_representation
+    from scllm.eval.metrics import masked_value_error, score_representation
     from scllm.train.loop import pretrain
 
     torch.set_num_threads(job["threads"])
@@ -282,7 +282,8 @@ def run_one(job: dict) -> dict:
 
 def pca_reference(results: Path, label_key: str) -> dict:
     """The evaluate rule's PCA-50 baseline on the same cells (the target to beat)."""
-    from scllm.eval.evaluate import log_normalized_hvgs, pca_baseline, score_representation
+    from scllm.eval.evaluate import log_normalized_hvgs
+    from scllm.eval.metrics import pca_baseline, score_representation
     from scllm.h5ad import open_backed
     from scllm.prep.hvg import read_hvg_table
 

@@ -16,15 +16,13 @@ import torch
 from scllm.cli import main as cli_main
 from scllm.eval.embed import (
     EMBEDDING_KEY,
-    GeneCoverageError,
     binning_settings,
     embed_h5ad,
     embed_shard_cells,
     embed_shards,
-    map_genes,
-    model_genes,
     tokenize_counts,
 )
+from scllm.eval.genes import GeneCoverageError, map_genes, model_genes
 from scllm.model import CellTransformer, ModelConfig
 from scllm.prep.binning import normalize_bin
 from scllm.prep.tokenize import tokenize_shards

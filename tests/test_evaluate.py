@@ -10,16 +10,15 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from scllm.eval.evaluate import (
-    TABLE_COLUMNS,
-    evaluate,
+from scllm.eval.evaluate import evaluate, log_normalized_hvgs
+from scllm.eval.metrics import (
     knn_scores,
     leiden_scores,
-    log_normalized_hvgs,
     masked_value_error,
     neighbors_graph,
     silhouette,
 )
+from scllm.eval.report import TABLE_COLUMNS
 
 
 def blobs(n_per=60, n_types=4, dim=8, spread=0.3, seed=0, n_samples=1):

@@ -11,8 +11,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from scllm.eval.evaluate import TABLE_COLUMNS, write_table
-from scllm.eval.report import metrics_html, winner, write_report
+from scllm.eval.report import TABLE_COLUMNS, metrics_html, winner, write_report, write_table
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,12 @@
-"""How good are the cell embeddings? Label-aware metrics against a PCA baseline, and UMAPs.
+"""Rules evaluate and evaluate_heldout: score the cell embeddings against a PCA baseline of the
+same cells, and write the metrics table (TSV and HTML) and UMAPs.
 
-For each representation (the model's ``<cls>`` embeddings, and PCA-50 of log-normalized HVGs
-of the same cells) on the cells that carry a cell-type label:
-
-- kNN cell-type accuracy and macro-F1: scikit-learn ``KNeighborsClassifier`` predictions from
-  stratified k-fold cross-validation, and, with several samples, from folds that hold out whole
-  samples (a new donor's cells are labelled by the other donors' cells);
-- ARI and NMI of Leiden clusters (scanpy neighbors + igraph Leiden) against the labels; the
-  resolution is picked from a grid by the best NMI, as scib does, for both representations;
-- silhouette width by label (higher: cell types separate) and by sample (near 0: samples mix).
-
-The pretraining objective itself is reported too: masked-value MSE of the best model on the
-validation cells (fixed masks) against predicting each cell's mean bin, from ``epochs.tsv``.
+For each representation (the model's cell embeddings, and PCA-50 of log-normalized HVGs of the
+same cells; for held-out cells, of the model's vocabulary genes found in their file) on the cells
+that carry a cell-type label: kNN accuracy and macro-F1, Leiden ARI and NMI, silhouettes
+(``scllm.eval.metrics``). The pretraining objective itself is reported too: masked-value MSE of
+the best model on the validation cells (fixed masks) against predicting each cell's mean bin,
+from ``epochs.tsv``.
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +21,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scllm.config import EvaluateConfig
-from scllm.files import atomic_path
+from scllm.eval.metrics import masked_value_error, pca_baseline, score_representation
+from scllm.eval.report import format_value, plot_one_colour_note, plot_umaps, write_table
 from scllm.h5ad import open_backed, read_rows, row_chunks
 
 log = logging.getLogger("scllm")
@@ -35,188 +30,9 @@ log = logging.getLogger("scllm")
 EMBEDDING_KEY = "X_scllm"
 UNLABELED = {"", "nan", "none", "na", "n/a", "unknown", "unassigned"}
 BASELINE_TARGET_SUM = 1e4
-TABLE_COLUMNS = ["metric", "scllm", "baseline", "baseline_method", "cells", "details"]
 
 
-# --- metrics on one representation ---------------------------------------------------------------
-
-
-def knn_scores(
-    X: np.ndarray, labels, *, n_neighbors: int = 15, n_folds: int = 5, seed: int = 0, groups=None
-) -> dict:
-    """Accuracy and macro-F1 of kNN label predictions made out of fold.
-
-    ``groups`` None: stratified ``n_folds``-fold cross-validation. Otherwise folds hold out whole
-    groups (samples): one group per fold, or ``n_folds`` group folds when there are more groups.
-    Returns NaN scores when the split is impossible (one group, or fewer than two labels).
-    """
-    from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.model_selection import (
-        GroupKFold,
-        LeaveOneGroupOut,
-        StratifiedKFold,
-        cross_val_predict,
-    )
-    from sklearn.neighbors import KNeighborsClassifier
-
-    labels = np.asarray(labels).astype(str)
-    nan = {"accuracy": np.nan, "macro_f1": np.nan, "n_folds": 0}
-    if len(np.unique(labels)) < 2:
-        return nan
-    if groups is None:
-        counts = pd.Series(labels).value_counts()
-        folds = int(min(n_folds, counts.max()))
-        if folds < 2:
-            return nan
-        cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        split_groups = None
-    else:
-        split_groups = np.asarray(groups).astype(str)
-        n_groups = len(np.unique(split_groups))
-        if n_groups < 2:
-            return nan
-        cv = LeaveOneGroupOut() if n_groups <= n_folds else GroupKFold(n_splits=n_folds)
-        folds = min(n_groups, n_folds)
-    with warnings.catch_warnings():
-        # "The least populated class in y has only N members": rare labels, still scored
-        warnings.filterwarnings(
-            "ignore", message="The least populated class", category=UserWarning
-        )
-        smallest_train = min(len(train) for train, _ in cv.split(X, labels, split_groups))
-        k = max(1, min(n_neighbors, smallest_train))
-        pred = cross_val_predict(
-            KNeighborsClassifier(n_neighbors=k), X, labels, cv=cv, groups=split_groups
-        )
-    return {
-        "accuracy": float(accuracy_score(labels, pred)),
-        "macro_f1": float(
-            f1_score(labels, pred, average="macro", labels=np.unique(labels), zero_division=0)
-        ),
-        "n_folds": folds,
-    }
-
-
-def silhouette(X: np.ndarray, labels, *, seed: int = 0, max_cells: int = 20_000) -> float:
-    """scikit-learn's mean silhouette width (Euclidean) of ``labels``; NaN for < 2 or
-    all-distinct labels. Above ``max_cells`` cells it is estimated on a seeded random sample of
-    that size."""
-    from sklearn.metrics import silhouette_score
-
-    labels = np.asarray(labels).astype(str)
-    n_labels = len(np.unique(labels))
-    if n_labels < 2 or n_labels >= len(labels):
-        return np.nan
-    sample = max_cells if len(labels) > max_cells else None
-    return float(silhouette_score(X, labels, sample_size=sample, random_state=seed))
-
-
-def neighbors_graph(X: np.ndarray, *, n_neighbors: int = 15, seed: int = 0):
-    """An AnnData holding ``X`` and scanpy's kNN graph on it (for Leiden and UMAP)."""
-    import anndata as ad
-    import scanpy as sc
-
-    adata = ad.AnnData(
-        obs=pd.DataFrame(index=pd.RangeIndex(len(X)).astype(str)),
-        obsm={"rep": np.asarray(X, np.float32)},
-    )
-    sc.pp.neighbors(
-        adata, n_neighbors=min(n_neighbors, len(X) - 1), use_rep="rep", random_state=seed
-    )
-    return adata
-
-
-def leiden_scores(
-    graph, labels, *, resolutions=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), seed: int = 0
-) -> dict:
-    """ARI and NMI of Leiden clusters against ``labels`` at the resolution (of ``resolutions``)
-    with the best NMI; ``graph`` is an AnnData from ``neighbors_graph``."""
-    import scanpy as sc
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    labels = np.asarray(labels).astype(str)
-    best = None
-    for res in resolutions:
-        sc.tl.leiden(
-            graph,
-            resolution=res,
-            flavor="igraph",
-            n_iterations=2,
-            directed=False,
-            random_state=seed,
-            key_added="leiden",
-        )
-        clusters = graph.obs["leiden"].to_numpy()
-        nmi = normalized_mutual_info_score(labels, clusters)
-        if best is None or nmi > best["nmi"]:
-            best = {
-                "nmi": float(nmi),
-                "ari": float(adjusted_rand_score(labels, clusters)),
-                "resolution": res,
-                "n_clusters": int(len(np.unique(clusters))),
-            }
-    return best
-
-
-def umap_coords(graph, *, seed: int = 0) -> np.ndarray:
-    import scanpy as sc
-
-    sc.tl.umap(graph, random_state=seed)
-    return graph.obsm["X_umap"]
-
-
-def score_representation(
-    X: np.ndarray,
-    labels,
-    samples,
-    *,
-    n_neighbors=15,
-    n_folds=5,
-    leiden_resolutions=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
-    seed=0,
-    umap=True,
-) -> tuple[dict, np.ndarray | None]:
-    """Every label metric for one representation, and its UMAP coordinates."""
-    labels, samples = np.asarray(labels).astype(str), np.asarray(samples).astype(str)
-    t0 = time.time()
-
-    def step(what: str) -> None:  # a line per step, so that a long evaluation shows how far it got
-        log.info("evaluate: %d x %d: %s (%.1fs)", *X.shape, what, time.time() - t0)
-
-    scores = {}
-    cv = knn_scores(X, labels, n_neighbors=n_neighbors, n_folds=n_folds, seed=seed)
-    scores.update(
-        knn_accuracy_cv=cv["accuracy"], knn_macro_f1_cv=cv["macro_f1"], _cv_folds=cv["n_folds"]
-    )
-    held = knn_scores(
-        X, labels, n_neighbors=n_neighbors, n_folds=n_folds, seed=seed, groups=samples
-    )
-    scores.update(
-        knn_accuracy_heldout_sample=held["accuracy"],
-        knn_macro_f1_heldout_sample=held["macro_f1"],
-        _sample_folds=held["n_folds"],
-    )
-    step("kNN cross-validation done; Leiden next")
-    graph = neighbors_graph(X, n_neighbors=n_neighbors, seed=seed)
-    leiden = leiden_scores(graph, labels, resolutions=leiden_resolutions, seed=seed)
-    scores.update(
-        leiden_ari=leiden["ari"],
-        leiden_nmi=leiden["nmi"],
-        _leiden_resolution=leiden["resolution"],
-        _leiden_clusters=leiden["n_clusters"],
-    )
-    step(f"Leiden at {len(leiden_resolutions)} resolutions done; silhouettes next")
-    scores["silhouette_label"] = silhouette(X, labels, seed=seed)
-    scores["silhouette_sample"] = silhouette(X, samples, seed=seed)
-    if umap:
-        step("silhouettes done; UMAP next")
-    coords = umap_coords(graph, seed=seed) if umap else None
-    log.info(
-        "evaluate: %d cells x %d dims scored in %.1fs", X.shape[0], X.shape[1], time.time() - t0
-    )
-    return scores, coords
-
-
-# --- the PCA baseline ----------------------------------------------------------------------------
+# --- the PCA baseline's input --------------------------------------------------------------------
 
 
 def log_normalized_hvgs(
@@ -263,116 +79,6 @@ def _log_normalized_rows(read_block, n_obs: int, columns, rows, chunk_size: int)
     position = np.empty(n_obs, dtype=np.int64)
     position[np.concatenate(got)] = np.arange(matrix.shape[0])
     return matrix[position[rows]]
-
-
-def pca_baseline(matrix: sp.csr_matrix, *, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
-    """scanpy PCA (centred implicitly, never densified) of a cells x genes matrix."""
-    import anndata as ad
-    import scanpy as sc
-
-    n_pcs = int(min(n_pcs, min(matrix.shape) - 1))
-    adata = ad.AnnData(X=sp.csr_matrix(matrix, dtype=np.float32))
-    sc.pp.pca(adata, n_comps=n_pcs, zero_center=True, random_state=seed)
-    return adata.obsm["X_pca"]
-
-
-# --- the pretraining objective -------------------------------------------------------------------
-
-
-def masked_value_error(epochs_tsv) -> dict:
-    """Validation masked MSE of the best epoch (lowest validation loss: best_model.pt) and the
-    mean-bin baseline, from pretrain's ``epochs.tsv``."""
-    epochs = pd.read_csv(epochs_tsv, sep="\t")
-    if epochs.empty:
-        raise ValueError(f"{epochs_tsv} holds no epoch; the model has not finished an epoch")
-    best = epochs.loc[epochs["val_loss"].idxmin()]
-    return {
-        "epoch": int(best["epoch"]),
-        "n_epochs": int(epochs["epoch"].max()),
-        "expr_mse": float(best["val_expr_mse"]),
-        "gepc_mse": float(best["val_gepc_mse"]),
-        "baseline_mse": float(best["val_mean_bin_baseline_mse"]),
-    }
-
-
-# --- plots and tables ----------------------------------------------------------------------------
-
-
-def _palette(n: int) -> list:
-    from scanpy.plotting import palettes
-
-    for pal in (palettes.default_20, palettes.default_28, palettes.default_102):
-        if n <= len(pal):
-            return list(pal)
-    return [palettes.default_102[i % len(palettes.default_102)] for i in range(n)]
-
-
-def plot_umaps(path, panels: dict[str, np.ndarray], colors, title: str, seed: int = 0) -> None:
-    """Side-by-side UMAPs (one per representation) coloured by one categorical ``colors``."""
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    colors = pd.Categorical(np.asarray(colors).astype(str))
-    categories = list(colors.categories)
-    palette = np.array(_palette(len(categories)), dtype=object)
-    n = len(colors)
-    order = np.random.default_rng(seed).permutation(n)  # no category systematically drawn on top
-    size = float(np.clip(30_000 / max(n, 1), 0.5, 20))
-    legend_cols = 1 + len(categories) // 30
-    fig = Figure(figsize=(5 * len(panels) + 1.8 * legend_cols, 5.2), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    point_colors = list(palette[colors.codes[order]])
-    for ax, (name, coords) in zip(axes, panels.items()):
-        ax.scatter(
-            coords[order, 0],
-            coords[order, 1],
-            c=point_colors,
-            s=size,
-            linewidths=0,
-            rasterized=True,
-        )
-        ax.set(title=name, xticks=[], yticks=[], xlabel="UMAP 1", ylabel="UMAP 2")
-    handles = [
-        Line2D([], [], marker="o", linestyle="", color=palette[i], markersize=5, label=str(cat))
-        for i, cat in enumerate(categories)
-    ]
-    fig.legend(
-        handles=handles,
-        loc="outside right center",
-        fontsize=7,
-        frameon=False,
-        ncols=legend_cols,
-        title=f"{title} ({len(categories)})",
-        title_fontsize=8,
-    )
-    fig.suptitle(f"{n} cells coloured by {title}")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-
-
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return ""
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def write_table(rows: list[dict], tsv_path, html_path=None, title: str = "") -> pd.DataFrame:
-    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    with atomic_path(tsv_path) as tmp:
-        Path(tmp).write_text(
-            "\t".join(TABLE_COLUMNS)
-            + "\n"
-            + "".join("\t".join(_fmt(r.get(c)) for c in TABLE_COLUMNS) + "\n" for r in rows)
-        )
-    if html_path is not None:
-        from scllm.eval.report import STYLE, metrics_html
-
-        with atomic_path(html_path) as tmp:
-            Path(tmp).write_text(
-                f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>{STYLE}"
-                f"</head><body><h3>{title}</h3>{metrics_html(table)}</body></html>\n"
-            )
-    return table
 
 
 # --- the rules -----------------------------------------------------------------------------------
@@ -477,25 +183,6 @@ def score_against_pca(
     return table, panels
 
 
-def plot_one_colour_note(path, n_cells: int, name: str, value: str) -> None:
-    """In place of a UMAP coloured by ``name`` when all cells share one value: it would be one
-    colour."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 1.6))
-    fig.text(
-        0.5,
-        0.5,
-        f"All {n_cells} cells have {name} = {value}:\n"
-        f"no UMAP coloured by {name} (it would be one colour).",
-        ha="center",
-        va="center",
-        fontsize=11,
-    )
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-
-
 def _write_results(
     table, title, panels, colourings: list[tuple], out_table, out_html, seed: int
 ) -> pd.DataFrame:
@@ -512,8 +199,8 @@ def _write_results(
         log.info(
             "evaluate: %-28s scllm %-8s baseline %-8s",
             r["metric"],
-            _fmt(r["scllm"]),
-            _fmt(r["baseline"]),
+            format_value(r["scllm"]),
+            format_value(r["baseline"]),
         )
     return result
 

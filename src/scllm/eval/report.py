@@ -1,6 +1,7 @@
-"""The run's report: one self-contained HTML page (results/<run>/report.html) with what each
-stage did and what the model learned: QC and sample tables, the HVG list, the epochs table and
-loss curve, the metrics with the better side marked, and the UMAPs, each with a caption.
+"""What the evaluation shows: the metrics table (TSV and HTML, the better side marked), the
+UMAPs, and the run's report, one self-contained HTML page (results/<run>/report.html) with what
+each stage did and what the model learned: QC and sample tables, the HVG list, the epochs table
+and loss curve, the metrics, and the UMAPs, each with a caption.
 
 Images are embedded (base64), so the page can be mailed or archived alone. Rows whose metric
 does not apply to the run (e.g. sample metrics with one sample) are left out.
@@ -244,3 +245,100 @@ def _model_sections(
             _image(umap_cell_type_png),
         ),
     ]
+
+
+# --- the evaluation's own table and figures -----------------------------------------------------
+
+TABLE_COLUMNS = ["metric", "scllm", "baseline", "baseline_method", "cells", "details"]
+
+
+def _palette(n: int) -> list:
+    from scanpy.plotting import palettes
+
+    for pal in (palettes.default_20, palettes.default_28, palettes.default_102):
+        if n <= len(pal):
+            return list(pal)
+    return [palettes.default_102[i % len(palettes.default_102)] for i in range(n)]
+
+
+def plot_umaps(path, panels: dict[str, np.ndarray], colors, title: str, seed: int = 0) -> None:
+    """Side-by-side UMAPs (one per representation) coloured by one categorical ``colors``."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    colors = pd.Categorical(np.asarray(colors).astype(str))
+    categories = list(colors.categories)
+    palette = np.array(_palette(len(categories)), dtype=object)
+    n = len(colors)
+    order = np.random.default_rng(seed).permutation(n)  # no category systematically drawn on top
+    size = float(np.clip(30_000 / max(n, 1), 0.5, 20))
+    legend_cols = 1 + len(categories) // 30
+    fig = Figure(figsize=(5 * len(panels) + 1.8 * legend_cols, 5.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    point_colors = list(palette[colors.codes[order]])
+    for ax, (name, coords) in zip(axes, panels.items()):
+        ax.scatter(
+            coords[order, 0],
+            coords[order, 1],
+            c=point_colors,
+            s=size,
+            linewidths=0,
+            rasterized=True,
+        )
+        ax.set(title=name, xticks=[], yticks=[], xlabel="UMAP 1", ylabel="UMAP 2")
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=palette[i], markersize=5, label=str(cat))
+        for i, cat in enumerate(categories)
+    ]
+    fig.legend(
+        handles=handles,
+        loc="outside right center",
+        fontsize=7,
+        frameon=False,
+        ncols=legend_cols,
+        title=f"{title} ({len(categories)})",
+        title_fontsize=8,
+    )
+    fig.suptitle(f"{n} cells coloured by {title}")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def format_value(v) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def write_table(rows: list[dict], tsv_path, html_path=None, title: str = "") -> pd.DataFrame:
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    lines = ["\t".join(TABLE_COLUMNS)]
+    lines += ["\t".join(format_value(r.get(c)) for c in TABLE_COLUMNS) for r in rows]
+    with atomic_path(tsv_path) as tmp:
+        Path(tmp).write_text("".join(line + "\n" for line in lines))
+    if html_path is not None:
+        with atomic_path(html_path) as tmp:
+            Path(tmp).write_text(
+                f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>{STYLE}"
+                f"</head><body><h3>{title}</h3>{metrics_html(table)}</body></html>\n"
+            )
+    return table
+
+
+def plot_one_colour_note(path, n_cells: int, name: str, value: str) -> None:
+    """In place of a UMAP coloured by ``name`` when all cells share one value: it would be one
+    colour."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 1.6))
+    fig.text(
+        0.5,
+        0.5,
+        f"All {n_cells} cells have {name} = {value}:\n"
+        f"no UMAP coloured by {name} (it would be one colour).",
+        ha="center",
+        va="center",
+        fontsize=11,
+    )
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)

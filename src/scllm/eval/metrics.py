@@ -1,0 +1,227 @@
+"""How good is a representation of cells? Label-aware metrics, the PCA baseline they are
+compared with, and the pretraining objective's own error.
+
+- kNN cell-type accuracy and macro-F1: scikit-learn ``KNeighborsClassifier`` predictions from
+  stratified k-fold cross-validation, and, with several samples, from folds that hold out whole
+  samples (a new donor's cells are labelled by the other donors' cells);
+- ARI and NMI of Leiden clusters (scanpy neighbors + igraph Leiden) against the labels; the
+  resolution is picked from a grid by the best NMI, as scib does, for both representations;
+- silhouette width by label (higher: cell types separate) and by sample (near 0: samples mix);
+- ``pca_baseline``: scanpy PCA of a cells x genes matrix (never densified);
+- ``masked_value_error``: the best epoch's validation masked MSE and its mean-bin baseline, from
+  pretrain's ``epochs.tsv``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+log = logging.getLogger("scllm")
+
+
+def knn_scores(
+    X: np.ndarray, labels, *, n_neighbors: int = 15, n_folds: int = 5, seed: int = 0, groups=None
+) -> dict:
+    """Accuracy and macro-F1 of kNN label predictions made out of fold.
+
+    ``groups`` None: stratified ``n_folds``-fold cross-validation. Otherwise folds hold out whole
+    groups (samples): one group per fold, or ``n_folds`` group folds when there are more groups.
+    Returns NaN scores when the split is impossible (one group, or fewer than two labels).
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.model_selection import (
+        GroupKFold,
+        LeaveOneGroupOut,
+        StratifiedKFold,
+        cross_val_predict,
+    )
+    from sklearn.neighbors import KNeighborsClassifier
+
+    labels = np.asarray(labels).astype(str)
+    nan = {"accuracy": np.nan, "macro_f1": np.nan, "n_folds": 0}
+    if len(np.unique(labels)) < 2:
+        return nan
+    if groups is None:
+        counts = pd.Series(labels).value_counts()
+        folds = int(min(n_folds, counts.max()))
+        if folds < 2:
+            return nan
+        cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        split_groups = None
+    else:
+        split_groups = np.asarray(groups).astype(str)
+        n_groups = len(np.unique(split_groups))
+        if n_groups < 2:
+            return nan
+        cv = LeaveOneGroupOut() if n_groups <= n_folds else GroupKFold(n_splits=n_folds)
+        folds = min(n_groups, n_folds)
+    with warnings.catch_warnings():
+        # "The least populated class in y has only N members": rare labels, still scored
+        warnings.filterwarnings(
+            "ignore", message="The least populated class", category=UserWarning
+        )
+        smallest_train = min(len(train) for train, _ in cv.split(X, labels, split_groups))
+        k = max(1, min(n_neighbors, smallest_train))
+        pred = cross_val_predict(
+            KNeighborsClassifier(n_neighbors=k), X, labels, cv=cv, groups=split_groups
+        )
+    return {
+        "accuracy": float(accuracy_score(labels, pred)),
+        "macro_f1": float(
+            f1_score(labels, pred, average="macro", labels=np.unique(labels), zero_division=0)
+        ),
+        "n_folds": folds,
+    }
+
+
+def silhouette(X: np.ndarray, labels, *, seed: int = 0, max_cells: int = 20_000) -> float:
+    """scikit-learn's mean silhouette width (Euclidean) of ``labels``; NaN for < 2 or
+    all-distinct labels. Above ``max_cells`` cells it is estimated on a seeded random sample of
+    that size."""
+    from sklearn.metrics import silhouette_score
+
+    labels = np.asarray(labels).astype(str)
+    n_labels = len(np.unique(labels))
+    if n_labels < 2 or n_labels >= len(labels):
+        return np.nan
+    sample = max_cells if len(labels) > max_cells else None
+    return float(silhouette_score(X, labels, sample_size=sample, random_state=seed))
+
+
+def neighbors_graph(X: np.ndarray, *, n_neighbors: int = 15, seed: int = 0):
+    """An AnnData holding ``X`` and scanpy's kNN graph on it (for Leiden and UMAP)."""
+    import anndata as ad
+    import scanpy as sc
+
+    adata = ad.AnnData(
+        obs=pd.DataFrame(index=pd.RangeIndex(len(X)).astype(str)),
+        obsm={"rep": np.asarray(X, np.float32)},
+    )
+    sc.pp.neighbors(
+        adata, n_neighbors=min(n_neighbors, len(X) - 1), use_rep="rep", random_state=seed
+    )
+    return adata
+
+
+def leiden_scores(
+    graph, labels, *, resolutions=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), seed: int = 0
+) -> dict:
+    """ARI and NMI of Leiden clusters against ``labels`` at the resolution (of ``resolutions``)
+    with the best NMI; ``graph`` is an AnnData from ``neighbors_graph``."""
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    labels = np.asarray(labels).astype(str)
+    best = None
+    for res in resolutions:
+        sc.tl.leiden(
+            graph,
+            resolution=res,
+            flavor="igraph",
+            n_iterations=2,
+            directed=False,
+            random_state=seed,
+            key_added="leiden",
+        )
+        clusters = graph.obs["leiden"].to_numpy()
+        nmi = normalized_mutual_info_score(labels, clusters)
+        if best is None or nmi > best["nmi"]:
+            best = {
+                "nmi": float(nmi),
+                "ari": float(adjusted_rand_score(labels, clusters)),
+                "resolution": res,
+                "n_clusters": int(len(np.unique(clusters))),
+            }
+    return best
+
+
+def umap_coords(graph, *, seed: int = 0) -> np.ndarray:
+    import scanpy as sc
+
+    sc.tl.umap(graph, random_state=seed)
+    return graph.obsm["X_umap"]
+
+
+def score_representation(
+    X: np.ndarray,
+    labels,
+    samples,
+    *,
+    n_neighbors=15,
+    n_folds=5,
+    leiden_resolutions=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
+    seed=0,
+    umap=True,
+) -> tuple[dict, np.ndarray | None]:
+    """Every label metric for one representation, and its UMAP coordinates."""
+    labels, samples = np.asarray(labels).astype(str), np.asarray(samples).astype(str)
+    t0 = time.time()
+
+    def step(what: str) -> None:  # a line per step, so that a long evaluation shows how far it got
+        log.info("evaluate: %d x %d: %s (%.1fs)", *X.shape, what, time.time() - t0)
+
+    scores = {}
+    cv = knn_scores(X, labels, n_neighbors=n_neighbors, n_folds=n_folds, seed=seed)
+    scores.update(
+        knn_accuracy_cv=cv["accuracy"], knn_macro_f1_cv=cv["macro_f1"], _cv_folds=cv["n_folds"]
+    )
+    held = knn_scores(
+        X, labels, n_neighbors=n_neighbors, n_folds=n_folds, seed=seed, groups=samples
+    )
+    scores.update(
+        knn_accuracy_heldout_sample=held["accuracy"],
+        knn_macro_f1_heldout_sample=held["macro_f1"],
+        _sample_folds=held["n_folds"],
+    )
+    step("kNN cross-validation done; Leiden next")
+    graph = neighbors_graph(X, n_neighbors=n_neighbors, seed=seed)
+    leiden = leiden_scores(graph, labels, resolutions=leiden_resolutions, seed=seed)
+    scores.update(
+        leiden_ari=leiden["ari"],
+        leiden_nmi=leiden["nmi"],
+        _leiden_resolution=leiden["resolution"],
+        _leiden_clusters=leiden["n_clusters"],
+    )
+    step(f"Leiden at {len(leiden_resolutions)} resolutions done; silhouettes next")
+    scores["silhouette_label"] = silhouette(X, labels, seed=seed)
+    scores["silhouette_sample"] = silhouette(X, samples, seed=seed)
+    if umap:
+        step("silhouettes done; UMAP next")
+    coords = umap_coords(graph, seed=seed) if umap else None
+    log.info(
+        "evaluate: %d cells x %d dims scored in %.1fs", X.shape[0], X.shape[1], time.time() - t0
+    )
+    return scores, coords
+
+
+def pca_baseline(matrix: sp.csr_matrix, *, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
+    """scanpy PCA (centred implicitly, never densified) of a cells x genes matrix."""
+    import anndata as ad
+    import scanpy as sc
+
+    n_pcs = int(min(n_pcs, min(matrix.shape) - 1))
+    adata = ad.AnnData(X=sp.csr_matrix(matrix, dtype=np.float32))
+    sc.pp.pca(adata, n_comps=n_pcs, zero_center=True, random_state=seed)
+    return adata.obsm["X_pca"]
+
+
+def masked_value_error(epochs_tsv) -> dict:
+    """Validation masked MSE of the best epoch (lowest validation loss: best_model.pt) and the
+    mean-bin baseline, from pretrain's ``epochs.tsv``."""
+    epochs = pd.read_csv(epochs_tsv, sep="\t")
+    if epochs.empty:
+        raise ValueError(f"{epochs_tsv} holds no epoch; the model has not finished an epoch")
+    best = epochs.loc[epochs["val_loss"].idxmin()]
+    return {
+        "epoch": int(best["epoch"]),
+        "n_epochs": int(epochs["epoch"].max()),
+        "expr_mse": float(best["val_expr_mse"]),
+        "gepc_mse": float(best["val_gepc_mse"]),
+        "baseline_mse": float(best["val_mean_bin_baseline_mse"]),
+    }
