@@ -282,11 +282,11 @@ def run_stage(name: str, workdir: Path) -> None:
     p = paths(workdir)
     t0 = time.perf_counter()
     if name == "build_local_census":
-        from scllm.prep.census import build_local_census
+        from scllm.prep.store import build_local_census
 
         build_local_census(p["input"], p["store"], dataset_id="synthetic")
     elif name == "sample_census":  # every cell: a cap of all cells keeps every sample
-        from scllm.prep.census import sample_h5ad
+        from scllm.prep.h5ad_source import sample_h5ad
 
         sample_h5ad(
             p["input"],

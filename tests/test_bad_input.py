@@ -26,17 +26,13 @@ import scipy.sparse as sp
 import yaml
 
 from scllm.checks import file_sha256
-from scllm.prep import census as census_mod
+from scllm.prep import store as census_mod
 from scllm.prep.binning import normalize_bin
-from scllm.prep.census import (
-    CensusUnavailableError,
-    build_local_census,
-    open_census,
-    sample_census,
-)
+from scllm.prep.census import CensusUnavailableError, open_census, sample_census
 from scllm.prep.hvg import select_hvg
 from scllm.prep.qc import filter_qc
 from scllm.prep.split import split_cells
+from scllm.prep.store import build_local_census
 from scllm.shards import read_shard, write_shard
 from scllm.tokens import build_vocab, vocab_sha256
 from scllm.train.loop import pretrain
@@ -123,9 +119,9 @@ def test_missing_obs_columns_are_named(tmp_path, monkeypatch):
     assert leftovers(tmp_path, "soma") == []
 
     # A Census-shaped store without donor_id (as a hand-made store might be).
-    shaped = census_mod._census_shaped
+    shaped = census_mod.census_shaped
     with monkeypatch.context() as m:
-        m.setattr(census_mod, "_census_shaped", lambda *a: _drop_obs(shaped(*a), "donor_id"))
+        m.setattr(census_mod, "census_shaped", lambda *a: _drop_obs(shaped(*a), "donor_id"))
         build_local_census(tmp_path / "in.h5ad", tmp_path / "soma")
     with pytest.raises(ValueError, match=r"lacks columns \['donor_id'\].*scllm build-census"):
         sample(tmp_path / "soma", tmp_path, max_cells=1000)

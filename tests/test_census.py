@@ -9,12 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scllm.prep.census import (
-    CensusUnavailableError,
-    build_local_census,
-    open_census,
-    sample_census,
-)
+from scllm.prep.census import CensusUnavailableError, open_census, sample_census
+from scllm.prep.store import build_local_census
 
 from conftest import synthetic_source
 

@@ -23,7 +23,7 @@ import torch
 import scllm.train.objectives as train_mod
 from scllm.errors import UnsafeFileError
 from scllm.files import atomic_path
-from scllm.prep import binning, census, hvg, qc
+from scllm.prep import binning, census, hvg, qc, store
 from scllm.prep import tokenize as tokens
 from scllm.train.checkpoint import CHECKPOINT, NonFiniteLossError
 from scllm.train.distributed import PREEMPTED_EXIT_CODE, TrainingPreempted
@@ -299,11 +299,11 @@ def test_a_failure_mid_stage_leaves_neither_the_artifact_nor_its_temporary(tmp_p
     the next."""
     synthetic_source().write_h5ad(tmp_path / "source.h5ad")
     with monkeypatch.context() as m:
-        m.setattr(census, "_write_table", fail_on_call(2, census._write_table))
+        m.setattr(store, "_write_table", fail_on_call(2, store._write_table))
         with pytest.raises(InjectedFault):
-            census.build_local_census(tmp_path / "source.h5ad", tmp_path / "soma")
+            store.build_local_census(tmp_path / "source.h5ad", tmp_path / "soma")
     assert sorted(os.listdir(tmp_path)) == ["source.h5ad"]
-    census.build_local_census(tmp_path / "source.h5ad", tmp_path / "soma")
+    store.build_local_census(tmp_path / "source.h5ad", tmp_path / "soma")
 
     def stage(name, patch, run, outputs):
         with monkeypatch.context() as m:

@@ -15,8 +15,10 @@ import scipy.sparse as sp
 
 from scllm.errors import InputError
 from scllm.h5ad import H5adInput
-from scllm.prep import census as census_mod
-from scllm.prep.census import build_local_census, sample_census, sample_h5ad
+from scllm.prep import store as census_mod
+from scllm.prep.census import sample_census
+from scllm.prep.h5ad_source import sample_h5ad
+from scllm.prep.store import build_local_census
 from test_census import synthetic_source
 
 SAMPLING = dict(max_cells=90, seed=0, disease="normal", chunk_size=16)
@@ -31,7 +33,7 @@ def todays_store(h5ad, uri, gene_tile: int | None = None) -> None:
     import tiledbsoma.io
 
     with H5adInput(h5ad) as source:
-        obs, var, _ = census_mod._census_shaped(
+        obs, var, _ = census_mod.census_shaped(
             source,
             "source",
             None,

@@ -25,8 +25,9 @@ from scllm.checks import file_sha256
 from scllm.cli import main as cli_main
 from scllm.errors import CorruptArtifactError, InputError, UnsafeFileError
 from scllm.eval.embed import embed_h5ad, embed_shards
-from scllm.prep.census import build_local_census, sample_census
+from scllm.prep.census import sample_census
 from scllm.prep.split import split_cells
+from scllm.prep.store import build_local_census
 from scllm.shards import ShardDataset, read_shard
 from scllm.train.checkpoint import CHECKPOINT, load_model
 from scllm.train.loop import pretrain

@@ -12,7 +12,7 @@ from scllm.files import setup_logging
 
 
 def _build_census(args: argparse.Namespace) -> None:
-    from scllm.prep.census import build_local_census
+    from scllm.prep.store import build_local_census
 
     build_local_census(
         args.h5ad,

@@ -2,7 +2,8 @@
 h5ad (census.source: h5ad), into cells.h5ad."""
 
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
-from scllm.prep.census import sample_census, sample_h5ad
+from scllm.prep.census import sample_census
+from scllm.prep.h5ad_source import sample_h5ad
 from scllm.files import setup_logging
 
 setup_logging(snakemake.log[0])
