@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from scllm import __version__
-from scllm.config import EmbedConfig  # defaults; no torch import (scllm.embedding has one)
+from scllm.config import EmbedConfig  # defaults; no torch import (scllm.eval.embed has one)
 from scllm.errors import REFUSALS
 from scllm.files import setup_logging
 

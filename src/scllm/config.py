@@ -1,4 +1,5 @@
 """Settings with their defaults, one source for the library, the command line and the benchmarks.
+Frozen: a setting is read, never changed, once a stage has it.
 
 Each dataclass holds one section of ``config/schema.yaml``. tests/test_config.py fails when a
 schema default and a dataclass default differ, so a library call and a Snakemake run with the
@@ -12,6 +13,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 GEPC_TARGETS = ("masked", "masked+unexpressed", "all")
+# Cells per streamed row chunk in the data stages and in embedding (the schema's top-level
+# chunk_size): bounds their memory, never their results.
+CHUNK_SIZE = 20_000
+# Where the cell embeddings go in an h5ad: obsm["X_scllm"].
+EMBEDDING_KEY = "X_scllm"
 
 
 def _from_dict(cls, settings: dict | None, section: str):
@@ -23,7 +29,7 @@ def _from_dict(cls, settings: dict | None, section: str):
     return cls(**(settings or {}))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The ``train`` section: optimisation, objectives and how the run is operated.
 
@@ -114,13 +120,13 @@ class TrainConfig:
                 "train.mask_ratios must be a non-empty list of values in (0, 1), "
                 f"not {self.mask_ratios}"
             )
-        self.mask_ratios = [float(r) for r in self.mask_ratios]
+        object.__setattr__(self, "mask_ratios", [float(r) for r in self.mask_ratios])
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateConfig:
     """The ``evaluate`` section: how the cell embeddings are scored against the PCA baseline."""
 
@@ -141,7 +147,7 @@ class EvaluateConfig:
         return asdict(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EmbedConfig:
     """The ``embed`` section plus what ``scllm embed`` adds for an arbitrary h5ad."""
 
@@ -149,7 +155,7 @@ class EmbedConfig:
     batch_size: int = 64  # cells per forward pass
     device: str = "auto"
     # scllm embed only (not in the schema):
-    chunk_size: int = 20_000  # cells read at a time (the schema's top-level chunk_size)
+    chunk_size: int = CHUNK_SIZE  # cells read at a time
     min_coverage: float = 0.5  # minimum fraction of vocabulary genes found in the input
 
     LIBRARY_ONLY = ("chunk_size", "min_coverage")
@@ -161,7 +167,7 @@ CELL_EMB_STYLES = ("cls", "mean", "cls+mean", "sum")
 DATA_MODEL_KEYS = ("vocab_size", "n_bins", "pad_id", "mask_value", "pad_value")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """The ``model`` section, plus what the shards set (DATA_MODEL_KEYS)."""
 
@@ -214,10 +220,11 @@ class ModelConfig:
         return cls(**data, **model_cfg)
 
     def __post_init__(self):
+        # frozen: the defaults that depend on other fields are filled in once, here
         if self.pad_id is None:
-            self.pad_id = self.vocab_size - 1
+            object.__setattr__(self, "pad_id", self.vocab_size - 1)
         if self.attn_dropout is None:
-            self.attn_dropout = self.dropout
+            object.__setattr__(self, "attn_dropout", self.dropout)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.value_encoder not in VALUE_ENCODERS:

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import torch
 
 from scllm.checks import check_cells_and_genes, check_counts
-from scllm.config import EmbedConfig
+from scllm.config import EMBEDDING_KEY, EmbedConfig
 from scllm.errors import InputError
 from scllm.eval.genes import GeneMapping, checked_mapping, model_genes
 from scllm.model import CellTransformer
@@ -33,7 +33,6 @@ from scllm.train.checkpoint import load_model
 
 log = logging.getLogger("scllm")
 
-EMBEDDING_KEY = "X_scllm"
 # Below this fraction of vocabulary genes found in the input, `scllm embed` refuses to run: the
 # missing genes read as "not expressed", which moves cells away from where training put them.
 # Measured on PBMC 3k with the demo model, dropping random vocabulary genes: kNN cell-type accuracy

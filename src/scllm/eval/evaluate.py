@@ -20,14 +20,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scllm.config import EvaluateConfig
+from scllm.config import CHUNK_SIZE, EMBEDDING_KEY, EvaluateConfig
 from scllm.eval.metrics import masked_value_error, pca_baseline, score_representation
 from scllm.eval.report import format_value, plot_one_colour_note, plot_umaps, write_table
 from scllm.h5ad import open_backed, read_rows, row_chunks
 
 log = logging.getLogger("scllm")
 
-EMBEDDING_KEY = "X_scllm"
 UNLABELED = {"", "nan", "none", "na", "n/a", "unknown", "unassigned"}
 BASELINE_TARGET_SUM = 1e4
 
@@ -36,7 +35,7 @@ BASELINE_TARGET_SUM = 1e4
 
 
 def log_normalized_hvgs(
-    filtered_h5ad, hvg_ids, cells, *, chunk_size: int = 20_000
+    filtered_h5ad, hvg_ids, cells, *, chunk_size: int = CHUNK_SIZE
 ) -> sp.csr_matrix:
     """log1p(normalize_total(counts, 1e4)) of the HVGs for ``cells`` (obs names, in that order),
     totals over all genes, streamed from ``filtered_h5ad`` in row chunks (stays sparse)."""
@@ -216,7 +215,7 @@ def evaluate(
     out_umap_sample,
     *,
     args_json=None,
-    chunk_size: int = 20_000,
+    chunk_size: int = CHUNK_SIZE,
     **settings,
 ) -> pd.DataFrame:
     """Score the embeddings of ``embeddings_h5ad`` and the PCA baseline; write the metrics table
@@ -347,7 +346,7 @@ def log_normalized_vocab_genes(
     rows: np.ndarray,
     *,
     counts_layer: str | None = None,
-    chunk_size: int = 20_000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> sp.csr_matrix:
     """log1p(normalize_total(counts, 1e4)) of the input ``columns`` (the model's vocabulary genes
     as found in the file) for ``rows``, totals over all the file's genes, read in row chunks."""
@@ -376,7 +375,7 @@ def evaluate_heldout(
     counts_layer: str | None = None,
     device: str = "auto",
     batch_size: int = 64,
-    chunk_size: int = 20_000,
+    chunk_size: int = CHUNK_SIZE,
     **settings,
 ) -> pd.DataFrame:
     """Score the model on cells it never saw: embed ``h5ad`` (any h5ad of counts with its own

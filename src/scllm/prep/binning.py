@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scllm.config import CHUNK_SIZE
 from scllm.files import atomic_path
 from scllm.h5ad import CSRWriter, open_backed, read_rows, row_chunks
 
@@ -146,7 +147,7 @@ def normalize_bin(
     n_bins: int = 51,
     seed: int = 0,
     min_expressed_hvgs: int = 1,
-    chunk_size: int = 20_000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> None:
     """Normalize each cell to ``target_sum`` (over all genes), keep the HVGs in vocabulary order,
     and bin. Cells expressing fewer than ``min_expressed_hvgs`` HVGs are dropped (logged)."""

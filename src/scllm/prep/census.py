@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scllm.checks import check_counts, check_gene_ids, unique_cell_ids
+from scllm.config import CHUNK_SIZE
 from scllm.files import Progress, atomic_path
 from scllm.h5ad import CSRWriter
 
@@ -175,7 +176,7 @@ def sample_census(
     disease: str | None = None,
     max_cells: int = 300_000,
     seed: int = 0,
-    chunk_size: int = 20_000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> ad.AnnData:
     """Sample whole (dataset, donor) samples and stream their raw counts to ``out_h5ad``.
 

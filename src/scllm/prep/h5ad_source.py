@@ -17,6 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scllm.checks import check_counts
+from scllm.config import CHUNK_SIZE
 from scllm.files import Progress, atomic_path
 from scllm.h5ad import CSRWriter, H5adInput
 from scllm.prep.census import (
@@ -49,7 +50,7 @@ def sample_h5ad(
     disease: str | None = None,
     max_cells: int = 300_000,
     seed: int = 0,
-    chunk_size: int = 20_000,
+    chunk_size: int = CHUNK_SIZE,
     block_nnz: int = INGEST_BLOCK_NNZ,
 ) -> ad.AnnData:
     """``sample_census`` on your own h5ad, read directly: the same cells.h5ad and samples.tsv as

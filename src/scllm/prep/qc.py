@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from scllm.checks import check_counts
+from scllm.config import CHUNK_SIZE
 from scllm.files import atomic_path
 from scllm.h5ad import CSRWriter, open_backed, read_rows, require_obs_columns, row_chunks
 
@@ -27,7 +28,7 @@ def filter_qc(
     *,
     min_gene_counts: int = 3,
     min_genes_per_cell: int = 200,
-    chunk_size: int = 20_000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> pd.DataFrame:
     """Keep genes with total count >= ``min_gene_counts`` and cells expressing at least
     ``min_genes_per_cell`` of those genes. Adds ``total_counts`` and ``n_genes_by_counts`` to obs.

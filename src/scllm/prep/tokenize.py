@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from scllm.checks import file_sha256
+from scllm.config import CHUNK_SIZE
 from scllm.errors import CorruptArtifactError
 from scllm.files import atomic_path
 from scllm.h5ad import open_backed, read_rows, row_chunks
@@ -92,7 +93,12 @@ class _ShardBuffer:
 
 
 def tokenize_shards(
-    binned_h5ad, split_tsv, out_dir, *, cells_per_shard: int = 100_000, chunk_size: int = 20_000
+    binned_h5ad,
+    split_tsv,
+    out_dir,
+    *,
+    cells_per_shard: int = 100_000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> dict:
     """Write ragged token shards per split, ``vocab.json``, ``genes.tsv`` and ``manifest.json``."""
     t0 = time.time()
