@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from anndata.io import read_elem, write_elem
+from anndata.io import read_elem, sparse_dataset, write_elem
 
 from scllm.errors import CorruptArtifactError, InputError
 
@@ -312,7 +313,7 @@ class CountMatrix:
                     f"{encoding or 'an unknown encoding'!r}; expected a CSR, CSC or dense matrix. "
                     "Write it with a recent anndata (AnnData.write_h5ad)."
                 )
-            self.data, self.indices = elem["data"], elem["indices"]
+            self.elem, self.data, self.indices = elem, elem["data"], elem["indices"]
             self.indptr = elem["indptr"][:].astype(
                 np.int64
             )  # one pointer per row (CSR) or column (CSC)
@@ -366,21 +367,30 @@ class CountMatrix:
                 yield stop, sp.csr_matrix(self.elem[start:stop]), start
             return
         for start, stop in _cuts(self.indptr, block_nnz, max_rows):
-            a, b = self.indptr[start], self.indptr[stop]
-            indices = self.indices[a:b]
-            if indices.size and (indices.min() < 0 or indices.max() >= self.n_vars):
-                raise InputError(
-                    f"{self.name} of the input h5ad is damaged: gene indices out of range "
-                    f"near row {start}; export it again."
-                )
-            yield (
-                stop,
-                sp.csr_matrix(
-                    (self.data[a:b], indices, self.indptr[start : stop + 1] - a),
-                    shape=(stop - start, self.n_vars),
-                ),
-                start,
+            yield stop, self._csr_rows(start, stop), start
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start..stop-1`` as a float32 CSR matrix of the stored values, whatever the
+        layout (CSC through anndata, which reads far more than the rows: slow, but right)."""
+        if self.layout == "dense":
+            return sp.csr_matrix(self.elem[start:stop], dtype=np.float32)
+        if self.layout == "csc":
+            return sp.csr_matrix(sparse_dataset(self.elem)[start:stop], dtype=np.float32)
+        return sp.csr_matrix(self._csr_rows(start, stop), dtype=np.float32)
+
+    def _csr_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start..stop-1`` of a CSR matrix as stored, its gene indices checked."""
+        a, b = self.indptr[start], self.indptr[stop]
+        indices = self.indices[a:b]
+        if indices.size and (indices.min() < 0 or indices.max() >= self.n_vars):
+            raise InputError(
+                f"{self.name} of the input h5ad is damaged: gene indices out of range "
+                f"near row {start}; export it again."
             )
+        return sp.csr_matrix(
+            (self.data[a:b], indices, self.indptr[start : stop + 1] - a),
+            shape=(stop - start, self.n_vars),
+        )
 
     def blocks(self, block_nnz: int):
         """Yield ``(done, rows, cols, values)``: int64 cell and gene positions and the raw values
@@ -412,6 +422,36 @@ class CountMatrix:
                 values, minor, major = values[keep], minor[keep], major[keep]
             rows, cols = (major, minor) if self.layout == "csr" else (minor, major)
             yield stop, rows, cols, values
+
+
+@contextlib.contextmanager
+def open_matrix(path, layer: str | None):
+    """X (or ``layers[layer]``) of the h5ad at ``path`` as a CountMatrix, for the ``with`` block:
+    the counts ``scllm embed`` reads with ``rows``. Stored column-wise (CSC) they still read, only
+    slowly (a warning says so)."""
+    with h5py.File(path, "r") as file:
+        key = f"layers/{layer}" if layer else "X"
+        if key not in file:
+            layers = list(file["layers"].keys()) if "layers" in file else []
+            raise ValueError(f"{path} has no {key} (layers: {layers})")
+        elem = file[key]
+        shape = (
+            elem.shape
+            if isinstance(elem, h5py.Dataset)
+            else elem.attrs.get("shape", elem.attrs.get("h5sparse_shape"))
+        )
+        if shape is None or len(shape) != 2:
+            raise InputError(f"{key} of {path} records no matrix shape; write it with anndata")
+        matrix = CountMatrix(
+            elem, int(shape[0]), int(shape[1]), f"layers[{layer!r}]" if layer else "X"
+        )
+        if matrix.layout == "csc" and matrix.n_obs:
+            log.warning(
+                "%s of %s is stored column-wise (CSC): reading rows is slow; store it as CSR",
+                matrix.name,
+                path,
+            )
+        yield matrix
 
 
 def _cuts(indptr: np.ndarray, block_nnz: int, max_rows: int | None = None):

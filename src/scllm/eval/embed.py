@@ -21,6 +21,7 @@ from scllm.checks import check_cells_and_genes, check_counts
 from scllm.config import EMBEDDING_KEY, EmbedConfig
 from scllm.errors import InputError
 from scllm.eval.genes import GeneMapping, checked_mapping, model_genes
+from scllm.h5ad import open_matrix
 from scllm.model import CellTransformer
 from scllm.shards import Shard, read_listed_shard, read_manifest, read_shard
 from scllm.tokens import (
@@ -268,40 +269,6 @@ def tokenize_counts(counts: sp.csr_matrix, mapping: GeneMapping, n_genes: int, b
     return sequences_from_binned(binned, cls_id=n_genes)
 
 
-class _Rows:
-    """Row blocks of X or a layer of an h5ad on disk (sparse or dense), without loading it."""
-
-    def __init__(self, path, layer: str | None):
-        import h5py
-        from anndata.io import sparse_dataset
-
-        self.file = h5py.File(path, "r")
-        key = f"layers/{layer}" if layer else "X"
-        if key not in self.file:
-            layers = list(self.file["layers"].keys()) if "layers" in self.file else []
-            self.file.close()
-            raise ValueError(f"{path} has no {key} (layers: {layers})")
-        elem = self.file[key]
-        self.where = f"layers[{layer!r}]" if layer else "X"
-        self.elem = sparse_dataset(elem) if hasattr(elem, "keys") else elem
-        if (
-            self.elem.shape[0]
-            and hasattr(elem, "keys")
-            and elem.attrs.get("encoding-type") == "csc_matrix"
-        ):
-            log.warning(
-                "%s of %s is stored column-wise (CSC): reading rows is slow; store it as CSR",
-                self.where,
-                path,
-            )
-
-    def __getitem__(self, rows: slice) -> sp.csr_matrix:
-        return sp.csr_matrix(self.elem[rows], dtype=np.float32)
-
-    def close(self):
-        self.file.close()
-
-
 def _model_for_embedding(model_dir, device: str):
     """(model, genes table, n_genes, binning settings, their source) for embedding cells."""
     model, vocab, args = load_model(model_dir, resolve_device(device))
@@ -489,21 +456,18 @@ def embed_h5ad(
     mapping = checked_mapping(
         var, genes, gene_id_column, str(in_h5ad), n_cells, model_dir, min_coverage
     )
-    rows = _Rows(in_h5ad, counts_layer)
-    try:
+    with open_matrix(in_h5ad, counts_layer) as matrix:
         embeddings, n_tokens = _embed_rows(
             model,
             mapping,
             n_genes,
             binning,
-            lambda a, b: rows[a:b],
+            matrix.rows,
             n_cells,
-            f"{rows.where} of {in_h5ad}",
+            f"{matrix.name} of {in_h5ad}",
             batch_size=batch_size,
             chunk_size=chunk_size,
         )
-    finally:
-        rows.close()
     obs["scllm_n_genes"] = n_tokens
     uns = _provenance(
         model_dir, model, mapping, binning, binning_source, str(in_h5ad), counts_layer

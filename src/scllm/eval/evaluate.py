@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from scllm.config import CHUNK_SIZE, EMBEDDING_KEY, EvaluateConfig
 from scllm.eval.metrics import masked_value_error, pca_baseline, score_representation
 from scllm.eval.report import format_value, plot_one_colour_note, plot_umaps, write_table
-from scllm.h5ad import open_backed, read_rows, row_chunks
+from scllm.h5ad import open_backed, open_matrix, read_rows, row_chunks
 
 log = logging.getLogger("scllm")
 
@@ -350,15 +350,8 @@ def log_normalized_vocab_genes(
 ) -> sp.csr_matrix:
     """log1p(normalize_total(counts, 1e4)) of the input ``columns`` (the model's vocabulary genes
     as found in the file) for ``rows``, totals over all the file's genes, read in row chunks."""
-    from scllm.eval.embed import _Rows
-
-    reader = _Rows(h5ad, counts_layer)
-    try:
-        return _log_normalized_rows(
-            lambda start, stop: reader[start:stop], reader.elem.shape[0], columns, rows, chunk_size
-        )
-    finally:
-        reader.close()
+    with open_matrix(h5ad, counts_layer) as matrix:
+        return _log_normalized_rows(matrix.rows, matrix.n_obs, columns, rows, chunk_size)
 
 
 def evaluate_heldout(
