@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from scllm.config import H5adConfig
 from scllm.errors import InputError
 from scllm.h5ad import H5adInput
 from scllm.prep import store as census_mod
@@ -33,20 +34,7 @@ def todays_store(h5ad, uri, gene_tile: int | None = None) -> None:
     import tiledbsoma.io
 
     with H5adInput(h5ad) as source:
-        obs, var, _ = census_mod.census_shaped(
-            source,
-            "source",
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            "blood",
-            True,
-            "normal",
-            "test input",
-        )
+        obs, var, _ = census_mod.census_shaped(source, H5adConfig(), "test input")
     obs.index = obs.index.astype(str)
     X = sp.csr_matrix(ad.read_h5ad(h5ad).X, dtype=np.float32)
     uri = str(uri.resolve())

@@ -29,6 +29,24 @@ def _from_dict(cls, settings: dict | None, section: str):
     return cls(**(settings or {}))
 
 
+def settings_of(cls, cfg, keywords: dict, section: str):
+    """A function's settings: ``cfg`` (a ``cls``) or its keyword arguments, not both."""
+    if cfg is not None and keywords:
+        raise TypeError(f"give the {section} settings as {cls.__name__} or as keywords, not both")
+    return cfg if cfg is not None else _from_dict(cls, keywords, section)
+
+
+def split_settings(settings: dict, *classes) -> list[dict]:
+    """``settings`` shared out over the fields of ``classes`` (in that order: a key goes to the
+    first class that has it); keys no class has go last, for the caller to refuse."""
+    parts, rest = [], dict(settings)
+    for cls in classes:
+        names = {f.name for f in fields(cls)}
+        parts.append({k: v for k, v in rest.items() if k in names})
+        rest = {k: v for k, v in rest.items() if k not in names}
+    return [*parts, rest]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The ``train`` section: optimisation, objectives and how the run is operated.
@@ -124,6 +142,59 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """The ``census`` section's sampling: which cells (tissue_general, primary data, disease: None
+    keeps every disease) and how many (whole samples at random while they fit under
+    max_cells). The schema's default run sets disease: normal."""
+
+    organism: str = "homo_sapiens"
+    tissue_general: str = "blood"
+    primary_only: bool = True
+    disease: str | None = None
+    max_cells: int = 300_000
+    seed: int = 0
+    chunk_size: int = CHUNK_SIZE  # cells read from the Census at a time
+
+    @classmethod
+    def from_dict(cls, settings: dict | None) -> SamplingConfig:
+        return _from_dict(cls, settings, "census")
+
+
+@dataclass(frozen=True)
+class H5adConfig:
+    """How your h5ad's cells become Census cells (``census.h5ad``, ``scllm build-census``): where
+    each cell's dataset, donor and label come from, which genes and counts are read, and the
+    Census values a store records where the file has no such obs column."""
+
+    dataset_id: str | None = None  # one dataset for every cell (default: obs or the file name)
+    dataset_title: str = ""
+    donor_id: str | None = None  # one donor for every cell (default: obs.donor_id or donor_0)
+    donor_column: str | None = None  # obs column holding each cell's donor
+    cell_type_column: str | None = None  # obs column of cell-type labels (default: detected)
+    gene_id_column: str | None = None  # var column of Ensembl ids (default: detected)
+    counts_layer: str | None = None  # layer holding the raw counts (default: X)
+    tissue_general: str = "blood"
+    is_primary_data: bool = True
+    disease: str = "normal"
+    citation: str = ""
+    organism: str = "homo_sapiens"
+
+    # What census.h5ad (and sample_h5ad) sets: the rest comes from the sampling settings.
+    COLUMNS = (
+        "dataset_id",
+        "donor_id",
+        "donor_column",
+        "cell_type_column",
+        "gene_id_column",
+        "counts_layer",
+    )
+
+    @classmethod
+    def from_dict(cls, settings: dict | None) -> H5adConfig:
+        return _from_dict(cls, settings, "census.h5ad")
 
 
 @dataclass(frozen=True)

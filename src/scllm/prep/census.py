@@ -19,7 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scllm.checks import check_counts, check_gene_ids, unique_cell_ids
-from scllm.config import CHUNK_SIZE
+from scllm.config import SamplingConfig, settings_of
 from scllm.files import Progress, atomic_path
 from scllm.h5ad import CSRWriter
 
@@ -167,31 +167,29 @@ def select(cells: pd.DataFrame, max_cells: int, seed: int, where: str):
 def sample_census(
     out_h5ad: str | Path,
     out_samples: str | Path,
+    cfg: SamplingConfig | None = None,
     *,
     census_version: str | None = None,
     uri: str | None = None,
-    organism: str = "homo_sapiens",
-    tissue_general: str = "blood",
-    primary_only: bool = True,
-    disease: str | None = None,
-    max_cells: int = 300_000,
-    seed: int = 0,
-    chunk_size: int = CHUNK_SIZE,
+    **settings,
 ) -> ad.AnnData:
-    """Sample whole (dataset, donor) samples and stream their raw counts to ``out_h5ad``.
+    """Sample whole (dataset, donor) samples of the Census release ``census_version`` (or the
+    store at ``uri``) and stream their raw counts to ``out_h5ad``. The sampling settings are
+    ``cfg``, or ``SamplingConfig``'s fields as keywords.
 
     Cells are written sample by sample, so every sample is a contiguous block of rows downstream.
     Returns the backed-free obs/var shell (no X) for logging and tests.
     """
+    cfg = settings_of(SamplingConfig, cfg, settings, "census")
     t0 = time.time()
-    filt = value_filter(tissue_general, primary_only, disease)
+    filt = value_filter(cfg.tissue_general, cfg.primary_only, cfg.disease)
     where = f"the Census at {uri or census_version}"
     with open_census(census_version, uri) as census:
         provenance = census_provenance(census)
-        exp = _organism_experiment(census, organism)
-        columns = _obs_columns_to_read(exp, disease)
-        cells = _query_cells(exp, organism, filt, columns)
-        samples, keep, obs = select(cells, max_cells, seed, where)
+        exp = _organism_experiment(census, cfg.organism)
+        columns = _obs_columns_to_read(exp, cfg.disease)
+        cells = _query_cells(exp, cfg.organism, filt, columns)
+        samples, keep, obs = select(cells, cfg.max_cells, cfg.seed, where)
         var = _census_var(exp, where)
         uns = {
             "census": {
@@ -200,15 +198,15 @@ def sample_census(
                     census_version or provenance.get("census_build_date", "local")
                 ),
                 "provenance": provenance,
-                "organism": organism,
+                "organism": cfg.organism,
                 "value_filter": filt,
-                "max_cells": int(max_cells),
-                "seed": int(seed),
+                "max_cells": int(cfg.max_cells),
+                "seed": int(cfg.seed),
                 "n_samples_available": int(len(samples)),
                 "n_samples_chosen": int(samples["chosen"].sum()),
             }
         }
-        _write_sample_by_sample(out_h5ad, exp, keep, obs, var, uns, chunk_size)
+        _write_sample_by_sample(out_h5ad, exp, keep, obs, var, uns, cfg.chunk_size)
         write_samples_tsv(samples, out_samples)
     log.info(
         "sample_census: wrote %d cells x %d genes in %.1fs",

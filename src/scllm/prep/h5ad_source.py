@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import anndata as ad
@@ -17,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scllm.checks import check_counts
-from scllm.config import CHUNK_SIZE
+from scllm.config import H5adConfig, SamplingConfig, split_settings
 from scllm.files import Progress, atomic_path
 from scllm.h5ad import CSRWriter, H5adInput
 from scllm.prep.census import (
@@ -38,24 +39,13 @@ def sample_h5ad(
     out_h5ad: str | Path,
     out_samples: str | Path,
     *,
-    dataset_id: str | None = None,
-    donor_id: str | None = None,
-    donor_column: str | None = None,
-    cell_type_column: str | None = None,
-    gene_id_column: str | None = None,
-    counts_layer: str | None = None,
-    organism: str = "homo_sapiens",
-    tissue_general: str = "blood",
-    primary_only: bool = True,
-    disease: str | None = None,
-    max_cells: int = 300_000,
-    seed: int = 0,
-    chunk_size: int = CHUNK_SIZE,
     block_nnz: int = INGEST_BLOCK_NNZ,
+    **settings,
 ) -> ad.AnnData:
     """``sample_census`` on your own h5ad, read directly: the same cells.h5ad and samples.tsv as
     building a local Census from it (``build_local_census``, with the same settings; missing
     tissue_general/disease filled from the filter) and sampling that, in one pass over the file.
+    ``settings``: the fields of ``SamplingConfig`` and ``H5adConfig.COLUMNS``, as keywords.
 
     The input is read once, in row blocks of at most ``chunk_size`` cells and ``block_nnz``
     values; each block's chosen cells go straight to their rows in cells.h5ad, whose layout
@@ -63,55 +53,36 @@ def sample_h5ad(
     and one block. A CSC matrix cannot be read by rows; it goes through a temporary local Census
     instead (slower, same memory bound).
     """
+    sampling, columns, unknown = split_settings(settings, SamplingConfig, H5adConfig)
+    unknown.update({k: v for k, v in columns.items() if k not in H5adConfig.COLUMNS})
+    if unknown:
+        known = sorted({f.name for f in fields(SamplingConfig)} | set(H5adConfig.COLUMNS))
+        raise ValueError(f"unknown census settings {sorted(unknown)}; known: {known}")
+    sampling = SamplingConfig(**sampling)
     # One pass gives what two steps would: build_local_census on the file (as primary data;
     # tissue_general and disease filled in from the filter where the file lacks them), then
     # sample_census on that store. These are their settings; a CSC input takes the two steps.
-    build = dict(
-        dataset_id=dataset_id,
-        donor_id=donor_id,
-        donor_column=donor_column,
-        cell_type_column=cell_type_column,
-        gene_id_column=gene_id_column,
-        counts_layer=counts_layer,
-        tissue_general=tissue_general,
-        disease=disease or "normal",
-        organism=organism,
-        block_nnz=block_nnz,
+    cells = H5adConfig(
+        **columns,
+        tissue_general=sampling.tissue_general,
+        disease=sampling.disease or "normal",
+        organism=sampling.organism,
     )
-    sample = dict(
-        organism=organism,
-        tissue_general=tissue_general,
-        primary_only=primary_only,
-        disease=disease,
-        max_cells=max_cells,
-        seed=seed,
-        chunk_size=chunk_size,
-    )
-    return _sample_in_one_pass(h5ad_path, out_h5ad, out_samples, build, sample)
+    return _sample_in_one_pass(h5ad_path, (out_h5ad, out_samples), cells, sampling, block_nnz)
 
 
-def _sample_in_one_pass(h5ad_path, out_h5ad, out_samples, build: dict, sample: dict) -> ad.AnnData:
-    """``sample_h5ad`` with its settings grouped as the two steps it stands for take them
-    (``build``: build_local_census', ``sample``: sample_census'). obs and var are shaped as such
-    a store would hold them, the cells chosen on them, and their counts copied in one pass."""
+def _sample_in_one_pass(
+    h5ad_path, outputs: tuple, cells: H5adConfig, sampling: SamplingConfig, block_nnz: int
+) -> ad.AnnData:
+    """``sample_h5ad`` with its settings as the two steps it stands for take them (``cells``:
+    build_local_census', ``sampling``: sample_census'); ``outputs``: cells.h5ad, samples.tsv.
+    obs and var are shaped as such a store would hold them, the cells chosen on them, and their
+    counts copied in one pass."""
     t0 = time.time()
     where = f"the input h5ad {h5ad_path}"
-    filt = value_filter(sample["tissue_general"], sample["primary_only"], sample["disease"])
+    filt = value_filter(sampling.tissue_general, sampling.primary_only, sampling.disease)
     with H5adInput(h5ad_path) as source:
-        shaped, var_in, matrix = census_shaped(
-            source,
-            Path(h5ad_path).stem,
-            build["dataset_id"],
-            build["donor_id"],
-            build["donor_column"],
-            build["cell_type_column"],
-            build["gene_id_column"],
-            build["counts_layer"],
-            build["tissue_general"],
-            True,  # is_primary_data
-            build["disease"],
-            where,
-        )
+        shaped, var_in, matrix = census_shaped(source, cells, where)
         if matrix.layout == "csc":
             log.info(
                 "%s stores %s column by column (CSC), which cannot be read by cells: "
@@ -121,29 +92,17 @@ def _sample_in_one_pass(h5ad_path, out_h5ad, out_samples, build: dict, sample: d
                 matrix.name,
             )
             source.close()
-            return _sample_through_store(h5ad_path, out_h5ad, out_samples, build, sample)
-        samples, obs, chosen = _choose_input_rows(
-            h5ad_path, source, matrix, shaped, filt, where, sample
-        )
+            return _sample_through_store(h5ad_path, outputs, cells, sampling, block_nnz)
+        samples, obs, chosen = _choose_input_rows(source, matrix, shaped, filt, where, sampling)
         # Before writing, drop the input's shaped obs (a million cells' worth); the filtered and
         # chosen copies went with _choose_input_rows: only cells.h5ad's obs stays.
         del shaped
         var = var_in[["feature_name"]].astype(str)
         var.insert(0, "feature_id", var.index.values)
-        uns = _input_uns(h5ad_path, source.n_obs, filt, samples, sample)
-        _write_chosen_rows(
-            out_h5ad,
-            h5ad_path,
-            source,
-            matrix,
-            chosen,
-            obs,
-            var,
-            uns,
-            build["block_nnz"],
-            sample["chunk_size"],
-        )
-        write_samples_tsv(samples, out_samples)
+        uns = _input_uns(h5ad_path, source.n_obs, filt, samples, sampling)
+        out = _CellsFile(Path(outputs[0]), obs, var, uns)
+        _write_chosen_rows(out, source, matrix, chosen, block_nnz, sampling.chunk_size)
+        write_samples_tsv(samples, outputs[1])
     log.info(
         "sample_census: %d cells x %d genes in, wrote %d cells x %d genes in %.1fs",
         source.n_obs,
@@ -156,45 +115,55 @@ def _sample_in_one_pass(h5ad_path, out_h5ad, out_samples, build: dict, sample: d
 
 
 def _choose_input_rows(
-    h5ad_path, source, matrix, shaped: pd.DataFrame, filt: str, where: str, sample: dict
+    source, matrix, shaped: pd.DataFrame, filt: str, where: str, sampling: SamplingConfig
 ):
     """The samples (all, and which were chosen), cells.h5ad's obs and the input rows of the chosen
     cells in cells.h5ad's order. Its copies of obs (matching cells, chosen cells) go on return."""
     log.info(
         "reading %s: %d cells x %d genes (%s, %s); filter: %s",
-        h5ad_path,
+        source.path,
         source.n_obs,
         source.n_vars,
         matrix.name,
         matrix.layout,
         filt,
     )
-    cells = _matching_cells(
-        shaped, sample["tissue_general"], sample["primary_only"], sample["disease"], filt
-    )
-    samples, keep, obs = select(cells, sample["max_cells"], sample["seed"], where)
+    cells = _matching_cells(shaped, sampling, filt)
+    samples, keep, obs = select(cells, sampling.max_cells, sampling.seed, where)
     return samples, obs, keep["soma_joinid"].to_numpy()
 
 
-def _input_uns(h5ad_path, n_obs: int, filt: str, samples: pd.DataFrame, sample: dict) -> dict:
+def _input_uns(
+    h5ad_path, n_obs: int, filt: str, samples: pd.DataFrame, sampling: SamplingConfig
+) -> dict:
     """cells.h5ad's uns["census"] for cells sampled straight from an h5ad."""
     return {
         "census": {
             "source": str(h5ad_path),
             "census_version": "local",
-            "organism": sample["organism"],
+            "organism": sampling.organism,
             "value_filter": filt,
             "provenance": {"source_h5ad": Path(h5ad_path).name, "total_cell_count": str(n_obs)},
-            "max_cells": int(sample["max_cells"]),
-            "seed": int(sample["seed"]),
+            "max_cells": int(sampling.max_cells),
+            "seed": int(sampling.seed),
             "n_samples_available": int(len(samples)),
             "n_samples_chosen": int(samples["chosen"].sum()),
         }
     }
 
 
+@dataclass(frozen=True)
+class _CellsFile:
+    """cells.h5ad as sampling writes it: where, and its obs, var and uns (X comes in blocks)."""
+
+    path: Path
+    obs: pd.DataFrame
+    var: pd.DataFrame
+    uns: dict
+
+
 def _write_chosen_rows(
-    out_h5ad, h5ad_path, source, matrix, chosen, obs, var, uns, block_nnz, chunk_size
+    out: _CellsFile, source, matrix, chosen: np.ndarray, block_nnz: int, chunk_size: int
 ) -> None:
     """cells.h5ad from the input rows ``chosen`` (in output order), in one pass over the input.
 
@@ -205,49 +174,27 @@ def _write_chosen_rows(
     # Where each input row goes in cells.h5ad (-1: not chosen).
     out_row = np.full(source.n_obs, -1, dtype=np.int64)
     out_row[chosen] = np.arange(len(chosen))
+    blocks = (block_nnz, chunk_size)
     try:
-        _write_cells(
-            out_h5ad,
-            matrix.row_nnz(block_nnz)[chosen],
-            matrix,
-            out_row,
-            var,
-            uns,
-            obs,
-            block_nnz,
-            chunk_size,
-            source,
-        )
+        _write_cells(out, matrix.row_nnz(block_nnz)[chosen], matrix, out_row, blocks, source)
     except _RowLengthsChanged:
         log.info(
             "%s of %s stores zeros or repeated genes; counting every row's values first",
             matrix.name,
-            h5ad_path,
+            source.path,
         )
-        _write_cells(
-            out_h5ad,
-            matrix.row_nnz(block_nnz, canonical=True)[chosen],
-            matrix,
-            out_row,
-            var,
-            uns,
-            obs,
-            block_nnz,
-            chunk_size,
-            source,
-        )
+        row_nnz = matrix.row_nnz(block_nnz, canonical=True)[chosen]
+        _write_cells(out, row_nnz, matrix, out_row, blocks, source)
 
 
-def _matching_cells(
-    shaped: pd.DataFrame, tissue_general: str, primary_only: bool, disease: str | None, filt: str
-) -> pd.DataFrame:
+def _matching_cells(shaped: pd.DataFrame, sampling: SamplingConfig, filt: str) -> pd.DataFrame:
     """The cells of a Census-shaped obs that pass the filter, numbered by input row (soma_joinid),
     as a store built from the same file would number them."""
-    match = shaped["tissue_general"].astype(str) == tissue_general
-    if primary_only:
+    match = shaped["tissue_general"].astype(str) == sampling.tissue_general
+    if sampling.primary_only:
         match &= shaped["is_primary_data"].astype(bool)
-    if disease:
-        match &= shaped["disease"].astype(str) == disease
+    if sampling.disease:
+        match &= shaped["disease"].astype(str) == sampling.disease
     columns = REQUIRED_OBS + [c for c in OPTIONAL_OBS if c in shaped and c not in REQUIRED_OBS]
     cells = shaped.loc[match.to_numpy(), columns].reset_index(drop=True)
     cells.insert(0, "soma_joinid", np.flatnonzero(match.to_numpy()))
@@ -264,15 +211,13 @@ class _RowLengthsChanged(Exception):
     one."""
 
 
-def _write_cells(
-    out_h5ad, row_nnz, matrix, out_row, var, uns, obs, block_nnz, chunk_size, source
-) -> None:
+def _write_cells(out: _CellsFile, row_nnz, matrix, out_row, blocks: tuple, source) -> None:
     """cells.h5ad with X sized for ``row_nnz`` values per row, filled in one pass over the
-    input."""
-    with atomic_path(out_h5ad) as tmp, CSRWriter(tmp, var=var, uns=uns) as writer:
+    input; ``blocks``: (values, cells) at most per block read."""
+    with atomic_path(out.path) as tmp, CSRWriter(tmp, var=out.var, uns=out.uns) as writer:
         writer.reserve(row_nnz)
-        _scatter_rows(matrix, out_row, writer, block_nnz, chunk_size, source)
-        writer.set_obs(obs)
+        _scatter_rows(matrix, out_row, writer, *blocks, source)
+        writer.set_obs(out.obs)
 
 
 def _scatter_rows(
@@ -329,18 +274,19 @@ def _canonical(block: sp.csr_matrix) -> sp.csr_matrix:
 
 
 def _sample_through_store(
-    h5ad_path, out_h5ad, out_samples, build: dict, sample: dict
+    h5ad_path, outputs: tuple, cells: H5adConfig, sampling: SamplingConfig, block_nnz: int
 ) -> ad.AnnData:
     """sample_census on a local Census built from the h5ad in a temporary folder beside the
     output, removed afterwards (and on the next run, if a killed run left it)."""
+    out_h5ad, out_samples = outputs
     out_dir = Path(out_h5ad).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".census_store.tmp*"):
         shutil.rmtree(stale, ignore_errors=True)
     store = out_dir / f".census_store.tmp{os.getpid()}"
     try:
-        build_local_census(h5ad_path, store, **build)
-        cells = sample_census(out_h5ad, out_samples, uri=str(store), **sample)
+        build_local_census(h5ad_path, store, cells, block_nnz=block_nnz)
+        sampled = sample_census(out_h5ad, out_samples, sampling, uri=str(store))
     finally:
         shutil.rmtree(store, ignore_errors=True)
-    return cells
+    return sampled

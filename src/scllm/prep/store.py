@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from scllm.checks import check_counts, check_gene_ids, require_cells, unique_cell_ids
+from scllm.config import H5adConfig, settings_of
 from scllm.files import Progress, atomic_path
 from scllm.h5ad import H5adInput
 
@@ -30,48 +31,27 @@ ROW_TILE = 2048  # cells per TileDB space tile of a local store's X (tiledbsoma'
 def build_local_census(
     h5ad_path: str | Path,
     uri: str | Path,
+    cfg: H5adConfig | None = None,
     *,
-    dataset_id: str | None = None,
-    dataset_title: str = "",
-    donor_id: str | None = None,
-    donor_column: str | None = None,
-    cell_type_column: str | None = None,
-    gene_id_column: str | None = None,
-    counts_layer: str | None = None,
-    tissue_general: str = "blood",
-    is_primary_data: bool = True,
-    disease: str = "normal",
-    citation: str = "",
-    organism: str = "homo_sapiens",
     block_nnz: int = INGEST_BLOCK_NNZ,
+    **settings,
 ) -> None:
     """Write a SOMA store with the Census layout (``census_info``, ``census_data/<organism>``).
 
     Census obs columns already present in the h5ad (dataset_id, donor_id, tissue_general, ...)
-    are kept; missing ones are filled from the arguments. Genes are keyed on Ensembl ids.
-    The counts stream from the h5ad into the store's ``X/raw`` in blocks of at most
-    ``block_nnz`` values, so memory holds obs, var and one block, whatever the number of cells.
+    are kept; missing ones are filled from the settings (``cfg``, or ``H5adConfig``'s fields as
+    keywords). Genes are keyed on Ensembl ids. The counts stream from the h5ad into the store's
+    ``X/raw`` in blocks of at most ``block_nnz`` values, so memory holds obs, var and one block,
+    whatever the number of cells.
     """
+    cfg = settings_of(H5adConfig, cfg, settings, "census.h5ad")
     import tiledbsoma as soma
     import tiledbsoma.io  # makes soma.io available: _write_experiment ingests obs and var with it
 
     t0 = time.time()
     with H5adInput(h5ad_path) as source:
         where = f"the input h5ad {h5ad_path}"
-        obs, var, matrix = census_shaped(
-            source,
-            Path(h5ad_path).stem,
-            dataset_id,
-            donor_id,
-            donor_column,
-            cell_type_column,
-            gene_id_column,
-            counts_layer,
-            tissue_general,
-            is_primary_data,
-            disease,
-            where,
-        )
+        obs, var, matrix = census_shaped(source, cfg, where)
         log.info(
             "building a local Census at %s from %s: %d cells x %d genes (%s, %s)",
             uri,
@@ -84,8 +64,8 @@ def build_local_census(
         datasets = obs.groupby("dataset_id", observed=True).size()
         with atomic_path(uri) as tmp:
             tmp = str(Path(tmp).resolve())  # tiledbsoma relates member URIs on absolute paths
-            _write_census_info(tmp, h5ad_path, len(obs), datasets, dataset_title, citation, soma)
-            nnz = _write_experiment(tmp, organism, obs, var, matrix, block_nnz, source, soma)
+            _write_census_info(tmp, h5ad_path, len(obs), datasets, cfg, soma)
+            nnz = _write_experiment(tmp, cfg.organism, obs, var, matrix, block_nnz, source, soma)
     log.info(
         "build_local_census: %d cells x %d genes in, %d cells x %d genes (%d non-zeros) "
         "in the store, %.1fs",
@@ -103,8 +83,7 @@ def _write_census_info(
     h5ad_path,
     n_cells: int,
     datasets: pd.Series,
-    dataset_title: str,
-    citation: str,
+    cfg: H5adConfig,
     soma,
 ) -> None:
     """The store's root collection, holding census_info (the summary and datasets tables of a
@@ -139,8 +118,8 @@ def _write_census_info(
             "datasets",
             {
                 "dataset_id": [str(d) for d in datasets.index],
-                "dataset_title": [dataset_title] * len(datasets),
-                "citation": [citation] * len(datasets),
+                "dataset_title": [cfg.dataset_title] * len(datasets),
+                "citation": [cfg.citation] * len(datasets),
                 "dataset_total_cell_count": [int(n) for n in datasets.values],
             },
             soma,
@@ -272,27 +251,15 @@ def _write_table(collection, name: str, columns: dict, soma) -> None:
 # --- an h5ad's cells and genes in the Census' shape ----------------------------------------------
 
 
-def census_shaped(
-    source: H5adInput,
-    default_dataset_id,
-    dataset_id,
-    donor_id,
-    donor_column,
-    cell_type_column,
-    gene_id_column,
-    counts_layer,
-    tissue_general,
-    is_primary_data,
-    disease,
-    where,
-):
-    """The Census-shaped obs and var of ``source`` and its count matrix (a block reader).
-    Every check that needs no count values runs here, before anything is written."""
+def census_shaped(source: H5adInput, cfg: H5adConfig, where: str):
+    """The Census-shaped obs and var of ``source`` and its count matrix (a block reader), as a
+    store built with ``cfg`` holds them. Every check that needs no count values runs here,
+    before anything is written."""
     require_cells(
         source.n_obs, source.n_vars, where
     )  # an empty store fails deep inside tiledbsoma
-    matrix = source.matrix(counts_layer)
-    var = _shaped_var(source, gene_id_column, where)
+    matrix = source.matrix(cfg.counts_layer)
+    var = _shaped_var(source, cfg.gene_id_column, where)
 
     present = set(source.obs_columns)
     obs = pd.DataFrame(index=pd.RangeIndex(source.n_obs))  # row numbers: a store's soma_joinid
@@ -301,27 +268,28 @@ def census_shaped(
         """The file's own column where it has one; else the fallback, filled in."""
         return _obs_strings(source, name) if name in present else fallback
 
-    obs["dataset_id"] = column("dataset_id", default_dataset_id) if not dataset_id else dataset_id
-    if donor_column:
+    dataset_id, donor_id = cfg.dataset_id, cfg.donor_id
+    obs["dataset_id"] = column("dataset_id", source.path.stem) if not dataset_id else dataset_id
+    if cfg.donor_column:
         obs["donor_id"] = _named_obs_column(
-            source, donor_column, "census.h5ad.donor_column, --donor-column"
+            source, cfg.donor_column, "census.h5ad.donor_column, --donor-column"
         )
     else:
         obs["donor_id"] = column("donor_id", "donor_0") if not donor_id else donor_id
-    label_col = cell_type_column or next(
+    label_col = cfg.cell_type_column or next(
         (c for c in ("cell_type", "celltype", "cell_type_label") if c in present), None
     )
     if label_col is not None:
         obs["cell_type"] = _named_obs_column(
             source, label_col, "census.h5ad.cell_type_column, --cell-type-column"
         )
-    obs["tissue_general"] = column("tissue_general", tissue_general)
+    obs["tissue_general"] = column("tissue_general", cfg.tissue_general)
     obs["is_primary_data"] = (
         source.obs_column("is_primary_data").astype(bool).values
         if "is_primary_data" in present
-        else is_primary_data
+        else cfg.is_primary_data
     )
-    obs["disease"] = column("disease", disease)
+    obs["disease"] = column("disease", cfg.disease)
     joinids = (
         column("observation_joinid", None) if "observation_joinid" in present else source.obs_names
     )
