@@ -228,8 +228,10 @@ class EmbedConfig:
     # scllm embed only (not in the schema):
     chunk_size: int = CHUNK_SIZE  # cells read at a time
     min_coverage: float = 0.5  # minimum fraction of vocabulary genes found in the input
+    gene_id_column: str | None = None  # var column naming the genes (default: the best match)
+    counts_layer: str | None = None  # layer holding the counts (default: X)
 
-    LIBRARY_ONLY = ("chunk_size", "min_coverage")
+    LIBRARY_ONLY = ("chunk_size", "min_coverage", "gene_id_column", "counts_layer")
 
 
 VALUE_ENCODERS = ("bins", "continuous")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from scllm.checks import check_cells_and_genes, check_counts
-from scllm.config import EMBEDDING_KEY, EmbedConfig
+from scllm.config import EMBEDDING_KEY, EmbedConfig, settings_of
 from scllm.errors import InputError
 from scllm.eval.genes import GeneMapping, checked_mapping, model_genes
 from scllm.h5ad import open_matrix
@@ -40,6 +41,8 @@ log = logging.getLogger("scllm")
 # with all genes 0.76; with 75% of them 0.76, 60% 0.73, 50% 0.73, 40% 0.69, 30% 0.64, 10% 0.51 (the
 # centred cosine similarity to the all-genes embeddings: 0.94, 0.89, 0.86, 0.79, 0.49, 0.24).
 MIN_COVERAGE = EmbedConfig.min_coverage
+# What scllm.embed takes as keywords (beside layer, key_added and copy).
+EMBED_OPTIONS = ("gene_id_column", "min_coverage", "batch_size", "chunk_size", "device")
 # The pipeline's normalize_bin defaults, used when a model records no binning settings.
 DEFAULT_BINNING = {"seed": 0, "target_sum": 1e4, "log1p": False}
 
@@ -269,47 +272,69 @@ def tokenize_counts(counts: sp.csr_matrix, mapping: GeneMapping, n_genes: int, b
     return sequences_from_binned(binned, cls_id=n_genes)
 
 
-def _model_for_embedding(model_dir, device: str):
-    """(model, genes table, n_genes, binning settings, their source) for embedding cells."""
-    model, vocab, args = load_model(model_dir, resolve_device(device))
-    binning, binning_source = binning_settings(args, model_dir)
-    if binning_source == "defaults":
-        log.warning(
-            "%s/args.json records no binning settings; binning with n_bins=%d (the model's) and "
-            "the pipeline defaults seed=%d, target_sum=%g, log1p=%s (seed only decides ties; "
-            "target_sum and log1p do not change the bins)",
-            model_dir,
-            binning["n_bins"],
-            binning["seed"],
-            binning["target_sum"],
-            binning["log1p"],
-        )
-    return model, model_genes(model_dir, vocab), vocab[CLS_TOKEN], binning, binning_source
+@dataclass(frozen=True)
+class _Embedder:
+    """A pretrained model with what embedding new cells needs: its vocabulary genes (and the
+    number of them: also the <cls> id) and its binning settings, with where they came from."""
+
+    model_dir: Path
+    model: CellTransformer
+    genes: pd.DataFrame
+    n_genes: int
+    binning: dict
+    binning_source: str
+
+    @classmethod
+    def load(cls, model_dir, device: str) -> _Embedder:
+        model, vocab, args = load_model(model_dir, resolve_device(device))
+        binning, binning_source = binning_settings(args, model_dir)
+        if binning_source == "defaults":
+            log.warning(
+                "%s/args.json records no binning settings; binning with n_bins=%d (the model's) "
+                "and the pipeline defaults seed=%d, target_sum=%g, log1p=%s (seed only decides "
+                "ties; target_sum and log1p do not change the bins)",
+                model_dir,
+                binning["n_bins"],
+                binning["seed"],
+                binning["target_sum"],
+                binning["log1p"],
+            )
+        genes = model_genes(model_dir, vocab)
+        return cls(Path(model_dir), model, genes, vocab[CLS_TOKEN], binning, binning_source)
+
+    def provenance(self, mapping: GeneMapping, source: str, layer: str | None) -> dict:
+        """uns["scllm"] of the embedded cells."""
+        from scllm.files import software_provenance
+
+        return {
+            "model": str(self.model_dir),
+            "vocab_sha256": self.model.vocab_sha256,
+            "source": source,
+            "layer": layer or "X",
+            "gene_match": mapping.source,
+            "n_vocab_genes": mapping.n_vocab,
+            "n_vocab_genes_found": mapping.n_found,
+            "coverage": mapping.coverage,
+            "binning": {**self.binning, "source": self.binning_source},
+            "software": software_provenance(),
+        }
 
 
 def _embed_rows(
-    model,
-    mapping: GeneMapping,
-    n_genes: int,
-    binning: dict,
-    read_rows,
-    n_cells: int,
-    where: str,
-    *,
-    batch_size: int,
-    chunk_size: int,
+    embedder: _Embedder, mapping: GeneMapping, read_rows, n_cells: int, where: str, cfg
 ) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings, vocabulary genes expressed per cell) of the cells that
-    ``read_rows(start, stop)`` returns as sparse or dense count blocks, ``chunk_size`` cells at a
-    time."""
+    ``read_rows(start, stop)`` returns as sparse or dense count blocks, ``cfg.chunk_size`` cells
+    at a time."""
     from scllm.files import Progress
     from scllm.h5ad import row_chunks
 
+    model = embedder.model
     embeddings = np.zeros((n_cells, model.cell_emb_dim), dtype=np.float32)
     n_tokens = np.zeros(n_cells, dtype=np.int64)
     non_integer = False
     progress = Progress(0, n_cells)
-    for start, stop in row_chunks(n_cells, chunk_size):
+    for start, stop in row_chunks(n_cells, cfg.chunk_size):
         counts = sp.csr_matrix(read_rows(start, stop), dtype=np.float32)
         check_counts(
             counts.data,
@@ -326,9 +351,9 @@ def _embed_rows(
                 "differently than from raw counts",
                 where,
             )
-        offsets, gene_ids, values = tokenize_counts(counts, mapping, n_genes, binning)
-        n_tokens[start:stop] = np.diff(offsets) - 1
-        embeddings[start:stop] = embed_shard_cells(model, (offsets, gene_ids, values), batch_size)
+        tokens = tokenize_counts(counts, mapping, embedder.n_genes, embedder.binning)
+        n_tokens[start:stop] = np.diff(tokens[0]) - 1
+        embeddings[start:stop] = embed_shard_cells(model, tokens, cfg.batch_size)
         log.info("embed: %d/%d cells; %s", stop, n_cells, progress.text(stop))
     empty = int((n_tokens == 0).sum())
     if empty:
@@ -340,43 +365,14 @@ def _embed_rows(
     return embeddings, n_tokens
 
 
-def _provenance(
-    model_dir,
-    model,
-    mapping: GeneMapping,
-    binning: dict,
-    binning_source: str,
-    source: str,
-    layer: str | None,
-) -> dict:
-    from scllm.files import software_provenance
-
-    return {
-        "model": str(Path(model_dir)),
-        "vocab_sha256": model.vocab_sha256,
-        "source": source,
-        "layer": layer or "X",
-        "gene_match": mapping.source,
-        "n_vocab_genes": mapping.n_vocab,
-        "n_vocab_genes_found": mapping.n_found,
-        "coverage": mapping.coverage,
-        "binning": {**binning, "source": binning_source},
-        "software": software_provenance(),
-    }
-
-
 def embed(
     adata,
     model_dir,
     *,
     layer: str | None = None,
-    gene_id_column: str | None = None,
     key_added: str = EMBEDDING_KEY,
-    min_coverage: float = MIN_COVERAGE,
-    batch_size: int = EmbedConfig.batch_size,
-    chunk_size: int = EmbedConfig.chunk_size,
-    device: str = EmbedConfig.device,
     copy: bool = False,
+    **options,
 ):
     """Embed the cells of an AnnData in memory (or backed) with a pretrained model, scanpy style.
 
@@ -384,20 +380,26 @@ def embed(
     (vocabulary genes each cell expresses) and ``adata.uns["scllm"]`` (model, gene matching,
     binning); obs names and everything else stay as they are. Counts come from X or ``layer``,
     sparse or dense, raw counts preferred; genes are matched to the model's vocabulary as
-    ``scllm embed`` does (var_names or a var column; ``gene_id_column`` to choose). Returns None,
-    or the annotated copy with ``copy=True``. The same cell gets the same embedding here, in
-    ``scllm embed`` and alone or in any batch, and the pipeline's own embeddings (the tie-break
-    draws are keyed on its counts).
+    ``scllm embed`` does (var_names or a var column; ``gene_id_column`` to choose). ``options``:
+    ``gene_id_column``, ``min_coverage``, ``batch_size``, ``chunk_size``, ``device``, as for
+    ``scllm embed`` (defaults: ``scllm.config.EmbedConfig``). Returns None, or the annotated copy
+    with ``copy=True``. The same cell gets the same embedding here, in ``scllm embed`` and alone
+    or in any batch, and the pipeline's own embeddings (the tie-break draws are keyed on its
+    counts).
 
         import scanpy as sc, scllm
         scllm.embed(adata, "results/demo/model")
         sc.pp.neighbors(adata, use_rep="X_scllm")
     """
+    wrong = set(options) - set(EMBED_OPTIONS)
+    if wrong:  # as Python words it for a keyword the function does not take
+        raise TypeError(f"embed() got an unexpected keyword argument {sorted(wrong)[0]!r}")
+    cfg = EmbedConfig(**options)
     if layer and layer not in adata.layers:
         raise ValueError(f"adata has no layer {layer!r} (layers: {list(adata.layers)})")
     if copy:
         adata = adata.copy()
-    model, genes, n_genes, binning, binning_source = _model_for_embedding(model_dir, device)
+    embedder = _Embedder.load(model_dir, cfg.device)
     matrix = adata.layers[layer] if layer else adata.X
     where = f"adata.layers[{layer!r}]" if layer else "adata.X"
     if matrix is None:
@@ -405,48 +407,36 @@ def embed(
             f"{where} is empty: give an AnnData with counts in X or in a layer (layer=...)"
         )
     mapping = checked_mapping(
-        adata.var, genes, gene_id_column, where, adata.n_obs, model_dir, min_coverage
+        adata.var,
+        embedder.genes,
+        cfg.gene_id_column,
+        where,
+        adata.n_obs,
+        model_dir,
+        cfg.min_coverage,
     )
     embeddings, n_tokens = _embed_rows(
-        model,
-        mapping,
-        n_genes,
-        binning,
-        lambda a, b: matrix[a:b],
-        adata.n_obs,
-        where,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
+        embedder, mapping, lambda a, b: matrix[a:b], adata.n_obs, where, cfg
     )
     adata.obsm[key_added] = embeddings
     adata.obs["scllm_n_genes"] = n_tokens
-    adata.uns["scllm"] = _provenance(
-        model_dir, model, mapping, binning, binning_source, "in memory", layer
-    )
+    adata.uns["scllm"] = embedder.provenance(mapping, "in memory", layer)
     return adata if copy else None
 
 
-def embed_h5ad(
-    model_dir,
-    in_h5ad,
-    out_h5ad,
-    *,
-    gene_id_column: str | None = None,
-    counts_layer: str | None = None,
-    min_coverage: float = MIN_COVERAGE,
-    batch_size: int = EmbedConfig.batch_size,
-    chunk_size: int = EmbedConfig.chunk_size,
-    device: str = EmbedConfig.device,
-) -> dict:
+def embed_h5ad(model_dir, in_h5ad, out_h5ad, cfg: EmbedConfig | None = None, **options) -> dict:
     """Embed the cells of any h5ad with a pretrained model; writes obs + ``obsm["X_scllm"]``.
 
     As ``embed`` (the same embeddings for the same cells), from a file: X (or ``counts_layer``)
-    is read in row chunks of ``chunk_size`` cells, so memory does not grow with the file.
+    is read in row chunks of ``chunk_size`` cells, so memory does not grow with the file. The
+    options are ``cfg``, or ``EmbedConfig``'s fields as keywords (``gene_id_column``,
+    ``counts_layer``, ``min_coverage``, ``batch_size``, ``chunk_size``, ``device``).
     """
     from scllm.h5ad import open_backed
 
+    cfg = settings_of(EmbedConfig, cfg, options, "embed")
     t0 = time.time()
-    model, genes, n_genes, binning, binning_source = _model_for_embedding(model_dir, device)
+    embedder = _Embedder.load(model_dir, cfg.device)
     adata = open_backed(in_h5ad)
     obs, var, n_cells = adata.obs.copy(), adata.var.copy(), adata.n_obs
     adata.file.close()
@@ -454,24 +444,19 @@ def embed_h5ad(
     # here.
     obs.index = check_cells_and_genes(obs.index, None, str(in_h5ad))
     mapping = checked_mapping(
-        var, genes, gene_id_column, str(in_h5ad), n_cells, model_dir, min_coverage
+        var,
+        embedder.genes,
+        cfg.gene_id_column,
+        str(in_h5ad),
+        n_cells,
+        model_dir,
+        cfg.min_coverage,
     )
-    with open_matrix(in_h5ad, counts_layer) as matrix:
-        embeddings, n_tokens = _embed_rows(
-            model,
-            mapping,
-            n_genes,
-            binning,
-            matrix.rows,
-            n_cells,
-            f"{matrix.name} of {in_h5ad}",
-            batch_size=batch_size,
-            chunk_size=chunk_size,
-        )
+    with open_matrix(in_h5ad, cfg.counts_layer) as matrix:
+        where = f"{matrix.name} of {in_h5ad}"
+        embeddings, n_tokens = _embed_rows(embedder, mapping, matrix.rows, n_cells, where, cfg)
     obs["scllm_n_genes"] = n_tokens
-    uns = _provenance(
-        model_dir, model, mapping, binning, binning_source, str(in_h5ad), counts_layer
-    )
+    uns = embedder.provenance(mapping, str(in_h5ad), cfg.counts_layer)
     _write_embeddings(out_h5ad, obs, embeddings, uns)
     log.info(
         "embed: %d cells (median %d vocabulary genes expressed) -> %s [%d x %d] in %.1fs",
@@ -488,7 +473,7 @@ def embed_h5ad(
         "n_found": mapping.n_found,
         "n_vocab": mapping.n_vocab,
         "gene_match": mapping.source,
-        "binning_source": binning_source,
+        "binning_source": embedder.binning_source,
         "n_empty": int((n_tokens == 0).sum()),
         "columns": mapping.columns,
     }

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scllm.config import CHUNK_SIZE, EMBEDDING_KEY, EvaluateConfig
+from scllm.config import CHUNK_SIZE, EMBEDDING_KEY, EmbedConfig, EvaluateConfig, split_settings
 from scllm.eval.metrics import masked_value_error, pca_baseline, score_representation
 from scllm.eval.report import format_value, plot_one_colour_note, plot_umaps, write_table
 from scllm.h5ad import open_backed, open_matrix, read_rows, row_chunks
@@ -83,9 +84,21 @@ def _log_normalized_rows(read_block, n_obs: int, columns, rows, chunk_size: int)
 # --- the rules -----------------------------------------------------------------------------------
 
 
-def _settings(settings: dict) -> dict:
-    """The evaluate section with its defaults (scllm.config.EvaluateConfig), as a dict."""
-    return EvaluateConfig.from_dict(settings).to_dict()
+@dataclass(frozen=True)
+class Outputs:
+    """The files an evaluation writes: the metrics table (TSV and HTML) and UMAPs coloured by
+    label and, for rule evaluate, by sample."""
+
+    table: Path
+    html: Path
+    umap_label: Path
+    umap_sample: Path | None = None
+
+    @classmethod
+    def of(cls, paths: tuple, n: int, caller: str) -> Outputs:
+        if len(paths) != n:
+            raise TypeError(f"{caller}() takes {n} output paths, not {len(paths)}")
+        return cls(*paths)
 
 
 def labelled_cells(
@@ -124,26 +137,25 @@ def score_against_pca(
     pca: np.ndarray,
     labels,
     samples,
-    cfg: dict,
+    cfg: EvaluateConfig,
     cells: str,
-    label_key: str,
-    batch_key: str,
     baseline_name: str,
 ) -> tuple[list[dict], dict]:
     """Score the embeddings ``X`` and the PCA baseline of the same cells; the metrics-table rows
-    and the UMAP panels."""
+    and the UMAP panels. ``cells`` and ``baseline_name`` describe them in the table."""
+    label_key, batch_key = cfg.label_key, cfg.batch_key
     labels, samples = np.asarray(labels).astype(str), np.asarray(samples).astype(str)
     n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
     log.info("evaluate: %d %s labels, %d %s value(s)", n_labels, label_key, n_samples, batch_key)
     common = dict(
-        n_neighbors=cfg["n_neighbors"],
-        n_folds=cfg["n_folds"],
-        leiden_resolutions=cfg["leiden_resolutions"],
-        seed=int(cfg["seed"]),
+        n_neighbors=cfg.n_neighbors,
+        n_folds=cfg.n_folds,
+        leiden_resolutions=cfg.leiden_resolutions,
+        seed=int(cfg.seed),
     )
     ours, ours_umap = score_representation(X, labels, samples, **common)
     base, base_umap = score_representation(pca, labels, samples, **common)
-    k = cfg["n_neighbors"]
+    k = cfg.n_neighbors
     held = (
         f"{ours['_sample_folds']} folds holding out whole samples, k={k}"
         if n_samples > 1
@@ -183,9 +195,9 @@ def score_against_pca(
 
 
 def _write_results(
-    table, title, panels, colourings: list[tuple], out_table, out_html, seed: int
+    table, title, panels, colourings: list[tuple], outputs: Outputs, seed: int
 ) -> pd.DataFrame:
-    result = write_table(table, out_table, out_html, title)
+    result = write_table(table, outputs.table, outputs.html, title)
     for i, (path, colors, name) in enumerate(colourings):
         values = np.unique(np.asarray(colors).astype(str))
         if (
@@ -209,23 +221,21 @@ def evaluate(
     filtered_h5ad,
     hvg_table,
     epochs_tsv,
-    out_table,
-    out_html,
-    out_umap_label,
-    out_umap_sample,
-    *,
+    *outputs,
     args_json=None,
     chunk_size: int = CHUNK_SIZE,
     **settings,
 ) -> pd.DataFrame:
-    """Score the embeddings of ``embeddings_h5ad`` and the PCA baseline; write the metrics table
-    (TSV and HTML) and UMAPs coloured by label and by sample. ``args_json`` (the model's) gives
-    the number of validation cells behind the masked-value error."""
+    """Score the embeddings of ``embeddings_h5ad`` and the PCA baseline; write the four
+    ``outputs``: the metrics table (TSV and HTML) and UMAPs coloured by label and by sample
+    (``Outputs``). ``args_json`` (the model's) gives the number of validation cells behind the
+    masked-value error; ``settings``: the evaluate section (``EvaluateConfig``)."""
     from scllm.prep.hvg import read_hvg_table
 
-    cfg = _settings(settings)
+    out = Outputs.of(outputs, 4, "evaluate")
+    cfg = EvaluateConfig.from_dict(settings)
     t0 = time.time()
-    label_key, batch_key, seed = cfg["label_key"], cfg["batch_key"], int(cfg["seed"])
+    label_key, batch_key, seed = cfg.label_key, cfg.batch_key, int(cfg.seed)
     emb, keep = _labelled_embeddings(embeddings_h5ad, cfg)
     cells_setting = emb.uns.get("scllm", {}).get("cells", "given")
     sub = emb[keep]
@@ -234,20 +244,12 @@ def evaluate(
 
     hvgs = read_hvg_table(hvg_table)["feature_id"].tolist()
     matrix = log_normalized_hvgs(filtered_h5ad, hvgs, sub.obs_names, chunk_size=chunk_size)
-    pca = pca_baseline(matrix, n_pcs=cfg["n_pcs"], seed=seed)
+    pca = pca_baseline(matrix, n_pcs=cfg.n_pcs, seed=seed)
     log.info("evaluate: PCA baseline: %d cells x %d HVGs -> %d PCs", *matrix.shape, pca.shape[1])
     X = np.asarray(sub.obsm[EMBEDDING_KEY])
-    table, panels = score_against_pca(
-        X,
-        pca,
-        labels,
-        samples,
-        cfg,
-        f"{len(keep)} ({cells_setting})",
-        label_key,
-        batch_key,
-        f"PCA-{pca.shape[1]} of log-normalized HVGs",
-    )
+    cells = f"{len(keep)} ({cells_setting})"
+    baseline = f"PCA-{pca.shape[1]} of log-normalized HVGs"
+    table, panels = score_against_pca(X, pca, labels, samples, cfg, cells, baseline)
     table += masked_value_rows(epochs_tsv, args_json)
     n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
     title = (
@@ -255,37 +257,30 @@ def evaluate(
         f"{len(keep)} cells ({cells_setting}), {n_labels} {label_key} labels, "
         f"{n_samples} sample(s)"
     )
-    result = _write_results(
-        table,
-        title,
-        panels,
-        [(out_umap_label, labels, label_key), (out_umap_sample, samples, batch_key)],
-        out_table,
-        out_html,
-        seed,
-    )
+    colourings = [(out.umap_label, labels, label_key), (out.umap_sample, samples, batch_key)]
+    result = _write_results(table, title, panels, colourings, out, seed)
     log.info(
         "evaluate: %d cells in, %d scored; wrote %s, %s, %s, %s in %.1fs",
         emb.n_obs,
         len(keep),
-        out_table,
-        out_html,
-        out_umap_label,
-        out_umap_sample,
+        out.table,
+        out.html,
+        out.umap_label,
+        out.umap_sample,
         time.time() - t0,
     )
     return result
 
 
-def _labelled_embeddings(embeddings_h5ad, cfg: dict):
+def _labelled_embeddings(embeddings_h5ad, cfg: EvaluateConfig):
     """The embeddings file, checked for the label and batch columns and the embedding, and the
     rows of the labelled cells to score (at most evaluate.max_cells)."""
     import anndata as ad
 
     emb = ad.read_h5ad(embeddings_h5ad)
     for key, what in (
-        (cfg["label_key"], "evaluate.label_key"),
-        (cfg["batch_key"], "evaluate.batch_key"),
+        (cfg.label_key, "evaluate.label_key"),
+        (cfg.batch_key, "evaluate.batch_key"),
     ):
         if key not in emb.obs:
             raise ValueError(
@@ -296,9 +291,9 @@ def _labelled_embeddings(embeddings_h5ad, cfg: dict):
         raise ValueError(f"{embeddings_h5ad} has no obsm[{EMBEDDING_KEY!r}]; rerun the embed rule")
     keep = labelled_cells(
         emb.obs,
-        cfg["label_key"],
-        cfg["max_cells"],
-        int(cfg["seed"]),
+        cfg.label_key,
+        cfg.max_cells,
+        int(cfg.seed),
         f"{embeddings_h5ad} (embed.cells: all embeds every cell)",
     )
     return emb, keep
@@ -358,45 +353,33 @@ def evaluate_heldout(
     model_dir,
     h5ad,
     out_embeddings,
-    out_table,
-    out_html,
-    out_umap_label,
-    *,
+    *outputs,
     label_key: str,
     batch_key: str | None = None,
-    gene_id_column: str | None = None,
-    counts_layer: str | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
-    chunk_size: int = CHUNK_SIZE,
     **settings,
 ) -> pd.DataFrame:
     """Score the model on cells it never saw: embed ``h5ad`` (any h5ad of counts with its own
     ``label_key`` labels) as ``scllm embed`` does, and fit the PCA baseline on the same cells
-    (log-normalized counts of the model's vocabulary genes found in the file)."""
+    (log-normalized counts of the model's vocabulary genes found in the file). Writes the
+    embeddings and three ``outputs``: the metrics table (TSV and HTML) and the UMAP by label.
+    ``settings``: the evaluate section (``EvaluateConfig``) and how to embed (``EmbedConfig``:
+    gene_id_column, counts_layer, device, batch_size, chunk_size)."""
     import anndata as ad
 
     from scllm.eval.embed import embed_h5ad
 
-    cfg = _settings({**settings, "label_key": label_key})
+    out = Outputs.of(outputs, 3, "evaluate_heldout")
+    evaluation, embedding, rest = split_settings(settings, EvaluateConfig, EmbedConfig)
+    cfg = EvaluateConfig.from_dict({**evaluation, **rest, "label_key": label_key})
+    embed_cfg = EmbedConfig(**embedding)
     t0 = time.time()
-    seed = int(cfg["seed"])
     # Check the labels before any work, so a refused file leaves nothing behind.
     keep, labels, samples = _heldout_labels(h5ad, label_key, batch_key, cfg)
 
-    summary = embed_h5ad(
-        model_dir,
-        h5ad,
-        out_embeddings,
-        gene_id_column=gene_id_column,
-        counts_layer=counts_layer,
-        chunk_size=chunk_size,
-        device=device,
-        batch_size=batch_size,
-    )
+    summary = embed_h5ad(model_dir, h5ad, out_embeddings, embed_cfg)
     emb = ad.read_h5ad(out_embeddings)
     # The baseline sees the vocabulary genes the embedding found.
-    pca = _vocab_genes_baseline(h5ad, summary["columns"], keep, counts_layer, chunk_size, cfg)
+    pca = _vocab_genes_baseline(h5ad, summary["columns"], keep, embed_cfg, cfg)
     X = np.asarray(emb.obsm[EMBEDDING_KEY])[keep]
     name = Path(h5ad).name
     table, panels = score_against_pca(
@@ -404,39 +387,36 @@ def evaluate_heldout(
         pca,
         labels,
         samples,
-        cfg,
+        replace(cfg, batch_key=batch_key or "sample"),
         f"{len(keep)} (held out: {name})",
-        label_key,
-        batch_key or "sample",
         f"PCA-{pca.shape[1]} of log-normalized vocabulary genes (same cells)",
     )
     title = (
         f"scLLM embeddings ({X.shape[1]} dims) of {len(keep)} held-out cells ({name}, "
         f"{summary['coverage']:.0%} of the vocabulary found) vs PCA of the same cells"
     )
-    result = _write_results(
-        table, title, panels, [(out_umap_label, labels, label_key)], out_table, out_html, seed
-    )
+    colourings = [(out.umap_label, labels, label_key)]
+    result = _write_results(table, title, panels, colourings, out, int(cfg.seed))
     log.info(
         "evaluate: %s: %d cells, %d scored; wrote %s, %s, %s in %.1fs",
         h5ad,
         emb.n_obs,
         len(keep),
-        out_table,
-        out_html,
-        out_umap_label,
+        out.table,
+        out.html,
+        out.umap_label,
         time.time() - t0,
     )
     return result
 
 
 def _vocab_genes_baseline(
-    h5ad, columns, keep, counts_layer, chunk_size: int, cfg: dict
+    h5ad, columns, keep, embed_cfg: EmbedConfig, cfg: EvaluateConfig
 ) -> np.ndarray:
     matrix = log_normalized_vocab_genes(
-        h5ad, columns, keep, counts_layer=counts_layer, chunk_size=chunk_size
+        h5ad, columns, keep, counts_layer=embed_cfg.counts_layer, chunk_size=embed_cfg.chunk_size
     )
-    pca = pca_baseline(matrix, n_pcs=cfg["n_pcs"], seed=int(cfg["seed"]))
+    pca = pca_baseline(matrix, n_pcs=cfg.n_pcs, seed=int(cfg.seed))
     log.info(
         "evaluate: PCA baseline on the held-out cells: %d cells x %d vocabulary genes -> %d PCs",
         *matrix.shape,
@@ -445,13 +425,13 @@ def _vocab_genes_baseline(
     return pca
 
 
-def _heldout_labels(h5ad, label_key: str, batch_key: str | None, cfg: dict):
+def _heldout_labels(h5ad, label_key: str, batch_key: str | None, cfg: EvaluateConfig):
     """Rows of the held-out file's labelled cells to score, their labels and their samples (one
     sample "all" without a batch_key), read from obs alone."""
     source = open_backed(h5ad)
     obs = source.obs.copy()
     source.file.close()
-    keep = labelled_cells(obs, label_key, cfg["max_cells"], int(cfg["seed"]), h5ad)
+    keep = labelled_cells(obs, label_key, cfg.max_cells, int(cfg.seed), h5ad)
     if batch_key is not None and batch_key not in obs:
         raise ValueError(
             f"{h5ad} has no obs column {batch_key!r} (heldout.batch_key); "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -145,25 +146,29 @@ def _read_tsv(path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t")
 
 
-def write_report(
-    out_html,
-    *,
-    run: str,
-    qc_tsv,
-    samples_tsv,
-    hvg_tsv,
-    epochs_tsv,
-    loss_curve_png,
-    metrics_tsv,
-    umap_cell_type_png,
-    umap_sample_png,
-) -> list[str]:
-    """Write the run's report; returns the titles of the sections it holds."""
-    samples_section, n_samples = _samples_section(samples_tsv)
+@dataclass(frozen=True)
+class ReportInputs:
+    """What the report shows, as the earlier rules wrote it."""
+
+    qc_tsv: Path
+    samples_tsv: Path
+    hvg_tsv: Path
+    epochs_tsv: Path
+    loss_curve_png: Path
+    metrics_tsv: Path
+    umap_cell_type_png: Path
+    umap_sample_png: Path
+
+
+def write_report(out_html, *, run: str, **inputs) -> list[str]:
+    """Write the run's report from ``inputs`` (``ReportInputs``' fields, as keywords); returns
+    the titles of the sections it holds."""
+    files = ReportInputs(**inputs)
+    samples_section, n_samples = _samples_section(files.samples_tsv)
     sections = [
         samples_section,
-        *_preprocessing_sections(qc_tsv, hvg_tsv),
-        *_model_sections(epochs_tsv, loss_curve_png, metrics_tsv, umap_cell_type_png),
+        *_preprocessing_sections(files.qc_tsv, files.hvg_tsv),
+        *_model_sections(files),
     ]
     if n_samples > 1:
         sections.append(
@@ -171,7 +176,7 @@ def write_report(
                 "UMAP by sample",
                 "The same UMAPs coloured by sample: mixed colours mean the "
                 "embedding does not separate cells by where they came from.",
-                _image(umap_sample_png),
+                _image(files.umap_sample_png),
             )
         )
     body = "".join(_section(*s) for s in sections)
@@ -221,28 +226,26 @@ def _preprocessing_sections(qc_tsv, hvg_tsv) -> list[tuple[str, str, str]]:
     ]
 
 
-def _model_sections(
-    epochs_tsv, loss_curve_png, metrics_tsv, umap_cell_type_png
-) -> list[tuple[str, str, str]]:
+def _model_sections(files: ReportInputs) -> list[tuple[str, str, str]]:
     return [
         (
             "Pretraining",
             "Train and validation losses per epoch (epochs.tsv); the validation masked-value "
             "error of each head against predicting each cell's mean visible bin, with fixed "
             "masks.",
-            _table(_read_tsv(epochs_tsv), "epochs") + _image(loss_curve_png),
+            _table(_read_tsv(files.epochs_tsv), "epochs") + _image(files.loss_curve_png),
         ),
         (
             "Cell embedding vs PCA",
             "How well the model's cell embedding tells the labelled cell types apart, "
             "next to PCA of log-normalized HVGs on the same cells; the better value is in bold "
             "(metrics.tsv). Metrics that do not apply to this run are left out.",
-            metrics_html(_read_tsv(metrics_tsv)),
+            metrics_html(_read_tsv(files.metrics_tsv)),
         ),
         (
             "UMAP by cell type",
             "UMAPs of the scLLM embedding and of the PCA baseline, coloured by cell type.",
-            _image(umap_cell_type_png),
+            _image(files.umap_cell_type_png),
         ),
     ]
 

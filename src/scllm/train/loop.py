@@ -310,17 +310,7 @@ class _Training:
         t0 = time.perf_counter()
         state, env = self.state, self.env
         _fold_epoch_loss(state, self.epoch_loss, env.world_size)
-        val = validation_loss(
-            self.raw_model,
-            self.data.val_ds,
-            self.data.val_batches,
-            self.mcfg.pad_id,
-            self.cfg.mask_ratios,
-            self.cfg.seed,
-            env.device,
-            env.autocast,
-            env.world_size,
-        )
+        val = validation_loss(self.raw_model, self.data, self.cfg, env)
         self.ensure_finite(val["val_loss"])
         train_loss = state.epoch_loss_sum / max(state.epoch_steps, 1)
         state.epochs.append(

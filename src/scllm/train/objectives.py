@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,10 @@ from scllm.config import TrainConfig
 from scllm.tokens import collate
 from scllm.train.batches import derived_seed, mask_values
 from scllm.train.distributed import all_reduce
+
+if TYPE_CHECKING:
+    from scllm.train.batches import TrainingData
+    from scllm.train.distributed import Environment
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -140,25 +144,24 @@ def gepc_profile_mse(
 
 
 @torch.no_grad()
-def validation_loss(
-    model, dataset, batches, pad_id, ratios, seed, device, autocast=None, world_size=1
-) -> dict:
-    """Masked MSE over the validation cells with fixed masks: batch i is masked at ratio
-    ``ratios[i % len(ratios)]`` with a generator seeded by (seed, i), so every epoch sees the same.
+def validation_loss(model, data: TrainingData, cfg: TrainConfig, env: Environment) -> dict:
+    """Masked MSE over the validation cells (``data.val_batches``, this process's share) with
+    fixed masks: batch i is masked at ratio ``mask_ratios[i % len(mask_ratios)]`` with a generator
+    seeded by (seed, i), so every epoch sees the same.
 
     Baseline: each cell's masked tokens predicted by the mean bin of its unmasked gene tokens
     (what the model sees); a cell with none left visible falls back to the batch's visible mean.
     All MSEs are token-weighted over every masked position of the split.
     """
-    autocast = autocast if autocast is not None else nullcontext()
+    device, ratios, pad_id = env.device, cfg.mask_ratios, model.cfg.pad_id
     was_training = model.training
     model.eval()
     sums = torch.zeros(
         4, dtype=torch.float64, device=device
     )  # expr SE, GEPC SE, baseline SE, n masked
-    for i, idx in batches:
-        batch = collate(dataset.cells(idx), pad_id)
-        gen = torch.Generator().manual_seed(derived_seed(seed, 2, i))
+    for i, idx in data.val_batches:
+        batch = collate(data.val_ds.cells(idx), pad_id)
+        gen = torch.Generator().manual_seed(derived_seed(cfg.seed, 2, i))
         masked, mask = mask_values(
             batch["values"], batch["padding_mask"], ratios[i % len(ratios)], gen
         )
@@ -171,7 +174,7 @@ def validation_loss(
         per_cell = (target * visible).sum(1) / visible.sum(1).clamp(min=1)
         per_cell = torch.where(visible.any(1), per_cell, fallback)
         baseline_se = ((per_cell[:, None] - target) ** 2)[mask].sum()
-        with autocast:
+        with env.autocast:
             pred = model(
                 *(t.to(device) for t in (batch["gene_ids"], masked, batch["padding_mask"]))
             )
@@ -184,7 +187,7 @@ def validation_loss(
                 mask.sum().double(),
             ]
         )
-    expr, gepc, baseline, n = all_reduce(sums, world_size).tolist()
+    expr, gepc, baseline, n = all_reduce(sums, env.world_size).tolist()
     model.train(was_training)
     n = max(n, 1.0)
     return {
