@@ -104,6 +104,9 @@ class CellTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # The vocabulary the weights belong to (its sha256), once known: load_model sets it, so
+        # that cells tokenized with another vocabulary are refused.
+        self.vocab_sha256: str | None = None
         d = cfg.d_model
         self.gene_emb = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_id)
         if cfg.value_encoder == "bins":

@@ -75,7 +75,7 @@ def embed_shard_cells(
     """
     if isinstance(cells, (str, Path)):
         shard = read_shard(cells)
-        expected = getattr(model, "vocab_sha256", None)
+        expected = model.vocab_sha256
         if expected and shard.attrs.get("vocab_sha256", expected) != expected:
             raise ValueError(
                 f"{cells} was tokenized with vocabulary {shard.attrs['vocab_sha256']} "

@@ -376,7 +376,5 @@ def load_model(model_dir, device="cpu") -> tuple[CellTransformer, dict[str, int]
             f"{model_dir / 'best_model.pt'} does not hold the weights of the model "
             f"{model_dir / 'args.json'} describes ({str(err).splitlines()[0][:200]}). " + MODEL_FIX
         ) from None
-    model.vocab_sha256 = vocab_sha256(
-        vocab
-    )  # lets embed_shard_cells refuse shards of another vocabulary
+    model.vocab_sha256 = vocab_sha256(vocab)
     return model.to(device).eval(), vocab, args
