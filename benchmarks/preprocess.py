@@ -8,7 +8,7 @@ or (``--ingest``) from a user's h5ad through every data stage.
         --out benchmarks/results/ingest_h5ad_300000.json
 
 1. Generates ``cells.h5ad`` (raw integer counts, float32 CSR, cells of each sample contiguous)
-   streaming with ``scllm.io.CSRWriter``: the whole matrix is never in memory. Not timed as a
+   streaming with ``scllm.h5ad.CSRWriter``: the whole matrix is never in memory. Not timed as a
    stage. With ``--ingest`` it generates ``input.h5ad`` instead, shaped as a user's file (obs
    ``donor_id``; var ``gene_ids`` with Ensembl ids, symbols as var names).
 2. With ``--ingest h5ad``, times sample_census reading input.h5ad directly (``sample_h5ad``, the

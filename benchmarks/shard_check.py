@@ -1,12 +1,12 @@
 """Cost of checking a token shard where it is read: sha256 of the file, and the array checks.
 
 Writes one shard of --cells cells (log-normal lengths with mean --mean-length, capped at <cls> +
---genes genes) with scllm.tokens.write_shard, then times, each the median of --repeats runs with
+--genes genes) with scllm.shards.write_shard, then times, each the median of --repeats runs with
 the file in the page cache:
   read       the four arrays with h5py (what reading a shard costs anyway)
-  check      scllm.tokens.check_shard on them (offsets, <cls>, gene id and bin ranges)
+  check      scllm.shards.check_shard on them (offsets, <cls>, gene id and bin ranges)
   sha256     scllm.checks.file_sha256 of the file
-  listed     scllm.tokens.read_listed_shard: sha256 + read + check + comparison with the manifest
+  listed     scllm.shards.read_listed_shard: sha256 + read + check + comparison with the manifest
 
     python benchmarks/shard_check.py --cells 100000 --mean-length 500 \\
         --out benchmarks/results/shard_check.json

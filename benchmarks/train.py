@@ -9,10 +9,10 @@ Variants, each adding one optimisation to the previous:
   tokens_bf16    grouped_bf16 with batches cut by a token budget (--max-tokens: cells per batch
                  times its longest cell) instead of a fixed number of cells, so that short cells
                  make large batches and long cells small ones.
-Each variant runs the training step of scllm.train: batches collated and masked in a background
-thread (scllm.data.training_batch, scllm.data.prefetched), forward, both masked losses, backward,
-gradient clipping, AdamW. Tokens/s, FLOP/s and MFU count real (non-padding) tokens only, so
-padding shows up as lost throughput.
+Each variant runs the training step of scllm.train.loop: batches collated and masked in a
+background thread (scllm.train.batches.training_batch and .prefetched), forward, both masked
+losses, backward, gradient clipping, AdamW. Tokens/s, FLOP/s and MFU count real (non-padding)
+tokens only, so padding shows up as lost throughput.
 
     python benchmarks/train.py --device cuda --manifest results/demo/shards/manifest.json \\
         --batch-size 32 128 --out benchmarks/results/train_cuda_pbmc3k.json

@@ -28,19 +28,18 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--log", "--log-file", dest="log", help="log file (rank 0); use --log-file under torchrun"
     )
-    args = parser.parse_args(argv)
-    params = json.loads(Path(args.params).read_text()) if args.params else {}
+    # command-line options (the run's own settings are args.json: checkpoint.run_args)
+    options = parser.parse_args(argv)
+    params = json.loads(Path(options.params).read_text()) if options.params else {}
     unknown = set(params) - {"model", "train"}
     if unknown:
         parser.error(
-            f"{args.params}: unknown sections {sorted(unknown)}; expected 'model' and 'train'"
+            f"{options.params}: unknown sections {sorted(unknown)}; expected 'model' and 'train'"
         )
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     # append: under torchrun the launching rule script has already written to this log
-    log = setup_logging(args.log if rank == 0 else None, append=True)
-    if (
-        world_size > 1
-    ):  # every rank logs to stderr, which the launcher gathers into the rule log: say whose line
+    log = setup_logging(options.log if rank == 0 else None, append=True)
+    if world_size > 1:  # every rank logs to stderr, gathered into the rule log: say whose line
         for handler in logging.getLogger().handlers:
             if not isinstance(handler, logging.FileHandler):
                 handler.setFormatter(
@@ -49,7 +48,7 @@ def main(argv=None) -> None:
                     )
                 )
     try:
-        pretrain(args.manifest, args.out, params.get("model"), params.get("train"), log=log)
+        pretrain(options.manifest, options.out, params.get("model"), params.get("train"), log=log)
     except TrainingPreempted:  # already logged; the exit status asks for a requeue
         sys.exit(PREEMPTED_EXIT_CODE)
 
