@@ -16,7 +16,9 @@ from scllm.train.loop import pretrain
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Pretrain the cell transformer on token shards.")
+    parser = argparse.ArgumentParser(
+        prog="python -m scllm.train", description="Pretrain the cell transformer on token shards."
+    )
     parser.add_argument(
         "--manifest", required=True, help="manifest.json written by tokenize_shards"
     )

@@ -226,7 +226,7 @@ def prefetched(make: Callable[[int], T], keys: Iterable[int], depth: int = 2) ->
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingData:
     """The shards, their batches for this process, and the run's length in steps."""
 

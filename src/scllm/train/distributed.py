@@ -33,7 +33,7 @@ class TrainingPreempted(RuntimeError):
     exit_code = PREEMPTED_EXIT_CODE
 
 
-@dataclass
+@dataclass(frozen=True)
 class Environment:
     """Where this process runs: its rank among world_size, its device and precision."""
 
