@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -29,6 +30,7 @@ from scllm import census as census_mod
 from scllm.binning import normalize_bin
 from scllm.census import CensusUnavailableError, build_local_census, open_census, sample_census
 from scllm.checks import file_sha256
+from scllm.errors import InputError
 from scllm.hvg import select_hvg
 from scllm.qc import filter_qc
 from scllm.split import split_cells
@@ -396,3 +398,57 @@ def test_resuming_on_shards_of_another_vocabulary_starts_afresh(tmp_path, caplog
     assert "data.vocab_sha256" in caplog.text and "starting from scratch" in caplog.text
     assert summary["done"]
     assert json.loads((tmp_path / "run/vocab.json").read_text()) == vocab
+
+
+def _advised(message: str, adata: ad.AnnData, pattern: str) -> ad.AnnData:
+    """Run the code a refusal advises (the first statement matching ``pattern``) on ``adata``,
+    as a user would paste it."""
+    code = re.search(pattern, message).group(0)
+    scope = {"adata": adata}
+    exec(code, scope)  # noqa: S102 - the message's own advice, taken literally
+    return scope["adata"]
+
+
+@pytest.mark.parametrize("suffixes", [False, True], ids=["same ids", "same once unversioned"])
+def test_duplicate_ids_in_a_gene_id_column_get_advice_that_works(tmp_path, suffixes):
+    src = synthetic_source()
+    ids = src.var["gene_ids"].str.split(".").str[0].tolist()
+    ids[5] = ids[4] + (".2" if suffixes else "")  # a repeat in the column, not in var_names
+    src.var["gene_ids"] = ids
+    src.write_h5ad(tmp_path / "in.h5ad")
+    with pytest.raises(InputError, match=r"1 gene id\(s\) occur more than once") as err:
+        build_local_census(tmp_path / "in.h5ad", tmp_path / "soma")
+    assert "adata.var['gene_ids']" in str(err.value)
+    assert leftovers(tmp_path, "soma") == []
+    fixed = _advised(str(err.value), src, r"adata = adata\[.*?\]\.copy\(\)")
+    assert fixed.n_vars == src.n_vars - 1
+    fixed.write_h5ad(tmp_path / "fixed.h5ad")
+    build_local_census(tmp_path / "fixed.h5ad", tmp_path / "soma")
+    assert (tmp_path / "soma").is_dir()
+
+
+def test_cells_without_a_donor_are_refused_and_the_advised_fixes_work(tmp_path):
+    src = synthetic_source()
+    donors = src.obs["donor_id"].astype(object)
+    donors.iloc[[3, 50, 51, 52, 90]] = np.nan
+    src.obs["patient"] = pd.Categorical(donors)
+    src.obs["tissue_general"] = "blood"  # every cell passes the filter
+    src.write_h5ad(tmp_path / "in.h5ad")
+    common = dict(donor_column="patient", primary_only=False, disease=None, max_cells=10**6)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"5 of \d+ cells have no value in obs\['patient'\]") as e:
+        census_mod.sample_h5ad(tmp_path / "in.h5ad", out / "cells.h5ad", out / "s.tsv", **common)
+    assert leftovers(out, "cells.h5ad", "s.tsv") == []
+    message = str(e.value)
+    # fix 1: a sample of their own
+    named = _advised(message, src.copy(), r"adata\.obs\['patient'\] = .*?'unknown'\)")
+    named.write_h5ad(tmp_path / "named.h5ad")
+    census_mod.sample_h5ad(tmp_path / "named.h5ad", out / "cells.h5ad", out / "s.tsv", **common)
+    samples = pd.read_csv(out / "s.tsv", sep="\t")
+    assert samples.loc[samples.donor_id == "unknown", "n_cells"].sum() == 5
+    assert not (samples.donor_id == "nan").any()
+    # fix 2: drop them
+    dropped = _advised(message, src.copy(), r"adata = adata\[adata\.obs.*?\]\.copy\(\)")
+    assert dropped.n_obs == src.n_obs - 5
+    dropped.write_h5ad(tmp_path / "dropped.h5ad")
+    build_local_census(tmp_path / "dropped.h5ad", tmp_path / "soma", donor_column="patient")

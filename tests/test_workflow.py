@@ -284,6 +284,22 @@ def test_invalid_config_value_fails_before_any_job_and_names_the_key(tmp_path):
     assert not (workdir / "results").exists()
 
 
+@pytest.mark.parametrize("run", ["..", ".", "../elsewhere", ".hidden", "a/b"])
+def test_a_run_name_that_leaves_results_is_refused_and_a_plain_one_works(tmp_path, run):
+    workdir = copy_workflow(tmp_path)
+    bad = write_config(workdir, "bad.yaml", {"run": run})
+    proc = snakemake(workdir, "--configfile", bad, "-n", check=False)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode != 0 and "run" in out and "does not match" in out
+    assert not (workdir / "results").exists() and not (workdir / "benchmarks").exists()
+    # the fix: a plain folder name
+    good = write_config(workdir, "good.yaml", {"run": "elsewhere"})
+    assert (
+        "results/elsewhere/evaluation/metrics.tsv"
+        in snakemake(workdir, "--configfile", good, "-n").stdout
+    )
+
+
 def test_own_h5ad_without_its_path_is_named_before_any_job(tmp_path):
     workdir = copy_workflow(tmp_path)
     bad = write_config(

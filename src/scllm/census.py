@@ -21,6 +21,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from scllm.checks import check_counts, check_gene_ids, require_cells, unique_cell_ids
+from scllm.errors import InputError
 from scllm.ingest import H5adInput
 from scllm.io import CSRWriter, Progress, atomic_path
 
@@ -995,6 +996,15 @@ def _census_shaped(
         )
     else:
         obs["donor_id"] = column("donor_id", "donor_0") if not donor_id else donor_id
+    # A sample is (dataset, donor): cells without a value would be pooled into one made-up
+    # sample called "nan" (and could become a whole validation split with split.by: sample).
+    sample_columns = (
+        None if dataset_id else "dataset_id",
+        donor_column or (None if donor_id else "donor_id"),
+    )
+    for name in sample_columns:
+        if name in present:
+            _refuse_missing(source, name, where)
     label_col = cell_type_column or next(
         (c for c in ("cell_type", "celltype", "cell_type_label") if c in present), None
     )
@@ -1021,14 +1031,25 @@ def _census_shaped(
 
 def _shaped_var(source: H5adInput, gene_id_column: str | None, where: str) -> pd.DataFrame:
     """The input's genes as a Census var: keyed on Ensembl ids (also feature_id), with names."""
-    ids = _ensembl_ids(source, gene_id_column)
+    ids, column = _ensembl_ids(source, gene_id_column)
     names = (
         source.var["feature_name"].astype(str).values
         if "feature_name" in source.var
         else source.var.index.astype(str).values
     )
     var = pd.DataFrame({"feature_id": ids, "feature_name": names}, index=pd.Index(ids))
-    check_gene_ids(var.index, where)
+    # The fix names the ids as the user's AnnData holds them: var_names or a var column, with
+    # the version suffixes (ENSG....7) that were dropped when they made the duplicates.
+    held = "adata.var_names" if column is None else f"adata.var[{column!r}]"
+    raw = source.var.index if column is None else source.var[column]
+    if not pd.Index(np.asarray(raw).astype(str)).has_duplicates:
+        held += '.str.split(".").str[0]'
+    check_gene_ids(
+        var.index,
+        where,
+        f"Drop the repeats, e.g. adata = adata[:, ~{held}.duplicated()].copy(), or sum them, "
+        "then write the h5ad and rerun.",
+    )
     return var
 
 
@@ -1041,6 +1062,21 @@ def _obs_strings(source: H5adInput, name: str):
         if name != "observation_joinid"
         else col.astype(str).values
     )
+
+
+def _refuse_missing(source: H5adInput, name: str, where: str) -> None:
+    """Refuse an obs column that keys samples when some cells have no value in it."""
+    values = source.obs_column(name)
+    missing = int(values.isna().sum())
+    if missing:
+        raise InputError(
+            f"{where}: {missing} of {len(values)} cells have no value in obs[{name!r}], which "
+            "names each cell's sample (dataset, donor); they would be pooled into one sample "
+            f"called 'nan'. Give them a value, e.g. adata.obs[{name!r}] = "
+            f"adata.obs[{name!r}].astype(str).where(adata.obs[{name!r}].notna(), 'unknown') "
+            "(one sample of their own), or drop them: "
+            f"adata = adata[adata.obs[{name!r}].notna()].copy(); then write the h5ad and rerun."
+        )
 
 
 def _named_obs_column(source: H5adInput, name: str, setting: str):
@@ -1062,7 +1098,9 @@ def _observation_joinids(obs: pd.DataFrame, joinids, where: str) -> list:
     return [cell[len(prefix) :] for cell, prefix in zip(unique, prefixes)]
 
 
-def _ensembl_ids(source: H5adInput, gene_id_column: str | None) -> np.ndarray:
+def _ensembl_ids(source: H5adInput, gene_id_column: str | None) -> tuple[np.ndarray, str | None]:
+    """The genes' Ensembl ids (version suffixes dropped) and the var column they came from (None:
+    var_names)."""
     candidates = (
         [gene_id_column]
         if gene_id_column
@@ -1078,7 +1116,8 @@ def _ensembl_ids(source: H5adInput, gene_id_column: str | None) -> np.ndarray:
             continue
         values = np.asarray(values).astype(str)
         if np.mean(np.char.startswith(values, "ENS")) > 0.9:
-            return np.array([v.split(".")[0] for v in values])  # drop Ensembl version suffixes
+            # drop Ensembl version suffixes
+            return np.array([v.split(".")[0] for v in values]), col
         if gene_id_column:
             raise ValueError(
                 f"var[{gene_id_column!r}] (census.h5ad.gene_id_column) "

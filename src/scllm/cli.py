@@ -11,6 +11,30 @@ from scllm.errors import REFUSALS
 from scllm.io import setup_logging
 
 
+def _cells(text: str) -> int:
+    """argparse type of --batch-size and --chunk-size: a whole number of cells, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of cells, at least 1 (got {text})"
+        )
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type of --min-coverage: a fraction between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1 (got {text})")
+    return value
+
+
 def _build_census(args: argparse.Namespace) -> None:
     from scllm.census import build_local_census
 
@@ -126,19 +150,19 @@ def _add_embed(commands) -> None:
     embed.add_argument("--counts-layer", help="layer holding the counts (default: X)")
     embed.add_argument(
         "--min-coverage",
-        type=float,
+        type=_fraction,
         default=EmbedConfig.min_coverage,
         help="minimum fraction of vocabulary genes found (default: %(default)s)",
     )
     embed.add_argument(
         "--batch-size",
-        type=int,
+        type=_cells,
         default=EmbedConfig.batch_size,
         help="cells per forward pass (default: %(default)s)",
     )
     embed.add_argument(
         "--chunk-size",
-        type=int,
+        type=_cells,
         default=EmbedConfig.chunk_size,
         help="cells read at a time (default: %(default)s)",
     )

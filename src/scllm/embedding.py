@@ -19,7 +19,12 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scllm.checks import check_cells_and_genes, check_counts, load_torch_file
+from scllm.checks import (
+    check_cells_and_genes,
+    check_counts,
+    check_embed_options,
+    load_torch_file,
+)
 from scllm.config import EmbedConfig
 from scllm.data import RaggedCells, collate
 from scllm.errors import CorruptArtifactError, InputError
@@ -655,6 +660,7 @@ def embed(
         scllm.embed(adata, "results/demo/model")
         sc.pp.neighbors(adata, use_rep="X_scllm")
     """
+    check_embed_options(batch_size, chunk_size, min_coverage)
     if layer and layer not in adata.layers:
         raise ValueError(f"adata has no layer {layer!r} (layers: {list(adata.layers)})")
     if copy:
@@ -707,6 +713,7 @@ def embed_h5ad(
     """
     from scllm.io import open_backed
 
+    check_embed_options(batch_size, chunk_size, min_coverage)
     t0 = time.time()
     model, genes, n_genes, binning, binning_source = _model_for_embedding(model_dir, device)
     adata = open_backed(in_h5ad)
