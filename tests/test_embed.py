@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -437,3 +438,32 @@ def test_embed_shards_keeps_binned_obs_in_order(model_dir, tmp_path):
             tmp_path / "x.h5ad",
             cells="train",
         )
+
+
+@pytest.mark.parametrize(
+    "option, flag, bad",
+    [("batch_size", "--batch-size", -3), ("batch_size", "--batch-size", 0),
+     ("chunk_size", "--chunk-size", -5), ("chunk_size", "--chunk-size", 0),
+     ("min_coverage", "--min-coverage", 1.5)],
+)  # fmt: skip
+def test_embed_numbers_are_checked_naming_the_option(
+    model_dir, tmp_path, capsys, option, flag, bad
+):
+    import scllm
+
+    path = write_input(tmp_path / "cells.h5ad", counts_matrix(), input_var())
+    out = tmp_path / "out.h5ad"
+    with pytest.raises(SystemExit) as exit_:  # argparse: usage and the option, rc 2
+        cli_main(["embed", str(model_dir), str(path), str(out), flag, str(bad)])
+    assert exit_.value.code == 2 and f"argument {flag}: must be" in capsys.readouterr().err
+    for call in (
+        lambda: embed_h5ad(model_dir, path, out, **{option: bad}),
+        lambda: scllm.embed(ad.read_h5ad(path), model_dir, **{option: bad}),
+    ):
+        with pytest.raises(ValueError, match=rf"^{option} \({flag}\) .*\(got {bad}\)") as err:
+            call()
+    assert not out.exists()
+    # the example the message gives works, and no embedding row is left all zeros
+    example = re.search(rf"e\.g\. {flag} (\S+)\.$", str(err.value)).group(1)
+    assert cli_main(["embed", str(model_dir), str(path), str(out), flag, example]) == 0
+    assert np.abs(ad.read_h5ad(out).obsm[EMBEDDING_KEY]).sum(axis=1).min() > 0

@@ -22,7 +22,7 @@ import torch
 
 import scllm.train as train_mod
 from scllm import binning, census, hvg, qc, tokens
-from scllm.errors import UnsafeFileError
+from scllm.errors import DiskFullError, UnsafeFileError
 from scllm.io import atomic_path
 from scllm.train import (
     CHECKPOINT,
@@ -412,6 +412,45 @@ def test_atomic_path_removes_what_a_killed_writer_left(tmp_path):
     with atomic_path(tmp_path / "shards") as tmp:
         tmp.mkdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp4244", "cells.h5ad", "shards"]
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_the_run_resumes_once_freed(
+    shards, reference, tmp_path, monkeypatch
+):
+    """The 5th checkpoint (step 15) is written to /dev/full, which fails as a full disk does:
+    torch's own error names neither the file nor the cause."""
+    real_save, calls = torch.save, {"checkpoints": 0}
+
+    def save(obj, f, *args, **kwargs):
+        if Path(f).name.startswith(f".{CHECKPOINT}.tmp"):
+            calls["checkpoints"] += 1
+            if calls["checkpoints"] == 5:
+                f = "/dev/full"
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(DiskFullError) as err:
+        pretrain(shards, tmp_path, TINY_MODEL, TRAIN)
+    message = str(err.value)
+    assert f"could not write {tmp_path / CHECKPOINT}: the disk (or your quota) is full" in message
+    assert "MB free there now" in message and "resumes from its last checkpoint" in message
+    assert tensors(tmp_path / CHECKPOINT)["global_step"] == 12  # the last good one, kept
+    assert temporaries(tmp_path) == []
+    # the fix: space again (the real torch.save); the rerun resumes and ends as if never stopped
+    monkeypatch.setattr(torch, "save", real_save)
+    pretrain(shards, tmp_path, TINY_MODEL, TRAIN)
+    assert_same_run(tmp_path, reference)
+
+
+def test_atomic_path_names_a_full_disk_for_plain_writes_too(tmp_path):
+    (tmp_path / "table.tsv").write_text("earlier\n")
+    with pytest.raises(DiskFullError, match=r"could not write .*table\.tsv: the disk"):
+        with atomic_path(tmp_path / "table.tsv") as tmp:
+            os.symlink("/dev/full", tmp)
+            with open(tmp, "w") as f:
+                f.write("x" * 100_000)
+                f.flush()
+    assert (tmp_path / "table.tsv").read_text() == "earlier\n" and temporaries(tmp_path) == []
 
 
 # --- loading checkpoints -------------------------------------------------------------------------

@@ -23,6 +23,10 @@ class UnsafeFileError(CorruptArtifactError):
     code)."""
 
 
+class DiskFullError(ScllmError, OSError):
+    """A file could not be written for want of space (the earlier file at its name is kept)."""
+
+
 # What entry points print as a message: the project's own errors, and the standard types its
 # code raises for input and configuration problems. Anything else is a bug: full traceback.
 REFUSALS = (ScllmError, ValueError, RuntimeError, FileNotFoundError)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import logging
 import os
@@ -19,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import write_elem
 
-from scllm.errors import REFUSALS, CorruptArtifactError
+from scllm.errors import REFUSALS, CorruptArtifactError, DiskFullError
 
 log = logging.getLogger("scllm")
 
@@ -148,8 +149,32 @@ def atomic_path(path: str | Path):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if _out_of_space(err):
+            raise DiskFullError(_disk_full_message(path, err)) from err
+        raise
     finally:
         _remove(tmp)
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """A write that failed for want of space: ENOSPC/EDQUOT, or torch.save's report of a short
+    write ("unexpected pos"), which names neither."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "unexpected pos" in str(err) or "PytorchStreamWriter failed writing" in str(err)
+
+
+def _disk_full_message(path: Path, err: BaseException) -> str:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e6:.0f} MB free there now"
+    except OSError:
+        free = "free space unknown"
+    return (
+        f"could not write {path}: the disk (or your quota) is full ({free}; {err}). What was at "
+        f"{path.name} before is unchanged. Free some space on that file system (or write the "
+        "results to a larger one) and rerun: a training run resumes from its last checkpoint."
+    )
 
 
 _TEMPORARY = re.compile(r"^\..+\.tmp\d+$")  # the names atomic_path gives its temporaries

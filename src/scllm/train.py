@@ -51,7 +51,7 @@ from scllm.data import (
     prefetched,
     training_batch,
 )
-from scllm.errors import CorruptArtifactError
+from scllm.errors import CorruptArtifactError, InputError
 from scllm.io import (
     Progress,
     atomic_path,
@@ -688,6 +688,13 @@ def init_gene_embeddings_from_pca(
         profiles[r, genes[1:]] = values[1:]  # position 0 is <cls>
     profiles -= profiles.mean(axis=0)
     _, singular, axes = np.linalg.svd(profiles, full_matrices=False)
+    if not singular.size or singular[0] <= 1e-6 * max(1.0, float(np.abs(profiles).max())):
+        # one cell (or identical cells) has no principal axes: the loadings would be 0/0 = NaN
+        raise InputError(
+            f"train.gene_emb_init: pca needs training cells that differ, and the {len(rows)} "
+            "training cell(s) have identical bins, so they have no principal axes. Set "
+            "train.gene_emb_init: random, or train on more cells."
+        )
     k = min(d, len(singular))
     loadings = axes[:k].T * (singular[:k] / singular[0])  # [n_genes, k]
     loadings *= 0.02 / max(float(loadings.std()), 1e-12)
