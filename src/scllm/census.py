@@ -9,8 +9,6 @@ h5ad. ``sample_h5ad`` reads an h5ad directly (``census.source: h5ad``); both str
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import scipy.sparse as sp
 
 from scllm.checks import check_counts, check_gene_ids, require_cells, unique_cell_ids
 from scllm.ingest import H5adInput
-from scllm.io import CSRWriter, Progress, atomic_path
+from scllm.io import CSRWriter, Progress, atomic_path, temporary_sibling
 
 log = logging.getLogger("scllm")
 
@@ -627,17 +625,9 @@ def _sample_through_store(
 ) -> ad.AnnData:
     """sample_census on a local Census built from the h5ad in a temporary folder beside the
     output, removed afterwards (and on the next run, if a killed run left it)."""
-    out_dir = Path(out_h5ad).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".census_store.tmp*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    store = out_dir / f".census_store.tmp{os.getpid()}"
-    try:
+    with temporary_sibling(Path(out_h5ad).parent / "census_store") as store:
         build_local_census(h5ad_path, store, **build)
-        cells = sample_census(out_h5ad, out_samples, uri=str(store), **sample)
-    finally:
-        shutil.rmtree(store, ignore_errors=True)
-    return cells
+        return sample_census(out_h5ad, out_samples, uri=str(store), **sample)
 
 
 def _read_rows(X, joinids: np.ndarray, n_vars: int, chunk_size: int):
