@@ -47,6 +47,7 @@ def _embed(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
         device=args.device,
+        overwrite=args.overwrite,
     )
     print(
         f"Embedded {summary['n_cells']} cells with {args.model_dir}: vocabulary coverage "
@@ -117,7 +118,12 @@ def _add_embed(commands) -> None:
         help="a pretrain output directory (best_model.pt, args.json, vocab.json, genes.tsv)",
     )
     embed.add_argument("h5ad", help="input h5ad with counts in X (or --counts-layer), all genes")
-    embed.add_argument("out", help="h5ad to write (obs of the input, obsm['X_scllm'])")
+    embed.add_argument(
+        "out",
+        help="h5ad to write (obs of the input, obsm['X_scllm']); it must not exist yet (see "
+        "--overwrite). The input, the model folder or anything in it, a folder and any file "
+        "that scllm embed did not write are never replaced",
+    )
     embed.add_argument(
         "--gene-id-column",
         help="var column identifying genes, or 'index' for var_names "
@@ -143,6 +149,11 @@ def _add_embed(commands) -> None:
         help="cells read at a time (default: %(default)s)",
     )
     embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default=EmbedConfig.device)
+    embed.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is an h5ad that scllm embed wrote earlier",
+    )
     embed.set_defaults(func=_embed)
 
 

@@ -263,6 +263,29 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     return removed
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (links followed, hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def lies_within(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies anywhere below it (links followed)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def sibling_name(path: str | Path, suffix: str) -> Path:
+    """``path`` with ``suffix`` added to its name (``data/x`` -> ``data/x_store``), to suggest
+    another output beside one that is refused."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        path = path.resolve()
+    return path.with_name(path.stem + suffix)
+
+
 def require_obs_columns(
     adata: ad.AnnData, columns: list[str], path, writer: str = "sample_census"
 ) -> None:
