@@ -27,6 +27,7 @@ def _build_census(args: argparse.Namespace) -> None:
         tissue_general=args.tissue_general,
         disease=args.disease,
         organism=args.organism,
+        overwrite=args.overwrite,
     )
     print(
         f"Wrote a Census-shaped store to {args.out}. "
@@ -84,7 +85,11 @@ def _add_build_census(commands) -> None:
         "is_primary_data, disease, cell_type) are kept; the options fill in missing ones.",
     )
     build.add_argument("h5ad", help="input h5ad with raw integer counts in X (or --counts-layer)")
-    build.add_argument("out", help="directory of the store to write")
+    build.add_argument(
+        "out",
+        help="folder of the store to write; it must not exist yet (see --overwrite). A file, a "
+        "folder holding the input and any folder that is not such a store are never replaced",
+    )
     build.add_argument(
         "--dataset-id", help="dataset id for every cell (default: obs.dataset_id or the file name)"
     )
@@ -99,6 +104,11 @@ def _add_build_census(commands) -> None:
     build.add_argument("--tissue-general", default="blood")
     build.add_argument("--disease", default="normal")
     build.add_argument("--organism", default="homo_sapiens")
+    build.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it holds a store that scllm build-census built earlier",
+    )
     build.set_defaults(func=_build_census)
 
 
