@@ -110,7 +110,7 @@ def silhouette(X: np.ndarray, labels, *, seed: int = 0, max_cells: int = 20_000)
 
 
 def neighbors_graph(X: np.ndarray, *, n_neighbors: int = 15, seed: int = 0):
-    """An AnnData holding ``X`` and scanpy's kNN graph on it (for Leiden and UMAP)."""
+    """An AnnData holding ``X`` and scanpy's exact kNN graph on it (for Leiden and UMAP)."""
     import anndata as ad
     import scanpy as sc
 
@@ -118,8 +118,15 @@ def neighbors_graph(X: np.ndarray, *, n_neighbors: int = 15, seed: int = 0):
         obs=pd.DataFrame(index=pd.RangeIndex(len(X)).astype(str)),
         obsm={"rep": np.asarray(X, np.float32)},
     )
+    # transformer="sklearn": scanpy's exact brute-force kNN at every size. Left to choose, scanpy
+    # takes it below 8,192 cells only and pynndescent above, whose csr_array distances its own
+    # graph code cannot read under the pinned scipy (AttributeError: no getnnz).
     sc.pp.neighbors(
-        adata, n_neighbors=min(n_neighbors, len(X) - 1), use_rep="rep", random_state=seed
+        adata,
+        n_neighbors=min(n_neighbors, len(X) - 1),
+        use_rep="rep",
+        transformer="sklearn",
+        random_state=seed,
     )
     return adata
 
