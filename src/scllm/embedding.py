@@ -653,7 +653,7 @@ def embed(
 
         import scanpy as sc, scllm
         scllm.embed(adata, "results/demo/model")
-        sc.pp.neighbors(adata, use_rep="X_scllm")
+        sc.pp.neighbors(adata, use_rep="X_scllm", transformer="sklearn")  # exact, any size
     """
     if layer and layer not in adata.layers:
         raise ValueError(f"adata has no layer {layer!r} (layers: {list(adata.layers)})")

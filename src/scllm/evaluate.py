@@ -6,8 +6,8 @@ of the same cells) on the cells that carry a cell-type label:
 - kNN cell-type accuracy and macro-F1: scikit-learn ``KNeighborsClassifier`` predictions from
   stratified k-fold cross-validation, and, with several samples, from folds that hold out whole
   samples (a new donor's cells are labelled by the other donors' cells);
-- ARI and NMI of Leiden clusters (scanpy neighbors + igraph Leiden) against the labels; the
-  resolution is picked from a grid by the best NMI, as scib does, for both representations;
+- ARI and NMI of Leiden clusters (scanpy's exact kNN graph + igraph Leiden) against the labels;
+  the resolution is picked from a grid by the best NMI, as scib does, for both representations;
 - silhouette width by label (higher: cell types separate) and by sample (near 0: samples mix).
 
 The pretraining objective itself is reported too: masked-value MSE of the best model on the
