@@ -13,7 +13,8 @@ def run_name():
     cli_files = list(workflow.overwrite_configfiles or [])
     if not cli_files or "run" in workflow.config_settings.overwrite_config:
         return config["run"]
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(cli_files[-1]).stem)
+    # as the schema's run pattern: no separators, no leading dot
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(cli_files[-1]).stem).lstrip(".") or "run"
     given = ", ".join(os.path.relpath(f) for f in cli_files)
     logger.info(
         f"run: not set in {given}; outputs go to results/{name}/ "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -26,7 +27,9 @@ import scipy.sparse as sp
 import yaml
 
 from scllm.checks import file_sha256
-from scllm.prep import store as census_mod
+from scllm.errors import InputError
+from scllm.prep import h5ad_source as census_mod
+from scllm.prep import store as store_mod
 from scllm.prep.binning import normalize_bin
 from scllm.prep.census import CensusUnavailableError, open_census, sample_census
 from scllm.prep.hvg import select_hvg
@@ -98,7 +101,7 @@ def test_non_integer_counts_in_a_store_stop_sampling_midway(tmp_path, monkeypatc
     src.X = sp.csr_matrix(dense)
     src.write_h5ad(tmp_path / "norm.h5ad")
     with monkeypatch.context() as m:
-        m.setattr(census_mod, "check_counts", lambda *a, **k: None)
+        m.setattr(store_mod, "check_counts", lambda *a, **k: None)
         build_local_census(tmp_path / "norm.h5ad", tmp_path / "soma")
     with pytest.raises(
         ValueError, match="Census X/raw holds values that are not non-negative integer counts"
@@ -119,9 +122,9 @@ def test_missing_obs_columns_are_named(tmp_path, monkeypatch):
     assert leftovers(tmp_path, "soma") == []
 
     # A Census-shaped store without donor_id (as a hand-made store might be).
-    shaped = census_mod.census_shaped
+    shaped = store_mod.census_shaped
     with monkeypatch.context() as m:
-        m.setattr(census_mod, "census_shaped", lambda *a: _drop_obs(shaped(*a), "donor_id"))
+        m.setattr(store_mod, "census_shaped", lambda *a: _drop_obs(shaped(*a), "donor_id"))
         build_local_census(tmp_path / "in.h5ad", tmp_path / "soma")
     with pytest.raises(ValueError, match=r"lacks columns \['donor_id'\].*scllm build-census"):
         sample(tmp_path / "soma", tmp_path, max_cells=1000)
@@ -344,7 +347,7 @@ def test_truncated_shard_or_manifest_stops_pretrain_before_any_output(tmp_path):
 
 
 def test_shards_and_model_with_different_vocabularies(tmp_path):
-    from scllm.eval.embed import embed_shard_cells
+    from scllm.eval.encode import embed_shard_cells
     from scllm.shards import ShardDataset
     from scllm.train.checkpoint import load_model
 
@@ -399,3 +402,57 @@ def test_resuming_on_shards_of_another_vocabulary_starts_afresh(tmp_path, caplog
     assert "data.vocab_sha256" in caplog.text and "starting from scratch" in caplog.text
     assert summary["done"]
     assert json.loads((tmp_path / "run/vocab.json").read_text()) == vocab
+
+
+def _advised(message: str, adata: ad.AnnData, pattern: str) -> ad.AnnData:
+    """Run the code a refusal advises (the first statement matching ``pattern``) on ``adata``,
+    as a user would paste it."""
+    code = re.search(pattern, message).group(0)
+    scope = {"adata": adata}
+    exec(code, scope)  # noqa: S102 - the message's own advice, taken literally
+    return scope["adata"]
+
+
+@pytest.mark.parametrize("suffixes", [False, True], ids=["same ids", "same once unversioned"])
+def test_duplicate_ids_in_a_gene_id_column_get_advice_that_works(tmp_path, suffixes):
+    src = synthetic_source()
+    ids = src.var["gene_ids"].str.split(".").str[0].tolist()
+    ids[5] = ids[4] + (".2" if suffixes else "")  # a repeat in the column, not in var_names
+    src.var["gene_ids"] = ids
+    src.write_h5ad(tmp_path / "in.h5ad")
+    with pytest.raises(InputError, match=r"1 gene id\(s\) occur more than once") as err:
+        build_local_census(tmp_path / "in.h5ad", tmp_path / "soma")
+    assert "adata.var['gene_ids']" in str(err.value)
+    assert leftovers(tmp_path, "soma") == []
+    fixed = _advised(str(err.value), src, r"adata = adata\[.*?\]\.copy\(\)")
+    assert fixed.n_vars == src.n_vars - 1
+    fixed.write_h5ad(tmp_path / "fixed.h5ad")
+    build_local_census(tmp_path / "fixed.h5ad", tmp_path / "soma")
+    assert (tmp_path / "soma").is_dir()
+
+
+def test_cells_without_a_donor_are_refused_and_the_advised_fixes_work(tmp_path):
+    src = synthetic_source()
+    donors = src.obs["donor_id"].astype(object)
+    donors.iloc[[3, 50, 51, 52, 90]] = np.nan
+    src.obs["patient"] = pd.Categorical(donors)
+    src.obs["tissue_general"] = "blood"  # every cell passes the filter
+    src.write_h5ad(tmp_path / "in.h5ad")
+    common = dict(donor_column="patient", primary_only=False, disease=None, max_cells=10**6)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"5 of \d+ cells have no value in obs\['patient'\]") as e:
+        census_mod.sample_h5ad(tmp_path / "in.h5ad", out / "cells.h5ad", out / "s.tsv", **common)
+    assert leftovers(out, "cells.h5ad", "s.tsv") == []
+    message = str(e.value)
+    # fix 1: a sample of their own
+    named = _advised(message, src.copy(), r"adata\.obs\['patient'\] = .*?'unknown'\)")
+    named.write_h5ad(tmp_path / "named.h5ad")
+    census_mod.sample_h5ad(tmp_path / "named.h5ad", out / "cells.h5ad", out / "s.tsv", **common)
+    samples = pd.read_csv(out / "s.tsv", sep="\t")
+    assert samples.loc[samples.donor_id == "unknown", "n_cells"].sum() == 5
+    assert not (samples.donor_id == "nan").any()
+    # fix 2: drop them
+    dropped = _advised(message, src.copy(), r"adata = adata\[adata\.obs.*?\]\.copy\(\)")
+    assert dropped.n_obs == src.n_obs - 5
+    dropped.write_h5ad(tmp_path / "dropped.h5ad")
+    build_local_census(tmp_path / "dropped.h5ad", tmp_path / "soma", donor_column="patient")

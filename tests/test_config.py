@@ -140,7 +140,7 @@ def test_train_config_rejects_unknown_and_bad_settings():
 
 def test_embedding_fallback_binning_is_normalize_bins_default():
     """A model that records no binning settings is embedded with normalize_bin's defaults."""
-    from scllm.eval.embed import DEFAULT_BINNING
+    from scllm.eval.encode import DEFAULT_BINNING
 
     defaults = schema_defaults("normalize_bin")
     assert DEFAULT_BINNING == {key: defaults[key] for key in DEFAULT_BINNING}

@@ -163,3 +163,40 @@ def test_ranking_ignores_last_bit_noise_between_cpus():
         rtol=1e-14,
         atol=0,
     )
+
+
+def test_a_failed_loess_fit_names_the_fix_that_works(tmp_path):
+    """Ten cells in which most genes hold one count (sometimes two): their (mean, variance)
+    points coincide and skmisc's LOESS fails. Lowering hvg.min_cells_per_sample cannot help;
+    raising qc.min_gene_counts, as the message says, does."""
+    from scllm.errors import InputError
+    from scllm.prep.qc import filter_qc
+
+    rng = np.random.default_rng(0)
+    varied = rng.poisson(rng.uniform(5, 80, size=150), size=(10, 150)) + 1
+    ones = 1 + (rng.random((10, 300)) < 0.1)
+    adata = synthetic_counts(samples=[("s0", 10)], n_genes=450)
+    adata.X = sp.csr_matrix(np.hstack([varied, ones]).astype(np.float32))
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+
+    def hvg_after_qc(min_gene_counts):
+        filter_qc(
+            tmp_path / "cells.h5ad",
+            tmp_path / "filtered.h5ad",
+            tmp_path / "qc.tsv",
+            min_gene_counts=min_gene_counts,
+            min_genes_per_cell=1,
+        )
+        return select_hvg(
+            tmp_path / "filtered.h5ad",
+            tmp_path / "hvg.tsv",
+            n_top_genes=20,
+            min_cells_per_sample=5,
+        )
+
+    with pytest.raises(InputError, match="LOESS fit failed") as err:
+        hvg_after_qc(3)
+    assert "raise qc.min_gene_counts" in str(err.value) and not (tmp_path / "hvg.tsv").exists()
+    assert "hvg.min_cells_per_sample" not in str(err.value)  # not the cause here
+    table = hvg_after_qc(20)  # the fix: genes counted fewer than 20 times are dropped
+    assert len(table) == 20 and (tmp_path / "hvg.tsv").exists()

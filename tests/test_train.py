@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import scllm
-from scllm.eval.embed import embed_shard_cells
+from scllm.eval.encode import embed_shard_cells
 from scllm.shards import ShardDataset, read_shard
 from scllm.tokens import PAD_VALUE, build_vocab, collate, vocab_sha256, write_vocab
 from scllm.train.batches import LengthGroupedBatchSampler
@@ -284,6 +284,20 @@ def test_bad_settings_are_rejected(shards, tmp_path):
         pretrain(shards, tmp_path, TINY_MODEL, {"lrate": 1})
     with pytest.raises(ValueError, match="model.vocab_size is set by the shards"):
         pretrain(shards, tmp_path, {**TINY_MODEL, "vocab_size": 99}, TINY_TRAIN)
+
+
+def test_pca_init_on_one_training_cell_is_refused_and_random_init_trains(tmp_path):
+    """One training cell has no principal axes: the init would be NaN and the loss NaN at step 1,
+    which advice about the learning rate cannot fix. The message's fix does."""
+    one = write_synthetic_shards(tmp_path / "one", n_train=1, n_val=4)
+    settings = {**TINY_TRAIN, "gene_emb_init": "pca", "epochs": 1}
+    with pytest.raises(ValueError, match=r"gene_emb_init: pca needs training cells that differ"):
+        pretrain(one, tmp_path / "model", TINY_MODEL, settings)
+    assert not (tmp_path / "model" / "best_model.pt").exists()
+    summary = pretrain(
+        one, tmp_path / "model", TINY_MODEL, {**settings, "gene_emb_init": "random"}
+    )
+    assert np.isfinite(summary["best_val_loss"])
 
 
 # --- using the model -----------------------------------------------------------------------------

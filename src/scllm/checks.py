@@ -101,15 +101,20 @@ def require_cells(n_cells: int, n_genes: int | None, where: str) -> None:
         )
 
 
-def check_gene_ids(gene_ids, where: str) -> None:
-    """Refused, not made unique: which of two columns a gene id means is unknowable."""
+def check_gene_ids(gene_ids, where: str, fix: str = "") -> None:
+    """Refused, not made unique: which of two columns a gene id means is unknowable. ``fix``: how
+    to drop the repeats where the ids came from (default: var_names)."""
     gene_ids = pd.Index(np.asarray(gene_ids).astype(str))
     if gene_ids.has_duplicates:
         dup = gene_ids[gene_ids.duplicated()].unique()
         raise InputError(
             f"{where}: {len(dup)} gene id(s) occur more than once (e.g. {dup[:3].tolist()}); "
-            "genes are keyed on Ensembl ids, so each must name one column. Sum or drop the "
-            "duplicate columns (e.g. adata[:, ~adata.var_names.duplicated()]) and rerun."
+            "genes are keyed on Ensembl ids, so each must name one column. "
+            + (
+                fix
+                or "Drop the repeats, e.g. "
+                "adata = adata[:, ~adata.var_names.duplicated()].copy(), or sum them, and rerun."
+            )
         )
 
 
@@ -135,6 +140,25 @@ def unique_cell_ids(cell_ids, where: str) -> pd.Index:
         unique[cell_ids.duplicated()][:3].tolist(),
     )
     return unique
+
+
+def check_embed_options(batch_size, chunk_size, min_coverage) -> None:
+    """The numbers ``scllm embed`` and ``scllm.embed`` take, checked before any work: a negative
+    step would embed nothing and leave every row zero, a zero one fails deep in ``range``."""
+    for name, flag, value in (
+        ("batch_size", "--batch-size", batch_size),
+        ("chunk_size", "--chunk-size", chunk_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InputError(
+                f"{name} ({flag}) must be a whole number of cells, at least 1 (got {value!r}); "
+                f"e.g. {flag} 64."
+            )
+    if not 0 <= min_coverage <= 1:
+        raise InputError(
+            f"min_coverage (--min-coverage) is a fraction of the vocabulary genes, between 0 and "
+            f"1 (got {min_coverage!r}); e.g. --min-coverage 0.5."
+        )
 
 
 def file_sha256(path: str | Path, block: int = 1 << 24) -> str:

@@ -11,6 +11,30 @@ from scllm.errors import REFUSALS
 from scllm.files import setup_logging
 
 
+def _cells(text: str) -> int:
+    """argparse type of --batch-size and --chunk-size: a whole number of cells, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of cells, at least 1 (got {text})"
+        )
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type of --min-coverage: a fraction between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1 (got {text})")
+    return value
+
+
 def _build_census(args: argparse.Namespace) -> None:
     from scllm.prep.store import build_local_census
 
@@ -27,6 +51,7 @@ def _build_census(args: argparse.Namespace) -> None:
         tissue_general=args.tissue_general,
         disease=args.disease,
         organism=args.organism,
+        overwrite=args.overwrite,
     )
     print(
         f"Wrote a Census-shaped store to {args.out}. "
@@ -47,6 +72,7 @@ def _embed(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
         device=args.device,
+        overwrite=args.overwrite,
     )
     print(
         f"Embedded {summary['n_cells']} cells with {args.model_dir}: vocabulary coverage "
@@ -83,7 +109,11 @@ def _add_build_census(commands) -> None:
         "is_primary_data, disease, cell_type) are kept; the options fill in missing ones.",
     )
     build.add_argument("h5ad", help="input h5ad with raw integer counts in X (or --counts-layer)")
-    build.add_argument("out", help="directory of the store to write")
+    build.add_argument(
+        "out",
+        help="folder of the store to write; it must not exist yet (see --overwrite). A file, a "
+        "folder holding the input and any folder that is not such a store are never replaced",
+    )
     build.add_argument(
         "--dataset-id", help="dataset id for every cell (default: obs.dataset_id or the file name)"
     )
@@ -98,6 +128,11 @@ def _add_build_census(commands) -> None:
     build.add_argument("--tissue-general", default="blood")
     build.add_argument("--disease", default="normal")
     build.add_argument("--organism", default="homo_sapiens")
+    build.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it holds a store that scllm build-census built earlier",
+    )
     build.set_defaults(func=_build_census)
 
 
@@ -117,7 +152,12 @@ def _add_embed(commands) -> None:
         help="a pretrain output directory (best_model.pt, args.json, vocab.json, genes.tsv)",
     )
     embed.add_argument("h5ad", help="input h5ad with counts in X (or --counts-layer), all genes")
-    embed.add_argument("out", help="h5ad to write (obs of the input, obsm['X_scllm'])")
+    embed.add_argument(
+        "out",
+        help="h5ad to write (obs of the input, obsm['X_scllm']); it must not exist yet (see "
+        "--overwrite). The input, the model folder or anything in it, a folder and any file "
+        "that scllm embed did not write are never replaced",
+    )
     embed.add_argument(
         "--gene-id-column",
         help="var column identifying genes, or 'index' for var_names "
@@ -126,23 +166,28 @@ def _add_embed(commands) -> None:
     embed.add_argument("--counts-layer", help="layer holding the counts (default: X)")
     embed.add_argument(
         "--min-coverage",
-        type=float,
+        type=_fraction,
         default=EmbedConfig.min_coverage,
         help="minimum fraction of vocabulary genes found (default: %(default)s)",
     )
     embed.add_argument(
         "--batch-size",
-        type=int,
+        type=_cells,
         default=EmbedConfig.batch_size,
         help="cells per forward pass (default: %(default)s)",
     )
     embed.add_argument(
         "--chunk-size",
-        type=int,
+        type=_cells,
         default=EmbedConfig.chunk_size,
         help="cells read at a time (default: %(default)s)",
     )
     embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default=EmbedConfig.device)
+    embed.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is an h5ad that scllm embed wrote earlier",
+    )
     embed.set_defaults(func=_embed)
 
 

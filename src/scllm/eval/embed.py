@@ -1,36 +1,31 @@
-"""Load a pretrained model and embed cells with it (its cell embedding: model.cell_emb_style).
+"""Embed cells with a pretrained model (its cell embedding: model.cell_emb_style) and write them.
 
-- ``embed_shard_cells``: token sequences (a shard, or ragged arrays) -> embeddings.
 - ``embed_shards``: the pipeline's own cells, straight from the token shards (rule embed).
+- ``embed``: the cells of an AnnData in memory, scanpy style (``scllm.embed``).
 - ``embed_h5ad``: any h5ad of counts (``scllm embed``): genes are mapped to the model's
-  vocabulary, normalized and binned as in training, tokenized and embedded, in row chunks.
+  vocabulary, normalized and binned as in training, tokenized and embedded, in row chunks; it
+  never writes over what it did not write (``check_embed_output``).
+
+How cells become vectors is ``scllm.eval.encode``; matching genes, ``scllm.eval.genes``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
-import torch
 
-from scllm.checks import check_cells_and_genes, check_counts
+from scllm.checks import check_cells_and_genes, check_embed_options
 from scllm.config import EMBEDDING_KEY, EmbedConfig, settings_of
-from scllm.errors import InputError
-from scllm.eval.genes import GeneMapping, checked_mapping, model_genes
+from scllm.errors import UnsafeOutputError
+from scllm.eval.encode import Embedder, embed_rows, embed_shard_cells, resolve_device
+from scllm.eval.genes import checked_mapping
+from scllm.files import atomic_path, lies_within, same_file, sibling_name
 from scllm.h5ad import open_matrix
-from scllm.model import CellTransformer
-from scllm.shards import Shard, read_listed_shard, read_manifest, read_shard
-from scllm.tokens import (
-    CLS_TOKEN,
-    RaggedCells,
-    collate,
-    sequences_from_binned,
-)
+from scllm.shards import read_listed_shard, read_manifest
 from scllm.train.checkpoint import load_model
 
 log = logging.getLogger("scllm")
@@ -43,96 +38,17 @@ log = logging.getLogger("scllm")
 MIN_COVERAGE = EmbedConfig.min_coverage
 # What scllm.embed takes as keywords (beside layer, key_added and copy).
 EMBED_OPTIONS = ("gene_id_column", "min_coverage", "batch_size", "chunk_size", "device")
-# The pipeline's normalize_bin defaults, used when a model records no binning settings.
-DEFAULT_BINNING = {"seed": 0, "target_sum": 1e4, "log1p": False}
 
 
-def _as_cells(cells) -> RaggedCells:
-    if isinstance(cells, (str, Path)):
-        cells = read_shard(cells)
-    if isinstance(cells, RaggedCells):
-        return cells
-    if isinstance(cells, Shard):
-        return RaggedCells(cells.offsets, cells.gene_ids, cells.values)
-    if not isinstance(cells, (tuple, list)) or len(cells) != 3:
-        raise TypeError(
-            f"cannot embed a {type(cells).__name__}: pass a shard path, a Shard, a RaggedCells "
-            "or an (offsets, gene_ids, values) tuple (a ShardDataset reads its shards lazily: "
-            "pass their paths)"
-        )
-    offsets, gene_ids, values = cells
-    return RaggedCells(offsets, gene_ids, values)
+def _embeddings_adata(obs: pd.DataFrame, embeddings: np.ndarray, uns: dict):
+    import anndata as ad
 
-
-@torch.no_grad()
-def embed_shard_cells(
-    model: CellTransformer, cells, batch_size: int = EmbedConfig.batch_size
-) -> np.ndarray:
-    """Cell embeddings [n_cells, cell_emb_dim] (float32, input order) for a shard path, a Shard,
-    a RaggedCells, or an (offsets, gene_ids, values) tuple of token arrays.
-
-    Cells are batched in length order so each batch pads little; the model runs in eval mode.
-    """
-    if isinstance(cells, (str, Path)):
-        shard = read_shard(cells)
-        expected = model.vocab_sha256
-        if expected and shard.attrs.get("vocab_sha256", expected) != expected:
-            raise ValueError(
-                f"{cells} was tokenized with vocabulary {shard.attrs['vocab_sha256']} "
-                f"but the model uses {expected}; tokenize the cells with the model's vocab.json"
-            )
-        cells = shard
-    cells = _as_cells(cells)
-    _check_tokens(cells, model.cfg)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = np.zeros((len(cells), model.cell_emb_dim), dtype=np.float32)
-    order = np.argsort(-cells.lengths, kind="stable")
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = collate(cells.cells(idx), model.cfg.pad_id)
-        pred = model(*(batch[k].to(device) for k in ("gene_ids", "values", "padding_mask")))
-        out[idx] = pred["cell_emb"].float().cpu().numpy()
-    model.train(was_training)
-    return out
-
-
-def _check_tokens(cells: RaggedCells, cfg) -> None:
-    """Token ids and values the model can embed: an id outside the vocabulary would fail deep in
-    torch (IndexError) and a value outside the bins would read as another bin."""
-    if not len(cells.gene_ids):
-        return
-    ids, values = cells.gene_ids, cells.values
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        raise InputError(
-            f"token gene ids lie outside the model's vocabulary 0..{cfg.vocab_size - 1} (found "
-            f"{int(ids.min())}..{int(ids.max())}); tokenize the cells with the model's vocab.json"
-        )
-    if values.min() < min(cfg.mask_value, 0) or values.max() > cfg.n_bins - 1:
-        raise InputError(
-            f"token values lie outside the model's bins 0..{cfg.n_bins - 1} and mask "
-            f"{cfg.mask_value} (found {int(values.min())}..{int(values.max())}); "
-            "bin the cells with the model's n_bins"
-        )
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA device is visible")
-    return torch.device(device)
+    return ad.AnnData(obs=obs, obsm={EMBEDDING_KEY: embeddings}, uns={"scllm": uns})
 
 
 def _write_embeddings(path, obs: pd.DataFrame, embeddings: np.ndarray, uns: dict) -> None:
-    import anndata as ad
-
-    from scllm.files import atomic_path
-
-    adata = ad.AnnData(obs=obs, obsm={EMBEDDING_KEY: embeddings}, uns={"scllm": uns})
     with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+        _embeddings_adata(obs, embeddings, uns).write_h5ad(tmp)
 
 
 # --- the pipeline's cells: from the token shards -----------------------------------------------
@@ -217,152 +133,7 @@ def embed_shards(
     return {"n_cells": len(index), "by_split": counts, "dim": embeddings.shape[1]}
 
 
-# --- any h5ad: map genes, normalize, bin, tokenize, embed ----------------------------------------
-
-
-def binning_settings(args: dict, model_dir=None) -> tuple[dict, str]:
-    """The model's binning settings and where they come from: args.json (``data.binning``), the
-    shard manifest it names (a relative path is relative to ``model_dir``), or the pipeline
-    defaults (n_bins always from the model)."""
-    n_bins = int(args["model"]["n_bins"])
-    data = args.get("data", {})
-    sources = [("args.json", data.get("binning"))]
-    manifest = data.get("manifest")
-    if manifest and model_dir is not None and not Path(manifest).is_absolute():
-        manifest = str(Path(model_dir) / manifest)
-    if manifest and Path(manifest).exists():
-        sources.append((manifest, read_manifest(manifest).get("binning")))
-    for where, binning in sources:
-        if binning:
-            binning = {**DEFAULT_BINNING, **binning}
-            if int(binning.get("n_bins", n_bins)) != n_bins:
-                raise ValueError(
-                    f"{where} records n_bins={binning['n_bins']} but the model has n_bins={n_bins}"
-                )
-            return {**binning, "n_bins": n_bins}, where
-    return {**DEFAULT_BINNING, "n_bins": n_bins}, "defaults"
-
-
-def tokenize_counts(counts: sp.csr_matrix, mapping: GeneMapping, n_genes: int, binning: dict):
-    """Token arrays (offsets, gene_ids, values) for a block of cells x input genes, as training
-    made them: normalize_total with totals over all input genes, the vocabulary genes in token
-    order, per-cell quantile bins with the model's seed, ``<cls>`` first.
-
-    Tied values are spread over their bins by draws keyed on (seed, the cell's content key, gene),
-    as in normalize_bin, so a cell gets the training tokens wherever it sits (alone or in a batch).
-    """
-    from scllm.prep.binning import bin_csr, content_keys, normalize_total
-
-    counts = sp.csr_matrix(counts)
-    totals = np.asarray(counts.sum(axis=1)).ravel()
-    picked = counts[:, mapping.columns].tocoo()
-    in_vocab = sp.csr_matrix(
-        (picked.data, (picked.row, mapping.token_ids[picked.col])),
-        shape=(counts.shape[0], n_genes),
-        dtype=np.float32,
-    )
-    in_vocab.sum_duplicates()
-    in_vocab.eliminate_zeros()
-    normalized = normalize_total(
-        in_vocab, totals, float(binning["target_sum"]), bool(binning["log1p"])
-    )
-    binned = bin_csr(
-        normalized, int(binning["n_bins"]), int(binning["seed"]), row_ids=content_keys(in_vocab)
-    )
-    return sequences_from_binned(binned, cls_id=n_genes)
-
-
-@dataclass(frozen=True)
-class _Embedder:
-    """A pretrained model with what embedding new cells needs: its vocabulary genes (and the
-    number of them: also the <cls> id) and its binning settings, with where they came from."""
-
-    model_dir: Path
-    model: CellTransformer
-    genes: pd.DataFrame
-    n_genes: int
-    binning: dict
-    binning_source: str
-
-    @classmethod
-    def load(cls, model_dir, device: str) -> _Embedder:
-        model, vocab, args = load_model(model_dir, resolve_device(device))
-        binning, binning_source = binning_settings(args, model_dir)
-        if binning_source == "defaults":
-            log.warning(
-                "%s/args.json records no binning settings; binning with n_bins=%d (the model's) "
-                "and the pipeline defaults seed=%d, target_sum=%g, log1p=%s (seed only decides "
-                "ties; target_sum and log1p do not change the bins)",
-                model_dir,
-                binning["n_bins"],
-                binning["seed"],
-                binning["target_sum"],
-                binning["log1p"],
-            )
-        genes = model_genes(model_dir, vocab)
-        return cls(Path(model_dir), model, genes, vocab[CLS_TOKEN], binning, binning_source)
-
-    def provenance(self, mapping: GeneMapping, source: str, layer: str | None) -> dict:
-        """uns["scllm"] of the embedded cells."""
-        from scllm.files import software_provenance
-
-        return {
-            "model": str(self.model_dir),
-            "vocab_sha256": self.model.vocab_sha256,
-            "source": source,
-            "layer": layer or "X",
-            "gene_match": mapping.source,
-            "n_vocab_genes": mapping.n_vocab,
-            "n_vocab_genes_found": mapping.n_found,
-            "coverage": mapping.coverage,
-            "binning": {**self.binning, "source": self.binning_source},
-            "software": software_provenance(),
-        }
-
-
-def _embed_rows(
-    embedder: _Embedder, mapping: GeneMapping, read_rows, n_cells: int, where: str, cfg
-) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, vocabulary genes expressed per cell) of the cells that
-    ``read_rows(start, stop)`` returns as sparse or dense count blocks, ``cfg.chunk_size`` cells
-    at a time."""
-    from scllm.files import Progress
-    from scllm.h5ad import row_chunks
-
-    model = embedder.model
-    embeddings = np.zeros((n_cells, model.cell_emb_dim), dtype=np.float32)
-    n_tokens = np.zeros(n_cells, dtype=np.int64)
-    non_integer = False
-    progress = Progress(0, n_cells)
-    for start, stop in row_chunks(n_cells, cfg.chunk_size):
-        counts = sp.csr_matrix(read_rows(start, stop), dtype=np.float32)
-        check_counts(
-            counts.data,
-            where,
-            ": give raw counts (or normalized, log-transformed values), e.g. with "
-            "--counts-layer counts (layer= in scllm.embed)",
-            integer=False,
-        )
-        if not non_integer and counts.nnz and not np.all(np.mod(counts.data, 1) == 0):
-            non_integer = True
-            log.info(
-                "embed: %s holds non-integer values (normalized?); per-cell scaling and log1p "
-                "keep each value's quantile bin, but tied values may be spread over their bins "
-                "differently than from raw counts",
-                where,
-            )
-        tokens = tokenize_counts(counts, mapping, embedder.n_genes, embedder.binning)
-        n_tokens[start:stop] = np.diff(tokens[0]) - 1
-        embeddings[start:stop] = embed_shard_cells(model, tokens, cfg.batch_size)
-        log.info("embed: %d/%d cells; %s", stop, n_cells, progress.text(stop))
-    empty = int((n_tokens == 0).sum())
-    if empty:
-        log.warning(
-            "embed: %d cells express none of the vocabulary genes (their embedding says nothing "
-            "of the cell; obs scllm_n_genes == 0)",
-            empty,
-        )
-    return embeddings, n_tokens
+# --- any AnnData or h5ad: map genes, normalize, bin, tokenize, embed -----------------------------
 
 
 def embed(
@@ -389,17 +160,18 @@ def embed(
 
         import scanpy as sc, scllm
         scllm.embed(adata, "results/demo/model")
-        sc.pp.neighbors(adata, use_rep="X_scllm")
+        sc.pp.neighbors(adata, use_rep="X_scllm", transformer="sklearn")  # exact, any size
     """
     wrong = set(options) - set(EMBED_OPTIONS)
     if wrong:  # as Python words it for a keyword the function does not take
         raise TypeError(f"embed() got an unexpected keyword argument {sorted(wrong)[0]!r}")
     cfg = EmbedConfig(**options)
+    check_embed_options(cfg.batch_size, cfg.chunk_size, cfg.min_coverage)
     if layer and layer not in adata.layers:
         raise ValueError(f"adata has no layer {layer!r} (layers: {list(adata.layers)})")
     if copy:
         adata = adata.copy()
-    embedder = _Embedder.load(model_dir, cfg.device)
+    embedder = Embedder.load(model_dir, cfg.device)
     matrix = adata.layers[layer] if layer else adata.X
     where = f"adata.layers[{layer!r}]" if layer else "adata.X"
     if matrix is None:
@@ -415,7 +187,7 @@ def embed(
         model_dir,
         cfg.min_coverage,
     )
-    embeddings, n_tokens = _embed_rows(
+    embeddings, n_tokens = embed_rows(
         embedder, mapping, lambda a, b: matrix[a:b], adata.n_obs, where, cfg
     )
     adata.obsm[key_added] = embeddings
@@ -424,19 +196,55 @@ def embed(
     return adata if copy else None
 
 
-def embed_h5ad(model_dir, in_h5ad, out_h5ad, cfg: EmbedConfig | None = None, **options) -> dict:
+def embed_h5ad(
+    model_dir, in_h5ad, out_h5ad, cfg: EmbedConfig | None = None, *, overwrite=False, **options
+) -> dict:
     """Embed the cells of any h5ad with a pretrained model; writes obs + ``obsm["X_scllm"]``.
 
     As ``embed`` (the same embeddings for the same cells), from a file: X (or ``counts_layer``)
     is read in row chunks of ``chunk_size`` cells, so memory does not grow with the file. The
     options are ``cfg``, or ``EmbedConfig``'s fields as keywords (``gene_id_column``,
     ``counts_layer``, ``min_coverage``, ``batch_size``, ``chunk_size``, ``device``).
+    ``out_h5ad`` must not exist, or (with ``overwrite``) be an earlier output of this function:
+    see ``check_embed_output``, which refuses it before any work.
     """
-    from scllm.h5ad import open_backed
-
     cfg = settings_of(EmbedConfig, cfg, options, "embed")
     t0 = time.time()
-    embedder = _Embedder.load(model_dir, cfg.device)
+    check_embed_options(cfg.batch_size, cfg.chunk_size, cfg.min_coverage)
+    check_embed_output(model_dir, in_h5ad, out_h5ad, overwrite)
+    # The output is held from here, so a second writer of it is refused now, not after the work.
+    with atomic_path(out_h5ad) as tmp:
+        check_embed_output(model_dir, in_h5ad, out_h5ad, overwrite)  # what appeared meanwhile
+        obs, embeddings, uns, mapping, binning_source = _embed_file(model_dir, in_h5ad, cfg)
+        _embeddings_adata(obs, embeddings, uns).write_h5ad(tmp)
+    n_tokens = obs["scllm_n_genes"].to_numpy()
+    log.info(
+        "embed: %d cells (median %d vocabulary genes expressed) -> %s [%d x %d] in %.1fs",
+        len(obs),
+        int(np.median(n_tokens)) if len(obs) else 0,
+        out_h5ad,
+        *embeddings.shape,
+        time.time() - t0,
+    )
+    return {
+        "n_cells": len(obs),
+        "dim": embeddings.shape[1],
+        "coverage": mapping.coverage,
+        "n_found": mapping.n_found,
+        "n_vocab": mapping.n_vocab,
+        "gene_match": mapping.source,
+        "binning_source": binning_source,
+        "n_empty": int((n_tokens == 0).sum()),
+        "columns": mapping.columns,
+    }
+
+
+def _embed_file(model_dir, in_h5ad, cfg: EmbedConfig):
+    """(obs with scllm_n_genes, embeddings, uns, gene mapping, binning source) for the cells of
+    an h5ad."""
+    from scllm.h5ad import open_backed
+
+    embedder = Embedder.load(model_dir, cfg.device)
     adata = open_backed(in_h5ad)
     obs, var, n_cells = adata.obs.copy(), adata.var.copy(), adata.n_obs
     adata.file.close()
@@ -454,26 +262,71 @@ def embed_h5ad(model_dir, in_h5ad, out_h5ad, cfg: EmbedConfig | None = None, **o
     )
     with open_matrix(in_h5ad, cfg.counts_layer) as matrix:
         where = f"{matrix.name} of {in_h5ad}"
-        embeddings, n_tokens = _embed_rows(embedder, mapping, matrix.rows, n_cells, where, cfg)
+        embeddings, n_tokens = embed_rows(embedder, mapping, matrix.rows, n_cells, where, cfg)
     obs["scllm_n_genes"] = n_tokens
     uns = embedder.provenance(mapping, str(in_h5ad), cfg.counts_layer)
-    _write_embeddings(out_h5ad, obs, embeddings, uns)
-    log.info(
-        "embed: %d cells (median %d vocabulary genes expressed) -> %s [%d x %d] in %.1fs",
-        n_cells,
-        int(np.median(n_tokens)) if n_cells else 0,
-        out_h5ad,
-        *embeddings.shape,
-        time.time() - t0,
-    )
-    return {
-        "n_cells": n_cells,
-        "dim": embeddings.shape[1],
-        "coverage": mapping.coverage,
-        "n_found": mapping.n_found,
-        "n_vocab": mapping.n_vocab,
-        "gene_match": mapping.source,
-        "binning_source": embedder.binning_source,
-        "n_empty": int((n_tokens == 0).sum()),
-        "columns": mapping.columns,
-    }
+    return obs, embeddings, uns, mapping, embedder.binning_source
+
+
+# --- where scllm embed may write -----------------------------------------------------------------
+
+
+def check_embed_output(model_dir, in_h5ad, out_h5ad, overwrite: bool = False) -> None:
+    """Refuse (UnsafeOutputError) an output of ``scllm embed`` that would replace what the
+    command did not write: the input, the model folder or anything in it, a folder, or any file
+    but an earlier output of ``scllm embed``, which ``overwrite`` allows it to replace."""
+    out = Path(out_h5ad)
+    example = sibling_name(in_h5ad, "_embedded.h5ad")
+    if same_file(out, in_h5ad):
+        raise UnsafeOutputError(
+            f"the output {out} is the input h5ad {in_h5ad}: writing there would replace its "
+            f"counts with embeddings. Nothing was written: give another output path, e.g. "
+            f"{example}."
+        )
+    if lies_within(out, model_dir):
+        where = "is" if same_file(out, model_dir) else "lies inside"
+        raise UnsafeOutputError(
+            f"the output {out} {where} the model folder {model_dir}: writing there would "
+            "replace or mix with the trained model. Nothing was written: give an output path "
+            f"outside it, e.g. {example}."
+        )
+    if out.is_dir():
+        raise UnsafeOutputError(
+            f"the output {out} is a folder; scllm embed writes one h5ad file and never replaces "
+            f"a folder. Nothing was written: give a file path, e.g. {out / example.name}."
+        )
+    if not (out.exists() or out.is_symlink()):
+        return
+    earlier = _earlier_embed_output(out)
+    if earlier is None:
+        raise UnsafeOutputError(
+            f"the output {out} exists and is not an h5ad written by scllm embed, so it is left "
+            "alone (--overwrite replaces only an earlier output of scllm embed). Nothing was "
+            f"written: give another output path, e.g. {example}, or move {out} away."
+        )
+    if not overwrite:
+        raise UnsafeOutputError(
+            f"the output {out} exists: embeddings scllm embed wrote earlier (model "
+            f"{earlier.get('model')}, cells of {earlier.get('source')}). Nothing was written: "
+            "pass --overwrite (overwrite=True in Python) to replace them, or give another "
+            f"output path, e.g. {example}."
+        )
+
+
+def _earlier_embed_output(path: Path) -> dict | None:
+    """The ``uns['scllm']`` of an h5ad that ``scllm embed`` wrote (no X, ``obsm['X_scllm']``,
+    cells from a file), or None for anything else: a file of counts, the pipeline's
+    embeddings.h5ad, an AnnData saved after ``scllm.embed``, a file that is not an h5ad."""
+    import h5py
+    from anndata.io import read_elem
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "X" in f or f"obsm/{EMBEDDING_KEY}" not in f or "uns/scllm" not in f:
+                return None
+            uns = read_elem(f["uns/scllm"])
+    except Exception:  # not HDF5, or not laid out as anndata writes it
+        return None
+    if not isinstance(uns, dict) or "vocab_sha256" not in uns:
+        return None
+    return None if uns.get("source") in (None, "token shards", "in memory") else uns

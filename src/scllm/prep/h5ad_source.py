@@ -6,8 +6,6 @@ that (``scllm.prep.census``), in one pass over the file and without the store.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,7 +17,7 @@ import scipy.sparse as sp
 
 from scllm.checks import check_counts
 from scllm.config import H5adConfig, SamplingConfig, split_settings
-from scllm.files import Progress, atomic_path
+from scllm.files import Progress, atomic_path, temporary_sibling
 from scllm.h5ad import CSRWriter, H5adInput
 from scllm.prep.census import (
     OPTIONAL_OBS,
@@ -279,14 +277,6 @@ def _sample_through_store(
     """sample_census on a local Census built from the h5ad in a temporary folder beside the
     output, removed afterwards (and on the next run, if a killed run left it)."""
     out_h5ad, out_samples = outputs
-    out_dir = Path(out_h5ad).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".census_store.tmp*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    store = out_dir / f".census_store.tmp{os.getpid()}"
-    try:
+    with temporary_sibling(Path(out_h5ad).parent / "census_store") as store:
         build_local_census(h5ad_path, store, cells, block_nnz=block_nnz)
-        sampled = sample_census(out_h5ad, out_samples, sampling, uri=str(store))
-    finally:
-        shutil.rmtree(store, ignore_errors=True)
-    return sampled
+        return sample_census(out_h5ad, out_samples, sampling, uri=str(store))

@@ -17,6 +17,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from scllm.errors import InputError
 from scllm.files import atomic_path
 from scllm.h5ad import open_backed, read_rows, require_obs_columns
 
@@ -121,7 +122,7 @@ def select_hvg(
             f"hvg.n_top_genes={n_top_genes} exceeds the {adata.n_vars} genes left after QC; "
             "lower it"
         )
-    norm_vars, used = [], []
+    norm_vars, used, failed = [], [], []
     ranges = sample_ranges(adata.obs["sample"])
     for name, start, stop in ranges:
         if stop - start < min_cells_per_sample:
@@ -142,16 +143,13 @@ def select_hvg(
             ArithmeticError,
         ) as err:  # skmisc's LOESS on degenerate data
             log.warning("HVG: sample %s left out: seurat_v3 LOESS fit failed (%s)", name, err)
+            failed.append(err)
             continue
         log.info(
             "HVG: sample %s (%d cells) done (%d/%d)", name, stop - start, len(used), len(ranges)
         )
     if not used:
-        raise ValueError(
-            "no sample could be used for HVG selection "
-            f"(all have < {min_cells_per_sample} cells or failed the LOESS fit); "
-            "lower hvg.min_cells_per_sample or sample more cells"
-        )
+        raise _no_usable_sample(len(ranges), failed, min_cells_per_sample)
     table = combine_batches(np.vstack(norm_vars), n_top_genes, flavor, adata.var_names)
     table.insert(0, "rank", np.arange(len(table)))
     table.insert(0, "feature_name", adata.var.loc[table.index, "feature_name"].astype(str).values)
@@ -169,6 +167,30 @@ def select_hvg(
         time.time() - t0,
     )
     return table
+
+
+def _no_usable_sample(n_samples: int, failed: list, min_cells_per_sample: int) -> InputError:
+    """Why no sample could be ranked, with the fix for that cause: too few cells, or a LOESS fit
+    that failed (it fails when many genes share the same few count values, so that their
+    (mean, variance) points coincide: lowering the cell threshold would not help)."""
+    small = n_samples - len(failed)
+    reasons = []
+    if small:
+        reasons.append(
+            f"{small} have fewer than {min_cells_per_sample} cells: lower "
+            "hvg.min_cells_per_sample or sample more cells"
+        )
+    if failed:
+        reasons.append(
+            f"on {len(failed)} the seurat_v3 LOESS fit failed ({failed[0]}), which happens when "
+            "many genes have the same few counts in every cell: raise qc.min_gene_counts to drop "
+            "the genes counted only a few times, or sample more cells per sample"
+        )
+    return InputError(
+        f"no sample could be used for HVG selection: of {n_samples} sample(s), "
+        + "; ".join(reasons)
+        + "."
+    )
 
 
 def read_hvg_table(path: str | Path) -> pd.DataFrame:

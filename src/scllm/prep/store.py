@@ -19,7 +19,8 @@ import pyarrow as pa
 
 from scllm.checks import check_counts, check_gene_ids, require_cells, unique_cell_ids
 from scllm.config import H5adConfig, settings_of
-from scllm.files import Progress, atomic_path
+from scllm.errors import InputError, UnsafeOutputError
+from scllm.files import Progress, atomic_path, lies_within, sibling_name
 from scllm.h5ad import H5adInput
 
 log = logging.getLogger("scllm")
@@ -34,6 +35,7 @@ def build_local_census(
     cfg: H5adConfig | None = None,
     *,
     block_nnz: int = INGEST_BLOCK_NNZ,
+    overwrite: bool = False,
     **settings,
 ) -> None:
     """Write a SOMA store with the Census layout (``census_info``, ``census_data/<organism>``).
@@ -42,13 +44,15 @@ def build_local_census(
     are kept; missing ones are filled from the settings (``cfg``, or ``H5adConfig``'s fields as
     keywords). Genes are keyed on Ensembl ids. The counts stream from the h5ad into the store's
     ``X/raw`` in blocks of at most ``block_nnz`` values, so memory holds obs, var and one block,
-    whatever the number of cells.
+    whatever the number of cells. ``uri`` must not exist, or (with ``overwrite``) hold a store
+    this function built: see ``check_store_output``, which refuses it before any work.
     """
     cfg = settings_of(H5adConfig, cfg, settings, "census.h5ad")
     import tiledbsoma as soma
     import tiledbsoma.io  # makes soma.io available: _write_experiment ingests obs and var with it
 
     t0 = time.time()
+    check_store_output(h5ad_path, uri, overwrite)
     with H5adInput(h5ad_path) as source:
         where = f"the input h5ad {h5ad_path}"
         obs, var, matrix = census_shaped(source, cfg, where)
@@ -63,6 +67,7 @@ def build_local_census(
         )
         datasets = obs.groupby("dataset_id", observed=True).size()
         with atomic_path(uri) as tmp:
+            check_store_output(h5ad_path, uri, overwrite)  # what appeared meanwhile
             tmp = str(Path(tmp).resolve())  # tiledbsoma relates member URIs on absolute paths
             _write_census_info(tmp, h5ad_path, len(obs), datasets, cfg, soma)
             nnz = _write_experiment(tmp, cfg.organism, obs, var, matrix, block_nnz, source, soma)
@@ -76,6 +81,57 @@ def build_local_census(
         nnz,
         time.time() - t0,
     )
+
+
+def check_store_output(h5ad_path, uri, overwrite: bool = False) -> None:
+    """Refuse (UnsafeOutputError) a store folder for ``build_local_census`` that would replace
+    what the command did not write: a file, a folder holding the input, or any existing folder
+    but a store it built earlier, which ``overwrite`` allows it to replace."""
+    uri = Path(uri)
+    example = sibling_name(uri, "_store")
+    if (uri.exists() or uri.is_symlink()) and not uri.is_dir():
+        raise UnsafeOutputError(
+            f"the output {uri} is a file, not a store folder; scllm build-census writes a folder "
+            f"and never replaces a file. Nothing was written: give a folder path that does not "
+            f"exist yet, e.g. {example}."
+        )
+    if lies_within(h5ad_path, uri):
+        raise UnsafeOutputError(
+            f"the input {h5ad_path} lies inside the output folder {uri}: the store would replace "
+            "that folder, deleting the input and everything else in it. Nothing was written: "
+            f"give a folder path outside it that does not exist yet, e.g. {example}."
+        )
+    if not uri.is_dir():
+        return
+    source = _built_from(uri)
+    if source is None:
+        raise UnsafeOutputError(
+            f"the output {uri} is a folder that is not a store scllm build-census built, so it "
+            "is left alone (--overwrite replaces only such a store). Nothing was written: give a "
+            f"folder path that does not exist yet, e.g. {example}."
+        )
+    if not overwrite:
+        raise UnsafeOutputError(
+            f"the output {uri} holds a store scllm build-census built earlier (from {source}). "
+            "Nothing was written: pass --overwrite (overwrite=True in Python) to replace it, or "
+            f"give a folder path that does not exist yet, e.g. {example}."
+        )
+
+
+def _built_from(uri: Path) -> str | None:
+    """The input file name a store of build_local_census records (census_info's summary row
+    ``source_h5ad``, which a CELLxGENE Census does not have), or None for any other folder."""
+    import tiledbsoma as soma
+
+    if not (uri / "census_info" / "summary").is_dir():
+        return None
+    try:
+        with soma.DataFrame.open(str((uri / "census_info" / "summary").resolve())) as summary:
+            table = summary.read().concat().to_pandas()
+        values = dict(zip(table["label"], table["value"]))
+    except Exception:  # not a SOMA dataframe, or not this layout
+        return None
+    return values.get("source_h5ad")
 
 
 def _write_census_info(
@@ -276,6 +332,15 @@ def census_shaped(source: H5adInput, cfg: H5adConfig, where: str):
         )
     else:
         obs["donor_id"] = column("donor_id", "donor_0") if not donor_id else donor_id
+    # A sample is (dataset, donor): cells without a value would be pooled into one made-up
+    # sample called "nan" (and could become a whole validation split with split.by: sample).
+    sample_columns = (
+        None if dataset_id else "dataset_id",
+        cfg.donor_column or (None if donor_id else "donor_id"),
+    )
+    for name in sample_columns:
+        if name in present:
+            _refuse_missing(source, name, where)
     label_col = cfg.cell_type_column or next(
         (c for c in ("cell_type", "celltype", "cell_type_label") if c in present), None
     )
@@ -302,14 +367,25 @@ def census_shaped(source: H5adInput, cfg: H5adConfig, where: str):
 
 def _shaped_var(source: H5adInput, gene_id_column: str | None, where: str) -> pd.DataFrame:
     """The input's genes as a Census var: keyed on Ensembl ids (also feature_id), with names."""
-    ids = _ensembl_ids(source, gene_id_column)
+    ids, column = _ensembl_ids(source, gene_id_column)
     names = (
         source.var["feature_name"].astype(str).values
         if "feature_name" in source.var
         else source.var.index.astype(str).values
     )
     var = pd.DataFrame({"feature_id": ids, "feature_name": names}, index=pd.Index(ids))
-    check_gene_ids(var.index, where)
+    # The fix names the ids as the user's AnnData holds them: var_names or a var column, with
+    # the version suffixes (ENSG....7) that were dropped when they made the duplicates.
+    held = "adata.var_names" if column is None else f"adata.var[{column!r}]"
+    raw = source.var.index if column is None else source.var[column]
+    if not pd.Index(np.asarray(raw).astype(str)).has_duplicates:
+        held += '.str.split(".").str[0]'
+    check_gene_ids(
+        var.index,
+        where,
+        f"Drop the repeats, e.g. adata = adata[:, ~{held}.duplicated()].copy(), or sum them, "
+        "then write the h5ad and rerun.",
+    )
     return var
 
 
@@ -322,6 +398,21 @@ def _obs_strings(source: H5adInput, name: str):
         if name != "observation_joinid"
         else col.astype(str).values
     )
+
+
+def _refuse_missing(source: H5adInput, name: str, where: str) -> None:
+    """Refuse an obs column that keys samples when some cells have no value in it."""
+    values = source.obs_column(name)
+    missing = int(values.isna().sum())
+    if missing:
+        raise InputError(
+            f"{where}: {missing} of {len(values)} cells have no value in obs[{name!r}], which "
+            "names each cell's sample (dataset, donor); they would be pooled into one sample "
+            f"called 'nan'. Give them a value, e.g. adata.obs[{name!r}] = "
+            f"adata.obs[{name!r}].astype(str).where(adata.obs[{name!r}].notna(), 'unknown') "
+            "(one sample of their own), or drop them: "
+            f"adata = adata[adata.obs[{name!r}].notna()].copy(); then write the h5ad and rerun."
+        )
 
 
 def _named_obs_column(source: H5adInput, name: str, setting: str):
@@ -343,7 +434,9 @@ def _observation_joinids(obs: pd.DataFrame, joinids, where: str) -> list:
     return [cell[len(prefix) :] for cell, prefix in zip(unique, prefixes)]
 
 
-def _ensembl_ids(source: H5adInput, gene_id_column: str | None) -> np.ndarray:
+def _ensembl_ids(source: H5adInput, gene_id_column: str | None) -> tuple[np.ndarray, str | None]:
+    """The genes' Ensembl ids (version suffixes dropped) and the var column they came from (None:
+    var_names)."""
     candidates = (
         [gene_id_column]
         if gene_id_column
@@ -359,7 +452,8 @@ def _ensembl_ids(source: H5adInput, gene_id_column: str | None) -> np.ndarray:
             continue
         values = np.asarray(values).astype(str)
         if np.mean(np.char.startswith(values, "ENS")) > 0.9:
-            return np.array([v.split(".")[0] for v in values])  # drop Ensembl version suffixes
+            # drop Ensembl version suffixes
+            return np.array([v.split(".")[0] for v in values]), col
         if gene_id_column:
             raise ValueError(
                 f"var[{gene_id_column!r}] (census.h5ad.gene_id_column) "

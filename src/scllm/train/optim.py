@@ -10,6 +10,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 
+from scllm.errors import InputError
 from scllm.model import CellTransformer
 from scllm.train.batches import derived_seed
 from scllm.train.checkpoint import RunState, set_rng_state
@@ -61,6 +62,13 @@ def init_gene_embeddings_from_pca(
         profiles[r, genes[1:]] = values[1:]  # position 0 is <cls>
     profiles -= profiles.mean(axis=0)
     _, singular, axes = np.linalg.svd(profiles, full_matrices=False)
+    if not singular.size or singular[0] <= 1e-6 * max(1.0, float(np.abs(profiles).max())):
+        # one cell (or identical cells) has no principal axes: the loadings would be 0/0 = NaN
+        raise InputError(
+            f"train.gene_emb_init: pca needs training cells that differ, and the {len(rows)} "
+            "training cell(s) have identical bins, so they have no principal axes. Set "
+            "train.gene_emb_init: random, or train on more cells."
+        )
     k = min(d, len(singular))
     loadings = axes[:k].T * (singular[:k] / singular[0])  # [n_genes, k]
     loadings *= 0.02 / max(float(loadings.std()), 1e-12)
