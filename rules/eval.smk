@@ -73,17 +73,39 @@ rule evaluate:
         "../workflow/scripts/evaluate.py"
 
 
+rule training_pca:
+    """PCA of the training cells' log-normalized vocabulary genes, kept in the model folder: the
+    zero-shot baseline that cells the model never saw are projected onto."""
+    input:
+        filtered=rules.filter_qc.output.h5ad,
+        hvg=rules.select_hvg.output.table,
+        split=rules.split.output.table,
+    output:
+        npz=f"{RESULTS}/model/training_pca.npz",
+    log:
+        f"{LOGS}/training_pca.log",
+    benchmark:
+        f"{BENCH}/training_pca.tsv"
+    conda:
+        "../envs/eval.yaml"
+    params:
+        pca={k: config["evaluate"][k] for k in ("n_pcs", "max_cells", "seed")},
+    script:
+        "../workflow/scripts/training_pca.py"
+
+
 # Only defined when asked for (heldout.path), so a run without held-out cells has no such target.
 if config["heldout"]["path"]:
 
     rule evaluate_heldout:
         """The same scores on cells the model never saw (heldout.path): embedded like `scllm embed`,
-        against a PCA baseline fitted on those cells."""
+        against PCA fitted on those cells and the training cells' PCA projected onto them."""
         input:
             h5ad=config["heldout"]["path"],
             model=rules.pretrain.output.model,
             args=rules.pretrain.output.args,
             vocab=rules.pretrain.output.vocab,
+            training_pca=rules.training_pca.output.npz,
         output:
             embeddings=f"{RESULTS}/evaluation/heldout/embeddings.h5ad",
             table=report(

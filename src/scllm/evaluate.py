@@ -415,17 +415,16 @@ def labelled_cells(
 
 def score_against_pca(
     X: np.ndarray,
-    pca: np.ndarray,
+    baselines: dict[str, np.ndarray],
     labels,
     samples,
     cfg: dict,
     cells: str,
     label_key: str,
     batch_key: str,
-    baseline_name: str,
 ) -> tuple[list[dict], dict]:
-    """Score the embeddings ``X`` and the PCA baseline of the same cells; the metrics-table rows
-    and the UMAP panels."""
+    """Score the embeddings ``X`` and each baseline (name -> coordinates of the same cells); the
+    metrics-table rows (one group per baseline) and the UMAP panels."""
     labels, samples = np.asarray(labels).astype(str), np.asarray(samples).astype(str)
     n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
     log.info("evaluate: %d %s labels, %d %s value(s)", n_labels, label_key, n_samples, batch_key)
@@ -436,14 +435,32 @@ def score_against_pca(
         seed=int(cfg["seed"]),
     )
     ours, ours_umap = score_representation(X, labels, samples, **common)
-    base, base_umap = score_representation(pca, labels, samples, **common)
+    panels = {f"scLLM ({X.shape[1]} dims)": ours_umap}
+    table = []
+    for name, coords in baselines.items():
+        base, panels[name] = score_representation(coords, labels, samples, **common)
+        table += [
+            {
+                "metric": m,
+                "scllm": ours[m],
+                "baseline": base[m],
+                "baseline_method": name,
+                "cells": cells,
+                "details": d,
+            }
+            for m, d in _metric_details(ours, base, cfg, n_labels, n_samples, label_key, batch_key)
+        ]
+    return table, panels
+
+
+def _metric_details(ours, base, cfg, n_labels, n_samples, label_key, batch_key) -> list:
     k = cfg["n_neighbors"]
     held = (
         f"{ours['_sample_folds']} folds holding out whole samples, k={k}"
         if n_samples > 1
         else "n/a: one sample"
     )
-    rows = [
+    return [
         ("knn_accuracy_cv", f"{ours['_cv_folds']}-fold stratified cross-validation, k={k}"),
         ("knn_macro_f1_cv", f"{ours['_cv_folds']}-fold stratified cross-validation, k={k}"),
         ("knn_accuracy_heldout_sample", held),
@@ -461,19 +478,6 @@ def score_against_pca(
             f"{batch_key}: near 0 = samples mix" if n_samples > 1 else "n/a: one sample",
         ),
     ]
-    table = [
-        {
-            "metric": m,
-            "scllm": ours[m],
-            "baseline": base[m],
-            "baseline_method": baseline_name,
-            "cells": cells,
-            "details": d,
-        }
-        for m, d in rows
-    ]
-    panels = {f"scLLM ({X.shape[1]} dims)": ours_umap, baseline_name: base_umap}
-    return table, panels
 
 
 def plot_one_colour_note(path, n_cells: int, name: str, value: str) -> None:
@@ -552,14 +556,13 @@ def evaluate(
     X = np.asarray(sub.obsm[EMBEDDING_KEY])
     table, panels = score_against_pca(
         X,
-        pca,
+        {f"PCA-{pca.shape[1]} of log-normalized HVGs": pca},
         labels,
         samples,
         cfg,
         f"{len(keep)} ({cells_setting})",
         label_key,
         batch_key,
-        f"PCA-{pca.shape[1]} of log-normalized HVGs",
     )
     table += masked_value_rows(epochs_tsv, args_json)
     n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
@@ -716,23 +719,23 @@ def evaluate_heldout(
     )
     emb = ad.read_h5ad(out_embeddings)
     # The baseline sees the vocabulary genes the embedding found.
-    pca = _vocab_genes_baseline(h5ad, summary["columns"], keep, counts_layer, chunk_size, cfg)
+    baselines = _heldout_baselines(model_dir, h5ad, summary, keep, counts_layer, chunk_size, cfg)
     X = np.asarray(emb.obsm[EMBEDDING_KEY])[keep]
     name = Path(h5ad).name
     table, panels = score_against_pca(
         X,
-        pca,
+        baselines,
         labels,
         samples,
         cfg,
         f"{len(keep)} (held out: {name})",
         label_key,
         batch_key or "sample",
-        f"PCA-{pca.shape[1]} of log-normalized vocabulary genes (same cells)",
     )
     title = (
         f"scLLM embeddings ({X.shape[1]} dims) of {len(keep)} held-out cells ({name}, "
-        f"{summary['coverage']:.0%} of the vocabulary found) vs PCA of the same cells"
+        f"{summary['coverage']:.0%} of the vocabulary found) vs PCA of the same cells and the "
+        "training cells' PCA projected onto them"
     )
     result = _write_results(
         table, title, panels, [(out_umap_label, labels, label_key)], out_table, out_html, seed
@@ -750,19 +753,43 @@ def evaluate_heldout(
     return result
 
 
-def _vocab_genes_baseline(
-    h5ad, columns, keep, counts_layer, chunk_size: int, cfg: dict
-) -> np.ndarray:
+def _heldout_baselines(
+    model_dir, h5ad, summary: dict, keep, counts_layer, chunk_size: int, cfg: dict
+) -> dict[str, np.ndarray]:
+    """PCA fitted on the held-out cells themselves, and the PCA of the model's training cells
+    projected onto them (the zero-shot baseline), both over the vocabulary genes found."""
+    from scllm.eval.baselines import PCA_FILE, load_training_pca, vocabulary_matrix
+
     matrix = log_normalized_vocab_genes(
-        h5ad, columns, keep, counts_layer=counts_layer, chunk_size=chunk_size
+        h5ad, summary["columns"], keep, counts_layer=counts_layer, chunk_size=chunk_size
     )
     pca = pca_baseline(matrix, n_pcs=cfg["n_pcs"], seed=int(cfg["seed"]))
+    fitted = f"PCA-{pca.shape[1]} of log-normalized vocabulary genes (fitted on these cells)"
+    if not (Path(model_dir) / PCA_FILE).exists():
+        log.warning(
+            "evaluate: %s has no %s (a model trained before it was kept): the zero-shot PCA "
+            "baseline is left out; `snakemake --forcerun training_pca` in the run that trained "
+            "it writes it",
+            model_dir,
+            PCA_FILE,
+        )
+        return {fitted: pca}
+    training = load_training_pca(model_dir)
+    projected = training.project(
+        vocabulary_matrix(matrix, summary["token_ids"], len(training.feature_ids))
+    )
     log.info(
-        "evaluate: PCA baseline on the held-out cells: %d cells x %d vocabulary genes -> %d PCs",
+        "evaluate: baselines on the held-out cells: PCA of %d cells x %d vocabulary genes -> %d "
+        "PCs; the training cells' PCA (%d cells) projected -> %d dims",
         *matrix.shape,
         pca.shape[1],
+        training.n_cells,
+        projected.shape[1],
     )
-    return pca
+    return {
+        fitted: pca,
+        f"PCA-{projected.shape[1]} of the training cells, projected (zero-shot)": projected,
+    }
 
 
 def _heldout_labels(h5ad, label_key: str, batch_key: str | None, cfg: dict):

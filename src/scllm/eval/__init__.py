@@ -1,0 +1,1 @@
+"""Embedding and evaluation of what a model learned."""
