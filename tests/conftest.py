@@ -6,7 +6,7 @@ Test modules never import each other: they take these as fixtures (``tiny_model`
 ``tiny_train``, ``synthetic_shards``, ``synthetic_source``, ``workflow_copy``, ``config_writer``,
 ``same_weights``, ``flip_bytes``), or import plain values and helpers from here where a
 module-level constant or a child process needs them (``from conftest import TINY_MODEL``,
-``child_env``, ``train_module_args``).
+``child_env``, ``train_module_args``, ``snapshot``, ``start_writer``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -181,6 +183,56 @@ def train_module_args(shards, out, params, log_file) -> list[str]:
         "--log-file",
         str(log_file),
     ]
+
+
+# --- what is on disk, and a writer that holds an output ------------------------------------------
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file at or below ``path`` (relative name -> bytes), links followed: compare two
+    snapshots to show that nothing there changed, byte for byte."""
+    path = Path(path)
+    if not path.is_dir():
+        return {"": path.read_bytes()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+_WRITER = """
+import sys, time
+from pathlib import Path
+from scllm.io import atomic_path
+
+target, ready, go = map(Path, sys.argv[1:])
+with atomic_path(target) as tmp:
+    tmp.write_bytes(b"first half, ")
+    ready.touch()
+    while not go.exists():
+        time.sleep(0.01)
+    with open(tmp, "ab") as f:
+        f.write(b"second half")
+"""
+
+
+def start_writer(target: Path, signals: Path) -> tuple[subprocess.Popen, Path]:
+    """A process that writes ``target`` through atomic_path and stops halfway, holding it,
+    until the returned path (``go``) exists; then it completes the file
+    (``b"first half, second half"``). Returns once the first half is written."""
+    signals.mkdir(parents=True, exist_ok=True)
+    ready, go = signals / "ready", signals / "go"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(target), str(ready), str(go)],
+        env=child_env(),
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the writer did not start: {proc.communicate()[1].decode()}")
+        time.sleep(0.01)
+    return proc, go
 
 
 # --- trained weights -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Embedding: gene mapping and coverage, binning as in training, batch invariance, the CLI."""
+"""Embedding: gene mapping and coverage, binning as in training, batch invariance, the CLI and
+where it may write."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import scllm
 from scllm.binning import normalize_bin
 from scllm.cli import main as cli_main
 from scllm.embedding import (
@@ -28,8 +30,12 @@ from scllm.embedding import (
     model_genes,
     tokenize_counts,
 )
+from scllm.errors import UnsafeOutputError
+from scllm.io import setup_logging
 from scllm.model import CellTransformer, ModelConfig
 from scllm.tokens import build_vocab, read_shard, tokenize_shards, vocab_sha256, write_vocab
+
+from conftest import snapshot, start_writer
 
 N_VOCAB = 40  # vocabulary genes
 N_OTHER = 25  # genes of the data outside the vocabulary
@@ -467,3 +473,122 @@ def test_embed_numbers_are_checked_naming_the_option(
     example = re.search(rf"e\.g\. {flag} (\S+)\.$", str(err.value)).group(1)
     assert cli_main(["embed", str(model_dir), str(path), str(out), flag, example]) == 0
     assert np.abs(ad.read_h5ad(out).obsm[EMBEDDING_KEY]).sum(axis=1).min() > 0
+
+
+# --- where it writes: nothing it did not write is replaced ---------------------------------------
+
+
+def run_embed(capsys, model_dir, h5ad, out, *options) -> tuple[int, str]:
+    argv = ["embed", str(model_dir), str(h5ad), str(out), "--device", "cpu", *options]
+    code = cli_main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.fixture
+def cells(tmp_path) -> Path:
+    return write_input(tmp_path / "cells.h5ad", counts_matrix(), input_var())
+
+
+def test_a_folder_at_the_output_is_kept_and_the_file_goes_inside_it(
+    model_dir, cells, tmp_path, capsys
+):
+    outdir = tmp_path / "outdir"
+    (outdir / "sub").mkdir(parents=True)
+    (outdir / "notes.txt").write_text("the user's notes")
+    (outdir / "sub" / "table.tsv").write_text("a\tb\n")
+    before = snapshot(outdir)
+    code, err = run_embed(capsys, model_dir, cells, outdir)
+    advice = outdir / "cells_embedded.h5ad"
+    assert code == 1 and f"the output {outdir} is a folder" in err
+    assert f"give a file path, e.g. {advice}" in err
+    assert snapshot(outdir) == before
+    assert run_embed(capsys, model_dir, cells, advice)[0] == 0  # the advice works
+    assert ad.read_h5ad(advice).n_obs == N_CELLS
+    assert {k: v for k, v in snapshot(outdir).items() if k != advice.name} == before
+
+
+def test_the_model_folder_and_its_files_are_never_an_output(model_dir, cells, tmp_path, capsys):
+    before = snapshot(model_dir)
+    for out, where in ((model_dir, "is"), (model_dir / "emb.h5ad", "lies inside")):
+        for options in ((), ("--overwrite",)):
+            code, err = run_embed(capsys, model_dir, cells, out, *options)
+            assert code == 1 and f"the output {out} {where} the model folder {model_dir}" in err
+            assert (
+                f"give an output path outside it, e.g. {tmp_path / 'cells_embedded.h5ad'}" in err
+            )
+            assert snapshot(model_dir) == before
+    with pytest.raises(UnsafeOutputError, match="the model folder"):  # Python callers too
+        embed_h5ad(model_dir, cells, model_dir / "best_model.pt", overwrite=True)
+    assert snapshot(model_dir) == before
+    assert run_embed(capsys, model_dir, cells, tmp_path / "cells_embedded.h5ad")[0] == 0
+    assert snapshot(model_dir) == before
+
+
+def test_the_input_is_never_the_output(model_dir, cells, tmp_path, capsys):
+    link = tmp_path / "link.h5ad"
+    link.symlink_to(cells)
+    before = snapshot(cells)
+    for out in (cells, link):
+        code, err = run_embed(capsys, model_dir, cells, out, "--overwrite")
+        assert code == 1 and f"the output {out} is the input h5ad {cells}" in err
+        assert f"give another output path, e.g. {tmp_path / 'cells_embedded.h5ad'}" in err
+    with pytest.raises(UnsafeOutputError, match="is the input h5ad"):
+        embed_h5ad(model_dir, link, cells)
+    assert snapshot(cells) == before and link.resolve() == cells
+    assert run_embed(capsys, model_dir, cells, tmp_path / "cells_embedded.h5ad")[0] == 0
+    assert snapshot(cells) == before
+
+
+def test_a_file_it_did_not_write_is_kept_even_with_overwrite(model_dir, cells, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's notes")
+    counts = write_input(tmp_path / "counts.h5ad", counts_matrix(seed=1), input_var())
+    annotated = ad.read_h5ad(cells)  # embedded in memory and saved: X and uns['scllm'] both
+    setup_logging()  # to this test's stderr (an earlier run_embed left it on a closed one)
+    scllm.embed(annotated, model_dir, device="cpu")
+    annotated.write_h5ad(tmp_path / "annotated.h5ad")
+    for out in (notes, counts, tmp_path / "annotated.h5ad"):
+        before = snapshot(out)
+        for options in ((), ("--overwrite",)):
+            code, err = run_embed(capsys, model_dir, cells, out, *options)
+            assert code == 1
+            assert f"the output {out} exists and is not an h5ad written by scllm embed" in err
+            assert f"give another output path, e.g. {tmp_path / 'cells_embedded.h5ad'}" in err
+            assert snapshot(out) == before
+    assert run_embed(capsys, model_dir, cells, tmp_path / "cells_embedded.h5ad")[0] == 0
+
+
+def test_its_own_earlier_output_is_replaced_only_with_overwrite(
+    model_dir, cells, tmp_path, capsys
+):
+    out = tmp_path / "emb.h5ad"
+    assert run_embed(capsys, model_dir, cells, out)[0] == 0
+    before = snapshot(out)
+    other = write_input(tmp_path / "other.h5ad", counts_matrix(seed=2)[:7], input_var())
+    code, err = run_embed(capsys, model_dir, other, out)
+    assert code == 1 and f"the output {out} exists: embeddings scllm embed wrote earlier" in err
+    assert f"(model {model_dir}, cells of {cells})" in err
+    assert "pass --overwrite (overwrite=True in Python) to replace them" in err
+    with pytest.raises(UnsafeOutputError, match="pass --overwrite"):
+        embed_h5ad(model_dir, other, out)
+    assert snapshot(out) == before
+    assert run_embed(capsys, model_dir, other, out, "--overwrite")[0] == 0  # the advice works
+    replaced = ad.read_h5ad(out)
+    assert replaced.n_obs == 7 and replaced.uns["scllm"]["source"] == str(other)
+    assert embed_h5ad(model_dir, cells, out, overwrite=True)["n_cells"] == N_CELLS
+
+
+def test_a_second_embed_of_one_output_is_refused_while_the_first_writes(
+    model_dir, cells, tmp_path, capsys
+):
+    out = tmp_path / "emb.h5ad"
+    proc, go = start_writer(out, tmp_path / "signals")  # another process writing out now
+    code, err = run_embed(capsys, model_dir, cells, out)
+    assert code == 1
+    assert f"another process is writing {out} now; wait for it or choose another output" in err
+    assert run_embed(capsys, model_dir, cells, tmp_path / "emb2.h5ad")[0] == 0  # another output
+    go.touch()
+    assert proc.wait(timeout=60) == 0
+    assert out.read_bytes() == b"first half, second half"  # the first writer's file, complete

@@ -1,10 +1,11 @@
 """Faults: a killed or preempted pretrain resumes to the same weights, a diverging loss stops the
-run without overwriting good state, artifacts appear only complete, and checkpoints load with
-``weights_only=True``.
+run without overwriting good state, artifacts appear only complete (one writer at a time, never
+a file for a folder or the reverse), and checkpoints load with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,8 +24,9 @@ import torch
 
 import scllm.train as train_mod
 from scllm import binning, census, hvg, qc, tokens
-from scllm.errors import DiskFullError, UnsafeFileError
-from scllm.io import atomic_path
+from scllm import io as io_mod
+from scllm.errors import DiskFullError, OutputBusyError, UnsafeFileError, UnsafeOutputError
+from scllm.io import atomic_path, remove_stale_temporaries
 from scllm.train import (
     CHECKPOINT,
     PREEMPTED_EXIT_CODE,
@@ -36,6 +39,8 @@ from conftest import (
     TINY_MODEL,
     assert_same_weights,
     child_env,
+    snapshot,
+    start_writer,
     synthetic_source,
     tensors,
     train_module_args,
@@ -451,6 +456,107 @@ def test_atomic_path_names_a_full_disk_for_plain_writes_too(tmp_path):
                 f.write("x" * 100_000)
                 f.flush()
     assert (tmp_path / "table.tsv").read_text() == "earlier\n" and temporaries(tmp_path) == []
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Temporaries and writer lock files of atomic_path in ``directory``."""
+    return sorted(
+        p.name for p in directory.iterdir() if ".tmp" in p.name or p.name.endswith(".lock")
+    )
+
+
+def test_a_second_writer_of_one_output_is_refused_while_the_first_completes(tmp_path):
+    target = tmp_path / "cells.h5ad"
+    proc, go = start_writer(target, tmp_path / "signals")
+    refusal = f"another process is writing {target} now; wait for it or choose another output"
+    with pytest.raises(OutputBusyError, match=re.escape(refusal)):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"second writer")
+    assert remove_stale_temporaries(tmp_path) == []  # a live writer's temporary stays
+    assert f".cells.h5ad.tmp{proc.pid}" in leftovers(tmp_path)
+    with atomic_path(tmp_path / "other.h5ad") as tmp:  # the advice: another output
+        tmp.write_bytes(b"other")
+    go.touch()
+    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+    assert target.read_bytes() == b"first half, second half"  # one complete file
+    assert leftovers(tmp_path) == []
+    with atomic_path(target) as tmp:  # the advice: wait for it
+        tmp.write_bytes(b"second writer")
+    assert target.read_bytes() == b"second writer"
+
+
+def test_threads_of_one_process_are_kept_apart_too(tmp_path):
+    target, inside, done = tmp_path / "out.tsv", threading.Event(), threading.Event()
+
+    def first():
+        with atomic_path(target) as tmp:
+            tmp.write_text("first")
+            inside.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert inside.wait(30)
+    with pytest.raises(OutputBusyError, match="another process is writing"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("second")
+    done.set()
+    thread.join()
+    assert target.read_text() == "first" and leftovers(tmp_path) == []
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_writer(tmp_path):
+    target = tmp_path / "cells.h5ad"
+    for cleanup in ("next write", "remove_stale_temporaries"):
+        proc, _ = start_writer(target, tmp_path / cleanup)
+        proc.kill()  # SIGKILL: the kernel drops its lock, the temporary and lock file stay
+        proc.wait(timeout=30)
+        assert leftovers(tmp_path) == [".cells.h5ad.scllm.lock", f".cells.h5ad.tmp{proc.pid}"]
+        if cleanup == "next write":
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(b"complete")
+            assert target.read_bytes() == b"complete"
+        else:
+            assert remove_stale_temporaries(tmp_path) == [tmp_path / f".cells.h5ad.tmp{proc.pid}"]
+        assert leftovers(tmp_path) == []
+
+
+def test_atomic_path_never_puts_a_file_where_a_folder_is_nor_the_reverse(tmp_path):
+    folder, file = tmp_path / "outdir", tmp_path / "notes.txt"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "kept.txt").write_text("the user's")
+    file.write_text("the user's notes")
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    before = {p: snapshot(p) for p in (folder, file)}
+    for path, kind, write in (
+        (folder, "a folder", Path.write_text),
+        (link, "a link to a folder", Path.write_text),
+        (link, "a link to a folder", lambda tmp, _: tmp.mkdir()),
+        (file, "a file", lambda tmp, _: tmp.mkdir()),
+    ):
+        with pytest.raises(UnsafeOutputError) as err:
+            with atomic_path(path) as tmp:
+                write(tmp, "new")
+        assert str(err.value).startswith(f"{path} is {kind}; writing")
+        assert "Nothing was changed: choose another output path" in str(err.value)
+        assert {p: snapshot(p) for p in (folder, file)} == before
+        assert link.resolve() == folder and leftovers(tmp_path) == []
+    with atomic_path(tmp_path / "other.txt") as tmp:  # the advice: another output path
+        tmp.write_text("new")
+    assert (tmp_path / "other.txt").read_text() == "new"
+
+
+def test_a_file_system_without_locks_still_gets_its_outputs(tmp_path, monkeypatch, caplog):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(io_mod.fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="scllm"):
+        with atomic_path(tmp_path / "out.tsv") as tmp:
+            tmp.write_text("done")
+    assert (tmp_path / "out.tsv").read_text() == "done" and leftovers(tmp_path) == []
+    assert "writers of" in caplog.text and "are not kept apart here" in caplog.text
 
 
 # --- loading checkpoints -------------------------------------------------------------------------

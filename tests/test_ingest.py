@@ -1,7 +1,9 @@
 """Bringing your own h5ad in, streamed: every input layout gives the cells.h5ad that today's path
 gave (the whole file read into memory and written into a local Census by tiledbsoma's
 ``from_anndata``, then sampled), by both streamed routes: sample_census straight from the h5ad
-(the pipeline's census.source: h5ad) and build_local_census's block-wise store."""
+(the pipeline's census.source: h5ad) and build_local_census's block-wise store. And where
+build-census may write: never over a file, a folder holding its input or a folder it did not
+build."""
 
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ import scipy.sparse as sp
 
 from scllm import census as census_mod
 from scllm.census import build_local_census, sample_census, sample_h5ad
-from scllm.errors import InputError
+from scllm.cli import main as cli_main
+from scllm.errors import InputError, UnsafeOutputError
 from scllm.ingest import H5adInput
-from test_census import synthetic_source
+
+from conftest import snapshot, synthetic_source
 
 SAMPLING = dict(max_cells=90, seed=0, disease="normal", chunk_size=16)
 
@@ -321,3 +325,72 @@ def test_a_damaged_h5ad_is_refused_clearly(tmp_path):
             tmp_path / "in.h5ad", tmp_path / "out/cells.h5ad", tmp_path / "out/samples.tsv"
         )
     assert not (tmp_path / "out/cells.h5ad").exists()
+
+
+# --- where build-census may write: nothing it did not build is replaced --------------------------
+
+
+def run_build(capsys, h5ad, out, *options) -> tuple[int, str]:
+    code = cli_main(["build-census", str(h5ad), str(out), *options])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_the_folder_holding_the_input_is_never_the_store(tmp_path, capsys):
+    mydata = tmp_path / "mydata"
+    mydata.mkdir()
+    synthetic_source().write_h5ad(mydata / "cells.h5ad")
+    (mydata / "notes.txt").write_text("the user's notes")
+    before, advice = snapshot(mydata), tmp_path / "mydata_store"
+    for options in ((), ("--overwrite",)):
+        code, err = run_build(capsys, mydata / "cells.h5ad", mydata, *options)
+        assert code == 1
+        assert f"the input {mydata / 'cells.h5ad'} lies inside the output folder {mydata}" in err
+        assert f"give a folder path outside it that does not exist yet, e.g. {advice}" in err
+        assert snapshot(mydata) == before
+    assert run_build(capsys, mydata / "cells.h5ad", advice)[0] == 0  # the advice works
+    assert census_mod._built_from(tmp_path / "mydata_store") == "cells.h5ad"
+    assert snapshot(mydata) == before
+
+
+def test_a_file_or_a_foreign_folder_is_never_the_store(tmp_path, capsys):
+    synthetic_source().write_h5ad(tmp_path / "in.h5ad")
+    existing = tmp_path / "existing_file.h5ad"
+    existing.write_bytes((tmp_path / "in.h5ad").read_bytes())
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "table.tsv").write_text("a\tb\n")
+    for out, problem in (
+        (existing, f"the output {existing} is a file, not a store folder"),
+        (folder, f"the output {folder} is a folder that is not a store scllm build-census built"),
+    ):
+        before = snapshot(out)
+        for options in ((), ("--overwrite",)):
+            code, err = run_build(capsys, tmp_path / "in.h5ad", out, *options)
+            assert code == 1 and problem in err
+            advice = out.with_name(out.stem + "_store")
+            assert f"give a folder path that does not exist yet, e.g. {advice}" in err
+            assert snapshot(out) == before
+        assert run_build(capsys, tmp_path / "in.h5ad", advice)[0] == 0  # the advice works
+        assert census_mod._built_from(advice) == "in.h5ad"
+    with pytest.raises(UnsafeOutputError, match="is a file, not a store folder"):  # Python too
+        build_local_census(tmp_path / "in.h5ad", existing, overwrite=True)
+
+
+def test_its_own_earlier_store_is_replaced_only_with_overwrite(tmp_path, capsys):
+    synthetic_source().write_h5ad(tmp_path / "first.h5ad")
+    synthetic_source(seed=1).write_h5ad(tmp_path / "second.h5ad")
+    store = tmp_path / "store"
+    assert run_build(capsys, tmp_path / "first.h5ad", store)[0] == 0
+    before = snapshot(store)
+    code, err = run_build(capsys, tmp_path / "second.h5ad", store)
+    assert code == 1
+    assert f"the output {store} holds a store scllm build-census built earlier (from " in err
+    assert "first.h5ad)" in err and "pass --overwrite (overwrite=True in Python)" in err
+    with pytest.raises(UnsafeOutputError, match="pass --overwrite"):
+        build_local_census(tmp_path / "second.h5ad", store)
+    assert snapshot(store) == before
+    assert run_build(capsys, tmp_path / "second.h5ad", store, "--overwrite")[0] == 0
+    assert census_mod._built_from(store) == "second.h5ad"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.h5ad", "second.h5ad", "store"]

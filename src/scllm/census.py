@@ -9,8 +9,6 @@ h5ad. ``sample_h5ad`` reads an h5ad directly (``census.source: h5ad``); both str
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -21,9 +19,16 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from scllm.checks import check_counts, check_gene_ids, require_cells, unique_cell_ids
-from scllm.errors import InputError
+from scllm.errors import InputError, UnsafeOutputError
 from scllm.ingest import H5adInput
-from scllm.io import CSRWriter, Progress, atomic_path
+from scllm.io import (
+    CSRWriter,
+    Progress,
+    atomic_path,
+    lies_within,
+    sibling_name,
+    temporary_sibling,
+)
 
 log = logging.getLogger("scllm")
 
@@ -628,17 +633,9 @@ def _sample_through_store(
 ) -> ad.AnnData:
     """sample_census on a local Census built from the h5ad in a temporary folder beside the
     output, removed afterwards (and on the next run, if a killed run left it)."""
-    out_dir = Path(out_h5ad).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".census_store.tmp*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    store = out_dir / f".census_store.tmp{os.getpid()}"
-    try:
+    with temporary_sibling(Path(out_h5ad).parent / "census_store") as store:
         build_local_census(h5ad_path, store, **build)
-        cells = sample_census(out_h5ad, out_samples, uri=str(store), **sample)
-    finally:
-        shutil.rmtree(store, ignore_errors=True)
-    return cells
+        return sample_census(out_h5ad, out_samples, uri=str(store), **sample)
 
 
 def _read_rows(X, joinids: np.ndarray, n_vars: int, chunk_size: int):
@@ -735,6 +732,7 @@ def build_local_census(
     citation: str = "",
     organism: str = "homo_sapiens",
     block_nnz: int = INGEST_BLOCK_NNZ,
+    overwrite: bool = False,
 ) -> None:
     """Write a SOMA store with the Census layout (``census_info``, ``census_data/<organism>``).
 
@@ -742,11 +740,14 @@ def build_local_census(
     are kept; missing ones are filled from the arguments. Genes are keyed on Ensembl ids.
     The counts stream from the h5ad into the store's ``X/raw`` in blocks of at most
     ``block_nnz`` values, so memory holds obs, var and one block, whatever the number of cells.
+    ``uri`` must not exist, or (with ``overwrite``) hold a store this function built: see
+    ``check_store_output``, which refuses it before any work.
     """
     import tiledbsoma as soma
     import tiledbsoma.io  # makes soma.io available: _write_experiment ingests obs and var with it
 
     t0 = time.time()
+    check_store_output(h5ad_path, uri, overwrite)
     with H5adInput(h5ad_path) as source:
         where = f"the input h5ad {h5ad_path}"
         obs, var, matrix = _census_shaped(
@@ -774,6 +775,7 @@ def build_local_census(
         )
         datasets = obs.groupby("dataset_id", observed=True).size()
         with atomic_path(uri) as tmp:
+            check_store_output(h5ad_path, uri, overwrite)  # what appeared meanwhile
             tmp = str(Path(tmp).resolve())  # tiledbsoma relates member URIs on absolute paths
             _write_census_info(tmp, h5ad_path, len(obs), datasets, dataset_title, citation, soma)
             nnz = _write_experiment(tmp, organism, obs, var, matrix, block_nnz, source, soma)
@@ -787,6 +789,57 @@ def build_local_census(
         nnz,
         time.time() - t0,
     )
+
+
+def check_store_output(h5ad_path, uri, overwrite: bool = False) -> None:
+    """Refuse (UnsafeOutputError) a store folder for ``build_local_census`` that would replace
+    what the command did not write: a file, a folder holding the input, or any existing folder
+    but a store it built earlier, which ``overwrite`` allows it to replace."""
+    uri = Path(uri)
+    example = sibling_name(uri, "_store")
+    if (uri.exists() or uri.is_symlink()) and not uri.is_dir():
+        raise UnsafeOutputError(
+            f"the output {uri} is a file, not a store folder; scllm build-census writes a folder "
+            f"and never replaces a file. Nothing was written: give a folder path that does not "
+            f"exist yet, e.g. {example}."
+        )
+    if lies_within(h5ad_path, uri):
+        raise UnsafeOutputError(
+            f"the input {h5ad_path} lies inside the output folder {uri}: the store would replace "
+            "that folder, deleting the input and everything else in it. Nothing was written: "
+            f"give a folder path outside it that does not exist yet, e.g. {example}."
+        )
+    if not uri.is_dir():
+        return
+    source = _built_from(uri)
+    if source is None:
+        raise UnsafeOutputError(
+            f"the output {uri} is a folder that is not a store scllm build-census built, so it "
+            "is left alone (--overwrite replaces only such a store). Nothing was written: give a "
+            f"folder path that does not exist yet, e.g. {example}."
+        )
+    if not overwrite:
+        raise UnsafeOutputError(
+            f"the output {uri} holds a store scllm build-census built earlier (from {source}). "
+            "Nothing was written: pass --overwrite (overwrite=True in Python) to replace it, or "
+            f"give a folder path that does not exist yet, e.g. {example}."
+        )
+
+
+def _built_from(uri: Path) -> str | None:
+    """The input file name a store of build_local_census records (census_info's summary row
+    ``source_h5ad``, which a CELLxGENE Census does not have), or None for any other folder."""
+    import tiledbsoma as soma
+
+    if not (uri / "census_info" / "summary").is_dir():
+        return None
+    try:
+        with soma.DataFrame.open(str((uri / "census_info" / "summary").resolve())) as summary:
+            table = summary.read().concat().to_pandas()
+        values = dict(zip(table["label"], table["value"]))
+    except Exception:  # not a SOMA dataframe, or not this layout
+        return None
+    return values.get("source_h5ad")
 
 
 def _write_census_info(

@@ -51,6 +51,7 @@ def _build_census(args: argparse.Namespace) -> None:
         tissue_general=args.tissue_general,
         disease=args.disease,
         organism=args.organism,
+        overwrite=args.overwrite,
     )
     print(
         f"Wrote a Census-shaped store to {args.out}. "
@@ -71,6 +72,7 @@ def _embed(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
         device=args.device,
+        overwrite=args.overwrite,
     )
     print(
         f"Embedded {summary['n_cells']} cells with {args.model_dir}: vocabulary coverage "
@@ -107,7 +109,11 @@ def _add_build_census(commands) -> None:
         "is_primary_data, disease, cell_type) are kept; the options fill in missing ones.",
     )
     build.add_argument("h5ad", help="input h5ad with raw integer counts in X (or --counts-layer)")
-    build.add_argument("out", help="directory of the store to write")
+    build.add_argument(
+        "out",
+        help="folder of the store to write; it must not exist yet (see --overwrite). A file, a "
+        "folder holding the input and any folder that is not such a store are never replaced",
+    )
     build.add_argument(
         "--dataset-id", help="dataset id for every cell (default: obs.dataset_id or the file name)"
     )
@@ -122,6 +128,11 @@ def _add_build_census(commands) -> None:
     build.add_argument("--tissue-general", default="blood")
     build.add_argument("--disease", default="normal")
     build.add_argument("--organism", default="homo_sapiens")
+    build.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it holds a store that scllm build-census built earlier",
+    )
     build.set_defaults(func=_build_census)
 
 
@@ -141,7 +152,12 @@ def _add_embed(commands) -> None:
         help="a pretrain output directory (best_model.pt, args.json, vocab.json, genes.tsv)",
     )
     embed.add_argument("h5ad", help="input h5ad with counts in X (or --counts-layer), all genes")
-    embed.add_argument("out", help="h5ad to write (obs of the input, obsm['X_scllm'])")
+    embed.add_argument(
+        "out",
+        help="h5ad to write (obs of the input, obsm['X_scllm']); it must not exist yet (see "
+        "--overwrite). The input, the model folder or anything in it, a folder and any file "
+        "that scllm embed did not write are never replaced",
+    )
     embed.add_argument(
         "--gene-id-column",
         help="var column identifying genes, or 'index' for var_names "
@@ -167,6 +183,11 @@ def _add_embed(commands) -> None:
         help="cells read at a time (default: %(default)s)",
     )
     embed.add_argument("--device", choices=["auto", "cpu", "cuda"], default=EmbedConfig.device)
+    embed.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is an h5ad that scllm embed wrote earlier",
+    )
     embed.set_defaults(func=_embed)
 
 

@@ -27,7 +27,8 @@ from scllm.checks import (
 )
 from scllm.config import EmbedConfig
 from scllm.data import RaggedCells, collate
-from scllm.errors import CorruptArtifactError, InputError
+from scllm.errors import CorruptArtifactError, InputError, UnsafeOutputError
+from scllm.io import atomic_path, lies_within, same_file, sibling_name
 from scllm.model import CellTransformer, ModelConfig
 from scllm.tokens import (
     CLS_TOKEN,
@@ -173,14 +174,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _write_embeddings(path, obs: pd.DataFrame, embeddings: np.ndarray, uns: dict) -> None:
+def _embeddings_adata(obs: pd.DataFrame, embeddings: np.ndarray, uns: dict):
     import anndata as ad
 
-    from scllm.io import atomic_path
+    return ad.AnnData(obs=obs, obsm={EMBEDDING_KEY: embeddings}, uns={"scllm": uns})
 
-    adata = ad.AnnData(obs=obs, obsm={EMBEDDING_KEY: embeddings}, uns={"scllm": uns})
+
+def _write_embeddings(path, obs: pd.DataFrame, embeddings: np.ndarray, uns: dict) -> None:
     with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+        _embeddings_adata(obs, embeddings, uns).write_h5ad(tmp)
 
 
 # --- the pipeline's cells: from the token shards -----------------------------------------------
@@ -705,16 +707,70 @@ def embed_h5ad(
     batch_size: int = EmbedConfig.batch_size,
     chunk_size: int = EmbedConfig.chunk_size,
     device: str = EmbedConfig.device,
+    overwrite: bool = False,
 ) -> dict:
     """Embed the cells of any h5ad with a pretrained model; writes obs + ``obsm["X_scllm"]``.
 
     As ``embed`` (the same embeddings for the same cells), from a file: X (or ``counts_layer``)
     is read in row chunks of ``chunk_size`` cells, so memory does not grow with the file.
+    ``out_h5ad`` must not exist, or (with ``overwrite``) be an earlier output of this function:
+    see ``check_embed_output``, which refuses it before any work.
     """
+    t0 = time.time()
+    check_embed_options(batch_size, chunk_size, min_coverage)
+    check_embed_output(model_dir, in_h5ad, out_h5ad, overwrite)
+    # The output is held from here, so a second writer of it is refused now, not after the work.
+    with atomic_path(out_h5ad) as tmp:
+        check_embed_output(model_dir, in_h5ad, out_h5ad, overwrite)  # what appeared meanwhile
+        obs, embeddings, uns, mapping, binning_source = _embed_file(
+            model_dir,
+            in_h5ad,
+            gene_id_column=gene_id_column,
+            counts_layer=counts_layer,
+            min_coverage=min_coverage,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            device=device,
+        )
+        _embeddings_adata(obs, embeddings, uns).write_h5ad(tmp)
+    n_tokens = obs["scllm_n_genes"].to_numpy()
+    log.info(
+        "embed: %d cells (median %d vocabulary genes expressed) -> %s [%d x %d] in %.1fs",
+        len(obs),
+        int(np.median(n_tokens)) if len(obs) else 0,
+        out_h5ad,
+        *embeddings.shape,
+        time.time() - t0,
+    )
+    return {
+        "n_cells": len(obs),
+        "dim": embeddings.shape[1],
+        "coverage": mapping.coverage,
+        "n_found": mapping.n_found,
+        "n_vocab": mapping.n_vocab,
+        "gene_match": mapping.source,
+        "binning_source": binning_source,
+        "n_empty": int((n_tokens == 0).sum()),
+        "columns": mapping.columns,
+        "token_ids": mapping.token_ids,
+    }
+
+
+def _embed_file(
+    model_dir,
+    in_h5ad,
+    *,
+    gene_id_column,
+    counts_layer,
+    min_coverage,
+    batch_size,
+    chunk_size,
+    device,
+):
+    """(obs with scllm_n_genes, embeddings, uns, gene mapping, binning source) for the cells of
+    an h5ad."""
     from scllm.io import open_backed
 
-    check_embed_options(batch_size, chunk_size, min_coverage)
-    t0 = time.time()
     model, genes, n_genes, binning, binning_source = _model_for_embedding(model_dir, device)
     adata = open_backed(in_h5ad)
     obs, var, n_cells = adata.obs.copy(), adata.var.copy(), adata.n_obs
@@ -744,24 +800,68 @@ def embed_h5ad(
     uns = _provenance(
         model_dir, model, mapping, binning, binning_source, str(in_h5ad), counts_layer
     )
-    _write_embeddings(out_h5ad, obs, embeddings, uns)
-    log.info(
-        "embed: %d cells (median %d vocabulary genes expressed) -> %s [%d x %d] in %.1fs",
-        n_cells,
-        int(np.median(n_tokens)) if n_cells else 0,
-        out_h5ad,
-        *embeddings.shape,
-        time.time() - t0,
-    )
-    return {
-        "n_cells": n_cells,
-        "dim": embeddings.shape[1],
-        "coverage": mapping.coverage,
-        "n_found": mapping.n_found,
-        "n_vocab": mapping.n_vocab,
-        "gene_match": mapping.source,
-        "binning_source": binning_source,
-        "n_empty": int((n_tokens == 0).sum()),
-        "columns": mapping.columns,
-        "token_ids": mapping.token_ids,
-    }
+    return obs, embeddings, uns, mapping, binning_source
+
+
+# --- where scllm embed may write -----------------------------------------------------------------
+
+
+def check_embed_output(model_dir, in_h5ad, out_h5ad, overwrite: bool = False) -> None:
+    """Refuse (UnsafeOutputError) an output of ``scllm embed`` that would replace what the
+    command did not write: the input, the model folder or anything in it, a folder, or any file
+    but an earlier output of ``scllm embed``, which ``overwrite`` allows it to replace."""
+    out = Path(out_h5ad)
+    example = sibling_name(in_h5ad, "_embedded.h5ad")
+    if same_file(out, in_h5ad):
+        raise UnsafeOutputError(
+            f"the output {out} is the input h5ad {in_h5ad}: writing there would replace its "
+            f"counts with embeddings. Nothing was written: give another output path, e.g. "
+            f"{example}."
+        )
+    if lies_within(out, model_dir):
+        where = "is" if same_file(out, model_dir) else "lies inside"
+        raise UnsafeOutputError(
+            f"the output {out} {where} the model folder {model_dir}: writing there would "
+            "replace or mix with the trained model. Nothing was written: give an output path "
+            f"outside it, e.g. {example}."
+        )
+    if out.is_dir():
+        raise UnsafeOutputError(
+            f"the output {out} is a folder; scllm embed writes one h5ad file and never replaces "
+            f"a folder. Nothing was written: give a file path, e.g. {out / example.name}."
+        )
+    if not (out.exists() or out.is_symlink()):
+        return
+    earlier = _earlier_embed_output(out)
+    if earlier is None:
+        raise UnsafeOutputError(
+            f"the output {out} exists and is not an h5ad written by scllm embed, so it is left "
+            "alone (--overwrite replaces only an earlier output of scllm embed). Nothing was "
+            f"written: give another output path, e.g. {example}, or move {out} away."
+        )
+    if not overwrite:
+        raise UnsafeOutputError(
+            f"the output {out} exists: embeddings scllm embed wrote earlier (model "
+            f"{earlier.get('model')}, cells of {earlier.get('source')}). Nothing was written: "
+            "pass --overwrite (overwrite=True in Python) to replace them, or give another "
+            f"output path, e.g. {example}."
+        )
+
+
+def _earlier_embed_output(path: Path) -> dict | None:
+    """The ``uns['scllm']`` of an h5ad that ``scllm embed`` wrote (no X, ``obsm['X_scllm']``,
+    cells from a file), or None for anything else: a file of counts, the pipeline's
+    embeddings.h5ad, an AnnData saved after ``scllm.embed``, a file that is not an h5ad."""
+    import h5py
+    from anndata.io import read_elem
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "X" in f or f"obsm/{EMBEDDING_KEY}" not in f or "uns/scllm" not in f:
+                return None
+            uns = read_elem(f["uns/scllm"])
+    except Exception:  # not HDF5, or not laid out as anndata writes it
+        return None
+    if not isinstance(uns, dict) or "vocab_sha256" not in uns:
+        return None
+    return None if uns.get("source") in (None, "token shards", "in memory") else uns

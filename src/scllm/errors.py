@@ -27,6 +27,15 @@ class DiskFullError(ScllmError, OSError):
     """A file could not be written for want of space (the earlier file at its name is kept)."""
 
 
+class UnsafeOutputError(InputError):
+    """An output path where writing would delete or replace something the command did not write
+    (or its own earlier output, unless asked to replace it)."""
+
+
+class OutputBusyError(ScllmError):
+    """Another process is writing the same output now."""
+
+
 # What entry points print as a message: the project's own errors, and the standard types its
 # code raises for input and configuration problems. Anything else is a bug: full traceback.
 REFUSALS = (ScllmError, ValueError, RuntimeError, FileNotFoundError)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import logging
 import os
@@ -20,7 +21,13 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import write_elem
 
-from scllm.errors import REFUSALS, CorruptArtifactError, DiskFullError
+from scllm.errors import (
+    REFUSALS,
+    CorruptArtifactError,
+    DiskFullError,
+    OutputBusyError,
+    UnsafeOutputError,
+)
 
 log = logging.getLogger("scllm")
 
@@ -135,26 +142,42 @@ def atomic_path(path: str | Path):
     """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block succeeds.
 
     A crash or an error therefore never leaves a half-written artifact under the final name.
-    Works for files and directories alike. An error removes the temporary; temporaries of
-    ``path`` left by a killed process (SIGKILL cannot be caught) are removed on the next write.
+    Works for files and directories alike, but never puts a file where a directory is or a
+    directory where a file is (UnsafeOutputError). The process holds ``path``'s writer lock
+    for the whole block: a second writer of ``path`` is refused (OutputBusyError) instead of
+    both writing. An error removes the temporary; temporaries of ``path`` left by a killed
+    process (SIGKILL cannot be caught) are removed on the next write.
     """
     path = Path(path)
+    with temporary_sibling(path) as tmp:
+        try:
+            yield tmp
+            _replace(tmp, path)
+        except (OSError, RuntimeError) as err:
+            if _out_of_space(err):
+                raise DiskFullError(_disk_full_message(path, err)) from err
+            raise
+
+
+@contextlib.contextmanager
+def temporary_sibling(path: str | Path):
+    """Yield ``.NAME.tmpPID`` beside ``path``, removed when the block ends, while holding the
+    writer lock of ``path`` (refused with OutputBusyError if another process holds it). Holding
+    it proves that any other temporary of ``path`` belongs to a writer that is gone: those are
+    removed first."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):  # left by a killed process
-        if _TEMPORARY.match(stale.name):
-            _remove(stale)
+    lock = _take_lock(path)
     try:
-        yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
-        if _out_of_space(err):
-            raise DiskFullError(_disk_full_message(path, err)) from err
-        raise
+        for stale in _temporaries_of(path):
+            _remove(stale)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            yield tmp
+        finally:
+            _remove(tmp)
     finally:
-        _remove(tmp)
+        _release_lock(path, lock)
 
 
 def _out_of_space(err: BaseException) -> bool:
@@ -177,22 +200,122 @@ def _disk_full_message(path: Path, err: BaseException) -> str:
     )
 
 
-_TEMPORARY = re.compile(r"^\..+\.tmp\d+$")  # the names atomic_path gives its temporaries
+def _replace(tmp: Path, path: Path) -> None:
+    new_is_dir = tmp.is_dir()
+    if path.exists() or path.is_symlink():
+        if path.is_dir() != new_is_dir or (new_is_dir and path.is_symlink()):
+            kind = "a folder" if path.is_dir() else "a file"
+            kind = f"a link to {kind}" if path.is_symlink() else kind
+            raise UnsafeOutputError(
+                f"{path} is {kind}; writing {'a folder' if new_is_dir else 'a file'} there would "
+                f"delete it. Nothing was changed: choose another output path, or move {path} "
+                "away."
+            )
+        if new_is_dir:
+            # A folder of the writer's own (build-census refuses any other before it starts;
+            # Snakemake removes a rule's outputs before running it).
+            shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+# The names atomic_path gives its temporaries, and the writer lock files beside them.
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.tmp\d+$")
+_LOCK_SUFFIX = ".scllm.lock"
+
+
+def _lock_file(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_LOCK_SUFFIX}")
+
+
+def _temporaries_of(path: Path) -> list[Path]:
+    found = path.parent.glob(f".{glob.escape(path.name)}.tmp*")
+    return [p for p in found if (m := _TEMPORARY.match(p.name)) and m["target"] == path.name]
+
+
+def _take_lock(path: Path) -> int | None:
+    """An exclusive flock on the writer lock file of ``path`` (its descriptor), or
+    OutputBusyError. The kernel drops the lock when its process ends, however it ends, so a lock
+    that can be taken proves its last holder gone. None where the file system has no locks."""
+    lock = _lock_file(path)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputBusyError(
+                f"another process is writing {path} now; wait for it or choose another output"
+            ) from None
+        except OSError as err:  # e.g. ENOLCK: a network mount without a lock service
+            os.close(fd)
+            log.warning(
+                "cannot lock %s (%s): writers of %s are not kept apart here", lock, err, path
+            )
+            return None
+        try:
+            current = os.stat(lock)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(fd), current):
+            return fd
+        os.close(fd)  # its holder removed that file as we opened it: lock the one there now
+
+
+def _release_lock(path: Path, fd: int | None) -> None:
+    # Unlinked while still held: a process that opened it meanwhile gets its lock only once it
+    # is gone from the path, sees that and locks the new file (_take_lock).
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_lock_file(path))
+    if fd is not None:
+        os.close(fd)
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     """Delete the temporaries (``.NAME.tmpPID``) that atomic_path leaves behind only when its
-    process is killed outright (SIGKILL, out of memory, node failure). For a stage's own output
-    folder, before it writes there; returns what was removed."""
+    process is killed outright (SIGKILL, out of memory, node failure), and their lock files.
+    A temporary whose writer still runs (it holds the lock of NAME) is left alone. For a stage's
+    own output folder, before it writes there; returns what was removed."""
     directory = Path(directory)
-    stale = (
-        [p for p in directory.glob(".*.tmp*") if _TEMPORARY.match(p.name)]
-        if directory.is_dir()
-        else []
-    )
-    for path in stale:
-        _remove(path)
-    return stale
+    if not directory.is_dir():
+        return []
+    removed = []
+    targets = {m["target"] for p in directory.glob(".*.tmp*") if (m := _TEMPORARY.match(p.name))}
+    targets |= {p.name[1 : -len(_LOCK_SUFFIX)] for p in directory.glob(f".*{_LOCK_SUFFIX}")}
+    for name in sorted(targets):
+        try:
+            lock = _take_lock(directory / name)
+        except OutputBusyError:
+            continue  # its writer is alive
+        try:
+            for stale in _temporaries_of(directory / name):
+                _remove(stale)
+                removed.append(stale)
+        finally:
+            _release_lock(directory / name, lock)
+    return removed
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (links followed, hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def lies_within(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies anywhere below it (links followed)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def sibling_name(path: str | Path, suffix: str) -> Path:
+    """``path`` with ``suffix`` added to its name (``data/x`` -> ``data/x_store``), to suggest
+    another output beside one that is refused."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        path = path.resolve()
+    return path.with_name(path.stem + suffix)
 
 
 def require_obs_columns(
