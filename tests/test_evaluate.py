@@ -87,6 +87,32 @@ def test_leiden_recovers_separated_clusters_and_not_random_labels(separated):
     assert abs(chance["ari"]) < 0.05 and chance["nmi"] < 0.1
 
 
+def test_neighbour_graph_is_exact_past_scanpys_dense_limit():
+    """Above 8,192 cells scanpy would switch to approximate neighbours (and, with the pinned
+    scipy, crash); the graph's neighbour sets match a brute-force search."""
+    X = np.random.default_rng(3).normal(size=(10_000, 16)).astype(np.float32)
+    graph = neighbors_graph(X, n_neighbors=15)
+    distances = graph.obsp["distances"]
+    assert distances.shape == (10_000, 10_000) and graph.obsp["connectivities"].nnz > 0
+    for row in np.random.default_rng(4).choice(len(X), 200, replace=False):
+        d = np.sqrt(((X.astype(np.float64) - X[row]) ** 2).sum(axis=1))
+        d[row] = np.inf  # a cell is not its own neighbour in the graph
+        nearest = np.argsort(d)[:14]
+        found = distances[[row]]
+        assert set(found.indices) == set(nearest), f"row {row}"
+        np.testing.assert_allclose(np.sort(found.data), np.sort(d[nearest]), rtol=1e-4, atol=1e-5)
+
+
+def test_neighbour_graph_below_the_limit_is_scanpys_default():
+    """Small runs (the demo) keep scanpy's own graph, so their figures do not move."""
+    X, _, _ = blobs(n_per=250, dim=16)
+    ours = neighbors_graph(X, n_neighbors=15)
+    default = ad.AnnData(obs=pd.DataFrame(index=ours.obs_names), obsm={"rep": X})
+    sc.pp.neighbors(default, n_neighbors=15, use_rep="rep", random_state=0)
+    for key in ("distances", "connectivities"):
+        assert (ours.obsp[key] != default.obsp[key]).nnz == 0, key
+
+
 def test_silhouette_known_cases(separated):
     X, labels, samples = separated
     assert silhouette(X, labels) > 0.9

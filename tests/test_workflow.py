@@ -383,3 +383,84 @@ def test_a_damaged_shard_stops_pretrain_and_the_fix_it_names_works(demo_run, tmp
     snakemake(workdir, "--configfile", tiny, *fix.split()[1:])  # the fix, as the message words it
     assert (results / "model/best_model.pt").exists()
     assert "shard_00000.h5 has sha256" not in (results / "logs/pretrain.log").read_text()
+
+
+def thinned_pbmc_copies(n_copies: int, prefix: str, seed: int) -> ad.AnnData:
+    """PBMC 3k ``n_copies`` times over, each copy a donor of its own whose counts are binomially
+    thinned (p = 0.8): real cell-type structure, and no two cells identical."""
+    pbmc = ad.read_h5ad(REPO / "resources" / "pbmc3k" / "pbmc3k.h5ad")
+    rng = np.random.default_rng(seed)
+    copies = []
+    for i in range(n_copies):
+        counts = pbmc.X.copy()
+        counts.data = rng.binomial(counts.data.astype(np.int64), 0.8).astype(np.float32)
+        counts.eliminate_zeros()
+        obs = pbmc.obs[["celltype"]].assign(donor=f"donor{i}")
+        obs.index = [f"{prefix}{i}_{name}" for name in pbmc.obs_names]
+        copies.append(ad.AnnData(X=counts, obs=obs, var=pbmc.var))
+    return ad.concat(copies, merge="same")
+
+
+LABEL_METRICS = [
+    "knn_accuracy_cv",
+    "knn_macro_f1_cv",
+    "knn_accuracy_heldout_sample",
+    "knn_macro_f1_heldout_sample",
+    "leiden_ari",
+    "leiden_nmi",
+    "silhouette_label",
+    "silhouette_sample",
+]
+
+
+def test_a_real_datasets_size_embeds_evaluates_and_reports(tmp_path):
+    """Past the 8,192 cells where scanpy's own choice of neighbour search breaks: evaluate scores
+    all of ~21,600 cells (eight donors) and evaluate_heldout 21,600 other cells, tiny model."""
+    workdir = copy_workflow(tmp_path)
+    thinned_pbmc_copies(8, "run", seed=1).write_h5ad(workdir / "cells.h5ad")
+    thinned_pbmc_copies(8, "new", seed=2).write_h5ad(workdir / "new_cells.h5ad")
+    source = {"path": "cells.h5ad", "dataset_id": "pbmc3k_x8", "donor_id": None}
+    config = write_config(
+        workdir,
+        "large.yaml",
+        {
+            **TINY_TRAINING,
+            "run": "large",
+            "census": {"h5ad": {**source, "donor_column": "donor"}},
+            "hvg": {"n_top_genes": 300},  # shorter cells: training and embedding take less time
+            "train": {**TINY_TRAINING["train"], "batch_size": 256},
+            "embed": {"cells": "all"},
+            "evaluate": {"max_cells": 50_000},
+            "heldout": {
+                "path": "new_cells.h5ad",
+                "label_key": "celltype",
+                "batch_key": "donor",
+                "gene_id_column": "gene_ids",
+            },
+        },
+    )
+    snakemake(workdir, "--configfile", config, timeout=1200)
+    results = workdir / "results" / "large"
+
+    n_cells = ad.read_h5ad(results / "embeddings.h5ad", backed="r").n_obs
+    assert n_cells > 20_000  # a few thinned cells may fall under QC's gene minimum
+    tables = {
+        "evaluation": (f"{n_cells} (all)", ["masked_mse_expression", "masked_mse_gepc"]),
+        "evaluation/heldout": ("21600 (held out: new_cells.h5ad)", []),
+    }
+    for folder, (cells, other_rows) in tables.items():
+        table = pd.read_csv(results / folder / "metrics.tsv", sep="\t").set_index("metric")
+        assert list(table.index) == LABEL_METRICS + other_rows, folder
+        assert (table.loc[LABEL_METRICS, "cells"] == cells).all(), folder
+        assert np.isfinite(table[["scllm", "baseline"]].to_numpy(float)).all(), folder
+        # eight cell types, each in every donor: the baseline tells them apart
+        assert table.loc["knn_accuracy_cv", "baseline"] > 0.8, folder
+        for output in ("metrics.html", "umap_cell_type.png"):
+            assert (results / folder / output).stat().st_size > 0, f"{folder}/{output}"
+    assert f"{n_cells} cells in, {n_cells} scored" in (results / "logs/evaluate.log").read_text()
+    log = (results / "logs" / "evaluate_heldout.log").read_text()
+    assert "21600 cells, 21600 scored" in log
+    report = (results / "report.html").read_text()
+    for section in ("Cell embedding vs PCA", "UMAP by cell type", "UMAP by sample"):
+        assert f"<h2>{section}</h2>" in report
+    assert f"{n_cells} (all)" in report and "silhouette_sample" in report  # eight samples

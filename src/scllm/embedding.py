@@ -660,7 +660,7 @@ def embed(
 
         import scanpy as sc, scllm
         scllm.embed(adata, "results/demo/model")
-        sc.pp.neighbors(adata, use_rep="X_scllm")
+        sc.pp.neighbors(adata, use_rep="X_scllm", transformer="sklearn")  # exact, any size
     """
     check_embed_options(batch_size, chunk_size, min_coverage)
     if layer and layer not in adata.layers:
