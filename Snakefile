@@ -25,6 +25,7 @@ rule all:
     default_target: True
     input:
         rules.pretrain.output,
+        rules.training_pca.output,
         rules.evaluate.output,
         rules.report.output,
         rules.evaluate_heldout.output if config["heldout"]["path"] else [],  # defined only then

@@ -260,6 +260,7 @@ def run_one(job: dict) -> dict:
         )
         emb = ad.read_h5ad(emb_path)
         masked = masked_value_error(Path(tmp) / "epochs.tsv")
+        transfer = transfer_scores(tmp, results) if job["transfer"] else {}
     labels = emb.obs[job["label_key"]].astype(str).to_numpy()
     scores, _ = score_representation(
         np.asarray(emb.obsm["X_scllm"]), labels, emb.obs["sample"].astype(str), umap=False, seed=0
@@ -277,7 +278,27 @@ def run_one(job: dict) -> dict:
         "best_epoch": masked["epoch"],
         "train_s": round(train_s, 1),
         "dim": int(emb.obsm["X_scllm"].shape[1]),
+        **transfer,
     }
+
+
+def transfer_scores(model_dir, results: Path, representation: str = "model") -> dict:
+    """Transfer kNN accuracy of ``representation`` to each shifted copy of PBMC 3k
+    (benchmarks/transfer.py), keyed ``transfer:<shift>``. The training PCA is the demo's: every
+    variant trains on the same cells."""
+    import shutil
+
+    import anndata as ad
+
+    from scllm.eval.shifts import SHIFTS, transfer_table
+
+    if not (Path(model_dir) / "training_pca.npz").exists():
+        shutil.copy(results / "model" / "training_pca.npz", model_dir)
+    adata = ad.read_h5ad(REPO / "resources" / "pbmc3k" / "pbmc3k.h5ad")
+    adata = adata[adata.obs["celltype"].notna()].copy()
+    table = transfer_table(model_dir, adata, "celltype", gene_id_column="gene_ids")
+    table = table[table["representation"] == representation].set_index("shift")
+    return {f"transfer:{s.name}": float(table.loc[s.name, "accuracy"]) for s in SHIFTS[1:]}
 
 
 def pca_reference(results: Path, label_key: str) -> dict:
@@ -313,7 +334,14 @@ def summarise(rows: list[dict], reference: dict, order: list[str]) -> str:
             else f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
         )
 
-    head = ["variant", "seeds", *METRICS, "train s"]
+    shifts = sorted({k for r in rows for k in r if k.startswith("transfer:")}, key=str)
+    extra = ["transfer mean", "transfer worst"] if shifts else []
+
+    def transfer(run: dict) -> list[float]:
+        values = [run.get(k, np.nan) for k in shifts]
+        return [float(np.mean(values)), float(np.min(values))]
+
+    head = ["variant", "seeds", *METRICS, *extra, "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in order:
         runs = [r for r in rows if r["variant"] == name]
@@ -326,15 +354,20 @@ def summarise(rows: list[dict], reference: dict, order: list[str]) -> str:
             else f"{np.mean([r[m] for r in runs]):.1f}"
             for m in METRICS
         ]
+        if shifts:
+            fmt += [cell([transfer(r)[i] for r in runs]) for i in (0, 1)]
         lines.append(
             f"| {name} | {seeds} | "
             + " | ".join(fmt)
             + f" | {np.mean([r['train_s'] for r in runs]):.0f} |"
         )
+    pca_transfer = [f"{v:.3f}" for v in transfer(reference)] if shifts else []
     lines.append(
-        "| PCA-50 (reference) | - | "
+        "| PCA-50 (reference; transfer: the training PCA projected) | - | "
         + " | ".join(f"{reference[m]:.3f}" for m in METRICS[:5])
-        + " | | | |"
+        + " | | | "
+        + " | ".join(pca_transfer)
+        + (" | |" if shifts else "|")
     )
     return "\n".join(lines) + "\n"
 
@@ -356,6 +389,11 @@ def main(argv=None) -> None:
         "--jobs", type=int, default=1, help="runs in parallel (each on --threads threads)"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--transfer",
+        action="store_true",
+        help="also score transfer to shifted copies of PBMC 3k (benchmarks/transfer.py)",
+    )
     parser.add_argument(
         "--results", default=str(REPO / "results" / "demo"), help="a finished demo run"
     )
@@ -404,6 +442,7 @@ def main(argv=None) -> None:
             "threads": args.threads,
             "results": str(results),
             "label_key": label_key,
+            "transfer": args.transfer,
         }
         for s in args.seeds
         for v in args.variants
@@ -437,6 +476,8 @@ def main(argv=None) -> None:
                 flush=True,
             )
     reference = pca_reference(results, label_key)
+    if any("transfer:depth 50%" in r for r in rows):
+        reference.update(transfer_scores(results / "model", results, "training PCA, projected"))
     table = summarise(
         rows, reference, [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     )

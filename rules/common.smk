@@ -1,4 +1,5 @@
 # Shared helpers: where a run's files live, and which Census the sampling stage reads.
+import json
 import os
 import re
 from pathlib import Path
@@ -27,6 +28,55 @@ config["run"] = RUN = run_name()
 RESULTS = f"results/{RUN}"
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
+
+
+# Settings a model may change when it continues another (train.init_from): regularisation only.
+# Every other model setting shapes the weights or what they mean.
+ADAPTABLE_MODEL_SETTINGS = ("dropout", "attn_dropout")
+PARENT_FILES = ("best_model.pt", "args.json", "vocab.json", "genes.tsv")
+
+
+def parent_model():
+    """train.init_from, checked before any job: a model folder whose size this run's model:
+    matches (and whose n_bins normalize_bin uses). None when the run starts from scratch."""
+    folder = config["train"]["init_from"]
+    if not folder:
+        return None
+    missing = [name for name in PARENT_FILES if not (Path(folder) / name).is_file()]
+    if missing:
+        raise WorkflowError(
+            f"train.init_from: {folder} is not a trained model folder (it lacks "
+            f"{', '.join(missing)}); give the folder a pretrain run wrote, e.g. "
+            "results/demo/model"
+        )
+    parent = json.loads((Path(folder) / "args.json").read_text())["model"]
+    differ = [
+        f"model.{key}: {config['model'][key]!r} here, {parent[key]!r} in {folder}"
+        for key in config["model"]
+        if key not in ADAPTABLE_MODEL_SETTINGS and key in parent
+        if config["model"][key] != parent[key]
+    ]
+    if config["normalize_bin"]["n_bins"] != parent["n_bins"]:
+        differ.append(
+            f"normalize_bin.n_bins: {config['normalize_bin']['n_bins']} here, "
+            f"{parent['n_bins']} in {folder}"
+        )
+    if differ:
+        raise WorkflowError(
+            f"train.init_from: {folder} is a model of another shape than this run's:\n  "
+            + "\n  ".join(differ)
+            + "\nSet these as the model has them (its args.json), or remove train.init_from "
+            "to train a new model."
+        )
+    return folder
+
+
+PARENT = parent_model()
+
+
+def parent_files(wildcards):
+    """The continued model's files, as inputs: a new model there reruns what used it."""
+    return {f"parent_{Path(n).stem}": f"{PARENT}/{n}" for n in PARENT_FILES} if PARENT else {}
 
 
 def census_input(wildcards):

@@ -42,21 +42,42 @@ rule filter_qc:
         "../workflow/scripts/filter_qc.py"
 
 
-rule select_hvg:
-    input:
-        h5ad=rules.filter_qc.output.h5ad,
-    output:
-        table=f"{RESULTS}/hvg.tsv",
-    log:
-        f"{LOGS}/select_hvg.log",
-    benchmark:
-        f"{BENCH}/select_hvg.tsv"
-    conda:
-        "../envs/data.yaml"
-    params:
-        hvg=config["hvg"],
-    script:
-        "../workflow/scripts/select_hvg.py"
+if PARENT:
+
+    rule select_hvg:
+        """train.init_from: the vocabulary is the continued model's (its genes.tsv, in token
+        order), marking the genes these cells lack; they never appear in the tokens."""
+        input:
+            unpack(parent_files),
+            h5ad=rules.filter_qc.output.h5ad,
+        output:
+            table=f"{RESULTS}/hvg.tsv",
+        log:
+            f"{LOGS}/select_hvg.log",
+        benchmark:
+            f"{BENCH}/select_hvg.tsv"
+        conda:
+            "../envs/data.yaml"
+        script:
+            "../workflow/scripts/vocabulary_from_model.py"
+
+else:
+
+    rule select_hvg:
+        input:
+            h5ad=rules.filter_qc.output.h5ad,
+        output:
+            table=f"{RESULTS}/hvg.tsv",
+        log:
+            f"{LOGS}/select_hvg.log",
+        benchmark:
+            f"{BENCH}/select_hvg.tsv"
+        conda:
+            "../envs/data.yaml"
+        params:
+            hvg=config["hvg"],
+        script:
+            "../workflow/scripts/select_hvg.py"
 
 
 rule normalize_bin:

@@ -26,10 +26,47 @@ rule embed:
         "../workflow/scripts/embed.py"
 
 
+if PARENT:
+
+    rule embed_zero_shot:
+        """train.init_from: the same cells embedded by the continued model as it was (zero-shot),
+        for evaluate to set beside the adapted one."""
+        input:
+            shards=rules.tokenize_shards.output.shards,
+            binned=rules.normalize_bin.output.h5ad,
+            model=f"{PARENT}/best_model.pt",
+            args=f"{PARENT}/args.json",
+        output:
+            h5ad=f"{RESULTS}/evaluation/zero_shot_embeddings.h5ad",
+        log:
+            f"{LOGS}/embed_zero_shot.log",
+        benchmark:
+            f"{BENCH}/embed_zero_shot.tsv"
+        conda:
+            "../envs/train.yaml"
+        threads: 4
+        params:
+            embed=config["embed"],
+        script:
+            "../workflow/scripts/embed.py"
+
+
+def zero_shot_inputs(wildcards):
+    """train.init_from: the continued model's embedding of these cells, and its training PCA
+    where it kept one (the zero-shot baselines of an adapted model)."""
+    if not PARENT:
+        return {}
+    inputs = {"zero_shot": rules.embed_zero_shot.output.h5ad}
+    if (Path(PARENT) / "training_pca.npz").exists():
+        inputs["parent_pca"] = f"{PARENT}/training_pca.npz"
+    return inputs
+
+
 rule evaluate:
     """kNN accuracy/macro-F1, Leiden ARI/NMI and silhouettes of the embeddings and of a PCA
     baseline on the labelled cells; masked-value error of the best model; UMAPs."""
     input:
+        unpack(zero_shot_inputs),
         embeddings=rules.embed.output.h5ad,
         filtered=rules.filter_qc.output.h5ad,
         hvg=rules.select_hvg.output.table,
@@ -73,17 +110,39 @@ rule evaluate:
         "../workflow/scripts/evaluate.py"
 
 
+rule training_pca:
+    """PCA of the training cells' log-normalized vocabulary genes, kept in the model folder: the
+    zero-shot baseline that cells the model never saw are projected onto."""
+    input:
+        filtered=rules.filter_qc.output.h5ad,
+        hvg=rules.select_hvg.output.table,
+        split=rules.split.output.table,
+    output:
+        npz=f"{RESULTS}/model/training_pca.npz",
+    log:
+        f"{LOGS}/training_pca.log",
+    benchmark:
+        f"{BENCH}/training_pca.tsv"
+    conda:
+        "../envs/eval.yaml"
+    params:
+        pca={k: config["evaluate"][k] for k in ("n_pcs", "max_cells", "seed")},
+    script:
+        "../workflow/scripts/training_pca.py"
+
+
 # Only defined when asked for (heldout.path), so a run without held-out cells has no such target.
 if config["heldout"]["path"]:
 
     rule evaluate_heldout:
         """The same scores on cells the model never saw (heldout.path): embedded like `scllm embed`,
-        against a PCA baseline fitted on those cells."""
+        against PCA fitted on those cells and the training cells' PCA projected onto them."""
         input:
             h5ad=config["heldout"]["path"],
             model=rules.pretrain.output.model,
             args=rules.pretrain.output.args,
             vocab=rules.pretrain.output.vocab,
+            training_pca=rules.training_pca.output.npz,
         output:
             embeddings=f"{RESULTS}/evaluation/heldout/embeddings.h5ad",
             table=report(

@@ -5,6 +5,7 @@
 
 rule pretrain:
     input:
+        unpack(parent_files),  # train.init_from: the model it continues
         shards=rules.tokenize_shards.output.shards,
     output:
         model=f"{RESULTS}/model/best_model.pt",

@@ -376,3 +376,65 @@ def workflow_copy(tmp_path) -> Path:
 def config_writer():
     """``write_config(workdir, name, overrides)``."""
     return write_config
+
+
+# --- a model and cells it never saw -------------------------------------------------------------
+
+
+def write_heldout_files(root, training_pca: bool = True):
+    """A random-initialised model over 30 genes and an h5ad of 90 new cells of 3 types (each type
+    expresses its own block of vocabulary genes), plus 10 genes outside the vocabulary and 6
+    cells labelled 'unknown'. The model folder holds a training PCA (fitted on other cells of the
+    same types) unless ``training_pca`` is False."""
+    import json
+    from dataclasses import asdict
+
+    import torch
+
+    from scllm.model import CellTransformer, ModelConfig
+    from scllm.tokens import build_vocab, vocab_sha256, write_vocab
+
+    ids = [f"ENSG{i:011d}" for i in range(30)]
+    model_dir = root / "model"
+    model_dir.mkdir()
+    vocab = build_vocab(ids)
+    write_vocab(vocab, model_dir / "vocab.json")
+    pd.DataFrame(
+        {"feature_id": ids, "feature_name": [f"G{i}" for i in range(30)], "token_id": range(30)}
+    ).to_csv(model_dir / "genes.tsv", sep="\t", index=False)
+    cfg = ModelConfig(
+        vocab_size=32, n_bins=11, n_layers=1, n_heads=2, d_model=16, d_ff=32, dropout=0.0
+    )
+    torch.manual_seed(0)
+    torch.save(CellTransformer(cfg).state_dict(), model_dir / "best_model.pt")
+    (model_dir / "args.json").write_text(
+        json.dumps({"model": asdict(cfg), "data": {"vocab_sha256": vocab_sha256(vocab)}})
+    )
+
+    rng = np.random.default_rng(0)
+
+    def cells_of_three_types():
+        types = np.repeat(["B", "T", "NK"], 32)
+        counts = rng.poisson(0.3, (96, 40)).astype(np.float32)
+        for t, block in zip(["B", "T", "NK"], [range(0, 10), range(10, 20), range(20, 30)]):
+            counts[np.ix_(types == t, list(block))] += rng.poisson(5, ((types == t).sum(), 10))
+        return types, counts
+
+    types, counts = cells_of_three_types()
+    labels = types.astype(object)
+    labels[::16] = "unknown"
+    # The file's genes: vocabulary genes in another order (columns shuffled), then 10 others.
+    order = rng.permutation(40)
+    var_ids = ids + [f"ENSG9{i:010d}" for i in range(10)]
+    obs = pd.DataFrame({"cell_type": labels, "donor": "d1"}, index=[f"new{i}" for i in range(96)])
+    var = pd.DataFrame(index=np.asarray(var_ids)[order])
+    h5ad = root / "new cells.h5ad"
+    ad.AnnData(X=sp.csr_matrix(counts[:, order]), obs=obs, var=var).write_h5ad(h5ad)
+    if training_pca:
+        from scllm.eval.baselines import fit_training_pca
+
+        _, train = cells_of_three_types()  # other cells, as the model's training cells
+        log_normalized = np.log1p(1e4 * train[:, :30] / train.sum(1, keepdims=True))
+        pca = fit_training_pca(sp.csr_matrix(log_normalized), ids, n_pcs=5)
+        pca.save(model_dir / "training_pca.npz")
+    return model_dir, h5ad, counts, labels

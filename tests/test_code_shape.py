@@ -68,7 +68,14 @@ MAY_IMPORT = {
 }
 # Modules the torch-less environments run (envs/data.yaml, envs/eval.yaml): torch only inside
 # functions there.
-WITHOUT_TORCH = ("prep", "eval/evaluate.py", "eval/metrics.py", "eval/report.py", "eval/genes.py")
+WITHOUT_TORCH = (
+    "prep",
+    "eval/baselines.py",
+    "eval/evaluate.py",
+    "eval/metrics.py",
+    "eval/report.py",
+    "eval/genes.py",
+)
 MAX_PARAMETERS = 8
 # A stage function whose keywords are its config/schema.yaml section (tests/test_config.py holds
 # them to the schema's defaults): normalize_bin's section has five settings, beside its two

@@ -3,6 +3,8 @@ outputs."""
 
 from __future__ import annotations
 
+import logging
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -19,6 +21,8 @@ from scllm.eval.metrics import (
     silhouette,
 )
 from scllm.eval.report import TABLE_COLUMNS
+
+from conftest import write_heldout_files
 
 
 def blobs(n_per=60, n_types=4, dim=8, spread=0.3, seed=0, n_samples=1):
@@ -267,57 +271,11 @@ def test_evaluate_writes_table_and_umaps(tmp_path):
 # --- held-out evaluation: cells the model never saw ----------------------------------------------
 
 
-def heldout_files(root):
-    """A random-initialised model over 30 genes and an h5ad of 90 new cells of 3 types (each type
-    expresses its own block of vocabulary genes), plus 10 genes outside the vocabulary and 6
-    cells labelled 'unknown'."""
-    import json
-    from dataclasses import asdict
-
-    import torch
-
-    from scllm.model import CellTransformer, ModelConfig
-    from scllm.tokens import build_vocab, vocab_sha256, write_vocab
-
-    ids = [f"ENSG{i:011d}" for i in range(30)]
-    model_dir = root / "model"
-    model_dir.mkdir()
-    vocab = build_vocab(ids)
-    write_vocab(vocab, model_dir / "vocab.json")
-    pd.DataFrame(
-        {"feature_id": ids, "feature_name": [f"G{i}" for i in range(30)], "token_id": range(30)}
-    ).to_csv(model_dir / "genes.tsv", sep="\t", index=False)
-    cfg = ModelConfig(
-        vocab_size=32, n_bins=11, n_layers=1, n_heads=2, d_model=16, d_ff=32, dropout=0.0
-    )
-    torch.manual_seed(0)
-    torch.save(CellTransformer(cfg).state_dict(), model_dir / "best_model.pt")
-    (model_dir / "args.json").write_text(
-        json.dumps({"model": asdict(cfg), "data": {"vocab_sha256": vocab_sha256(vocab)}})
-    )
-
-    rng = np.random.default_rng(0)
-    types = np.repeat(["B", "T", "NK"], 32)
-    counts = rng.poisson(0.3, (96, 40)).astype(np.float32)
-    for t, block in zip(["B", "T", "NK"], [range(0, 10), range(10, 20), range(20, 30)]):
-        counts[np.ix_(types == t, list(block))] += rng.poisson(5, ((types == t).sum(), 10))
-    labels = types.astype(object)
-    labels[::16] = "unknown"
-    # The file's genes: vocabulary genes in another order (columns shuffled), then 10 others.
-    order = rng.permutation(40)
-    var_ids = ids + [f"ENSG9{i:010d}" for i in range(10)]
-    obs = pd.DataFrame({"cell_type": labels, "donor": "d1"}, index=[f"new{i}" for i in range(96)])
-    var = pd.DataFrame(index=np.asarray(var_ids)[order])
-    h5ad = root / "new cells.h5ad"
-    ad.AnnData(X=sp.csr_matrix(counts[:, order]), obs=obs, var=var).write_h5ad(h5ad)
-    return model_dir, h5ad, counts, labels
-
-
 def test_heldout_evaluation_embeds_new_cells_and_fits_pca_on_them(tmp_path):
     from scllm.eval.embed import embed_h5ad
     from scllm.eval.evaluate import evaluate_heldout, log_normalized_vocab_genes
 
-    model_dir, h5ad, counts, labels = heldout_files(tmp_path)
+    model_dir, h5ad, counts, labels = write_heldout_files(tmp_path)
     out = tmp_path / "heldout"
     out.mkdir()
     table = evaluate_heldout(
@@ -332,7 +290,14 @@ def test_heldout_evaluation_embeds_new_cells_and_fits_pca_on_them(tmp_path):
         n_pcs=5,
     )
     labelled = labels != "unknown"
-    rows = table.set_index("metric")
+    groups = {name: group.set_index("metric") for name, group in table.groupby("baseline_method")}
+    fitted = "PCA-5 of log-normalized vocabulary genes (fitted on these cells)"
+    projected = "PCA-5 of the training cells, projected (zero-shot)"
+    assert sorted(groups) == [fitted, projected]
+    rows = groups[fitted]
+    # the training cells' PCA finds the three types too (their gene blocks are the same)
+    assert groups[projected].loc["knn_accuracy_cv", "baseline"] == 1.0
+    pd.testing.assert_series_equal(groups[projected]["scllm"], rows["scllm"])  # the model's, twice
     assert rows.loc["knn_accuracy_cv", "cells"] == f"{labelled.sum()} (held out: new cells.h5ad)"
     # The three types are separable from their gene blocks: the baseline on the same cells finds
     # them.
@@ -366,7 +331,7 @@ def _vocab_columns(h5ad):
 def test_heldout_evaluation_refuses_files_without_labels(tmp_path):
     from scllm.eval.evaluate import evaluate_heldout
 
-    model_dir, h5ad, _, _ = heldout_files(tmp_path)
+    model_dir, h5ad, _, _ = write_heldout_files(tmp_path)
     with pytest.raises(ValueError, match="no obs column 'celltype'"):
         evaluate_heldout(
             model_dir,
@@ -379,3 +344,28 @@ def test_heldout_evaluation_refuses_files_without_labels(tmp_path):
             device="cpu",
         )
     assert not any((tmp_path / name).exists() for name in ("e.h5ad", "m.tsv", "m.html", "u.png"))
+
+
+def test_heldout_evaluation_of_a_model_without_training_pca_scores_the_other_baseline(
+    tmp_path, caplog
+):
+    """Models trained before the training PCA was kept still evaluate, with a warning."""
+    from scllm.eval.evaluate import evaluate_heldout
+
+    model_dir, h5ad, _, _ = write_heldout_files(tmp_path, training_pca=False)
+    with caplog.at_level(logging.WARNING, logger="scllm"):
+        table = evaluate_heldout(
+            model_dir,
+            h5ad,
+            tmp_path / "e.h5ad",
+            tmp_path / "m.tsv",
+            tmp_path / "m.html",
+            tmp_path / "u.png",
+            label_key="cell_type",
+            device="cpu",
+            n_pcs=5,
+        )
+    assert table["baseline_method"].unique().tolist() == [
+        "PCA-5 of log-normalized vocabulary genes (fitted on these cells)"
+    ]
+    assert "has no training_pca.npz" in caplog.text and "--forcerun training_pca" in caplog.text

@@ -82,6 +82,9 @@ class TrainConfig:
     # Initial gene embeddings: "random" (normal, std 0.02) or "pca": the genes' loadings on the
     # principal axes of the training cells' bins (co-expressed genes start close together).
     gene_emb_init: str = "random"
+    # A trained model folder whose weights this run starts from (its vocabulary must be the
+    # shards'); this run's optimizer and schedule then train them. None: a new model.
+    init_from: str | None = None
     seed: int = 0
     checkpoint_every_steps: int = 1000
     max_steps: int | None = None  # stop (with a checkpoint) after this many global steps

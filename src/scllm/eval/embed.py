@@ -236,6 +236,7 @@ def embed_h5ad(
         "binning_source": binning_source,
         "n_empty": int((n_tokens == 0).sum()),
         "columns": mapping.columns,
+        "token_ids": mapping.token_ids,
     }
 
 

@@ -52,14 +52,14 @@ def log_normalized_hvgs(
         raise ValueError(
             f"{int((columns < 0).sum())} HVGs are not genes of {filtered_h5ad}; rerun select_hvg"
         )
-    matrix = _log_normalized_rows(
+    matrix = log_normalized_rows(
         lambda start, stop: read_rows(adata, start, stop), adata.n_obs, columns, rows, chunk_size
     )
     adata.file.close()
     return matrix
 
 
-def _log_normalized_rows(read_block, n_obs: int, columns, rows, chunk_size: int) -> sp.csr_matrix:
+def log_normalized_rows(read_block, n_obs: int, columns, rows, chunk_size: int) -> sp.csr_matrix:
     """log1p(normalize_total(counts, 1e4)) of ``columns`` for ``rows`` (in that order), totals over
     all genes; ``read_block(start, stop)`` gives a CSR block of counts, read in row chunks."""
     from scllm.prep.binning import normalize_total
@@ -134,15 +134,15 @@ def labelled_cells(
 
 def score_against_pca(
     X: np.ndarray,
-    pca: np.ndarray,
+    baselines: dict[str, np.ndarray],
     labels,
     samples,
     cfg: EvaluateConfig,
     cells: str,
-    baseline_name: str,
 ) -> tuple[list[dict], dict]:
-    """Score the embeddings ``X`` and the PCA baseline of the same cells; the metrics-table rows
-    and the UMAP panels. ``cells`` and ``baseline_name`` describe them in the table."""
+    """Score the embeddings ``X`` and each baseline (name -> coordinates of the same cells); the
+    metrics-table rows (one group per baseline, named by it) and the UMAP panels. ``cells``
+    describes the cells in the table."""
     label_key, batch_key = cfg.label_key, cfg.batch_key
     labels, samples = np.asarray(labels).astype(str), np.asarray(samples).astype(str)
     n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
@@ -154,14 +154,33 @@ def score_against_pca(
         seed=int(cfg.seed),
     )
     ours, ours_umap = score_representation(X, labels, samples, **common)
-    base, base_umap = score_representation(pca, labels, samples, **common)
+    panels = {f"scLLM ({X.shape[1]} dims)": ours_umap}
+    table = []
+    for name, coords in baselines.items():
+        base, panels[name] = score_representation(coords, labels, samples, **common)
+        table += [
+            {
+                "metric": m,
+                "scllm": ours[m],
+                "baseline": base[m],
+                "baseline_method": name,
+                "cells": cells,
+                "details": d,
+            }
+            for m, d in _metric_details(ours, base, cfg, n_labels, n_samples)
+        ]
+    return table, panels
+
+
+def _metric_details(ours: dict, base: dict, cfg: EvaluateConfig, n_labels, n_samples) -> list:
+    """(metric, how it was measured) of the metrics table, in its order."""
     k = cfg.n_neighbors
     held = (
         f"{ours['_sample_folds']} folds holding out whole samples, k={k}"
         if n_samples > 1
         else "n/a: one sample"
     )
-    rows = [
+    return [
         ("knn_accuracy_cv", f"{ours['_cv_folds']}-fold stratified cross-validation, k={k}"),
         ("knn_macro_f1_cv", f"{ours['_cv_folds']}-fold stratified cross-validation, k={k}"),
         ("knn_accuracy_heldout_sample", held),
@@ -173,25 +192,15 @@ def score_against_pca(
             f"({base['_leiden_clusters']} clusters); {n_labels} labels",
         ),
         ("leiden_nmi", "as leiden_ari"),
-        ("silhouette_label", f"{label_key}, Euclidean, in [-1, 1]: higher = labels separate"),
+        (
+            "silhouette_label",
+            f"{cfg.label_key}, Euclidean, in [-1, 1]: higher = labels separate",
+        ),
         (
             "silhouette_sample",
-            f"{batch_key}: near 0 = samples mix" if n_samples > 1 else "n/a: one sample",
+            f"{cfg.batch_key}: near 0 = samples mix" if n_samples > 1 else "n/a: one sample",
         ),
     ]
-    table = [
-        {
-            "metric": m,
-            "scllm": ours[m],
-            "baseline": base[m],
-            "baseline_method": baseline_name,
-            "cells": cells,
-            "details": d,
-        }
-        for m, d in rows
-    ]
-    panels = {f"scLLM ({X.shape[1]} dims)": ours_umap, baseline_name: base_umap}
-    return table, panels
 
 
 def _write_results(
@@ -249,7 +258,7 @@ def evaluate(
     X = np.asarray(sub.obsm[EMBEDDING_KEY])
     cells = f"{len(keep)} ({cells_setting})"
     baseline = f"PCA-{pca.shape[1]} of log-normalized HVGs"
-    table, panels = score_against_pca(X, pca, labels, samples, cfg, cells, baseline)
+    table, panels = score_against_pca(X, {baseline: pca}, labels, samples, cfg, cells)
     table += masked_value_rows(epochs_tsv, args_json)
     n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
     title = (
@@ -346,7 +355,7 @@ def log_normalized_vocab_genes(
     """log1p(normalize_total(counts, 1e4)) of the input ``columns`` (the model's vocabulary genes
     as found in the file) for ``rows``, totals over all the file's genes, read in row chunks."""
     with open_matrix(h5ad, counts_layer) as matrix:
-        return _log_normalized_rows(matrix.rows, matrix.n_obs, columns, rows, chunk_size)
+        return log_normalized_rows(matrix.rows, matrix.n_obs, columns, rows, chunk_size)
 
 
 def evaluate_heldout(
@@ -379,21 +388,21 @@ def evaluate_heldout(
     summary = embed_h5ad(model_dir, h5ad, out_embeddings, embed_cfg)
     emb = ad.read_h5ad(out_embeddings)
     # The baseline sees the vocabulary genes the embedding found.
-    pca = _vocab_genes_baseline(h5ad, summary["columns"], keep, embed_cfg, cfg)
+    baselines = _heldout_baselines(model_dir, h5ad, summary, keep, embed_cfg, cfg)
     X = np.asarray(emb.obsm[EMBEDDING_KEY])[keep]
     name = Path(h5ad).name
     table, panels = score_against_pca(
         X,
-        pca,
+        baselines,
         labels,
         samples,
         replace(cfg, batch_key=batch_key or "sample"),
         f"{len(keep)} (held out: {name})",
-        f"PCA-{pca.shape[1]} of log-normalized vocabulary genes (same cells)",
     )
     title = (
         f"scLLM embeddings ({X.shape[1]} dims) of {len(keep)} held-out cells ({name}, "
-        f"{summary['coverage']:.0%} of the vocabulary found) vs PCA of the same cells"
+        f"{summary['coverage']:.0%} of the vocabulary found) vs PCA of the same cells and the "
+        "training cells' PCA projected onto them"
     )
     colourings = [(out.umap_label, labels, label_key)]
     result = _write_results(table, title, panels, colourings, out, int(cfg.seed))
@@ -410,19 +419,47 @@ def evaluate_heldout(
     return result
 
 
-def _vocab_genes_baseline(
-    h5ad, columns, keep, embed_cfg: EmbedConfig, cfg: EvaluateConfig
-) -> np.ndarray:
+def _heldout_baselines(
+    model_dir, h5ad, summary: dict, keep, embed_cfg: EmbedConfig, cfg: EvaluateConfig
+) -> dict[str, np.ndarray]:
+    """PCA fitted on the held-out cells themselves, and the PCA of the model's training cells
+    projected onto them (the zero-shot baseline), both over the vocabulary genes found."""
+    from scllm.eval.baselines import PCA_FILE, load_training_pca, vocabulary_matrix
+
     matrix = log_normalized_vocab_genes(
-        h5ad, columns, keep, counts_layer=embed_cfg.counts_layer, chunk_size=embed_cfg.chunk_size
+        h5ad,
+        summary["columns"],
+        keep,
+        counts_layer=embed_cfg.counts_layer,
+        chunk_size=embed_cfg.chunk_size,
     )
     pca = pca_baseline(matrix, n_pcs=cfg.n_pcs, seed=int(cfg.seed))
+    fitted = f"PCA-{pca.shape[1]} of log-normalized vocabulary genes (fitted on these cells)"
+    if not (Path(model_dir) / PCA_FILE).exists():
+        log.warning(
+            "evaluate: %s has no %s (a model trained before it was kept): the zero-shot PCA "
+            "baseline is left out; `snakemake --forcerun training_pca` in the run that trained "
+            "it writes it",
+            model_dir,
+            PCA_FILE,
+        )
+        return {fitted: pca}
+    training = load_training_pca(model_dir)
+    projected = training.project(
+        vocabulary_matrix(matrix, summary["token_ids"], len(training.feature_ids))
+    )
     log.info(
-        "evaluate: PCA baseline on the held-out cells: %d cells x %d vocabulary genes -> %d PCs",
+        "evaluate: baselines on the held-out cells: PCA of %d cells x %d vocabulary genes -> %d "
+        "PCs; the training cells' PCA (%d cells) projected -> %d dims",
         *matrix.shape,
         pca.shape[1],
+        training.n_cells,
+        projected.shape[1],
     )
-    return pca
+    return {
+        fitted: pca,
+        f"PCA-{projected.shape[1]} of the training cells, projected (zero-shot)": projected,
+    }
 
 
 def _heldout_labels(h5ad, label_key: str, batch_key: str | None, cfg: EvaluateConfig):
