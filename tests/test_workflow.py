@@ -240,9 +240,10 @@ def test_heldout_evaluation_rule_runs_only_when_asked_and_reruns_nothing_else(de
         for rule, out in DATA_OUTPUTS.items()
         if (results / out).stat().st_mtime_ns != before[rule]
     } == set()
-    table = pd.read_csv(results / "evaluation" / "heldout" / "metrics.tsv", sep="\t").set_index(
-        "metric"
-    )
+    table = pd.read_csv(results / "evaluation" / "heldout" / "metrics.tsv", sep="\t")
+    methods = table["baseline_method"].unique().tolist()
+    assert len(methods) == 2 and "training cells, projected (zero-shot)" in methods[1]
+    table = table[table["baseline_method"] == methods[0]].set_index("metric")
     assert table.loc["knn_accuracy_cv", "cells"] == "300 (held out: new_cells.h5ad)"
     assert 0.5 < table.loc["knn_accuracy_cv", "baseline"] <= 1.0 and np.isfinite(
         table.loc["knn_accuracy_cv", "scllm"]
@@ -251,7 +252,8 @@ def test_heldout_evaluation_rule_runs_only_when_asked_and_reruns_nothing_else(de
     assert list(emb.obs_names[:2]) == ["new_0", "new_1"]
     log = (results / "logs" / "evaluate_heldout.log").read_text()
     assert (
-        "PCA baseline on the held-out cells: 300 cells" in log and "300 cells, 300 scored" in log
+        "baselines on the held-out cells: PCA of 300 cells" in log
+        and "300 cells, 300 scored" in log
     )
 
 
@@ -464,3 +466,54 @@ def test_a_real_datasets_size_embeds_evaluates_and_reports(tmp_path):
     for section in ("Cell embedding vs PCA", "UMAP by cell type", "UMAP by sample"):
         assert f"<h2>{section}</h2>" in report
     assert f"{n_cells} (all)" in report and "silhouette_sample" in report  # eight samples
+
+
+def test_a_run_continues_a_trained_model_on_its_own_cells(demo_run, tmp_path):
+    """train.init_from: the vocabulary comes from the model (genes these cells lack never
+    appear), its weights are the start, the parent is recorded, and the evaluation sets the
+    model as it was beside the adapted one. Mismatches stop the run before any job."""
+    from scllm.checks import file_sha256
+
+    workdir = copy_workflow(tmp_path)
+    parent = demo_run / "results" / "demo" / "model"
+    genes = pd.read_csv(parent / "genes.tsv", sep="\t")
+    lacking = set(genes["feature_id"][::7])  # these cells lack every 7th vocabulary gene
+    cells = ad.read_h5ad(REPO / "resources" / "pbmc3k" / "pbmc3k.h5ad")
+    cells = cells[:, ~cells.var["gene_ids"].isin(lacking)].copy()
+    cells.write_h5ad(workdir / "my_cells.h5ad")
+    adapt = {
+        **TINY_TRAINING,
+        "run": "adapted",
+        "census": {"h5ad": {"path": "my_cells.h5ad", "dataset_id": "mine"}},
+        "train": {**TINY_TRAINING["train"], "init_from": str(parent), "lr": 1e-7},
+    }
+    for change, message in (
+        ({"model": {**TINY_TRAINING["model"], "d_model": 32}}, "model.d_model: 32 here, 16 in"),
+        ({"train": {**adapt["train"], "init_from": str(tmp_path)}}, "is not a trained model"),
+    ):
+        bad = write_config(workdir, "bad.yaml", {**adapt, **change})
+        proc = snakemake(workdir, "--configfile", bad, "-n", check=False)
+        assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+        assert not (workdir / "results").exists()
+
+    snakemake(workdir, "--configfile", write_config(workdir, "adapt.yaml", adapt))
+    results = workdir / "results" / "adapted"
+    vocabulary = pd.read_csv(results / "hvg.tsv", sep="\t")
+    assert vocabulary["feature_id"].tolist() == genes["feature_id"].tolist()
+    assert set(vocabulary["feature_id"][~vocabulary["in_data"]]) == lacking
+    assert (results / "model" / "vocab.json").read_bytes() == (parent / "vocab.json").read_bytes()
+    binned = ad.read_h5ad(results / "binned.h5ad")
+    assert binned[:, list(lacking)].X.nnz == 0  # never a token
+    args = json.loads((results / "model" / "args.json").read_text())
+    assert args["parent"]["path"] == str(parent)
+    assert args["parent"]["best_model_sha256"] == file_sha256(parent / "best_model.pt")
+    # an epoch at lr 1e-7 leaves the parent's weights nearly as they were: they were loaded
+    import torch
+
+    before = torch.load(parent / "best_model.pt", weights_only=True)
+    after = torch.load(results / "model" / "best_model.pt", weights_only=True)
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) < 1e-3
+    assert "weights from" in (results / "logs" / "pretrain.log").read_text()
+    methods = pd.read_csv(results / "evaluation" / "metrics.tsv", sep="\t")["baseline_method"]
+    assert "the continued model, zero-shot" in set(methods)
+    assert any("continued model's training cells, projected" in m for m in set(methods))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from scllm.errors import CorruptArtifactError
@@ -102,8 +103,12 @@ def write_training_pca(
     if len(cells) > max_cells:
         rng = np.random.default_rng(seed)
         cells = cells[np.sort(rng.choice(len(cells), int(max_cells), replace=False))]
-    genes = read_hvg_table(hvg_tsv)["feature_id"].to_numpy()  # vocabulary order
-    matrix = log_normalized_hvgs(filtered_h5ad, genes, cells)
+    vocabulary = read_hvg_table(hvg_tsv)  # in vocabulary order
+    genes = vocabulary["feature_id"].to_numpy()
+    # A continued model's vocabulary may hold genes these cells lack (in_data False): zeros.
+    present = vocabulary.get("in_data", pd.Series(True, index=vocabulary.index)).to_numpy(bool)
+    matrix = log_normalized_hvgs(filtered_h5ad, genes[present], cells)
+    matrix = vocabulary_matrix(matrix, np.flatnonzero(present), len(genes))
     pca = fit_training_pca(matrix, genes, n_pcs=n_pcs, seed=seed)
     pca.save(out_npz)
     log.info(

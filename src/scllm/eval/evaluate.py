@@ -225,6 +225,14 @@ def _write_results(
     return result
 
 
+@dataclass(frozen=True)
+class ZeroShot:
+    """train.init_from: what the continued model gives these cells before adapting to them."""
+
+    embeddings: str | Path  # its embedding of the same cells (rule embed_zero_shot)
+    training_pca: str | Path | None = None  # its training cells' PCA, where it kept one
+
+
 def evaluate(
     embeddings_h5ad,
     filtered_h5ad,
@@ -232,15 +240,18 @@ def evaluate(
     epochs_tsv,
     *outputs,
     args_json=None,
-    chunk_size: int = CHUNK_SIZE,
+    zero_shot: ZeroShot | None = None,
     **settings,
 ) -> pd.DataFrame:
     """Score the embeddings of ``embeddings_h5ad`` and the PCA baseline; write the four
     ``outputs``: the metrics table (TSV and HTML) and UMAPs coloured by label and by sample
     (``Outputs``). ``args_json`` (the model's) gives the number of validation cells behind the
-    masked-value error; ``settings``: the evaluate section (``EvaluateConfig``)."""
+    masked-value error; ``zero_shot`` adds the continued model's baselines (train.init_from);
+    ``settings``: the evaluate section (``EvaluateConfig``) and ``chunk_size`` (cells read at a
+    time)."""
     from scllm.prep.hvg import read_hvg_table
 
+    chunk_size = settings.pop("chunk_size", CHUNK_SIZE)
     out = Outputs.of(outputs, 4, "evaluate")
     cfg = EvaluateConfig.from_dict(settings)
     t0 = time.time()
@@ -251,14 +262,20 @@ def evaluate(
     labels = sub.obs[label_key].astype(str).to_numpy()
     samples = sub.obs[batch_key].astype(str).to_numpy()
 
-    hvgs = read_hvg_table(hvg_table)["feature_id"].tolist()
+    vocabulary = read_hvg_table(hvg_table)
+    # A continued model's vocabulary may hold genes these cells lack (in_data False): zeros.
+    present = vocabulary.get("in_data", pd.Series(True, index=vocabulary.index)).to_numpy(bool)
+    hvgs = vocabulary["feature_id"][present].tolist()
     matrix = log_normalized_hvgs(filtered_h5ad, hvgs, sub.obs_names, chunk_size=chunk_size)
     pca = pca_baseline(matrix, n_pcs=cfg.n_pcs, seed=seed)
     log.info("evaluate: PCA baseline: %d cells x %d HVGs -> %d PCs", *matrix.shape, pca.shape[1])
     X = np.asarray(sub.obsm[EMBEDDING_KEY])
     cells = f"{len(keep)} ({cells_setting})"
-    baseline = f"PCA-{pca.shape[1]} of log-normalized HVGs"
-    table, panels = score_against_pca(X, {baseline: pca}, labels, samples, cfg, cells)
+    baselines = {f"PCA-{pca.shape[1]} of log-normalized HVGs": pca}
+    if zero_shot is not None:
+        token_ids = np.flatnonzero(present)
+        baselines |= _zero_shot_baselines(zero_shot, sub.obs_names, matrix, token_ids, present)
+    table, panels = score_against_pca(X, baselines, labels, samples, cfg, cells)
     table += masked_value_rows(epochs_tsv, args_json)
     n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
     title = (
@@ -279,6 +296,29 @@ def evaluate(
         time.time() - t0,
     )
     return result
+
+
+def _zero_shot_baselines(zero_shot: ZeroShot, cells, matrix, token_ids, present) -> dict:
+    """The continued model's embedding of ``cells`` as it was, and its training cells' PCA
+    projected onto them (``matrix``: log-normalized vocabulary genes found, ``token_ids``)."""
+    import anndata as ad
+
+    from scllm.eval.baselines import TrainingPCA, vocabulary_matrix
+
+    before = ad.read_h5ad(zero_shot.embeddings)
+    rows = before.obs_names.get_indexer(pd.Index(cells))
+    if (rows < 0).any():
+        raise ValueError(
+            f"{int((rows < 0).sum())} scored cells are not in {zero_shot.embeddings}; rerun "
+            "embed_zero_shot"
+        )
+    found = {"the continued model, zero-shot": np.asarray(before.obsm[EMBEDDING_KEY])[rows]}
+    if zero_shot.training_pca is not None:
+        training = TrainingPCA.load(zero_shot.training_pca)
+        full = vocabulary_matrix(matrix, token_ids, len(present))
+        name = f"PCA-{training.components.shape[0]} of the continued model's training cells"
+        found[f"{name}, projected (zero-shot)"] = training.project(full)
+    return found
 
 
 def _labelled_embeddings(embeddings_h5ad, cfg: EvaluateConfig):

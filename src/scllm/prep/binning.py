@@ -156,14 +156,18 @@ def normalize_bin(
     t0 = time.time()
     adata = open_backed(in_h5ad)
     hvgs = read_hvg_table(hvg_table)
-    missing = ~hvgs["feature_id"].isin(adata.var_names)
-    if missing.any():
+    columns = adata.var_names.get_indexer(hvgs["feature_id"])
+    # A continued model's vocabulary (train.init_from) may hold genes these cells lack: marked
+    # in_data False, they read as not expressed. Any other missing gene is a stale table.
+    absent = columns < 0
+    expected = ~hvgs["in_data"].to_numpy(bool) if "in_data" in hvgs else np.zeros_like(absent)
+    if (absent & ~expected).any():
+        missing = hvgs["feature_id"][absent & ~expected]
         raise ValueError(
-            f"{missing.sum()} HVGs are not genes of {in_h5ad} "
-            f"(e.g. {hvgs.feature_id[missing].head(3).tolist()}); "
+            f"{len(missing)} HVGs are not genes of {in_h5ad} (e.g. {missing.head(3).tolist()}); "
             "the HVG table belongs to another run: rerun select_hvg"
         )
-    columns = adata.var_names.get_indexer(hvgs["feature_id"])
+    columns = np.where(absent, adata.n_vars, columns)  # a zero column, appended per block
     var = pd.DataFrame(
         {"feature_id": hvgs["feature_id"].values, "feature_name": hvgs["feature_name"].values},
         index=pd.Index(hvgs["feature_id"].values),
@@ -177,6 +181,8 @@ def normalize_bin(
         for start, stop in row_chunks(n_cells, chunk_size):
             counts = read_rows(adata, start, stop)
             totals = np.asarray(counts.sum(axis=1)).ravel()
+            if absent.any():  # the vocabulary's genes these cells lack: an all-zero column
+                counts = sp.hstack([counts, sp.csr_matrix((counts.shape[0], 1))], format="csr")
             hvg_counts = counts[:, columns]
             normalized = normalize_total(hvg_counts, totals, target_sum, log1p)
             binned = bin_csr(

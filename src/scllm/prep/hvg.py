@@ -193,6 +193,49 @@ def _no_usable_sample(n_samples: int, failed: list, min_cells_per_sample: int) -
     )
 
 
+def vocabulary_from_model(
+    in_h5ad: str | Path, model_dir: str | Path, out_table: str | Path, min_coverage: float = 0.5
+) -> pd.DataFrame:
+    """The HVG table of a run that continues a trained model (train.init_from): the model's
+    genes (its genes.tsv) in token order, ``in_data`` False for those these cells lack (they bin
+    as not expressed). Refused when fewer than ``min_coverage`` of them are in the data."""
+    genes_tsv = Path(model_dir) / "genes.tsv"
+    genes = pd.read_csv(genes_tsv, sep="\t", dtype={"feature_id": str, "feature_name": str})
+    adata = open_backed(in_h5ad)
+    present = genes["feature_id"].isin(adata.var_names).to_numpy()
+    adata.file.close()
+    coverage = float(present.mean()) if len(present) else 0.0
+    if coverage < min_coverage:
+        raise InputError(
+            f"train.init_from: only {present.sum()} of the {len(genes)} genes of {genes_tsv} "
+            f"({coverage:.0%}) are genes of {in_h5ad} after QC; the model would see these cells "
+            "through too few of the genes it knows. Check that the data are keyed on the same "
+            "Ensembl ids (census.h5ad.gene_id_column), or train a new model (remove "
+            "train.init_from)."
+        )
+    table = pd.DataFrame(
+        {
+            "feature_id": genes["feature_id"].values,
+            "feature_name": genes["feature_name"].fillna("").values,
+            "rank": np.arange(len(genes)),
+            "in_data": present,
+        }
+    )
+    with atomic_path(out_table) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+    log.info(
+        "select_hvg: the vocabulary of %s: %d genes, %d of them in %s (%.1f%%); the other %d "
+        "never appear in these cells' tokens",
+        model_dir,
+        len(table),
+        int(present.sum()),
+        in_h5ad,
+        100 * coverage,
+        int((~present).sum()),
+    )
+    return table
+
+
 def read_hvg_table(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", dtype={"feature_id": str, "feature_name": str}).sort_values(
         "rank"

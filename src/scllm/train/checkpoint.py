@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from scllm.checks import load_torch_file
+from scllm.checks import file_sha256, load_torch_file
 from scllm.config import ModelConfig, TrainConfig
 from scllm.errors import CorruptArtifactError
 from scllm.files import atomic_path, remove_stale_temporaries, software_provenance
@@ -97,7 +97,19 @@ def run_args(mcfg: ModelConfig, cfg: TrainConfig, data: TrainingData, out: Path,
             "n_validation_cells": len(data.val_ds),
         },
         "world_size": world_size,
+        # train.init_from: the model this run continues, by path and by its weights' digest
+        "parent": parent_record(cfg.init_from) if cfg.init_from else None,
         "provenance": software_provenance(),  # not part of the run's identity: resume ignores it
+    }
+
+
+def parent_record(model_dir) -> dict:
+    """Which model a run continues (train.init_from): its folder and what its files hold."""
+    model_dir = Path(model_dir)
+    return {
+        "path": str(model_dir),
+        "best_model_sha256": file_sha256(model_dir / "best_model.pt"),
+        "vocab_sha256": read_json(model_dir / "args.json")["data"]["vocab_sha256"],
     }
 
 
@@ -116,7 +128,14 @@ def identity(args: dict) -> dict:
     """What must match for a checkpoint to be resumed: everything but operational settings."""
     train = {k: v for k, v in args["train"].items() if k not in TrainConfig.OPERATIONAL}
     data = {k: v for k, v in args["data"].items() if k != "manifest"}
-    return {"model": args["model"], "train": train, "data": data, "world_size": args["world_size"]}
+    return {
+        "model": args["model"],
+        "train": train,
+        "data": data,
+        "world_size": args["world_size"],
+        # other parent weights make a new run; the same ones moved elsewhere do not
+        "parent": {k: v for k, v in (args.get("parent") or {}).items() if k != "path"},
+    }
 
 
 def resume_point(out: Path, args: dict, env: Environment, log) -> dict | None:

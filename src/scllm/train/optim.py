@@ -5,7 +5,7 @@ cosine schedule), or as a checkpoint left them."""
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import torch
 from scllm.errors import InputError
 from scllm.model import CellTransformer
 from scllm.train.batches import derived_seed
-from scllm.train.checkpoint import RunState, set_rng_state
+from scllm.train.checkpoint import RunState, load_model, set_rng_state
 
 
 def model_and_optimizer(cfg, mcfg, data, env, ckpt, log, checkpoint_path):
@@ -21,7 +21,9 @@ def model_and_optimizer(cfg, mcfg, data, env, ckpt, log, checkpoint_path):
     or as the checkpoint left them."""
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     raw_model = CellTransformer(mcfg)
-    if cfg.gene_emb_init == "pca" and ckpt is None:
+    if cfg.init_from and ckpt is None:  # continue a trained model: its weights, our optimizer
+        load_parent_weights(raw_model, cfg.init_from, data.manifest["vocab_sha256"], log)
+    elif cfg.gene_emb_init == "pca" and ckpt is None:
         init_gene_embeddings_from_pca(
             raw_model, data.train_ds, cfg.seed, log if env.is_main else None
         )
@@ -45,6 +47,37 @@ def model_and_optimizer(cfg, mcfg, data, env, ckpt, log, checkpoint_path):
         state.global_step,
     )
     return raw_model, optimizer, scheduler, state
+
+
+# Model settings a continued model may change: regularisation, not the weights' shapes or use.
+ADAPTABLE = ("dropout", "attn_dropout")
+
+
+def load_parent_weights(model: CellTransformer, parent_dir, shards_vocab_sha256: str, log):
+    """Start from a trained model's weights (train.init_from), refused unless the model and the
+    shards are the parent's shape and vocabulary."""
+    parent, _, args = load_model(parent_dir)
+    if parent.vocab_sha256 != shards_vocab_sha256:
+        raise InputError(
+            f"train.init_from: {parent_dir} was trained on the vocabulary {parent.vocab_sha256}, "
+            f"these shards use {shards_vocab_sha256}: a run that continues a model takes its "
+            "vocabulary (the pipeline's select_hvg does so with train.init_from set); retokenize "
+            "with it, or remove train.init_from"
+        )
+    ours, theirs = asdict(model.cfg), args["model"]
+    differ = [
+        f"model.{k}: {ours[k]!r} here, {theirs.get(k)!r} in {parent_dir}"
+        for k in ours
+        if k not in ADAPTABLE and ours[k] != theirs.get(k)
+    ]
+    if differ:
+        raise InputError(
+            f"train.init_from: {parent_dir} is a model of another shape:\n  "
+            + "\n  ".join(differ)
+            + "\nSet these as the model has them (its args.json), or remove train.init_from."
+        )
+    model.load_state_dict(parent.state_dict())
+    log.info("weights from %s (train.init_from); this run's optimizer trains them", parent_dir)
 
 
 def init_gene_embeddings_from_pca(
