@@ -323,3 +323,51 @@ def test_normalize_total_matches_scanpy(log1p):
     if not log1p:  # independent check of the definition
         row_sums = np.asarray(ours.sum(axis=1)).ravel()
         np.testing.assert_allclose(row_sums[totals > 0], 1e4, rtol=1e-5)
+
+
+def test_a_continued_models_genes_the_cells_lack_bin_as_not_expressed(tmp_path):
+    """train.init_from: vocabulary genes marked in_data False read as zeros; the other genes get
+    the bins they would get from the same counts with those genes' columns all zero."""
+    from scllm.prep.hvg import vocabulary_from_model
+
+    rng = np.random.default_rng(9)
+    genes = [f"ENSG{i:011d}" for i in range(20)]
+    counts = sp.csr_matrix(rng.poisson(2.0, size=(30, 20)).astype(np.float32))
+    obs = pd.DataFrame({"sample": "s"}, index=[f"c{i}" for i in range(30)])
+    var = pd.DataFrame({"feature_id": genes, "feature_name": "g"}, index=genes)
+    ad.AnnData(X=counts, obs=obs, var=var).write_h5ad(tmp_path / "full.h5ad")
+    keep = [i for i in range(20) if i % 4]  # the cells lack genes 0, 4, 8, 12, 16
+    ad.AnnData(X=counts[:, keep], obs=obs, var=var.iloc[keep]).write_h5ad(tmp_path / "lack.h5ad")
+    model = tmp_path / "model"
+    model.mkdir()
+    order = rng.permutation(20)  # the model's token order
+    pd.DataFrame(
+        {"feature_id": np.array(genes)[order], "feature_name": "g", "rank": range(20)}
+    ).to_csv(model / "genes.tsv", sep="\t", index=False)
+    table = vocabulary_from_model(tmp_path / "lack.h5ad", model, tmp_path / "hvg.tsv")
+    assert table["feature_id"].tolist() == list(np.array(genes)[order])
+    assert set(table["feature_id"][~table["in_data"]]) == {genes[i] for i in range(0, 20, 4)}
+    normalize_bin(tmp_path / "lack.h5ad", tmp_path / "hvg.tsv", tmp_path / "out.h5ad", n_bins=7)
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert out.var_names.tolist() == table["feature_id"].tolist()
+    zeroed = counts.toarray()
+    zeroed[:, ::4] = 0  # the same cells with those genes unexpressed, in the full file
+    full = ad.AnnData(X=sp.csr_matrix(zeroed), obs=obs, var=var)
+    full.write_h5ad(tmp_path / "zeroed.h5ad")
+    pd.DataFrame({**table.drop(columns="in_data")}).to_csv(
+        tmp_path / "hvg_full.tsv", sep="\t", index=False
+    )
+    normalize_bin(
+        tmp_path / "zeroed.h5ad", tmp_path / "hvg_full.tsv", tmp_path / "ref.h5ad", n_bins=7
+    )
+    np.testing.assert_array_equal(out.X.toarray(), ad.read_h5ad(tmp_path / "ref.h5ad").X.toarray())
+    # a gene missing that the table does not mark is still a stale table
+    table.assign(in_data=True).to_csv(tmp_path / "stale.tsv", sep="\t", index=False)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        normalize_bin(tmp_path / "lack.h5ad", tmp_path / "stale.tsv", tmp_path / "x.h5ad")
+    # too few of the model's genes in the data: refused with the figure
+    few = ad.AnnData(X=counts[:, :5], obs=obs, var=var.iloc[:5])
+    few.write_h5ad(tmp_path / "few.h5ad")
+    with pytest.raises(ValueError, match=r"only 5 of the 20 genes .* \(25%\)"):
+        vocabulary_from_model(tmp_path / "few.h5ad", model, tmp_path / "few.tsv")
+    assert not (tmp_path / "few.tsv").exists()

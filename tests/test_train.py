@@ -300,6 +300,23 @@ def test_pca_init_on_one_training_cell_is_refused_and_random_init_trains(tmp_pat
     assert np.isfinite(summary["best_val_loss"])
 
 
+def test_init_from_continues_the_weights_and_refuses_another_shape_or_vocabulary(shards, tmp_path):
+    parent = tmp_path / "parent"
+    pretrain(shards, parent, TINY_MODEL, TINY_TRAIN)
+    settings = {**TINY_TRAIN, "init_from": str(parent), "lr": 1e-9, "epochs": 1}
+    pretrain(shards, tmp_path / "child", TINY_MODEL, settings)
+    before = torch.load(parent / "best_model.pt", weights_only=True)
+    after = torch.load(tmp_path / "child" / "best_model.pt", weights_only=True)
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) < 1e-5
+    args = json.loads((tmp_path / "child" / "args.json").read_text())
+    assert args["parent"]["path"] == str(parent) and len(args["parent"]["best_model_sha256"]) == 64
+    with pytest.raises(ValueError, match=r"another shape:\n  model.d_model: 64 here, 32 in"):
+        pretrain(shards, tmp_path / "wide", {**TINY_MODEL, "d_model": 64}, settings)
+    other = write_synthetic_shards(tmp_path / "other", n_genes=30)
+    with pytest.raises(ValueError, match="was trained on the vocabulary .* these shards use"):
+        pretrain(other, tmp_path / "other_model", TINY_MODEL, settings)
+
+
 # --- using the model -----------------------------------------------------------------------------
 
 
