@@ -175,9 +175,21 @@ if config["heldout"]["path"]:
             "../workflow/scripts/evaluate_heldout.py"
 
 
+def heldout_report_inputs(wildcards):
+    """The held-out scores and UMAP, only where heldout.path is set (evaluate_heldout exists)."""
+    if not config["heldout"]["path"]:
+        return {}
+    return {
+        "heldout_metrics": rules.evaluate_heldout.output.table,
+        "heldout_umap": rules.evaluate_heldout.output.umap_cell_type,
+    }
+
+
 rule report:
-    """One self-contained page: samples, QC, HVGs, pretraining, metrics and UMAPs, with captions."""
+    """One self-contained page: samples, QC, HVGs, pretraining, metrics and UMAPs, with captions;
+    with heldout.path, the scores on cells the model never saw."""
     input:
+        unpack(heldout_report_inputs),
         samples=rules.sample_census.output.samples,
         qc=rules.filter_qc.output.table,
         hvg=rules.select_hvg.output.table,

@@ -140,3 +140,84 @@ def test_report_holds_every_section_with_a_caption_and_embeds_its_images(tmp_pat
     assert len(images) == (3 if n_samples > 1 else 2)
     assert base64.b64decode(images[0]) == files["loss_curve_png"].read_bytes()
     assert "silhouette_sample" not in page and "run trial" in page
+    # without heldout.path: no held-out section, and no caption for baselines the run lacks
+    assert "never saw" not in page and "continued model" not in page
+
+
+FITTED = "PCA-50 of log-normalized vocabulary genes (fitted on these cells)"
+PROJECTED = "PCA-50 of the training cells, projected (zero-shot)"
+
+
+def heldout_files(tmp_path) -> dict:
+    """evaluate_heldout's table (one group of rows per baseline) and UMAP."""
+    rows = [
+        dict(
+            metric=m,
+            scllm=0.8,
+            baseline=b,
+            baseline_method=method,
+            cells="300 (held out: new_cells.h5ad)",
+            details="x",
+        )
+        for method, b in ((FITTED, 0.9), (PROJECTED, 0.7))
+        for m in ("knn_accuracy_cv", "leiden_ari")
+    ]
+    pd.DataFrame(rows, columns=TABLE_COLUMNS).to_csv(
+        tmp_path / "heldout.tsv", sep="\t", index=False
+    )
+    fig = Figure(figsize=(1, 1))
+    fig.text(0.5, 0.5, "held out")
+    fig.savefig(tmp_path / "heldout.png")
+    return dict(
+        heldout_metrics_tsv=tmp_path / "heldout.tsv", heldout_umap_png=tmp_path / "heldout.png"
+    )
+
+
+def test_report_shows_the_heldout_cells_against_both_baselines(tmp_path):
+    files = {**run_files(tmp_path, 1), **heldout_files(tmp_path)}
+    sections = write_report(tmp_path / "report.html", run="trial", **files)
+    assert sections[-1] == "Cells the model never saw"
+    page = (tmp_path / "report.html").read_text()
+    held = page[page.index("<h2>Cells the model never saw</h2>") :]
+    caption = re.search(r"<p class='caption'>(.+?)</p>", held).group(1)
+    assert "300 labelled cells of <code>new_cells.h5ad</code>" in caption
+    assert "PCA fitted on these cells</i>: what the cells give with no model" in caption
+    assert "the zero-shot baseline, a linear map learned from the very cells" in caption
+    assert held.count("<table>") == 2
+    assert f"baseline: {FITTED}" in held and f"baseline: {PROJECTED}" in held
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", held)
+    assert [base64.b64decode(i) for i in images] == [files["heldout_umap_png"].read_bytes()]
+
+
+def test_metrics_caption_says_what_the_continued_models_baselines_are(tmp_path):
+    files = run_files(tmp_path, 1)
+    continued = [
+        ("the continued model, zero-shot", 0.85),
+        ("PCA-50 of the continued model's training cells, projected (zero-shot)", 0.8),
+    ]
+    extra = pd.DataFrame(
+        [
+            dict(
+                metric="knn_accuracy_cv",
+                scllm=0.905,
+                baseline=b,
+                baseline_method=method,
+                cells="2700",
+                details="5-fold",
+            )
+            for method, b in continued
+        ],
+        columns=TABLE_COLUMNS,
+    )
+    pd.concat([metrics_table(), extra]).to_csv(files["metrics_tsv"], sep="\t", index=False)
+    write_report(tmp_path / "report.html", run="trial", **files)
+    page = (tmp_path / "report.html").read_text()
+    metrics = page[page.index("<h2>Cell embedding vs PCA</h2>") :]
+    caption = re.search(r"<p class='caption'>(.+?)</p>", metrics).group(1)
+    assert (
+        "<i>The continued model, zero-shot</i>: the model this run continued "
+        "(train.init_from), as it was before adapting to these cells" in caption
+    )
+    assert "baseline: PCA-50 of the continued model&#x27;s training cells" in metrics
+    assert "<i>PCA of the continued model's training cells, projected</i>: a linear map" in caption
+    assert "baseline: the continued model, zero-shot" in metrics

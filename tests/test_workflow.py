@@ -255,6 +255,11 @@ def test_heldout_evaluation_rule_runs_only_when_asked_and_reruns_nothing_else(de
         "baselines on the held-out cells: PCA of 300 cells" in log
         and "300 cells, 300 scored" in log
     )
+    # the report shows them against both baselines
+    report = (results / "report.html").read_text()
+    held = report[report.index("<h2>Cells the model never saw</h2>") :]
+    assert "300 labelled cells of <code>new_cells.h5ad</code>" in held
+    assert all(f"baseline: {method}" in held for method in methods)
 
 
 def test_a_config_file_without_run_gets_its_own_results_folder(tmp_path):

@@ -16,4 +16,7 @@ write_report(
     metrics_tsv=snakemake.input.metrics,
     umap_cell_type_png=snakemake.input.umap_cell_type,
     umap_sample_png=snakemake.input.umap_sample,
+    # heldout.path only
+    heldout_metrics_tsv=snakemake.input.get("heldout_metrics"),
+    heldout_umap_png=snakemake.input.get("heldout_umap"),
 )

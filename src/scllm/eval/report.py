@@ -1,7 +1,8 @@
 """What the evaluation shows: the metrics table (TSV and HTML, the better side marked), the
 UMAPs, and the run's report, one self-contained HTML page (results/<run>/report.html) with what
 each stage did and what the model learned: QC and sample tables, the HVG list, the epochs table
-and loss curve, the metrics, and the UMAPs, each with a caption.
+and loss curve, the metrics, and the UMAPs, each with a caption; with heldout.path, the scores on
+cells the model never saw too.
 
 Images are embedded (base64), so the page can be mailed or archived alone. Rows whose metric
 does not apply to the run (e.g. sample metrics with one sample) are left out.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +160,9 @@ class ReportInputs:
     metrics_tsv: Path
     umap_cell_type_png: Path
     umap_sample_png: Path
+    # Given only when heldout.path is set (rule evaluate_heldout).
+    heldout_metrics_tsv: Path | None = None
+    heldout_umap_png: Path | None = None
 
 
 def write_report(out_html, *, run: str, **inputs) -> list[str]:
@@ -179,6 +184,8 @@ def write_report(out_html, *, run: str, **inputs) -> list[str]:
                 _image(files.umap_sample_png),
             )
         )
+    if files.heldout_metrics_tsv is not None:
+        sections.append(_heldout_section(files.heldout_metrics_tsv, files.heldout_umap_png))
     body = "".join(_section(*s) for s in sections)
     title = html.escape(run)
     with atomic_path(out_html) as tmp:
@@ -227,6 +234,7 @@ def _preprocessing_sections(qc_tsv, hvg_tsv) -> list[tuple[str, str, str]]:
 
 
 def _model_sections(files: ReportInputs) -> list[tuple[str, str, str]]:
+    metrics = _read_tsv(files.metrics_tsv)
     return [
         (
             "Pretraining",
@@ -239,8 +247,9 @@ def _model_sections(files: ReportInputs) -> list[tuple[str, str, str]]:
             "Cell embedding vs PCA",
             "How well the model's cell embedding tells the labelled cell types apart, "
             "next to PCA of log-normalized HVGs on the same cells; the better value is in bold "
-            "(metrics.tsv). Metrics that do not apply to this run are left out.",
-            metrics_html(_read_tsv(files.metrics_tsv)),
+            "(metrics.tsv). Metrics that do not apply to this run are left out."
+            + _continued_model_caption(metrics["baseline_method"].astype(str)),
+            metrics_html(metrics),
         ),
         (
             "UMAP by cell type",
@@ -248,6 +257,55 @@ def _model_sections(files: ReportInputs) -> list[tuple[str, str, str]]:
             _image(files.umap_cell_type_png),
         ),
     ]
+
+
+def _continued_model_caption(methods: pd.Series) -> str:
+    """What the train.init_from baselines mean, where the table has them."""
+    caption = ""
+    if (methods == "the continued model, zero-shot").any():
+        caption += (
+            " <i>The continued model, zero-shot</i>: the model this run continued "
+            "(train.init_from), as it was before adapting to these cells; the adapted model "
+            "should do better."
+        )
+    if methods.str.contains("continued model's training cells, projected").any():
+        caption += (
+            " <i>PCA of the continued model's training cells, projected</i>: a linear map "
+            "learned from the cells that model learned from, applied to these cells."
+        )
+    return caption
+
+
+def _heldout_section(metrics_tsv, umap_png) -> tuple[str, str, str]:
+    """Scores on cells the model never saw (heldout.path), one table per baseline."""
+    table = _read_tsv(metrics_tsv)
+    methods = table["baseline_method"].astype(str)
+    caption = (
+        f"{_heldout_cells(table['cells'])} that the model never saw (heldout.path), scored "
+        "as above with the better value in bold (evaluation/heldout/metrics.tsv)."
+    )
+    if methods.str.endswith("(fitted on these cells)").any():
+        caption += " <i>PCA fitted on these cells</i>: what the cells give with no model at all."
+    if methods.str.endswith("training cells, projected (zero-shot)").any():
+        caption += (
+            " <i>The training cells' PCA, projected</i>: the zero-shot baseline, a linear map "
+            "learned from the very cells the model learned from; a model that trails it has "
+            "not carried over what its training cells hold."
+        )
+    content = metrics_html(table)
+    if umap_png is not None:
+        caption += " The UMAPs below are coloured by cell type."
+        content += _image(umap_png)
+    return "Cells the model never saw", caption, content
+
+
+def _heldout_cells(cells: pd.Series) -> str:
+    """'300 labelled cells of new.h5ad' from the cells column ('300 (held out: new.h5ad)')."""
+    match = re.fullmatch(r"(\d+) \(held out: (.+)\)", str(cells.iloc[0]))
+    if match is None:
+        return f"Held-out cells ({html.escape(str(cells.iloc[0]))})"
+    n, name = match.groups()
+    return f"{n} labelled cells of <code>{html.escape(name)}</code>"
 
 
 # --- the evaluation's own table and figures -----------------------------------------------------
