@@ -363,7 +363,7 @@ def summarise(rows: list[dict], reference: dict, order: list[str]) -> str:
         )
     pca_transfer = [f"{v:.3f}" for v in transfer(reference)] if shifts else []
     lines.append(
-        "| PCA-50 (reference; transfer: the training PCA projected) | - | "
+        "| PCA-50 (reference) | - | "
         + " | ".join(f"{reference[m]:.3f}" for m in METRICS[:5])
         + " | | | "
         + " | ".join(pca_transfer)
