@@ -1,5 +1,6 @@
-"""The cell-embedding levers in training: objectives switched on in a real run, gene-subset views,
-gene embeddings initialised from the data's principal axes, and bad settings refused."""
+"""The cell-embedding levers in training: objectives switched on in a real run, gene-subset and
+thinned views, gene embeddings initialised from the data's principal axes, and bad settings
+refused."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from scllm.model import CellTransformer, ModelConfig
 from scllm.shards import ShardDataset
-from scllm.train.batches import gene_subset, training_batch
+from scllm.train.batches import contrastive_view, gene_subset, thinned_subset, training_batch
 from scllm.train.loop import pretrain
 from scllm.train.optim import init_gene_embeddings_from_pca
 
@@ -36,6 +37,7 @@ def shards(tmp_path_factory, synthetic_shards):
     [
         ({"ecs_weight": 10.0}, "ecs_loss"),
         ({"contrastive_weight": 1.0}, "contrastive_loss"),
+        ({"contrastive_weight": 1.0, "contrastive_view": "thinned"}, "contrastive_loss"),
         ({"gepc_targets": "masked+unexpressed"}, "gepc_mse"),
         ({"gepc_targets": "all", "gene_emb_init": "pca"}, "gepc_mse"),
     ],
@@ -70,8 +72,9 @@ def test_gene_subset_views_differ_and_keep_cls():
             v[1:], g[1:] + 1
         )  # pairs kept together
     assert not np.array_equal(a[0], b[0])
+    half = contrastive_view("genes", 0.5, 51)
     batch = training_batch(
-        [(genes, values)] * 3, 31, [0.5], torch.Generator().manual_seed(1), views=2, view_genes=0.5
+        [(genes, values)] * 3, 31, [0.5], torch.Generator().manual_seed(1), views=2, view=half
     )
     assert batch["gene_ids"].shape == (6, 11)
     full = training_batch(
@@ -80,6 +83,125 @@ def test_gene_subset_views_differ_and_keep_cls():
     assert full["gene_ids"].shape == (6, 21) and torch.equal(
         full["gene_ids"][0], full["gene_ids"][3]
     )
+
+
+def thinned_cells(n_cells, seed=0, n_bins=51):
+    """Cells of 2..60 genes (ascending ids, <cls> = 100) with bins 1..n_bins-1, many tied."""
+    rng = np.random.default_rng(seed)
+    cells = []
+    for _ in range(n_cells):
+        n = int(rng.integers(2, 61))
+        genes = np.r_[100, np.sort(rng.choice(100, n, replace=False))].astype(np.int32)
+        cells.append((genes, np.r_[0, rng.integers(1, n_bins, n)].astype(np.uint8)))
+    return cells
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.05, 1e-6])
+def test_thinned_view_keeps_cls_and_gene_order_and_rebins_monotonically(keep):
+    gen = torch.Generator().manual_seed(0)
+    for genes, values in thinned_cells(300):
+        g, v = thinned_subset(genes, values, keep, 51, gen)
+        assert g[0] == 100 and v[0] == 0 and v.dtype == values.dtype
+        assert len(g) >= 2  # never an empty cell
+        assert np.all(np.diff(g[1:]) > 0) and np.isin(g[1:], genes[1:]).all()  # a subsequence
+        if len(g) > 2:  # the kept genes span the bins, as the pipeline's quantile bins would
+            assert v[1:].min() == 1 and v[1:].max() == 50
+        else:
+            assert v[1] == 25  # a lone gene: the middle bin
+        # a gene with a higher original bin never gets a lower new bin
+        old = values[1:][np.searchsorted(genes[1:], g[1:])]
+        by_old = np.lexsort((v[1:], old))
+        assert np.all(np.diff(v[1:][by_old].astype(int)) >= 0)
+
+
+def test_thinned_view_bins_distinct_values_as_the_pipeline_does():
+    from scipy.sparse import csr_matrix
+
+    from scllm.prep.binning import bin_csr
+
+    rng = np.random.default_rng(1)
+    gen = torch.Generator().manual_seed(1)
+    for n_bins in (51, 5):
+        for _ in range(50):
+            n = int(rng.integers(3, 40))
+            genes = np.r_[100, np.arange(n)].astype(np.int32)
+            values = np.r_[0, rng.permutation(n) + 1].astype(np.int16)  # distinct: no ties
+            g, v = thinned_subset(genes, values, 0.3, n_bins, gen)
+            if len(g) < 3:
+                continue
+            pipeline = bin_csr(csr_matrix(values[g[1:] + 1][None].astype(float)), n_bins)
+            np.testing.assert_array_equal(v[1:], pipeline.toarray()[0])
+
+
+def test_thinned_view_drops_low_bins_first_at_the_formulas_rate():
+    n, keep, draws = 40, 0.5, 4000
+    genes = np.r_[100, np.arange(n)].astype(np.int32)
+    values = np.r_[0, np.random.default_rng(2).permutation(n) + 1].astype(np.int16)  # distinct
+    gen = torch.Generator().manual_seed(2)
+    kept = np.zeros(n)
+    for _ in range(draws):
+        g, _ = thinned_subset(genes, values, keep, 51, gen)
+        kept[g[1:]] += 1
+    share = kept / draws
+    expected = keep ** (1 - (values[1:] - 0.5) / n)  # values 1..n are the ranks here
+    assert np.abs(share - expected).max() < 0.04  # ~5 standard errors of 4000 draws
+    assert share.mean() == pytest.approx(expected.mean(), abs=0.005)
+    by_bin = share[np.argsort(values[1:])]
+    assert by_bin[:10].mean() < 0.6 < 0.9 < by_bin[-10:].mean()
+
+
+def test_thinned_view_depends_only_on_its_generator_seed():
+    cells = thinned_cells(20, seed=3)
+
+    def views(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [thinned_subset(g, v, 0.5, 51, gen) for g, v in cells]
+
+    a, b, c = views(7), views(7), views(8)
+    for (ga, va), (gb, vb) in zip(a, b):
+        assert np.array_equal(ga, gb) and np.array_equal(va, vb)
+    assert any(not np.array_equal(ga, gc) for (ga, _), (gc, _) in zip(a, c))
+    one = (np.array([100, 4], dtype=np.int32), np.array([0, 17], dtype=np.uint8))
+    assert thinned_subset(*one, 0.5, 51, torch.Generator()) == one  # one gene: left whole
+
+
+def test_contrastive_view_picks_the_cut():
+    assert (
+        contrastive_view("genes", 1.0, 51) is None and contrastive_view("thinned", 1, 51) is None
+    )
+    assert contrastive_view("genes", 0.5, 51).func is gene_subset
+    assert contrastive_view("thinned", 0.5, 51).keywords == {"keep": 0.5, "n_bins": 51}
+    with pytest.raises(ValueError, match="contrastive view"):
+        contrastive_view("depth", 0.5, 51)
+
+
+def test_training_batch_with_thinned_views_is_a_valid_batch():
+    from scllm.tokens import MASK_VALUE
+
+    cells, pad = thinned_cells(8, seed=4), 101
+    thinned = contrastive_view("thinned", 0.5, 51)
+
+    def make():
+        gen = torch.Generator().manual_seed(4)
+        return training_batch(cells, pad, [0.5], gen, views=2, view=thinned)
+
+    batch, again = make(), make()
+    assert set(batch) == set(again) and all(
+        torch.equal(batch[k], again[k]) for k in batch if k != "lengths"
+    )
+    lengths, padding = batch["lengths"], batch["padding_mask"]
+    assert len(lengths) == 16 and batch["gene_ids"].shape == (16, lengths.max())
+    assert (~padding).sum(1).tolist() == lengths.tolist() and (lengths >= 2).all()
+    assert (batch["gene_ids"][:, 0] == 100).all() and (batch["values"][:, 0] == 0).all()
+    genes = batch["values"][:, 1:][~padding[:, 1:]]
+    assert genes.min() >= 1 and genes.max() <= 50
+    assert not batch["mask"][:, 0].any() and not batch["mask"][padding].any()
+    assert (batch["masked_values"][batch["mask"]] == MASK_VALUE).all()
+    # the two views of a cell differ; the profile rows are the whole, unthinned cell
+    assert any(not torch.equal(batch["gene_ids"][i], batch["gene_ids"][i + 8]) for i in range(8))
+    for row, (g, v) in enumerate(cells * 2):
+        assert batch["profile_gene_ids"][row, : len(g)].tolist() == g.tolist()
+        assert batch["profile_values"][row, : len(v)].tolist() == v.tolist()
 
 
 def test_pca_init_puts_the_top_axis_of_the_bins_in_the_gene_embeddings(shards):
@@ -107,6 +229,7 @@ def test_pca_init_puts_the_top_axis_of_the_bins_in_the_gene_embeddings(shards):
     [
         ({"gepc_targets": "everything"}, "gepc_targets"),
         ({"gene_emb_init": "glove"}, "gene_emb_init"),
+        ({"contrastive_view": "depth"}, "contrastive_view"),
     ],
 )
 def test_bad_objective_settings_are_refused(shards, tmp_path, settings, message):
@@ -120,8 +243,9 @@ def test_genes_left_out_of_a_view_are_scored_as_the_cells_not_as_unexpressed():
 
     genes = np.r_[20, np.arange(20)].astype(np.int32)  # <cls> + all 20 vocabulary genes, bin 30
     values = np.r_[0, np.full(20, 30)].astype(np.int16)
+    half = contrastive_view("genes", 0.5, 51)
     batch = training_batch(
-        [(genes, values)], 21, [0.5], torch.Generator().manual_seed(0), views=2, view_genes=0.5
+        [(genes, values)], 21, [0.5], torch.Generator().manual_seed(0), views=2, view=half
     )
     assert batch["gene_ids"].shape == (2, 11) and batch["profile_gene_ids"].shape == (2, 21)
     perfect = torch.full((2, 20), 30.0)  # the whole cell, predicted exactly

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 GEPC_TARGETS = ("masked", "masked+unexpressed", "all")
+CONTRASTIVE_VIEWS = ("genes", "thinned")
 # Cells per streamed row chunk in the data stages and in embedding (the schema's top-level
 # chunk_size): bounds their memory, never their results.
 CHUNK_SIZE = 20_000
@@ -73,11 +74,15 @@ class TrainConfig:
     gepc_targets: str = "masked"
     ecs_weight: float = 0.0  # scGPT's elastic cell similarity (scGPT uses 10 with threshold 0.8)
     ecs_threshold: float = 0.8
-    # InfoNCE between two masked views of each cell, each keeping a random contrastive_view_genes
-    # of its gene tokens (doubles the rows of a batch, not its tokens at 0.5).
+    # InfoNCE between two masked views of each cell (doubles the rows of a batch). How a view is
+    # cut from the cell: "genes" keeps a uniform random contrastive_view_genes of its gene tokens
+    # (at 0.5 the batch keeps its tokens); "thinned" keeps a gene at quantile q of the cell's bins
+    # with probability contrastive_view_genes ** (1 - q) and bins the kept genes anew, like a
+    # shallower sequencing of the cell (low-expressed genes vanish first; 72% kept at 0.5).
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
-    contrastive_view_genes: float = 0.5  # fraction of a cell's gene tokens each view keeps
+    contrastive_view: str = "genes"
+    contrastive_view_genes: float = 0.5  # genes: the share kept; thinned: the lowest gene's chance
     vc_weight: float = 0.0  # VICReg's variance-covariance term on the cell embedding (0 = off)
     # Initial gene embeddings: "random" (normal, std 0.02) or "pca": the genes' loadings on the
     # principal axes of the training cells' bins (co-expressed genes start close together).
@@ -129,6 +134,11 @@ class TrainConfig:
             raise ValueError(
                 "train.contrastive_view_genes must be in (0, 1], "
                 f"not {self.contrastive_view_genes!r}"
+            )
+        if self.contrastive_view not in CONTRASTIVE_VIEWS:
+            raise ValueError(
+                f"train.contrastive_view must be one of {CONTRASTIVE_VIEWS}, "
+                f"not {self.contrastive_view!r}"
             )
         if self.gepc_targets not in GEPC_TARGETS:
             raise ValueError(

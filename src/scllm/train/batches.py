@@ -156,16 +156,17 @@ def training_batch(
     generator: torch.Generator,
     pin_memory: bool = False,
     views: int = 1,
-    view_genes: float = 1.0,
+    view: Callable | None = None,
 ) -> dict:
     """Collate ``cells`` and mask them at a ratio drawn from ``ratios``.
 
     ``views`` > 1 repeats the cells that many times (rows ``i + k * len(cells)`` are the same
-    cell), each copy with its own mask: the views a contrastive objective compares. With
-    ``view_genes`` < 1 each view keeps only that fraction of the cell's gene tokens (a random
-    subset, at least one), so two views share no trivial fingerprint of the cell's gene set;
-    then ``profile_gene_ids``/``profile_values`` keep the whole cells (same rows) for objectives
-    that reconstruct the cell, where a gene left out of a view counts as masked, not unexpressed.
+    cell), each copy with its own mask: the views a contrastive objective compares. With a
+    ``view`` (``view(gene_ids, values, generator=...)``, see :func:`contrastive_view`) each copy
+    is cut from its cell (gene tokens left out, values binned anew), so two views share no
+    trivial fingerprint of the cell; then ``profile_gene_ids``/``profile_values`` keep the whole
+    cells (same rows) for objectives that reconstruct the cell, where a gene left out of a view
+    counts as masked, not unexpressed.
 
     Every random draw comes from ``generator``, so the batch depends only on its seed. Adds
     ``masked_values`` (the model's input), ``mask`` and ``lengths`` (tokens per cell, numpy) to
@@ -173,9 +174,9 @@ def training_batch(
     """
     cells = list(cells) * views
     whole = None
-    if views > 1 and view_genes < 1:
+    if views > 1 and view is not None:
         whole = collate(cells, pad_id)  # the genes a view leaves out are still the cell's
-        cells = [gene_subset(g, v, view_genes, generator) for g, v in cells]
+        cells = [view(g, v, generator=generator) for g, v in cells]
     batch = collate(cells, pad_id)
     ratio = ratios[int(torch.randint(len(ratios), (1,), generator=generator))]
     batch["masked_values"], batch["mask"] = mask_values(
@@ -187,6 +188,20 @@ def training_batch(
         batch = {key: t.pin_memory() for key, t in batch.items()}
     batch["lengths"] = np.array([len(g) for g, _ in cells])
     return batch
+
+
+def contrastive_view(kind: str, keep: float, n_bins: int) -> Callable | None:
+    """How a contrastive view is cut from a cell (``train.contrastive_view``): ``genes``, a
+    uniform random subset of its gene tokens (:func:`gene_subset`); ``thinned``, the genes a
+    shallower sequencing would still show, binned anew (:func:`thinned_subset`). None at
+    ``keep`` = 1: the views are the whole cell."""
+    if keep >= 1:
+        return None
+    if kind == "genes":
+        return partial(gene_subset, fraction=keep)
+    if kind == "thinned":
+        return partial(thinned_subset, keep=keep, n_bins=n_bins)
+    raise ValueError(f"unknown contrastive view {kind!r}")
 
 
 def gene_subset(
@@ -201,6 +216,38 @@ def gene_subset(
     chosen = np.sort(torch.randperm(n, generator=generator)[:keep].numpy()) + 1
     rows = np.r_[0, chosen]
     return gene_ids[rows], values[rows]
+
+
+def thinned_subset(
+    gene_ids: np.ndarray, values: np.ndarray, keep: float, n_bins: int, generator: torch.Generator
+):
+    """``<cls>`` and the gene tokens a shallower sequencing of the cell would still show (at
+    least one, in their order), binned anew.
+
+    A gene at quantile q of the cell's bins (ties in random order) is kept with probability
+    ``keep ** (1 - q)``: the least expressed genes vanish first, as under binomial thinning,
+    which loses a count-1 gene with probability 1 - depth and a highly expressed one almost
+    never. The genes kept, ranked in the same order, get the bins the pipeline's per-cell
+    quantile bins give distinct values: ``1 + rank * (n_bins - 2) // (kept - 1)``, from 1 to
+    n_bins - 1, so a view's bins mean what a shallow cell's bins mean. A lone gene gets the
+    middle bin (the pipeline draws a lone value's bin uniformly).
+    """
+    n = len(gene_ids) - 1
+    if n < 2:
+        return gene_ids, values
+    noise = torch.rand(2, n, generator=generator, dtype=torch.float64).numpy()
+    order = np.lexsort((noise[0], values[1:]))  # by bin, ties in random order
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    kept = np.flatnonzero(noise[1] < keep ** (1 - (rank + 0.5) / n))
+    if kept.size == 0:
+        kept = order[-1:]  # the most expressed gene: a view is never empty
+    if kept.size == 1:
+        bins = np.array([n_bins // 2])
+    else:
+        new_rank = np.argsort(np.argsort(rank[kept]))
+        bins = 1 + new_rank * (n_bins - 2) // (kept.size - 1)
+    return gene_ids[np.r_[0, kept + 1]], np.r_[values[:1], bins.astype(values.dtype)]
 
 
 def prefetched(make: Callable[[int], T], keys: Iterable[int], depth: int = 2) -> Iterator[T]:

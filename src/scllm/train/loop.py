@@ -32,6 +32,7 @@ from scllm.train.batches import (
     PROFILE_KEYS,
     TRAINING_BATCH_KEYS,
     TrainingData,
+    contrastive_view,
     derived_seed,
     prefetched,
     training_batch,
@@ -124,6 +125,7 @@ class _Training:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
             self.model = DDP(self.model, device_ids=device_ids)
         self.views = 2 if cfg.contrastive_weight else 1
+        self.view = contrastive_view(cfg.contrastive_view, cfg.contrastive_view_genes, mcfg.n_bins)
         self.peak = peak_flops(env.device) if env.use_bf16 else None
         self.window = _Window(env.device)
         # Time left at this process's rate, validation and checkpoints included.
@@ -201,7 +203,7 @@ class _Training:
             gen,
             env.device.type == "cuda",
             self.views,
-            cfg.contrastive_view_genes,
+            self.view,
         )
 
     def train_step(self, batch: dict) -> tuple[list, float]:
