@@ -170,3 +170,27 @@ if multi_node_gaps():
         + "\n  ".join(multi_node_gaps())
         + "\nAdd them beside nodes: in the profile (README, 'Several nodes')."
     )
+
+
+# Inputs that exist only for some runs (train.init_from, heldout.path).
+
+
+def zero_shot_inputs(wildcards):
+    """train.init_from: the continued model's embedding of these cells, and its training PCA
+    where it kept one (the zero-shot baselines of an adapted model)."""
+    if not PARENT:
+        return {}
+    inputs = {"zero_shot": rules.embed_zero_shot.output.h5ad}
+    if (Path(PARENT) / "training_pca.npz").exists():
+        inputs["parent_pca"] = f"{PARENT}/training_pca.npz"
+    return inputs
+
+
+def heldout_report_inputs(wildcards):
+    """The held-out scores and UMAP, only where heldout.path is set (evaluate_heldout exists)."""
+    if not config["heldout"]["path"]:
+        return {}
+    return {
+        "heldout_metrics": rules.evaluate_heldout.output.table,
+        "heldout_umap": rules.evaluate_heldout.output.umap_cell_type,
+    }

@@ -51,17 +51,6 @@ if PARENT:
             "../workflow/scripts/embed.py"
 
 
-def zero_shot_inputs(wildcards):
-    """train.init_from: the continued model's embedding of these cells, and its training PCA
-    where it kept one (the zero-shot baselines of an adapted model)."""
-    if not PARENT:
-        return {}
-    inputs = {"zero_shot": rules.embed_zero_shot.output.h5ad}
-    if (Path(PARENT) / "training_pca.npz").exists():
-        inputs["parent_pca"] = f"{PARENT}/training_pca.npz"
-    return inputs
-
-
 rule evaluate:
     """kNN accuracy/macro-F1, Leiden ARI/NMI and silhouettes of the embeddings and of a PCA
     baseline on the labelled cells; masked-value error of the best model; UMAPs."""
@@ -173,16 +162,6 @@ if config["heldout"]["path"]:
             embed={k: v for k, v in config["embed"].items() if k in ("batch_size", "device")},
         script:
             "../workflow/scripts/evaluate_heldout.py"
-
-
-def heldout_report_inputs(wildcards):
-    """The held-out scores and UMAP, only where heldout.path is set (evaluate_heldout exists)."""
-    if not config["heldout"]["path"]:
-        return {}
-    return {
-        "heldout_metrics": rules.evaluate_heldout.output.table,
-        "heldout_umap": rules.evaluate_heldout.output.umap_cell_type,
-    }
 
 
 rule report:

@@ -261,6 +261,23 @@ def test_checkpoint_from_before_the_gepc_rename_resumes_exactly(shards, tmp_path
     assert all(row[column] for row in rows[1:])
 
 
+def test_a_checkpoint_from_before_a_new_setting_resumes_exactly(shards, tmp_path, caplog):
+    """Settings added since a checkpoint was written (here train.init_from and
+    train.contrastive_view) count as their defaults: the run resumes, it does not restart."""
+    pretrain(shards, tmp_path / "a", TINY_MODEL, TINY_TRAIN)
+    pretrain(shards, tmp_path / "b", TINY_MODEL, {**TINY_TRAIN, "max_steps": 4})
+    ckpt = tensors(tmp_path / "b" / CHECKPOINT)
+    for key in ("init_from", "contrastive_view"):
+        del ckpt["args"]["train"][key]
+    torch.save(ckpt, tmp_path / "b" / CHECKPOINT)
+    with caplog.at_level(logging.INFO, logger="scllm"):
+        pretrain(shards, tmp_path / "b", TINY_MODEL, TINY_TRAIN)
+    assert "resuming from" in caplog.text and "step 4" in caplog.text  # not a fresh start
+    assert_same_weights(
+        tensors(tmp_path / "a" / "best_model.pt"), tensors(tmp_path / "b" / "best_model.pt")
+    )
+
+
 def test_changed_settings_start_a_fresh_run(shards, tmp_path, caplog):
     pretrain(shards, tmp_path, TINY_MODEL, {**TINY_TRAIN, "epochs": 1, "max_steps": 3})
     with caplog.at_level(logging.WARNING, logger="scllm"):

@@ -180,8 +180,8 @@ def _load_checkpoint(path: Path, args: dict, log) -> dict | None:
         log.warning("%s", err)
         return None
     expected = identity(args)
-    if ckpt.get("args") != expected:
-        old = ckpt.get("args") or {}
+    if _as_today(ckpt.get("args")) != expected:
+        old = _as_today(ckpt.get("args")) or {}
         changed = sorted(
             f"{section}.{key}"
             for section in expected
@@ -205,6 +205,22 @@ def _load_checkpoint(path: Path, args: dict, log) -> dict | None:
             {k.replace("mvc_mse", "gepc_mse"): v for k, v in row.items()} for row in ckpt[table]
         ]
     return ckpt
+
+
+def _as_today(stored: dict | None) -> dict | None:
+    """A checkpoint's run identity with what was added since it was written at its default
+    (new train settings, no parent model), so that a run whose settings are all as before still
+    resumes after an upgrade."""
+    if not stored or "train" not in stored:
+        return stored
+    defaults = identity(
+        {"train": TrainConfig().to_dict(), "data": {}, "model": {}, "world_size": 1}
+    )
+    return {
+        **stored,
+        "train": {**defaults["train"], **stored["train"]},
+        "parent": stored.get("parent", {}),
+    }
 
 
 def rng_state(device) -> dict:
