@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
+from scllm.config import CHUNK_SIZE
 from scllm.errors import CorruptArtifactError
 from scllm.files import atomic_path
 
@@ -49,6 +49,11 @@ class TrainingPCA:
             )
         product = matrix @ self.components.T
         return (np.asarray(product) - self.mean @ self.components.T).astype(np.float32)
+
+    def project_found(self, matrix, token_ids) -> np.ndarray:
+        """``project`` of cells whose columns are the vocabulary genes a file holds
+        (``token_ids``: the vocabulary index of each); the genes it lacks read 0."""
+        return self.project(vocabulary_matrix(matrix, token_ids, len(self.feature_ids)))
 
     def save(self, path) -> None:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -106,7 +111,7 @@ def write_training_pca(
     vocabulary = read_hvg_table(hvg_tsv)  # in vocabulary order
     genes = vocabulary["feature_id"].to_numpy()
     # A continued model's vocabulary may hold genes these cells lack (in_data False): zeros.
-    present = vocabulary.get("in_data", pd.Series(True, index=vocabulary.index)).to_numpy(bool)
+    present = vocabulary["in_data"].to_numpy()
     matrix = log_normalized_hvgs(filtered_h5ad, genes[present], cells)
     matrix = vocabulary_matrix(matrix, np.flatnonzero(present), len(genes))
     pca = fit_training_pca(matrix, genes, n_pcs=n_pcs, seed=seed)
@@ -200,8 +205,7 @@ def project_training_pca(
         adata.n_obs,
         mapping.columns,
         np.arange(adata.n_obs),
-        chunk_size=20_000,
+        chunk_size=CHUNK_SIZE,
     )
-    full = vocabulary_matrix(found, mapping.token_ids, len(genes))  # gene token ids: 0..G-1
-    adata.obsm[key_added] = pca.project(full)
+    adata.obsm[key_added] = pca.project_found(found, mapping.token_ids)  # gene ids: 0..G-1
     return adata if copy else None

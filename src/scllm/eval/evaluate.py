@@ -264,7 +264,7 @@ def evaluate(
 
     vocabulary = read_hvg_table(hvg_table)
     # A continued model's vocabulary may hold genes these cells lack (in_data False): zeros.
-    present = vocabulary.get("in_data", pd.Series(True, index=vocabulary.index)).to_numpy(bool)
+    present = vocabulary["in_data"].to_numpy()
     hvgs = vocabulary["feature_id"][present].tolist()
     matrix = log_normalized_hvgs(filtered_h5ad, hvgs, sub.obs_names, chunk_size=chunk_size)
     pca = pca_baseline(matrix, n_pcs=cfg.n_pcs, seed=seed)
@@ -274,7 +274,7 @@ def evaluate(
     baselines = {f"PCA-{pca.shape[1]} of log-normalized HVGs": pca}
     if zero_shot is not None:
         token_ids = np.flatnonzero(present)
-        baselines |= _zero_shot_baselines(zero_shot, sub.obs_names, matrix, token_ids, present)
+        baselines |= _zero_shot_baselines(zero_shot, sub.obs_names, matrix, token_ids)
     table, panels = score_against_pca(X, baselines, labels, samples, cfg, cells)
     table += masked_value_rows(epochs_tsv, args_json)
     n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
@@ -298,12 +298,12 @@ def evaluate(
     return result
 
 
-def _zero_shot_baselines(zero_shot: ZeroShot, cells, matrix, token_ids, present) -> dict:
+def _zero_shot_baselines(zero_shot: ZeroShot, cells, matrix, token_ids) -> dict:
     """The continued model's embedding of ``cells`` as it was, and its training cells' PCA
     projected onto them (``matrix``: log-normalized vocabulary genes found, ``token_ids``)."""
     import anndata as ad
 
-    from scllm.eval.baselines import TrainingPCA, vocabulary_matrix
+    from scllm.eval.baselines import TrainingPCA
 
     before = ad.read_h5ad(zero_shot.embeddings)
     rows = before.obs_names.get_indexer(pd.Index(cells))
@@ -315,9 +315,8 @@ def _zero_shot_baselines(zero_shot: ZeroShot, cells, matrix, token_ids, present)
     found = {"the continued model, zero-shot": np.asarray(before.obsm[EMBEDDING_KEY])[rows]}
     if zero_shot.training_pca is not None:
         training = TrainingPCA.load(zero_shot.training_pca)
-        full = vocabulary_matrix(matrix, token_ids, len(present))
         name = f"PCA-{training.components.shape[0]} of the continued model's training cells"
-        found[f"{name}, projected (zero-shot)"] = training.project(full)
+        found[f"{name}, projected (zero-shot)"] = training.project_found(matrix, token_ids)
     return found
 
 
@@ -464,7 +463,7 @@ def _heldout_baselines(
 ) -> dict[str, np.ndarray]:
     """PCA fitted on the held-out cells themselves, and the PCA of the model's training cells
     projected onto them (the zero-shot baseline), both over the vocabulary genes found."""
-    from scllm.eval.baselines import PCA_FILE, load_training_pca, vocabulary_matrix
+    from scllm.eval.baselines import PCA_FILE, load_training_pca
 
     matrix = log_normalized_vocab_genes(
         h5ad,
@@ -485,9 +484,7 @@ def _heldout_baselines(
         )
         return {fitted: pca}
     training = load_training_pca(model_dir)
-    projected = training.project(
-        vocabulary_matrix(matrix, summary["token_ids"], len(training.feature_ids))
-    )
+    projected = training.project_found(matrix, summary["token_ids"])
     log.info(
         "evaluate: baselines on the held-out cells: PCA of %d cells x %d vocabulary genes -> %d "
         "PCs; the training cells' PCA (%d cells) projected -> %d dims",

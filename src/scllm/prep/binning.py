@@ -160,7 +160,7 @@ def normalize_bin(
     # A continued model's vocabulary (train.init_from) may hold genes these cells lack: marked
     # in_data False, they read as not expressed. Any other missing gene is a stale table.
     absent = columns < 0
-    expected = ~hvgs["in_data"].to_numpy(bool) if "in_data" in hvgs else np.zeros_like(absent)
+    expected = ~hvgs["in_data"].to_numpy()
     if (absent & ~expected).any():
         missing = hvgs["feature_id"][absent & ~expected]
         raise ValueError(

@@ -237,6 +237,11 @@ def vocabulary_from_model(
 
 
 def read_hvg_table(path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t", dtype={"feature_id": str, "feature_name": str}).sort_values(
-        "rank"
-    )
+    """The vocabulary in rank (token) order, with ``in_data``: False for a continued model's genes
+    that these cells lack (vocabulary_from_model), True for every gene of a table select_hvg
+    wrote."""
+    table = pd.read_csv(path, sep="\t", dtype={"feature_id": str, "feature_name": str})
+    if "in_data" not in table:
+        table["in_data"] = True
+    table["in_data"] = table["in_data"].astype(bool)
+    return table.sort_values("rank")
