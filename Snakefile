@@ -1,15 +1,26 @@
 # scLLM-pretrain: sample blood cells from the CELLxGENE Census, preprocess them and pretrain an
 # scGPT-style transformer. `snakemake --cores 8` runs the embedded default (config/demo.yaml);
 # `snakemake --cores 8 --configfile config/config.yaml` runs on the real Census.
-from snakemake.utils import min_version, validate
+import sys
+
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version, update_config, validate
 
 min_version("9.0")
+sys.path.insert(0, f"{workflow.basedir}/src")  # the library, as the rule scripts import it
+from scllm.workflow_config import config_problems, typed_overrides
 
 
 configfile: "config/demo.yaml"
 
 
-validate(config, "config/schema.yaml")
+# --config 'hvg={"n_top_genes": 800}': numbers inside a mapping arrive as text; type them.
+update_config(config, typed_overrides(workflow.config_settings.overwrite_config))
+with open(f"{workflow.basedir}/config/schema.yaml") as schema_file:
+    if problem := config_problems(config, yaml.safe_load(schema_file)):
+        raise WorkflowError(problem)
+validate(config, "config/schema.yaml")  # fills the defaults
 
 
 include: "rules/common.smk"
@@ -28,4 +39,5 @@ rule all:
         rules.training_pca.output,
         rules.evaluate.output,
         rules.report.output,
+        rules.run_record.output,
         rules.evaluate_heldout.output if config["heldout"]["path"] else [],  # defined only then

@@ -253,6 +253,7 @@ def run_one(job: dict) -> dict:
 
     from scllm.eval.embed import embed_shards
     from scllm.eval.metrics import masked_value_error, score_representation
+    from scllm.provenance import run_data_files
     from scllm.train.loop import pretrain
 
     torch.set_num_threads(job["threads"])
@@ -270,13 +271,14 @@ def run_one(job: dict) -> dict:
         "device": "cpu",
     }
     results = Path(job["results"])
+    data = run_data_files(results)  # the shared data folders the demo run used
     with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
         t0 = time.perf_counter()
-        pretrain(results / "shards" / "manifest.json", tmp, model_cfg, train_cfg)
+        pretrain(data["shards"] / "manifest.json", tmp, model_cfg, train_cfg)
         train_s = time.perf_counter() - t0
         emb_path = Path(tmp) / "embeddings.h5ad"
         embed_shards(
-            tmp, results / "shards", results / "binned.h5ad", emb_path, cells="all", device="cpu"
+            tmp, data["shards"], data["binned"], emb_path, cells="all", device="cpu"
         )
         emb = ad.read_h5ad(emb_path)
         masked = masked_value_error(Path(tmp) / "epochs.tsv")
@@ -327,12 +329,14 @@ def pca_reference(results: Path, label_key: str) -> dict:
     from scllm.eval.metrics import pca_baseline, score_representation
     from scllm.h5ad import open_backed
     from scllm.prep.hvg import read_hvg_table
+    from scllm.provenance import run_data_files
 
-    binned = open_backed(results / "binned.h5ad")
+    data = run_data_files(results)
+    binned = open_backed(data["binned"])
     obs = binned.obs.copy()
     binned.file.close()
-    hvgs = read_hvg_table(results / "hvg.tsv")["feature_id"].tolist()
-    matrix = log_normalized_hvgs(results / "filtered.h5ad", hvgs, obs.index)
+    hvgs = read_hvg_table(data["hvg"])["feature_id"].tolist()
+    matrix = log_normalized_hvgs(data["filtered"], hvgs, obs.index)
     scores, _ = score_representation(
         pca_baseline(matrix),
         obs[label_key].astype(str),
@@ -446,7 +450,7 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     results = Path(args.results)
-    if not (results / "shards" / "manifest.json").exists():
+    if not (results / "run.json").exists():
         parser.error(f"{results} holds no finished demo run; run `make demo` first")
     label_key = demo_settings()[2].get("label_key", "cell_type")
     out = Path(args.out)

@@ -1,4 +1,5 @@
 # Shared helpers: where a run's files live, and which Census the sampling stage reads.
+import hashlib
 import json
 import os
 import re
@@ -97,7 +98,7 @@ def census_input(wildcards):
     return {"h5ad": path} if source == "h5ad" else {"store": path} if source == "uri" else {}
 
 
-def sampling_params(wildcards, input):
+def sampling_settings():
     """The census settings that decide which cells are sampled: only the source in use, so
     editing an unused key reruns nothing."""
     census = {
@@ -106,10 +107,62 @@ def sampling_params(wildcards, input):
     if census["source"] == "release":
         census["census_version"] = config["census"]["census_version"]
     elif census["source"] == "uri":
-        census["uri"] = input.store
+        census["uri"] = census_input(None)["store"]
     else:  # how to read the h5ad's obs and var (the file itself is the input)
         census["h5ad"] = {k: v for k, v in config["census"]["h5ad"].items() if k != "path"}
+        census["h5ad_path"] = census_input(None)["h5ad"]  # names the data, for the folder key
     return census
+
+
+# Where the data stages write: results/data/<rule>-<key>/, the key a digest of the stage's own
+# settings and of the folder it reads. Runs with the same sampling and preprocessing share one
+# set of files; a run that changes a setting gets new folders from that stage on and never
+# overwrites another run's; results/<run>/run.json records which folders a run used.
+DATA = "results/data"
+
+
+def data_folder(name, upstream, settings):
+    """results/data/<rule name>-<8 hex digits of (upstream folder, settings)>."""
+    text = json.dumps([upstream, settings], sort_keys=True, default=str)
+    return f"{DATA}/{name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def vocabulary_settings():
+    """select_hvg's settings, or (train.init_from) the continued model's genes.tsv, by content:
+    two runs continuing the same model share its vocabulary folder."""
+    if not PARENT:
+        return config["hvg"]
+    genes = (Path(PARENT) / "genes.tsv").read_bytes()
+    return {"vocabulary_of_model": hashlib.sha256(genes).hexdigest()}
+
+
+FOLDERS = {"sample_census": data_folder("sample_census", None, sampling_settings())}
+for _name, _upstream, _settings in (
+    ("filter_qc", "sample_census", config["qc"]),
+    ("select_hvg", "filter_qc", vocabulary_settings()),
+    ("normalize_bin", "select_hvg", config["normalize_bin"]),
+    ("split", "normalize_bin", config["split"]),
+    # how cells are split into files (cells_per_shard) is layout, not identity: left out
+    ("tokenize_shards", "split", {}),
+):
+    FOLDERS[_name] = data_folder(_name, FOLDERS[_upstream], _settings)
+
+
+def data_log(name):
+    return f"{FOLDERS[name]}/{name}.log"
+
+
+def data_benchmark(name):
+    return f"{FOLDERS[name]}/{name}.benchmark.tsv"
+
+
+def run_benchmarks():
+    """Rule -> its benchmark file, for every rule of this run that writes one (run.json)."""
+    rules_here = ["pretrain", "training_pca", "embed", "evaluate"]
+    rules_here += ["embed_zero_shot"] if PARENT else []
+    rules_here += ["evaluate_heldout"] if config["heldout"]["path"] else []
+    in_data = {name: data_benchmark(name) for name in FOLDERS}
+    return in_data | {name: f"{BENCH}/{name}.tsv" for name in rules_here}
 
 
 # profiles/slurm ships three values to edit, marked EDIT-ME. Submitted as they are, every job

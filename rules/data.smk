@@ -1,7 +1,9 @@
-# From a Census to tokenized shards. Each rule's params carry only its own config section, so
-# editing one setting reruns that stage and the ones after it, never the ones before. The
-# scripts read `chunk_size` from the config directly: it bounds memory, not results, so
-# changing it reruns nothing.
+# From a Census to tokenized shards, each stage in its own folder results/data/<rule>-<key>/
+# (rules/common.smk: FOLDERS), keyed by its settings and those upstream, so runs that share
+# sampling and preprocessing share these files. Each rule's params carry only its own config
+# section, so editing one setting reruns that stage and the ones after it, never the ones
+# before. The scripts read `chunk_size` and `tokenize.cells_per_shard` from the config
+# directly: they shape memory and files, not results, so changing them reruns nothing.
 
 
 rule sample_census:
@@ -10,16 +12,16 @@ rule sample_census:
     input:
         unpack(census_input),
     output:
-        cells=f"{RESULTS}/cells.h5ad",
-        samples=f"{RESULTS}/samples.tsv",
+        cells=f"{FOLDERS['sample_census']}/cells.h5ad",
+        samples=f"{FOLDERS['sample_census']}/samples.tsv",
     log:
-        f"{LOGS}/sample_census.log",
+        data_log("sample_census"),
     benchmark:
-        f"{BENCH}/sample_census.tsv"
+        data_benchmark("sample_census")
     conda:
         "../envs/data.yaml"
     params:
-        census=sampling_params,
+        census=sampling_settings(),
     script:
         "../workflow/scripts/sample_census.py"
 
@@ -28,12 +30,12 @@ rule filter_qc:
     input:
         cells=rules.sample_census.output.cells,
     output:
-        h5ad=f"{RESULTS}/filtered.h5ad",
-        table=f"{RESULTS}/qc.tsv",
+        h5ad=f"{FOLDERS['filter_qc']}/filtered.h5ad",
+        table=f"{FOLDERS['filter_qc']}/qc.tsv",
     log:
-        f"{LOGS}/filter_qc.log",
+        data_log("filter_qc"),
     benchmark:
-        f"{BENCH}/filter_qc.tsv"
+        data_benchmark("filter_qc")
     conda:
         "../envs/data.yaml"
     params:
@@ -51,11 +53,11 @@ if PARENT:
             unpack(parent_files),
             h5ad=rules.filter_qc.output.h5ad,
         output:
-            table=f"{RESULTS}/hvg.tsv",
+            table=f"{FOLDERS['select_hvg']}/hvg.tsv",
         log:
-            f"{LOGS}/select_hvg.log",
+            data_log("select_hvg"),
         benchmark:
-            f"{BENCH}/select_hvg.tsv"
+            data_benchmark("select_hvg")
         conda:
             "../envs/data.yaml"
         script:
@@ -67,11 +69,11 @@ else:
         input:
             h5ad=rules.filter_qc.output.h5ad,
         output:
-            table=f"{RESULTS}/hvg.tsv",
+            table=f"{FOLDERS['select_hvg']}/hvg.tsv",
         log:
-            f"{LOGS}/select_hvg.log",
+            data_log("select_hvg"),
         benchmark:
-            f"{BENCH}/select_hvg.tsv"
+            data_benchmark("select_hvg")
         conda:
             "../envs/data.yaml"
         params:
@@ -85,11 +87,11 @@ rule normalize_bin:
         h5ad=rules.filter_qc.output.h5ad,
         hvg=rules.select_hvg.output.table,
     output:
-        h5ad=f"{RESULTS}/binned.h5ad",
+        h5ad=f"{FOLDERS['normalize_bin']}/binned.h5ad",
     log:
-        f"{LOGS}/normalize_bin.log",
+        data_log("normalize_bin"),
     benchmark:
-        f"{BENCH}/normalize_bin.tsv"
+        data_benchmark("normalize_bin")
     conda:
         "../envs/data.yaml"
     threads: 2
@@ -103,11 +105,11 @@ rule split:
     input:
         h5ad=rules.normalize_bin.output.h5ad,
     output:
-        table=f"{RESULTS}/split.tsv",
+        table=f"{FOLDERS['split']}/split.tsv",
     log:
-        f"{LOGS}/split.log",
+        data_log("split"),
     benchmark:
-        f"{BENCH}/split.tsv"
+        data_benchmark("split")
     conda:
         "../envs/data.yaml"
     params:
@@ -121,14 +123,41 @@ rule tokenize_shards:
         h5ad=rules.normalize_bin.output.h5ad,
         split=rules.split.output.table,
     output:
-        shards=directory(f"{RESULTS}/shards"),
+        shards=directory(f"{FOLDERS['tokenize_shards']}/shards"),
     log:
-        f"{LOGS}/tokenize_shards.log",
+        data_log("tokenize_shards"),
     benchmark:
-        f"{BENCH}/tokenize_shards.tsv"
+        data_benchmark("tokenize_shards")
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../workflow/scripts/tokenize_shards.py"
+
+
+rule run_record:
+    """results/<run>/run.json: the resolved config, the data folders this run reads, the code's
+    commit and package versions, and where each rule recorded its time and memory."""
+    input:
+        cells=rules.sample_census.output.cells,
+        filtered=rules.filter_qc.output.h5ad,
+        hvg=rules.select_hvg.output.table,
+        binned=rules.normalize_bin.output.h5ad,
+        split=rules.split.output.table,
+        shards=rules.tokenize_shards.output.shards,
+    output:
+        record=f"{RESULTS}/run.json",
+    log:
+        f"{LOGS}/run_record.log",
     conda:
         "../envs/data.yaml"
     params:
-        tokenize=config["tokenize"],
+        # what decides results; chunk_size and cells_per_shard shape memory and files only
+        config={
+            k: v if k != "tokenize" else {}
+            for k, v in config.items()
+            if k != "chunk_size"
+        },
+        data=FOLDERS,
+        benchmarks=run_benchmarks(),
     script:
-        "../workflow/scripts/tokenize_shards.py"
+        "../workflow/scripts/run_record.py"

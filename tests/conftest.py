@@ -329,6 +329,21 @@ DATA_OUTPUTS = {  # rule -> an output it writes, in DAG order
     "embed": "embeddings.h5ad",
     "evaluate": "evaluation/metrics.tsv",
 }
+
+
+def run_output(workdir: Path, rule: str, run: str = "demo") -> Path:
+    """The DATA_OUTPUTS file of ``rule`` in run ``run``: in the shared data folder run.json
+    names for a data stage, in results/<run>/ for the others."""
+    results = workdir / "results" / run
+    folder = json.loads((results / "run.json").read_text())["data"].get(rule)
+    return (workdir / folder if folder else results) / DATA_OUTPUTS[rule]
+
+
+def run_log(workdir: Path, rule: str, run: str = "demo") -> Path:
+    """The log of ``rule`` in run ``run`` (a data stage logs in its data folder)."""
+    results = workdir / "results" / run
+    folder = json.loads((results / "run.json").read_text())["data"].get(rule)
+    return workdir / folder / f"{rule}.log" if folder else results / "logs" / f"{rule}.log"
 # run: demo, so that workflow tests share (and check) the embedded default's results folder.
 TINY_TRAINING = {
     "run": "demo",

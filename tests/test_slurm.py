@@ -20,7 +20,16 @@ import pytest
 import torch
 import yaml
 
-from conftest import DATA_OUTPUTS, REPO, SNAKEMAKE, TINY_TRAINING, copy_workflow, write_config
+from conftest import (
+    DATA_OUTPUTS,
+    REPO,
+    SNAKEMAKE,
+    TINY_TRAINING,
+    copy_workflow,
+    run_log,
+    run_output,
+    write_config,
+)
 
 pytestmark = pytest.mark.workflow
 
@@ -201,11 +210,9 @@ def test_every_rule_ran_as_a_completed_slurm_job(runs):
         assert job["JobState"] == "COMPLETED", (
             f"{rule}: SLURM job {job['JobId']} ended {job['JobState']}"
         )
-    for rule, output in DATA_OUTPUTS.items():
-        assert (cluster / "results/demo" / output).exists(), f"{rule} did not write {output}"
-        assert (cluster / "results/demo/logs" / f"{rule}.log").stat().st_size > 0, (
-            f"{rule} wrote no log"
-        )
+    for rule in DATA_OUTPUTS:
+        assert run_output(cluster, rule).exists(), f"{rule} did not write its output"
+        assert run_log(cluster, rule).stat().st_size > 0, f"{rule} wrote no log"
 
 
 def test_pretrain_job_gets_a_gpu_and_data_jobs_do_not(runs):
@@ -231,8 +238,9 @@ def test_pretrain_job_gets_a_gpu_and_data_jobs_do_not(runs):
 
 def test_results_equal_a_local_run(runs):
     cluster, local, _ = runs
-    ours = sorted(p.relative_to(cluster) for p in (cluster / "results/demo/shards").rglob("*"))
-    theirs = sorted(p.relative_to(local) for p in (local / "results/demo/shards").rglob("*"))
+    shards = {run: run_output(run, "tokenize_shards").parent for run in (cluster, local)}
+    ours = sorted(p.relative_to(cluster) for p in shards[cluster].rglob("*"))
+    theirs = sorted(p.relative_to(local) for p in shards[local].rglob("*"))
     assert ours == theirs
     for path in ours:
         if (cluster / path).is_file():

@@ -16,7 +16,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import DATA_OUTPUTS, REPO, SNAKEMAKE, TINY_TRAINING, copy_workflow, write_config
+from conftest import (
+    DATA_OUTPUTS,
+    REPO,
+    SNAKEMAKE,
+    TINY_TRAINING,
+    copy_workflow,
+    run_log,
+    run_output,
+    write_config,
+)
 
 pytestmark = pytest.mark.workflow
 
@@ -62,7 +71,7 @@ def test_full_run_writes_every_artifact_and_logs_counts(demo_run):
     assert re.search(
         r"ingest: read 2700/2700 cells of the input, wrote 2700/2700 chosen cells "
         r"\(elapsed \d:\d\d:\d\d",
-        (logs / "sample_census.log").read_text(),
+        run_log(demo_run, "sample_census").read_text(),
     )
     assert not (results / "census_store").exists()
     report = (results / "report.html").read_text()  # the run's report, under the run's folder
@@ -73,11 +82,14 @@ def test_full_run_writes_every_artifact_and_logs_counts(demo_run):
     assert (results / "logs" / "report.log").stat().st_size > 0 and not (
         demo_run / "report.html"
     ).exists()
-    for rule, output in DATA_OUTPUTS.items():
-        assert (results / output).exists(), f"{rule} did not write {output}"
-        assert (results / "logs" / f"{rule}.log").stat().st_size > 0, f"{rule} wrote no log"
-        assert (results / "benchmarks" / f"{rule}.tsv").exists(), f"{rule} wrote no benchmark"
-    manifest = json.loads((results / "shards" / "manifest.json").read_text())
+    record = json.loads((results / "run.json").read_text())
+    assert set(record["data"]) == set(list(DATA_OUTPUTS)[:6]) and record["run"] == "demo"
+    assert record["config"]["hvg"]["n_top_genes"] == 1200 and record["versions"]["torch"]
+    for rule in DATA_OUTPUTS:
+        assert run_output(demo_run, rule).exists(), f"{rule} did not write its output"
+        assert run_log(demo_run, rule).stat().st_size > 0, f"{rule} wrote no log"
+        assert (demo_run / record["benchmarks"][rule]).exists(), f"{rule} wrote no benchmark"
+    manifest = json.loads(run_output(demo_run, "tokenize_shards").read_text())
     n_cells = {
         split: sum(s["n_cells"] for s in shards) for split, shards in manifest["splits"].items()
     }
@@ -86,11 +98,12 @@ def test_full_run_writes_every_artifact_and_logs_counts(demo_run):
     assert (
         manifest["n_genes"] == 1200 and manifest["cls_id"] == 1200 and manifest["pad_id"] == 1201
     )
-    assert "cells 2700 -> 2700" in (results / "logs" / "filter_qc.log").read_text()
-    assert "1200 HVGs out" in (results / "logs" / "select_hvg.log").read_text()
+    assert "cells 2700 -> 2700" in run_log(demo_run, "filter_qc").read_text()
+    assert "1200 HVGs out" in run_log(demo_run, "select_hvg").read_text()
 
 
-def test_changing_one_setting_reruns_that_stage_and_later_only(demo_run, tmp_path):
+def copy_finished_run(demo_run: Path, tmp_path: Path) -> Path:
+    """A workflow copy holding the demo run's results and Snakemake's records of them."""
     workdir = copy_workflow(tmp_path)
     shutil.copytree(demo_run / "results", workdir / "results")
     shutil.copytree(
@@ -98,47 +111,109 @@ def test_changing_one_setting_reruns_that_stage_and_later_only(demo_run, tmp_pat
         workdir / ".snakemake",
         ignore=shutil.ignore_patterns("conda", "singularity"),
     )
+    return workdir
+
+
+def output_times(workdir: Path, run: str = "demo") -> dict:
+    """rule -> (its output's path, modification time), for DATA_OUTPUTS."""
+    paths = {rule: run_output(workdir, rule, run) for rule in DATA_OUTPUTS}
+    return {rule: (path, path.stat().st_mtime_ns) for rule, path in paths.items()}
+
+
+def rewritten(before: dict) -> set:
+    """The rules whose outputs (as recorded in ``before``) changed since."""
+    return {rule for rule, (path, time_ns) in before.items() if path.stat().st_mtime_ns != time_ns}
+
+
+def scheduled_jobs(dry_run_output: str) -> set:
+    """The rules a dry run's "Job stats" table lists."""
+    table = dry_run_output.split("Job stats:")[1].split("\n\n")[0]
+    rows = (line.split() for line in table.splitlines())
+    return {row[0] for row in rows if len(row) == 2 and row[1].isdigit() and row[0] != "total"}
+
+
+def test_changing_one_setting_reruns_that_stage_and_later_only(demo_run, tmp_path):
+    workdir = copy_finished_run(demo_run, tmp_path)
     tiny = write_config(workdir, "tiny.yaml", TINY_TRAINING)
     dry = snakemake(workdir, "--configfile", tiny, "-n")
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
-    results = workdir / "results" / "demo"
-    before = {rule: (results / out).stat().st_mtime_ns for rule, out in DATA_OUTPUTS.items()}
+    before = output_times(workdir)
     time.sleep(1.1)
     changed = write_config(
         workdir, "changed.yaml", {**TINY_TRAINING, "normalize_bin": {"n_bins": 21}}
     )
     snakemake(workdir, "--configfile", changed)
-    rerun = {
-        rule
-        for rule, out in DATA_OUTPUTS.items()
-        if (results / out).stat().st_mtime_ns != before[rule]
-    }
-    assert rerun == {"normalize_bin", "split", "tokenize_shards", "pretrain", "embed", "evaluate"}
-    assert json.loads((results / "shards" / "manifest.json").read_text())["n_bins"] == 21
+    after = output_times(workdir)
+    # the stages before normalize_bin are read from the same folders, untouched
+    kept = {rule for rule in DATA_OUTPUTS if after[rule][0] == before[rule][0]}
+    assert kept == {"sample_census", "filter_qc", "select_hvg", "pretrain", "embed", "evaluate"}
+    assert rewritten(before) == {"pretrain", "embed", "evaluate"}  # the old data, not rewritten
+    assert json.loads(after["tokenize_shards"][0].read_text())["n_bins"] == 21
 
-    # chunk_size bounds memory, not results: changing it reruns nothing
+    # chunk_size bounds memory and cells_per_shard how cells are split into files, not results:
+    # changing them reruns nothing, the model included
     rechunked = write_config(
         workdir,
         "rechunked.yaml",
-        {**TINY_TRAINING, "normalize_bin": {"n_bins": 21}, "chunk_size": 500},
+        {
+            **TINY_TRAINING,
+            "normalize_bin": {"n_bins": 21},
+            "chunk_size": 500,
+            "tokenize": {"cells_per_shard": 1000},
+        },
     )
     dry = snakemake(workdir, "--configfile", rechunked, "-n")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def test_two_runs_share_their_data_stages_and_neither_overwrites_the_other(demo_run, tmp_path):
+    """The issue's first experiment: a copy of the demo's config with 800 HVGs, as a new run."""
+    workdir = copy_finished_run(demo_run, tmp_path)
+    demo = {**TINY_TRAINING}
+    demo.pop("run")  # as config/demo.yaml: the run is named after the file
+    experiment = {**demo, "hvg": {"n_top_genes": 800}}
+    (workdir / "hvg800.yaml").write_text(yaml.safe_dump(experiment))
+    dry = snakemake(workdir, "--configfile", "hvg800.yaml", "-n")
+    assert scheduled_jobs(dry.stdout) == {
+        "select_hvg", "normalize_bin", "split", "tokenize_shards", "pretrain", "training_pca",
+        "run_record", "embed", "evaluate", "report", "all",
+    }  # fmt: skip
+
+    before = output_times(workdir)
+    demo_model = (workdir / "results/demo/model/best_model.pt").read_bytes()
+    snakemake(workdir, "--configfile", "hvg800.yaml")
+    assert rewritten(before) == set()  # the demo run: not a file rewritten
+    assert (workdir / "results/demo/model/best_model.pt").read_bytes() == demo_model
+    mine = output_times(workdir, "hvg800")
+    shared = {rule for rule in DATA_OUTPUTS if mine[rule][0] == before[rule][0]}
+    assert shared == {"sample_census", "filter_qc"}
+    assert json.loads(mine["tokenize_shards"][0].read_text())["n_genes"] == 800
+    args = json.loads((workdir / "results/hvg800/model/args.json").read_text())
+    assert args["model"]["n_layers"] == TINY_TRAINING["model"]["n_layers"]
+    # both records name their data; the demo's is unchanged
+    record = json.loads((workdir / "results/hvg800/run.json").read_text())
+    assert record["run"] == "hvg800" and record["config"]["hvg"]["n_top_genes"] == 800
+    # the same experiment from the command line, nested numbers as users type them
+    dry = snakemake(
+        workdir, "--configfile", "hvg800.yaml", "--config", 'hvg={"n_top_genes": 800}', "-n"
+    )
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
 def test_same_inputs_and_seed_give_byte_identical_shards(demo_run, tmp_path):
     workdir = copy_workflow(tmp_path)
     snakemake(workdir, "tokenize_shards")
-    ours = sorted((workdir / "results/demo/shards").rglob("*"))
-    theirs = sorted((demo_run / "results/demo/shards").rglob("*"))
-    assert [p.relative_to(workdir / "results/demo/shards") for p in ours] == [
-        p.relative_to(demo_run / "results/demo/shards") for p in theirs
-    ]
+    # the embedded default's data settings are the demo run's: the same folder names
+    ours_root = run_output(demo_run, "tokenize_shards").parent
+    ours_root = workdir / ours_root.relative_to(demo_run)
+    theirs_root = run_output(demo_run, "tokenize_shards").parent
+    ours, theirs = sorted(ours_root.rglob("*")), sorted(theirs_root.rglob("*"))
+    assert [p.relative_to(ours_root) for p in ours] == [p.relative_to(theirs_root) for p in theirs]
     for a, b in zip(ours, theirs):
         if a.is_file():
             assert a.read_bytes() == b.read_bytes(), f"{a.name} differs between two runs"
-    with h5py.File(workdir / "results/demo/shards/train/shard_00000.h5") as f:
+    with h5py.File(ours_root / "train/shard_00000.h5") as f:
         assert f["gene_ids"].dtype == "int32" and f["values"].dtype == "int16"
 
 
@@ -172,7 +247,7 @@ PINNED_CELLS = [
 def test_embedded_default_shards_are_the_pinned_bytes(demo_run):
     import hashlib
 
-    shards = demo_run / "results" / "demo" / "shards"
+    shards = run_output(demo_run, "tokenize_shards").parent
     with h5py.File(
         shards / "train/shard_00000.h5", "r"
     ) as f:  # tokens first: they say what differs
@@ -199,7 +274,7 @@ def test_a_cell_gets_the_pipelines_embedding_from_scllm_embed(demo_run):
 
     results = demo_run / "results" / "demo"
     pipeline = ad.read_h5ad(results / "embeddings.h5ad")
-    cells = ad.read_h5ad(results / "filtered.h5ad")[
+    cells = ad.read_h5ad(run_output(demo_run, "filter_qc"))[
         pipeline.obs_names[::-1]
     ].copy()  # another order
     scllm.embed(cells, results / "model", device="cpu", batch_size=7)
@@ -209,15 +284,9 @@ def test_a_cell_gets_the_pipelines_embedding_from_scllm_embed(demo_run):
 
 
 def test_heldout_evaluation_rule_runs_only_when_asked_and_reruns_nothing_else(demo_run, tmp_path):
-    workdir = copy_workflow(tmp_path)
-    shutil.copytree(demo_run / "results", workdir / "results")
-    shutil.copytree(
-        demo_run / ".snakemake",
-        workdir / ".snakemake",
-        ignore=shutil.ignore_patterns("conda", "singularity"),
-    )
+    workdir = copy_finished_run(demo_run, tmp_path)
     results = workdir / "results" / "demo"
-    before = {rule: (results / out).stat().st_mtime_ns for rule, out in DATA_OUTPUTS.items()}
+    before = output_times(workdir)
     # A labelled h5ad of "new" cells: PBMC 3k's first 300 cells under other names.
     cells = ad.read_h5ad(REPO / "resources" / "pbmc3k" / "pbmc3k.h5ad")[:300].copy()
     cells.obs_names = [f"new_{i}" for i in range(cells.n_obs)]
@@ -235,11 +304,7 @@ def test_heldout_evaluation_rule_runs_only_when_asked_and_reruns_nothing_else(de
         },
     )
     snakemake(workdir, "--configfile", config)
-    assert {
-        rule
-        for rule, out in DATA_OUTPUTS.items()
-        if (results / out).stat().st_mtime_ns != before[rule]
-    } == set()
+    assert rewritten(before) == set()
     table = pd.read_csv(results / "evaluation" / "heldout" / "metrics.tsv", sep="\t")
     methods = table["baseline_method"].unique().tolist()
     assert len(methods) == 2 and "training cells, projected (zero-shot)" in methods[1]
@@ -326,7 +391,41 @@ def test_misspelt_config_key_is_rejected(tmp_path):
     bad = write_config(workdir, "typo.yaml", {"hvg": {"n_top_gene": 1000}})
     proc = snakemake(workdir, "--configfile", bad, "-n", check=False)
     assert proc.returncode != 0
-    assert "n_top_gene" in proc.stderr + proc.stdout
+    assert "unknown setting hvg.n_top_gene: did you mean hvg.n_top_genes?" in proc.stdout
+    # an abbreviation's long form, one paragraph (not the schema), and the fix it names works
+    bad = write_config(workdir, "typo.yaml", {"train": {"learning_rate": 0.001}})
+    proc = snakemake(workdir, "--configfile", bad, "-n", check=False)
+    message = proc.stdout[proc.stdout.index("unknown setting") :].split("\n")[0]
+    assert message.startswith("unknown setting train.learning_rate: did you mean train.lr? ")
+    assert "epochs, batch_size, lr," in message  # the section's settings, in one paragraph
+    assert "properties" not in proc.stdout and len(proc.stdout.splitlines()) < 10
+    fixed = write_config(workdir, "fixed.yaml", {"train": {"lr": 0.001}})
+    assert snakemake(workdir, "--configfile", fixed, "-n").returncode == 0
+    # a key in the wrong section is pointed to its own
+    proc = snakemake(workdir, "--config", 'hvg={"n_bins": 21}', "-n", check=False)
+    assert "unknown setting hvg.n_bins: n_bins is a setting of normalize_bin.n_bins: move it" in proc.stdout
+
+
+def test_nested_numbers_on_the_command_line_are_numbers(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    proc = snakemake(
+        workdir,
+        "--config",
+        'hvg={"n_top_genes": 800}',
+        'train={"lr": 1e-3, "mask_ratios": [0.5], "seed": 3}',
+        'census={"census_version": "2025-01-30"}',
+        "--printshellcmds",
+        "-n",
+    )
+    assert "select_hvg" in proc.stdout
+    from scllm.workflow_config import typed_overrides
+
+    typed = typed_overrides(
+        {"hvg": {"n_top_genes": "800"}, "train": {"lr": "1e-3", "mask_ratios": ["0.5"]}}
+    )
+    assert typed == {"hvg": {"n_top_genes": 800}, "train": {"lr": 0.001, "mask_ratios": [0.5]}}
+    bad = snakemake(workdir, "--config", 'hvg={"n_top_genes": "many"}', "-n", check=False)
+    assert "hvg.n_top_genes: 'many' is not of type 'integer'" in bad.stdout
 
 
 def test_real_census_offline_fails_at_once_with_guidance(tmp_path):
@@ -356,26 +455,21 @@ def test_real_census_offline_fails_at_once_with_guidance(tmp_path):
     )
     assert proc.returncode != 0
     assert time.time() - started < 120
-    log = (workdir / "results/census_blood_300k/logs/sample_census.log").read_text()
+    (folder,) = (workdir / "results/data").glob("sample_census-*")
+    log = (folder / "sample_census.log").read_text()
     assert "Census cannot be reached" in log
     assert "snakemake --cores" in log
-    assert not (workdir / "results/census_blood_300k/cells.h5ad").exists()
+    assert not (folder / "cells.h5ad").exists()
 
 
 def test_a_damaged_shard_stops_pretrain_and_the_fix_it_names_works(demo_run, tmp_path, flip_bytes):
     """Deleting one shard would not make Snakemake rerun tokenize_shards (its output folder
     exists), so the refusal names --forcerun; this runs exactly that."""
-    workdir = copy_workflow(tmp_path)
-    shutil.copytree(demo_run / "results", workdir / "results")
-    shutil.copytree(
-        demo_run / ".snakemake",
-        workdir / ".snakemake",
-        ignore=shutil.ignore_patterns("conda", "singularity"),
-    )
+    workdir = copy_finished_run(demo_run, tmp_path)
     tiny = write_config(workdir, "tiny.yaml", TINY_TRAINING)
     results = workdir / "results" / "demo"
     checkpoint = (results / "model/last_checkpoint.pt").read_bytes()
-    flip_bytes(results / "shards/train/shard_00000.h5", "gene_ids")
+    flip_bytes(run_output(workdir, "tokenize_shards").parent / "train/shard_00000.h5", "gene_ids")
 
     proc = snakemake(workdir, "--configfile", tiny, "--forcerun", "pretrain", check=False)
     assert proc.returncode != 0
@@ -504,11 +598,11 @@ def test_a_run_continues_a_trained_model_on_its_own_cells(demo_run, tmp_path):
 
     snakemake(workdir, "--configfile", write_config(workdir, "adapt.yaml", adapt))
     results = workdir / "results" / "adapted"
-    vocabulary = pd.read_csv(results / "hvg.tsv", sep="\t")
+    vocabulary = pd.read_csv(run_output(workdir, "select_hvg", "adapted"), sep="\t")
     assert vocabulary["feature_id"].tolist() == genes["feature_id"].tolist()
     assert set(vocabulary["feature_id"][~vocabulary["in_data"]]) == lacking
     assert (results / "model" / "vocab.json").read_bytes() == (parent / "vocab.json").read_bytes()
-    binned = ad.read_h5ad(results / "binned.h5ad")
+    binned = ad.read_h5ad(run_output(workdir, "normalize_bin", "adapted"))
     assert binned[:, list(lacking)].X.nnz == 0  # never a token
     args = json.loads((results / "model" / "args.json").read_text())
     assert args["parent"]["path"] == str(parent)

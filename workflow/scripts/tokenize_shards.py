@@ -9,6 +9,7 @@ tokenize_shards(
     snakemake.input.h5ad,
     snakemake.input.split,
     snakemake.output.shards,
-    **snakemake.params.tokenize,
-    chunk_size=snakemake.config["chunk_size"],  # memory only: not a rerun trigger
+    # file layout and memory only: neither is a rerun trigger
+    cells_per_shard=snakemake.config["tokenize"]["cells_per_shard"],
+    chunk_size=snakemake.config["chunk_size"],
 )

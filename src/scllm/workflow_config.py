@@ -1,0 +1,205 @@
+"""The workflow's config as users write it: numbers given inside ``--config`` mappings typed as
+numbers, and a config the schema refuses explained in a paragraph per problem (with the nearest
+valid names for a misspelt key) instead of the schema itself.
+
+No torch, no scanpy: the Snakefile imports this module before any job runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+
+# What a YAML 1.2 reader takes for a number (YAML 1.1, which PyYAML follows, reads 1e-3 as text).
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_INTEGER = re.compile(r"[-+]?\d+")
+_CONSTANTS = {"true": True, "false": False, "null": None, "~": None}
+
+
+def typed_scalar(text: str):
+    """A ``--config`` scalar as YAML types it: a number, a boolean, null, or the text itself.
+
+    Parameters
+    ----------
+    text : str
+        The scalar as Snakemake read it.
+
+    Returns
+    -------
+    int, float, bool, None or str
+        ``"800"`` gives 800, ``"1e-3"`` 0.001, ``"true"`` True, ``"null"`` None; anything else,
+        dates included, stays text.
+    """
+    if _INTEGER.fullmatch(text):
+        return int(text)
+    if _NUMBER.fullmatch(text):
+        return float(text)
+    return _CONSTANTS.get(text.lower(), text)
+
+
+def typed_overrides(overrides: dict) -> dict:
+    """``--config`` settings with the scalars inside mappings and lists typed.
+
+    Snakemake types a top-level ``--config key=800`` itself, but reads a mapping such as
+    ``hvg={"n_top_genes": 800}`` with YAML's BaseLoader, which leaves every scalar a string, so
+    the schema would refuse ``'800'`` as "not of type 'integer'".
+
+    Parameters
+    ----------
+    overrides : dict
+        ``workflow.config_settings.overwrite_config``: what ``--config`` set.
+
+    Returns
+    -------
+    dict
+        The same settings, with the strings nested in mappings and lists typed by
+        :func:`typed_scalar`; top-level values unchanged.
+    """
+
+    def typed(value):
+        if isinstance(value, dict):
+            return {key: typed(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [typed(item) for item in value]
+        return typed_scalar(value) if isinstance(value, str) else value
+
+    return {
+        key: typed(value) if isinstance(value, (dict, list)) else value
+        for key, value in overrides.items()
+    }
+
+
+def nearest_names(name: str, candidates, n: int = 3) -> list[str]:
+    """The candidates most like ``name``, best first: the nearest, and up to ``n`` - 1 more
+    that are close too (similarity 0.6 or more).
+
+    Spelling similarity (difflib), with abbreviations counted as close: ``learning_rate`` is
+    nearest to ``lr`` (its initials), ``n_top`` to ``n_top_genes`` (a prefix).
+
+    Parameters
+    ----------
+    name : str
+        The unknown name.
+    candidates : iterable of str
+        The valid names.
+    n : int
+        How many to return.
+
+    Returns
+    -------
+    list of str
+        At least one and at most ``n`` valid names (none when there are no candidates).
+    """
+    initials = "".join(word[0] for word in name.lower().split("_") if word)
+
+    def closeness(candidate: str) -> float:
+        score = difflib.SequenceMatcher(None, name.lower(), candidate.lower()).ratio()
+        abbreviation = candidate == initials or candidate.startswith(name) or name.startswith(candidate)
+        return score + (1.0 if abbreviation else 0.0)
+
+    ranked = sorted(candidates, key=closeness, reverse=True)
+    return ranked[:1] + [name for name in ranked[1:n] if closeness(name) >= 0.6]
+
+
+def _sections(schema: dict, prefix: str = "") -> Iterator[tuple[str, dict]]:
+    """(dotted path, schema) of every mapping in the schema that refuses unknown keys."""
+    if schema.get("additionalProperties") is False:
+        yield prefix, schema
+    for key, sub in schema.get("properties", {}).items():
+        if isinstance(sub, dict):
+            yield from _sections(sub, f"{prefix}{key}.")
+
+
+def _value_at(config: dict, dotted: str):
+    value = config
+    for key in filter(None, dotted.split(".")):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def unknown_key_problems(config: dict, schema: dict) -> list[str]:
+    """One paragraph per key the schema does not know, with the nearest valid names.
+
+    Parameters
+    ----------
+    config : dict
+        The config as loaded (config files and ``--config``).
+    schema : dict
+        ``config/schema.yaml``, loaded.
+
+    Returns
+    -------
+    list of str
+        Empty when every key is known.
+    """
+    sections = dict(_sections(schema))
+    problems = []
+    for prefix, section in sections.items():
+        given = _value_at(config, prefix)
+        known = list(section.get("properties", {}))
+        for key in sorted(set(given) - set(known)) if isinstance(given, dict) else []:
+            elsewhere = [f"{p}{key}" for p, s in sections.items() if key in s.get("properties", {})]
+            nearest = " or ".join(f"{prefix}{name}" for name in nearest_names(key, known))
+            hint = (
+                f"{key} is a setting of {' and '.join(elsewhere)}: move it there."
+                if elsewhere
+                else f"did you mean {nearest}?"
+            )
+            problems.append(
+                f"unknown setting {prefix}{key}: {hint} "
+                f"{prefix.rstrip('.') or 'The top level'} has {len(known)} settings: "
+                f"{', '.join(known)} (each documented in config/schema.yaml)."
+            )
+    return problems
+
+
+def value_problems(config: dict, schema: dict) -> list[str]:
+    """One line per value the schema refuses, naming the setting, the value and the rule.
+
+    Parameters
+    ----------
+    config : dict
+        The config as loaded.
+    schema : dict
+        ``config/schema.yaml``, loaded.
+
+    Returns
+    -------
+    list of str
+        Empty when the config is valid.
+    """
+    import jsonschema  # Snakemake's own dependency, needed only here
+
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    problems = []
+    for error in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path)):
+        if error.validator == "additionalProperties":
+            continue  # unknown_key_problems says these, with suggestions
+        where = ".".join(str(part) for part in error.absolute_path) or "the config"
+        described = error.schema.get("description", "") if isinstance(error.schema, dict) else ""
+        problems.append(
+            f"{where}: {error.message}" + (f" ({' '.join(described.split())})" if described else "")
+        )
+    return problems
+
+
+def config_problems(config: dict, schema: dict) -> str | None:
+    """What is wrong with the config, as a message for people, or None when nothing is.
+
+    Parameters
+    ----------
+    config : dict
+        The config as loaded (config files and ``--config``).
+    schema : dict
+        ``config/schema.yaml``, loaded.
+
+    Returns
+    -------
+    str or None
+        Unknown keys (with the nearest valid names) and refused values, one paragraph each.
+    """
+    problems = unknown_key_problems(config, schema) + value_problems(config, schema)
+    if not problems:
+        return None
+    return "the config has problems:\n\n" + "\n\n".join(problems)
