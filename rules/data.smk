@@ -30,6 +30,7 @@ rule filter_qc:
     output:
         h5ad=f"{RESULTS}/filtered.h5ad",
         table=f"{RESULTS}/qc.tsv",
+        cells_table=f"{RESULTS}/qc_cells.tsv.gz",
     log:
         f"{LOGS}/filter_qc.log",
     benchmark:
