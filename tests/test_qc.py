@@ -348,7 +348,7 @@ def test_a_filter_that_could_not_work_is_named(tmp_path, change, max_mito, messa
     assert outputs_left(tmp_path) == []
 
 
-@pytest.mark.parametrize("value", [0, -0.1, 1.5, True])
+@pytest.mark.parametrize("value", [0, -0.1, 1.5, True, "0.2", float("nan")])
 def test_max_mito_fraction_must_be_a_fraction(tmp_path, value):
     dense, samples, symbols = mito_counts()
     src = counts_h5ad(tmp_path / "cells.h5ad", dense, samples, symbols=symbols)

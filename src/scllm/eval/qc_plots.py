@@ -36,17 +36,37 @@ class QCPlotCounts:
     mito_computed: int  # cells with a mitochondrial fraction
 
     def genes_label(self) -> str:
+        """The legend of the min_genes_per_cell line.
+
+        Returns
+        -------
+        str
+            The threshold and the cells below it.
+        """
         return (
             f"min_genes_per_cell = {self.min_genes_per_cell}: {self.below_min_genes:,} cells below"
         )
 
     def mito_label(self) -> str:
+        """The legend of the max_mito_fraction line (only when the filter is on).
+
+        Returns
+        -------
+        str
+            The threshold and the cells above it.
+        """
         return (
             f"max_mito_fraction = {self.max_mito_fraction:g}: {self.above_max_mito:,} cells above"
         )
 
     def describe(self) -> str:
-        """One caption line: cells in and passed, and the cells beyond each threshold."""
+        """A caption for the figure (also its title).
+
+        Returns
+        -------
+        str
+            Cells in and passed, and the cells beyond each threshold (or why there is none).
+        """
         parts = [f"{self.n_passed:,} of {self.n_cells:,} cells passed QC", self.genes_label()]
         if self.mito_computed == 0:
             parts.append("mitochondrial fraction not computed (no symbols or no MT- genes)")

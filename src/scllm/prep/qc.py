@@ -48,7 +48,8 @@ class QCSettings:
 
     def __post_init__(self):
         limit = self.max_mito_fraction
-        if limit is not None and (isinstance(limit, bool) or not 0 < limit <= 1):
+        is_number = isinstance(limit, (int, float)) and not isinstance(limit, bool)
+        if limit is not None and not (is_number and 0 < limit <= 1):
             raise InputError(
                 f"qc.max_mito_fraction must be a fraction in (0, 1], or null to switch the "
                 f"mitochondrial filter off; not {limit!r}"
@@ -67,10 +68,18 @@ class CellQC:
 
     @property
     def passed(self) -> np.ndarray:
+        """Cells no criterion removed (a boolean mask)."""
         return ~(self.too_few_genes | self.too_much_mito)
 
     def table(self) -> pd.DataFrame:
-        """The columns of qc_cells.tsv.gz (counts are integers: X holds checked raw counts)."""
+        """The per-cell table of qc_cells.tsv.gz.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per input cell, columns ``CELL_COLUMNS``; counts as integers (X holds
+            checked raw counts).
+        """
         return pd.DataFrame(
             {
                 "total_counts": np.rint(self.total_counts).astype(np.int64),
