@@ -47,8 +47,8 @@ def test_the_figure_and_its_counts(tmp_path):
     assert (counts.below_min_genes, counts.above_max_mito) == (below, above)
     assert counts.mito_computed == N_CELLS - 7
     # the legends and the caption give the thresholds with those counts
-    assert counts.genes_label() == f"min_genes_per_cell = 200: {below:,} cells below"
-    assert counts.mito_label() == f"max_mito_fraction = 0.15: {above:,} cells above"
+    assert counts.label("min_genes_per_cell") == f"min_genes_per_cell = 200: {below:,} cells below"
+    assert counts.label("max_mito_fraction") == f"max_mito_fraction = 0.15: {above:,} cells above"
     assert counts.describe().startswith(f"{passed.sum():,} of 2,000 cells passed QC; ")
 
 

@@ -35,29 +35,25 @@ class QCPlotCounts:
     above_max_mito: int | None  # cells right of the max_mito_fraction line; None: filter off
     mito_computed: int  # cells with a mitochondrial fraction
 
-    def genes_label(self) -> str:
-        """The legend of the min_genes_per_cell line.
+    def label(self, setting: str) -> str:
+        """The legend of a threshold line.
+
+        Parameters
+        ----------
+        setting
+            ``"min_genes_per_cell"`` or ``"max_mito_fraction"`` (only when that filter is on).
 
         Returns
         -------
         str
-            The threshold and the cells below it.
+            The threshold and the cells beyond it, e.g. ``min_genes_per_cell = 200: 61 cells
+            below``.
         """
-        return (
-            f"min_genes_per_cell = {self.min_genes_per_cell}: {self.below_min_genes:,} cells below"
-        )
-
-    def mito_label(self) -> str:
-        """The legend of the max_mito_fraction line (only when the filter is on).
-
-        Returns
-        -------
-        str
-            The threshold and the cells above it.
-        """
-        return (
-            f"max_mito_fraction = {self.max_mito_fraction:g}: {self.above_max_mito:,} cells above"
-        )
+        if setting == "min_genes_per_cell":
+            value, n, side = self.min_genes_per_cell, self.below_min_genes, "below"
+        else:
+            value, n, side = self.max_mito_fraction, self.above_max_mito, "above"
+        return f"{setting} = {value:g}: {n:,} cells {side}"
 
     def describe(self) -> str:
         """A caption for the figure (also its title).
@@ -67,13 +63,16 @@ class QCPlotCounts:
         str
             Cells in and passed, and the cells beyond each threshold (or why there is none).
         """
-        parts = [f"{self.n_passed:,} of {self.n_cells:,} cells passed QC", self.genes_label()]
+        parts = [
+            f"{self.n_passed:,} of {self.n_cells:,} cells passed QC",
+            self.label("min_genes_per_cell"),
+        ]
         if self.mito_computed == 0:
             parts.append("mitochondrial fraction not computed (no symbols or no MT- genes)")
         elif self.max_mito_fraction is None:
             parts.append("mitochondrial filter off")
         else:
-            parts.append(self.mito_label())
+            parts.append(self.label("max_mito_fraction"))
         return "; ".join(parts)
 
 
@@ -159,7 +158,9 @@ def plot_qc(
     _log_histogram(ax_counts, cells, "total_counts", "total counts per cell")
     _log_histogram(ax_genes, cells, "n_genes", "genes detected per cell")
     if min_genes_per_cell > 0:  # 0 is off (and has no place on a log axis)
-        ax_genes.axvline(min_genes_per_cell, **THRESHOLD_STYLE, label=counts.genes_label())
+        ax_genes.axvline(
+            min_genes_per_cell, **THRESHOLD_STYLE, label=counts.label("min_genes_per_cell")
+        )
     _mito_histogram(ax_mito, cells, counts)
     for ax in (ax_counts, ax_genes, ax_mito):
         if ax.get_legend_handles_labels()[0]:
@@ -240,4 +241,4 @@ def _mito_histogram(ax, cells: pd.DataFrame, counts: QCPlotCounts) -> None:
     high = max(computed["mito_fraction"].max(), limit or 0.0) * 1.05 or 1.0
     _by_outcome(ax, computed, "mito_fraction", np.linspace(0.0, high, N_BINS + 1))
     if limit is not None:
-        ax.axvline(limit, **THRESHOLD_STYLE, label=counts.mito_label())
+        ax.axvline(limit, **THRESHOLD_STYLE, label=counts.label("max_mito_fraction"))
