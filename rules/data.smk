@@ -32,6 +32,7 @@ rule filter_qc:
     output:
         h5ad=f"{FOLDERS['filter_qc']}/filtered.h5ad",
         table=f"{FOLDERS['filter_qc']}/qc.tsv",
+        cells_table=f"{FOLDERS['filter_qc']}/qc_cells.tsv.gz",
     log:
         data_log("filter_qc"),
     benchmark:

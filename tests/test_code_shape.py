@@ -75,6 +75,7 @@ WITHOUT_TORCH = (
     "eval/metrics.py",
     "eval/report.py",
     "eval/genes.py",
+    "eval/qc_plots.py",
 )
 MAX_PARAMETERS = 8
 # A stage function whose keywords are its config/schema.yaml section (tests/test_config.py holds

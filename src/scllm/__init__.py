@@ -2,7 +2,7 @@
 scGPT-style transformer. Importing the package is light; torch loads only when a model is used."""
 
 __version__ = "0.1.0"
-__all__ = ["embed", "load_model"]
+__all__ = ["embed", "gene_embeddings", "load_model"]
 
 
 def __getattr__(name):
@@ -11,6 +11,10 @@ def __getattr__(name):
         from scllm.eval.embed import embed
 
         return embed
+    if name == "gene_embeddings":
+        from scllm.eval.gene_embeddings import gene_embeddings
+
+        return gene_embeddings
     if name == "load_model":
         from scllm.train.checkpoint import load_model
 
