@@ -28,14 +28,32 @@ def nesting(node: ast.AST, depth: int = 0) -> int:
     return deepest
 
 
+def code_lines(f: ast.FunctionDef) -> int:
+    """A function's lines from ``def`` to its end, its docstring left out: the rule is about how
+    much code there is to read, and a numpydoc docstring grows with the parameters it lists."""
+    first = f.body[0]
+    has_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+    doc = (
+        first.end_lineno - first.lineno + 1
+        if has_doc and isinstance(first.value.value, str)
+        else 0
+    )
+    return f.end_lineno - f.lineno + 1 - doc
+
+
 def test_no_library_function_is_longer_than_80_lines():
     long = {
-        (str(path.relative_to(SRC)), f.name): f.end_lineno - f.lineno + 1
+        (str(path.relative_to(SRC)), f.name): code_lines(f)
         for path in sorted(SRC.rglob("*.py"))
         for f in functions(path)
-        if f.end_lineno - f.lineno + 1 > MAX_LINES
+        if code_lines(f) > MAX_LINES
     }
     assert set(long) <= KNOWN_LONG, long
+
+
+def test_length_counts_the_code_not_the_docstring():
+    code = 'def f(x):\n    """Summary.\n\n    More.\n    """\n    y = x\n    return y\n'
+    assert code_lines(next(functions_of(code))) == 3
 
 
 def test_training_loop_nests_at_most_three_blocks_deep():
