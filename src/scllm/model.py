@@ -410,7 +410,7 @@ class CellTransformer(nn.Module):
 
         Returns
         -------
-        float or numpy.ndarray
+        int or numpy.ndarray
             FLOPs per token, shaped as ``seq_len``.
         """
         cfg = self.cfg

@@ -267,8 +267,9 @@ def open_listed_shard(shards_dir: str | Path, manifest: dict, entry: dict) -> Sh
     Parameters
     ----------
     shards_dir : str or Path
+        The shards folder.
     manifest, entry : dict
-        As for ``read_listed_shard``.
+        The manifest and the shard's entry, as for ``read_listed_shard``.
 
     Returns
     -------

@@ -71,9 +71,11 @@ def sample_h5ad(
     Raises
     ------
     ValueError
-        Unknown settings, or no cells matching the filter or no sample under the cap.
+        Unknown settings, a named obs or var column the file lacks, no Ensembl gene ids, no
+        cells matching the filter, or no sample under the cap.
     InputError
-        The counts are not raw counts, or the file lacks what its settings name.
+        Counts that are not raw counts, no such layer, repeated gene ids, or cells without a
+        sample.
     """
     sampling, columns, unknown = split_settings(settings, SamplingConfig, H5adConfig)
     unknown.update({k: v for k, v in columns.items() if k not in H5adConfig.COLUMNS})

@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     -------
     int
         0; PREEMPTED_EXIT_CODE when the workers stopped on a signal with a checkpoint written (or
-        torchrun itself was signalled); 1 for any other failure.
+        torchrun itself was signalled); 1 when a worker failed otherwise.
     """
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
