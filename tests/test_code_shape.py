@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).parents[1] / "src" / "scllm"
@@ -28,14 +29,32 @@ def nesting(node: ast.AST, depth: int = 0) -> int:
     return deepest
 
 
+def code_lines(f: ast.FunctionDef) -> int:
+    """A function's lines from ``def`` to its end, its docstring left out: the rule is about how
+    much code there is to read, and a numpydoc docstring grows with the parameters it lists."""
+    first = f.body[0]
+    has_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+    doc = (
+        first.end_lineno - first.lineno + 1
+        if has_doc and isinstance(first.value.value, str)
+        else 0
+    )
+    return f.end_lineno - f.lineno + 1 - doc
+
+
 def test_no_library_function_is_longer_than_80_lines():
     long = {
-        (str(path.relative_to(SRC)), f.name): f.end_lineno - f.lineno + 1
+        (str(path.relative_to(SRC)), f.name): code_lines(f)
         for path in sorted(SRC.rglob("*.py"))
         for f in functions(path)
-        if f.end_lineno - f.lineno + 1 > MAX_LINES
+        if code_lines(f) > MAX_LINES
     }
     assert set(long) <= KNOWN_LONG, long
+
+
+def test_length_counts_the_code_not_the_docstring():
+    code = 'def f(x):\n    """Summary.\n\n    More.\n    """\n    y = x\n    return y\n'
+    assert code_lines(next(functions_of(code))) == 3
 
 
 def test_training_loop_nests_at_most_three_blocks_deep():
@@ -201,3 +220,268 @@ def test_no_library_function_takes_more_than_8_parameters():
 def test_parameters_counts_every_kind():
     code = "def f(self, a, /, b, *c, d, e=1, **f):\n    pass\n"
     assert parameters(next(functions_of(code))) == 6
+
+
+# --- numpydoc: the Python API documents its parameters and what it returns -----------------------
+
+# Modules whose docstrings are not converted yet. It must be emptied: the test then holds every
+# module of the package (do not add to it; convert a module's docstrings instead).
+NOT_YET_NUMPYDOC = {
+    "__init__.py",
+    "cli.py",
+    "config.py",
+    "eval/evaluate.py",
+    "eval/genes.py",
+    "eval/metrics.py",
+    "eval/report.py",
+    "prep/qc.py",
+    "train/loop.py",
+}
+SECTION_RULE = re.compile(r"-{3,}")
+# Decorators that make a method an attribute: a property is documented as what it is, in one
+# line, with neither Parameters (it takes none) nor Returns.
+ATTRIBUTES = {"property", "cached_property", "functools.cached_property"}
+INNER_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+
+
+def docstring_sections(doc: str) -> dict[str, list[str]]:
+    """A numpydoc docstring's sections: title (the line above a rule of dashes) -> its lines."""
+    lines = doc.splitlines()
+    sections: dict[str, list[str]] = {}
+    current = None
+    for i, line in enumerate(lines):
+        if SECTION_RULE.fullmatch(line.strip()):
+            continue
+        if line.strip() and i + 1 < len(lines) and SECTION_RULE.fullmatch(lines[i + 1].strip()):
+            current = sections.setdefault(line.strip(), [])
+        elif current is not None:
+            current.append(line)
+    return sections
+
+
+def documented_parameters(lines: list[str]) -> list[str]:
+    """The names a Parameters section lists: its unindented lines, ``name : type`` or ``name``;
+    ``a, b : int`` lists two."""
+    entries = [line.split(" : ")[0] for line in lines if line.strip() and line == line.lstrip()]
+    return [name.strip() for entry in entries for name in entry.split(",")]
+
+
+def signature(f: ast.FunctionDef) -> list[str]:
+    """A function's parameter names as its Parameters section lists them (self and cls aside,
+    ``*args`` and ``**kwargs`` with their stars)."""
+    args = f.args
+    names = [a.arg for a in args.posonlyargs + args.args]
+    if names and names[0] in ("self", "cls"):
+        names = names[1:]
+    names += [f"*{args.vararg.arg}"] if args.vararg else []
+    names += [a.arg for a in args.kwonlyargs]
+    return names + ([f"**{args.kwarg.arg}"] if args.kwarg else [])
+
+
+def own_nodes(f: ast.AST):
+    """The nodes of a function's body, its inner functions, lambdas and classes left out."""
+    for child in ast.iter_child_nodes(f):
+        if not isinstance(child, INNER_SCOPES):
+            yield child
+            yield from own_nodes(child)
+
+
+def returns_a_value(f: ast.FunctionDef) -> bool:
+    """A return annotation other than None, a ``return <value>`` or a ``yield``."""
+    annotated = f.returns is not None and not (
+        isinstance(f.returns, ast.Constant) and f.returns.value in (None, "None")
+    )
+    return annotated or any(
+        isinstance(n, (ast.Yield, ast.YieldFrom))
+        or isinstance(n, ast.Return)
+        and n.value is not None
+        and not (isinstance(n.value, ast.Constant) and n.value.value is None)
+        for n in own_nodes(f)
+    )
+
+
+def public_api(tree: ast.Module):
+    """(function, its qualified name, the docstring that documents its parameters) of every
+    public function: the module's own and the methods of its public classes, without a leading
+    underscore, properties aside; a class's ``__init__`` is documented by the class docstring, as
+    numpydoc has it."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if not node.name.startswith("_"):
+                yield node, node.name, ast.get_docstring(node)
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            for f in node.body:
+                if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                decorators = {ast.unparse(d) for d in f.decorator_list}
+                if f.name == "__init__":
+                    yield f, f"{node.name}.__init__", ast.get_docstring(node)
+                elif not f.name.startswith("_") and not decorators & ATTRIBUTES:
+                    yield f, f"{node.name}.{f.name}", ast.get_docstring(f)
+
+
+def numpydoc_problems(source: str, where: str = "<string>") -> list[str]:
+    """``where:line name: what is missing`` for each public function of ``source`` whose docstring
+    lacks a Parameters section listing exactly its parameters (in order), or a Returns or Yields
+    section while it returns a value."""
+    problems = []
+    for f, qualified, doc in public_api(ast.parse(source)):
+        name = f"{where}:{f.lineno} {qualified}"
+        if doc is None:
+            problems.append(f"{name}: no docstring")
+            continue
+        sections = docstring_sections(doc)
+        wanted, listed = signature(f), documented_parameters(sections.get("Parameters", []))
+        if wanted and "Parameters" not in sections:
+            problems.append(f"{name}: no Parameters section (for {', '.join(wanted)})")
+        elif listed != wanted:
+            missing = [p for p in wanted if p not in listed]
+            extra = [p for p in listed if p not in wanted]
+            what = [f"missing {', '.join(missing)}"] * bool(missing)
+            what += [f"not parameters: {', '.join(extra)}"] * bool(extra)
+            problems.append(f"{name}: Parameters {'; '.join(what) or 'out of order'}")
+        if f.name != "__init__" and returns_a_value(f):
+            if not {"Returns", "Yields"} & set(sections):
+                problems.append(f"{name}: no Returns or Yields section")
+    return problems
+
+
+def test_the_public_functions_have_numpydoc_parameters_and_returns():
+    problems = [
+        problem
+        for path in sorted(SRC.rglob("*.py"))
+        if str(path.relative_to(SRC)) not in NOT_YET_NUMPYDOC
+        for problem in numpydoc_problems(path.read_text(), str(path.relative_to(SRC)))
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_numpydoc_check_names_what_is_missing():
+    code = '''
+def undocumented(a):
+    return a
+
+
+def no_parameters(a, *, b=1) -> int:
+    """Summary.
+
+    Returns
+    -------
+    int
+    """
+
+
+def wrong_names(a, *rest, **options):
+    """Summary.
+
+    Parameters
+    ----------
+    a, rest : int
+        Numbers.
+    c
+        Not one of them.
+    """
+
+
+def no_returns(a):
+    """Summary.
+
+    Parameters
+    ----------
+    a : int
+        A number.
+    """
+    return a + 1
+
+
+def generator():
+    """Summary."""
+    yield 1
+
+
+def out_of_order(a, b):
+    """Summary.
+
+    Parameters
+    ----------
+    b, a : int
+        Numbers.
+    """
+
+
+class Public:
+    """Summary."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def method(self, x) -> None:
+        """Summary."""
+
+    @property
+    def area(self) -> int:
+        """A property: documented as an attribute."""
+        return self.size**2
+
+
+class _Private:
+    def method(self, x):
+        return x
+
+
+def _helper(x):
+    return x
+'''
+    assert numpydoc_problems(code, "m.py") == [
+        "m.py:2 undocumented: no docstring",
+        "m.py:6 no_parameters: no Parameters section (for a, b)",
+        "m.py:15 wrong_names: Parameters missing *rest, **options; not parameters: rest, c",
+        "m.py:27 no_returns: no Returns or Yields section",
+        "m.py:38 generator: no Returns or Yields section",
+        "m.py:43 out_of_order: Parameters out of order",
+        "m.py:56 Public.__init__: no Parameters section (for size)",
+        "m.py:59 Public.method: no Parameters section (for x)",
+    ]
+
+
+def test_the_numpydoc_check_passes_a_documented_function():
+    code = '''
+def f(a, b=2, *args, c, **kwargs) -> dict:
+    """Summary line.
+
+    Extended text that mentions Parameters without a rule under it.
+
+    Parameters
+    ----------
+    a, b : int
+        Numbers.
+    *args : str
+        Names.
+    c : bool
+        A flag; its description may run
+        over lines: ``x : y`` inside is no entry.
+    **kwargs
+        Passed on.
+
+    Returns
+    -------
+    dict
+        What it made.
+    """
+    def inner(x):
+        return x
+
+    return {}
+
+
+def g(x) -> None:
+    """Summary.
+
+    Parameters
+    ----------
+    x : int
+        Ignored.
+    """
+    return None
+'''
+    assert numpydoc_problems(code) == []

@@ -21,9 +21,27 @@ log = logging.getLogger("scllm")
 
 
 def check_counts(values: np.ndarray, where: str, fix: str = "", *, integer: bool = True) -> None:
-    """Counts must be finite and non-negative, and integers unless ``integer`` is False (``scllm
-    embed`` also takes normalized values). HVG selection and QC thresholds assume raw counts;
-    NaN or inf would silently become bins (or NaN embeddings)."""
+    """Refuse values that are not counts: finite, non-negative and (by default) whole numbers.
+
+    HVG selection and QC thresholds assume raw counts; NaN or inf would silently become bins (or
+    NaN embeddings). ``scllm embed`` also takes normalized values (``integer=False``).
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        The values (e.g. a block's stored values).
+    where : str
+        What holds them, for the message (e.g. ``adata.X``).
+    fix : str, default ""
+        The fix the message suggests, after its explanation (default: use the raw count matrix).
+    integer : bool, default True
+        Require integers.
+
+    Raises
+    ------
+    InputError
+        A value is NaN or infinite, negative, or (with ``integer``) not a whole number.
+    """
     values = np.asarray(values)
     if _plainly_counts(values, integer):
         return
@@ -80,9 +98,29 @@ def _plainly_counts(values: np.ndarray, integer: bool) -> bool:
 
 
 def check_cells_and_genes(cell_ids, gene_ids, where: str) -> pd.Index:
-    """The whole input check on ids: at least one cell and one gene, unique gene ids, unique cell
-    ids (made unique, logged). Returns the cell ids to use. ``gene_ids`` None: the caller maps
-    genes itself and says how it treats duplicates."""
+    """The whole input check on ids; returns the cell ids to use.
+
+    At least one cell and one gene, unique gene ids, unique cell ids (made unique, logged).
+
+    Parameters
+    ----------
+    cell_ids : array_like
+        The cell ids.
+    gene_ids : array_like or None
+        The gene ids; None: the caller maps genes itself and says how it treats duplicates.
+    where : str
+        What holds them, for the messages.
+
+    Returns
+    -------
+    pandas.Index
+        The cell ids as strings, made unique (``unique_cell_ids``).
+
+    Raises
+    ------
+    InputError
+        No cells, no genes, or a gene id that occurs twice.
+    """
     require_cells(len(cell_ids), None if gene_ids is None else len(gene_ids), where)
     if gene_ids is not None:
         check_gene_ids(gene_ids, where)
@@ -90,6 +128,22 @@ def check_cells_and_genes(cell_ids, gene_ids, where: str) -> pd.Index:
 
 
 def require_cells(n_cells: int, n_genes: int | None, where: str) -> None:
+    """Refuse an input without cells or without genes.
+
+    Parameters
+    ----------
+    n_cells : int
+        Cells in the input.
+    n_genes : int or None
+        Genes in the input; None: not checked.
+    where : str
+        What the input is, for the message.
+
+    Raises
+    ------
+    InputError
+        ``n_cells`` or ``n_genes`` is 0.
+    """
     if n_cells == 0:
         raise InputError(
             f"{where} holds no cells: there is nothing to process. Check that it is the file you "
@@ -102,8 +156,24 @@ def require_cells(n_cells: int, n_genes: int | None, where: str) -> None:
 
 
 def check_gene_ids(gene_ids, where: str, fix: str = "") -> None:
-    """Refused, not made unique: which of two columns a gene id means is unknowable. ``fix``: how
-    to drop the repeats where the ids came from (default: var_names)."""
+    """Refuse repeated gene ids; they are not made unique.
+
+    Which of two columns a gene id means is unknowable.
+
+    Parameters
+    ----------
+    gene_ids : array_like
+        The gene ids.
+    where : str
+        What holds them, for the message.
+    fix : str, default ""
+        How to drop the repeats where the ids came from (default: var_names).
+
+    Raises
+    ------
+    InputError
+        A gene id occurs more than once.
+    """
     gene_ids = pd.Index(np.asarray(gene_ids).astype(str))
     if gene_ids.has_duplicates:
         dup = gene_ids[gene_ids.duplicated()].unique()
@@ -119,10 +189,24 @@ def check_gene_ids(gene_ids, where: str, fix: str = "") -> None:
 
 
 def unique_cell_ids(cell_ids, where: str) -> pd.Index:
-    """Cell ids made unique as anndata's ``obs_names_make_unique`` does (the second occurrence of
-    ``x`` becomes ``x-1``, the third ``x-2``, ...), with a warning. Duplicate ids (e.g. the same
-    barcode in two 10x lanes) would otherwise be one cell to every later stage: in both train and
-    validation, or matched to the wrong row."""
+    """Cell ids made unique as anndata's ``obs_names_make_unique`` does, with a warning.
+
+    The second occurrence of ``x`` becomes ``x-1``, the third ``x-2``, ... Duplicate ids (e.g.
+    the same barcode in two 10x lanes) would otherwise be one cell to every later stage: in both
+    train and validation, or matched to the wrong row.
+
+    Parameters
+    ----------
+    cell_ids : array_like
+        The cell ids.
+    where : str
+        What holds them, for the warning.
+
+    Returns
+    -------
+    pandas.Index
+        The ids as strings, unique.
+    """
     from anndata.utils import make_index_unique
 
     cell_ids = pd.Index(np.asarray(cell_ids).astype(str))
@@ -143,8 +227,23 @@ def unique_cell_ids(cell_ids, where: str) -> pd.Index:
 
 
 def check_embed_options(batch_size, chunk_size, min_coverage) -> None:
-    """The numbers ``scllm embed`` and ``scllm.embed`` take, checked before any work: a negative
-    step would embed nothing and leave every row zero, a zero one fails deep in ``range``."""
+    """The numbers ``scllm embed`` and ``scllm.embed`` take, checked before any work.
+
+    A negative step would embed nothing and leave every row zero, a zero one fails deep in
+    ``range``.
+
+    Parameters
+    ----------
+    batch_size, chunk_size : int
+        Cells a batch and cells a chunk: whole numbers, at least 1.
+    min_coverage : float
+        The fraction of the vocabulary genes the input must have, 0 to 1.
+
+    Raises
+    ------
+    InputError
+        A value out of range, or a size that is not a whole number.
+    """
     for name, flag, value in (
         ("batch_size", "--batch-size", batch_size),
         ("chunk_size", "--chunk-size", chunk_size),
@@ -162,7 +261,20 @@ def check_embed_options(batch_size, chunk_size, min_coverage) -> None:
 
 
 def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
-    """sha256 of a file's bytes, read in 16 MiB blocks."""
+    """sha256 of a file's bytes, read in blocks.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+    block : int, default 2**24
+        Bytes read at a time (16 MiB).
+
+    Returns
+    -------
+    str
+        The hex digest.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(block), b""):
@@ -171,10 +283,32 @@ def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
 
 
 def load_torch_file(path: str | Path, fix: str):
-    """``torch.load`` with ``weights_only=True``, refusing in this project's words: a pickle that
-    holds more than tensors and plain values is not a file of this project and is never loaded
-    (the unpickler would run whatever code it names); a damaged file says so. ``fix`` says how to
-    get a good file back."""
+    """``torch.load`` with ``weights_only=True``, refusing in this project's words.
+
+    A pickle that holds more than tensors and plain values is not a file of this project and is
+    never loaded (the unpickler would run whatever code it names); a damaged file says so.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file (loaded onto the CPU).
+    fix : str
+        How to get a good file back, for the messages.
+
+    Returns
+    -------
+    object
+        What the file holds (e.g. a state dict).
+
+    Raises
+    ------
+    UnsafeFileError
+        The file holds Python objects other than tensors and plain values.
+    CorruptArtifactError
+        The file is truncated or damaged.
+    FileNotFoundError
+        No file at ``path``.
+    """
     import torch
 
     try:

@@ -19,8 +19,10 @@ class CorruptArtifactError(InputError):
 
 
 class UnsafeFileError(CorruptArtifactError):
-    """A file that is not one of this project's and must not be loaded (e.g. a pickle with
-    code)."""
+    """A file that is not one of this project's and must not be loaded.
+
+    E.g. a pickle that holds code.
+    """
 
 
 class DiskFullError(ScllmError, OSError):
@@ -28,8 +30,10 @@ class DiskFullError(ScllmError, OSError):
 
 
 class UnsafeOutputError(InputError):
-    """An output path where writing would delete or replace something the command did not write
-    (or its own earlier output, unless asked to replace it)."""
+    """An output path where writing would delete or replace what the command did not write.
+
+    Its own earlier output counts too, unless it was asked to replace it.
+    """
 
 
 class OutputBusyError(ScllmError):

@@ -21,13 +21,35 @@ log = logging.getLogger("scllm")
 
 
 class Progress:
-    """Elapsed wall time since it was made, and the time left at the rate so far, for log lines
-    of long loops: ``Progress(done_before, total).text(done)``."""
+    """Elapsed wall time and the time left at the rate so far, for the log lines of long loops.
+
+    Use: ``Progress(done_before, total).text(done)``; the clock starts when it is made.
+
+    Parameters
+    ----------
+    first : int
+        Items already done when it is made (the rate counts only those done since).
+    total : int
+        Items in the whole loop.
+    """
 
     def __init__(self, first: int, total: int):
         self.start, self.first, self.total = time.perf_counter(), first, total
 
     def text(self, done: int) -> str:
+        """The elapsed time and, once some items are done, about how long is left.
+
+        Parameters
+        ----------
+        done : int
+            Items done so far, those before ``first`` included.
+
+        Returns
+        -------
+        str
+            ``elapsed H:MM:SS``, followed by ``, about H:MM:SS to go`` once ``done`` exceeds
+            ``first``.
+        """
         elapsed = time.perf_counter() - self.start
         if done - self.first <= 0:
             return f"elapsed {_duration(elapsed)}"
@@ -53,9 +75,18 @@ PROVENANCE_PACKAGES = (
 
 
 def software_provenance() -> dict:
-    """What produced an artifact: scllm's version and git commit ("-dirty" with uncommitted
-    changes), Python and the versions of the packages that shape the numbers. Strings only, so
-    that it can go into an h5ad's uns as well as into args.json."""
+    """What produced an artifact: scllm's version and git commit, Python and the package versions.
+
+    The commit gets "-dirty" with uncommitted changes; the packages are those that shape the
+    numbers (PROVENANCE_PACKAGES). Strings only, so that it can go into an h5ad's uns as well as
+    into args.json.
+
+    Returns
+    -------
+    dict
+        ``scllm``, ``git_commit``, ``python`` and ``packages`` (package name -> version, or "not
+        installed").
+    """
     import platform
     import subprocess
     from importlib import metadata
@@ -99,8 +130,23 @@ def _duration(seconds: float) -> str:
 
 
 def setup_logging(log_file: str | Path | None = None, append: bool = False) -> logging.Logger:
-    """Log to stderr and, inside a Snakemake job, to the rule's log file (``append`` for a
-    process that continues a log its launcher started)."""
+    """Log to stderr and, inside a Snakemake job, to the rule's log file.
+
+    It also installs the hook that logs an uncaught error: the message alone for the project's
+    refusals (they say what to fix), the full traceback for anything unexpected.
+
+    Parameters
+    ----------
+    log_file : str or Path or None, default None
+        The log file (its folder is made); None logs to stderr only.
+    append : bool, default False
+        Append to ``log_file``, for a process that continues a log its launcher started.
+
+    Returns
+    -------
+    logging.Logger
+        The ``scllm`` logger.
+    """
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -131,10 +177,29 @@ def atomic_path(path: str | Path):
 
     A crash or an error therefore never leaves a half-written artifact under the final name.
     Works for files and directories alike, but never puts a file where a directory is or a
-    directory where a file is (UnsafeOutputError). The process holds ``path``'s writer lock
-    for the whole block: a second writer of ``path`` is refused (OutputBusyError) instead of
-    both writing. An error removes the temporary; temporaries of ``path`` left by a killed
-    process (SIGKILL cannot be caught) are removed on the next write.
+    directory where a file is. The process holds ``path``'s writer lock for the whole block: a
+    second writer of ``path`` is refused instead of both writing. An error removes the temporary;
+    temporaries of ``path`` left by a killed process (SIGKILL cannot be caught) are removed on the
+    next write.
+
+    Parameters
+    ----------
+    path : str or Path
+        The final name of the file or folder.
+
+    Yields
+    ------
+    Path
+        The temporary to write (``.NAME.tmpPID`` beside ``path``; nothing exists there yet).
+
+    Raises
+    ------
+    UnsafeOutputError
+        A file would replace a folder, or a folder a file (or a link).
+    OutputBusyError
+        Another process is writing ``path`` now.
+    DiskFullError
+        The write failed for want of space (what was at ``path`` before is unchanged).
     """
     path = Path(path)
     with temporary_sibling(path) as tmp:
@@ -149,10 +214,26 @@ def atomic_path(path: str | Path):
 
 @contextlib.contextmanager
 def temporary_sibling(path: str | Path):
-    """Yield ``.NAME.tmpPID`` beside ``path``, removed when the block ends, while holding the
-    writer lock of ``path`` (refused with OutputBusyError if another process holds it). Holding
-    it proves that any other temporary of ``path`` belongs to a writer that is gone: those are
-    removed first."""
+    """Yield ``.NAME.tmpPID`` beside ``path``, removed after the block, holding its writer lock.
+
+    Holding the lock of ``path`` proves that any other temporary of ``path`` belongs to a writer
+    that is gone: those are removed first.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file or folder whose temporary it is (its parent folder is made).
+
+    Yields
+    ------
+    Path
+        The temporary's path.
+
+    Raises
+    ------
+    OutputBusyError
+        Another process holds the writer lock of ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = _take_lock(path)
@@ -259,10 +340,22 @@ def _release_lock(path: Path, fd: int | None) -> None:
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete the temporaries (``.NAME.tmpPID``) that atomic_path leaves behind only when its
-    process is killed outright (SIGKILL, out of memory, node failure), and their lock files.
-    A temporary whose writer still runs (it holds the lock of NAME) is left alone. For a stage's
-    own output folder, before it writes there; returns what was removed."""
+    """Delete the temporaries that atomic_path leaves behind only when its process is killed.
+
+    A temporary (``.NAME.tmpPID``) is left only when its process is killed outright (SIGKILL, out
+    of memory, node failure); its lock file goes too. A temporary whose writer still runs (it holds
+    the lock of NAME) is left alone. For a stage's own output folder, before it writes there.
+
+    Parameters
+    ----------
+    directory : str or Path
+        The folder to clean (nothing happens if it is not a folder).
+
+    Returns
+    -------
+    list of Path
+        The temporaries removed.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -284,7 +377,17 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
-    """Whether two paths name one file (links followed, hard links included)."""
+    """Whether two paths name one file (links followed, hard links included).
+
+    Parameters
+    ----------
+    a, b : str or Path
+        The two paths; where one does not exist, their resolved paths are compared.
+
+    Returns
+    -------
+    bool
+    """
     try:
         return os.path.samefile(a, b)
     except OSError:  # one does not exist
@@ -292,14 +395,39 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 
 
 def lies_within(path: str | Path, folder: str | Path) -> bool:
-    """Whether ``path`` is ``folder`` or lies anywhere below it (links followed)."""
+    """Whether ``path`` is ``folder`` or lies anywhere below it (links followed).
+
+    Parameters
+    ----------
+    path : str or Path
+        The path to place.
+    folder : str or Path
+        The folder.
+
+    Returns
+    -------
+    bool
+    """
     path, folder = Path(path).resolve(), Path(folder).resolve()
     return path == folder or folder in path.parents
 
 
 def sibling_name(path: str | Path, suffix: str) -> Path:
-    """``path`` with ``suffix`` added to its name (``data/x`` -> ``data/x_store``), to suggest
-    another output beside one that is refused."""
+    """``path`` with ``suffix`` added to its name, to suggest another output beside a refused one.
+
+    E.g. ``data/x`` -> ``data/x_store``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The refused output (``.`` or ``..`` is resolved first).
+    suffix : str
+        What to add to the name (after the stem; the extension is dropped).
+
+    Returns
+    -------
+    Path
+    """
     path = Path(path)
     if path.name in ("", ".", ".."):
         path = path.resolve()

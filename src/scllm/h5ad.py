@@ -30,7 +30,23 @@ log = logging.getLogger("scllm")
 
 
 def open_backed(path: str | Path) -> ad.AnnData:
-    """Open an h5ad without loading X; a clear error if the file is missing or damaged."""
+    """Open an h5ad without loading X; a clear error if the file is missing or damaged.
+
+    Parameters
+    ----------
+    path : str or Path
+        The h5ad file.
+
+    Returns
+    -------
+    anndata.AnnData
+        The file opened backed, read-only.
+
+    Raises
+    ------
+    ValueError
+        The file is missing, truncated or not an h5ad.
+    """
     try:
         return ad.read_h5ad(path, backed="r")
     except Exception as err:  # h5py raises several types for damaged files
@@ -45,6 +61,25 @@ def read_rows(adata: ad.AnnData, start: int, stop: int) -> sp.csr_matrix:
 
     Reads the HDF5 datasets directly; the row index is read once per opened file and kept on
     the object (anndata's ``adata.X[start:stop]`` re-reads all of it for every slice).
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        A backed AnnData (``open_backed``) whose X is stored CSR.
+    start, stop : int
+        The rows to read, ``stop`` excluded.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``stop - start`` rows by ``adata.n_vars`` columns, values as stored.
+
+    Raises
+    ------
+    ValueError
+        X is not a CSR matrix.
+    CorruptArtifactError
+        The row pointers or the column indices of X are damaged.
     """
     index = getattr(adata, "_scllm_indptr", None)
     group = adata.file["X"]
@@ -89,7 +124,20 @@ def _damaged_matrix(path, problem: str) -> CorruptArtifactError:
 
 
 def row_chunks(n_rows: int, chunk_size: int):
-    """(start, stop) pairs covering ``range(n_rows)``."""
+    """(start, stop) pairs covering ``range(n_rows)``.
+
+    Parameters
+    ----------
+    n_rows : int
+        Rows to cover.
+    chunk_size : int
+        Rows a chunk (the last may be shorter).
+
+    Yields
+    ------
+    tuple of int
+        ``(start, stop)``, ``stop`` excluded.
+    """
     for start in range(0, n_rows, chunk_size):
         yield start, min(start + chunk_size, n_rows)
 
@@ -97,8 +145,24 @@ def row_chunks(n_rows: int, chunk_size: int):
 def require_obs_columns(
     adata: ad.AnnData, columns: list[str], path, writer: str = "sample_census"
 ) -> None:
-    """A clear error when an h5ad lacks obs columns the stage needs (before anything is
-    written)."""
+    """A clear error when an h5ad lacks obs columns the stage needs (before anything is written).
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        The opened file.
+    columns : list of str
+        The obs columns the stage needs.
+    path : str or Path
+        The file's path, for the message.
+    writer : str, default "sample_census"
+        The rule that writes the file, which the message says to rerun.
+
+    Raises
+    ------
+    ValueError
+        A column is missing.
+    """
     missing = [c for c in columns if c not in adata.obs.columns]
     if missing:
         raise ValueError(
@@ -113,10 +177,22 @@ class CSRWriter:
 
     The file is a regular h5ad (anndata's csr_matrix encoding): var/uns are written up front,
     ``X``'s data/indices/indptr datasets grow by resizing, and obs (often known only once every
-    row has been seen) is written by ``set_obs`` before closing. Use inside ``atomic_path``.
-    We write X ourselves rather than through anndata's sparse ``append``: that re-reads the
-    whole row index on every append and lets h5py pick tiny chunks (one per row for indptr),
-    which made reading and writing slow down and grow in memory with the number of cells.
+    row has been seen) is written by ``set_obs`` before closing. Use inside ``atomic_path``, as a
+    context manager (closing it without obs is an error). We write X ourselves rather than
+    through anndata's sparse ``append``: that re-reads the whole row index on every append and lets
+    h5py pick tiny chunks (one per row for indptr), which made reading and writing slow down and
+    grow in memory with the number of cells.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write (created, or truncated).
+    var : pandas.DataFrame
+        The genes, one row per column of X.
+    uns : dict or None, default None
+        The file's uns.
+    dtype : numpy dtype, default numpy.float32
+        The dtype of X's values.
     """
 
     CHUNK = 1 << 18  # elements per HDF5 chunk: large sequential reads, small enough for slices
@@ -157,6 +233,18 @@ class CSRWriter:
         dataset[n:] = values
 
     def append(self, block: sp.spmatrix) -> None:
+        """Append rows to X.
+
+        Parameters
+        ----------
+        block : scipy.sparse matrix
+            Rows with ``len(var)`` columns (converted to CSR of the writer's dtype).
+
+        Raises
+        ------
+        ValueError
+            The block has another number of columns.
+        """
         block = sp.csr_matrix(block, dtype=self.dtype)
         if block.shape[1] != self.n_vars:
             raise ValueError(f"block has {block.shape[1]} columns, expected {self.n_vars}")
@@ -170,9 +258,16 @@ class CSRWriter:
         self.X.attrs["shape"] = (self.rows_written, self.n_vars)
 
     def reserve(self, row_nnz: np.ndarray) -> None:
-        """Size X for rows of known lengths, to be filled in any order with ``write_at``: rows
-        that arrive scattered (a sample's cells spread over an input file) go straight to their
-        place, in one pass over the input."""
+        """Size X for rows of known lengths, to be filled in any order with ``write_at``.
+
+        Rows that arrive scattered (a sample's cells spread over an input file) then go straight to
+        their place, in one pass over the input. Call it before any row is written.
+
+        Parameters
+        ----------
+        row_nnz : numpy.ndarray
+            Stored values of each row, in row order.
+        """
         if self.rows_written:
             raise RuntimeError("reserve() must come before any row is written")
         indptr = np.r_[0, np.cumsum(row_nnz, dtype=np.int64)]
@@ -185,7 +280,15 @@ class CSRWriter:
         self.X.attrs["shape"] = (self.rows_written, self.n_vars)
 
     def write_at(self, first_row: int, block: sp.spmatrix) -> None:
-        """Rows ``first_row ..`` of a reserved X; their lengths must be the reserved ones."""
+        """Rows ``first_row ..`` of a reserved X; their lengths must be the reserved ones.
+
+        Parameters
+        ----------
+        first_row : int
+            The row the block starts at.
+        block : scipy.sparse matrix
+            The rows, with the number of stored values ``reserve`` was given for them.
+        """
         block = sp.csr_matrix(block, dtype=self.dtype)
         a, b = self.reserved[first_row], self.reserved[first_row + block.shape[0]]
         if block.nnz != b - a or block.shape[1] != self.n_vars:
@@ -196,6 +299,13 @@ class CSRWriter:
         self.X["indices"][a:b] = block.indices.astype(np.int32, copy=False)
 
     def set_obs(self, obs: pd.DataFrame) -> None:
+        """Write obs, once every row of X is written.
+
+        Parameters
+        ----------
+        obs : pandas.DataFrame
+            One row per row of X.
+        """
         if obs.shape[0] != self.rows_written:
             raise RuntimeError(
                 f"obs has {obs.shape[0]} rows but {self.rows_written} rows of X were written"
@@ -217,7 +327,36 @@ class CSRWriter:
 
 
 class H5adInput:
-    """An h5ad opened for block reading. Use as a context manager (it holds the HDF5 file)."""
+    """An h5ad opened for block reading. Use as a context manager (it holds the HDF5 file).
+
+    Opening reads var and the cell ids, nothing else; obs columns and the count matrix are read
+    when asked for.
+
+    Parameters
+    ----------
+    path : str or Path
+        The h5ad file.
+
+    Attributes
+    ----------
+    var : pandas.DataFrame
+        The genes.
+    obs_names : pandas.Index
+        The cell ids, as strings.
+    n_obs, n_vars : int
+        Cells and genes.
+    obs_columns, layers : list of str
+        The obs columns and the layers the file has.
+    has_raw : bool
+        Whether the file has a ``raw`` group.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        The file is truncated, damaged or not an h5ad.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -243,12 +382,38 @@ class H5adInput:
         self.has_raw = "raw" in self.file
 
     def obs_column(self, name: str) -> pd.Series:
-        """One obs column (categoricals stay categorical), read on its own."""
+        """One obs column (categoricals stay categorical), read on its own.
+
+        Parameters
+        ----------
+        name : str
+            The column.
+
+        Returns
+        -------
+        pandas.Series
+            Indexed by cell position (0..n_obs-1).
+        """
         values = read_elem(self._obs[name])
         return pd.Series(values, index=pd.RangeIndex(self.n_obs), name=name)
 
     def matrix(self, layer: str | None) -> CountMatrix:
-        """X, or ``layers[layer]``, as a block reader."""
+        """X, or ``layers[layer]``, as a block reader.
+
+        Parameters
+        ----------
+        layer : str or None
+            The layer holding the counts; None (or "") for X.
+
+        Returns
+        -------
+        CountMatrix
+
+        Raises
+        ------
+        InputError
+            The file has no such layer, or no X; or the matrix is not one CountMatrix reads.
+        """
         if layer:
             if layer not in self.layers:
                 raise InputError(
@@ -268,6 +433,7 @@ class H5adInput:
         return CountMatrix(self.file["X"], self.n_obs, self.n_vars, "X")
 
     def close(self) -> None:
+        """Close the HDF5 file (if it was opened)."""
         if getattr(self, "file", None) is not None:
             self.file.close()
 
@@ -286,6 +452,26 @@ class CountMatrix:
     ``block_nnz`` stored values (the row or column pointers say where, without reading values);
     dense in row blocks of about ``block_nnz`` elements. Explicitly stored zeros are dropped,
     as a SOMA sparse array holds none.
+
+    Parameters
+    ----------
+    elem : h5py.Dataset or h5py.Group
+        The matrix: a dataset (dense) or a group in anndata's (or h5sparse's) CSR or CSC encoding.
+    n_obs, n_vars : int
+        Its shape, cells x genes.
+    name : str
+        What to call it in messages (e.g. ``X`` or ``layers['counts']``).
+
+    Attributes
+    ----------
+    layout : str
+        "csr", "csc" or "dense".
+
+    Raises
+    ------
+    InputError
+        A dense shape other than ``(n_obs, n_vars)``, an unknown encoding, row or column pointers
+        of the wrong length, or values that are not numbers.
     """
 
     def __init__(self, elem, n_obs: int, n_vars: int, name: str):
@@ -334,8 +520,26 @@ class CountMatrix:
         return self.n_vars if self.layout == "csc" else self.n_obs
 
     def row_nnz(self, block_nnz: int, canonical: bool = False) -> np.ndarray:
-        """Values stored per row (CSR: from the row pointers). ``canonical`` (and dense input):
-        non-zero genes per row, each once, counted in one pass over the values."""
+        """Values stored per row: CSR from its row pointers, dense input its non-zero genes.
+
+        Parameters
+        ----------
+        block_nnz : int
+            Values a block, where the values are read (``canonical``, or dense input).
+        canonical : bool, default False
+            Count non-zero genes per row, each once (duplicates summed, zeros dropped), in one pass
+            over the values.
+
+        Returns
+        -------
+        numpy.ndarray
+            int64, one count per row.
+
+        Raises
+        ------
+        ValueError
+            The matrix is CSC, which is not read by rows.
+        """
         if self.layout == "csr" and not canonical:
             return np.diff(self.indptr)
         if self.layout == "csr":
@@ -356,8 +560,25 @@ class CountMatrix:
         raise ValueError("a CSC matrix is not read by rows")
 
     def row_blocks(self, block_nnz: int, max_rows: int | None = None):
-        """Yield ``(stop, block, start)``: rows start..stop-1 as a CSR matrix of the stored values
-        (explicit zeros included), at most ``block_nnz`` values and ``max_rows`` rows a block."""
+        """Rows in blocks, as CSR matrices of the stored values (explicit zeros included).
+
+        Parameters
+        ----------
+        block_nnz : int
+            Values a block at the most (a block holds at least one row, however long).
+        max_rows : int or None, default None
+            Rows a block at the most; None for no limit.
+
+        Yields
+        ------
+        tuple
+            ``(stop, block, start)``: rows ``start..stop-1`` as a scipy.sparse.csr_matrix.
+
+        Raises
+        ------
+        ValueError
+            The matrix is CSC, which is not read by rows.
+        """
         if self.layout == "csc":
             raise ValueError("a CSC matrix is not read by rows")
         if self.layout == "dense":
@@ -370,8 +591,19 @@ class CountMatrix:
             yield stop, self._csr_rows(start, stop), start
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``start..stop-1`` as a float32 CSR matrix of the stored values, whatever the
-        layout (CSC through anndata, which reads far more than the rows: slow, but right)."""
+        """Rows ``start..stop-1`` as a float32 CSR matrix of the stored values, in any layout.
+
+        CSC is read through anndata, which reads far more than the rows: slow, but right.
+
+        Parameters
+        ----------
+        start, stop : int
+            The rows, ``stop`` excluded.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix
+        """
         if self.layout == "dense":
             return sp.csr_matrix(self.elem[start:stop], dtype=np.float32)
         if self.layout == "csc":
@@ -393,8 +625,25 @@ class CountMatrix:
         )
 
     def blocks(self, block_nnz: int):
-        """Yield ``(done, rows, cols, values)``: int64 cell and gene positions and the raw values
-        of one block; ``done`` counts the rows (columns for CSC) read so far."""
+        """The stored non-zero values in blocks, as COO arrays.
+
+        Parameters
+        ----------
+        block_nnz : int
+            Values a block at the most (a block holds at least one row or column; dense input is
+            read in blocks of about ``block_nnz`` elements).
+
+        Yields
+        ------
+        tuple
+            ``(done, rows, cols, values)``: int64 cell and gene positions and the raw values of one
+            block; ``done`` counts the rows (columns for CSC) read so far.
+
+        Raises
+        ------
+        InputError
+            Indices out of range (a damaged file).
+        """
         if self.layout == "dense":
             step = max(1, block_nnz // max(self.n_vars, 1))
             for start in range(0, self.n_obs, step):
@@ -426,9 +675,30 @@ class CountMatrix:
 
 @contextlib.contextmanager
 def open_matrix(path, layer: str | None):
-    """X (or ``layers[layer]``) of the h5ad at ``path`` as a CountMatrix, for the ``with`` block:
-    the counts ``scllm embed`` reads with ``rows``. Stored column-wise (CSC) they still read, only
-    slowly (a warning says so)."""
+    """X (or ``layers[layer]``) of the h5ad at ``path`` as a CountMatrix, for the ``with`` block.
+
+    The counts ``scllm embed`` reads with ``rows``. Stored column-wise (CSC) they still read, only
+    slowly (a warning says so).
+
+    Parameters
+    ----------
+    path : str or Path
+        The h5ad file.
+    layer : str or None
+        The layer holding the counts; None (or "") for X.
+
+    Yields
+    ------
+    CountMatrix
+        The matrix, valid while the block runs (the file is closed after it).
+
+    Raises
+    ------
+    ValueError
+        The file has no such matrix.
+    InputError
+        The matrix records no shape, or is not one CountMatrix reads.
+    """
     with h5py.File(path, "r") as file:
         key = f"layers/{layer}" if layer else "X"
         if key not in file:

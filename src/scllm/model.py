@@ -28,6 +28,14 @@ from scllm.config import ModelConfig
 
 
 class SelfAttention(nn.Module):
+    """Multi-head self-attention over a cell's tokens (PyTorch's scaled_dot_product_attention).
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Reads d_model, n_heads, attn_dropout and dropout.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -37,6 +45,20 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """Attend over the tokens, padding keys hidden.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Tokens [B, L, d_model].
+        attn_mask : torch.Tensor
+            [B, 1, 1, L], True where a key may be attended to (not padding).
+
+        Returns
+        -------
+        torch.Tensor
+            [B, L, d_model].
+        """
         B, L, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (
@@ -52,6 +74,14 @@ class SelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """The block's MLP: Linear(d_model, d_ff) -> GELU -> Linear(d_ff, d_model) -> dropout.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Reads d_model, d_ff and dropout.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
@@ -59,12 +89,32 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
+        """Apply the MLP to each token.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Tokens [B, L, d_model].
+
+        Returns
+        -------
+        torch.Tensor
+            [B, L, d_model].
+        """
         return self.dropout(self.out(F.gelu(self.fc(x))))
 
 
 class ContinuousValueEncoder(nn.Module):
     """scGPT's encoder of a value as a number: Linear(1, d) -> ReLU -> Linear(d, d) -> LayerNorm.
-    Masked (-1) and padded (-2) values enter as those numbers, as in scGPT."""
+
+    Masked (-1) and padded (-2) values enter as those numbers, as in scGPT; values are clamped at
+    n_bins.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Reads n_bins and d_model.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -73,11 +123,34 @@ class ContinuousValueEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
+        """Encode each value.
+
+        Parameters
+        ----------
+        values : torch.Tensor
+            Token values [B, L].
+
+        Returns
+        -------
+        torch.Tensor
+            [B, L, d_model].
+        """
         x = values.float().clamp(max=self.max_value).unsqueeze(-1)
         return self.norm(self.fc2(F.relu(self.fc1(x))))
 
 
 class Block(nn.Module):
+    """One transformer layer: self-attention and feed-forward, each with a residual connection.
+
+    LayerNorm comes before each (pre-norm) with ``cfg.norm_first``, after each residual sum
+    otherwise.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Reads norm_first, d_model and what SelfAttention and FeedForward read.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm_first = cfg.norm_first
@@ -87,6 +160,20 @@ class Block(nn.Module):
         self.ff = FeedForward(cfg)
 
     def forward(self, x, attn_mask):
+        """Run the layer.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Tokens [B, L, d_model].
+        attn_mask : torch.Tensor
+            [B, 1, 1, L], True where a key may be attended to.
+
+        Returns
+        -------
+        torch.Tensor
+            [B, L, d_model].
+        """
         if self.norm_first:
             x = x + self.attn(self.ln1(x), attn_mask)
             return x + self.ff(self.ln2(x))
@@ -101,6 +188,25 @@ def _rename_legacy_gepc_keys(state_dict, prefix, *args) -> None:
 
 
 class CellTransformer(nn.Module):
+    """The cell transformer: token embeddings, the encoder blocks, the cell read-out and the heads.
+
+    Both heads (expression and GEPC) start at the mean expressed bin; an optional contrastive
+    projection head (``contrastive_head_dim``) maps the cell embedding for the contrastive loss.
+    Weights saved when the GEPC parameters were named ``mvc_*`` still load.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        The architecture and the vocabulary's token ids and values.
+
+    Attributes
+    ----------
+    cfg : ModelConfig
+    vocab_sha256 : str or None
+        The vocabulary the weights belong to, once known (``load_model`` sets it), so that cells
+        tokenized with another vocabulary are refused.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -144,6 +250,7 @@ class CellTransformer(nn.Module):
 
     @property
     def cell_emb_dim(self) -> int:
+        """Width of the cell embedding: 2 * d_model for ``cls+mean``, else d_model."""
         return 2 * self.cfg.d_model if self.cfg.cell_emb_style == "cls+mean" else self.cfg.d_model
 
     @staticmethod
@@ -160,7 +267,18 @@ class CellTransformer(nn.Module):
                     module.weight[module.padding_idx].zero_()
 
     def value_index(self, values: torch.Tensor) -> torch.Tensor:
-        """Map stored values (bins, MASK_VALUE, PAD_VALUE) to rows of the value embedding."""
+        """Map stored values (bins, MASK_VALUE, PAD_VALUE) to rows of the value embedding.
+
+        Parameters
+        ----------
+        values : torch.Tensor
+            Token values.
+
+        Returns
+        -------
+        torch.Tensor
+            int64 rows: bins as themselves, ``<mask>`` n_bins, ``<pad>`` n_bins + 1.
+        """
         cfg = self.cfg
         values = values.long()
         values = torch.where(values == cfg.mask_value, cfg.n_bins, values)
@@ -173,9 +291,24 @@ class CellTransformer(nn.Module):
         padding_mask: torch.Tensor,
         all_genes: bool = False,
     ) -> dict:
-        """gene_ids, values [B, L] (position 0 is <cls>); padding_mask [B, L], True at padding.
-        ``all_genes`` adds ``gepc_all_pred`` [B, n_genes]: the GEPC head on every vocabulary
-        gene."""
+        """Encode a batch of cells and run the heads.
+
+        Parameters
+        ----------
+        gene_ids, values : torch.Tensor
+            Tokens [B, L]; position 0 is ``<cls>``.
+        padding_mask : torch.Tensor
+            [B, L], True at padding.
+        all_genes : bool, default False
+            Add ``gepc_all_pred`` [B, n_genes]: the GEPC head on every vocabulary gene.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            ``expr_pred`` and ``gepc_pred`` [B, L] (predicted bins per token), ``cell_emb``
+            [B, cell_emb_dim], ``contrastive_z`` with a contrastive head, and ``gepc_all_pred``
+            with ``all_genes``.
+        """
         genes = self.gene_emb(gene_ids)
         if self.cfg.value_encoder == "bins":
             value = self.value_emb(self.value_index(values))
@@ -200,13 +333,37 @@ class CellTransformer(nn.Module):
         return out
 
     def gepc_all_genes(self, cell_emb: torch.Tensor) -> torch.Tensor:
-        """The GEPC head's prediction [B, n_genes] for every vocabulary gene (ids 0..n_genes-1;
-        <cls> and <pad> are the last two ids) from the cell embedding alone."""
+        """The GEPC head's prediction for every vocabulary gene, from the cell embedding alone.
+
+        Parameters
+        ----------
+        cell_emb : torch.Tensor
+            Cell embeddings [B, cell_emb_dim].
+
+        Returns
+        -------
+        torch.Tensor
+            [B, n_genes], for gene ids 0..n_genes-1 (``<cls>`` and ``<pad>``, the last two ids,
+            left out).
+        """
         query = self.gepc_query(self.gene_emb.weight[: self.cfg.vocab_size - 2])
         return cell_emb @ self.gepc_W(query).T + self.gepc_bias
 
     def read_cell(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        """The cell embedding from the encoder output ``x`` [B, L, d] (see ``cell_emb_style``)."""
+        """The cell embedding from the encoder output (see ``cell_emb_style``).
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Encoder output [B, L, d_model].
+        padding_mask : torch.Tensor
+            [B, L], True at padding.
+
+        Returns
+        -------
+        torch.Tensor
+            [B, cell_emb_dim]; a cell without gene tokens reads as zeros in the gene-token styles.
+        """
         style = self.cfg.cell_emb_style
         if style == "cls":
             return x[:, 0]
@@ -221,6 +378,18 @@ class CellTransformer(nn.Module):
         return mean if style == "mean" else torch.cat([x[:, 0], mean], dim=1)
 
     def num_params(self, non_embedding: bool = True) -> int:
+        """The number of parameters.
+
+        Parameters
+        ----------
+        non_embedding : bool, default True
+            Leave out the gene and (with the bins value encoder) value embeddings: lookups cost no
+            FLOPs.
+
+        Returns
+        -------
+        int
+        """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:  # lookups cost no FLOPs
             n -= self.gene_emb.weight.numel()
@@ -229,9 +398,21 @@ class CellTransformer(nn.Module):
         return n
 
     def estimate_flops_per_token(self, seq_len):
-        """Forward+backward FLOPs per token for a cell of ``seq_len`` tokens (nanoGPT / PaLM
-        appendix B: 6N for the weights plus 12 * layers * d_model * seq_len for attention).
-        ``seq_len`` may be a numpy array of cell lengths."""
+        """Forward+backward FLOPs per token for a cell of ``seq_len`` tokens.
+
+        nanoGPT / PaLM appendix B: 6N for the (non-embedding) weights plus 12 * layers * d_model *
+        seq_len for attention.
+
+        Parameters
+        ----------
+        seq_len : int or numpy.ndarray
+            The cell's token count, or an array of cell lengths.
+
+        Returns
+        -------
+        int or numpy.ndarray
+            FLOPs per token, shaped as ``seq_len``.
+        """
         cfg = self.cfg
         return 6 * self.num_params() + 12 * cfg.n_layers * cfg.d_model * seq_len
 
@@ -248,6 +429,18 @@ PEAK_BF16_FLOPS = {
 
 
 def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU, for MFU (PEAK_BF16_FLOPS, matched on the device name).
+
+    Parameters
+    ----------
+    device : torch.device
+        The device.
+
+    Returns
+    -------
+    float or None
+        None for a CPU or an unknown GPU (no MFU is reported).
+    """
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -268,10 +461,27 @@ FUSED_ATTENTION_OPS = (
 
 
 def attention_kernels(model: nn.Module, gene_ids, values, padding_mask, autocast=None) -> str:
-    """Which SDPA implementation a forward pass of ``model`` runs on these inputs: the fused aten
-    ops the dispatcher chose (flash, memory-efficient, cuDNN, or the CPU flash kernel), comma
-    separated, or "math" (the unfused fallback, which shows only as its matmuls and softmax).
-    The model's mode (train/eval) is the caller's: dropout can change the dispatcher's choice."""
+    """Which SDPA implementation a forward pass of ``model`` runs on these inputs.
+
+    The fused aten ops the dispatcher chose (flash, memory-efficient, cuDNN, or the CPU flash
+    kernel), or "math" (the unfused fallback, which shows only as its matmuls and softmax). The
+    model's mode (train/eval) is the caller's: dropout can change the dispatcher's choice. The
+    pass runs with gradients, as in training.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model (a CellTransformer).
+    gene_ids, values, padding_mask : torch.Tensor
+        A batch, as for ``CellTransformer.forward``.
+    autocast : context manager or None, default None
+        The autocast context to run it in (e.g. bf16); None for none.
+
+    Returns
+    -------
+    str
+        The fused ops, comma separated, or "math".
+    """
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Recorder(TorchDispatchMode):
@@ -289,6 +499,17 @@ def attention_kernels(model: nn.Module, gene_ids, values, padding_mask, autocast
 
 
 def count_params_text(model: nn.Module) -> str:
+    """A model's parameter count for a log line, e.g. "1.23M" or "45.6k".
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+
+    Returns
+    -------
+    str
+    """
     n = sum(p.numel() for p in model.parameters())
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 

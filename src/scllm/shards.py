@@ -33,7 +33,19 @@ SHARD_FORMAT_VERSION = 1
 
 @dataclass
 class Shard:
-    """One shard held in memory (they are small: a few hundred MB at most)."""
+    """One shard held in memory (they are small: a few hundred MB at most).
+
+    Attributes
+    ----------
+    offsets : numpy.ndarray
+        int64, n_cells + 1: cell i spans tokens ``offsets[i]:offsets[i+1]``.
+    gene_ids, values : numpy.ndarray
+        The tokens' gene ids (int32) and values (int16), every cell starting with ``<cls>``.
+    cell_index : numpy.ndarray
+        int64, the row of each cell in the binned h5ad.
+    attrs : dict
+        The shard's HDF5 attributes (n_genes, n_bins, cls_id, ...).
+    """
 
     offsets: np.ndarray
     gene_ids: np.ndarray
@@ -43,19 +55,43 @@ class Shard:
 
     @property
     def n_cells(self) -> int:
+        """The number of cells."""
         return len(self.offsets) - 1
 
     @property
     def lengths(self) -> np.ndarray:
+        """Tokens per cell (``<cls>`` included)."""
         return np.diff(self.offsets)
 
     def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cell ``i``'s tokens.
+
+        Parameters
+        ----------
+        i : int
+            The cell's position in the shard.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            (gene ids, values).
+        """
         start, stop = self.offsets[i], self.offsets[i + 1]
         return self.gene_ids[start:stop], self.values[start:stop]
 
 
 def write_shard(path, offsets, gene_ids, values, cell_index, attrs: dict) -> None:
-    """Write one shard atomically. No timestamps are stored, so equal inputs give equal bytes."""
+    """Write one shard atomically. No timestamps are stored, so equal inputs give equal bytes.
+
+    Parameters
+    ----------
+    path : str or Path
+        The shard file.
+    offsets, gene_ids, values, cell_index : array_like
+        The datasets (stored as int64, int32, int16 and int64), laid out as ``Shard`` describes.
+    attrs : dict
+        The HDF5 attributes (n_genes, n_bins, cls_id, ...); ``format_version`` is added.
+    """
     with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
         for name, data in (
             ("offsets", np.asarray(offsets, dtype=np.int64)),
@@ -70,8 +106,22 @@ def write_shard(path, offsets, gene_ids, values, cell_index, attrs: dict) -> Non
 
 
 def read_shard(path: str | Path) -> Shard:
-    """Read a shard and check its structure (``check_shard``): a damaged one is refused, naming
-    the file."""
+    """Read a shard and check its structure (``check_shard``).
+
+    Parameters
+    ----------
+    path : str or Path
+        The shard file.
+
+    Returns
+    -------
+    Shard
+
+    Raises
+    ------
+    CorruptArtifactError
+        The file is truncated, not a shard, or its arrays are damaged (the message names it).
+    """
     try:
         with h5py.File(path, "r") as f:
             missing = {"offsets", "gene_ids", "values", "cell_index"} - set(f.keys())
@@ -97,12 +147,25 @@ def read_shard(path: str | Path) -> Shard:
 
 
 def check_shard(shard: Shard, first_cell: int = 0) -> str | None:
-    """What is wrong with a shard's arrays, or None. Everything the model would trust: offsets
-    start at 0, grow by at least one token per cell (its <cls>) and end at the token count; every
-    cell starts with <cls>; gene ids lie in the vocabulary and values in the bin range. Vectorised:
-    about as fast as reading the arrays. ``first_cell``: where ``shard`` starts when it is one
-    block of a larger shard (``ShardReader.check``), so messages name the cell's number in the
-    file."""
+    """What is wrong with a shard's arrays, or None.
+
+    Everything the model would trust: offsets start at 0, grow by at least one token per cell
+    (its <cls>) and end at the token count; every cell starts with <cls>; gene ids lie in the
+    vocabulary and values in the bin range. Vectorised: about as fast as reading the arrays.
+
+    Parameters
+    ----------
+    shard : Shard
+        The arrays and attributes to check.
+    first_cell : int, default 0
+        Where ``shard`` starts when it is one block of a larger shard (``ShardReader.check``), so
+        messages name the cell's number in the file.
+
+    Returns
+    -------
+    str or None
+        The first problem found, or None for a sound shard.
+    """
     attrs = shard.attrs
     missing = [k for k in ("n_genes", "n_bins", "cls_id") if k not in attrs]
     if missing:
@@ -164,8 +227,29 @@ def check_shard(shard: Shard, first_cell: int = 0) -> str | None:
 
 
 def read_listed_shard(shards_dir: str | Path, manifest: dict, entry: dict) -> Shard:
-    """A shard listed in a manifest, checked against it: the file's sha256 (catches any changed
-    byte, also where the arrays stay plausible), its cell and token counts, and its vocabulary."""
+    """A shard listed in a manifest, checked against it.
+
+    The checks: the file's sha256 (catches any changed byte, also where the arrays stay
+    plausible), its arrays, its cell and token counts, and its vocabulary.
+
+    Parameters
+    ----------
+    shards_dir : str or Path
+        The shards folder (entry paths are relative to it).
+    manifest : dict
+        The folder's manifest.json.
+    entry : dict
+        The shard's entry in the manifest.
+
+    Returns
+    -------
+    Shard
+
+    Raises
+    ------
+    CorruptArtifactError
+        The manifest records no sha256, or the file fails a check.
+    """
     path = _check_listed_file(shards_dir, entry)
     shard = read_shard(path)
     _check_against_manifest(
@@ -175,8 +259,27 @@ def read_listed_shard(shards_dir: str | Path, manifest: dict, entry: dict) -> Sh
 
 
 def open_listed_shard(shards_dir: str | Path, manifest: dict, entry: dict) -> ShardReader:
-    """``read_listed_shard`` without holding the shard in memory: the same checks (sha256, arrays,
-    counts, vocabulary), done block by block, and a ``ShardReader`` that reads cells on demand."""
+    """``read_listed_shard`` without holding the shard in memory.
+
+    The same checks (sha256, arrays, counts, vocabulary), done block by block, and a
+    ``ShardReader`` that reads cells on demand.
+
+    Parameters
+    ----------
+    shards_dir : str or Path
+        The shards folder.
+    manifest, entry : dict
+        The manifest and the shard's entry, as for ``read_listed_shard``.
+
+    Returns
+    -------
+    ShardReader
+
+    Raises
+    ------
+    CorruptArtifactError
+        As for ``read_listed_shard``.
+    """
     path = _check_listed_file(shards_dir, entry)
     reader = ShardReader(path)
     problem = reader.check()
@@ -237,15 +340,32 @@ SHARD_DATASETS = ("offsets", "gene_ids", "values", "cell_index")
 
 
 class ShardReader:
-    """One shard file, read on demand: a cell's tokens come from disk when asked for, so memory
-    does not grow with the shard.
+    """One shard file, read on demand: a cell's tokens come from disk when asked for.
 
-    write_shard stores every dataset contiguously and uncompressed (h5py's default), so a slice of
-    one is a plain byte range of the file: it is read with one ``pread`` at the offset HDF5
-    reports, with no HDF5 call, no lock and no mapping (pages read through an ``mmap`` would stay
-    in the process's resident memory for the whole epoch). A dataset stored otherwise (chunked or
-    compressed, e.g. after ``h5repack``) is read through h5py instead, which is slower but the
-    same.
+    Memory therefore does not grow with the shard. write_shard stores every dataset contiguously
+    and uncompressed (h5py's default), so a slice of one is a plain byte range of the file: it is
+    read with one ``pread`` at the offset HDF5 reports, with no HDF5 call, no lock and no mapping
+    (pages read through an ``mmap`` would stay in the process's resident memory for the whole
+    epoch). A dataset stored otherwise (chunked or compressed, e.g. after ``h5repack``) is read
+    through h5py instead, which is slower but the same. Opening it checks only that the datasets
+    exist; ``check`` checks the arrays.
+
+    Parameters
+    ----------
+    path : str or Path
+        The shard file.
+
+    Attributes
+    ----------
+    attrs : dict
+        The shard's HDF5 attributes.
+    n_cells, n_tokens : int
+        Cells, and tokens of all cells.
+
+    Raises
+    ------
+    CorruptArtifactError
+        The file is truncated or not a shard.
     """
 
     def __init__(self, path: str | Path):
@@ -274,7 +394,24 @@ class ShardReader:
         self._h5 = h5py.File(self.path, "r") if None in self._layout.values() else None
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Elements ``start:stop`` of a dataset (0 <= start <= stop <= its length); read-only."""
+        """Elements ``start:stop`` of a dataset; read-only.
+
+        Parameters
+        ----------
+        name : str
+            One of SHARD_DATASETS.
+        start, stop : int
+            The elements, ``0 <= start <= stop <=`` the dataset's length.
+
+        Returns
+        -------
+        numpy.ndarray
+
+        Raises
+        ------
+        CorruptArtifactError
+            The file ends early.
+        """
         layout = self._layout[name]
         if layout is None:
             return self._h5[name][start:stop]
@@ -288,11 +425,36 @@ class ShardReader:
         return np.frombuffer(data, dtype=dtype)  # no copy: the array uses the bytes pread returned
 
     def offsets(self) -> np.ndarray:
+        """The cells' token offsets, all n_cells + 1 of them.
+
+        Returns
+        -------
+        numpy.ndarray
+        """
         return self.read("offsets", 0, self.n_cells + 1)
 
     def cell(self, i: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cell ``i``'s (gene ids, values); ``length`` is its token count (from the offsets).
-        Three preads; this runs for every cell of every batch, hence the plain-Python fast path."""
+        """Cell ``i``'s (gene ids, values).
+
+        Three preads; this runs for every cell of every batch, hence the plain-Python fast path.
+
+        Parameters
+        ----------
+        i : int
+            The cell's position in the shard.
+        length : int
+            Its token count (from the offsets).
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            (gene ids, values).
+
+        Raises
+        ------
+        CorruptArtifactError
+            The file ends early.
+        """
         fd, layout = self._fd, self._layout
         if layout["offsets"] is None or layout["gene_ids"] is None or layout["values"] is None:
             start = int(self.read("offsets", i, i + 1)[0])
@@ -316,7 +478,18 @@ class ShardReader:
         return np.frombuffer(genes, dtype=g_type), np.frombuffer(values, dtype=v_type)
 
     def check(self, block_tokens: int = 1 << 22) -> str | None:
-        """``check_shard`` over the whole file, reading about ``block_tokens`` tokens at a time."""
+        """``check_shard`` over the whole file, a block of tokens at a time.
+
+        Parameters
+        ----------
+        block_tokens : int, default 2**22
+            About how many tokens to read a block (at least one cell).
+
+        Returns
+        -------
+        str or None
+            The first problem found, or None for a sound shard.
+        """
         stored = self.lengths_stored
         empty = np.zeros(0, dtype=np.int64)
         problem = check_shard(
@@ -359,6 +532,7 @@ class ShardReader:
         return None
 
     def close(self) -> None:
+        """Close the file (also done when the reader is deleted)."""
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
@@ -383,18 +557,49 @@ def _byte_range(dataset: h5py.Dataset):
 
 
 def read_manifest(path: str | Path) -> dict:
+    """A shards folder's manifest.json, refused as damaged (as ``read_json``) unless an object.
+
+    Parameters
+    ----------
+    path : str or Path
+        The manifest file.
+
+    Returns
+    -------
+    dict
+    """
     return read_json(path)
 
 
 class ShardDataset:
-    """All cells of one split of a shard manifest, in manifest order, read from the shards on
-    demand.
+    """All cells of one split of a shard manifest, in manifest order, read from the shards.
 
     Only the cells' lengths (2 bytes a cell) stay in memory: they are all the length-grouped
     sampler needs. ``cells(indices)`` reads a batch's tokens from the shard files when the batch is
     made (``ShardReader``), so a training process's memory does not grow with the corpus. Every
     shard is checked against the manifest (sha256, arrays, counts, vocabulary) when it is opened,
     a block at a time.
+
+    Parameters
+    ----------
+    manifest_path : str or Path
+        The manifest.json of a shards folder (vocab.json lies beside it).
+    split : str
+        The split, e.g. "train" or "val".
+
+    Attributes
+    ----------
+    manifest : dict
+        The manifest.
+    lengths : numpy.ndarray
+        Every cell's token count.
+
+    Raises
+    ------
+    ValueError
+        The manifest has no such split.
+    CorruptArtifactError
+        The vocabulary or a shard does not match the manifest.
     """
 
     def __init__(self, manifest_path: str | Path, split: str):
@@ -427,10 +632,36 @@ class ShardDataset:
         return len(self.lengths)
 
     def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cell ``i``'s (gene ids, values).
+
+        Parameters
+        ----------
+        i : int
+            The cell's position in the split.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+        """
         return self.cells([i])[0]
 
     def cells(self, indices) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(gene ids, values) of each cell, read from its shard."""
+        """(gene ids, values) of each cell, read from its shard.
+
+        Parameters
+        ----------
+        indices : array_like of int
+            Positions in the split.
+
+        Returns
+        -------
+        list of tuple of numpy.ndarray
+
+        Raises
+        ------
+        IndexError
+            An index outside the split.
+        """
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"cell indices must lie in 0..{len(self) - 1} (split {self.split!r})")
@@ -442,13 +673,33 @@ class ShardDataset:
         ]
 
     def close(self) -> None:
+        """Close every shard file."""
         for shard in self.shards:
             shard.close()
 
 
 def check_vocab(manifest: dict, vocab_path: Path, manifest_path) -> dict[str, int]:
-    """Read vocab.json next to the manifest and make sure it is the one the shards were built
-    with."""
+    """Read vocab.json next to the manifest and make sure it is the one the shards were built with.
+
+    Parameters
+    ----------
+    manifest : dict
+        The manifest.
+    vocab_path : Path
+        Its vocab.json.
+    manifest_path : str or Path
+        The manifest's path, for the messages.
+
+    Returns
+    -------
+    dict of str to int
+        The vocabulary.
+
+    Raises
+    ------
+    CorruptArtifactError
+        The vocabulary's sha256 or size differ from the manifest's.
+    """
     vocab = read_vocab(vocab_path)
     actual = vocab_sha256(vocab)
     if actual != manifest["vocab_sha256"]:

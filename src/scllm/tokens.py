@@ -39,7 +39,23 @@ RETOKENIZE = (
 
 
 def build_vocab(feature_ids: list[str]) -> dict[str, int]:
-    """Gene token ids in the given (HVG rank) order, then ``<cls>`` and ``<pad>``."""
+    """Gene token ids in the given (HVG rank) order, then ``<cls>`` and ``<pad>``.
+
+    Parameters
+    ----------
+    feature_ids : list of str
+        The vocabulary's genes (Ensembl ids), in order.
+
+    Returns
+    -------
+    dict of str to int
+        Gene -> 0..G-1, ``<cls>`` -> G, ``<pad>`` -> G+1.
+
+    Raises
+    ------
+    ValueError
+        A gene occurs twice.
+    """
     if len(set(feature_ids)) != len(feature_ids):
         raise ValueError("feature_ids must be unique to form a vocabulary")
     vocab = {gene: i for i, gene in enumerate(feature_ids)}
@@ -49,23 +65,73 @@ def build_vocab(feature_ids: list[str]) -> dict[str, int]:
 
 
 def vocab_sha256(vocab: dict[str, int]) -> str:
-    """A fingerprint of the vocabulary, stored in shards and models to catch mismatches."""
+    """A fingerprint of the vocabulary, stored in shards and models to catch mismatches.
+
+    Parameters
+    ----------
+    vocab : dict of str to int
+        The vocabulary.
+
+    Returns
+    -------
+    str
+        The hex sha256 of its entries in token id order.
+    """
     canonical = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def write_vocab(vocab: dict[str, int], path: str | Path) -> None:
+    """Write a vocabulary as JSON, atomically.
+
+    Parameters
+    ----------
+    vocab : dict of str to int
+        The vocabulary.
+    path : str or Path
+        The file (vocab.json).
+    """
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(vocab, indent=1) + "\n")
 
 
 def read_vocab(path: str | Path) -> dict[str, int]:
+    """Read a vocabulary written by ``write_vocab``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file (vocab.json).
+
+    Returns
+    -------
+    dict of str to int
+
+    Raises
+    ------
+    CorruptArtifactError
+        The file is not a JSON object.
+    """
     return {k: int(v) for k, v in read_json(path).items()}
 
 
 def read_json(path: str | Path) -> dict:
-    """A JSON file written by tokenize_shards (or copied by pretrain), with a clear error if
-    damaged."""
+    """A JSON file written by tokenize_shards (or copied by pretrain), refused clearly if damaged.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    CorruptArtifactError
+        The file is not a JSON object (truncated or damaged); the message says how to rewrite it.
+    """
     try:
         data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -85,9 +151,23 @@ def read_json(path: str | Path) -> dict:
 def sequences_from_binned(
     binned: sp.csr_matrix, cls_id: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ragged token arrays for a block of binned cells (cells x genes in vocabulary order).
+    """Ragged token arrays for a block of binned cells, a ``<cls>`` token before every cell.
 
-    Returns (offsets, gene_ids, values) with one ``<cls>`` token prepended to every cell.
+    Parameters
+    ----------
+    binned : scipy.sparse.csr_matrix
+        Binned cells x genes in vocabulary order (left unchanged; explicit zeros are no tokens).
+    cls_id : int
+        The ``<cls>`` token id.
+
+    Returns
+    -------
+    offsets : numpy.ndarray
+        int64, n_cells + 1: cell i spans tokens ``offsets[i]:offsets[i+1]``.
+    gene_ids : numpy.ndarray
+        int32 token ids, genes in column order after each cell's ``<cls>``.
+    values : numpy.ndarray
+        int16 bins, CLS_VALUE for ``<cls>``.
     """
     binned = sp.csr_matrix(binned, copy=True)  # sorted and pruned below: leave the caller's intact
     binned.sort_indices()
@@ -109,7 +189,25 @@ def sequences_from_binned(
 
 
 class RaggedCells:
-    """Cells as CSR-like ragged arrays: cell i is tokens ``offsets[i]:offsets[i+1]``."""
+    """Cells as CSR-like ragged arrays: cell i is tokens ``offsets[i]:offsets[i+1]``.
+
+    Parameters
+    ----------
+    offsets : numpy.ndarray
+        n_cells + 1 token offsets.
+    gene_ids, values : numpy.ndarray
+        The tokens' gene ids and values.
+
+    Attributes
+    ----------
+    lengths : numpy.ndarray
+        Tokens per cell.
+
+    Raises
+    ------
+    ValueError
+        The offsets do not end at the token count, or the token arrays differ in length.
+    """
 
     def __init__(self, offsets: np.ndarray, gene_ids: np.ndarray, values: np.ndarray):
         self.offsets = np.asarray(offsets, dtype=np.int64)
@@ -123,16 +221,56 @@ class RaggedCells:
         return len(self.lengths)
 
     def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cell ``i``'s tokens.
+
+        Parameters
+        ----------
+        i : int
+            The cell's position.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            (gene ids, values).
+        """
         start, stop = self.offsets[i], self.offsets[i + 1]
         return self.gene_ids[start:stop], self.values[start:stop]
 
     def cells(self, indices) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Several cells' tokens.
+
+        Parameters
+        ----------
+        indices : iterable of int
+            The cells' positions.
+
+        Returns
+        -------
+        list of tuple of numpy.ndarray
+            (gene ids, values) of each cell.
+        """
         return [self.cell(i) for i in indices]
 
 
 def collate(cells: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest cell: gene pad = ``pad_id``, value pad = PAD_VALUE. The model's
-    input tensors (torch loads here, not with the module: the data stages run without it)."""
+    """Pad a batch to its longest cell: the model's input tensors.
+
+    Gene ids are padded with ``pad_id``, values with PAD_VALUE. torch loads here, not with the
+    module: the data stages run without it.
+
+    Parameters
+    ----------
+    cells : list of tuple of numpy.ndarray
+        (gene ids, values) of each cell.
+    pad_id : int
+        The ``<pad>`` token id.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``gene_ids`` and ``values`` (int64, cells x longest cell) and ``padding_mask`` (True at
+        padding).
+    """
     import torch
 
     max_len = max(len(g) for g, _ in cells)

@@ -32,7 +32,19 @@ PROJECTED_KEY = "X_pca_train"  # obsm key of cells projected onto it
 
 @dataclass(frozen=True)
 class TrainingPCA:
-    """Principal axes of the training cells' log-normalized vocabulary genes."""
+    """Principal axes of the training cells' log-normalized vocabulary genes.
+
+    Attributes
+    ----------
+    feature_ids : numpy.ndarray
+        The vocabulary genes (Ensembl ids), in token order.
+    mean : numpy.ndarray
+        Per gene, over the training cells.
+    components : numpy.ndarray
+        n_pcs x genes, orthonormal rows, by explained variance.
+    n_cells : int
+        Training cells it was fitted on.
+    """
 
     feature_ids: np.ndarray  # the vocabulary genes (Ensembl ids), in token order
     mean: np.ndarray  # per gene, over the training cells
@@ -40,8 +52,25 @@ class TrainingPCA:
     n_cells: int  # training cells it was fitted on
 
     def project(self, matrix) -> np.ndarray:
-        """Coordinates of cells (cells x vocabulary genes, log-normalized) on the axes; sparse
-        input stays sparse (the centring is applied to the product)."""
+        """Coordinates of cells on the axes.
+
+        Sparse input stays sparse (the centring is applied to the product).
+
+        Parameters
+        ----------
+        matrix : scipy.sparse matrix or numpy.ndarray
+            Cells x vocabulary genes, log-normalized, in token order.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32, cells x n_pcs.
+
+        Raises
+        ------
+        ValueError
+            Another number of genes than the vocabulary's.
+        """
         if matrix.shape[1] != len(self.feature_ids):
             raise ValueError(
                 f"cells have {matrix.shape[1]} genes; the training PCA has "
@@ -51,11 +80,30 @@ class TrainingPCA:
         return (np.asarray(product) - self.mean @ self.components.T).astype(np.float32)
 
     def project_found(self, matrix, token_ids) -> np.ndarray:
-        """``project`` of cells whose columns are the vocabulary genes a file holds
-        (``token_ids``: the vocabulary index of each); the genes it lacks read 0."""
+        """``project`` of cells whose columns are the vocabulary genes a file holds.
+
+        Parameters
+        ----------
+        matrix : scipy.sparse matrix
+            Cells x the genes found, log-normalized.
+        token_ids : array_like of int
+            The vocabulary index of each column; the genes the file lacks read 0.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32, cells x n_pcs.
+        """
         return self.project(vocabulary_matrix(matrix, token_ids, len(self.feature_ids)))
 
     def save(self, path) -> None:
+        """Write the PCA as an npz (float32, strings stored without pickle), atomically.
+
+        Parameters
+        ----------
+        path : str or Path
+            The file.
+        """
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(
                 f,
@@ -67,6 +115,22 @@ class TrainingPCA:
 
     @classmethod
     def load(cls, path) -> TrainingPCA:
+        """Read a PCA ``save`` wrote.
+
+        Parameters
+        ----------
+        path : str or Path
+            The file.
+
+        Returns
+        -------
+        TrainingPCA
+
+        Raises
+        ------
+        CorruptArtifactError
+            The file cannot be read as a training PCA.
+        """
         try:
             with np.load(path, allow_pickle=False) as f:
                 return cls(f["feature_ids"], f["mean"], f["components"], int(f["n_cells"]))
@@ -78,7 +142,28 @@ class TrainingPCA:
 
 
 def fit_training_pca(matrix, feature_ids, *, n_pcs: int = 50, seed: int = 0) -> TrainingPCA:
-    """scanpy's PCA (implicitly centred, never densified) of cells x vocabulary genes."""
+    """scanpy's PCA (implicitly centred, never densified) of cells x vocabulary genes.
+
+    Parameters
+    ----------
+    matrix : scipy.sparse matrix
+        Log-normalized cells x vocabulary genes.
+    feature_ids : array_like of str
+        The vocabulary genes, one per column.
+    n_pcs : int, default 50
+        Axes to keep (at most one fewer than the smaller side of ``matrix``).
+    seed : int, default 0
+        scanpy's ``random_state``.
+
+    Returns
+    -------
+    TrainingPCA
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 cells or 2 genes.
+    """
     import anndata as ad
     import scanpy as sc
 
@@ -96,8 +181,32 @@ def fit_training_pca(matrix, feature_ids, *, n_pcs: int = 50, seed: int = 0) -> 
 def write_training_pca(
     filtered_h5ad, hvg_tsv, split_tsv, out_npz, *, n_pcs=50, max_cells=50_000, seed=0
 ) -> TrainingPCA:
-    """Fit the training PCA on the run's training cells (a seeded sample of at most
-    ``max_cells``) and write it to ``out_npz``: the rule ``training_pca``."""
+    """Fit the training PCA on the run's training cells and write it: the rule ``training_pca``.
+
+    A seeded sample of at most ``max_cells`` of the training cells is used; a continued model's
+    vocabulary genes these cells lack read 0.
+
+    Parameters
+    ----------
+    filtered_h5ad : str or Path
+        The filtered cells (counts).
+    hvg_tsv : str or Path
+        The HVG table: the vocabulary, in token order.
+    split_tsv : str or Path
+        The split table (the training cells).
+    out_npz : str or Path
+        The file to write (``training_pca.npz``).
+    n_pcs : int, default 50
+        Axes to keep.
+    max_cells : int, default 50_000
+        Training cells used at the most.
+    seed : int, default 0
+        Seed of the sample and the PCA.
+
+    Returns
+    -------
+    TrainingPCA
+    """
     from scllm.eval.evaluate import log_normalized_hvgs
     from scllm.prep.hvg import read_hvg_table
     from scllm.prep.split import read_split
@@ -130,8 +239,22 @@ def write_training_pca(
 
 
 def vocabulary_matrix(block: sp.csr_matrix, token_ids, n_genes: int) -> sp.csr_matrix:
-    """Cells x all vocabulary genes from the columns found (``token_ids``: the vocabulary index
-    of each column of ``block``); genes not found are zero."""
+    """Cells x all vocabulary genes from the columns found; genes not found are zero.
+
+    Parameters
+    ----------
+    block : scipy.sparse matrix
+        Cells x the genes found.
+    token_ids : array_like of int
+        The vocabulary index of each column of ``block``.
+    n_genes : int
+        The vocabulary's genes.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        Cells x ``n_genes``.
+    """
     block = sp.csr_matrix(block)
     place = sp.csr_matrix(
         (np.ones(len(token_ids), np.float32), (np.arange(len(token_ids)), token_ids)),
@@ -141,6 +264,24 @@ def vocabulary_matrix(block: sp.csr_matrix, token_ids, n_genes: int) -> sp.csr_m
 
 
 def load_training_pca(model_dir) -> TrainingPCA:
+    """The training PCA kept in a model folder.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        The model folder.
+
+    Returns
+    -------
+    TrainingPCA
+
+    Raises
+    ------
+    FileNotFoundError
+        The folder has no ``training_pca.npz`` (the message says how to write it).
+    CorruptArtifactError
+        The file cannot be read.
+    """
     path = Path(model_dir) / PCA_FILE
     if not path.exists():
         raise FileNotFoundError(
@@ -160,27 +301,36 @@ def project_training_pca(
     key_added: str = PROJECTED_KEY,
     copy: bool = False,
 ):
-    """Project cells onto the PCA of a model's training cells: the zero-shot baseline, scanpy
-    style.
+    """Project cells onto the PCA of a model's training cells: the zero-shot baseline.
+
+    scanpy style: annotates ``adata`` (or a copy) in place.
 
     Parameters
     ----------
-    adata
+    adata : anndata.AnnData
         Cells x genes with counts in X or ``layer`` (raw counts, as for ``scllm.embed``).
-    model_dir
+    model_dir : str or Path
         A model folder holding ``training_pca.npz`` (written by the pipeline's rule
         ``training_pca``) and the model's ``vocab.json`` and ``genes.tsv``.
-    layer, gene_id_column
+    layer, gene_id_column : str or None, default None
         Where the counts are, and which var column names the genes, as for ``scllm.embed``.
-    key_added
+    key_added : str, default "X_pca_train"
         The obsm key of the projection.
-    copy
+    copy : bool, default False
         Return an annotated copy instead of annotating ``adata``.
 
     Returns
     -------
-    None, or the annotated copy with ``copy=True``; ``adata.obsm[key_added]`` holds the cells'
-    coordinates on the training cells' principal axes (cells x n_pcs).
+    anndata.AnnData or None
+        None, or the annotated copy with ``copy=True``; ``adata.obsm[key_added]`` holds the
+        cells' coordinates on the training cells' principal axes (cells x n_pcs).
+
+    Raises
+    ------
+    FileNotFoundError
+        The model folder has no training PCA.
+    CorruptArtifactError
+        The training PCA is damaged or not over the model's vocabulary.
     """
     from scllm.eval.evaluate import log_normalized_rows
     from scllm.eval.genes import checked_mapping, model_genes

@@ -64,9 +64,40 @@ def embed_shards(
     batch_size: int = EmbedConfig.batch_size,
     device: str = EmbedConfig.device,
 ) -> dict:
-    """Embed the cells of the token shards (``cells``: ``validation`` or ``all``) into an h5ad:
-    ``obsm["X_scllm"]``, obs from ``binned_h5ad`` (rows given by the shards' ``cell_index``) plus
-    ``split``, cells in binned.h5ad order. One shard is in memory at a time.
+    """Embed the cells of the token shards into an h5ad (rule embed).
+
+    The h5ad holds ``obsm["X_scllm"]`` and obs from ``binned_h5ad`` (rows given by the shards'
+    ``cell_index``) plus ``split``, cells in binned.h5ad order. One shard is in memory at a time.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        The model folder.
+    shards_dir : str or Path
+        The token shards (tokenized with the model's vocabulary).
+    binned_h5ad : str or Path
+        The binned cells the shards were made from (their obs).
+    out_h5ad : str or Path
+        The h5ad to write.
+    cells : str, default EmbedConfig.cells
+        "validation" or "all".
+    batch_size : int, default EmbedConfig.batch_size
+        Cells a forward pass.
+    device : str, default EmbedConfig.device
+        Where the model runs (see ``resolve_device``).
+
+    Returns
+    -------
+    dict
+        ``n_cells``, ``by_split`` (cells per split) and ``dim``.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``cells``, shards of another vocabulary than the model's, no validation cells
+        (with "validation"), or shards that do not fit ``binned_h5ad``.
+    CorruptArtifactError
+        A shard does not match its manifest.
     """
     from scllm.files import software_provenance
     from scllm.h5ad import open_backed
@@ -151,16 +182,47 @@ def embed(
     (vocabulary genes each cell expresses) and ``adata.uns["scllm"]`` (model, gene matching,
     binning); obs names and everything else stay as they are. Counts come from X or ``layer``,
     sparse or dense, raw counts preferred; genes are matched to the model's vocabulary as
-    ``scllm embed`` does (var_names or a var column; ``gene_id_column`` to choose). ``options``:
-    ``gene_id_column``, ``min_coverage``, ``batch_size``, ``chunk_size``, ``device``, as for
-    ``scllm embed`` (defaults: ``scllm.config.EmbedConfig``). Returns None, or the annotated copy
-    with ``copy=True``. The same cell gets the same embedding here, in ``scllm embed`` and alone
-    or in any batch, and the pipeline's own embeddings (the tie-break draws are keyed on its
-    counts).
+    ``scllm embed`` does (var_names or a var column; ``gene_id_column`` to choose). The same cell
+    gets the same embedding here, in ``scllm embed`` and alone or in any batch, and the
+    pipeline's own embeddings (the tie-break draws are keyed on its counts).
 
-        import scanpy as sc, scllm
-        scllm.embed(adata, "results/demo/model")
-        sc.pp.neighbors(adata, use_rep="X_scllm", transformer="sklearn")  # exact, any size
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Cells x genes.
+    model_dir : str or Path
+        A pretrained model's folder.
+    layer : str or None, default None
+        The layer holding the counts; None for X.
+    key_added : str, default "X_scllm"
+        The obsm key of the embeddings.
+    copy : bool, default False
+        Return an annotated copy instead of annotating ``adata``.
+    **options
+        ``gene_id_column``, ``min_coverage``, ``batch_size``, ``chunk_size``, ``device``, as for
+        ``scllm embed`` (defaults: ``scllm.config.EmbedConfig``).
+
+    Returns
+    -------
+    anndata.AnnData or None
+        None, or the annotated copy with ``copy=True``.
+
+    Raises
+    ------
+    TypeError
+        An unknown option.
+    InputError
+        Options out of range, or values that are not counts (or normalized values).
+    GeneCoverageError
+        Fewer than ``min_coverage`` of the vocabulary genes found (a ValueError).
+    ValueError
+        No such layer, or no counts in X.
+
+    Examples
+    --------
+    >>> import scanpy as sc, scllm
+    >>> scllm.embed(adata, "results/demo/model")
+    >>> sc.pp.neighbors(adata, use_rep="X_scllm", transformer="sklearn")  # exact, any size
     """
     wrong = set(options) - set(EMBED_OPTIONS)
     if wrong:  # as Python words it for a keyword the function does not take
@@ -203,10 +265,43 @@ def embed_h5ad(
 
     As ``embed`` (the same embeddings for the same cells), from a file: X (or ``counts_layer``)
     is read in row chunks of ``chunk_size`` cells, so memory does not grow with the file. The
-    options are ``cfg``, or ``EmbedConfig``'s fields as keywords (``gene_id_column``,
-    ``counts_layer``, ``min_coverage``, ``batch_size``, ``chunk_size``, ``device``).
-    ``out_h5ad`` must not exist, or (with ``overwrite``) be an earlier output of this function:
-    see ``check_embed_output``, which refuses it before any work.
+    output is held (its writer lock) from the first check on, so a second writer of it is
+    refused before the work.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        A pretrained model's folder.
+    in_h5ad : str or Path
+        The cells.
+    out_h5ad : str or Path
+        The h5ad to write. It must not exist, or (with ``overwrite``) be an earlier output of this
+        function: see ``check_embed_output``, which refuses it before any work.
+    cfg : EmbedConfig or None, default None
+        The options; None to give them as keywords.
+    overwrite : bool, default False
+        Replace an earlier output of this function.
+    **options
+        ``EmbedConfig``'s fields (``gene_id_column``, ``counts_layer``, ``min_coverage``,
+        ``batch_size``, ``chunk_size``, ``device``), instead of ``cfg``.
+
+    Returns
+    -------
+    dict
+        ``n_cells``, ``dim``, the gene match (``coverage``, ``n_found``, ``n_vocab``,
+        ``gene_match``, ``columns``, ``token_ids``), ``binning_source`` and ``n_empty`` (cells
+        expressing no vocabulary gene).
+
+    Raises
+    ------
+    UnsafeOutputError
+        ``out_h5ad`` may not be written.
+    OutputBusyError
+        Another process is writing ``out_h5ad``.
+    InputError
+        Options out of range, no cells, or values that are not counts (or normalized values).
+    GeneCoverageError
+        Fewer than ``min_coverage`` of the vocabulary genes found (a ValueError).
     """
     cfg = settings_of(EmbedConfig, cfg, options, "embed")
     t0 = time.time()
@@ -273,9 +368,27 @@ def _embed_file(model_dir, in_h5ad, cfg: EmbedConfig):
 
 
 def check_embed_output(model_dir, in_h5ad, out_h5ad, overwrite: bool = False) -> None:
-    """Refuse (UnsafeOutputError) an output of ``scllm embed`` that would replace what the
-    command did not write: the input, the model folder or anything in it, a folder, or any file
-    but an earlier output of ``scllm embed``, which ``overwrite`` allows it to replace."""
+    """Refuse an output of ``scllm embed`` that would replace what the command did not write.
+
+    That is the input, the model folder or anything in it, a folder, or any file but an earlier
+    output of ``scllm embed``, which ``overwrite`` allows it to replace.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        The model folder.
+    in_h5ad : str or Path
+        The input h5ad.
+    out_h5ad : str or Path
+        The output.
+    overwrite : bool, default False
+        Allow replacing an earlier output of ``scllm embed``.
+
+    Raises
+    ------
+    UnsafeOutputError
+        The output may not be written (the message suggests another path).
+    """
     out = Path(out_h5ad)
     example = sibling_name(in_h5ad, "_embedded.h5ad")
     if same_file(out, in_h5ad):

@@ -50,10 +50,33 @@ def _as_cells(cells) -> RaggedCells:
 def embed_shard_cells(
     model: CellTransformer, cells, batch_size: int = EmbedConfig.batch_size
 ) -> np.ndarray:
-    """Cell embeddings [n_cells, cell_emb_dim] (float32, input order) for a shard path, a Shard,
-    a RaggedCells, or an (offsets, gene_ids, values) tuple of token arrays.
+    """Cell embeddings for token sequences: a shard path, a Shard, a RaggedCells or token arrays.
 
-    Cells are batched in length order so each batch pads little; the model runs in eval mode.
+    Cells are batched in length order so each batch pads little; the model runs in eval mode (its
+    mode is restored afterwards).
+
+    Parameters
+    ----------
+    model : CellTransformer
+        The model (on its device).
+    cells : str or Path or Shard or RaggedCells or tuple
+        The cells; a tuple is (offsets, gene_ids, values).
+    batch_size : int, default EmbedConfig.batch_size
+        Cells a forward pass.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 [n_cells, cell_emb_dim], in input order.
+
+    Raises
+    ------
+    ValueError
+        A shard tokenized with another vocabulary than the model's.
+    TypeError
+        ``cells`` is none of the kinds above.
+    InputError
+        Token ids outside the vocabulary, or values outside the bins.
     """
     if isinstance(cells, (str, Path)):
         shard = read_shard(cells)
@@ -100,6 +123,22 @@ def _check_tokens(cells: RaggedCells, cfg) -> None:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device a device setting names.
+
+    Parameters
+    ----------
+    device : str, default "auto"
+        "auto" (a GPU when one is visible), "cuda", "cpu" or any torch device string.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    RuntimeError
+        "cuda" asked for but no CUDA device is visible.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -108,9 +147,30 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def binning_settings(args: dict, model_dir=None) -> tuple[dict, str]:
-    """The model's binning settings and where they come from: args.json (``data.binning``), the
-    shard manifest it names (a relative path is relative to ``model_dir``), or the pipeline
-    defaults (n_bins always from the model)."""
+    """The model's binning settings and where they come from.
+
+    In order: args.json (``data.binning``), the shard manifest it names, or the pipeline defaults;
+    n_bins always from the model.
+
+    Parameters
+    ----------
+    args : dict
+        The model's args.json.
+    model_dir : str or Path or None, default None
+        The model folder, against which a relative manifest path is resolved.
+
+    Returns
+    -------
+    binning : dict
+        ``n_bins``, ``seed``, ``target_sum`` and ``log1p``.
+    source : str
+        "args.json", the manifest's path or "defaults".
+
+    Raises
+    ------
+    ValueError
+        A recorded n_bins other than the model's.
+    """
     n_bins = int(args["model"]["n_bins"])
     data = args.get("data", {})
     sources = [("args.json", data.get("binning"))]
@@ -131,12 +191,28 @@ def binning_settings(args: dict, model_dir=None) -> tuple[dict, str]:
 
 
 def tokenize_counts(counts: sp.csr_matrix, mapping: GeneMapping, n_genes: int, binning: dict):
-    """Token arrays (offsets, gene_ids, values) for a block of cells x input genes, as training
-    made them: normalize_total with totals over all input genes, the vocabulary genes in token
-    order, per-cell quantile bins with the model's seed, ``<cls>`` first.
+    """Token arrays for a block of cells x input genes, as training made them.
 
-    Tied values are spread over their bins by draws keyed on (seed, the cell's content key, gene),
-    as in normalize_bin, so a cell gets the training tokens wherever it sits (alone or in a batch).
+    normalize_total with totals over all input genes, the vocabulary genes in token order,
+    per-cell quantile bins with the model's seed, ``<cls>`` first. Tied values are spread over
+    their bins by draws keyed on (seed, the cell's content key, gene), as in normalize_bin, so a
+    cell gets the training tokens wherever it sits (alone or in a batch).
+
+    Parameters
+    ----------
+    counts : scipy.sparse.csr_matrix
+        Counts, cells x input genes.
+    mapping : GeneMapping
+        Which input column is which vocabulary gene.
+    n_genes : int
+        The vocabulary's genes (also the ``<cls>`` id).
+    binning : dict
+        ``binning_settings``'s settings.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        (offsets, gene_ids, values), as ``sequences_from_binned``.
     """
     from scllm.prep.binning import bin_csr, content_keys, normalize_total
 
@@ -161,8 +237,25 @@ def tokenize_counts(counts: sp.csr_matrix, mapping: GeneMapping, n_genes: int, b
 
 @dataclass(frozen=True)
 class Embedder:
-    """A pretrained model with what embedding new cells needs: its vocabulary genes (and the
-    number of them: also the <cls> id) and its binning settings, with where they came from."""
+    """A pretrained model with what embedding new cells needs.
+
+    Made by ``Embedder.load``.
+
+    Attributes
+    ----------
+    model_dir : Path
+        The model folder.
+    model : CellTransformer
+        The model, in eval mode.
+    genes : pandas.DataFrame
+        The vocabulary genes (``model_genes``).
+    n_genes : int
+        Their number: also the ``<cls>`` id.
+    binning : dict
+        The binning settings (``binning_settings``).
+    binning_source : str
+        Where they came from.
+    """
 
     model_dir: Path
     model: CellTransformer
@@ -173,6 +266,26 @@ class Embedder:
 
     @classmethod
     def load(cls, model_dir, device: str) -> Embedder:
+        """Load a model and what embedding needs (a warning if the binning settings are defaults).
+
+        Parameters
+        ----------
+        model_dir : str or Path
+            The model folder.
+        device : str
+            Where the model runs (see ``resolve_device``).
+
+        Returns
+        -------
+        Embedder
+
+        Raises
+        ------
+        FileNotFoundError
+            A model file is missing.
+        CorruptArtifactError
+            A model file is damaged.
+        """
         model, vocab, args = load_model(model_dir, resolve_device(device))
         binning, binning_source = binning_settings(args, model_dir)
         if binning_source == "defaults":
@@ -190,7 +303,21 @@ class Embedder:
         return cls(Path(model_dir), model, genes, vocab[CLS_TOKEN], binning, binning_source)
 
     def provenance(self, mapping: GeneMapping, source: str, layer: str | None) -> dict:
-        """uns["scllm"] of the embedded cells."""
+        """uns["scllm"] of the embedded cells.
+
+        Parameters
+        ----------
+        mapping : GeneMapping
+            How the input's genes matched the vocabulary.
+        source : str
+            What was embedded (e.g. the input file).
+        layer : str or None
+            The layer the counts came from; None for X.
+
+        Returns
+        -------
+        dict
+        """
         from scllm.files import software_provenance
 
         return {
@@ -210,9 +337,35 @@ class Embedder:
 def embed_rows(
     embedder: Embedder, mapping: GeneMapping, read_rows, n_cells: int, where: str, cfg
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, vocabulary genes expressed per cell) of the cells that
-    ``read_rows(start, stop)`` returns as sparse or dense count blocks, ``cfg.chunk_size`` cells
-    at a time."""
+    """Embeddings and vocabulary genes expressed per cell, a chunk of cells at a time.
+
+    Parameters
+    ----------
+    embedder : Embedder
+        The model and its settings.
+    mapping : GeneMapping
+        Which input column is which vocabulary gene.
+    read_rows : callable
+        ``read_rows(start, stop)`` returns those cells' counts, sparse or dense.
+    n_cells : int
+        The cells.
+    where : str
+        The input, for the messages.
+    cfg : EmbedConfig
+        ``chunk_size`` and ``batch_size``.
+
+    Returns
+    -------
+    embeddings : numpy.ndarray
+        float32 [n_cells, cell_emb_dim].
+    n_genes : numpy.ndarray
+        int64, the vocabulary genes each cell expresses (0: its embedding says nothing).
+
+    Raises
+    ------
+    InputError
+        Values that are neither counts nor normalized values (negative, NaN or infinite).
+    """
     from scllm.files import Progress
     from scllm.h5ad import row_chunks
 

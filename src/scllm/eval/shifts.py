@@ -25,6 +25,18 @@ log = logging.getLogger("scllm")
 
 @dataclass(frozen=True)
 class Shift:
+    """One way a dataset may differ: shallower sequencing, fewer vocabulary genes, or both.
+
+    Attributes
+    ----------
+    name : str
+        The shift's name in the transfer table.
+    depth : float, default 1.0
+        The share of the counts kept (binomial thinning).
+    coverage : float, default 1.0
+        The share of the vocabulary genes the file still has.
+    """
+
     name: str
     depth: float = 1.0  # share of the counts kept
     coverage: float = 1.0  # share of the vocabulary genes the file still has
@@ -42,8 +54,29 @@ SHIFTS = (
 
 
 def thin_counts(counts, depth: float, seed: int = 0) -> sp.csr_matrix:
-    """Binomial thinning: every count kept with probability ``depth``. Integer counts stay
-    integers, and a cell's expected total becomes ``depth`` times its total."""
+    """Binomial thinning: every count kept with probability ``depth``.
+
+    Integer counts stay integers, and a cell's expected total becomes ``depth`` times its total.
+
+    Parameters
+    ----------
+    counts : scipy.sparse matrix or numpy.ndarray
+        Raw integer counts, cells x genes.
+    depth : float
+        The share of counts kept, in (0, 1].
+    seed : int, default 0
+        The seed of the draws.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        The thinned counts (a copy), zeros dropped.
+
+    Raises
+    ------
+    ValueError
+        ``depth`` outside (0, 1], or counts that are not whole numbers.
+    """
     if not 0 < depth <= 1:
         raise ValueError(f"depth is the share of counts kept, in (0, 1] (got {depth})")
     counts = sp.csr_matrix(counts, copy=True)
@@ -56,8 +89,28 @@ def thin_counts(counts, depth: float, seed: int = 0) -> sp.csr_matrix:
 
 
 def drop_columns(n_columns: int, candidates, keep: float, n_reference: int, seed: int = 0):
-    """Columns to keep when ``round((1 - keep) * n_reference)`` of ``candidates`` (the columns of
-    the vocabulary genes found) are dropped at random."""
+    """Columns to keep when a share of the vocabulary genes found is dropped at random.
+
+    ``round((1 - keep) * n_reference)`` of ``candidates`` are dropped (at most all of them).
+
+    Parameters
+    ----------
+    n_columns : int
+        The file's columns.
+    candidates : array_like of int
+        The columns of the vocabulary genes found.
+    keep : float
+        The share of the vocabulary to keep.
+    n_reference : int
+        The vocabulary's size, which the share is of.
+    seed : int, default 0
+        The seed of the draw.
+
+    Returns
+    -------
+    numpy.ndarray
+        The columns kept, ascending.
+    """
     candidates = np.asarray(candidates)
     n_drop = min(len(candidates), int(round((1 - keep) * n_reference)))
     dropped = np.random.default_rng(seed).choice(candidates, n_drop, replace=False)
@@ -65,8 +118,26 @@ def drop_columns(n_columns: int, candidates, keep: float, n_reference: int, seed
 
 
 def shifted_copy(adata, shift: Shift, vocabulary_columns, n_vocab: int, seed: int = 0):
-    """A copy of ``adata`` (raw counts in X) with ``shift`` applied; ``vocabulary_columns`` are
-    the var positions of the model's vocabulary genes in ``adata``."""
+    """A copy of ``adata`` with ``shift`` applied.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Cells with raw counts in X.
+    shift : Shift
+        The shift.
+    vocabulary_columns : array_like of int
+        The var positions of the model's vocabulary genes in ``adata``.
+    n_vocab : int
+        The vocabulary's size.
+    seed : int, default 0
+        The seed of the thinning (the gene drop uses ``seed + 1``).
+
+    Returns
+    -------
+    anndata.AnnData
+        Counts thinned and columns dropped; obs and var copied.
+    """
     import anndata as ad
 
     X = thin_counts(adata.X, shift.depth, seed) if shift.depth < 1 else sp.csr_matrix(adata.X)
@@ -75,9 +146,29 @@ def shifted_copy(adata, shift: Shift, vocabulary_columns, n_vocab: int, seed: in
 
 
 def transfer_knn(reference, shifted, labels, *, k: int = 10, n_folds: int = 5, seed: int = 0):
-    """Accuracy and macro-F1 of a kNN fitted on ``reference`` rows of some cells, predicting the
-    labels of the ``shifted`` rows of the others (stratified folds); with ``shifted`` the same
-    as ``reference`` this is plain cross-validated kNN."""
+    """Accuracy and macro-F1 of a kNN fitted on ``reference`` rows, predicting ``shifted`` ones.
+
+    The kNN predicts the labels of the ``shifted`` rows of the other cells (stratified folds);
+    with ``shifted`` the same as ``reference`` this is plain cross-validated kNN.
+
+    Parameters
+    ----------
+    reference, shifted : numpy.ndarray
+        Embeddings of the original cells and of their shifted copies, row for row.
+    labels : array_like
+        Each cell's label.
+    k : int, default 10
+        Neighbours.
+    n_folds : int, default 5
+        Folds.
+    seed : int, default 0
+        The seed of the folds.
+
+    Returns
+    -------
+    dict of str to float
+        ``accuracy`` and ``macro_f1``.
+    """
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.model_selection import StratifiedKFold
     from sklearn.neighbors import KNeighborsClassifier
@@ -98,9 +189,33 @@ def transfer_knn(reference, shifted, labels, *, k: int = 10, n_folds: int = 5, s
 def transfer_table(
     model_dir, adata, label_key: str, *, gene_id_column=None, shifts=SHIFTS, seed=0, device="cpu"
 ) -> pd.DataFrame:
-    """Transfer of the model's embedding and of the projected training PCA to each shift of
-    ``adata`` (raw counts in X, labels in ``obs[label_key]``); one row per shift and
-    representation (the shift "none" gives plain cross-validated kNN on the original cells)."""
+    """Transfer of the model's embedding and the projected training PCA to each shift of ``adata``.
+
+    One row per shift and representation (the shift "none" gives plain cross-validated kNN on the
+    original cells).
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        The model folder (with its training PCA).
+    adata : anndata.AnnData
+        Cells with raw counts in X.
+    label_key : str
+        The obs column of the labels.
+    gene_id_column : str or None, default None
+        The var column of Ensembl ids; None: found as ``scllm.embed`` finds it.
+    shifts : sequence of Shift, default SHIFTS
+        The shifts.
+    seed : int, default 0
+        The seed of the shifts and folds.
+    device : str, default "cpu"
+        Where the model embeds.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``shift``, ``representation``, ``accuracy`` and ``macro_f1``.
+    """
     import scllm
     from scllm.eval.baselines import project_training_pca
     from scllm.eval.genes import map_genes, model_genes

@@ -70,10 +70,22 @@ def _bin_rows(indptr, indices, data, quantiles, row_ids, seed, out):
 
 
 def content_keys(matrix: sp.csr_matrix) -> np.ndarray:
-    """A 63-bit key per cell from its genes and counts (before normalization): equal rows get
-    equal keys. Binning draws tie-breaks from these, so a cell's tokens depend on its counts and
-    the seed only, not on where it sits in a file, how files are chunked or what else is in them:
-    the pipeline's shards and ``scllm embed`` give the same cell the same tokens."""
+    """A 63-bit key per cell from its genes and counts (before normalization).
+
+    Equal rows get equal keys. Binning draws tie-breaks from these, so a cell's tokens depend on
+    its counts and the seed only, not on where it sits in a file, how files are chunked or what
+    else is in them: the pipeline's shards and ``scllm embed`` give the same cell the same tokens.
+
+    Parameters
+    ----------
+    matrix : scipy.sparse.csr_matrix
+        Counts, cells x genes (explicit zeros do not count).
+
+    Returns
+    -------
+    numpy.ndarray
+        int64, one non-negative key per cell.
+    """
     matrix = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
     matrix.eliminate_zeros()
     matrix.sort_indices()
@@ -100,6 +112,29 @@ def bin_csr(
     Tie-breaking draws are keyed on (seed, row id, gene). Row ids default to the rows' global
     positions (``row_offset`` + row), so chunked calls equal one whole call; ``row_ids`` gives
     each row its own key instead (e.g. one derived from the cell's content).
+
+    Parameters
+    ----------
+    matrix : scipy.sparse.csr_matrix
+        Normalized values, cells x genes.
+    n_bins : int, default 51
+        Bins including 0 (zeros): values get 1..n_bins-1; 3 to 256.
+    seed : int, default 0
+        Seed of the tie-breaking draws.
+    row_offset : int, default 0
+        Global position of the first row, when ``row_ids`` is None.
+    row_ids : numpy.ndarray or None, default None
+        A key per row (e.g. ``content_keys``).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        uint8 bins, with the sparsity of ``matrix``.
+
+    Raises
+    ------
+    ValueError
+        ``n_bins`` outside 3..256.
     """
     matrix = sp.csr_matrix(matrix)
     matrix.eliminate_zeros()
@@ -126,7 +161,24 @@ def bin_csr(
 def normalize_total(
     counts: sp.csr_matrix, totals: np.ndarray, target_sum: float, log1p: bool
 ) -> sp.csr_matrix:
-    """scanpy's ``normalize_total`` (with precomputed per-cell totals) and optional ``log1p``."""
+    """scanpy's ``normalize_total`` (with precomputed per-cell totals) and optional ``log1p``.
+
+    Parameters
+    ----------
+    counts : scipy.sparse.csr_matrix
+        Counts, cells x genes.
+    totals : numpy.ndarray
+        Each cell's total (it may cover more genes than ``counts``); a total of 0 gives zeros.
+    target_sum : float
+        Each cell's total after scaling.
+    log1p : bool
+        Apply ``log1p`` after scaling.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        float32, column indices sorted.
+    """
     scale = np.divide(
         target_sum, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0
     )
@@ -149,8 +201,39 @@ def normalize_bin(
     min_expressed_hvgs: int = 1,
     chunk_size: int = CHUNK_SIZE,
 ) -> None:
-    """Normalize each cell to ``target_sum`` (over all genes), keep the HVGs in vocabulary order,
-    and bin. Cells expressing fewer than ``min_expressed_hvgs`` HVGs are dropped (logged)."""
+    """Normalize each cell, keep the HVGs in vocabulary order, and bin.
+
+    Cells are normalized to ``target_sum`` over all genes. A vocabulary gene the cells lack (one a
+    continued model brings, marked ``in_data`` False) reads as not expressed. Cells expressing
+    fewer than ``min_expressed_hvgs`` HVGs are dropped (logged).
+
+    Parameters
+    ----------
+    in_h5ad : str or Path
+        The filtered cells (counts, CSR).
+    hvg_table : str or Path
+        The HVG table (``read_hvg_table``): the vocabulary's genes in order.
+    out_h5ad : str or Path
+        The binned cells to write (uint8 X over the HVGs).
+    target_sum : float, default 1e4
+        Each cell's total after normalization.
+    log1p : bool, default False
+        Bin log1p-transformed values.
+    n_bins : int, default 51
+        Bins including 0 (see ``bin_csr``).
+    seed : int, default 0
+        Seed of the tie-breaking draws.
+    min_expressed_hvgs : int, default 1
+        Fewest expressed HVGs a kept cell has.
+    chunk_size : int, default CHUNK_SIZE
+        Cells read at a time.
+
+    Raises
+    ------
+    ValueError
+        An HVG that is no gene of ``in_h5ad`` (the table belongs to another run), or no cell
+        expresses enough HVGs.
+    """
     from scllm.prep.hvg import read_hvg_table
 
     t0 = time.time()

@@ -58,11 +58,31 @@ READ_BUFFERS = {"soma.init_buffer_bytes": 128 * 1024**2, "py.init_buffer_bytes":
 
 
 class CensusUnavailableError(RuntimeError):
+    """The Census cannot be opened: no store at the path, an unknown release, or no network."""
+
     pass
 
 
 def open_census(version: str | None = None, uri: str | None = None):
-    """Open a Census release (``version``) or a local SOMA store (``uri``) with a clear error."""
+    """Open a Census release (``version``) or a local SOMA store (``uri``) with a clear error.
+
+    Parameters
+    ----------
+    version : str or None, default None
+        A Census release (e.g. "2025-01-30"); used when ``uri`` is None.
+    uri : str or None, default None
+        A local Census-shaped store (or a remote URI).
+
+    Returns
+    -------
+    tiledbsoma.Collection
+        The opened Census, to use as a context manager.
+
+    Raises
+    ------
+    CensusUnavailableError
+        No store at ``uri``, a version that is not a release, or the Census cannot be reached.
+    """
     import cellxgene_census
 
     if uri is not None:
@@ -89,7 +109,18 @@ def open_census(version: str | None = None, uri: str | None = None):
 
 
 def census_provenance(census) -> dict:
-    """Release facts recorded in the Census' ``census_info/summary`` table."""
+    """Release facts recorded in the Census' ``census_info/summary`` table.
+
+    Parameters
+    ----------
+    census : tiledbsoma.Collection
+        The opened Census.
+
+    Returns
+    -------
+    dict of str to str
+        Label -> value; empty for a store without census_info (still usable).
+    """
     try:
         summary = census["census_info"]["summary"].read().concat().to_pandas()
         return {str(k): str(v) for k, v in zip(summary["label"], summary["value"])}
@@ -98,6 +129,22 @@ def census_provenance(census) -> dict:
 
 
 def value_filter(tissue_general: str, primary_only: bool, disease: str | None) -> str:
+    """The SOMA obs filter of the sampling settings.
+
+    Parameters
+    ----------
+    tissue_general : str
+        The tissue_general the cells have.
+    primary_only : bool
+        Only primary data (``is_primary_data == True``).
+    disease : str or None
+        The disease the cells have; None (or "") for any.
+
+    Returns
+    -------
+    str
+        The clauses joined with ``and``.
+    """
     clauses = [f"tissue_general == '{tissue_general}'"]
     if primary_only:
         clauses.append("is_primary_data == True")
@@ -110,7 +157,26 @@ def choose_samples(cells: pd.DataFrame, max_cells: int, seed: int) -> pd.DataFra
     """Pick whole samples at random while the total stays within ``max_cells``.
 
     Samples are visited in a seeded random order; a sample is kept if it still fits, skipped
-    otherwise. Returns one row per sample with ``n_cells`` and ``chosen``.
+    otherwise.
+
+    Parameters
+    ----------
+    cells : pandas.DataFrame
+        The cells that pass the filter, with the SAMPLE_KEYS columns.
+    max_cells : int
+        The cap on the chosen cells.
+    seed : int
+        The seed of the order.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per sample (SAMPLE_KEYS order) with ``n_cells`` and ``chosen``.
+
+    Raises
+    ------
+    ValueError
+        No cells, or every sample is larger than ``max_cells``.
     """
     samples = cells.groupby(SAMPLE_KEYS, observed=True).size().rename("n_cells").reset_index()
     samples = samples.sort_values(SAMPLE_KEYS, ignore_index=True)  # order independent of the query
@@ -136,8 +202,28 @@ def choose_samples(cells: pd.DataFrame, max_cells: int, seed: int) -> pd.DataFra
 
 
 def select(cells: pd.DataFrame, max_cells: int, seed: int, where: str):
-    """Whole samples under the cap (``choose_samples``), their cells in output order (sample by
-    sample, then soma_joinid) and the obs of cells.h5ad."""
+    """Whole samples under the cap (``choose_samples``), their cells in output order, and the obs.
+
+    Parameters
+    ----------
+    cells : pandas.DataFrame
+        The cells that pass the filter (``soma_joinid`` and the obs columns read).
+    max_cells : int
+        The cap on the chosen cells.
+    seed : int
+        The seed of the choice.
+    where : str
+        The Census, for the warning about repeated cell ids.
+
+    Returns
+    -------
+    samples : pandas.DataFrame
+        Every sample, with ``n_cells`` and ``chosen``.
+    keep : pandas.DataFrame
+        The chosen cells, sample by sample, then by soma_joinid.
+    obs : pandas.DataFrame
+        The obs of cells.h5ad for ``keep``, in that order, with unique cell ids.
+    """
     samples = choose_samples(cells, max_cells, seed)
     chosen = samples[samples["chosen"]]
     log.info(
@@ -173,12 +259,39 @@ def sample_census(
     uri: str | None = None,
     **settings,
 ) -> ad.AnnData:
-    """Sample whole (dataset, donor) samples of the Census release ``census_version`` (or the
-    store at ``uri``) and stream their raw counts to ``out_h5ad``. The sampling settings are
-    ``cfg``, or ``SamplingConfig``'s fields as keywords.
+    """Sample whole (dataset, donor) samples of a Census; stream their raw counts to ``out_h5ad``.
 
     Cells are written sample by sample, so every sample is a contiguous block of rows downstream.
-    Returns the backed-free obs/var shell (no X) for logging and tests.
+
+    Parameters
+    ----------
+    out_h5ad : str or Path
+        cells.h5ad to write.
+    out_samples : str or Path
+        samples.tsv to write (``write_samples_tsv``).
+    cfg : SamplingConfig or None, default None
+        The sampling settings; None to give them as keywords.
+    census_version : str or None, default None
+        The Census release, when ``uri`` is None.
+    uri : str or None, default None
+        A local Census-shaped store.
+    **settings
+        ``SamplingConfig``'s fields, instead of ``cfg``.
+
+    Returns
+    -------
+    anndata.AnnData
+        The obs/var shell of what was written (no X), for logging and tests.
+
+    Raises
+    ------
+    CensusUnavailableError
+        The Census cannot be opened.
+    ValueError
+        Unknown settings, an organism or obs columns the Census lacks, no cells matching the
+        filter, or no sample under the cap.
+    InputError
+        The store's counts are not raw counts, or its gene ids repeat.
     """
     cfg = settings_of(SamplingConfig, cfg, settings, "census")
     t0 = time.time()
@@ -292,7 +405,15 @@ def _write_sample_by_sample(
 
 
 def write_samples_tsv(samples: pd.DataFrame, out_samples) -> None:
-    """samples.tsv: every sample available, its number of cells and whether it was chosen."""
+    """samples.tsv: every sample available, its number of cells and whether it was chosen.
+
+    Parameters
+    ----------
+    samples : pandas.DataFrame
+        ``choose_samples``'s table.
+    out_samples : str or Path
+        The file to write.
+    """
     with atomic_path(out_samples) as tmp:
         samples.to_csv(tmp, sep="\t", index=False)
 

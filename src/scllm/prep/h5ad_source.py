@@ -40,16 +40,42 @@ def sample_h5ad(
     block_nnz: int = INGEST_BLOCK_NNZ,
     **settings,
 ) -> ad.AnnData:
-    """``sample_census`` on your own h5ad, read directly: the same cells.h5ad and samples.tsv as
-    building a local Census from it (``build_local_census``, with the same settings; missing
-    tissue_general/disease filled from the filter) and sampling that, in one pass over the file.
-    ``settings``: the fields of ``SamplingConfig`` and ``H5adConfig.COLUMNS``, as keywords.
+    """``sample_census`` on your own h5ad, read directly, in one pass over the file.
 
-    The input is read once, in row blocks of at most ``chunk_size`` cells and ``block_nnz``
-    values; each block's chosen cells go straight to their rows in cells.h5ad, whose layout
-    (sample by sample) is known from the row lengths before any value is read. Memory: obs, var
-    and one block. A CSC matrix cannot be read by rows; it goes through a temporary local Census
-    instead (slower, same memory bound).
+    The same cells.h5ad and samples.tsv as building a local Census from it
+    (``build_local_census``, with the same settings; missing tissue_general/disease filled from
+    the filter) and sampling that. The input is read once, in row blocks of at most
+    ``chunk_size`` cells and ``block_nnz`` values; each block's chosen cells go straight to their
+    rows in cells.h5ad, whose layout (sample by sample) is known from the row lengths before any
+    value is read. Memory: obs, var and one block. A CSC matrix cannot be read by rows; it goes
+    through a temporary local Census instead (slower, same memory bound).
+
+    Parameters
+    ----------
+    h5ad_path : str or Path
+        Your h5ad (raw counts in X or a layer).
+    out_h5ad : str or Path
+        cells.h5ad to write.
+    out_samples : str or Path
+        samples.tsv to write.
+    block_nnz : int, default INGEST_BLOCK_NNZ
+        Stored values read at a time at the most.
+    **settings
+        The fields of ``SamplingConfig`` and ``H5adConfig.COLUMNS``, as keywords.
+
+    Returns
+    -------
+    anndata.AnnData
+        The obs/var shell of what was written (no X).
+
+    Raises
+    ------
+    ValueError
+        Unknown settings, a named obs or var column the file lacks, no Ensembl gene ids, no
+        cells matching the filter, or no sample under the cap.
+    InputError
+        Counts that are not raw counts, no such layer, repeated gene ids, or cells without a
+        sample.
     """
     sampling, columns, unknown = split_settings(settings, SamplingConfig, H5adConfig)
     unknown.update({k: v for k, v in columns.items() if k not in H5adConfig.COLUMNS})

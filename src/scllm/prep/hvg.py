@@ -28,7 +28,23 @@ SIGNIFICANT_DIGITS = 10
 
 
 def sample_ranges(samples: pd.Series) -> list[tuple[str, int, int]]:
-    """(sample, start, stop) row ranges; the data stages keep each sample's cells contiguous."""
+    """(sample, start, stop) row ranges; the data stages keep each sample's cells contiguous.
+
+    Parameters
+    ----------
+    samples : pandas.Series
+        Each cell's sample, in row order.
+
+    Returns
+    -------
+    list of tuple
+        ``(sample, start, stop)`` per sample, in row order, ``stop`` excluded.
+
+    Raises
+    ------
+    ValueError
+        A sample's cells are not contiguous (the file was not written by sample_census).
+    """
     values = samples.astype(str).to_numpy()
     if len(values) == 0:
         return []
@@ -43,7 +59,20 @@ def sample_ranges(samples: pd.Series) -> list[tuple[str, int, int]]:
 
 
 def sample_normalized_variance(counts, span: float = 0.3) -> np.ndarray:
-    """scanpy's seurat_v3 normalized variance of every gene within one sample."""
+    """scanpy's seurat_v3 normalized variance of every gene within one sample.
+
+    Parameters
+    ----------
+    counts : scipy.sparse matrix or numpy.ndarray
+        The sample's raw counts, cells x genes.
+    span : float, default 0.3
+        The LOESS span (scanpy's ``span``).
+
+    Returns
+    -------
+    numpy.ndarray
+        One normalized variance per gene.
+    """
     import scanpy as sc
 
     one = ad.AnnData(X=counts)
@@ -56,8 +85,22 @@ def sample_normalized_variance(counts, span: float = 0.3) -> np.ndarray:
 
 
 def round_significant(values: np.ndarray, digits: int) -> np.ndarray:
-    """``values`` rounded to ``digits`` significant decimal digits (0, NaN, inf and values below
-    1e-300 in magnitude kept as they are)."""
+    """``values`` rounded to ``digits`` significant decimal digits.
+
+    0, NaN, inf and values below 1e-300 in magnitude are kept as they are.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        The values.
+    digits : int
+        Significant digits to keep.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, shaped as ``values``.
+    """
     values = np.asarray(values, dtype=np.float64)
     magnitude = np.abs(values)
     usable = np.isfinite(values) & (magnitude >= 1e-300)
@@ -68,7 +111,7 @@ def round_significant(values: np.ndarray, digits: int) -> np.ndarray:
 def combine_batches(
     norm_vars: np.ndarray, n_top_genes: int, flavor: str, index: pd.Index
 ) -> pd.DataFrame:
-    """scanpy's cross-batch ranking of seurat_v3 (``norm_vars``: batches x genes).
+    """scanpy's cross-batch ranking of seurat_v3.
 
     The per-sample variances carry last-bit noise that depends on the CPU (sums vectorised
     for AVX2 or AVX-512 add in another order). Genes with equal variances (identical count
@@ -76,6 +119,23 @@ def combine_batches(
     are rounded to ``SIGNIFICANT_DIGITS`` first and ties go to the earlier gene (stable sort).
     A tie still breaks if its value lies within the noise (~1e-15) of a rounding boundary: rare,
     and the pinned-shards test would show it.
+
+    Parameters
+    ----------
+    norm_vars : numpy.ndarray
+        Normalized variances, batches x genes.
+    n_top_genes : int
+        Genes to keep.
+    flavor : str
+        "seurat_v3" (median rank first) or "seurat_v3_paper" (number of batches first).
+    index : pandas.Index
+        The gene ids.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The ``n_top_genes`` highest-ranked genes in rank order, indexed by gene id, with
+        ``highly_variable_nbatches``, ``highly_variable_rank`` and ``variances_norm``.
     """
     norm_vars = round_significant(norm_vars, SIGNIFICANT_DIGITS)
     ranks = np.argsort(np.argsort(-norm_vars, axis=1, kind="stable"), axis=1).astype(np.float32)
@@ -111,6 +171,33 @@ def select_hvg(
 
     Samples with fewer than ``min_cells_per_sample`` cells, or on which the LOESS fit fails,
     are left out of the ranking with a logged reason (their cells stay in the data).
+
+    Parameters
+    ----------
+    in_h5ad : str or Path
+        The filtered cells (raw counts, each sample's cells contiguous, a ``sample`` obs column).
+    out_table : str or Path
+        The table to write.
+    n_top_genes : int, default 1200
+        Genes to select.
+    flavor : str, default "seurat_v3"
+        One of FLAVORS (see ``combine_batches``).
+    span : float, default 0.3
+        The LOESS span.
+    min_cells_per_sample : int, default 50
+        Fewest cells of a sample that takes part in the ranking.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table written: ``feature_id``, ``feature_name``, ``rank`` and the ranking's columns.
+
+    Raises
+    ------
+    ValueError
+        An unknown flavor, or more genes asked for than the data hold.
+    InputError
+        No sample could be used (the message says why and what to change).
     """
     if flavor not in FLAVORS:
         raise ValueError(f"hvg.flavor={flavor!r} is not supported; use one of {FLAVORS}")
@@ -196,9 +283,32 @@ def _no_usable_sample(n_samples: int, failed: list, min_cells_per_sample: int) -
 def vocabulary_from_model(
     in_h5ad: str | Path, model_dir: str | Path, out_table: str | Path, min_coverage: float = 0.5
 ) -> pd.DataFrame:
-    """The HVG table of a run that continues a trained model (train.init_from): the model's
-    genes (its genes.tsv) in token order, ``in_data`` False for those these cells lack (they bin
-    as not expressed). Refused when fewer than ``min_coverage`` of them are in the data."""
+    """The HVG table of a run that continues a trained model (train.init_from).
+
+    The model's genes (its genes.tsv) in token order, ``in_data`` False for those these cells
+    lack (they bin as not expressed).
+
+    Parameters
+    ----------
+    in_h5ad : str or Path
+        The filtered cells.
+    model_dir : str or Path
+        The model folder (its genes.tsv).
+    out_table : str or Path
+        The table to write.
+    min_coverage : float, default 0.5
+        Smallest share of the model's genes that must be genes of the data.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table written: ``feature_id``, ``feature_name``, ``rank`` and ``in_data``.
+
+    Raises
+    ------
+    InputError
+        Fewer than ``min_coverage`` of the model's genes are in the data.
+    """
     genes_tsv = Path(model_dir) / "genes.tsv"
     genes = pd.read_csv(genes_tsv, sep="\t", dtype={"feature_id": str, "feature_name": str})
     adata = open_backed(in_h5ad)
@@ -237,9 +347,21 @@ def vocabulary_from_model(
 
 
 def read_hvg_table(path: str | Path) -> pd.DataFrame:
-    """The vocabulary in rank (token) order, with ``in_data``: False for a continued model's genes
-    that these cells lack (vocabulary_from_model), True for every gene of a table select_hvg
-    wrote."""
+    """The vocabulary in rank (token) order, with ``in_data``.
+
+    ``in_data`` is False for a continued model's genes that these cells lack
+    (vocabulary_from_model), True for every gene of a table select_hvg wrote.
+
+    Parameters
+    ----------
+    path : str or Path
+        The table.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Sorted by ``rank``.
+    """
     table = pd.read_csv(path, sep="\t", dtype={"feature_id": str, "feature_name": str})
     if "in_data" not in table:
         table["in_data"] = True

@@ -21,6 +21,34 @@ TRAIN, VALIDATION = "train", "validation"
 
 
 def assign_split(obs: pd.DataFrame, validation_fraction: float, by: str, seed: int) -> pd.Series:
+    """Assign each cell to train or validation, at random by cell or by whole samples.
+
+    By cell: a ``validation_fraction`` of the cells, rounded, at least one in each set where
+    there are two cells. By sample: samples are visited in seeded order and one is held out when
+    it brings the validation size closer to the target (so one large sample does not overshoot
+    it); at least one sample is held out and at least one kept.
+
+    Parameters
+    ----------
+    obs : pandas.DataFrame
+        The cells; ``by="sample"`` reads its ``sample`` column.
+    validation_fraction : float
+        The share of cells to hold out.
+    by : str
+        "cell" or "sample".
+    seed : int
+        The seed of the draw.
+
+    Returns
+    -------
+    pandas.Series
+        "train" or "validation" per cell, indexed as ``obs``, named ``split``.
+
+    Raises
+    ------
+    ValueError
+        ``by`` is neither, or ``by="sample"`` with fewer than two samples.
+    """
     n = len(obs)
     rng = np.random.default_rng(seed)
     split = np.full(n, TRAIN, dtype=object)
@@ -61,6 +89,31 @@ def split_cells(
     by: str = "cell",
     seed: int = 0,
 ) -> pd.DataFrame:
+    """Split the cells of an h5ad into train and validation and write the table (``assign_split``).
+
+    Parameters
+    ----------
+    in_h5ad : str or Path
+        The cells (an h5ad of the pipeline, with a ``sample`` obs column).
+    out_tsv : str or Path
+        The table to write.
+    validation_fraction : float, default 0.03
+        The share of cells to hold out.
+    by : str, default "cell"
+        "cell" or "sample" (hold whole samples out).
+    seed : int, default 0
+        The seed of the draw.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table written: ``cell``, ``sample`` and ``split`` per cell.
+
+    Raises
+    ------
+    CorruptArtifactError
+        A cell id occurs more than once (it could land in both sets).
+    """
     adata = open_backed(in_h5ad)
     require_obs_columns(adata, ["sample"], in_h5ad)
     obs = adata.obs
@@ -91,4 +144,16 @@ def split_cells(
 
 
 def read_split(path: str | Path) -> pd.DataFrame:
+    """Read a split table written by ``split_cells``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The table.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``cell``, ``sample`` and ``split`` per cell, as strings.
+    """
     return pd.read_csv(path, sep="\t", dtype={"cell": str, "sample": str, "split": str})

@@ -41,11 +41,36 @@ def build_local_census(
     """Write a SOMA store with the Census layout (``census_info``, ``census_data/<organism>``).
 
     Census obs columns already present in the h5ad (dataset_id, donor_id, tissue_general, ...)
-    are kept; missing ones are filled from the settings (``cfg``, or ``H5adConfig``'s fields as
-    keywords). Genes are keyed on Ensembl ids. The counts stream from the h5ad into the store's
-    ``X/raw`` in blocks of at most ``block_nnz`` values, so memory holds obs, var and one block,
-    whatever the number of cells. ``uri`` must not exist, or (with ``overwrite``) hold a store
-    this function built: see ``check_store_output``, which refuses it before any work.
+    are kept; missing ones are filled from the settings. Genes are keyed on Ensembl ids. The
+    counts stream from the h5ad into the store's ``X/raw`` in blocks of at most ``block_nnz``
+    values, so memory holds obs, var and one block, whatever the number of cells.
+
+    Parameters
+    ----------
+    h5ad_path : str or Path
+        The h5ad of raw counts.
+    uri : str or Path
+        The store folder to write. It must not exist, or (with ``overwrite``) hold a store this
+        function built: see ``check_store_output``, which refuses it before any work.
+    cfg : H5adConfig or None, default None
+        Where the counts are and how cells become Census cells; None to give them as keywords.
+    block_nnz : int, default INGEST_BLOCK_NNZ
+        Stored values read and written at a time at the most.
+    overwrite : bool, default False
+        Replace a store this function built earlier at ``uri``.
+    **settings
+        ``H5adConfig``'s fields, instead of ``cfg``.
+
+    Raises
+    ------
+    UnsafeOutputError
+        ``uri`` is a file, holds the input, or is a folder other than an earlier store (or one
+        without ``overwrite``).
+    InputError
+        No cells or genes, counts that are not raw counts, repeated gene ids, or cells without a
+        sample.
+    ValueError
+        Unknown settings, a named obs or var column the file lacks, or no Ensembl gene ids.
     """
     cfg = settings_of(H5adConfig, cfg, settings, "census.h5ad")
     import tiledbsoma as soma
@@ -84,9 +109,25 @@ def build_local_census(
 
 
 def check_store_output(h5ad_path, uri, overwrite: bool = False) -> None:
-    """Refuse (UnsafeOutputError) a store folder for ``build_local_census`` that would replace
-    what the command did not write: a file, a folder holding the input, or any existing folder
-    but a store it built earlier, which ``overwrite`` allows it to replace."""
+    """Refuse a store folder for ``build_local_census`` that would replace what it did not write.
+
+    That is a file, a folder holding the input, or any existing folder but a store it built
+    earlier, which ``overwrite`` allows it to replace.
+
+    Parameters
+    ----------
+    h5ad_path : str or Path
+        The input h5ad.
+    uri : str or Path
+        The store folder.
+    overwrite : bool, default False
+        Allow replacing a store build_local_census built.
+
+    Raises
+    ------
+    UnsafeOutputError
+        The folder may not be written (the message suggests a free path beside it).
+    """
     uri = Path(uri)
     example = sibling_name(uri, "_store")
     if (uri.exists() or uri.is_symlink()) and not uri.is_dir():
@@ -261,7 +302,18 @@ def _write_counts(X, matrix, block_nnz: int, source, soma) -> int:
 
 
 def counts_fix(source) -> str:
-    """What to do when the chosen matrix holds something other than raw counts."""
+    """What to do when the chosen matrix holds something other than raw counts.
+
+    Parameters
+    ----------
+    source : H5adInput
+        The opened input (its layers and raw are named).
+
+    Returns
+    -------
+    str
+        The fix, to end a ``check_counts`` message.
+    """
     layers = source.layers
     return (
         ": point census.h5ad.counts_layer (scllm build-census --counts-layer) "
@@ -308,9 +360,35 @@ def _write_table(collection, name: str, columns: dict, soma) -> None:
 
 
 def census_shaped(source: H5adInput, cfg: H5adConfig, where: str):
-    """The Census-shaped obs and var of ``source`` and its count matrix (a block reader), as a
-    store built with ``cfg`` holds them. Every check that needs no count values runs here,
-    before anything is written."""
+    """The Census-shaped obs and var of ``source`` and its count matrix, as a store holds them.
+
+    Every check that needs no count values runs here, before anything is written.
+
+    Parameters
+    ----------
+    source : H5adInput
+        The opened input.
+    cfg : H5adConfig
+        Where the counts are and how cells become Census cells.
+    where : str
+        The input, for the messages.
+
+    Returns
+    -------
+    obs : pandas.DataFrame
+        Census obs columns per cell, indexed by row number (a store's soma_joinid).
+    var : pandas.DataFrame
+        ``feature_id`` and ``feature_name``, indexed by Ensembl id.
+    matrix : CountMatrix
+        The count matrix, a block reader.
+
+    Raises
+    ------
+    InputError
+        No cells or genes, no such layer, repeated gene ids, or cells without a sample.
+    ValueError
+        A named obs or var column the file lacks, or no Ensembl gene ids.
+    """
     require_cells(
         source.n_obs, source.n_vars, where
     )  # an empty store fails deep inside tiledbsoma

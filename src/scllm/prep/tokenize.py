@@ -100,7 +100,36 @@ def tokenize_shards(
     cells_per_shard: int = 100_000,
     chunk_size: int = CHUNK_SIZE,
 ) -> dict:
-    """Write ragged token shards per split, ``vocab.json``, ``genes.tsv`` and ``manifest.json``."""
+    """Write ragged token shards per split, ``vocab.json``, ``genes.tsv`` and ``manifest.json``.
+
+    The vocabulary is the binned file's genes in order (``build_vocab``); each split's cells go
+    to its own shards, in file order. The folder is written atomically.
+
+    Parameters
+    ----------
+    binned_h5ad : str or Path
+        The binned cells (``normalize_bin``).
+    split_tsv : str or Path
+        The split table (``split_cells``), listing the same cells in the same order.
+    out_dir : str or Path
+        The shards folder to write.
+    cells_per_shard : int, default 100_000
+        Cells a shard file holds at the most.
+    chunk_size : int, default CHUNK_SIZE
+        Cells read at a time.
+
+    Returns
+    -------
+    dict
+        The manifest written.
+
+    Raises
+    ------
+    ValueError
+        The split table does not list the file's cells in order.
+    CorruptArtifactError
+        The binned file holds values that are not bins.
+    """
     t0 = time.time()
     adata = open_backed(binned_h5ad)
     split = read_split(split_tsv)

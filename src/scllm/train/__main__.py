@@ -16,6 +16,16 @@ from scllm.train.loop import pretrain
 
 
 def main(argv=None) -> None:
+    """One training process: parse the options, set up the log and run ``pretrain``.
+
+    Under torchrun every rank runs it (ranks other than 0 log to stderr only, each line marked with
+    its rank). A preempted run exits with PREEMPTED_EXIT_CODE, which asks for a requeue.
+
+    Parameters
+    ----------
+    argv : list of str or None, default None
+        The options (``--manifest``, ``--out``, ``--params``, ``--log``); None reads sys.argv.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m scllm.train", description="Pretrain the cell transformer on token shards."
     )

@@ -44,6 +44,27 @@ class LengthGroupedBatchSampler:
 
     Works from the lengths alone, and holds an epoch as one int32 array of cell indices (batches
     are views into it), so 10M cells cost 40 MB here rather than a list of millions of arrays.
+
+    Parameters
+    ----------
+    lengths : array_like of int
+        Every cell's token count.
+    batch_size : int
+        Cells a batch (the last batch of a bucket may be shorter).
+    seed : int, default 0
+        Seed of the order (with the epoch).
+    bucket_size_batches : int, default 100
+        Batches a bucket.
+    rank, world_size : int, default 0 and 1
+        This process's rank and the number of processes.
+    shuffle : bool, default True
+        Shuffle the cells and the batches; False keeps file order (buckets still sorted by
+        length).
+
+    Raises
+    ------
+    ValueError
+        ``batch_size`` or ``bucket_size_batches`` below 1.
     """
 
     def __init__(
@@ -66,7 +87,17 @@ class LengthGroupedBatchSampler:
         self.shuffle = shuffle
 
     def all_batches(self, epoch: int) -> Batches:
-        """The epoch's batches for all ranks, in order."""
+        """The epoch's batches for all ranks, in order.
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch (with the seed, it fixes the order).
+
+        Returns
+        -------
+        Batches
+        """
         n = len(self.lengths)
         rng = np.random.default_rng([self.seed, epoch])
         # Generator.permutation(n) is shuffle(arange(n)), and its draws depend on n only: an int32
@@ -85,7 +116,19 @@ class LengthGroupedBatchSampler:
         return Batches(order, bounds, picked)
 
     def epoch_batches(self, epoch: int, skip: int = 0) -> Batches:
-        """This rank's batches of ``epoch``, without the first ``skip`` (for resuming)."""
+        """This rank's batches of ``epoch``, without the first ``skip`` (for resuming).
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch.
+        skip : int, default 0
+            Batches already done.
+
+        Returns
+        -------
+        Batches
+        """
         batches = self.all_batches(epoch)
         usable = len(batches) - len(batches) % self.world_size
         return batches[self.rank : usable : self.world_size][skip:]
@@ -96,9 +139,20 @@ class LengthGroupedBatchSampler:
 
 
 class Batches(Sequence):
-    """A list of batches without a list: batch k is ``order[bounds[j]:bounds[j + 1]]`` with
-    ``j = picked[k]`` (a view, not a copy). Slicing gives another ``Batches`` over the same
-    order."""
+    """A list of batches without a list: batch k is ``order[bounds[j]:bounds[j + 1]]``.
+
+    Here ``j = picked[k]``, and each batch is a view, not a copy. Slicing gives another
+    ``Batches`` over the same order.
+
+    Parameters
+    ----------
+    order : numpy.ndarray
+        Cell indices, batch after batch.
+    bounds : numpy.ndarray
+        Where each batch starts in ``order``, then ``len(order)``.
+    picked : numpy.ndarray
+        The batches, by number, in the order they are given.
+    """
 
     def __init__(self, order: np.ndarray, bounds: np.ndarray, picked: np.ndarray):
         self.order, self.bounds, self.picked = order, bounds, picked
@@ -118,8 +172,26 @@ def mask_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask ``round(ratio * n_gene_tokens)`` random gene tokens per cell (round half to even).
 
-    Position 0 (<cls>) and padding are never masked. Returns (input values with MASK_VALUE at the
-    masked positions, boolean mask). Draws from ``generator`` (CPU) so masks are reproducible.
+    Position 0 (<cls>) and padding are never masked. Draws from ``generator`` (CPU) so masks are
+    reproducible.
+
+    Parameters
+    ----------
+    values : torch.Tensor
+        Token values [B, L].
+    padding_mask : torch.Tensor
+        bool [B, L], True at padding.
+    ratio : float
+        The share of each cell's gene tokens to mask.
+    generator : torch.Generator
+        A CPU generator.
+
+    Returns
+    -------
+    masked : torch.Tensor
+        ``values`` with MASK_VALUE at the masked positions.
+    mask : torch.Tensor
+        bool [B, L], True at the masked positions (on the device of ``values``).
     """
     padding = padding_mask.cpu()
     n_genes = (~padding).sum(1) - 1
@@ -133,12 +205,23 @@ def mask_values(
 
 
 def lowest_per_row(scores: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Boolean mask of the ``k[r]`` lowest scores of each row r; among equal scores, the first
-    ones.
+    """Boolean mask of the ``k[r]`` lowest scores of each row r; among equal scores, the first.
 
     The positions scoring at most the row's k-th lowest score: one np.sort of the values, several
     times faster than an argsort on the CPU. Only an exact tie at that score (float64 draws:
     practically never) needs the order of positions, and then a stable argsort decides.
+
+    Parameters
+    ----------
+    scores : numpy.ndarray
+        Scores, rows x positions.
+    k : numpy.ndarray
+        How many to pick in each row.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, shaped as ``scores``.
     """
     kth = np.take_along_axis(np.sort(scores, axis=1), np.maximum(k - 1, 0)[:, None], axis=1)
     mask = (scores <= kth) & (k[:, None] > 0)
@@ -162,15 +245,35 @@ def training_batch(
 
     ``views`` > 1 repeats the cells that many times (rows ``i + k * len(cells)`` are the same
     cell), each copy with its own mask: the views a contrastive objective compares. With a
-    ``view`` (``view(gene_ids, values, generator=...)``, see :func:`contrastive_view`) each copy
-    is cut from its cell (gene tokens left out, values binned anew), so two views share no
-    trivial fingerprint of the cell; then ``profile_gene_ids``/``profile_values`` keep the whole
-    cells (same rows) for objectives that reconstruct the cell, where a gene left out of a view
-    counts as masked, not unexpressed.
+    ``view`` each copy is cut from its cell (gene tokens left out, values binned anew), so two
+    views share no trivial fingerprint of the cell; then ``profile_gene_ids``/``profile_values``
+    keep the whole cells (same rows) for objectives that reconstruct the cell, where a gene left
+    out of a view counts as masked, not unexpressed. Every random draw comes from ``generator``,
+    so the batch depends only on its seed.
 
-    Every random draw comes from ``generator``, so the batch depends only on its seed. Adds
-    ``masked_values`` (the model's input), ``mask`` and ``lengths`` (tokens per cell, numpy) to
-    :func:`collate`'s output. ``pin_memory`` pins the tensors so copies to a GPU can overlap.
+    Parameters
+    ----------
+    cells : list of tuple of numpy.ndarray
+        (gene ids, values) of each cell.
+    pad_id : int
+        The ``<pad>`` token id.
+    ratios : list of float
+        The mask ratios, one drawn for the batch.
+    generator : torch.Generator
+        A CPU generator, the batch's only source of randomness.
+    pin_memory : bool, default False
+        Pin the tensors so copies to a GPU can overlap.
+    views : int, default 1
+        Copies of each cell.
+    view : callable or None, default None
+        ``view(gene_ids, values, generator=...)`` cuts a view from a cell (see
+        :func:`contrastive_view`); None: views are whole cells.
+
+    Returns
+    -------
+    dict
+        :func:`collate`'s tensors plus ``masked_values`` (the model's input), ``mask``, the
+        profile tensors when views are cut, and ``lengths`` (tokens per row, numpy).
     """
     cells = list(cells) * views
     whole = None
@@ -191,10 +294,31 @@ def training_batch(
 
 
 def contrastive_view(kind: str, keep: float, n_bins: int) -> Callable | None:
-    """How a contrastive view is cut from a cell (``train.contrastive_view``): ``genes``, a
-    uniform random subset of its gene tokens (:func:`gene_subset`); ``thinned``, the genes a
-    shallower sequencing would still show, binned anew (:func:`thinned_subset`). None at
-    ``keep`` = 1: the views are the whole cell."""
+    """How a contrastive view is cut from a cell (``train.contrastive_view``).
+
+    ``genes``: a uniform random subset of its gene tokens (:func:`gene_subset`); ``thinned``: the
+    genes a shallower sequencing would still show, binned anew (:func:`thinned_subset`).
+
+    Parameters
+    ----------
+    kind : str
+        "genes" or "thinned".
+    keep : float
+        The share of genes a view keeps (``train.contrastive_view_genes``).
+    n_bins : int
+        The number of bins, for ``thinned``.
+
+    Returns
+    -------
+    callable or None
+        ``view(gene_ids, values, generator=...)``; None at ``keep`` >= 1: the views are the whole
+        cell.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``kind`` (with ``keep`` < 1).
+    """
     if keep >= 1:
         return None
     if kind == "genes":
@@ -207,8 +331,24 @@ def contrastive_view(kind: str, keep: float, n_bins: int) -> Callable | None:
 def gene_subset(
     gene_ids: np.ndarray, values: np.ndarray, fraction: float, generator: torch.Generator
 ):
-    """``<cls>`` and a random ``fraction`` of a cell's gene tokens (at least one), in their
-    order."""
+    """``<cls>`` and a random ``fraction`` of a cell's gene tokens (at least one), in their order.
+
+    A cell with fewer than two gene tokens is returned whole.
+
+    Parameters
+    ----------
+    gene_ids, values : numpy.ndarray
+        The cell's tokens, ``<cls>`` first.
+    fraction : float
+        The share of gene tokens to keep.
+    generator : torch.Generator
+        The draw's generator.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        (gene ids, values) of the view.
+    """
     n = len(gene_ids) - 1
     if n < 2:
         return gene_ids, values
@@ -221,16 +361,32 @@ def gene_subset(
 def thinned_subset(
     gene_ids: np.ndarray, values: np.ndarray, keep: float, n_bins: int, generator: torch.Generator
 ):
-    """``<cls>`` and the gene tokens a shallower sequencing of the cell would still show (at
-    least one, in their order), binned anew.
+    """``<cls>`` and the gene tokens a shallower sequencing of the cell would show, binned anew.
 
-    A gene at quantile q of the cell's bins (ties in random order) is kept with probability
-    ``keep ** (1 - q)``: the least expressed genes vanish first, as under binomial thinning,
-    which loses a count-1 gene with probability 1 - depth and a highly expressed one almost
-    never. The genes kept, ranked in the same order, get the bins the pipeline's per-cell
-    quantile bins give distinct values: ``1 + rank * (n_bins - 2) // (kept - 1)``, from 1 to
-    n_bins - 1, so a view's bins mean what a shallow cell's bins mean. A lone gene gets the
-    middle bin (the pipeline draws a lone value's bin uniformly).
+    At least one gene is kept, in their order. A gene at quantile q of the cell's bins (ties in
+    random order) is kept with probability ``keep ** (1 - q)``: the least expressed genes vanish
+    first, as under binomial thinning, which loses a count-1 gene with probability 1 - depth and a
+    highly expressed one almost never. The genes kept, ranked in the same order, get the bins the
+    pipeline's per-cell quantile bins give distinct values: ``1 + rank * (n_bins - 2) // (kept -
+    1)``, from 1 to n_bins - 1, so a view's bins mean what a shallow cell's bins mean. A lone gene
+    gets the middle bin (the pipeline draws a lone value's bin uniformly). A cell with fewer than
+    two gene tokens is returned whole.
+
+    Parameters
+    ----------
+    gene_ids, values : numpy.ndarray
+        The cell's tokens, ``<cls>`` first.
+    keep : float
+        The sequencing depth kept, 0 to 1.
+    n_bins : int
+        The number of bins.
+    generator : torch.Generator
+        The draw's generator.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        (gene ids, values) of the view.
     """
     n = len(gene_ids) - 1
     if n < 2:
@@ -256,6 +412,25 @@ def prefetched(make: Callable[[int], T], keys: Iterable[int], depth: int = 2) ->
     Batch preparation (collate and masking on the CPU) then overlaps the training step instead
     of adding to it. Items come in order and are the same as without the thread; an exception
     in ``make`` is raised where its item would have been yielded.
+
+    Parameters
+    ----------
+    make : callable
+        Builds the item of a key.
+    keys : iterable of int
+        The keys, in order.
+    depth : int, default 2
+        Items built ahead at the most, at least 1.
+
+    Yields
+    ------
+    object
+        ``make(k)`` for each key in order.
+
+    Raises
+    ------
+    ValueError
+        ``depth`` below 1.
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, not {depth}")
@@ -275,7 +450,26 @@ def prefetched(make: Callable[[int], T], keys: Iterable[int], depth: int = 2) ->
 
 @dataclass(frozen=True)
 class TrainingData:
-    """The shards, their batches for this process, and the run's length in steps."""
+    """The shards, their batches for this process, and the run's length in steps.
+
+    Made by ``TrainingData.load``.
+
+    Attributes
+    ----------
+    manifest_path : Path
+        The shards' manifest.json.
+    manifest : dict
+        The manifest.
+    train_ds, val_ds : ShardDataset
+        The training and validation cells.
+    train_sampler : LengthGroupedBatchSampler
+        This process's training batches.
+    val_batches : list of tuple
+        (batch index, cell indices): this rank's share of the validation batches, the same every
+        epoch.
+    steps_per_epoch, total_steps : int
+        Optimizer steps an epoch and in the whole run.
+    """
 
     manifest_path: Path
     manifest: dict
@@ -288,10 +482,33 @@ class TrainingData:
 
     @property
     def shard_dir(self) -> Path:
+        """The shards folder (the manifest's)."""
         return self.manifest_path.parent
 
     @classmethod
     def load(cls, manifest_path: Path, cfg: TrainConfig, env: Environment) -> TrainingData:
+        """Open the shards of a manifest and plan this process's batches.
+
+        Parameters
+        ----------
+        manifest_path : Path
+            The shards' manifest.json.
+        cfg : TrainConfig
+            Batch size, seed, bucket size and epochs.
+        env : Environment
+            This process's rank and the number of processes.
+
+        Returns
+        -------
+        TrainingData
+
+        Raises
+        ------
+        ValueError
+            No validation cells, or too few training cells for one batch per process.
+        CorruptArtifactError
+            The vocabulary or a shard does not match the manifest.
+        """
         manifest = read_manifest(manifest_path)
         check_vocab(manifest, manifest_path.parent / "vocab.json", manifest_path)
         train_ds = ShardDataset(manifest_path, "train")
@@ -329,6 +546,18 @@ class TrainingData:
 
 
 def derived_seed(*keys: int) -> int:
+    """A seed for one purpose, derived from several integers (numpy's SeedSequence).
+
+    Parameters
+    ----------
+    *keys : int
+        E.g. the run's seed, a purpose number and a rank or batch index.
+
+    Returns
+    -------
+    int
+        A non-negative 63-bit seed.
+    """
     return int(
         np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1
     )

@@ -55,14 +55,40 @@ OUTPUTS = (
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (or the weights) became NaN or infinite; nothing was saved after the last good
-    state."""
+    """The loss (or the weights) became NaN or infinite.
+
+    Nothing was saved after the last good state.
+    """
 
 
 @dataclass
 class RunState:
-    """Where the run is and what it has measured: saved in every checkpoint (besides weights,
-    optimizer, scheduler and RNG states), so a resumed run continues with the same values."""
+    """Where the run is and what it has measured, saved in every checkpoint.
+
+    Saved besides weights, optimizer, scheduler and RNG states, so a resumed run continues with
+    the same values.
+
+    Attributes
+    ----------
+    epoch : int
+        Epochs completed.
+    batch : int
+        Batches of the current epoch done.
+    global_step : int
+        Optimizer steps taken.
+    best_val_loss : float
+        The lowest validation loss so far.
+    best_model : dict or None
+        Weights of the best epoch so far (CPU tensors).
+    metrics, epochs : list of dict
+        Rows of metrics.tsv and epochs.tsv.
+    epoch_loss_sum : float
+        This epoch's training loss, summed over checkpointed segments.
+    epoch_steps : int
+        Steps in that sum.
+    done : bool
+        Whether the run has finished.
+    """
 
     epoch: int = 0  # epochs completed
     batch: int = 0  # batches of the current epoch done
@@ -76,11 +102,36 @@ class RunState:
     done: bool = False
 
     def as_dict(self) -> dict:  # no deep copy (asdict would clone best_model's tensors)
+        """The fields as a dict, without a deep copy (``asdict`` would clone best_model's tensors).
+
+        Returns
+        -------
+        dict
+        """
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def run_args(mcfg: ModelConfig, cfg: TrainConfig, data: TrainingData, out: Path, world_size):
-    """args.json: the run's settings and data; all but provenance must match to resume."""
+    """args.json: the run's settings and data; all but provenance must match to resume.
+
+    Parameters
+    ----------
+    mcfg : ModelConfig
+        The model's settings.
+    cfg : TrainConfig
+        The training settings.
+    data : TrainingData
+        The run's data (manifest and its shards, cell counts).
+    out : Path
+        The run's folder (the manifest's path is recorded relative to it).
+    world_size : int
+        Processes training.
+
+    Returns
+    -------
+    dict
+        ``model``, ``train``, ``data``, ``world_size``, ``parent`` and ``provenance``.
+    """
     return {
         "model": asdict(mcfg),
         "train": cfg.to_dict(),
@@ -104,7 +155,18 @@ def run_args(mcfg: ModelConfig, cfg: TrainConfig, data: TrainingData, out: Path,
 
 
 def parent_record(model_dir) -> dict:
-    """Which model a run continues (train.init_from): its folder and what its files hold."""
+    """Which model a run continues (train.init_from): its folder and what its files hold.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        The parent model's folder.
+
+    Returns
+    -------
+    dict
+        ``path``, ``best_model_sha256`` and ``vocab_sha256``.
+    """
     model_dir = Path(model_dir)
     return {
         "path": str(model_dir),
@@ -125,7 +187,20 @@ def _shards_fingerprint(manifest_path: Path, manifest: dict) -> str:
 
 
 def identity(args: dict) -> dict:
-    """What must match for a checkpoint to be resumed: everything but operational settings."""
+    """What must match for a checkpoint to be resumed: everything but operational settings.
+
+    The manifest's path and the parent's path are left out too (the same data or weights moved
+    elsewhere are the same run).
+
+    Parameters
+    ----------
+    args : dict
+        A run's args.json (``run_args``).
+
+    Returns
+    -------
+    dict
+    """
     train = {k: v for k, v in args["train"].items() if k not in TrainConfig.OPERATIONAL}
     data = {k: v for k, v in args["data"].items() if k != "manifest"}
     return {
@@ -139,7 +214,26 @@ def identity(args: dict) -> dict:
 
 
 def resume_point(out: Path, args: dict, env: Environment, log) -> dict | None:
-    """The checkpoint to resume from, or None for a fresh start (which clears earlier outputs)."""
+    """The checkpoint to resume from, or None for a fresh start (which clears earlier outputs).
+
+    A checkpoint of other settings, or a damaged one, is logged and gives a fresh start.
+    Temporaries left by a killed run are removed first (rank 0).
+
+    Parameters
+    ----------
+    out : Path
+        The run's folder.
+    args : dict
+        This run's args.json (``run_args``).
+    env : Environment
+        The process's rank (only rank 0 removes files).
+    log : logging.Logger
+        Where to log.
+
+    Returns
+    -------
+    dict or None
+    """
     if env.is_main:
         for path in remove_stale_temporaries(out):
             log.info("removed %s, a temporary left by a killed run", path)
@@ -151,7 +245,31 @@ def resume_point(out: Path, args: dict, env: Environment, log) -> dict | None:
 
 
 def nothing_to_do(ckpt: dict, cfg: TrainConfig, out: Path, args, data, env, log) -> bool:
-    """A finished run (outputs rewritten if missing), or one already at max_steps."""
+    """Whether the checkpoint is of a finished run, or one already at max_steps.
+
+    A finished run's missing outputs are rewritten (rank 0).
+
+    Parameters
+    ----------
+    ckpt : dict
+        The checkpoint to resume.
+    cfg : TrainConfig
+        The training settings (max_steps).
+    out : Path
+        The run's folder.
+    args : dict
+        This run's args.json.
+    data : TrainingData
+        The run's data (its shards folder, for the vocabulary files).
+    env : Environment
+        The process's rank.
+    log : logging.Logger
+        Where to log.
+
+    Returns
+    -------
+    bool
+    """
     if ckpt["done"]:
         if env.is_main and not all((out / name).exists() for name in OUTPUTS):
             log.info("run in %s is complete; rewriting missing outputs from %s", out, CHECKPOINT)
@@ -224,7 +342,18 @@ def _as_today(stored: dict | None) -> dict | None:
 
 
 def rng_state(device) -> dict:
-    """RNG states as tensors and plain types, so ``torch.load(weights_only=True)`` reads them."""
+    """RNG states as tensors and plain types, so ``torch.load(weights_only=True)`` reads them.
+
+    Parameters
+    ----------
+    device : torch.device
+        The training device (a GPU's own state is included).
+
+    Returns
+    -------
+    dict
+        The torch, numpy, Python and (on a GPU) CUDA states.
+    """
     _, keys, pos, has_gauss, cached = np.random.get_state()
     version, py_state, gauss = random.getstate()
     state = {
@@ -243,6 +372,15 @@ def rng_state(device) -> dict:
 
 
 def set_rng_state(state: dict, device) -> None:
+    """Restore the RNG states ``rng_state`` saved.
+
+    Parameters
+    ----------
+    state : dict
+        ``rng_state``'s dict.
+    device : torch.device
+        The training device (a GPU's state is restored where one was saved).
+    """
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state(
@@ -263,6 +401,21 @@ def set_rng_state(state: dict, device) -> None:
 def non_finite(
     step: int, epoch: int, last_good_step: int | None, checkpoint: Path
 ) -> NonFiniteLossError:
+    """The error for a loss that became NaN or infinite, saying what was kept and what to change.
+
+    Parameters
+    ----------
+    step, epoch : int
+        Where it happened.
+    last_good_step : int or None
+        The step of the last checkpoint; None if none was written.
+    checkpoint : Path
+        The checkpoint's path.
+
+    Returns
+    -------
+    NonFiniteLossError
+    """
     kept = (
         f"{checkpoint} keeps the last good state (step {last_good_step})"
         if last_good_step is not None
@@ -277,6 +430,18 @@ def non_finite(
 
 
 def summary(state: dict) -> dict:
+    """What ``pretrain`` returns: how far the run got and its best validation loss.
+
+    Parameters
+    ----------
+    state : dict
+        A checkpoint, or ``RunState.as_dict()``.
+
+    Returns
+    -------
+    dict
+        ``global_step``, ``epochs_done``, ``best_val_loss`` and ``done``.
+    """
     return {
         "global_step": state["global_step"],
         "epochs_done": state["epoch"],
@@ -290,6 +455,19 @@ def write_outputs(out: Path, ckpt: dict, args: dict, shard_dir: Path, plot: bool
 
     Outputs deleted since the checkpoint (Snakemake removes the outputs of an incomplete job
     before rerunning it) are recreated, so the resumed run ends with all of them.
+
+    Parameters
+    ----------
+    out : Path
+        The run's folder.
+    ckpt : dict
+        The checkpoint contents.
+    args : dict
+        The run's args.json, written if missing.
+    shard_dir : Path
+        The shards folder (vocab.json and genes.tsv are copied if missing).
+    plot : bool
+        Redraw the loss curve even if it exists.
     """
     _write_tsv(out / "metrics.tsv", METRIC_COLUMNS, ckpt["metrics"])
     _write_tsv(out / "epochs.tsv", EPOCH_COLUMNS, ckpt["epochs"])
@@ -306,7 +484,17 @@ def write_outputs(out: Path, ckpt: dict, args: dict, shard_dir: Path, plot: bool
 
 
 def write_run_files(out: Path, args: dict, shard_dir: Path) -> None:
-    """args.json and the vocabulary (vocab.json, genes.tsv) next to the model, as a run starts."""
+    """args.json and the vocabulary (vocab.json, genes.tsv) next to the model, as a run starts.
+
+    Parameters
+    ----------
+    out : Path
+        The run's folder.
+    args : dict
+        The run's args.json.
+    shard_dir : Path
+        The shards folder.
+    """
     _write_json(out / "args.json", args)
     _copy(shard_dir / "vocab.json", out / "vocab.json")
     _copy(shard_dir / "genes.tsv", out / "genes.tsv")
@@ -384,7 +572,34 @@ MODEL_FIX = (
 
 
 def load_model(model_dir, device="cpu") -> tuple[CellTransformer, dict[str, int], dict]:
-    """(model in eval mode, vocabulary, args) from a pretrain output directory."""
+    """A trained model, its vocabulary and its settings, from a pretrain output directory.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        The folder holding best_model.pt, args.json and vocab.json.
+    device : str or torch.device, default "cpu"
+        Where to put the model.
+
+    Returns
+    -------
+    model : CellTransformer
+        In eval mode, its ``vocab_sha256`` set.
+    vocab : dict of str to int
+    args : dict
+        The run's args.json.
+
+    Raises
+    ------
+    FileNotFoundError
+        A file is missing.
+    ValueError
+        vocab.json is not the vocabulary args.json records.
+    UnsafeFileError
+        best_model.pt holds more than tensors and plain values.
+    CorruptArtifactError
+        A file is damaged, or the weights are not those of the model args.json describes.
+    """
     model_dir = Path(model_dir)
     missing = [
         n for n in ("best_model.pt", "args.json", "vocab.json") if not (model_dir / n).exists()

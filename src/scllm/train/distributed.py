@@ -28,14 +28,40 @@ PREEMPTED_EXIT_CODE = 75
 
 
 class TrainingPreempted(RuntimeError):
-    """SIGTERM or SIGUSR1 arrived; a checkpoint of the current step was saved. Rerun to resume."""
+    """SIGTERM or SIGUSR1 arrived; a checkpoint of the current step was saved. Rerun to resume.
+
+    Attributes
+    ----------
+    exit_code : int
+        PREEMPTED_EXIT_CODE, the exit status that asks for a requeue.
+    """
 
     exit_code = PREEMPTED_EXIT_CODE
 
 
 @dataclass(frozen=True)
 class Environment:
-    """Where this process runs: its rank among world_size, its device and precision."""
+    """Where this process runs: its rank among world_size, its device and precision.
+
+    Made by ``Environment.start``; ``close`` undoes what it set up.
+
+    Attributes
+    ----------
+    rank, world_size : int
+        This process's rank and the number of processes.
+    device : torch.device
+        The training device.
+    own_group : bool
+        Whether this process created the process group (and so destroys it).
+    use_bf16 : bool
+        Whether the forward passes run under bf16 autocast.
+    autocast : context manager
+        The autocast context (a no-op without bf16).
+    signals : StopSignals
+        The installed stop-signal handlers.
+    threads : int
+        The caller's torch thread count, restored by ``close``.
+    """
 
     rank: int
     world_size: int
@@ -48,10 +74,27 @@ class Environment:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the process that writes the outputs and logs to the file."""
         return self.rank == 0
 
     @classmethod
     def start(cls, cfg: TrainConfig) -> Environment:
+        """Set up this process: process group (torchrun), device, precision, threads, signals.
+
+        Parameters
+        ----------
+        cfg : TrainConfig
+            Reads device, amp and num_threads.
+
+        Returns
+        -------
+        Environment
+
+        Raises
+        ------
+        RuntimeError
+            ``train.device`` is "cuda" but no CUDA device is visible.
+        """
         rank, world_size, device, own_group = setup_distributed(cfg.device)
         use_bf16 = cfg.amp == "bf16" or (
             cfg.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -65,6 +108,7 @@ class Environment:
         return cls(rank, world_size, device, own_group, use_bf16, autocast, signals, threads)
 
     def close(self) -> None:
+        """Restore the signal handlers and thread count; end the process group if it made it."""
         self.signals.restore()
         torch.set_num_threads(self.threads)
         if self.own_group:
@@ -72,8 +116,26 @@ class Environment:
 
 
 def setup_distributed(device_setting: str):
-    """(rank, world_size, device, whether we created the process group); torchrun sets
-    WORLD_SIZE."""
+    """Join the process group torchrun describes (WORLD_SIZE > 1), or run as the only process.
+
+    Parameters
+    ----------
+    device_setting : str
+        ``train.device``: "auto" (a GPU when one is visible), "cuda" or "cpu".
+
+    Returns
+    -------
+    rank, world_size : int
+    device : torch.device
+        Under torchrun the GPU of the process's LOCAL_RANK.
+    own_group : bool
+        Whether this call created the process group.
+
+    Raises
+    ------
+    RuntimeError
+        "cuda" asked for but no CUDA device is visible.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = device_setting == "cuda" or (device_setting == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
@@ -100,15 +162,36 @@ def setup_distributed(device_setting: str):
 
 
 def all_reduce(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Sum a tensor over the processes, in place (nothing to do for one process).
+
+    Parameters
+    ----------
+    t : torch.Tensor
+        The tensor, on the process's device.
+    world_size : int
+        The number of processes.
+
+    Returns
+    -------
+    torch.Tensor
+        ``t``, now the sum.
+    """
     if world_size > 1:
         dist.all_reduce(t)
     return t
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 set a flag (they do not kill the process); the training loop then
-    writes a checkpoint and stops. SLURM sends SIGTERM on preemption or cancellation, and SIGUSR1
-    ahead of the time limit when asked (``sbatch --signal=USR1@120``)."""
+    """SIGTERM and SIGUSR1 set a flag (they do not kill the process).
+
+    The training loop then writes a checkpoint and stops. SLURM sends SIGTERM on preemption or
+    cancellation, and SIGUSR1 ahead of the time limit when asked (``sbatch --signal=USR1@120``).
+
+    Attributes
+    ----------
+    received : str or None
+        The name of the signal that arrived, if one did.
+    """
 
     SIGNALS = tuple(
         getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)
@@ -119,6 +202,13 @@ class StopSignals:
         self.previous: dict = {}
 
     def install(self) -> StopSignals:
+        """Install the handlers (only in the main thread, where Python allows it).
+
+        Returns
+        -------
+        StopSignals
+            Itself.
+        """
         if (
             threading.current_thread() is threading.main_thread()
         ):  # Python sets handlers there only
@@ -130,12 +220,25 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
     def restore(self) -> None:
+        """Put back the handlers that were there before ``install``."""
         for sig, handler in self.previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self.previous = {}
 
     def agreed(self, world_size: int, device) -> bool:
-        """Whether to stop now; with several processes (a collective call), if any got a signal."""
+        """Whether to stop now; with several processes (a collective call), if any got a signal.
+
+        Parameters
+        ----------
+        world_size : int
+            The number of processes (every one must call it at the same step).
+        device : torch.device
+            The process's device, for the collective.
+
+        Returns
+        -------
+        bool
+        """
         if world_size == 1:
             return self.received is not None
         flag = torch.tensor([float(self.received is not None)], device=device)

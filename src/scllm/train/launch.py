@@ -44,7 +44,31 @@ SHUTDOWN_TIMEOUT = 120
 def torchrun_args(
     nnodes: int, nproc_per_node: int | str, rdzv_endpoint: str, rdzv_id: str
 ) -> list[str]:
-    """torchrun's arguments for one node of ``nnodes``, meeting the others at ``rdzv_endpoint``."""
+    """torchrun's arguments for one node of ``nnodes``, meeting the others at ``rdzv_endpoint``.
+
+    Besides the rendezvous, they name the signals torchrun passes on to its workers (SIGNALS) and
+    the time the workers get to checkpoint after one (SHUTDOWN_TIMEOUT).
+
+    Parameters
+    ----------
+    nnodes : int
+        Nodes in the run, at least 1.
+    nproc_per_node : int or str
+        Processes on each node, or torchrun's "gpu" (one per GPU the node sees).
+    rdzv_endpoint : str
+        HOST:PORT of the c10d rendezvous.
+    rdzv_id : str
+        The run's rendezvous id (the same on every node).
+
+    Returns
+    -------
+    list of str
+
+    Raises
+    ------
+    ValueError
+        ``nnodes`` below 1.
+    """
     if nnodes < 1:
         raise ValueError(f"nnodes must be >= 1, not {nnodes}")
     return [
@@ -61,7 +85,25 @@ def torchrun_args(
 def node_command(
     nnodes: int, nproc_per_node: int | str, rdzv_endpoint: str, rdzv_id: str, train_args: list[str]
 ) -> list[str]:
-    """The command each node runs: this module (torchrun) starting ``scllm.train train_args``."""
+    """The command each node runs: this module (torchrun) starting ``scllm.train train_args``.
+
+    Parameters
+    ----------
+    nnodes : int
+        Nodes in the run.
+    nproc_per_node : int or str
+        Processes on each node, or "gpu".
+    rdzv_endpoint : str
+        HOST:PORT of the c10d rendezvous.
+    rdzv_id : str
+        The run's rendezvous id.
+    train_args : list of str
+        The arguments of ``python -m scllm.train``.
+
+    Returns
+    -------
+    list of str
+    """
     return [
         sys.executable,
         "-m",
@@ -74,7 +116,22 @@ def node_command(
 
 
 def slurm_nodes(env=os.environ) -> list[str]:
-    """Host names of the SLURM job's nodes, in SLURM's order ([] outside a SLURM job)."""
+    """Host names of the SLURM job's nodes, in SLURM's order ([] outside a SLURM job).
+
+    Parameters
+    ----------
+    env : mapping, default os.environ
+        The environment to read SLURM_JOB_NODELIST (or SLURM_NODELIST) from.
+
+    Returns
+    -------
+    list of str
+
+    Raises
+    ------
+    InputError
+        ``scontrol show hostnames`` fails.
+    """
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         return []
@@ -94,12 +151,25 @@ def slurm_nodes(env=os.environ) -> list[str]:
 
 
 def srun_command(nnodes: int, command: list[str]) -> list[str]:
-    """``command`` once on each of the job's ``nnodes`` nodes: one task per node, which starts
-    that node's training processes. ``--overlap``: the rule's own job step may hold the CPUs of the
-    first node; ``--wait``: a node whose torchrun ended (an error) ends the others a while later
-    instead of leaving them waiting in a collective (a normal end or a preemption ends all nodes
-    within seconds: every process waits for the checkpoint); ``--label``: each line says which
-    node printed it."""
+    """``command`` once on each of the job's ``nnodes`` nodes: one task per node.
+
+    Each task starts that node's training processes. ``--overlap``: the rule's own job step may
+    hold the CPUs of the first node; ``--wait``: a node whose torchrun ended (an error) ends the
+    others a while later instead of leaving them waiting in a collective (a normal end or a
+    preemption ends all nodes within seconds: every process waits for the checkpoint);
+    ``--label``: each line says which node printed it.
+
+    Parameters
+    ----------
+    nnodes : int
+        The job's nodes to run on.
+    command : list of str
+        The command of each node (``node_command``).
+
+    Returns
+    -------
+    list of str
+    """
     return [
         "srun",
         "--overlap",
@@ -120,14 +190,37 @@ def launch_training(
     procs_per_node: int | str = 1,
     env: dict | None = None,
 ) -> int:
-    """Run ``scllm.train train_args`` in ``procs_per_node`` processes on this node (torchrun), or
-    on each of ``nodes`` nodes of the current SLURM job (srun starting torchrun on every node,
-    meeting at a c10d rendezvous on this node). Every line any process prints (every rank's log
-    lines, torchrun's messages, tracebacks) is appended to ``log_file`` and echoed to stderr.
+    """Run ``scllm.train train_args`` in several processes, on this node or on every job node.
 
-    SIGTERM and SIGUSR1 reaching this process are passed on, so the training checkpoints and stops
-    wherever the signal arrived. Returns the exit status: 0, 75 (PREEMPTED_EXIT_CODE: stopped by a
-    signal with a checkpoint written; rerun to resume) or another failure.
+    On one node torchrun starts ``procs_per_node`` processes here; on several, srun starts torchrun
+    on each of ``nodes`` nodes of the current SLURM job, meeting at a c10d rendezvous on this
+    node. Every line any process prints (every rank's log lines, torchrun's messages, tracebacks)
+    is appended to ``log_file`` and echoed to stderr. SIGTERM and SIGUSR1 reaching this process
+    are passed on, so the training checkpoints and stops wherever the signal arrived.
+
+    Parameters
+    ----------
+    train_args : list of str
+        The arguments of ``python -m scllm.train``.
+    log_file : str or Path
+        The log to append to.
+    nodes : int, default 1
+        Nodes to train on (more than 1 needs a SLURM job holding them).
+    procs_per_node : int or str, default 1
+        Processes on each node, or "gpu" (one per GPU the node sees).
+    env : dict or None, default None
+        The processes' environment; None: this process's.
+
+    Returns
+    -------
+    int
+        The exit status: 0, 75 (PREEMPTED_EXIT_CODE: stopped by a signal with a checkpoint
+        written; rerun to resume) or another failure.
+
+    Raises
+    ------
+    InputError
+        Several nodes asked for, but the SLURM job holds fewer (or there is none).
     """
     env = dict(os.environ if env is None else env)
     if nodes > 1:
@@ -176,8 +269,17 @@ def launch_training(
 
 @dataclass(frozen=True)
 class JobResources:
-    """What the pretrain job was given: nodes, GPUs in all over every node (``sbatch --gpus``)
-    and CPU threads (a single training process uses them all)."""
+    """What the pretrain job was given.
+
+    Attributes
+    ----------
+    nodes : int, default 1
+        Nodes.
+    gpus : int, default 0
+        GPUs in all, over every node (``sbatch --gpus``).
+    threads : int, default 1
+        CPU threads (a single training process uses them all).
+    """
 
     nodes: int = 1
     gpus: int = 0
@@ -185,10 +287,26 @@ class JobResources:
 
 
 def processes_per_node(resources: JobResources, visible_gpus: int, cuda: bool) -> int | str | None:
-    """How the job trains: None for one process here (on a CPU or one GPU); otherwise how many
-    processes torchrun starts on each node: on several nodes one per GPU the node sees ("gpu":
-    SLURM may spread --gpus unevenly over the nodes), on one node one per GPU of the job that this
-    process sees."""
+    """How the job trains: one process here, or how many processes torchrun starts on each node.
+
+    On several nodes one per GPU the node sees ("gpu": SLURM may spread --gpus unevenly over the
+    nodes; without CUDA, the job's GPUs divided by its nodes); on one node one per GPU of the job
+    that this process sees.
+
+    Parameters
+    ----------
+    resources : JobResources
+        What the job was given.
+    visible_gpus : int
+        GPUs this process sees.
+    cuda : bool
+        Whether CUDA is available.
+
+    Returns
+    -------
+    int or str or None
+        None for one process here (on a CPU or one GPU), else torchrun's ``--nproc-per-node``.
+    """
     n_gpus = min(resources.gpus, visible_gpus)
     if resources.nodes <= 1 and n_gpus <= 1:
         return None
@@ -200,11 +318,32 @@ def processes_per_node(resources: JobResources, visible_gpus: int, cuda: bool) -
 def pretrain_job(
     manifest, out_dir, params: dict, resources: JobResources, log_file, pythonpath=None
 ) -> int:
-    """Rule pretrain: train in this process, or launch one process per GPU (torchrun, through srun
-    on every node of a SLURM job with several nodes), the processes appending to ``log_file``.
-    ``params``: the ``model`` and ``train`` sections; ``pythonpath``: put first on the processes'
-    PYTHONPATH (the checkout's src/). Returns the exit status: 0, PREEMPTED_EXIT_CODE (stopped by a
-    signal with a checkpoint written: rerun to resume) or the processes' failure."""
+    """Rule pretrain: train in this process, or launch one process per GPU.
+
+    Several processes are started by torchrun (through srun on every node of a SLURM job with
+    several nodes), appending to ``log_file``.
+
+    Parameters
+    ----------
+    manifest : str or Path
+        The shards' manifest.json.
+    out_dir : str or Path
+        The run's folder.
+    params : dict
+        The ``model`` and ``train`` sections.
+    resources : JobResources
+        What the job was given.
+    log_file : str or Path
+        The rule's log.
+    pythonpath : str or None, default None
+        Put first on the processes' PYTHONPATH (the checkout's src/).
+
+    Returns
+    -------
+    int
+        The exit status: 0, PREEMPTED_EXIT_CODE (stopped by a signal with a checkpoint written:
+        rerun to resume) or the processes' failure.
+    """
     import torch
 
     out_dir = Path(out_dir)
@@ -247,14 +386,31 @@ def _train_here(manifest, out_dir: Path, params: dict, threads: int) -> int:
 
 
 def free_port() -> int:
-    """A TCP port free on this machine now (the OS picks it)."""
+    """A TCP port free on this machine now (the OS picks it).
+
+    Returns
+    -------
+    int
+    """
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """torchrun with the exit status above."""
+    """torchrun with this project's exit status (``python -m scllm.launch``).
+
+    Parameters
+    ----------
+    argv : list of str or None, default None
+        torchrun's arguments; None reads sys.argv.
+
+    Returns
+    -------
+    int
+        0; PREEMPTED_EXIT_CODE when the workers stopped on a signal with a checkpoint written (or
+        torchrun itself was signalled); 1 when a worker failed otherwise.
+    """
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun

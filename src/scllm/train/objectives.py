@@ -31,25 +31,74 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     """Mean squared error over the positions where ``mask`` is True (0 if there are none).
 
     Written with ``where`` rather than boolean indexing: indexing has a data-dependent size, so
-    on a GPU it makes the CPU wait for the device twice per step and stops it queueing work ahead.
+    on a GPU it makes the CPU wait for the device twice per step and stops it queueing work
+    ahead.
+
+    Parameters
+    ----------
+    pred, target : torch.Tensor
+        Predictions and targets, of one shape (compared in float32).
+    mask : torch.Tensor
+        bool, of that shape: the positions scored.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar.
     """
     squared = torch.where(mask, (pred.float() - target.float()).square(), 0.0)
     return squared.sum() / mask.sum().clamp(min=1)
 
 
 def ecs_loss(cell_emb: torch.Tensor, threshold: float) -> torch.Tensor:
-    """scGPT's elastic cell similarity: mean over the batch's cell pairs (the diagonal counted as
-    0, as in scGPT) of ``1 - (relu(cos) - threshold)^2``. Minimising it pushes positive cosine
-    similarities away from ``threshold``: similar cells closer together, others apart."""
+    """scGPT's elastic cell similarity over the batch's cell pairs.
+
+    The mean over the pairs (the diagonal counted as 0, as in scGPT) of
+    ``1 - (relu(cos) - threshold)^2``. Minimising it pushes positive cosine similarities away
+    from ``threshold``: similar cells closer together, others apart.
+
+    Parameters
+    ----------
+    cell_emb : torch.Tensor
+        Cell embeddings [B, d].
+    threshold : float
+        ``train.ecs_threshold``.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar.
+    """
     z = F.normalize(cell_emb.float(), p=2, dim=1)
     cos = (z @ z.T).masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), 0.0)
     return torch.mean(1 - (F.relu(cos) - threshold) ** 2)
 
 
 def contrastive_loss(cell_emb: torch.Tensor, n_views: int, temperature: float) -> torch.Tensor:
-    """InfoNCE (SimCLR's NT-Xent) between views of the same cells: rows ``i`` and ``i + k * B``
-    (B = rows / n_views) are views of one cell. Each row must pick out its other views among all
-    rows of the batch by cosine similarity / ``temperature``."""
+    """InfoNCE (SimCLR's NT-Xent) between views of the same cells.
+
+    Rows ``i`` and ``i + k * B`` (B = rows / n_views) are views of one cell. Each row must pick out
+    its other views among all rows of the batch by cosine similarity / ``temperature``.
+
+    Parameters
+    ----------
+    cell_emb : torch.Tensor
+        Embeddings [n_views * B, d], the views one after the other.
+    n_views : int
+        Views of each cell, at least 2.
+    temperature : float
+        Divides the cosine similarities.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 views, or rows not divisible by ``n_views``.
+    """
     n = len(cell_emb)
     if n_views < 2 or n % n_views:
         raise ValueError(
@@ -69,10 +118,31 @@ def contrastive_loss(cell_emb: torch.Tensor, n_views: int, temperature: float) -
 def variance_covariance_loss(
     cell_emb: torch.Tensor, target_std: float = 1.0, eps: float = 1e-4
 ) -> torch.Tensor:
-    """VICReg's anti-collapse terms (Bardes et al., 2022) over a batch of cell embeddings: the
-    mean hinge ``relu(target_std - std_j)`` of each dimension's standard deviation, plus the sum
-    of squared off-diagonal covariances divided by the dimension. Minimising it keeps every
-    dimension in use and decorrelates them, so the embedding cannot fold onto a few directions."""
+    """VICReg's anti-collapse terms (Bardes et al., 2022) over a batch of cell embeddings.
+
+    The mean hinge ``relu(target_std - std_j)`` of each dimension's standard deviation, plus the
+    sum of squared off-diagonal covariances divided by the dimension. Minimising it keeps every
+    dimension in use and decorrelates them, so the embedding cannot fold onto a few directions.
+
+    Parameters
+    ----------
+    cell_emb : torch.Tensor
+        Cell embeddings [B, d], B at least 2.
+    target_std : float, default 1.0
+        The standard deviation below which a dimension is penalised.
+    eps : float, default 1e-4
+        Added to the variance before its square root.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 rows.
+    """
     z = cell_emb.float()
     n, d = z.shape
     if n < 2:
@@ -93,10 +163,33 @@ def objective(
     views: int = 1,
     profile: tuple | None = None,
 ) -> list:
-    """[total loss, expression MSE, GEPC MSE, ECS loss, contrastive loss] of one training batch;
-    the total weighs each term by its ``*_weight`` setting (terms with weight 0 are not computed
-    and read 0). With ``views`` > 1 the batch holds that many masked views of its cells;
-    ``profile`` (gene ids, values) holds the whole cells behind the rows (default: the rows)."""
+    """The losses of one training batch and their weighted total.
+
+    The total weighs each term by its ``*_weight`` setting (terms with weight 0 are not computed
+    and read 0), plus ``vc_weight`` times ``variance_covariance_loss``.
+
+    Parameters
+    ----------
+    pred : dict of str to torch.Tensor
+        The model's output on the batch (``CellTransformer.forward``).
+    gene_ids, values : torch.Tensor
+        The batch's tokens [B, L], values unmasked (the targets).
+    mask : torch.Tensor
+        bool [B, L], True at the masked tokens.
+    cfg : TrainConfig
+        The loss weights and settings.
+    views : int, default 1
+        With more than 1, the batch holds that many masked views of its cells (for the
+        contrastive loss).
+    profile : tuple of torch.Tensor or None, default None
+        (gene ids, values) of the whole cells behind the rows, for ``gepc_profile_mse``; None: the
+        rows themselves.
+
+    Returns
+    -------
+    list of torch.Tensor
+        [total loss, expression MSE, GEPC MSE, ECS loss, contrastive loss], scalars.
+    """
     zero = torch.zeros((), device=values.device)
     expr = masked_mse(pred["expr_pred"], values, mask)
     if cfg.gepc_targets != "masked":
@@ -121,12 +214,29 @@ def objective(
 def gepc_profile_mse(
     all_genes_pred, gene_ids, values, mask, visible_too: bool = False, profile: tuple | None = None
 ) -> torch.Tensor:
-    """GEPC's MSE over each cell's vocabulary profile: every gene the cell does not express
-    (target 0) and every gene it expresses but the model did not see (masked, or left out of a
-    contrastive view: target its bin); the visible genes too with ``visible_too``.
+    """GEPC's MSE over each cell's vocabulary profile.
 
-    ``gene_ids``/``values``/``mask`` are the model's input rows; ``profile`` = (gene ids, values)
-    of the whole cells behind them (default: the rows themselves).
+    Scored: every gene the cell does not express (target 0) and every gene it expresses but the
+    model did not see (masked, or left out of a contrastive view: target its bin); the visible
+    genes too with ``visible_too``.
+
+    Parameters
+    ----------
+    all_genes_pred : torch.Tensor
+        The GEPC head on every vocabulary gene [B, n_genes] (``gepc_all_pred``).
+    gene_ids, values : torch.Tensor
+        The model's input rows [B, L].
+    mask : torch.Tensor
+        bool [B, L], True at the masked tokens.
+    visible_too : bool, default False
+        Score the visible genes as well (``train.gepc_targets: all``).
+    profile : tuple of torch.Tensor or None, default None
+        (gene ids, values) of the whole cells behind the rows; None: the rows themselves.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar.
     """
     n_genes = all_genes_pred.shape[1]
     vocab_size = n_genes + 2
@@ -145,13 +255,31 @@ def gepc_profile_mse(
 
 @torch.no_grad()
 def validation_loss(model, data: TrainingData, cfg: TrainConfig, env: Environment) -> dict:
-    """Masked MSE over the validation cells (``data.val_batches``, this process's share) with
-    fixed masks: batch i is masked at ratio ``mask_ratios[i % len(mask_ratios)]`` with a generator
-    seeded by (seed, i), so every epoch sees the same.
+    """Masked MSE over the validation cells with fixed masks, and a baseline.
 
-    Baseline: each cell's masked tokens predicted by the mean bin of its unmasked gene tokens
-    (what the model sees); a cell with none left visible falls back to the batch's visible mean.
-    All MSEs are token-weighted over every masked position of the split.
+    The cells are ``data.val_batches``, this process's share; the sums are reduced over the
+    processes. Batch i is masked at ratio ``mask_ratios[i % len(mask_ratios)]`` with a generator
+    seeded by (seed, i), so every epoch sees the same. Baseline: each cell's masked tokens
+    predicted by the mean bin of its unmasked gene tokens (what the model sees); a cell with none
+    left visible falls back to the batch's visible mean. All MSEs are token-weighted over every
+    masked position of the split. The model's train/eval mode is restored.
+
+    Parameters
+    ----------
+    model : CellTransformer
+        The model (not wrapped in DDP: every process scores its own share).
+    data : TrainingData
+        The run's data (validation cells and batches).
+    cfg : TrainConfig
+        The seed and mask ratios.
+    env : Environment
+        The process's device, autocast and world size.
+
+    Returns
+    -------
+    dict of str to float
+        ``val_loss`` (expression + GEPC MSE), ``val_expr_mse``, ``val_gepc_mse`` and
+        ``val_mean_bin_baseline_mse``.
     """
     device, ratios, pad_id = env.device, cfg.mask_ratios, model.cfg.pad_id
     was_training = model.training

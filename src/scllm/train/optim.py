@@ -17,8 +17,44 @@ from scllm.train.checkpoint import RunState, load_model, set_rng_state
 
 
 def model_and_optimizer(cfg, mcfg, data, env, ckpt, log, checkpoint_path):
-    """Model, optimizer, scheduler and run state: fresh (seeded, the same weights on every rank)
-    or as the checkpoint left them."""
+    """Model, optimizer, scheduler and run state: fresh, or as the checkpoint left them.
+
+    A fresh model is seeded (the same weights on every rank), from a parent's weights with
+    ``train.init_from``, or with PCA gene embeddings (``train.gene_emb_init: pca``). The optimizer
+    is AdamW (no decay on biases and LayerNorm gains), the schedule a linear warmup then a cosine
+    to 0. Afterwards the dropout RNG is seeded per rank.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The training settings.
+    mcfg : ModelConfig
+        The model's settings.
+    data : TrainingData
+        The run's data (manifest, training cells, total steps).
+    env : Environment
+        The process's rank and device.
+    ckpt : dict or None
+        The checkpoint to resume (``resume_point``); None for a fresh start.
+    log : logging.Logger
+        Where to log.
+    checkpoint_path : Path
+        The checkpoint's path, for the log line.
+
+    Returns
+    -------
+    model : CellTransformer
+        On ``env.device``, not wrapped (no compile, no DDP).
+    optimizer : torch.optim.AdamW
+    scheduler : torch.optim.lr_scheduler.LambdaLR
+    state : RunState
+
+    Raises
+    ------
+    InputError
+        ``train.init_from`` names a model of another shape or vocabulary, or PCA embeddings are
+        asked for on identical cells.
+    """
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     raw_model = CellTransformer(mcfg)
     if cfg.init_from and ckpt is None:  # continue a trained model: its weights, our optimizer
@@ -54,8 +90,27 @@ ADAPTABLE = ("dropout", "attn_dropout")
 
 
 def load_parent_weights(model: CellTransformer, parent_dir, shards_vocab_sha256: str, log):
-    """Start from a trained model's weights (train.init_from), refused unless the model and the
-    shards are the parent's shape and vocabulary."""
+    """Start from a trained model's weights (train.init_from).
+
+    Refused unless the model and the shards are the parent's shape and vocabulary; only the
+    settings in ADAPTABLE (dropout) may differ.
+
+    Parameters
+    ----------
+    model : CellTransformer
+        The fresh model, loaded in place.
+    parent_dir : str or Path
+        The parent model's folder.
+    shards_vocab_sha256 : str
+        The vocabulary of this run's shards.
+    log : logging.Logger
+        Where to log.
+
+    Raises
+    ------
+    InputError
+        Another vocabulary or another model shape.
+    """
     parent, _, args = load_model(parent_dir)
     if parent.vocab_sha256 != shards_vocab_sha256:
         raise InputError(
@@ -83,9 +138,30 @@ def load_parent_weights(model: CellTransformer, parent_dir, shards_vocab_sha256:
 def init_gene_embeddings_from_pca(
     model: CellTransformer, cells, seed: int, log=None, max_cells: int = 20_000
 ):
-    """Set the gene embeddings (rows 0..n_genes-1) to the genes' loadings on the top d_model
-    principal axes of the cells' binned profiles (a seeded sample of at most ``max_cells``),
-    weighted by each axis's singular value and scaled to the random init's std (0.02)."""
+    """Set the gene embeddings to the genes' loadings on the cells' top principal axes.
+
+    Rows 0..n_genes-1 get the loadings on the top d_model principal axes of the cells' binned
+    profiles (a seeded sample of at most ``max_cells``), weighted by each axis's singular value
+    and scaled to the random init's std (0.02).
+
+    Parameters
+    ----------
+    model : CellTransformer
+        The model, changed in place.
+    cells : ShardDataset or RaggedCells
+        The training cells (anything with ``len`` and ``cell(i)``).
+    seed : int
+        The run's seed (the sample derives its own from it).
+    log : logging.Logger or None, default None
+        Where to log the explained variance; None logs nothing.
+    max_cells : int, default 20_000
+        Cells sampled at the most.
+
+    Raises
+    ------
+    InputError
+        The cells have identical bins, so no principal axes.
+    """
     n_genes, d = model.cfg.vocab_size - 2, model.cfg.d_model
     rng = np.random.default_rng(derived_seed(seed, 4))
     rows = np.sort(rng.choice(len(cells), min(len(cells), max_cells), replace=False))
