@@ -74,7 +74,18 @@ def functions_of(code: str):
 # --- layers: imports go downward only ------------------------------------------------------------
 
 # The ground floor, shared by all; the three packages; the top (the public API and the commands).
-GROUND = {"errors", "config", "checks", "files", "h5ad", "tokens", "shards", "model"}
+GROUND = {
+    "errors",
+    "config",
+    "workflow_config",
+    "provenance",
+    "checks",
+    "files",
+    "h5ad",
+    "tokens",
+    "shards",
+    "model",
+}
 PACKAGES = ("prep", "train", "eval")
 TOP = {"__init__", "cli", "launch"}
 # What each layer may import. eval embeds with a trained model (train.checkpoint.load_model) but
@@ -95,6 +106,8 @@ WITHOUT_TORCH = (
     "eval/report.py",
     "eval/genes.py",
     "eval/qc_plots.py",
+    "workflow_config.py",  # the Snakefile imports it before any job
+    "provenance.py",
 )
 MAX_PARAMETERS = 8
 # A stage function whose keywords are its config/schema.yaml section (tests/test_config.py holds
