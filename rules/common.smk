@@ -199,7 +199,8 @@ if profile_placeholders():
 
 
 def multi_node_gaps():
-    """What set-resources: pretrain lacks for a job on several nodes (README, "Several nodes")."""
+    """What set-resources: pretrain lacks for a job on several nodes (docs/cluster.md, "Several
+    nodes")."""
     resources = workflow.resource_settings.overwrite_resources.get("pretrain") or {}
     raw = {name: str(getattr(r, "raw", r)).strip("'\"") for name, r in resources.items()}
     nodes = raw.get("nodes", "1")
@@ -221,7 +222,7 @@ if multi_node_gaps():
     raise WorkflowError(
         "pretrain asks for several nodes, but set-resources: pretrain: lacks\n  "
         + "\n  ".join(multi_node_gaps())
-        + "\nAdd them beside nodes: in the profile (README, 'Several nodes')."
+        + "\nAdd them beside nodes: in the profile (docs/cluster.md, 'Several nodes')."
     )
 
 

@@ -311,7 +311,8 @@ def test_an_unedited_profile_is_refused_naming_the_three_values(workflow_copy):
 
 def test_a_multi_node_pretrain_without_its_srun_settings_is_refused(workflow_copy):
     """Needs no cluster: nodes: 2 alone would run the rule in a one-node `srun -n1` step; the
-    workflow stops at parse time naming the three lines the README asks for, and runs with them."""
+    workflow stops at parse time naming the three lines docs/cluster.md asks for, and runs with
+    them."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
     workdir = workflow_copy
     edit_profile(workdir)
@@ -330,7 +331,8 @@ def test_a_multi_node_pretrain_without_its_srun_settings_is_refused(workflow_cop
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
-    for line in ('mpi: "srun"', "tasks: 2", "tasks_per_gpu: 0", "README, 'Several nodes'"):
+    asked = ('mpi: "srun"', "tasks: 2", "tasks_per_gpu: 0", "docs/cluster.md, 'Several nodes'")
+    for line in asked:
         assert line in output, output
     # the profile's commented lines, switched on
     path.write_text(

@@ -48,8 +48,8 @@ OPTIONAL_OBS = [
 ]
 EMBEDDED_DEFAULT_HINT = (
     "To try the pipeline without network access, run the embedded default: "
-    "`snakemake --cores 2` (config/demo.yaml), which reads a local Census-shaped store "
-    "built from the shipped PBMC 3k data."
+    "`snakemake --cores 2` (config/demo.yaml), which reads the shipped PBMC 3k h5ad "
+    "directly (census.source: h5ad)."
 )
 # TileDB read buffers per column. cellxgene_census opens with 1 GiB each (three columns for X:
 # most of sample_census' 2.2 GB on 300k cells); 128 MiB, which its docs give for small machines,

@@ -229,7 +229,7 @@ def launch_training(
             raise InputError(
                 f"training on {nodes} nodes needs a SLURM job holding them (this process sees "
                 f"{len(hosts) or 'no SLURM job with'} node(s)). Run it with the SLURM profile "
-                "(see README, 'Several nodes'), or set nodes: 1."
+                "(see docs/cluster.md, 'Several nodes'), or set nodes: 1."
             )
         # The rendezvous (a TCP store) lives in this node's torchrun; the other nodes connect to
         # it.
