@@ -6,7 +6,25 @@ __all__ = ["embed", "gene_embeddings", "load_model"]
 
 
 def __getattr__(name):
-    # Lazy: `import scllm` must not import torch.
+    """The package's functions, imported when first used: ``import scllm`` must not import
+    torch.
+
+    Parameters
+    ----------
+    name : str
+        The attribute asked for: ``embed``, ``gene_embeddings`` or ``load_model``.
+
+    Returns
+    -------
+    callable
+        ``scllm.eval.embed.embed``, ``scllm.eval.gene_embeddings.gene_embeddings`` or
+        ``scllm.train.checkpoint.load_model``.
+
+    Raises
+    ------
+    AttributeError
+        Any other name.
+    """
     if name == "embed":
         from scllm.eval.embed import embed
 

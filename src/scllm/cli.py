@@ -83,6 +83,28 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``scllm`` command (``build-census`` or ``embed``) as the command line does.
+
+    A refusal (the project's errors, and ValueError, RuntimeError or FileNotFoundError) is
+    printed to stderr as one line, ``scllm <command>: error: <message>``, never as a
+    traceback; any other error is a bug and propagates.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments after the program name; None: ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status: 0 when the command ran, 1 when it was refused.
+
+    Raises
+    ------
+    SystemExit
+        From argparse: status 2 for invalid arguments (with the usage), 0 after ``--help`` or
+        ``--version``.
+    """
     parser = argparse.ArgumentParser(prog="scllm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -11,6 +11,7 @@ No torch here: the command line imports this module without paying for torch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import TypeVar
 
 GEPC_TARGETS = ("masked", "masked+unexpressed", "all")
 CONTRASTIVE_VIEWS = ("genes", "thinned")
@@ -30,8 +31,64 @@ def _from_dict(cls, settings: dict | None, section: str):
     return cls(**(settings or {}))
 
 
+_Settings = TypeVar("_Settings", bound="_Section")
+
+
+class _Section:
+    """What the settings dataclasses of one config section share: ``from_dict``."""
+
+    SECTION = ""  # the section's name in the config, for messages
+
+    @classmethod
+    def from_dict(cls: type[_Settings], settings: dict | None) -> _Settings:
+        """The settings of the config section ``SECTION``, from its mapping.
+
+        Parameters
+        ----------
+        settings : dict or None
+            The section's keys and values; None or missing keys: the defaults.
+
+        Returns
+        -------
+        instance of the class
+            The settings, e.g. a ``TrainConfig`` from ``TrainConfig.from_dict``.
+
+        Raises
+        ------
+        ValueError
+            An unknown key (named, with the known ones), or a value the class refuses
+            (``TrainConfig`` checks ranges and choices).
+        """
+        return _from_dict(cls, settings, cls.SECTION)
+
+
 def settings_of(cls, cfg, keywords: dict, section: str):
-    """A function's settings: ``cfg`` (a ``cls``) or its keyword arguments, not both."""
+    """A function's settings: ``cfg`` (a ``cls``) or its keyword arguments, not both.
+
+    Parameters
+    ----------
+    cls : type
+        The settings dataclass, e.g. ``SamplingConfig``.
+    cfg : cls or None
+        The settings as one object; None: build them from ``keywords``.
+    keywords : dict
+        The settings as the function's keyword arguments (field names of ``cls``).
+    section : str
+        The config section they belong to, for messages (e.g. ``"census"``).
+
+    Returns
+    -------
+    cls
+        ``cfg`` when given, else ``cls(**keywords)`` (the defaults where ``keywords`` is empty).
+
+    Raises
+    ------
+    TypeError
+        Both ``cfg`` and keywords are given.
+    ValueError
+        A keyword that is no field of ``cls`` (a misspelt setting is named, never ignored), or
+        a value that ``cls`` refuses.
+    """
     if cfg is not None and keywords:
         raise TypeError(f"give the {section} settings as {cls.__name__} or as keywords, not both")
     return cfg if cfg is not None else _from_dict(cls, keywords, section)
@@ -39,7 +96,21 @@ def settings_of(cls, cfg, keywords: dict, section: str):
 
 def split_settings(settings: dict, *classes) -> list[dict]:
     """``settings`` shared out over the fields of ``classes`` (in that order: a key goes to the
-    first class that has it); keys no class has go last, for the caller to refuse."""
+    first class that has it); keys no class has go last, for the caller to refuse.
+
+    Parameters
+    ----------
+    settings : dict
+        Settings of several dataclasses in one mapping (e.g. a function's keyword arguments).
+    *classes : type
+        The settings dataclasses, in the order they claim keys.
+
+    Returns
+    -------
+    list of dict
+        One dict per class, in the order of ``classes``, then one of the keys no class has
+        (empty when every key was claimed).
+    """
     parts, rest = [], dict(settings)
     for cls in classes:
         names = {f.name for f in fields(cls)}
@@ -49,7 +120,7 @@ def split_settings(settings: dict, *classes) -> list[dict]:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """The ``train`` section: optimisation, objectives and how the run is operated.
 
     warmup_steps and checkpoint_every_steps are sized for the reference run (300k cells, batch 32:
@@ -111,9 +182,7 @@ class TrainConfig:
         "num_threads",
     )
 
-    @classmethod
-    def from_dict(cls, settings: dict | None) -> TrainConfig:
-        return _from_dict(cls, settings, "train")
+    SECTION = "train"
 
     def __post_init__(self):
         if self.gene_emb_init not in ("random", "pca"):
@@ -154,11 +223,18 @@ class TrainConfig:
         object.__setattr__(self, "mask_ratios", [float(r) for r in self.mask_ratios])
 
     def to_dict(self) -> dict:
+        """The settings as a plain dict, e.g. to record in a checkpoint.
+
+        Returns
+        -------
+        dict
+            Field name -> value; ``from_dict`` reads it back.
+        """
         return asdict(self)
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(_Section):
     """The ``census`` section's sampling: which cells (tissue_general, primary data, disease: None
     keeps every disease) and how many (whole samples at random while they fit under
     max_cells). The schema's default run sets disease: normal."""
@@ -171,13 +247,11 @@ class SamplingConfig:
     seed: int = 0
     chunk_size: int = CHUNK_SIZE  # cells read from the Census at a time
 
-    @classmethod
-    def from_dict(cls, settings: dict | None) -> SamplingConfig:
-        return _from_dict(cls, settings, "census")
+    SECTION = "census"
 
 
 @dataclass(frozen=True)
-class H5adConfig:
+class H5adConfig(_Section):
     """How your h5ad's cells become Census cells (``census.h5ad``, ``scllm build-census``): where
     each cell's dataset, donor and label come from, which genes and counts are read, and the
     Census values a store records where the file has no such obs column."""
@@ -205,13 +279,11 @@ class H5adConfig:
         "counts_layer",
     )
 
-    @classmethod
-    def from_dict(cls, settings: dict | None) -> H5adConfig:
-        return _from_dict(cls, settings, "census.h5ad")
+    SECTION = "census.h5ad"
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Section):
     """The ``evaluate`` section: how the cell embeddings are scored against the PCA baseline."""
 
     label_key: str = "cell_type"
@@ -223,11 +295,16 @@ class EvaluateConfig:
     n_pcs: int = 50
     seed: int = 0
 
-    @classmethod
-    def from_dict(cls, settings: dict | None) -> EvaluateConfig:
-        return _from_dict(cls, settings, "evaluate")
+    SECTION = "evaluate"
 
     def to_dict(self) -> dict:
+        """The settings as a plain dict.
+
+        Returns
+        -------
+        dict
+            Field name -> value; ``from_dict`` reads it back.
+        """
         return asdict(self)
 
 
@@ -284,7 +361,28 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, settings: dict | None, manifest: dict) -> ModelConfig:
         """The ``model`` section for the shards of ``manifest``, which set the vocabulary and the
-        token values (DATA_MODEL_KEYS); unknown settings are named."""
+        token values (DATA_MODEL_KEYS); unknown settings are named.
+
+        Parameters
+        ----------
+        settings : dict or None
+            The ``model`` section's keys and values; None or missing keys: the defaults. A key
+            of DATA_MODEL_KEYS may be given only with the value the shards set.
+        manifest : dict
+            The shards' manifest: ``vocab_size``, ``n_bins`` and ``pad_id`` (``mask_value`` and
+            ``pad_value`` default to -1 and -2).
+
+        Returns
+        -------
+        ModelConfig
+
+        Raises
+        ------
+        ValueError
+            An unknown key (named, with the known ones), a key of DATA_MODEL_KEYS that
+            disagrees with the shards, or a value the model cannot take (e.g. ``d_model`` not
+            divisible by ``n_heads``).
+        """
         model_cfg = dict(settings or {})
         known = {f.name for f in fields(cls)} - set(DATA_MODEL_KEYS)
         unknown = set(model_cfg) - known - set(DATA_MODEL_KEYS)

@@ -37,13 +37,23 @@ class GeneMapping:
 
     @property
     def n_found(self) -> int:
+        """How many vocabulary genes were found in the input."""
         return len(self.token_ids)
 
     @property
     def coverage(self) -> float:
+        """The share of the vocabulary genes found in the input (0 to 1)."""
         return self.n_found / max(self.n_vocab, 1)
 
     def describe(self) -> str:
+        """The mapping in words, for logs and messages.
+
+        Returns
+        -------
+        str
+            E.g. ``"1800 of 2000 vocabulary genes (90.0%), matched by Ensembl ids in
+            var['gene_ids']"``.
+        """
         return (
             f"{self.n_found} of {self.n_vocab} vocabulary genes ({self.coverage:.1%}), "
             f"matched by {self.source}"
@@ -51,7 +61,28 @@ class GeneMapping:
 
 
 def model_genes(model_dir, vocab: dict[str, int]) -> pd.DataFrame:
-    """The vocabulary genes (feature_id, feature_name, token_id) in token order."""
+    """The vocabulary genes (feature_id, feature_name, token_id) in token order.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        The model folder; its ``genes.tsv``, if there is one, gives the symbols.
+    vocab : dict of str to int
+        The model's vocabulary (``vocab.json``): Ensembl id -> token id; the special tokens
+        (``<cls>``, ``<pad>``) are left out.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per vocabulary gene, in token order: ``feature_id``, ``feature_name`` (NA for
+        every gene when the folder has no ``genes.tsv``) and ``token_id``.
+
+    Raises
+    ------
+    ValueError
+        ``genes.tsv`` does not list the vocabulary's genes in token order (the folder mixes
+        files of different runs).
+    """
     path = Path(model_dir) / "genes.tsv"
     ids = [g for g, i in sorted(vocab.items(), key=lambda kv: kv[1]) if not g.startswith("<")]
     if path.exists():
@@ -90,6 +121,27 @@ def map_genes(
     values against ``feature_name`` (symbols shared by several vocabulary genes are skipped),
     and keeps the candidate that finds the most vocabulary genes. Duplicate input genes: the
     first column counts.
+
+    Parameters
+    ----------
+    var : pandas.DataFrame
+        The input's genes: var_names as the index, and any var columns.
+    genes : pandas.DataFrame
+        The vocabulary genes, as ``model_genes`` returns them.
+    gene_id_column : str, optional
+        The one var column to match on (``"index"`` or ``"var_names"``: var_names); None: try
+        var_names and every text column.
+
+    Returns
+    -------
+    GeneMapping
+        The best candidate's match, however few genes it found (``checked_mapping`` refuses a
+        low coverage).
+
+    Raises
+    ------
+    ValueError
+        ``gene_id_column`` is not a column of ``var``.
     """
     if (
         gene_id_column is not None
@@ -163,7 +215,38 @@ def checked_mapping(
     min_coverage: float,
 ) -> GeneMapping:
     """``map_genes``, refused (GeneCoverageError) below ``min_coverage`` with what to do about
-    it."""
+    it.
+
+    Logs the coverage, and warns when vocabulary genes match several input columns or when
+    more than a tenth of them is missing (they read as not expressed).
+
+    Parameters
+    ----------
+    var, genes : pandas.DataFrame
+        The input's genes and the vocabulary genes, as ``map_genes`` takes them.
+    gene_id_column : str or None
+        As in ``map_genes``.
+    where : str
+        The input, for messages (e.g. its path).
+    n_cells : int
+        The input's cells, for the log.
+    model_dir : str or Path
+        The model folder, whose ``genes.tsv`` the refusal points to.
+    min_coverage : float
+        The smallest share of vocabulary genes that must be found.
+
+    Returns
+    -------
+    GeneMapping
+        The mapping, with a coverage of at least ``min_coverage``.
+
+    Raises
+    ------
+    GeneCoverageError
+        The coverage is below ``min_coverage``; the message says how to identify the genes.
+    ValueError
+        ``gene_id_column`` is not a column of ``var``.
+    """
     mapping = map_genes(var, genes, gene_id_column)
     if mapping.n_duplicated:
         log.warning(

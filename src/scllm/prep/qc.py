@@ -137,6 +137,16 @@ def filter_qc(
     -------
     pandas.DataFrame
         The QC table, as written to ``out_table``.
+
+    Raises
+    ------
+    InputError
+        ``max_mito_fraction`` is not a fraction in (0, 1] or None; X does not hold raw counts;
+        or, while ``max_mito_fraction`` is set, no mitochondrial gene can be found (no symbols,
+        no MT- symbol) or every one of them is dropped by ``min_gene_counts``.
+    ValueError
+        ``in_h5ad`` cannot be opened or has no ``obs["sample"]``, or a threshold keeps no gene
+        or no cell (the message names the one to relax).
     """
     t0 = time.time()
     settings = QCSettings(min_gene_counts, min_genes_per_cell, max_mito_fraction)
@@ -187,6 +197,12 @@ def mito_genes(var: pd.DataFrame, where, max_mito_fraction: float | None = None)
     numpy.ndarray or None
         A boolean mask over the genes, or None when the fraction cannot be computed (no symbol
         column, or no MT- gene) and the filter is off.
+
+    Raises
+    ------
+    InputError
+        ``max_mito_fraction`` is set but ``var`` has no ``feature_name`` column, or none of its
+        symbols starts with ``MT-``.
     """
     off = "set qc.max_mito_fraction: null to switch the mitochondrial filter off"
     if SYMBOL_COLUMN not in var.columns:
