@@ -75,6 +75,9 @@ WITHOUT_TORCH = (
     "eval/metrics.py",
     "eval/report.py",
     "eval/genes.py",
+    "eval/scib.py",
+    "eval/provenance.py",
+    "train/loss_curve.py",  # the loss curves, drawn without the training stack
 )
 MAX_PARAMETERS = 8
 # A stage function whose keywords are its config/schema.yaml section (tests/test_config.py holds
