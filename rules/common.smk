@@ -247,4 +247,5 @@ def heldout_report_inputs(wildcards):
     return {
         "heldout_metrics": rules.evaluate_heldout.output.table,
         "heldout_umap": rules.evaluate_heldout.output.umap_cell_type,
+        "heldout_per_cell_type": rules.evaluate_heldout.output.per_cell_type,
     }

@@ -52,8 +52,9 @@ if PARENT:
 
 
 rule evaluate:
-    """kNN accuracy/macro-F1, Leiden ARI/NMI and silhouettes of the embeddings and of a PCA
-    baseline on the labelled cells; masked-value error of the best model; UMAPs."""
+    """kNN accuracy/macro-F1, Leiden ARI/NMI, silhouettes and scIB metrics of the embeddings and
+    of a PCA baseline on the labelled cells, the kNN F1 per cell type and the confusion counts;
+    masked-value error of the best model; UMAPs."""
     input:
         unpack(zero_shot_inputs),
         embeddings=rules.embed.output.h5ad,
@@ -86,6 +87,13 @@ rule evaluate:
             category="Evaluation",
             labels={"figure": "UMAP by sample"},
         ),
+        per_cell_type=report(
+            f"{RESULTS}/evaluation/per_cell_type.tsv",
+            caption="../workflow/report/per_cell_type.rst",
+            category="Evaluation",
+            labels={"figure": "kNN F1 per cell type (TSV)"},
+        ),
+        confusion=f"{RESULTS}/evaluation/confusion.tsv",
     log:
         f"{LOGS}/evaluate.log",
     benchmark:
@@ -147,6 +155,8 @@ if config["heldout"]["path"]:
                 category="Evaluation",
                 labels={"figure": "held-out UMAP by cell type"},
             ),
+            per_cell_type=f"{RESULTS}/evaluation/heldout/per_cell_type.tsv",
+            confusion=f"{RESULTS}/evaluation/heldout/confusion.tsv",
         log:
             f"{LOGS}/evaluate_heldout.log",
         benchmark:
@@ -165,8 +175,12 @@ if config["heldout"]["path"]:
 
 
 rule report:
-    """One self-contained page: samples, QC, HVGs, pretraining, metrics and UMAPs, with captions;
-    with heldout.path, the scores on cells the model never saw."""
+    """One self-contained page: samples, QC, HVGs, pretraining, metrics, F1 per cell type and
+    confusion, UMAPs and how the run was made, with captions; with heldout.path, the scores on
+    cells the model never saw."""
+
+    # QC figure: once filter_qc writes a per-cell QC table, name it here as qc_cells (e.g.
+    # qc_cells=rules.filter_qc.output.cells_table) and the report draws it (scripts/report.py).
     input:
         unpack(heldout_report_inputs),
         samples=rules.sample_census.output.samples,
@@ -177,6 +191,9 @@ rule report:
         metrics=rules.evaluate.output.table,
         umap_cell_type=rules.evaluate.output.umap_cell_type,
         umap_sample=rules.evaluate.output.umap_sample,
+        per_cell_type=rules.evaluate.output.per_cell_type,
+        confusion=rules.evaluate.output.confusion,
+        run_record=f"{RESULTS}/run.json",  # config, commit, versions: written by its own rule
     output:
         html=f"{RESULTS}/report.html",
     log:

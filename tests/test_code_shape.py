@@ -108,6 +108,9 @@ WITHOUT_TORCH = (
     "eval/qc_plots.py",
     "workflow_config.py",  # the Snakefile imports it before any job
     "provenance.py",
+    "eval/scib.py",
+    "eval/provenance.py",
+    "train/loss_curve.py",  # the loss curves, drawn without the training stack
 )
 MAX_PARAMETERS = 8
 # A stage function whose keywords are its config/schema.yaml section (tests/test_config.py holds

@@ -220,6 +220,8 @@ def test_evaluate_writes_table_and_umaps(tmp_path):
         out / "metrics.html",
         out / "umap_cell_type.png",
         out / "umap_sample.png",
+        out / "per_cell_type.tsv",
+        out / "confusion.tsv",
         args_json=tmp_path / "args.json",
         n_pcs=10,
         leiden_resolutions=[0.2, 0.5],
@@ -237,6 +239,10 @@ def test_evaluate_writes_table_and_umaps(tmp_path):
         "leiden_nmi",
         "silhouette_label",
         "silhouette_sample",
+        "scib_silhouette_label",
+        "scib_graph_connectivity",
+        "scib_silhouette_batch",
+        "scib_ilisi",
         "masked_mse_expression",
         "masked_mse_gepc",
     ]
@@ -250,7 +256,33 @@ def test_evaluate_writes_table_and_umaps(tmp_path):
     assert metrics.loc["masked_mse_expression", "baseline"] == 210.0
     assert metrics.loc["masked_mse_expression", "cells"] == "7 (validation)"
     assert "PCA-10" in metrics.loc["knn_accuracy_cv", "baseline_method"]
-    assert len(table) == 10
+    assert len(table) == 14
+    # two samples: the scIB batch metrics are measured, and on the scaled [0, 1] range
+    scib_rows = metrics.loc[metrics.index.str.startswith("scib_"), ["scllm", "baseline"]]
+    assert ((scib_rows >= 0) & (scib_rows <= 1)).all().all()
+    assert metrics.loc["scib_silhouette_label", "scllm"] == pytest.approx(
+        (metrics.loc["silhouette_label", "scllm"] + 1) / 2, abs=1e-5
+    )
+    # per cell type: one row per scored type, each method's F1 averages to its macro-F1
+    per_type = pd.read_csv(out / "per_cell_type.tsv", sep="\t")
+    baseline = metrics.loc["knn_accuracy_cv", "baseline_method"]
+    assert list(per_type.columns) == ["cell_type", "n_cells", "scllm", baseline]
+    assert sorted(per_type["cell_type"]) == ["type0", "type1", "type2"]
+    assert sorted(per_type["n_cells"]) == [49, 50, 50]  # c0 (type0) has no label
+    for column, side in (("scllm", "scllm"), (baseline, "baseline")):
+        assert per_type[column].mean() == pytest.approx(
+            metrics.loc["knn_macro_f1_cv", side], abs=1e-5
+        )
+    # the confusion counts: every (true, predicted) pair per method, adding up to the cells
+    confusion = pd.read_csv(out / "confusion.tsv", sep="\t")
+    assert list(confusion.columns) == ["method", "cell_type", "predicted", "n_cells"]
+    assert confusion.groupby("method", sort=False)["n_cells"].sum().to_dict() == {
+        "scllm": 149,
+        baseline: 149,
+    }
+    right = confusion[confusion["cell_type"] == confusion["predicted"]]
+    assert right.groupby("method")["n_cells"].sum()["scllm"] == 149  # kNN accuracy 1.0
+    assert len(confusion) == 2 * 3 * 3
     assert "<table" in (out / "metrics.html").read_text()
     for png in ("umap_cell_type.png", "umap_sample.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -285,6 +317,8 @@ def test_heldout_evaluation_embeds_new_cells_and_fits_pca_on_them(tmp_path):
         out / "metrics.tsv",
         out / "metrics.html",
         out / "umap.png",
+        out / "per_cell_type.tsv",
+        out / "confusion.tsv",
         label_key="cell_type",
         device="cpu",
         n_pcs=5,
@@ -321,6 +355,12 @@ def test_heldout_evaluation_embeds_new_cells_and_fits_pca_on_them(tmp_path):
     expected = np.log1p(1e4 * counts[rows_kept, :30] / counts[rows_kept].sum(1, keepdims=True))
     np.testing.assert_allclose(matrix.toarray(), expected, rtol=1e-5)
     assert (out / "umap.png").stat().st_size > 0 and (out / "metrics.html").exists()
+    # the F1 per cell type of the model and of both baselines
+    per_type = pd.read_csv(out / "per_cell_type.tsv", sep="\t").set_index("cell_type")
+    assert list(per_type.columns) == ["n_cells", "scllm", fitted, projected]
+    assert per_type["n_cells"].sum() == labelled.sum() and (per_type[projected] == 1.0).all()
+    methods = pd.read_csv(out / "confusion.tsv", sep="\t")["method"].unique().tolist()
+    assert methods == ["scllm", fitted, projected]
 
 
 def _vocab_columns(h5ad):

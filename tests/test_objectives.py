@@ -53,6 +53,15 @@ def test_each_objective_trains_and_is_logged(shards, tmp_path, settings, column)
         other = {"ecs_loss": "contrastive_loss", "contrastive_loss": "ecs_loss"}[column]
         assert metrics[other].isna().all()
     assert (metrics["cells_per_s"] > 0).all()
+    # epochs.tsv: the objective and its terms; the objective is their weighted sum (ECS is not
+    # recorded per epoch)
+    epochs = pd.read_csv(tmp_path / "epochs.tsv", sep="\t")
+    contrastive = settings.get("contrastive_weight", 0.0)
+    assert epochs["train_contrastive"].notna().all() == bool(contrastive)
+    if column != "ecs_loss":
+        terms = epochs["train_expr_mse"] + epochs["train_gepc_mse"]
+        terms += contrastive * epochs["train_contrastive"].fillna(0.0)
+        np.testing.assert_allclose(epochs["train_loss"], terms, rtol=1e-5)
 
 
 def test_defaults_log_neither_extra_objective(shards, tmp_path):

@@ -1,17 +1,27 @@
 """The run's report: metrics with the better side marked and n/a rows left out, every section
-with its caption, the sample UMAP only with more than one sample."""
+with its caption, the sample UMAP only with more than one sample; the F1 per cell type, the
+confusions, how the run was made, and loss curves that label each quantity as what it is."""
 
 from __future__ import annotations
 
 import base64
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from scllm.eval.report import TABLE_COLUMNS, metrics_html, winner, write_report, write_table
+from scllm.eval.report import (
+    TABLE_COLUMNS,
+    ReportInputs,
+    metrics_html,
+    winner,
+    write_report,
+    write_table,
+)
 
 
 @pytest.mark.parametrize(
@@ -22,6 +32,10 @@ from scllm.eval.report import TABLE_COLUMNS, metrics_html, winner, write_report,
         ("masked_mse_expression", 138.7, 217.5, "scllm"),
         ("silhouette_sample", -0.02, 0.10, "scllm"),
         ("silhouette_label", 0.3, 0.3002, "tie"),
+        ("scib_silhouette_label", 0.64, 0.59, "scllm"),
+        ("scib_graph_connectivity", 0.90, 0.96, "baseline"),
+        ("scib_silhouette_batch", 0.91, 0.85, "scllm"),
+        ("scib_ilisi", 0.2, 0.3, "baseline"),
         ("knn_accuracy_cv", np.nan, 0.9, None),
         ("something_else", 1.0, 2.0, None),
     ],
@@ -122,7 +136,7 @@ def run_files(tmp_path, n_samples: int) -> dict:
 @pytest.mark.parametrize("n_samples", [1, 2])
 def test_report_holds_every_section_with_a_caption_and_embeds_its_images(tmp_path, n_samples):
     files = run_files(tmp_path, n_samples)
-    sections = write_report(tmp_path / "report.html", run="trial", **files)
+    sections = write_report(tmp_path / "report.html", ReportInputs(**files), run="trial")
     page = (tmp_path / "report.html").read_text()
     expected = [
         "Samples",
@@ -175,7 +189,7 @@ def heldout_files(tmp_path) -> dict:
 
 def test_report_shows_the_heldout_cells_against_both_baselines(tmp_path):
     files = {**run_files(tmp_path, 1), **heldout_files(tmp_path)}
-    sections = write_report(tmp_path / "report.html", run="trial", **files)
+    sections = write_report(tmp_path / "report.html", ReportInputs(**files), run="trial")
     assert sections[-1] == "Cells the model never saw"
     page = (tmp_path / "report.html").read_text()
     held = page[page.index("<h2>Cells the model never saw</h2>") :]
@@ -210,7 +224,7 @@ def test_metrics_caption_says_what_the_continued_models_baselines_are(tmp_path):
         columns=TABLE_COLUMNS,
     )
     pd.concat([metrics_table(), extra]).to_csv(files["metrics_tsv"], sep="\t", index=False)
-    write_report(tmp_path / "report.html", run="trial", **files)
+    write_report(tmp_path / "report.html", ReportInputs(**files), run="trial")
     page = (tmp_path / "report.html").read_text()
     metrics = page[page.index("<h2>Cell embedding vs PCA</h2>") :]
     caption = re.search(r"<p class='caption'>(.+?)</p>", metrics).group(1)
@@ -221,3 +235,266 @@ def test_metrics_caption_says_what_the_continued_models_baselines_are(tmp_path):
     assert "baseline: PCA-50 of the continued model&#x27;s training cells" in metrics
     assert "<i>PCA of the continued model's training cells, projected</i>: a linear map" in caption
     assert "baseline: the continued model, zero-shot" in metrics
+
+
+# --- cell types: F1 per type and the confusions ------------------------------------------------
+
+BASELINE = "PCA-50 of log-normalized HVGs"
+
+
+def cell_type_files(tmp_path) -> dict:
+    """evaluate's per_cell_type.tsv and confusion.tsv for three types, the model and two
+    baselines ("other" is worse than BASELINE)."""
+    pd.DataFrame(
+        {
+            "cell_type": ["T", "B", "NK"],
+            "n_cells": [6, 3, 2],
+            "scllm": [0.9, 0.5, 0.75],
+            BASELINE: [0.8, 0.6, 0.75],
+            "other": [0.1, 0.2, 0.3],
+        }
+    ).to_csv(tmp_path / "per_cell_type.tsv", sep="\t", index=False)
+    squares = {
+        # true x predicted, types T, B, NK
+        "scllm": [[5, 1, 0], [1, 2, 0], [0, 0, 2]],
+        BASELINE: [[6, 0, 0], [0, 3, 0], [0, 0, 2]],
+        "other": [[2, 2, 2], [1, 1, 1], [1, 1, 0]],
+    }
+    types = ["T", "B", "NK"]
+    rows = [
+        (method, true, predicted, square[i][j])
+        for method, square in squares.items()
+        for i, true in enumerate(types)
+        for j, predicted in enumerate(types)
+    ]
+    pd.DataFrame(rows, columns=["method", "cell_type", "predicted", "n_cells"]).to_csv(
+        tmp_path / "confusion.tsv", sep="\t", index=False
+    )
+    return dict(
+        per_cell_type_tsv=tmp_path / "per_cell_type.tsv", confusion_tsv=tmp_path / "confusion.tsv"
+    )
+
+
+def section_of(page: str, title: str) -> str:
+    start = page.index(f"<h2>{title}</h2>")
+    end = page.find("<h2>", start + 1)
+    return page[start : end if end > 0 else None]
+
+
+def test_report_shows_the_f1_of_each_cell_type_best_per_row_in_bold(tmp_path):
+    files = {**run_files(tmp_path, 1), **cell_type_files(tmp_path)}
+    sections = write_report(tmp_path / "report.html", ReportInputs(**files), run="trial")
+    assert sections[4:7] == [
+        "Cell embedding vs PCA",
+        "F1 per cell type",
+        "Which cell types are confused",
+    ]
+    table = section_of((tmp_path / "report.html").read_text(), "F1 per cell type")
+    assert "higher is better" in table and "knn_macro_f1_cv" in table
+    assert f"<th>cell type</th><th>cells</th><th>scLLM</th><th>{BASELINE}</th><th>other</th>" in (
+        table
+    )
+    rows = dict(re.findall(r"<tr><td>(.*?)</td>(.*?)</tr>", table))
+    assert rows["T"] == "<td>6</td><td class='win'>0.900</td><td>0.800</td><td>0.100</td>"
+    assert rows["B"] == "<td>3</td><td>0.500</td><td class='win'>0.600</td><td>0.200</td>"
+    # a tie: both bold
+    assert (
+        rows["NK"]
+        == "<td>2</td><td class='win'>0.750</td><td class='win'>0.750</td><td>0.300</td>"
+    )
+    # the last row: the means, which are the macro-F1s; 11 cells in all
+    mean = rows["<i>mean over types = macro-F1</i>"]
+    assert mean == "<td>11</td><td class='win'>0.717</td><td class='win'>0.717</td><td>0.200</td>"
+
+
+def test_report_shows_the_confusions_of_the_model_and_of_the_best_baseline(tmp_path):
+    files = {**run_files(tmp_path, 1), **cell_type_files(tmp_path)}
+    write_report(tmp_path / "report.html", ReportInputs(**files), run="trial")
+    section = section_of((tmp_path / "report.html").read_text(), "Which cell types are confused")
+    # the model and the baseline with the best macro-F1 (the perfect one), not "other"
+    titles = re.findall(r"<h3>(.*?)</h3>", section)
+    assert titles == ["scLLM (macro-F1 0.833)", f"{BASELINE} (macro-F1 1.000)"]  # by hand below
+    assert "other" not in section.split("</p>", 1)[1]
+    model = section[section.index("<h3>scLLM") : section.index(f"<h3>{BASELINE}")]
+    # rows: true types, most cells first, numbered; columns by number; zeros blank
+    first, second, third = re.findall(r"<tr><th>(\d\. .*?)</th>(.*?)</tr>", model)
+    assert first[0] == "1. T (6)" and second[0] == "2. B (3)" and third[0] == "3. NK (2)"
+    assert re.findall(r">(\d*)</td>", first[1]) == ["5", "1", ""]
+    assert "outline" in re.findall(r"<td[^>]*>", first[1])[0]  # the diagonal: correct ones
+    assert "outline" not in re.findall(r"<td[^>]*>", first[1])[1]
+    assert "rows are the cells' true types" in section and "fewer is better" in section
+
+
+def test_f1_of_a_confusion_table_by_hand():
+    from scllm.eval.metrics import f1_from_counts
+
+    # T: 5 right of 6, 6 predicted T -> F1 2*5/(6+6); B: 2 of 3, 3 predicted -> 4/6; NK: 1
+    square = pd.DataFrame([[5, 1, 0], [1, 2, 0], [0, 0, 2]], index=["T", "B", "NK"])
+    assert f1_from_counts(square).to_dict() == pytest.approx({"T": 10 / 12, "B": 4 / 6, "NK": 1})
+
+
+# --- how the run was made ------------------------------------------------------------------------
+
+
+def run_record(tmp_path, benchmarks: dict) -> Path:
+    record = {
+        "run": "trial",
+        "config": {"run": "trial", "train": {"contrastive_weight": 10.0, "gepc_weight": 1.0}},
+        "commit": "0123456789abcdef0123456789abcdef01234567",
+        "dirty": True,
+        "versions": {"torch": "2.13.0", "scanpy": "1.11.5"},
+        "python": "3.11.7",
+        "data": {"filtered": "results/trial"},
+        "benchmarks": {rule: str(path) for rule, path in benchmarks.items()},
+    }
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    return tmp_path / "run.json"
+
+
+def test_report_says_how_the_run_was_made_and_a_missing_benchmark_is_not_run(tmp_path):
+    (tmp_path / "pretrain.tsv").write_text(
+        "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+        "3725.51\t1:02:05\t8123.40\t9000\t8000\t8100\t1\t2\t99\t3700\n"
+    )
+    (tmp_path / "split.tsv").write_text("s\th:m:s\tmax_rss\n0.42\t0:00:00\tNA\n")
+    record = run_record(
+        tmp_path,
+        {
+            "pretrain": tmp_path / "pretrain.tsv",
+            "split": tmp_path / "split.tsv",
+            "evaluate": tmp_path / "missing" / "evaluate.tsv",
+        },
+    )
+    files = {**run_files(tmp_path, 1), "run_record_json": record}
+    sections = write_report(tmp_path / "report.html", ReportInputs(**files), run="trial")
+    assert sections[-1] == "How this run was made"
+    section = section_of((tmp_path / "report.html").read_text(), "How this run was made")
+    assert "0123456789abcdef0123456789abcdef01234567</code> (with uncommitted changes)" in section
+    assert "Python 3.11.7" in section
+    rows = dict(re.findall(r"<tr><td>(\w+)</td>(.*?)</tr>", section))
+    assert rows["pretrain"] == "<td>3,725.5</td><td>1:02:06</td><td>8,123</td>"
+    assert rows["split"] == "<td>0.4</td><td>0:00:00</td><td>n/a</td>"  # too short to sample
+    assert rows["evaluate"] == "<td colspan='3'>not run</td>"
+    assert "<td>torch</td><td>2.13.0</td>" in section
+    assert "<summary>Resolved configuration (YAML)</summary><pre>run: trial\ntrain:\n" in section
+    assert "  contrastive_weight: 10.0\n" in section
+    # the pretraining caption states the run's own weights
+    page = (tmp_path / "report.html").read_text()
+    assert "masked expression MSE + 1 x GEPC MSE + 10 x contrastive InfoNCE" in page
+
+
+def test_a_run_record_without_its_fields_is_refused_with_the_fix(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"run": "trial", "config": {}}))
+    files = {**run_files(tmp_path, 1), "run_record_json": tmp_path / "run.json"}
+    with pytest.raises(ValueError, match=r"lacks commit, dirty, .*--forcerun"):
+        write_report(tmp_path / "report.html", ReportInputs(**files), run="trial")
+
+
+# --- pretraining: loss curves, the epochs table folded away, the QC figure ---------------------
+
+
+DEMO_TRAIN = {"gepc_weight": 1.0, "gepc_targets": "all", "contrastive_weight": 10.0}
+
+
+def loss_rows() -> tuple[list[dict], list[dict]]:
+    metrics = [
+        dict(step=s, train_loss=300 - s, expr_mse=200 - s, gepc_mse=60, contrastive_loss=2.0)
+        for s in (10, 20, 30, 40)
+    ]
+    epochs = [
+        dict(epoch=e, step=20 * e, train_loss=280 - 20 * e, val_loss=500 - e, val_expr_mse=150,
+             val_gepc_mse=350 - e, val_mean_bin_baseline_mse=217, train_expr_mse=180,
+             train_gepc_mse=60, train_contrastive=2.0)
+        for e in (1, 2)
+    ]  # fmt: skip
+    return metrics, epochs
+
+
+def test_loss_curves_put_each_quantity_on_its_own_axis_labelled_as_what_it_is():
+    from scllm.train.loss_curve import loss_figure
+
+    fig = loss_figure(*loss_rows(), DEMO_TRAIN)
+    axes = [ax for ax in fig.axes if ax.axison]
+    titles = [ax.get_title() for ax in axes]
+    assert titles == [
+        "Training objective",
+        "Training: expression head, masked MSE",
+        "Training: GEPC head MSE\n(whole vocabulary profile, mostly zeros)",
+        "Training: contrastive InfoNCE (two views)",
+        "Validation: masked-token MSE (fixed masks)",
+    ]
+    assert [ax.get_ylabel() for ax in axes] == [
+        "objective (weighted sum)",
+        "MSE (bins²)",
+        "MSE (bins²)",
+        "InfoNCE (nats)",
+        "MSE (bins²)",
+    ]
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in axes]
+    # the objective names every term and weight; the train and validation quantities never
+    # share an axis
+    assert legends[0] == ["expression MSE + 1 x GEPC MSE + 10 x InfoNCE", "epoch mean"]
+    assert legends[4][0] == "expression head" and legends[4][2].startswith("baseline")
+    assert "predicts them low" in legends[4][1]  # GEPC trained on the whole profile
+    assert legends[4][3] == "best epoch (best_model.pt)"
+    # without the contrastive term, no panel for it; scGPT's masked GEPC needs no warning
+    fig = loss_figure(*loss_rows(), {"gepc_targets": "masked"})
+    titles = [ax.get_title() for ax in fig.axes if ax.axison]
+    assert "Training: contrastive InfoNCE (two views)" not in titles
+    assert titles[2] == "Training: GEPC head MSE\n(masked tokens)"
+    validation = [ax for ax in fig.axes if ax.get_title().startswith("Validation")][0]
+    assert [t.get_text() for t in validation.get_legend().get_texts()][1] == (
+        "GEPC head (cell embedding)"
+    )
+
+
+def test_report_explains_the_loss_curves_and_folds_the_epochs_table_away(tmp_path):
+    files = run_files(tmp_path, 1)
+    write_report(tmp_path / "report.html", ReportInputs(**files), run="trial")
+    section = section_of((tmp_path / "report.html").read_text(), "Pretraining")
+    caption = re.search(r"<p class='caption'>(.+?)</p>", section).group(1)
+    for words in (
+        "Each quantity on its own axis",
+        "the objective the optimizer minimises",
+        "the expression head's MSE on masked tokens",
+        "the InfoNCE between two views",
+        "against predicting each cell's mean visible bin (dashed); lower is better",
+        "The objective and the validation MSEs are different quantities",
+    ):
+        assert words in caption, words
+    assert "<details><summary>Per-epoch table (2 epochs, epochs.tsv)</summary><table" in section
+    assert section.index("<img") < section.index("<details>")  # the curves first
+
+
+def test_report_embeds_a_qc_figure_with_its_caption(tmp_path):
+    files = run_files(tmp_path, 1)
+    fig = Figure(figsize=(1, 1))
+    fig.text(0.5, 0.5, "qc")
+    fig.savefig(tmp_path / "qc.png")
+    write_report(
+        tmp_path / "report.html",
+        ReportInputs(**files),
+        run="trial",
+        qc_plot_png=tmp_path / "qc.png",
+    )
+    section = section_of((tmp_path / "report.html").read_text(), "Quality control")
+    assert "qc.max_mito_fraction" in section and "were removed" in section
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", section)
+    assert [base64.b64decode(i) for i in images] == [(tmp_path / "qc.png").read_bytes()]
+    write_report(tmp_path / "report.html", ReportInputs(**files), run="trial")
+    section = section_of((tmp_path / "report.html").read_text(), "Quality control")
+    assert "<img" not in section and "mito" not in section
+
+
+def test_heldout_section_shows_the_f1_of_each_cell_type_where_given(tmp_path):
+    per_type = cell_type_files(tmp_path)["per_cell_type_tsv"]
+    files = {
+        **run_files(tmp_path, 1),
+        **heldout_files(tmp_path),
+        "heldout_per_cell_type_tsv": per_type,
+    }
+    write_report(tmp_path / "report.html", ReportInputs(**files), run="trial")
+    held = section_of((tmp_path / "report.html").read_text(), "Cells the model never saw")
+    assert "evaluation/heldout/per_cell_type.tsv" in held
+    assert "<td>T</td><td>6</td><td class='win'>0.900</td>" in held
+    assert held.count("<table>") == 3  # a metrics table per baseline, then the F1 per type

@@ -190,9 +190,31 @@ def test_pretrain_writes_every_artifact_and_rerun_is_a_noop(shards, tmp_path):
     )
     assert [int(r[1]) for r in metrics[1:]] == [2, 4, 6, 8, 10, 12]
     rows = [line.split("\t") for line in (out / "epochs.tsv").read_text().splitlines()]
-    assert rows[0] == EPOCH_COLUMNS and "val_mean_bin_baseline_mse" in rows[0]
-    assert len(rows) == 3 and all(np.isfinite(float(x)) for row in rows[1:] for x in row)
+    assert (
+        rows[0]
+        == EPOCH_COLUMNS
+        == [
+            "epoch",
+            "step",
+            "train_loss",
+            "val_loss",
+            "val_expr_mse",
+            "val_gepc_mse",
+            "val_mean_bin_baseline_mse",
+            "train_expr_mse",
+            "train_gepc_mse",
+            "train_contrastive",
+        ]
+    )
+    # no contrastive term in these settings: its column is empty, every other one a number
+    assert len(rows) == 3 and all(row[-1] == "" for row in rows[1:])
+    assert all(np.isfinite(float(x)) for row in rows[1:] for x in row[:-1])
     assert summary["best_val_loss"] == pytest.approx(min(float(r[3]) for r in rows[1:]), rel=1e-5)
+    # the objective is the sum of its terms (GEPC weight 1), epoch by epoch
+    for row in rows[1:]:
+        epoch = dict(zip(rows[0], row))
+        total = float(epoch["train_expr_mse"]) + float(epoch["train_gepc_mse"])
+        assert float(epoch["train_loss"]) == pytest.approx(total, rel=1e-5)
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = torch.load(out / "last_checkpoint.pt", weights_only=True)
     assert ckpt["done"] and ckpt["global_step"] == 12
@@ -269,6 +291,7 @@ def test_a_checkpoint_from_before_a_new_setting_resumes_exactly(shards, tmp_path
     ckpt = tensors(tmp_path / "b" / CHECKPOINT)
     for key in ("init_from", "contrastive_view"):
         del ckpt["args"]["train"][key]
+    del ckpt["epoch_terms"]  # written before the epoch's terms were recorded
     torch.save(ckpt, tmp_path / "b" / CHECKPOINT)
     with caplog.at_level(logging.INFO, logger="scllm"):
         pretrain(shards, tmp_path / "b", TINY_MODEL, TINY_TRAIN)
@@ -411,6 +434,13 @@ def test_log_lines_show_elapsed_time_and_time_left(shards, tmp_path, caplog, mon
     ]
     epoch_lines = [r.getMessage() for r in caplog.records if " done: train loss" in r.getMessage()]
     assert step_lines and len(epoch_lines) == TINY_TRAIN["epochs"]
+    # each line names the objective's terms with their weights
+    terms = r"loss [\d.]+ = expression MSE [\d.]+ \+ 1 x GEPC MSE [\d.]+;"
+    assert all(re.search(terms, line) for line in step_lines + epoch_lines), step_lines[0]
+    assert all(
+        re.search(r"validation loss [\d.]+ = masked MSE of the expression head [\d.]+", line)
+        for line in epoch_lines
+    )
     pattern = r"; elapsed \d+:\d\d:\d\d, about \d+:\d\d:\d\d to go$"
     assert all(re.search(pattern, line) for line in step_lines + epoch_lines[:-1]), (
         step_lines + epoch_lines

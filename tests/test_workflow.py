@@ -511,6 +511,10 @@ LABEL_METRICS = [
     "leiden_nmi",
     "silhouette_label",
     "silhouette_sample",
+    "scib_silhouette_label",
+    "scib_graph_connectivity",
+    "scib_silhouette_batch",
+    "scib_ilisi",
 ]
 
 

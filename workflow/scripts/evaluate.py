@@ -1,4 +1,5 @@
-"""Rule evaluate: kNN, Leiden and silhouette scores of the embeddings vs a PCA baseline; UMAPs."""
+"""Rule evaluate: kNN, Leiden, silhouette and scIB scores of the embeddings vs a PCA baseline;
+per-cell-type F1 and confusion counts; UMAPs."""
 
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 from scllm.eval.evaluate import ZeroShot, evaluate
@@ -15,6 +16,8 @@ evaluate(
     snakemake.output.html,
     snakemake.output.umap_cell_type,
     snakemake.output.umap_sample,
+    snakemake.output.per_cell_type,
+    snakemake.output.confusion,
     args_json=snakemake.input.args,
     zero_shot=ZeroShot(zero_shot, snakemake.input.get("parent_pca")) if zero_shot else None,
     chunk_size=snakemake.config["chunk_size"],  # memory only: not a rerun trigger

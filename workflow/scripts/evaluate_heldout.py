@@ -18,6 +18,8 @@ evaluate_heldout(
     snakemake.output.table,
     snakemake.output.html,
     snakemake.output.umap_cell_type,
+    snakemake.output.per_cell_type,
+    snakemake.output.confusion,
     chunk_size=snakemake.config["chunk_size"],  # memory only: not a rerun trigger
     device=snakemake.params.embed.get("device", "auto"),
     batch_size=snakemake.params.embed.get("batch_size", 64),

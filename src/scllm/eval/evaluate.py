@@ -1,10 +1,12 @@
 """Rules evaluate and evaluate_heldout: score the cell embeddings against a PCA baseline of the
-same cells, and write the metrics table (TSV and HTML) and UMAPs.
+same cells, and write the metrics table (TSV and HTML), UMAPs, the kNN F1 of each cell type and
+the confusion counts.
 
 For each representation (the model's cell embeddings, and PCA-50 of log-normalized HVGs of the
 same cells; for held-out cells, of the model's vocabulary genes found in their file) on the cells
-that carry a cell-type label: kNN accuracy and macro-F1, Leiden ARI and NMI, silhouettes
-(``scllm.eval.metrics``). The pretraining objective itself is reported too: masked-value MSE of
+that carry a cell-type label: kNN accuracy and macro-F1, Leiden ARI and NMI, silhouettes and the
+scIB metrics (``scllm.eval.metrics``); per cell type, the F1 of the same kNN predictions
+(``write_per_cell_type``). The pretraining objective itself is reported too: masked-value MSE of
 the best model on the validation cells (fixed masks) against predicting each cell's mean bin,
 from ``epochs.tsv``.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ import scipy.sparse as sp
 from scllm.config import CHUNK_SIZE, EMBEDDING_KEY, EmbedConfig, EvaluateConfig, split_settings
 from scllm.eval.metrics import masked_value_error, pca_baseline, score_representation
 from scllm.eval.report import format_value, plot_one_colour_note, plot_umaps, write_table
+from scllm.files import atomic_path
 from scllm.h5ad import open_backed, open_matrix, read_rows, row_chunks
 
 log = logging.getLogger("scllm")
@@ -86,19 +89,47 @@ def log_normalized_rows(read_block, n_obs: int, columns, rows, chunk_size: int) 
 
 @dataclass(frozen=True)
 class Outputs:
-    """The files an evaluation writes: the metrics table (TSV and HTML) and UMAPs coloured by
-    label and, for rule evaluate, by sample."""
+    """The files an evaluation writes: the metrics table (TSV and HTML), UMAPs coloured by label
+    and, for rule evaluate, by sample; and where asked for, the per-cell-type F1 table and the
+    confusion counts (``write_per_cell_type``)."""
 
     table: Path
     html: Path
     umap_label: Path
     umap_sample: Path | None = None
+    per_cell_type: Path | None = None
+    confusion: Path | None = None
 
     @classmethod
-    def of(cls, paths: tuple, n: int, caller: str) -> Outputs:
-        if len(paths) != n:
-            raise TypeError(f"{caller}() takes {n} output paths, not {len(paths)}")
-        return cls(*paths)
+    def of(cls, paths: tuple, names: tuple[str, ...], required: int, caller: str) -> Outputs:
+        """The outputs of a rule from its positional paths.
+
+        Parameters
+        ----------
+        paths : tuple
+            The paths given, in the order of ``names``.
+        names : tuple of str
+            The fields they fill (``EVALUATE_OUTPUTS`` or ``HELDOUT_OUTPUTS``).
+        required : int
+            How many must be given; the rest are optional, all or none.
+        caller : str
+            The function's name, for the error.
+
+        Returns
+        -------
+        Outputs
+            The named paths, None for those not given.
+        """
+        if len(paths) not in (required, len(names)):
+            raise TypeError(
+                f"{caller}() takes {required} or {len(names)} output paths "
+                f"({', '.join(names)}), not {len(paths)}"
+            )
+        return cls(**dict(zip(names, paths)))
+
+
+EVALUATE_OUTPUTS = ("table", "html", "umap_label", "umap_sample", "per_cell_type", "confusion")
+HELDOUT_OUTPUTS = ("table", "html", "umap_label", "per_cell_type", "confusion")
 
 
 def labelled_cells(
@@ -139,10 +170,29 @@ def score_against_pca(
     samples,
     cfg: EvaluateConfig,
     cells: str,
-) -> tuple[list[dict], dict]:
-    """Score the embeddings ``X`` and each baseline (name -> coordinates of the same cells); the
-    metrics-table rows (one group per baseline, named by it) and the UMAP panels. ``cells``
-    describes the cells in the table."""
+) -> tuple[list[dict], dict, dict]:
+    """Score the embeddings ``X`` and each baseline on the same cells.
+
+    Parameters
+    ----------
+    X : numpy.ndarray
+        The model's embeddings of the scored cells.
+    baselines : dict
+        Name -> the baseline's coordinates of the same cells.
+    labels, samples : array-like
+        Each cell's label and sample.
+    cfg : EvaluateConfig
+        How to score.
+    cells : str
+        What the ``cells`` column of the table says about them.
+
+    Returns
+    -------
+    tuple
+        The metrics-table rows (one group per baseline, named by it; ``cells`` describes the
+        cells in the table), the UMAP panels, and each method's cross-validated kNN
+        predictions ("scllm", then the baselines' names; None where none could be made).
+    """
     label_key, batch_key = cfg.label_key, cfg.batch_key
     labels, samples = np.asarray(labels).astype(str), np.asarray(samples).astype(str)
     n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
@@ -155,9 +205,11 @@ def score_against_pca(
     )
     ours, ours_umap = score_representation(X, labels, samples, **common)
     panels = {f"scLLM ({X.shape[1]} dims)": ours_umap}
+    predictions = {"scllm": ours["_cv_predictions"]}
     table = []
     for name, coords in baselines.items():
         base, panels[name] = score_representation(coords, labels, samples, **common)
+        predictions[name] = base["_cv_predictions"]
         table += [
             {
                 "metric": m,
@@ -169,7 +221,7 @@ def score_against_pca(
             }
             for m, d in _metric_details(ours, base, cfg, n_labels, n_samples)
         ]
-    return table, panels
+    return table, panels, predictions
 
 
 def _metric_details(ours: dict, base: dict, cfg: EvaluateConfig, n_labels, n_samples) -> list:
@@ -200,13 +252,98 @@ def _metric_details(ours: dict, base: dict, cfg: EvaluateConfig, n_labels, n_sam
             "silhouette_sample",
             f"{cfg.batch_key}: near 0 = samples mix" if n_samples > 1 else "n/a: one sample",
         ),
+        *_scib_details(cfg, n_samples),
     ]
 
 
+def _scib_details(cfg: EvaluateConfig, n_samples: int) -> list:
+    """(metric, how it was measured) of the scIB rows: scib-metrics' definitions, each scaled
+    so that higher is better."""
+    one = "n/a: one sample"
+    return [
+        (
+            "scib_silhouette_label",
+            f"scib-metrics silhouette_label: (silhouette_label + 1) / 2 over {cfg.label_key}, "
+            "in [0, 1]: 0.5 = no separation, higher = labels separate",
+        ),
+        (
+            "scib_graph_connectivity",
+            f"scib-metrics graph_connectivity: per label, the share of its cells in the largest "
+            f"connected piece of the k={cfg.n_neighbors} graph restricted to it, averaged; "
+            "1 = every label is one piece",
+        ),
+        (
+            "scib_silhouette_batch",
+            f"scib-metrics silhouette_batch: 1 - |silhouette by {cfg.batch_key}| within each "
+            "label, averaged; 1 = samples mix within every cell type"
+            if n_samples > 1
+            else one,
+        ),
+        (
+            "scib_ilisi",
+            "scib-metrics ilisi_knn: median inverse Simpson index of samples over 90 neighbours "
+            "(perplexity 30), scaled to [0, 1]; 1 = samples mix evenly"
+            if n_samples > 1
+            else one,
+        ),
+    ]
+
+
+def write_per_cell_type(labels, predictions: dict, per_cell_type, confusion) -> pd.DataFrame:
+    """Per cell type, the F1 of each method's cross-validated kNN predictions, and the counts of
+    true x predicted type.
+
+    Parameters
+    ----------
+    labels : array-like
+        Each scored cell's label.
+    predictions : dict
+        Method ("scllm", or a baseline's name as in metrics.tsv) -> each cell's out-of-fold
+        predicted label (the predictions behind ``knn_macro_f1_cv``); None: no prediction was
+        possible (fewer than two labels), the method is left out.
+    per_cell_type, confusion : path
+        Where to write the F1 table (cell_type, n_cells, then one column per method: the mean
+        of a column is that method's knn_macro_f1_cv) and the confusion counts (long: method,
+        cell_type, predicted, n_cells; every pair of types, zeros included). None: not written.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The F1 table, most frequent type first.
+    """
+    from scllm.eval.metrics import confusion_counts, per_label_f1
+
+    labels = np.asarray(labels).astype(str)
+    made = {name: pred for name, pred in predictions.items() if pred is not None}
+    counts = pd.Series(labels).value_counts()
+    f1 = pd.DataFrame(
+        {name: per_label_f1(labels, pred) for name, pred in made.items()},
+        index=pd.Index(np.unique(labels)),
+    )
+    f1.insert(0, "n_cells", counts.reindex(f1.index).astype(int))
+    f1 = f1.rename_axis("cell_type").reset_index()
+    f1 = f1.sort_values(["n_cells", "cell_type"], ascending=[False, True], kind="stable")
+    blocks = [pd.DataFrame(columns=["method", "cell_type", "predicted", "n_cells"])]
+    for name, pred in made.items():
+        square = confusion_counts(labels, pred).rename_axis(index="cell_type", columns="predicted")
+        block = square.stack().rename("n_cells").reset_index()
+        blocks.append(block.assign(method=name)[["method", "cell_type", "predicted", "n_cells"]])
+    for frame, path in ((f1, per_cell_type), (pd.concat(blocks), confusion)):
+        if path is not None:
+            with atomic_path(path) as tmp:
+                frame.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    return f1
+
+
 def _write_results(
-    table, title, panels, colourings: list[tuple], outputs: Outputs, seed: int
+    scored: tuple, title, labels, colourings: list[tuple], outputs: Outputs, seed: int
 ) -> pd.DataFrame:
+    """Write what ``score_against_pca`` gave (``scored``: table rows, UMAP panels, predictions
+    of ``labels``) to ``outputs``; log the table."""
+    table, panels, predictions = scored
     result = write_table(table, outputs.table, outputs.html, title)
+    if outputs.per_cell_type is not None or outputs.confusion is not None:
+        write_per_cell_type(labels, predictions, outputs.per_cell_type, outputs.confusion)
     for i, (path, colors, name) in enumerate(colourings):
         values = np.unique(np.asarray(colors).astype(str))
         if (
@@ -243,16 +380,33 @@ def evaluate(
     zero_shot: ZeroShot | None = None,
     **settings,
 ) -> pd.DataFrame:
-    """Score the embeddings of ``embeddings_h5ad`` and the PCA baseline; write the four
-    ``outputs``: the metrics table (TSV and HTML) and UMAPs coloured by label and by sample
-    (``Outputs``). ``args_json`` (the model's) gives the number of validation cells behind the
-    masked-value error; ``zero_shot`` adds the continued model's baselines (train.init_from);
-    ``settings``: the evaluate section (``EvaluateConfig``) and ``chunk_size`` (cells read at a
-    time)."""
+    """Score the embeddings of ``embeddings_h5ad`` and the PCA baseline, and write the results.
+
+    Parameters
+    ----------
+    embeddings_h5ad, filtered_h5ad, hvg_table, epochs_tsv : path
+        Rule embed's embeddings, filter_qc's counts (the baseline's input), select_hvg's
+        vocabulary and pretrain's epochs.tsv (the masked-value error).
+    *outputs : path
+        Four or six paths (``EVALUATE_OUTPUTS``): the metrics table (TSV and HTML), UMAPs
+        coloured by label and by sample, and optionally the per-cell-type F1 table and the
+        confusion counts (``write_per_cell_type``).
+    args_json : path, optional
+        The model's args.json: the number of validation cells behind the masked-value error.
+    zero_shot : ZeroShot, optional
+        train.init_from: adds the continued model's baselines.
+    **settings
+        The evaluate section (``EvaluateConfig``) and ``chunk_size`` (cells read at a time).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The metrics table as written.
+    """
     from scllm.prep.hvg import read_hvg_table
 
     chunk_size = settings.pop("chunk_size", CHUNK_SIZE)
-    out = Outputs.of(outputs, 4, "evaluate")
+    out = Outputs.of(outputs, EVALUATE_OUTPUTS, 4, "evaluate")
     cfg = EvaluateConfig.from_dict(settings)
     t0 = time.time()
     label_key, batch_key, seed = cfg.label_key, cfg.batch_key, int(cfg.seed)
@@ -275,8 +429,8 @@ def evaluate(
     if zero_shot is not None:
         token_ids = np.flatnonzero(present)
         baselines |= _zero_shot_baselines(zero_shot, sub.obs_names, matrix, token_ids)
-    table, panels = score_against_pca(X, baselines, labels, samples, cfg, cells)
-    table += masked_value_rows(epochs_tsv, args_json)
+    scored = score_against_pca(X, baselines, labels, samples, cfg, cells)
+    scored[0].extend(masked_value_rows(epochs_tsv, args_json))
     n_labels, n_samples = len(np.unique(labels)), len(np.unique(samples))
     title = (
         f"scLLM embeddings ({X.shape[1]} dims) vs PCA-{pca.shape[1]} of log-normalized HVGs: "
@@ -284,15 +438,12 @@ def evaluate(
         f"{n_samples} sample(s)"
     )
     colourings = [(out.umap_label, labels, label_key), (out.umap_sample, samples, batch_key)]
-    result = _write_results(table, title, panels, colourings, out, seed)
+    result = _write_results(scored, title, labels, colourings, out, seed)
     log.info(
-        "evaluate: %d cells in, %d scored; wrote %s, %s, %s, %s in %.1fs",
+        "evaluate: %d cells in, %d scored; wrote %s in %.1fs",
         emb.n_obs,
         len(keep),
-        out.table,
-        out.html,
-        out.umap_label,
-        out.umap_sample,
+        ", ".join(str(path) for path in asdict(out).values() if path is not None),
         time.time() - t0,
     )
     return result
@@ -406,17 +557,38 @@ def evaluate_heldout(
     batch_key: str | None = None,
     **settings,
 ) -> pd.DataFrame:
-    """Score the model on cells it never saw: embed ``h5ad`` (any h5ad of counts with its own
-    ``label_key`` labels) as ``scllm embed`` does, and fit the PCA baseline on the same cells
-    (log-normalized counts of the model's vocabulary genes found in the file). Writes the
-    embeddings and three ``outputs``: the metrics table (TSV and HTML) and the UMAP by label.
-    ``settings``: the evaluate section (``EvaluateConfig``) and how to embed (``EmbedConfig``:
-    gene_id_column, counts_layer, device, batch_size, chunk_size)."""
+    """Score the model on cells it never saw.
+
+    Embeds ``h5ad`` as ``scllm embed`` does and fits the PCA baseline on the same cells
+    (log-normalized counts of the model's vocabulary genes found in the file); with the model's
+    training PCA, projects it onto them too (the zero-shot baseline).
+
+    Parameters
+    ----------
+    model_dir, h5ad, out_embeddings : path
+        The trained model's folder; any h5ad of counts with its own ``label_key`` labels;
+        where its embeddings go.
+    *outputs : path
+        Three or five paths (``HELDOUT_OUTPUTS``): the metrics table (TSV and HTML), the UMAP
+        by label, and optionally the per-cell-type F1 table and the confusion counts.
+    label_key : str
+        The obs column of the cell-type labels.
+    batch_key : str, optional
+        The obs column of the samples (none: one sample, no batch metrics).
+    **settings
+        The evaluate section (``EvaluateConfig``) and how to embed (``EmbedConfig``:
+        gene_id_column, counts_layer, device, batch_size, chunk_size).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The metrics table as written.
+    """
     import anndata as ad
 
     from scllm.eval.embed import embed_h5ad
 
-    out = Outputs.of(outputs, 3, "evaluate_heldout")
+    out = Outputs.of(outputs, HELDOUT_OUTPUTS, 3, "evaluate_heldout")
     evaluation, embedding, rest = split_settings(settings, EvaluateConfig, EmbedConfig)
     cfg = EvaluateConfig.from_dict({**evaluation, **rest, "label_key": label_key})
     embed_cfg = EmbedConfig(**embedding)
@@ -430,7 +602,7 @@ def evaluate_heldout(
     baselines = _heldout_baselines(model_dir, h5ad, summary, keep, embed_cfg, cfg)
     X = np.asarray(emb.obsm[EMBEDDING_KEY])[keep]
     name = Path(h5ad).name
-    table, panels = score_against_pca(
+    scored = score_against_pca(
         X,
         baselines,
         labels,
@@ -444,15 +616,13 @@ def evaluate_heldout(
         "training cells' PCA projected onto them"
     )
     colourings = [(out.umap_label, labels, label_key)]
-    result = _write_results(table, title, panels, colourings, out, int(cfg.seed))
+    result = _write_results(scored, title, labels, colourings, out, int(cfg.seed))
     log.info(
-        "evaluate: %s: %d cells, %d scored; wrote %s, %s, %s in %.1fs",
+        "evaluate: %s: %d cells, %d scored; wrote %s in %.1fs",
         h5ad,
         emb.n_obs,
         len(keep),
-        out.table,
-        out.html,
-        out.umap_label,
+        ", ".join(str(path) for path in asdict(out).values() if path is not None),
         time.time() - t0,
     )
     return result

@@ -6,7 +6,12 @@ compared with, and the pretraining objective's own error.
   samples (a new donor's cells are labelled by the other donors' cells);
 - ARI and NMI of Leiden clusters (scanpy's exact kNN graph + igraph Leiden) against the labels;
   the resolution is picked from a grid by the best NMI, as scib does, for both representations;
+- per-label F1 and the confusion counts of the same cross-validated kNN predictions
+  (``per_label_f1``, ``confusion_counts``): which cell types a representation confuses;
 - silhouette width by label (higher: cell types separate) and by sample (near 0: samples mix);
+- the scIB metrics as scib-metrics defines them (``scib_scores``, ``scllm.eval.scib``): the
+  rescaled label silhouette, graph connectivity, and with several samples the batch silhouette
+  within labels and iLISI, so figures compare with published integration tables;
 - ``pca_baseline``: scanpy PCA of a cells x genes matrix (never densified);
 - ``masked_value_error``: the best epoch's validation masked MSE and its mean-bin baseline, from
   pretrain's ``epochs.tsv``.
@@ -34,7 +39,7 @@ def knn_scores(
     groups (samples): one group per fold, or ``n_folds`` group folds when there are more groups.
     Returns NaN scores when the split is impossible (one group, or fewer than two labels).
     """
-    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.metrics import accuracy_score
     from sklearn.model_selection import (
         GroupKFold,
         LeaveOneGroupOut,
@@ -44,7 +49,7 @@ def knn_scores(
     from sklearn.neighbors import KNeighborsClassifier
 
     labels = np.asarray(labels).astype(str)
-    nan = {"accuracy": np.nan, "macro_f1": np.nan, "n_folds": 0}
+    nan = {"accuracy": np.nan, "macro_f1": np.nan, "n_folds": 0, "predictions": None}
     if len(np.unique(labels)) < 2:
         return nan
     if groups is None:
@@ -73,14 +78,81 @@ def knn_scores(
         )
     return {
         "accuracy": float(accuracy_score(labels, pred)),
-        "macro_f1": float(
-            f1_score(labels, pred, average="macro", labels=np.unique(labels), zero_division=0)
-        ),
+        "macro_f1": float(per_label_f1(labels, pred).mean()),
         "n_folds": folds,
+        "predictions": pred,
     }
 
 
-def silhouette(X: np.ndarray, labels, *, seed: int = 0, max_cells: int = 20_000) -> float:
+def confusion_counts(labels, predictions) -> pd.DataFrame:
+    """How many cells of each label got each predicted label.
+
+    Parameters
+    ----------
+    labels, predictions : array-like
+        Each cell's true and predicted label.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Labels (rows, the true label) x labels (columns, the predicted one), sorted, counts;
+        every label of ``labels`` appears on both sides, zeros included.
+    """
+    from sklearn.metrics import confusion_matrix
+
+    labels, predictions = np.asarray(labels).astype(str), np.asarray(predictions).astype(str)
+    names = np.unique(labels)
+    counts = confusion_matrix(labels, predictions, labels=names)
+    return pd.DataFrame(counts, index=names, columns=names)
+
+
+def f1_from_counts(square: pd.DataFrame) -> pd.Series:
+    """Each label's F1 from a true x predicted count table (``confusion_counts``).
+
+    Parameters
+    ----------
+    square : pandas.DataFrame
+        Counts, rows the true label, columns the predicted one, in the same order.
+
+    Returns
+    -------
+    pandas.Series
+        Per label (the rows' index): 2 x correct / (its cells + the cells predicted as it), 0
+        where both are 0; the mean is the macro-F1.
+    """
+    counts = square.to_numpy(dtype=float)
+    correct = np.diag(counts)
+    denominator = counts.sum(axis=1) + counts.sum(axis=0)
+    f1 = np.divide(2 * correct, denominator, out=np.zeros_like(correct), where=denominator > 0)
+    return pd.Series(f1, index=square.index, dtype=float)
+
+
+def per_label_f1(labels, predictions) -> pd.Series:
+    """Each label's F1 (0 for a label never predicted right); their mean is the macro-F1.
+
+    Parameters
+    ----------
+    labels : array-like
+        What each cell is.
+    predictions : array-like
+        What a classifier said it is (e.g. ``knn_scores``' out-of-fold ``predictions``).
+
+    Returns
+    -------
+    pandas.Series
+        F1 per label, indexed by the labels in sorted order.
+    """
+    return f1_from_counts(confusion_counts(labels, predictions))
+
+
+# Silhouettes above this many cells are estimated on a seeded sample of them (their cost grows
+# with the square of the cells).
+SILHOUETTE_MAX_CELLS = 20_000
+
+
+def silhouette(
+    X: np.ndarray, labels, *, seed: int = 0, max_cells: int = SILHOUETTE_MAX_CELLS
+) -> float:
     """scikit-learn's mean silhouette width (Euclidean) of ``labels``; NaN for < 2 or
     all-distinct labels. Above ``max_cells`` cells it is estimated on a seeded random sample of
     that size."""
@@ -166,7 +238,27 @@ def score_representation(
     seed=0,
     umap=True,
 ) -> tuple[dict, np.ndarray | None]:
-    """Every label metric for one representation, and its UMAP coordinates."""
+    """Every label metric for one representation, and its UMAP coordinates.
+
+    Parameters
+    ----------
+    X : numpy.ndarray
+        Cells x dimensions.
+    labels, samples : array-like
+        Each cell's label (cell type) and sample.
+    n_neighbors, n_folds, leiden_resolutions, seed
+        The kNN classifier's and graph's k, the cross-validation folds, the Leiden resolutions
+        to try, the seed of every random step.
+    umap : bool
+        Whether to compute the UMAP too.
+
+    Returns
+    -------
+    tuple
+        The scores (the metrics table's names; keys starting with ``_`` say how they were
+        measured, ``_cv_predictions`` holds the cross-validated kNN predictions behind
+        ``knn_macro_f1_cv``) and the UMAP coordinates (None without ``umap``).
+    """
     labels, samples = np.asarray(labels).astype(str), np.asarray(samples).astype(str)
     t0 = time.time()
 
@@ -198,13 +290,58 @@ def score_representation(
     step(f"Leiden at {len(leiden_resolutions)} resolutions done; silhouettes next")
     scores["silhouette_label"] = silhouette(X, labels, seed=seed)
     scores["silhouette_sample"] = silhouette(X, samples, seed=seed)
+    scores.update(scib_scores(X, labels, samples, graph, scores["silhouette_label"], seed))
+    scores["_cv_predictions"] = cv["predictions"]
     if umap:
-        step("silhouettes done; UMAP next")
+        step("silhouettes and scIB metrics done; UMAP next")
     coords = umap_coords(graph, seed=seed) if umap else None
     log.info(
         "evaluate: %d cells x %d dims scored in %.1fs", X.shape[0], X.shape[1], time.time() - t0
     )
     return scores, coords
+
+
+def scib_scores(X: np.ndarray, labels, samples, graph, asw_label: float, seed: int = 0) -> dict:
+    """The scIB metrics of one representation, as scib-metrics defines them (``scllm.eval.scib``).
+
+    Parameters
+    ----------
+    X : numpy.ndarray
+        Cells x dimensions.
+    labels, samples : numpy.ndarray
+        Each cell's label and sample (strings).
+    graph : anndata.AnnData
+        ``neighbors_graph(X)``: its kNN graph gives the graph connectivity.
+    asw_label : float
+        The labels' mean silhouette width (``silhouette``), rescaled here.
+    seed : int
+        Seed of the cell sample the batch silhouette is estimated on above
+        ``SILHOUETTE_MAX_CELLS`` cells.
+
+    Returns
+    -------
+    dict
+        ``scib_silhouette_label``, ``scib_graph_connectivity``, and the batch metrics
+        ``scib_silhouette_batch`` and ``scib_ilisi`` (NaN with one sample).
+    """
+    from scllm.eval import scib
+
+    scores = {
+        "scib_silhouette_label": scib.silhouette_label(asw_label),
+        "scib_graph_connectivity": scib.graph_connectivity(graph.obsp["distances"], labels),
+        "scib_silhouette_batch": np.nan,
+        "scib_ilisi": np.nan,
+    }
+    if len(np.unique(samples)) > 1:  # batch mixing needs batches
+        rows = np.arange(len(X))
+        if len(rows) > SILHOUETTE_MAX_CELLS:
+            rng = np.random.default_rng(seed)
+            rows = np.sort(rng.choice(rows, SILHOUETTE_MAX_CELLS, replace=False))
+        scores["scib_silhouette_batch"] = scib.silhouette_batch(
+            X[rows], labels[rows], samples[rows]
+        )
+        scores["scib_ilisi"] = scib.ilisi(X, samples)
+    return scores
 
 
 def pca_baseline(matrix: sp.csr_matrix, *, n_pcs: int = 50, seed: int = 0) -> np.ndarray:

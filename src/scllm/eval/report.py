@@ -1,8 +1,10 @@
 """What the evaluation shows: the metrics table (TSV and HTML, the better side marked), the
 UMAPs, and the run's report, one self-contained HTML page (results/<run>/report.html) with what
-each stage did and what the model learned: QC and sample tables, the HVG list, the epochs table
-and loss curve, the metrics, and the UMAPs, each with a caption; with heldout.path, the scores on
-cells the model never saw too.
+each stage did and what the model learned: QC and sample tables (and a per-cell QC figure where
+the caller draws one), the HVG list, the loss curves with the epochs table folded away, the
+metrics, the F1 of each cell type and the confusions of the model and of the best baseline, the
+UMAPs, and how the run was made (``scllm.eval.provenance``), each with a caption; with
+heldout.path, the scores on cells the model never saw too.
 
 Images are embedded (base64), so the page can be mailed or archived alone. Rows whose metric
 does not apply to the run (e.g. sample metrics with one sample) are left out.
@@ -20,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scllm.config import TrainConfig
+from scllm.eval.metrics import f1_from_counts
+from scllm.eval.provenance import provenance_section, read_run_record
 from scllm.files import atomic_path
 
 log = logging.getLogger("scllm")
@@ -33,6 +38,11 @@ HIGHER_IS_BETTER = {
     "leiden_ari",
     "leiden_nmi",
     "silhouette_label",
+    # scib-metrics' definitions, each scaled so that higher is better
+    "scib_silhouette_label",
+    "scib_graph_connectivity",
+    "scib_silhouette_batch",
+    "scib_ilisi",
 }
 LOWER_IS_BETTER = {"masked_mse_expression", "masked_mse_gepc"}
 CLOSER_TO_ZERO_IS_BETTER = {"silhouette_sample"}
@@ -47,7 +57,7 @@ STYLE = (
     "h1{font-size:22px} h2{font-size:17px;margin-top:2em;border-bottom:1px solid #ccc}\n"
     "table{border-collapse:collapse;margin:.5em 0} "
     "td,th{padding:3px 9px;border-bottom:1px solid #e3e3e3;text-align:left}\n"
-    "th{background:#f4f4f4} td.win{font-weight:bold;background:#e6f4e6} "
+    "th{background:#f4f4f4} td.win{font-weight:bold;background:#e6f4e6} h3{font-size:15px} "
     "p.caption{color:#555;max-width:900px}\n"
     "img{max-width:100%;border:1px solid #eee}\n"
     "</style>"
@@ -150,7 +160,7 @@ def _read_tsv(path) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class ReportInputs:
-    """What the report shows, as the earlier rules wrote it."""
+    """What the report shows, as the earlier rules wrote it (paths)."""
 
     qc_tsv: Path
     samples_tsv: Path
@@ -160,19 +170,46 @@ class ReportInputs:
     metrics_tsv: Path
     umap_cell_type_png: Path
     umap_sample_png: Path
+    # Rule evaluate's per-cell-type F1 and confusion counts (write_per_cell_type).
+    per_cell_type_tsv: Path | None = None
+    confusion_tsv: Path | None = None
+    # results/<run>/run.json: the resolved config, commit, versions, benchmark files.
+    run_record_json: Path | None = None
     # Given only when heldout.path is set (rule evaluate_heldout).
     heldout_metrics_tsv: Path | None = None
     heldout_umap_png: Path | None = None
+    heldout_per_cell_type_tsv: Path | None = None
 
 
-def write_report(out_html, *, run: str, **inputs) -> list[str]:
-    """Write the run's report from ``inputs`` (``ReportInputs``' fields, as keywords); returns
-    the titles of the sections it holds."""
-    files = ReportInputs(**inputs)
+def write_report(
+    out_html, inputs: ReportInputs, *, run: str, qc_plot_png: Path | None = None
+) -> list[str]:
+    """Write the run's report, one self-contained HTML page.
+
+    Parameters
+    ----------
+    out_html : path
+        Where the page goes.
+    inputs : ReportInputs
+        The files it shows; sections whose optional file is None are left out.
+    run : str
+        The run's name (its title).
+    qc_plot_png : path, optional
+        A per-cell QC figure (drawn by the caller, ``scllm.eval.qc_plots.plot_qc``), embedded in
+        the QC section.
+
+    Returns
+    -------
+    list of str
+        The titles of the sections it holds, in order.
+    """
+    files = inputs
     samples_section, n_samples = _samples_section(files.samples_tsv)
+    record = read_run_record(files.run_record_json) if files.run_record_json else None
     sections = [
         samples_section,
-        *_preprocessing_sections(files.qc_tsv, files.hvg_tsv),
+        *_preprocessing_sections(files.qc_tsv, files.hvg_tsv, qc_plot_png),
+        _pretraining_section(files, record),
         *_model_sections(files),
     ]
     if n_samples > 1:
@@ -185,7 +222,9 @@ def write_report(out_html, *, run: str, **inputs) -> list[str]:
             )
         )
     if files.heldout_metrics_tsv is not None:
-        sections.append(_heldout_section(files.heldout_metrics_tsv, files.heldout_umap_png))
+        sections.append(_heldout_section(files))
+    if record is not None:
+        sections.append(provenance_section(record))
     body = "".join(_section(*s) for s in sections)
     title = html.escape(run)
     with atomic_path(out_html) as tmp:
@@ -215,15 +254,22 @@ def _samples_section(samples_tsv) -> tuple[tuple[str, str, str], int]:
     return ("Samples", caption, _table(samples, "samples")), len(chosen)
 
 
-def _preprocessing_sections(qc_tsv, hvg_tsv) -> list[tuple[str, str, str]]:
+def _preprocessing_sections(qc_tsv, hvg_tsv, qc_plot_png=None) -> list[tuple[str, str, str]]:
     hvgs = _read_tsv(hvg_tsv)
+    qc_caption = (
+        "Cells and genes before and after filter_qc, over all cells and per sample, "
+        "with the thresholds used (qc.tsv)."
+    )
+    qc_content = _table(_read_tsv(qc_tsv), "rows")
+    if qc_plot_png is not None:
+        qc_caption += (
+            " The figure shows each cell's QC measures before filtering with the thresholds "
+            "(qc.min_genes_per_cell, qc.max_mito_fraction) as lines: cells on the far side of a "
+            "line were removed."
+        )
+        qc_content += _image(qc_plot_png)
     return [
-        (
-            "Quality control",
-            "Cells and genes before and after filter_qc, over all cells and per sample, "
-            "with the thresholds used (qc.tsv).",
-            _table(_read_tsv(qc_tsv), "rows"),
-        ),
+        ("Quality control", qc_caption, qc_content),
         (
             "Highly variable genes",
             f"The {len(hvgs)} HVGs, the model's vocabulary, in rank order (hvg.tsv); "
@@ -233,30 +279,238 @@ def _preprocessing_sections(qc_tsv, hvg_tsv) -> list[tuple[str, str, str]]:
     ]
 
 
+def _pretraining_section(files: ReportInputs, record: dict | None) -> tuple[str, str, str]:
+    """The loss curves with what each panel measures, the epochs table folded away."""
+    weights = "train.gepc_weight x GEPC MSE + train.contrastive_weight x contrastive InfoNCE"
+    if record is not None:  # the run's own weights, the schema's defaults where it sets none
+        train = {**TrainConfig().to_dict(), **record["config"].get("train", {})}
+        weights = (
+            f"{train['gepc_weight']:g} x GEPC MSE + {train['contrastive_weight']:g} x "
+            "contrastive InfoNCE"
+        )
+    caption = (
+        "Each quantity on its own axis (model/loss_curve.png). <b>Training</b>, per logged "
+        f"step: the objective the optimizer minimises (masked expression MSE + {weights}), "
+        "then each term alone: the expression head's MSE on masked tokens, the GEPC head's "
+        "MSE (on the genes train.gepc_targets names: with <i>all</i>, the whole vocabulary "
+        "profile, mostly zeros), the InfoNCE between two views of each cell. "
+        "<b>Validation</b>, per epoch, with fixed masks: each head's MSE on masked tokens "
+        "against predicting each cell's mean visible bin (dashed); lower is better, and a head "
+        "below the dashed line has learnt more than each cell's average. The objective and "
+        "the validation MSEs are different quantities: compare the training expression MSE "
+        "with the validation expression MSE, not the objective with either."
+    )
+    epochs = _read_tsv(files.epochs_tsv)
+    table = (
+        f"<details><summary>Per-epoch table ({len(epochs)} epochs, epochs.tsv)</summary>"
+        f"{_table(epochs, 'epochs')}</details>"
+    )
+    return "Pretraining", caption, _image(files.loss_curve_png) + table
+
+
 def _model_sections(files: ReportInputs) -> list[tuple[str, str, str]]:
     metrics = _read_tsv(files.metrics_tsv)
-    return [
-        (
-            "Pretraining",
-            "Train and validation losses per epoch (epochs.tsv); the validation masked-value "
-            "error of each head against predicting each cell's mean visible bin, with fixed "
-            "masks.",
-            _table(_read_tsv(files.epochs_tsv), "epochs") + _image(files.loss_curve_png),
-        ),
+    sections = [
         (
             "Cell embedding vs PCA",
             "How well the model's cell embedding tells the labelled cell types apart, "
             "next to PCA of log-normalized HVGs on the same cells; the better value is in bold "
-            "(metrics.tsv). Metrics that do not apply to this run are left out."
+            "(metrics.tsv). Metrics that do not apply to this run are left out. Rows named "
+            "scib_* follow scib-metrics' definitions, scaled to [0, 1] with higher better, so "
+            "they compare with published scIB tables."
             + _continued_model_caption(metrics["baseline_method"].astype(str)),
             metrics_html(metrics),
         ),
+    ]
+    if files.per_cell_type_tsv is not None:
+        sections.append(per_cell_type_section(files.per_cell_type_tsv))
+    if files.confusion_tsv is not None:
+        sections.append(confusion_section(files.confusion_tsv))
+    sections.append(
         (
             "UMAP by cell type",
             "UMAPs of the scLLM embedding and of the PCA baseline, coloured by cell type.",
             _image(files.umap_cell_type_png),
-        ),
+        )
+    )
+    return sections
+
+
+# --- cell types: F1 per type and the confusions --------------------------------------------------
+
+# The model's column in per_cell_type.tsv and its method in confusion.tsv; the baselines go by
+# their names in metrics.tsv.
+MODEL = "scllm"
+
+
+def _method_name(method: str) -> str:
+    return "scLLM" if method == MODEL else str(method)
+
+
+def per_cell_type_html(frame: pd.DataFrame) -> str:
+    """The per-cell-type F1 table (``per_cell_type.tsv``) as HTML: cell types x methods, the
+    cell counts, the best value of each row in bold, and a last row of the means (macro-F1).
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        Columns cell_type, n_cells, then one F1 column per method.
+
+    Returns
+    -------
+    str
+        An HTML table.
+    """
+    methods = [c for c in frame.columns if c not in ("cell_type", "n_cells")]
+    header = "".join(f"<th>{html.escape(_method_name(m))}</th>" for m in methods)
+    rows = [
+        (html.escape(str(r["cell_type"])), str(int(r["n_cells"])), r[methods].astype(float))
+        for _, r in frame.iterrows()
     ]
+    rows.append(
+        (
+            "<i>mean over types = macro-F1</i>",
+            str(int(frame["n_cells"].sum())),
+            frame[methods].mean(),
+        )
+    )
+    body = []
+    for name, count, values in rows:
+        best = np.nanmax(values.to_numpy()) if values.notna().any() else np.nan
+        cells = "".join(
+            _cell(v, bool(np.isfinite(v) and np.isclose(v, best, rtol=0, atol=5e-4)))
+            for v in values
+        )
+        body.append(f"<tr><td>{name}</td><td>{count}</td>{cells}</tr>")
+    return f"<table><tr><th>cell type</th><th>cells</th>{header}</tr>{''.join(body)}</table>"
+
+
+def per_cell_type_section(per_cell_type_tsv) -> tuple[str, str, str]:
+    """The report section of the F1 of each cell type, for the model and each baseline.
+
+    Parameters
+    ----------
+    per_cell_type_tsv : path
+        Rule evaluate's ``per_cell_type.tsv``.
+
+    Returns
+    -------
+    tuple of str
+        Title, caption, HTML content.
+    """
+    caption = (
+        "How well each cell type is recognised: the F1 of the kNN classifier's "
+        "cross-validated predictions (the ones behind knn_macro_f1_cv) for each cell type, for "
+        "the model's embedding and each baseline (evaluation/per_cell_type.tsv). F1 is in "
+        "[0, 1], higher is better (1: every cell of the type labelled right and no other cell "
+        "labelled as it); the best value of each row is in bold. Rare types weigh as much as "
+        "common ones in the last row, the macro-F1 of the metrics table."
+    )
+    return "F1 per cell type", caption, per_cell_type_html(_read_tsv(per_cell_type_tsv))
+
+
+def confusion_squares(confusion: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Method -> true type x predicted type counts, from ``confusion.tsv``'s long table; the
+    types ordered by their number of cells, most first.
+
+    Parameters
+    ----------
+    confusion : pandas.DataFrame
+        Columns method, cell_type, predicted, n_cells.
+
+    Returns
+    -------
+    dict
+        One square table per method, in the file's order.
+    """
+    squares = {}
+    for method, block in confusion.groupby("method", sort=False):
+        square = block.pivot_table(
+            index="cell_type", columns="predicted", values="n_cells", aggfunc="sum", fill_value=0
+        )
+        types = sorted(set(square.index) | set(square.columns))
+        square = square.reindex(index=types, columns=types, fill_value=0)
+        totals = square.sum(axis=1)
+        order = sorted(types, key=lambda t: (-totals[t], t))
+        squares[method] = square.loc[order, order].astype(int)
+    return squares
+
+
+def confusion_html(square: pd.DataFrame) -> str:
+    """A confusion table as HTML: rows the true type (numbered, with its cells), columns the
+    predicted type (by number), each count shaded by its share of the row, the diagonal (the
+    correct predictions) outlined, zeros left blank.
+
+    Parameters
+    ----------
+    square : pandas.DataFrame
+        Counts, rows the true type, columns the predicted one, same order.
+
+    Returns
+    -------
+    str
+        An HTML table.
+    """
+    counts = square.to_numpy()
+    totals = counts.sum(axis=1)
+    header = "".join(
+        f"<th title='{html.escape(str(t))}'>{i}</th>" for i, t in enumerate(square.columns, 1)
+    )
+    body = []
+    for i, name in enumerate(square.index):
+        cells = []
+        for j, n in enumerate(counts[i]):
+            share = n / totals[i] if totals[i] else 0.0
+            outline = ";outline:2px solid #2c6e2c" if i == j else ""
+            text = str(int(n)) if n else ""
+            shade = f";background:rgba(44,110,44,{share:.2f})" if n else ""
+            cells.append(
+                f"<td style='text-align:right{shade}{';color:#fff' if share > 0.5 else ''}"
+                f"{outline}'>{text}</td>"
+            )
+        label = f"{i + 1}. {html.escape(str(name))} ({int(totals[i])})"
+        body.append(f"<tr><th>{label}</th>{''.join(cells)}</tr>")
+    return f"<table><tr><th>true \\ predicted</th>{header}</tr>{''.join(body)}</table>"
+
+
+def confusion_section(confusion_tsv) -> tuple[str, str, str]:
+    """The report section of the model's confusions and the best baseline's.
+
+    Parameters
+    ----------
+    confusion_tsv : path
+        Rule evaluate's ``confusion.tsv`` (every method); the baseline shown is the one with
+        the best macro-F1.
+
+    Returns
+    -------
+    tuple of str
+        Title, caption, HTML content.
+    """
+    squares = confusion_squares(_read_tsv(confusion_tsv))
+    baselines = {m: sq for m, sq in squares.items() if m != MODEL}
+    shown = {m: squares[m] for m in (MODEL,) if m in squares}
+    best = max(baselines, key=lambda m: f1_from_counts(baselines[m]).mean()) if baselines else None
+    if best is not None:
+        shown[best] = baselines[best]
+    caption = (
+        "Which cell types are mistaken for which (evaluation/confusion.tsv, every method): "
+        "rows are the cells' true types, columns the type the cross-validated kNN classifier "
+        "predicted, numbered as the rows. Each number counts cells; the shade is its share of "
+        "the row (darker: more). The outlined diagonal holds the correct predictions; "
+        "everything off it is a confusion, and fewer is better."
+    )
+    if best is not None:
+        caption += (
+            " Shown for the model and for the baseline with the best macro-F1 "
+            f"({html.escape(best)})."
+        )
+    content = "".join(
+        f"<h3>{html.escape(_method_name(m))} (macro-F1 {f1_from_counts(sq).mean():.3f})</h3>"
+        + confusion_html(sq)
+        for m, sq in shown.items()
+    )
+    return "Which cell types are confused", caption, content
 
 
 def _continued_model_caption(methods: pd.Series) -> str:
@@ -276,9 +530,10 @@ def _continued_model_caption(methods: pd.Series) -> str:
     return caption
 
 
-def _heldout_section(metrics_tsv, umap_png) -> tuple[str, str, str]:
-    """Scores on cells the model never saw (heldout.path), one table per baseline."""
-    table = _read_tsv(metrics_tsv)
+def _heldout_section(files: ReportInputs) -> tuple[str, str, str]:
+    """Scores on cells the model never saw (heldout.path), one table per baseline; the F1 per
+    cell type where given."""
+    table = _read_tsv(files.heldout_metrics_tsv)
     methods = table["baseline_method"].astype(str)
     caption = (
         f"{_heldout_cells(table['cells'])} that the model never saw (heldout.path), scored "
@@ -293,9 +548,15 @@ def _heldout_section(metrics_tsv, umap_png) -> tuple[str, str, str]:
             "not carried over what its training cells hold."
         )
     content = metrics_html(table)
-    if umap_png is not None:
+    if files.heldout_per_cell_type_tsv is not None:
+        caption += (
+            " Below the tables, the kNN F1 per cell type of these cells "
+            "(evaluation/heldout/per_cell_type.tsv; best per row in bold)."
+        )
+        content += per_cell_type_html(_read_tsv(files.heldout_per_cell_type_tsv))
+    if files.heldout_umap_png is not None:
         caption += " The UMAPs below are coloured by cell type."
-        content += _image(umap_png)
+        content += _image(files.heldout_umap_png)
     return "Cells the model never saw", caption, content
 
 

@@ -29,6 +29,7 @@ from scllm.errors import CorruptArtifactError
 from scllm.files import atomic_path, remove_stale_temporaries, software_provenance
 from scllm.model import CellTransformer
 from scllm.tokens import read_json, read_vocab, vocab_sha256
+from scllm.train.loss_curve import plot_loss_curve
 
 if TYPE_CHECKING:
     from scllm.train.batches import TrainingData
@@ -39,9 +40,12 @@ METRIC_COLUMNS = [
     "epoch", "step", "lr", "train_loss", "expr_mse", "gepc_mse", "ecs_loss", "contrastive_loss",
     "cells_per_s", "tokens_per_s", "mfu",
 ]  # fmt: skip
+# train_loss is the objective (the weighted sum of the terms); the train_* terms after the
+# validation columns are its parts' epoch means (added later: the earlier columns keep their
+# places, so older readers still read them).
 EPOCH_COLUMNS = [
     "epoch", "step", "train_loss", "val_loss", "val_expr_mse", "val_gepc_mse",
-    "val_mean_bin_baseline_mse",
+    "val_mean_bin_baseline_mse", "train_expr_mse", "train_gepc_mse", "train_contrastive",
 ]  # fmt: skip
 CHECKPOINT = "last_checkpoint.pt"
 OUTPUTS = (
@@ -99,6 +103,8 @@ class RunState:
     epochs: list = field(default_factory=list)  # rows of epochs.tsv
     epoch_loss_sum: float = 0.0  # this epoch's training loss, summed over checkpointed segments
     epoch_steps: int = 0
+    # this epoch's expression, GEPC and contrastive terms, summed the same way, and their steps
+    epoch_terms: list = field(default_factory=lambda: [0.0, 0.0, 0.0, 0])
     done: bool = False
 
     def as_dict(self) -> dict:  # no deep copy (asdict would clone best_model's tensors)
@@ -317,6 +323,8 @@ def _load_checkpoint(path: Path, args: dict, log) -> dict | None:
             ", ".join(changed) or "format",
         )
         return None
+    # Written before the epoch's terms were recorded: this epoch's means start at the resume.
+    ckpt.setdefault("epoch_terms", RunState().epoch_terms)
     # Written before the GEPC columns were renamed (mvc_mse -> gepc_mse): same values.
     for table in ("metrics", "epochs"):
         ckpt[table] = [
@@ -458,16 +466,16 @@ def write_outputs(out: Path, ckpt: dict, args: dict, shard_dir: Path, plot: bool
 
     Parameters
     ----------
-    out : Path
-        The run's folder.
+    out : pathlib.Path
+        The model folder.
     ckpt : dict
-        The checkpoint contents.
+        The checkpoint's contents (metrics and epochs rows, best weights).
     args : dict
-        The run's args.json, written if missing.
-    shard_dir : Path
-        The shards folder (vocab.json and genes.tsv are copied if missing).
+        The run's args.json (its ``train`` settings label the loss curves).
+    shard_dir : pathlib.Path
+        Where vocab.json and genes.tsv come from.
     plot : bool
-        Redraw the loss curve even if it exists.
+        Redraw loss_curve.png even if it exists.
     """
     _write_tsv(out / "metrics.tsv", METRIC_COLUMNS, ckpt["metrics"])
     _write_tsv(out / "epochs.tsv", EPOCH_COLUMNS, ckpt["epochs"])
@@ -475,7 +483,9 @@ def write_outputs(out: Path, ckpt: dict, args: dict, shard_dir: Path, plot: bool
         with atomic_path(out / "best_model.pt") as tmp:
             torch.save(ckpt["best_model"], tmp)
     if plot or not (out / "loss_curve.png").exists():
-        _plot(out / "loss_curve.png", ckpt["metrics"], ckpt["epochs"])
+        plot_loss_curve(
+            out / "loss_curve.png", ckpt["metrics"], ckpt["epochs"], args.get("train", {})
+        )
     if not (out / "args.json").exists():
         _write_json(out / "args.json", args)
     for name in ("vocab.json", "genes.tsv"):
@@ -518,46 +528,6 @@ def _copy(src: Path, dst: Path) -> None:
     if src.exists():
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)
-
-
-def _plot(path: Path, metrics: list[dict], epochs: list[dict]) -> None:
-    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
-
-    fig = Figure(figsize=(11, 4))
-    ax1, ax2 = fig.subplots(1, 2)
-    if metrics:
-        ax1.plot(
-            [r["step"] for r in metrics],
-            [r["train_loss"] for r in metrics],
-            label="train loss (expr + GEPC)",
-        )
-    if epochs:
-        ax1.plot(
-            [r["step"] for r in epochs],
-            [r["val_loss"] for r in epochs],
-            "o-",
-            label="validation loss",
-        )
-        x = [r["epoch"] for r in epochs]
-        ax2.plot(x, [r["val_expr_mse"] for r in epochs], "o-", label="model: expression MSE")
-        ax2.plot(
-            x, [r["val_gepc_mse"] for r in epochs], "^-", label="model: GEPC (cell embedding) MSE"
-        )
-        ax2.plot(
-            x,
-            [r["val_mean_bin_baseline_mse"] for r in epochs],
-            "s--",
-            label="baseline: cell's mean bin",
-        )
-    ax1.set(xlabel="step", ylabel="masked MSE", title="training")
-    ax2.set(xlabel="epoch", ylabel="masked MSE (bins²)", title="validation")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
 
 
 # --- the trained model, for inference -----------------------------------------------------------

@@ -130,7 +130,8 @@ class _Training:
         self.window = _Window(env.device)
         # Time left at this process's rate, validation and checkpoints included.
         self.progress = Progress(self.state.global_step, data.total_steps)
-        self.epoch_loss = torch.zeros(2, dtype=torch.float64, device=env.device)  # sum, steps
+        # sums this epoch: objective, expression, GEPC, contrastive terms; steps
+        self.epoch_loss = torch.zeros(5, dtype=torch.float64, device=env.device)
 
     def announce(self) -> None:
         """Log the setup; write args.json and the vocabulary next to the model (rank 0)."""
@@ -238,7 +239,8 @@ class _Training:
         window.counts += (len(lengths) // self.views, lengths.sum(), flops)
         window.steps += 1
         one = torch.ones((), dtype=torch.float64, device=self.env.device)
-        self.epoch_loss += torch.stack([losses[0].detach().double(), one])
+        terms = [losses[i].detach().double() for i in (0, 1, 2, 4)]  # ECS is off by default
+        self.epoch_loss += torch.stack([*terms, one])
 
     def log_window(self, epoch: int, lr: float) -> None:
         """Append a metrics.tsv row (means over the window, all processes) and log it."""
@@ -268,15 +270,15 @@ class _Training:
         self.state.metrics.append(row)
         if env.is_main:
             self.log.info(
-                "epoch %d/%d step %d/%d loss %.2f (expr %.2f, gepc %.2f) lr %.2e %.0f cells/s "
-                "%.0f tokens/s%s; %s",
+                "epoch %d/%d step %d/%d loss %.2f = %s; lr %.2e %.0f cells/s %.0f tokens/s%s; %s",
                 epoch + 1,
                 self.cfg.epochs,
                 step,
                 self.data.total_steps,
                 mean[0],
-                mean[1],
-                mean[2],
+                objective_terms(
+                    self.cfg, mean[1], mean[2], row["ecs_loss"], row["contrastive_loss"]
+                ),
                 row["lr"],
                 row["cells_per_s"],
                 row["tokens_per_s"],
@@ -315,26 +317,38 @@ class _Training:
         val = validation_loss(self.raw_model, self.data, self.cfg, env)
         self.ensure_finite(val["val_loss"])
         train_loss = state.epoch_loss_sum / max(state.epoch_steps, 1)
+        expr, gepc, contrastive = (v / max(state.epoch_terms[3], 1) for v in state.epoch_terms[:3])
         state.epochs.append(
-            {"epoch": epoch + 1, "step": state.global_step, "train_loss": train_loss, **val}
+            {
+                "epoch": epoch + 1,
+                "step": state.global_step,
+                "train_loss": train_loss,
+                **val,
+                "train_expr_mse": expr,
+                "train_gepc_mse": gepc,
+                "train_contrastive": contrastive if self.views > 1 else None,
+            }
         )
         improved = val["val_loss"] < state.best_val_loss
         if improved:
             self.keep_best(val["val_loss"])
         if env.is_main:
             self.log.info(
-                "epoch %d/%d done: train loss %.2f, validation loss %.2f (expression MSE %.2f vs "
-                "mean-bin baseline %.2f)%s; %s",
+                "epoch %d/%d done: train loss %.2f = %s; validation loss %.2f = masked MSE of "
+                "the expression head %.2f (mean-bin baseline %.2f) + of the GEPC head %.2f%s; %s",
                 epoch + 1,
                 self.cfg.epochs,
                 train_loss,
+                objective_terms(self.cfg, expr, gepc, None, contrastive),
                 val["val_loss"],
                 val["val_expr_mse"],
                 val["val_mean_bin_baseline_mse"],
+                val["val_gepc_mse"],
                 ", new best" if improved else "",
                 self.progress.text(state.global_step),
             )
         state.epoch, state.batch, state.epoch_loss_sum, state.epoch_steps = epoch + 1, 0, 0.0, 0
+        state.epoch_terms = [0.0, 0.0, 0.0, 0]
         state.done = epoch + 1 == self.cfg.epochs
         self.save_checkpoint(plot=True)
         self.window.paused += time.perf_counter() - t0
@@ -404,8 +418,39 @@ class _Training:
 
 
 def _fold_epoch_loss(state: RunState, epoch_loss: torch.Tensor, world_size: int) -> None:
-    """Move this segment's loss sums into ``state`` (so they survive a checkpoint)."""
-    total, steps = all_reduce(epoch_loss.clone(), world_size).tolist()
+    """Move this segment's loss sums (objective, terms, steps) into ``state`` (so they survive
+    a checkpoint)."""
+    total, *terms, steps = all_reduce(epoch_loss.clone(), world_size).tolist()
+    steps = int(round(steps / world_size))
     state.epoch_loss_sum += total / world_size
-    state.epoch_steps += int(round(steps / world_size))
+    state.epoch_steps += steps
+    sums = [old + new / world_size for old, new in zip(state.epoch_terms[:3], terms)]
+    state.epoch_terms = [*sums, state.epoch_terms[3] + steps]
     epoch_loss.zero_()
+
+
+def objective_terms(cfg: TrainConfig, expr: float, gepc: float, ecs, contrastive) -> str:
+    """The training objective's terms as the log lines name them, each with its weight.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The weights (a term whose weight is 0 is off and left out).
+    expr, gepc : float
+        The expression head's masked MSE and the GEPC head's MSE (on train.gepc_targets).
+    ecs, contrastive : float or None
+        The ECS loss and the contrastive InfoNCE, None where not measured.
+
+    Returns
+    -------
+    str
+        E.g. "expression MSE 115.16 + 1 x GEPC MSE 53.25 + 10 x InfoNCE 0.985".
+    """
+    text = f"expression MSE {expr:.2f} + {cfg.gepc_weight:g} x GEPC MSE {gepc:.2f}"
+    if cfg.ecs_weight and ecs is not None:
+        text += f" + {cfg.ecs_weight:g} x ECS {ecs:.3f}"
+    if cfg.contrastive_weight and contrastive is not None:
+        text += f" + {cfg.contrastive_weight:g} x InfoNCE {contrastive:.3f}"
+    if cfg.vc_weight:
+        text += f" + {cfg.vc_weight:g} x VICReg (not logged)"
+    return text
