@@ -178,9 +178,6 @@ rule report:
     """One self-contained page: samples, QC, HVGs, pretraining, metrics, F1 per cell type and
     confusion, UMAPs and how the run was made, with captions; with heldout.path, the scores on
     cells the model never saw."""
-
-    # QC figure: once filter_qc writes a per-cell QC table, name it here as qc_cells (e.g.
-    # qc_cells=rules.filter_qc.output.cells_table) and the report draws it (scripts/report.py).
     input:
         unpack(heldout_report_inputs),
         samples=rules.sample_census.output.samples,
@@ -193,7 +190,8 @@ rule report:
         umap_sample=rules.evaluate.output.umap_sample,
         per_cell_type=rules.evaluate.output.per_cell_type,
         confusion=rules.evaluate.output.confusion,
-        run_record=f"{RESULTS}/run.json",  # config, commit, versions: written by its own rule
+        qc_cells=rules.filter_qc.output.cells_table,  # the QC figure, drawn into the page
+        run_record=rules.run_record.output.record,
     output:
         html=f"{RESULTS}/report.html",
     log:

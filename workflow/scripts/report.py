@@ -4,6 +4,7 @@ import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 import tempfile
 from pathlib import Path
 
+from scllm.eval.qc_plots import plot_qc
 from scllm.eval.report import ReportInputs, write_report
 from scllm.files import setup_logging
 
@@ -26,17 +27,12 @@ inputs = ReportInputs(
     heldout_per_cell_type_tsv=snakemake.input.get("heldout_per_cell_type"),
 )
 with tempfile.TemporaryDirectory() as scratch:
-    qc_plot = None
-    qc_cells = snakemake.input.get("qc_cells")  # filter_qc's per-cell table, once it writes one
-    if qc_cells:
-        from scllm.eval.qc_plots import plot_qc
-
-        qc_plot = Path(scratch) / "qc.png"  # embedded in the page: no file of its own
-        qc = snakemake.config["qc"]  # qc_cells changes with these thresholds: no rerun is missed
-        plot_qc(
-            qc_cells,
-            qc_plot,
-            min_genes_per_cell=qc["min_genes_per_cell"],
-            max_mito_fraction=qc.get("max_mito_fraction"),
-        )
+    qc_plot = Path(scratch) / "qc.png"  # embedded in the page: no file of its own
+    qc = snakemake.config["qc"]  # qc_cells changes with these thresholds: no rerun is missed
+    plot_qc(
+        snakemake.input.qc_cells,
+        qc_plot,
+        min_genes_per_cell=qc["min_genes_per_cell"],
+        max_mito_fraction=qc["max_mito_fraction"],
+    )
     write_report(snakemake.output.html, inputs, run=snakemake.config["run"], qc_plot_png=qc_plot)
