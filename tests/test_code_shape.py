@@ -240,14 +240,6 @@ def test_parameters_counts_every_kind():
 
 # --- numpydoc: the Python API documents its parameters and what it returns -----------------------
 
-# Modules whose docstrings are not converted yet. It must be emptied: the test then holds every
-# module of the package (do not add to it; convert a module's docstrings instead).
-NOT_YET_NUMPYDOC = {
-    "eval/evaluate.py",
-    "eval/metrics.py",
-    "eval/report.py",
-    "train/loop.py",
-}
 SECTION_RULE = re.compile(r"-{3,}")
 # Decorators that make a method an attribute: a property is documented as what it is, in one
 # line, with neither Parameters (it takes none) nor Returns.
@@ -363,7 +355,6 @@ def test_the_public_functions_have_numpydoc_parameters_and_returns():
     problems = [
         problem
         for path in sorted(SRC.rglob("*.py"))
-        if str(path.relative_to(SRC)) not in NOT_YET_NUMPYDOC
         for problem in numpydoc_problems(path.read_text(), str(path.relative_to(SRC)))
     ]
     assert not problems, "\n".join(problems)

@@ -42,7 +42,30 @@ def log_normalized_hvgs(
     filtered_h5ad, hvg_ids, cells, *, chunk_size: int = CHUNK_SIZE
 ) -> sp.csr_matrix:
     """log1p(normalize_total(counts, 1e4)) of the HVGs for ``cells`` (obs names, in that order),
-    totals over all genes, streamed from ``filtered_h5ad`` in row chunks (stays sparse)."""
+    totals over all genes, streamed from ``filtered_h5ad`` in row chunks (stays sparse).
+
+    Parameters
+    ----------
+    filtered_h5ad : path
+        filter_qc's counts.
+    hvg_ids : list of str
+        The HVGs' var names (Ensembl ids), in the columns' order.
+    cells : array-like of str
+        The obs names of the cells, in the rows' order.
+    chunk_size : int
+        Cells read at a time.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``cells`` x ``hvg_ids``, float32.
+
+    Raises
+    ------
+    ValueError
+        A cell or an HVG is not in ``filtered_h5ad`` (the embeddings or the HVG table come from
+        another run).
+    """
     adata = open_backed(filtered_h5ad)
     rows = adata.obs_names.get_indexer(pd.Index(cells))
     if (rows < 0).any():
@@ -64,7 +87,27 @@ def log_normalized_hvgs(
 
 def log_normalized_rows(read_block, n_obs: int, columns, rows, chunk_size: int) -> sp.csr_matrix:
     """log1p(normalize_total(counts, 1e4)) of ``columns`` for ``rows`` (in that order), totals over
-    all genes; ``read_block(start, stop)`` gives a CSR block of counts, read in row chunks."""
+    all genes; ``read_block(start, stop)`` gives a CSR block of counts, read in row chunks.
+
+    Parameters
+    ----------
+    read_block : callable
+        ``read_block(start, stop)``: the counts of rows ``start`` to ``stop`` (all genes), CSR.
+    n_obs : int
+        The rows of the whole matrix.
+    columns : numpy.ndarray of int
+        The positions of the genes to keep, in the output's order.
+    rows : numpy.ndarray of int
+        The positions of the cells to keep, in the output's order; only the chunks that hold
+        one are read.
+    chunk_size : int
+        Rows read at a time.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``rows`` x ``columns``, float32.
+    """
     from scllm.prep.binning import normalize_total
 
     wanted = np.zeros(n_obs, dtype=bool)
@@ -119,6 +162,11 @@ class Outputs:
         -------
         Outputs
             The named paths, None for those not given.
+
+        Raises
+        ------
+        TypeError
+            Neither ``required`` nor ``len(names)`` paths were given.
         """
         if len(paths) not in (required, len(names)):
             raise TypeError(
@@ -136,7 +184,34 @@ def labelled_cells(
     obs: pd.DataFrame, label_key: str, max_cells: int, seed: int, where
 ) -> np.ndarray:
     """Rows of ``obs`` with a usable ``label_key`` label, at most ``max_cells`` (a seeded
-    sample)."""
+    sample).
+
+    A label is unusable when missing, or when it reads (stripped, in lower case) as one of
+    ``UNLABELED`` ("", "nan", "unknown", ...).
+
+    Parameters
+    ----------
+    obs : pandas.DataFrame
+        The cells' annotations.
+    label_key : str
+        The column of the labels.
+    max_cells : int
+        The most cells to keep.
+    seed : int
+        Seed of the sample taken above ``max_cells``.
+    where : str or path
+        The input, for messages.
+
+    Returns
+    -------
+    numpy.ndarray
+        The kept rows' positions in ``obs``, ascending.
+
+    Raises
+    ------
+    ValueError
+        ``obs`` has no ``label_key`` column, or fewer than 10 cells are kept.
+    """
     if label_key not in obs:
         raise ValueError(
             f"{where} has no obs column {label_key!r} (the label key); "
@@ -392,7 +467,9 @@ def evaluate(
         coloured by label and by sample, and optionally the per-cell-type F1 table and the
         confusion counts (``write_per_cell_type``).
     args_json : path, optional
-        The model's args.json: the number of validation cells behind the masked-value error.
+        The model's args.json: the number of validation cells behind the masked-value error,
+        and train.gepc_targets (the GEPC row says when its error is not comparable with the
+        baseline).
     zero_shot : ZeroShot, optional
         train.init_from: adds the continued model's baselines.
     **settings
@@ -402,6 +479,16 @@ def evaluate(
     -------
     pandas.DataFrame
         The metrics table as written.
+
+    Raises
+    ------
+    TypeError
+        Neither four nor six ``outputs``.
+    ValueError
+        An unknown setting; ``embeddings_h5ad`` lacks the label or batch column or the
+        embedding, or has fewer than 10 labelled cells; a scored cell or an HVG is not in
+        ``filtered_h5ad``, or a scored cell not in the zero-shot embeddings (files of another
+        run); ``epochs_tsv`` holds no epoch.
     """
     from scllm.prep.hvg import read_hvg_table
 
@@ -500,7 +587,27 @@ def _labelled_embeddings(embeddings_h5ad, cfg: EvaluateConfig):
 
 def masked_value_rows(epochs_tsv, args_json=None) -> list[dict]:
     """The metrics table's rows for the masked-value error of both heads against the baseline of
-    each cell's mean visible bin, at the best validation epoch."""
+    each cell's mean visible bin, at the best validation epoch.
+
+    Parameters
+    ----------
+    epochs_tsv : path
+        pretrain's ``epochs.tsv``.
+    args_json : path, optional
+        The model's args.json: the number of validation cells (the rows' ``cells``) and
+        train.gepc_targets (other than "masked", the GEPC row is marked not comparable with the
+        baseline). None: the cells are "validation", and the GEPC row is taken as comparable.
+
+    Returns
+    -------
+    list of dict
+        Two rows of the metrics table, ``masked_mse_expression`` and ``masked_mse_gepc``.
+
+    Raises
+    ------
+    ValueError
+        ``epochs_tsv`` holds no epoch.
+    """
     masked = masked_value_error(epochs_tsv)
     epoch_note = f"best epoch {masked['epoch']} of {masked['n_epochs']}, fixed masks"
     run_args = json.loads(Path(args_json).read_text()) if args_json else {}
@@ -543,7 +650,33 @@ def log_normalized_vocab_genes(
     chunk_size: int = CHUNK_SIZE,
 ) -> sp.csr_matrix:
     """log1p(normalize_total(counts, 1e4)) of the input ``columns`` (the model's vocabulary genes
-    as found in the file) for ``rows``, totals over all the file's genes, read in row chunks."""
+    as found in the file) for ``rows``, totals over all the file's genes, read in row chunks.
+
+    Parameters
+    ----------
+    h5ad : path
+        The cells' h5ad.
+    columns : numpy.ndarray of int
+        The positions of the genes to keep in the file's var, in the output's order.
+    rows : numpy.ndarray of int
+        The positions of the cells to keep, in the output's order.
+    counts_layer : str, optional
+        The layer holding the counts; None: X.
+    chunk_size : int
+        Cells read at a time.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``rows`` x ``columns``, float32.
+
+    Raises
+    ------
+    ValueError
+        The file has no such layer.
+    InputError
+        The matrix records no shape, or is not one ``scllm embed`` reads.
+    """
     with open_matrix(h5ad, counts_layer) as matrix:
         return log_normalized_rows(matrix.rows, matrix.n_obs, columns, rows, chunk_size)
 
@@ -577,12 +710,23 @@ def evaluate_heldout(
         The obs column of the samples (none: one sample, no batch metrics).
     **settings
         The evaluate section (``EvaluateConfig``) and how to embed (``EmbedConfig``:
-        gene_id_column, counts_layer, device, batch_size, chunk_size).
+        gene_id_column, counts_layer, min_coverage, device, batch_size, chunk_size).
 
     Returns
     -------
     pandas.DataFrame
         The metrics table as written.
+
+    Raises
+    ------
+    TypeError
+        Neither three nor five ``outputs``.
+    ValueError
+        An unknown setting; ``h5ad`` lacks the ``label_key`` or ``batch_key`` column, or has
+        fewer than 10 labelled cells (checked before any work).
+    GeneCoverageError
+        Too few of the model's vocabulary genes found in ``h5ad`` (a ValueError), and the other
+        errors of ``embed_h5ad`` (e.g. ``UnsafeOutputError`` for ``out_embeddings``).
     """
     import anndata as ad
 

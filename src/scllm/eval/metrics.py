@@ -35,9 +35,33 @@ def knn_scores(
 ) -> dict:
     """Accuracy and macro-F1 of kNN label predictions made out of fold.
 
-    ``groups`` None: stratified ``n_folds``-fold cross-validation. Otherwise folds hold out whole
-    groups (samples): one group per fold, or ``n_folds`` group folds when there are more groups.
-    Returns NaN scores when the split is impossible (one group, or fewer than two labels).
+    ``groups`` None: stratified ``n_folds``-fold cross-validation (fewer folds when even the most
+    frequent label has fewer than ``n_folds`` cells). Otherwise folds hold out whole groups
+    (samples): one group per fold, or ``n_folds`` group folds when there are more groups.
+    Returns NaN scores when the split is impossible (fewer than two labels; with ``groups``, one
+    group; without, no label with two cells).
+
+    Parameters
+    ----------
+    X : numpy.ndarray
+        Cells x dimensions.
+    labels : array-like
+        Each cell's label (compared as strings).
+    n_neighbors : int
+        The classifier's k, lowered to the smallest training fold's size where that is smaller.
+    n_folds : int
+        The most folds to make.
+    seed : int
+        Seed of the stratified folds' shuffle.
+    groups : array-like, optional
+        Each cell's group (sample); given, folds hold out whole groups.
+
+    Returns
+    -------
+    dict
+        ``accuracy`` and ``macro_f1`` (the mean of ``per_label_f1``), ``n_folds`` (the folds
+        made, 0 when none could be) and ``predictions`` (each cell's out-of-fold predicted label,
+        None when none could be made).
     """
     from sklearn.metrics import accuracy_score
     from sklearn.model_selection import (
@@ -155,7 +179,24 @@ def silhouette(
 ) -> float:
     """scikit-learn's mean silhouette width (Euclidean) of ``labels``; NaN for < 2 or
     all-distinct labels. Above ``max_cells`` cells it is estimated on a seeded random sample of
-    that size."""
+    that size.
+
+    Parameters
+    ----------
+    X : numpy.ndarray
+        Cells x dimensions.
+    labels : array-like
+        Each cell's label or sample (compared as strings).
+    seed : int
+        Seed of the cell sample.
+    max_cells : int
+        Above this many cells, the silhouette of a sample of this many.
+
+    Returns
+    -------
+    float
+        In [-1, 1]; NaN when fewer than two labels, or as many labels as cells.
+    """
     from sklearn.metrics import silhouette_score
 
     labels = np.asarray(labels).astype(str)
@@ -167,7 +208,23 @@ def silhouette(
 
 
 def neighbors_graph(X: np.ndarray, *, n_neighbors: int = 15, seed: int = 0):
-    """An AnnData holding ``X`` and scanpy's exact kNN graph on it (for Leiden and UMAP)."""
+    """An AnnData holding ``X`` and scanpy's exact kNN graph on it (for Leiden and UMAP).
+
+    Parameters
+    ----------
+    X : numpy.ndarray
+        Cells x dimensions.
+    n_neighbors : int
+        The graph's k, lowered to the number of cells - 1 where that is smaller.
+    seed : int
+        scanpy's ``random_state``.
+
+    Returns
+    -------
+    anndata.AnnData
+        No genes; ``X`` (float32) in ``obsm["rep"]``, the graph in ``obsp["distances"]`` and
+        ``obsp["connectivities"]``.
+    """
     import anndata as ad
     import scanpy as sc
 
@@ -192,7 +249,26 @@ def leiden_scores(
     graph, labels, *, resolutions=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), seed: int = 0
 ) -> dict:
     """ARI and NMI of Leiden clusters against ``labels`` at the resolution (of ``resolutions``)
-    with the best NMI; ``graph`` is an AnnData from ``neighbors_graph``."""
+    with the best NMI; ``graph`` is an AnnData from ``neighbors_graph``.
+
+    Parameters
+    ----------
+    graph : anndata.AnnData
+        ``neighbors_graph``'s AnnData. Each resolution's clusters are written to its
+        ``obs["leiden"]``, which holds the last resolution's afterwards.
+    labels : array-like
+        Each cell's label (compared as strings).
+    resolutions : sequence of float
+        The Leiden resolutions to try.
+    seed : int
+        Leiden's ``random_state``.
+
+    Returns
+    -------
+    dict
+        At the resolution with the best NMI (the first of equals): ``nmi``, ``ari``,
+        ``resolution`` and ``n_clusters``; None when ``resolutions`` is empty.
+    """
     import scanpy as sc
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
@@ -221,6 +297,20 @@ def leiden_scores(
 
 
 def umap_coords(graph, *, seed: int = 0) -> np.ndarray:
+    """scanpy's UMAP of a kNN graph.
+
+    Parameters
+    ----------
+    graph : anndata.AnnData
+        ``neighbors_graph``'s AnnData; the UMAP is added to it (``obsm["X_umap"]``).
+    seed : int
+        UMAP's ``random_state``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Cells x 2.
+    """
     import scanpy as sc
 
     sc.tl.umap(graph, random_state=seed)
@@ -345,7 +435,22 @@ def scib_scores(X: np.ndarray, labels, samples, graph, asw_label: float, seed: i
 
 
 def pca_baseline(matrix: sp.csr_matrix, *, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
-    """scanpy PCA (centred implicitly, never densified) of a cells x genes matrix."""
+    """scanpy PCA (centred implicitly, never densified) of a cells x genes matrix.
+
+    Parameters
+    ----------
+    matrix : scipy.sparse.csr_matrix
+        Cells x genes (e.g. log-normalized HVGs); read as float32.
+    n_pcs : int
+        How many components, lowered to min(cells, genes) - 1 where that is smaller.
+    seed : int
+        scanpy's ``random_state``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Cells x components.
+    """
     import anndata as ad
     import scanpy as sc
 
@@ -357,7 +462,25 @@ def pca_baseline(matrix: sp.csr_matrix, *, n_pcs: int = 50, seed: int = 0) -> np
 
 def masked_value_error(epochs_tsv) -> dict:
     """Validation masked MSE of the best epoch (lowest validation loss: best_model.pt) and the
-    mean-bin baseline, from pretrain's ``epochs.tsv``."""
+    mean-bin baseline, from pretrain's ``epochs.tsv``.
+
+    Parameters
+    ----------
+    epochs_tsv : path
+        pretrain's ``epochs.tsv``.
+
+    Returns
+    -------
+    dict
+        ``epoch`` (the best, the first of equals), ``n_epochs`` (the last epoch recorded), and
+        at the best epoch ``expr_mse`` and ``gepc_mse`` (the expression and GEPC heads' masked
+        MSE) and ``baseline_mse`` (each cell's mean visible bin).
+
+    Raises
+    ------
+    ValueError
+        ``epochs.tsv`` holds no epoch (the model has not finished one).
+    """
     epochs = pd.read_csv(epochs_tsv, sep="\t")
     if epochs.empty:
         raise ValueError(f"{epochs_tsv} holds no epoch; the model has not finished an epoch")

@@ -65,7 +65,22 @@ STYLE = (
 
 
 def winner(metric: str, ours: float, baseline: float) -> str | None:
-    """'scllm', 'baseline', 'tie' or None (no direction for this metric, or a value missing)."""
+    """'scllm', 'baseline', 'tie' or None (no direction for this metric, or a value missing).
+
+    Parameters
+    ----------
+    metric : str
+        The metric's name; ``HIGHER_IS_BETTER``, ``LOWER_IS_BETTER`` and
+        ``CLOSER_TO_ZERO_IS_BETTER`` say which way is better.
+    ours, baseline : float
+        The model's value and the baseline's.
+
+    Returns
+    -------
+    str or None
+        The better side; 'tie' when they are within 5e-4 of each other; None for a metric in
+        none of the sets, or a value that is NaN or infinite.
+    """
     if not (np.isfinite(ours) and np.isfinite(baseline)):
         return None
     if metric in HIGHER_IS_BETTER:
@@ -81,7 +96,20 @@ def winner(metric: str, ours: float, baseline: float) -> str | None:
 
 def metrics_html(table: pd.DataFrame) -> str:
     """The metrics as an HTML table: n/a rows dropped, the better value of each row in bold, the
-    baseline's name in the header (it is the same for a group of rows), details kept."""
+    baseline's name in the header (it is the same for a group of rows), details kept.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The metrics table (``TABLE_COLUMNS``). A row whose details say "not comparable" gets
+        no winner.
+
+    Returns
+    -------
+    str
+        One HTML table per baseline method, in the order they first appear (both values bold
+        on a tie); a paragraph saying no metric applies when no row has both values.
+    """
     rows = table[
         np.isfinite(table["scllm"].astype(float)) & np.isfinite(table["baseline"].astype(float))
     ]
@@ -202,6 +230,11 @@ def write_report(
     -------
     list of str
         The titles of the sections it holds, in order.
+
+    Raises
+    ------
+    ValueError
+        ``inputs.run_record_json`` is not valid JSON or lacks a field (``read_run_record``).
     """
     files = inputs
     samples_section, n_samples = _samples_section(files.samples_tsv)
@@ -584,7 +617,22 @@ def _palette(n: int) -> list:
 
 
 def plot_umaps(path, panels: dict[str, np.ndarray], colors, title: str, seed: int = 0) -> None:
-    """Side-by-side UMAPs (one per representation) coloured by one categorical ``colors``."""
+    """Side-by-side UMAPs (one per representation) coloured by one categorical ``colors``.
+
+    Parameters
+    ----------
+    path : path
+        The PNG to write.
+    panels : dict of str to numpy.ndarray
+        Representation's name (the panel's title) -> its UMAP coordinates, cells x 2, the cells
+        in the order of ``colors``.
+    colors : array-like
+        Each cell's category (compared as strings).
+    title : str
+        What the colours are (e.g. the label key): the legend's title and the figure's.
+    seed : int
+        Seed of the order the cells are drawn in (no category systematically on top).
+    """
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -627,12 +675,44 @@ def plot_umaps(path, panels: dict[str, np.ndarray], colors, title: str, seed: in
 
 
 def format_value(v) -> str:
+    """A value as the metrics TSV and the log show it.
+
+    Parameters
+    ----------
+    v : object
+        A metric's value, or any other cell of the table.
+
+    Returns
+    -------
+    str
+        "" for None or a NaN float, a float (numpy.float64 too) to 6 significant digits,
+        anything else as ``str`` makes it.
+    """
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return ""
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def write_table(rows: list[dict], tsv_path, html_path=None, title: str = "") -> pd.DataFrame:
+    """Write the metrics table as TSV and, where asked, as an HTML page.
+
+    Parameters
+    ----------
+    rows : list of dict
+        The table's rows, keyed by ``TABLE_COLUMNS`` (other keys are left out, missing ones
+        left empty).
+    tsv_path : path
+        The TSV to write (values as ``format_value`` shows them).
+    html_path : path, optional
+        The HTML page to write (``metrics_html``); None: none.
+    title : str
+        The page's title and heading, written as given (HTML, not escaped).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The rows, in the columns ``TABLE_COLUMNS``, values unformatted.
+    """
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     lines = ["\t".join(TABLE_COLUMNS)]
     lines += ["\t".join(format_value(r.get(c)) for c in TABLE_COLUMNS) for r in rows]
@@ -649,7 +729,19 @@ def write_table(rows: list[dict], tsv_path, html_path=None, title: str = "") -> 
 
 def plot_one_colour_note(path, n_cells: int, name: str, value: str) -> None:
     """In place of a UMAP coloured by ``name`` when all cells share one value: it would be one
-    colour."""
+    colour.
+
+    Parameters
+    ----------
+    path : path
+        The PNG to write, a note in words.
+    n_cells : int
+        The cells, for the note.
+    name : str
+        What they would be coloured by (e.g. the batch key).
+    value : str
+        The value all of them share.
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 1.6))

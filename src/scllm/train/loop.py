@@ -69,8 +69,46 @@ def pretrain(
 ) -> dict:
     """Pretrain on the shards of ``manifest_path`` and write the model and metrics to ``out_dir``.
 
-    Returns a summary: global_step, epochs_done, best_val_loss, done (False when max_steps
-    stopped it).
+    Resumes from ``out_dir``'s last_checkpoint.pt when it was written with the same settings
+    (otherwise starts afresh, clearing the earlier outputs); a run already complete, or already
+    at max_steps, does nothing but rewrite missing outputs.
+
+    Parameters
+    ----------
+    manifest_path : str or Path
+        The shards' manifest.json (vocab.json and genes.tsv beside it).
+    out_dir : str or Path
+        The model folder: last_checkpoint.pt, best_model.pt, args.json, vocab.json, genes.tsv,
+        metrics.tsv, epochs.tsv and loss_curve.png.
+    model_cfg : dict, optional
+        The ``model`` section (``ModelConfig``); the vocabulary and the token values come from
+        the shards. None or missing keys: the defaults.
+    train_cfg : dict, optional
+        The ``train`` section (``TrainConfig``). None or missing keys: the defaults.
+    log : logging.Logger, optional
+        Where to log; None: the "scllm" logger.
+
+    Returns
+    -------
+    dict
+        A summary: global_step, epochs_done, best_val_loss, done (False when max_steps
+        stopped it).
+
+    Raises
+    ------
+    ValueError
+        An unknown or invalid setting, no validation cells, or too few training cells for one
+        batch per process.
+    CorruptArtifactError
+        The vocabulary or a shard does not match the manifest.
+    RuntimeError
+        ``train.device`` is "cuda" but no CUDA device is visible.
+    NonFiniteLossError
+        The loss or the weights became NaN or infinite (a RuntimeError); the last good
+        checkpoint is kept.
+    TrainingPreempted
+        SIGTERM or SIGUSR1 arrived: a checkpoint of the current step was written; rerun to
+        resume (its ``exit_code`` asks for a requeue).
     """
     log = log or logging.getLogger("scllm")
     cfg = TrainConfig.from_dict(train_cfg)
@@ -435,11 +473,13 @@ def objective_terms(cfg: TrainConfig, expr: float, gepc: float, ecs, contrastive
     Parameters
     ----------
     cfg : TrainConfig
-        The weights (a term whose weight is 0 is off and left out).
+        The weights. The GEPC term is always named; the ECS, InfoNCE and VICReg terms only
+        with a weight other than 0 (VICReg is not logged, so named without a value).
     expr, gepc : float
         The expression head's masked MSE and the GEPC head's MSE (on train.gepc_targets).
     ecs, contrastive : float or None
-        The ECS loss and the contrastive InfoNCE, None where not measured.
+        The ECS loss and the contrastive InfoNCE, None where not measured (the term is then
+        left out).
 
     Returns
     -------
