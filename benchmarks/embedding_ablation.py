@@ -277,9 +277,7 @@ def run_one(job: dict) -> dict:
         pretrain(data["shards"] / "manifest.json", tmp, model_cfg, train_cfg)
         train_s = time.perf_counter() - t0
         emb_path = Path(tmp) / "embeddings.h5ad"
-        embed_shards(
-            tmp, data["shards"], data["binned"], emb_path, cells="all", device="cpu"
-        )
+        embed_shards(tmp, data["shards"], data["binned"], emb_path, cells="all", device="cpu")
         emb = ad.read_h5ad(emb_path)
         masked = masked_value_error(Path(tmp) / "epochs.tsv")
         transfer = transfer_scores(tmp, results) if job["transfer"] else {}

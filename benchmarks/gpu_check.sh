@@ -21,7 +21,9 @@ WORK=$(mktemp -d)
 RUN=$WORK/gpu_check
 mkdir -p "$RUN" "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-SHARDS=results/demo/shards/manifest.json
+# the demo run's shards, in the data folder its run.json names
+SHARDS=$($PY -c 'from scllm.provenance import run_data_files as f
+print(f("results/demo")["shards"] / "manifest.json")')
 PARTS=${*:-tests demo bench full}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu TRAIN_EXTRA="max_steps=3" tries the script where there is no GPU
 

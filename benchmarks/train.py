@@ -14,9 +14,11 @@ background thread (scllm.train.batches.training_batch and .prefetched), forward,
 losses, backward, gradient clipping, AdamW. Tokens/s, FLOP/s and MFU count real (non-padding)
 tokens only, so padding shows up as lost throughput.
 
-    python benchmarks/train.py --device cuda --manifest results/demo/shards/manifest.json \\
+    SHARDS=$(python -c 'from scllm.provenance import run_data_files as f
+print(f("results/demo")["shards"])')   # the demo run's shards (results/data/...)
+    python benchmarks/train.py --device cuda --manifest $SHARDS/manifest.json \\
         --batch-size 32 128 --out benchmarks/results/train_cuda_pbmc3k.json
-    python benchmarks/train.py --device cpu --manifest results/demo/shards/manifest.json \\
+    python benchmarks/train.py --device cpu --manifest $SHARDS/manifest.json \\
         --cells 1000 --batch-size 4 --warmup 2 --steps 4 \\
         --variants pad1201_fp32 grouped_fp32 grouped_bf16 compiled_bf16 \\
         --out benchmarks/results/train_cpu_pbmc3k.json

@@ -26,6 +26,11 @@ def run_name():
 
 
 config["run"] = RUN = run_name()
+if RUN == "data":  # the run's files would land among the shared data folders
+    raise WorkflowError(
+        "run: data is taken: results/data/ holds the data stages' folders, shared by all runs. "
+        "Name the run otherwise (run: in your config file, or --config run=NAME)."
+    )
 RESULTS = f"results/{RUN}"
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"

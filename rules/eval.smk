@@ -191,6 +191,7 @@ rule report:
         per_cell_type=rules.evaluate.output.per_cell_type,
         confusion=rules.evaluate.output.confusion,
         qc_cells=rules.filter_qc.output.cells_table,  # the QC figure, drawn into the page
+        training_pca=rules.training_pca.output.npz,  # so its time is in "How this run was made"
         run_record=rules.run_record.output.record,
     output:
         html=f"{RESULTS}/report.html",

@@ -344,6 +344,8 @@ def run_log(workdir: Path, rule: str, run: str = "demo") -> Path:
     results = workdir / "results" / run
     folder = json.loads((results / "run.json").read_text())["data"].get(rule)
     return workdir / folder / f"{rule}.log" if folder else results / "logs" / f"{rule}.log"
+
+
 # run: demo, so that workflow tests share (and check) the embedded default's results folder.
 TINY_TRAINING = {
     "run": "demo",

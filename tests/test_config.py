@@ -144,3 +144,56 @@ def test_embedding_fallback_binning_is_normalize_bins_default():
 
     defaults = schema_defaults("normalize_bin")
     assert DEFAULT_BINNING == {key: defaults[key] for key in DEFAULT_BINNING}
+
+
+# --- the config as users write it (scllm.workflow_config) ----------------------------------------
+
+
+def test_command_line_scalars_are_typed_as_yaml_types_them():
+    from scllm.workflow_config import typed_overrides, typed_scalar
+
+    assert [typed_scalar(t) for t in ("800", "-3", "1e-3", ".5", "True", "null", "~")] == [
+        800, -3, 0.001, 0.5, True, None, None,
+    ]  # fmt: skip
+    # dates, names and versions stay text (YAML would make 2025-01-30 a date)
+    assert [typed_scalar(t) for t in ("2025-01-30", "seurat_v3", "1.2.3")] == [
+        "2025-01-30", "seurat_v3", "1.2.3",
+    ]  # fmt: skip
+    # top-level values are Snakemake's own typing: left alone
+    assert typed_overrides({"run": "001", "hvg": {"n_top_genes": "800"}}) == {
+        "run": "001",
+        "hvg": {"n_top_genes": 800},
+    }
+
+
+@pytest.mark.parametrize(
+    "typo, nearest",
+    [
+        ("learning_rate", "lr"),
+        ("n_top_gene", "n_top_genes"),
+        ("epoch", "epochs"),
+        ("bs", "batch_size"),
+    ],
+)
+def test_nearest_names_find_misspellings_and_abbreviations(typo, nearest):
+    from scllm.workflow_config import nearest_names
+
+    known = ["epochs", "batch_size", "lr", "n_top_genes", "log_every_steps", "mask_ratios"]
+    assert nearest_names(typo, known)[0] == nearest
+
+
+def test_config_problems_name_each_problem_once_in_a_paragraph():
+    from scllm.workflow_config import config_problems
+
+    schema = SCHEMA
+    assert config_problems({"hvg": {"n_top_genes": 800}}, schema) is None
+    message = config_problems(
+        {"train": {"learning_rate": 0.1, "lr": -1}, "census": {"h5ad": {"pth": "x.h5ad"}}}, schema
+    )
+    paragraphs = message.split("\n\n")[1:]
+    assert len(paragraphs) == 3, message
+    assert paragraphs[0].startswith(
+        "unknown setting census.h5ad.pth: did you mean census.h5ad.path?"
+    )
+    assert paragraphs[1].startswith("unknown setting train.learning_rate: did you mean train.lr?")
+    assert paragraphs[2].startswith("train.lr: -1 is less than or equal to the minimum of 0")

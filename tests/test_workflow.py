@@ -356,6 +356,17 @@ def test_invalid_config_value_fails_before_any_job_and_names_the_key(tmp_path):
     assert not (workdir / "results").exists()
 
 
+def test_a_run_named_data_is_refused_it_would_mix_with_the_shared_folders(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    (workdir / "data.yaml").write_text(yaml.safe_dump({"hvg": {"n_top_genes": 800}}))
+    for args in (["--configfile", "data.yaml"], ["--config", "run=data"]):
+        proc = snakemake(workdir, *args, "-n", check=False)
+        assert proc.returncode != 0 and "run: data is taken" in proc.stdout, args
+    assert not (workdir / "results").exists()
+    fixed = snakemake(workdir, "--configfile", "data.yaml", "--config", "run=hvg800", "-n")
+    assert "results/hvg800/evaluation/metrics.tsv" in fixed.stdout
+
+
 @pytest.mark.parametrize("run", ["..", ".", "../elsewhere", ".hidden", "a/b"])
 def test_a_run_name_that_leaves_results_is_refused_and_a_plain_one_works(tmp_path, run):
     workdir = copy_workflow(tmp_path)
@@ -403,7 +414,10 @@ def test_misspelt_config_key_is_rejected(tmp_path):
     assert snakemake(workdir, "--configfile", fixed, "-n").returncode == 0
     # a key in the wrong section is pointed to its own
     proc = snakemake(workdir, "--config", 'hvg={"n_bins": 21}', "-n", check=False)
-    assert "unknown setting hvg.n_bins: n_bins is a setting of normalize_bin.n_bins: move it" in proc.stdout
+    assert (
+        "unknown setting hvg.n_bins: n_bins is a setting of normalize_bin.n_bins: move it"
+        in proc.stdout
+    )
 
 
 def test_nested_numbers_on_the_command_line_are_numbers(tmp_path):

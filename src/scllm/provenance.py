@@ -139,6 +139,7 @@ DATA_FILES = {
     "samples": ("sample_census", "samples.tsv"),
     "filtered": ("filter_qc", "filtered.h5ad"),
     "qc": ("filter_qc", "qc.tsv"),
+    "qc_cells": ("filter_qc", "qc_cells.tsv.gz"),
     "hvg": ("select_hvg", "hvg.tsv"),
     "binned": ("normalize_bin", "binned.h5ad"),
     "split": ("split", "split.tsv"),
@@ -160,8 +161,8 @@ def run_data_files(run_folder: str | Path) -> dict[str, Path]:
     Returns
     -------
     dict
-        ``cells``, ``samples``, ``filtered``, ``qc``, ``hvg``, ``binned``, ``split``, ``shards``
-        -> path.
+        ``cells``, ``samples``, ``filtered``, ``qc``, ``qc_cells``, ``hvg``, ``binned``,
+        ``split``, ``shards`` -> path.
 
     Raises
     ------

@@ -95,7 +95,9 @@ def nearest_names(name: str, candidates, n: int = 3) -> list[str]:
 
     def closeness(candidate: str) -> float:
         score = difflib.SequenceMatcher(None, name.lower(), candidate.lower()).ratio()
-        abbreviation = candidate == initials or candidate.startswith(name) or name.startswith(candidate)
+        abbreviation = (
+            candidate == initials or candidate.startswith(name) or name.startswith(candidate)
+        )
         return score + (1.0 if abbreviation else 0.0)
 
     ranked = sorted(candidates, key=closeness, reverse=True)
@@ -139,7 +141,9 @@ def unknown_key_problems(config: dict, schema: dict) -> list[str]:
         given = _value_at(config, prefix)
         known = list(section.get("properties", {}))
         for key in sorted(set(given) - set(known)) if isinstance(given, dict) else []:
-            elsewhere = [f"{p}{key}" for p, s in sections.items() if key in s.get("properties", {})]
+            elsewhere = [
+                f"{p}{key}" for p, s in sections.items() if key in s.get("properties", {})
+            ]
             nearest = " or ".join(f"{prefix}{name}" for name in nearest_names(key, known))
             hint = (
                 f"{key} is a setting of {' and '.join(elsewhere)}: move it there."
@@ -179,7 +183,8 @@ def value_problems(config: dict, schema: dict) -> list[str]:
         where = ".".join(str(part) for part in error.absolute_path) or "the config"
         described = error.schema.get("description", "") if isinstance(error.schema, dict) else ""
         problems.append(
-            f"{where}: {error.message}" + (f" ({' '.join(described.split())})" if described else "")
+            f"{where}: {error.message}"
+            + (f" ({' '.join(described.split())})" if described else "")
         )
     return problems
 

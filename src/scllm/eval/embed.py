@@ -34,7 +34,8 @@ log = logging.getLogger("scllm")
 # missing genes read as "not expressed", which moves cells away from where training put them.
 # Measured on PBMC 3k with the demo model, dropping random vocabulary genes, a kNN fitted on the
 # full cells labels the copies with accuracy 0.937 with every gene, 0.927 with 90% of them and
-# 0.930 with 70% (benchmarks/transfer.py), 0.919 with half and 0.851 with 30% (docs/own-cells.md).
+# 0.930 with 70% (benchmarks/transfer.py); below 70% nothing is measured, so the threshold at
+# half is a precaution.
 MIN_COVERAGE = EmbedConfig.min_coverage
 # What scllm.embed takes as keywords (beside layer, key_added and copy).
 EMBED_OPTIONS = ("gene_id_column", "min_coverage", "batch_size", "chunk_size", "device")

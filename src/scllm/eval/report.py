@@ -706,7 +706,7 @@ def write_table(rows: list[dict], tsv_path, html_path=None, title: str = "") -> 
     html_path : path, optional
         The HTML page to write (``metrics_html``); None: none.
     title : str
-        The page's title and heading, written as given (HTML, not escaped).
+        The page's title and heading, as text (escaped: a file name may hold ``<`` or ``&``).
 
     Returns
     -------
@@ -719,10 +719,11 @@ def write_table(rows: list[dict], tsv_path, html_path=None, title: str = "") -> 
     with atomic_path(tsv_path) as tmp:
         Path(tmp).write_text("".join(line + "\n" for line in lines))
     if html_path is not None:
+        heading = html.escape(title)
         with atomic_path(html_path) as tmp:
             Path(tmp).write_text(
-                f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>{STYLE}"
-                f"</head><body><h3>{title}</h3>{metrics_html(table)}</body></html>\n"
+                f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{heading}</title>"
+                f"{STYLE}</head><body><h3>{heading}</h3>{metrics_html(table)}</body></html>\n"
             )
     return table
 
