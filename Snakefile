@@ -9,18 +9,27 @@ from snakemake.utils import min_version, update_config, validate
 
 min_version("9.0")
 sys.path.insert(0, f"{workflow.basedir}/src")  # the library, as the rule scripts import it
-from scllm.workflow_config import config_problems, typed_overrides
+from scllm.workflow_config import config_problems, integers_as_int, typed_overrides
 
 
 configfile: "config/demo.yaml"
 
 
-# --config 'hvg={"n_top_genes": 800}': numbers inside a mapping arrive as text; type them.
-update_config(config, typed_overrides(workflow.config_settings.overwrite_config))
+# --config 'hvg={"n_top_genes": 800}': numbers inside a mapping arrive as text; type them
+# (only --config's: what a config file quotes stays text).
+update_config(config, typed_overrides(dict(workflow.config_settings.config)))
 with open(f"{workflow.basedir}/config/schema.yaml") as schema_file:
-    if problem := config_problems(config, yaml.safe_load(schema_file)):
-        raise WorkflowError(problem)
+    SCHEMA = yaml.safe_load(schema_file)
+if problem := config_problems(config, SCHEMA):
+    raise WorkflowError(problem)
 validate(config, "config/schema.yaml")  # fills the defaults
+integers_as_int(config, SCHEMA)  # max_cells=1e5 is the integer 100000 (the schema allows 1e5)
+
+
+# Seconds of bookkeeping: run on the machine Snakemake runs on, never submitted to a cluster.
+localrules:
+    run_record,
+    report,
 
 
 include: "rules/common.smk"

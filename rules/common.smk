@@ -115,7 +115,12 @@ def sampling_settings():
         census["uri"] = census_input(None)["store"]
     else:  # how to read the h5ad's obs and var (the file itself is the input)
         census["h5ad"] = {k: v for k, v in config["census"]["h5ad"].items() if k != "path"}
-        census["h5ad_path"] = census_input(None)["h5ad"]  # names the data, for the folder key
+        census["h5ad_path"] = path = census_input(None)["h5ad"]  # for the folder key:
+        # the file's size and time too, so a file replaced at the same path gets new folders
+        # rather than rewriting those that other runs' models were trained on
+        census["h5ad_file"] = (
+            [os.stat(path).st_size, os.stat(path).st_mtime_ns] if os.path.exists(path) else None
+        )
     return census
 
 

@@ -197,3 +197,20 @@ def test_config_problems_name_each_problem_once_in_a_paragraph():
     )
     assert paragraphs[1].startswith("unknown setting train.learning_rate: did you mean train.lr?")
     assert paragraphs[2].startswith("train.lr: -1 is less than or equal to the minimum of 0")
+    import datetime
+
+    dated = config_problems({"census": {"census_version": datetime.date(2025, 1, 30)}}, schema)
+    assert "census.census_version (write the date in quotes" in dated
+
+
+def test_whole_floats_become_integers_where_the_schema_asks_for_one():
+    from scllm.workflow_config import integers_as_int
+
+    config = {"census": {"max_cells": 1e5}, "train": {"epochs": 3.0, "lr": 1.0}, "run": "x"}
+    integers_as_int(config, SCHEMA)
+    assert config == {
+        "census": {"max_cells": 100000},
+        "train": {"epochs": 3, "lr": 1.0},
+        "run": "x",
+    }
+    assert type(config["census"]["max_cells"]) is int and type(config["train"]["lr"]) is float

@@ -109,7 +109,11 @@ def test_filter_qc_matches_an_independent_computation(tmp_path, chunk_size):
 
     # every input cell's values, passing or not; no symbols: no mitochondrial fraction
     per_cell = pd.read_csv(tmp_path / "qc_cells.tsv.gz", sep="\t")
-    assert list(per_cell.columns) == ["total_counts", "n_genes", "mito_fraction", "passed"]
+    assert list(per_cell.columns) == [
+        "obs_name", "sample", "total_counts", "n_genes", "mito_fraction", "passed",
+    ]  # fmt: skip
+    assert per_cell["obs_name"].tolist() == [f"cell{i}" for i in range(len(dense))]
+    assert per_cell["sample"].tolist() == samples.tolist()
     np.testing.assert_array_equal(per_cell["total_counts"], dense[:, genes].sum(axis=1))
     np.testing.assert_array_equal(per_cell["n_genes"], n_expressed)
     np.testing.assert_array_equal(per_cell["passed"], cells)

@@ -344,7 +344,7 @@ def run_record(tmp_path, benchmarks: dict) -> Path:
         "dirty": True,
         "versions": {"torch": "2.13.0", "scanpy": "1.11.5"},
         "python": "3.11.7",
-        "data": {"filtered": "results/trial"},
+        "data": {"split": "results/data/split-0123abcd"},
         "benchmarks": {rule: str(path) for rule, path in benchmarks.items()},
     }
     (tmp_path / "run.json").write_text(json.dumps(record))
@@ -371,9 +371,17 @@ def test_report_says_how_the_run_was_made_and_a_missing_benchmark_is_not_run(tmp
     section = section_of((tmp_path / "report.html").read_text(), "How this run was made")
     assert "0123456789abcdef0123456789abcdef01234567</code> (with uncommitted changes)" in section
     assert "Python 3.11.7" in section
-    rows = dict(re.findall(r"<tr><td>(\w+)</td>(.*?)</tr>", section))
+    rows = dict(
+        re.findall(
+            r"<tr><td>(\w+)(?: <i>\(shared data folder\)</i>)?</td>(.*?)</tr>",
+            section.split("<details>")[0],  # the time table, not the data folders'
+        )
+    )
     assert rows["pretrain"] == "<td>3,725.5</td><td>1:02:06</td><td>8,123</td>"
     assert rows["split"] == "<td>0.4</td><td>0:00:00</td><td>n/a</td>"  # too short to sample
+    # a data stage's folder may come from another run: said so
+    assert "<td>split <i>(shared data folder)</i></td>" in section
+    assert "<td>pretrain <i>(shared" not in section
     assert rows["evaluate"] == "<td colspan='3'>not run</td>"
     assert "<td>torch</td><td>2.13.0</td>" in section
     assert "<summary>Resolved configuration (YAML)</summary><pre>run: trial\ntrain:\n" in section

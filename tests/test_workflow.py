@@ -440,6 +440,10 @@ def test_nested_numbers_on_the_command_line_are_numbers(tmp_path):
     assert typed == {"hvg": {"n_top_genes": 800}, "train": {"lr": 0.001, "mask_ratios": [0.5]}}
     bad = snakemake(workdir, "--config", 'hvg={"n_top_genes": "many"}', "-n", check=False)
     assert "hvg.n_top_genes: 'many' is not of type 'integer'" in bad.stdout
+    # what a config file quotes stays text: a donor id "1" is a name, not a number
+    quoted = write_config(workdir, "quoted.yaml", {"census": {"h5ad": {"donor_id": "1"}}})
+    assert "'1'" in (workdir / quoted).read_text()
+    snakemake(workdir, "--configfile", quoted, "-n")
 
 
 def test_real_census_offline_fails_at_once_with_guidance(tmp_path):

@@ -68,6 +68,7 @@ PROVENANCE_PACKAGES = (
     "pandas",
     "numba",
     "scanpy",
+    "scikit-learn",
     "tiledbsoma",
     "cellxgene-census",
     "snakemake",

@@ -9,87 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
-import subprocess
-from importlib import metadata
 from pathlib import Path
 
-from scllm.files import atomic_path
+from scllm.files import atomic_path, software_provenance
 
 log = logging.getLogger("scllm")
 
-# The packages whose versions decide a run's numbers (absent ones are recorded as null).
-RECORDED_PACKAGES = (
-    "scllm-pretrain",
-    "snakemake",
-    "torch",
-    "numpy",
-    "scipy",
-    "pandas",
-    "anndata",
-    "scanpy",
-    "scikit-learn",
-    "h5py",
-    "tiledbsoma",
-    "cellxgene-census",
-)
 
-
-def package_versions(names=RECORDED_PACKAGES) -> dict:
-    """Installed versions of ``names``.
-
-    Parameters
-    ----------
-    names : iterable of str
-        Distribution names.
-
-    Returns
-    -------
-    dict
-        name -> version string, or None where the package is not installed here.
-    """
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def source_commit(folder: str | Path) -> tuple[str | None, bool | None]:
-    """The git commit of the code in ``folder``, and whether it has uncommitted changes.
-
-    Parameters
-    ----------
-    folder : str or Path
-        The workflow's folder.
-
-    Returns
-    -------
-    tuple
-        (commit hash, dirty), or (None, None) where the folder is not a git checkout or git is
-        not installed. Files under results/ do not count as changes.
-    """
-
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=30
-        )
-        if done.returncode:
-            raise OSError(done.stderr.strip())
-        return done.stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        changes = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    return commit, bool(changes)
-
-
-def write_run_record(path: str | Path, *, config: dict, data: dict, benchmarks: dict, code_folder):
+def write_run_record(path: str | Path, *, config: dict, data: dict, benchmarks: dict) -> dict:
     """Write ``run.json``: what a run was made from, for its report and for people.
+
+    The commit and package versions are those of the code and environment writing the record
+    (``scllm.files.software_provenance``); under ``--use-conda`` that is the data stages'
+    environment, and the model's own are in its ``args.json`` (``provenance``).
 
     Parameters
     ----------
@@ -101,34 +33,39 @@ def write_run_record(path: str | Path, *, config: dict, data: dict, benchmarks: 
         Data stage rule -> the folder it wrote (results/data/<rule>-<key>).
     benchmarks : dict
         Rule -> its Snakemake benchmark file (time and memory, read by the report).
-    code_folder : str or Path
-        The workflow's folder, whose git commit is recorded.
 
     Returns
     -------
     dict
-        The record as written.
+        The record as written: ``run``, ``config``, ``data``, ``commit`` (None outside a git
+        checkout), ``dirty``, ``versions`` (package -> version, None where not installed),
+        ``python`` and ``benchmarks``.
     """
-    commit, dirty = source_commit(code_folder)
+    software = software_provenance()
+    commit = software["git_commit"]
+    in_git = not commit.startswith("unknown")
     record = {
         "run": config.get("run"),
         "config": config,
         "data": dict(data),
-        "commit": commit,
-        "dirty": dirty,
-        "versions": package_versions(),
-        "python": platform.python_version(),
+        "commit": commit.removesuffix("-dirty") if in_git else None,
+        "dirty": commit.endswith("-dirty") if in_git else None,
+        "versions": {"scllm-pretrain": software["scllm"]}
+        | {
+            name: None if version == "not installed" else version
+            for name, version in software["packages"].items()
+        },
+        "python": software["python"],
         "benchmarks": dict(benchmarks),
     }
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(record, indent=2, default=str) + "\n")
     log.info(
-        "run_record: run %s reads %d data folders (%s); commit %s%s",
+        "run_record: run %s reads %d data folders (%s); commit %s",
         record["run"],
         len(data),
         ", ".join(Path(folder).name for folder in data.values()),
-        commit or "unknown",
-        " with uncommitted changes" if dirty else "",
+        commit,
     )
     return record
 
@@ -177,5 +114,6 @@ def run_data_files(run_folder: str | Path) -> dict[str, Path]:
             "stages have finished (`snakemake --cores 8 --configfile <its config> run_record`)"
         )
     folders = json.loads(record_path.read_text())["data"]
-    workdir = run_folder.resolve().parents[1]  # results/<run> -> the workflow's folder
+    # results/<run> -> the workflow's folder (absolute, not resolved: results/<run> may be a link)
+    workdir = run_folder.absolute().parents[1]
     return {name: workdir / folders[rule] / file for name, (rule, file) in DATA_FILES.items()}

@@ -7,6 +7,7 @@ No torch, no scanpy: the Snakefile imports this module before any job runs.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import re
 from collections.abc import Iterator
@@ -68,6 +69,31 @@ def typed_overrides(overrides: dict) -> dict:
         key: typed(value) if isinstance(value, (dict, list)) else value
         for key, value in overrides.items()
     }
+
+
+def integers_as_int(config: dict, schema: dict) -> None:
+    """Turn whole floats into ints where the schema asks for an integer, in place.
+
+    JSON Schema counts 1e5 and 3.0 as integers, but Python code given ``3.0`` epochs fails late
+    (``range(3.0)``), and a float would give a data folder another key than the same int.
+
+    Parameters
+    ----------
+    config : dict
+        The validated config; changed in place.
+    schema : dict
+        ``config/schema.yaml``, loaded.
+    """
+    for key, sub in schema.get("properties", {}).items():
+        value = config.get(key) if isinstance(config, dict) else None
+        if not isinstance(sub, dict) or value is None:
+            continue
+        types = sub.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        if isinstance(value, dict):
+            integers_as_int(value, sub)
+        elif "integer" in types and isinstance(value, float) and value.is_integer():
+            config[key] = int(value)
 
 
 def nearest_names(name: str, candidates, n: int = 3) -> list[str]:
@@ -181,6 +207,8 @@ def value_problems(config: dict, schema: dict) -> list[str]:
         if error.validator == "additionalProperties":
             continue  # unknown_key_problems says these, with suggestions
         where = ".".join(str(part) for part in error.absolute_path) or "the config"
+        if isinstance(error.instance, datetime.date):  # census_version: 2025-01-30, unquoted
+            where += " (write the date in quotes: YAML reads an unquoted date as a date)"
         described = error.schema.get("description", "") if isinstance(error.schema, dict) else ""
         problems.append(
             f"{where}: {error.message}"

@@ -1,8 +1,6 @@
 """Rule run_record: results/<run>/run.json, how this run was made (scllm.provenance)."""
 
-from pathlib import Path
-
-import scllm_src  # makes src/ importable; must come first
+import scllm_src  # noqa: F401  (makes src/ importable; must come first)
 from scllm.files import setup_logging
 from scllm.provenance import write_run_record
 
@@ -12,5 +10,4 @@ write_run_record(
     config=dict(snakemake.config),  # all of it, chunk_size included (params leave it out)
     data=snakemake.params.data,
     benchmarks=snakemake.params.benchmarks,
-    code_folder=Path(scllm_src.SRC).parent,  # the workflow's checkout
 )

@@ -89,5 +89,6 @@ def gene_embeddings(model_dir: str | Path) -> pd.DataFrame:
         index=pd.Index(genes["feature_id"].to_numpy(), name="feature_id"),
         columns=[f"emb_{i}" for i in range(vectors.shape[1])],
     )
-    table.insert(0, "feature_name", genes["feature_name"].to_numpy())
+    # a gene without a symbol gets "" (as the docstring says), not NaN
+    table.insert(0, "feature_name", genes["feature_name"].fillna("").to_numpy())
     return table

@@ -121,11 +121,22 @@ def confusion_counts(labels, predictions) -> pd.DataFrame:
     pandas.DataFrame
         Labels (rows, the true label) x labels (columns, the predicted one), sorted, counts;
         every label of ``labels`` appears on both sides, zeros included.
+
+    Raises
+    ------
+    ValueError
+        A prediction is a label no cell has (its cells would be dropped from the counts).
     """
     from sklearn.metrics import confusion_matrix
 
     labels, predictions = np.asarray(labels).astype(str), np.asarray(predictions).astype(str)
     names = np.unique(labels)
+    foreign = np.setdiff1d(predictions, names)
+    if len(foreign):  # confusion_matrix would drop those cells and inflate every F1
+        raise ValueError(
+            f"predictions hold labels no cell has ({', '.join(foreign[:5])}): a classifier "
+            "trained on these cells' labels predicts only those; check the labels passed"
+        )
     counts = confusion_matrix(labels, predictions, labels=names)
     return pd.DataFrame(counts, index=names, columns=names)
 

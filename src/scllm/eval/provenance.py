@@ -93,17 +93,21 @@ def benchmark_table(benchmarks: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["rule", "seconds", "time", "max_rss_mb", "status"])
 
 
-def _benchmark_html(table: pd.DataFrame) -> str:
+def _benchmark_html(table: pd.DataFrame, shared: set) -> str:
+    """The time and memory table; ``shared``: the data stages, whose folders other runs with the
+    same settings share (their time is that of whoever made them first)."""
+
     def number(value, digits: int) -> str:
         return f"{value:,.{digits}f}" if np.isfinite(value) else "n/a"
 
     body = []
     for r in table.itertuples():
+        name = html.escape(r.rule) + (" <i>(shared data folder)</i>" if r.rule in shared else "")
         if r.status != "ran":
-            body.append(f"<tr><td>{html.escape(r.rule)}</td><td colspan='3'>{r.status}</td></tr>")
+            body.append(f"<tr><td>{name}</td><td colspan='3'>{r.status}</td></tr>")
             continue
         body.append(
-            f"<tr><td>{html.escape(r.rule)}</td><td>{number(r.seconds, 1)}</td>"
+            f"<tr><td>{name}</td><td>{number(r.seconds, 1)}</td>"
             f"<td>{r.time}</td><td>{number(r.max_rss_mb, 0)}</td></tr>"
         )
     ran = table[table["status"] == "ran"]
@@ -151,13 +155,14 @@ def provenance_section(record: dict) -> tuple[str, str, str]:
         "software versions, the resolved configuration, the data folders, and what each rule "
         "cost, from Snakemake's benchmark files: wall-clock time and peak memory (max RSS, the "
         "most resident memory the rule's processes held; lower is cheaper). A rule without a "
-        "benchmark file is shown as not run."
+        "benchmark file is shown as not run. A stage marked shared data folder was computed once "
+        "for every run with the same settings: its time is that of the run that made it first."
     )
     config = yaml.safe_dump(record["config"], sort_keys=False, default_flow_style=False)
     content = (
         f"<p>Commit <code>{html.escape(str(commit))}</code> ({dirty}); Python "
         f"{html.escape(str(record['python']))}.</p>"
-        + _benchmark_html(benchmark_table(record["benchmarks"]))
+        + _benchmark_html(benchmark_table(record["benchmarks"]), set(record["data"]))
         + "<details><summary>Package versions</summary>"
         + _two_columns(record["versions"], "package", "version")
         + "</details><details><summary>Data folders</summary>"

@@ -183,7 +183,8 @@ def _section(title: str, caption: str, content: str) -> str:
 
 
 def _read_tsv(path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t")
+    # only empty fields are missing: a cell type named NA, null or None is a name
+    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,9 @@ log = logging.getLogger("scllm")
 # (human MT-CO1, mouse mt-Co1).
 MITO_PREFIX = "MT-"
 SYMBOL_COLUMN = "feature_name"
-# The per-cell table (qc_cells.tsv.gz), one row per input cell in input order.
+# The per-cell table (qc_cells.tsv.gz), one row per input cell in input order: which cell
+# (ID_COLUMNS, to join it with cells.h5ad or plot per sample), then its values (CELL_COLUMNS).
+ID_COLUMNS = ("obs_name", "sample")
 CELL_COLUMNS = ("total_counts", "n_genes", "mito_fraction", "passed")
 
 
@@ -128,8 +130,9 @@ def filter_qc(
         (any case) are dropped; None switches this off. Data without symbols or without MT-
         genes are refused while it is set.
     cells_table
-        If given, a gzipped TSV with every input cell's ``total_counts``, ``n_genes``,
-        ``mito_fraction`` (NaN when not computable) and ``passed``, in input order.
+        If given, a gzipped TSV with every input cell's ``obs_name``, ``sample``,
+        ``total_counts``, ``n_genes``, ``mito_fraction`` (NaN when not computable) and
+        ``passed``, in input order.
     chunk_size
         Cells read at a time (memory only, never the result).
 
@@ -172,7 +175,8 @@ def filter_qc(
     with atomic_path(out_table) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
     if cells_table is not None:
-        write_cells_table(cells.table(), cells_table)
+        ids = {"obs_name": adata.obs_names.to_numpy(), "sample": adata.obs["sample"].to_numpy()}
+        write_cells_table(pd.concat([pd.DataFrame(ids), cells.table()], axis=1), cells_table)
     adata.file.close()
     _log_summary(table.iloc[0], settings, time.time() - t0)
     return table

@@ -474,12 +474,12 @@ def objective_terms(cfg: TrainConfig, expr: float, gepc: float, ecs, contrastive
     ----------
     cfg : TrainConfig
         The weights. The GEPC term is always named; the ECS, InfoNCE and VICReg terms only
-        with a weight other than 0 (VICReg is not logged, so named without a value).
+        with a weight other than 0 (a term not measured is named "(not logged)").
     expr, gepc : float
         The expression head's masked MSE and the GEPC head's MSE (on train.gepc_targets).
     ecs, contrastive : float or None
-        The ECS loss and the contrastive InfoNCE, None where not measured (the term is then
-        left out).
+        The ECS loss and the contrastive InfoNCE, None where not measured (ECS is then named
+        "(not logged)"; InfoNCE left out).
 
     Returns
     -------
@@ -487,8 +487,8 @@ def objective_terms(cfg: TrainConfig, expr: float, gepc: float, ecs, contrastive
         E.g. "expression MSE 115.16 + 1 x GEPC MSE 53.25 + 10 x InfoNCE 0.985".
     """
     text = f"expression MSE {expr:.2f} + {cfg.gepc_weight:g} x GEPC MSE {gepc:.2f}"
-    if cfg.ecs_weight and ecs is not None:
-        text += f" + {cfg.ecs_weight:g} x ECS {ecs:.3f}"
+    if cfg.ecs_weight:  # the epoch line does not keep ECS: named, so the sum is not a puzzle
+        text += f" + {cfg.ecs_weight:g} x ECS " + ("(not logged)" if ecs is None else f"{ecs:.3f}")
     if cfg.contrastive_weight and contrastive is not None:
         text += f" + {cfg.contrastive_weight:g} x InfoNCE {contrastive:.3f}"
     if cfg.vc_weight:

@@ -136,7 +136,7 @@ def _validation_panel(ax, epochs: list[dict], gepc_targets: str) -> None:
         color="grey",
         label="baseline: each cell's mean visible bin",
     )
-    if epochs:
+    if epochs and any(len(line.get_ydata()) for line in ax.lines):
         highest = max(max(y for line in ax.lines for y in line.get_ydata()), 1.0)
         ax.set_ylim(0, highest * 1.6)  # MSE from 0, with room above the curves for the legend
         best = min(epochs, key=lambda r: r["val_loss"])
