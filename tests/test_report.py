@@ -18,6 +18,7 @@ from scllm.eval.report import (
     TABLE_COLUMNS,
     ReportInputs,
     metrics_html,
+    summary_html,
     winner,
     write_report,
     write_table,
@@ -139,6 +140,7 @@ def test_report_holds_every_section_with_a_caption_and_embeds_its_images(tmp_pat
     sections = write_report(tmp_path / "report.html", ReportInputs(**files), run="trial")
     page = (tmp_path / "report.html").read_text()
     expected = [
+        "In short",
         "Samples",
         "Quality control",
         "Highly variable genes",
@@ -284,7 +286,7 @@ def section_of(page: str, title: str) -> str:
 def test_report_shows_the_f1_of_each_cell_type_best_per_row_in_bold(tmp_path):
     files = {**run_files(tmp_path, 1), **cell_type_files(tmp_path)}
     sections = write_report(tmp_path / "report.html", ReportInputs(**files), run="trial")
-    assert sections[4:7] == [
+    assert sections[5:8] == [
         "Cell embedding vs PCA",
         "F1 per cell type",
         "Which cell types are confused",
@@ -506,3 +508,26 @@ def test_heldout_section_shows_the_f1_of_each_cell_type_where_given(tmp_path):
     assert "evaluation/heldout/per_cell_type.tsv" in held
     assert "<td>T</td><td>6</td><td class='win'>0.900</td>" in held
     assert held.count("<table>") == 3  # a metrics table per baseline, then the F1 per type
+
+
+def test_in_short_says_which_scores_the_model_wins_and_loses_against_each_baseline():
+    rows = [
+        ("knn_accuracy_cv", 0.936, 0.944, "PCA", "2700 (all)", ""),
+        ("silhouette_label", 0.285, 0.180, "PCA", "2700 (all)", ""),
+        ("leiden_ari", 0.8, 0.8, "PCA", "2700 (all)", ""),
+        ("knn_accuracy_heldout_sample", np.nan, np.nan, "PCA", "2700 (all)", "n/a: one sample"),
+        ("masked_mse_expression", 141.4, 217.5, "mean bin", "81 (validation)", ""),
+        ("masked_mse_gepc", 342.3, 217.5, "mean bin", "81 (validation)", "not comparable"),
+    ]
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    first, second = summary_html(table).split("</p>")[:2]
+    assert first == (
+        "<p>Against <b>PCA</b> (2700 (all) cells), the model is better on 1 of 3: "
+        "silhouette_label (0.285 vs 0.18); level on leiden_ari (0.8 vs 0.8); "
+        "worse on knn_accuracy_cv (0.936 vs 0.944)."
+    )
+    # a row without both values or without a comparable baseline is not counted
+    assert second == (
+        "<p>Against <b>mean bin</b> (81 (validation) cells), the model is better on 1 of 1: "
+        "masked_mse_expression (141.4 vs 217.5)."
+    )

@@ -209,6 +209,8 @@ def _title(ax, what: str, notes: list[str]) -> None:
 def _log_histogram(ax, cells: pd.DataFrame, column: str, what: str) -> None:
     """A log-x histogram of a count column; cells at 0 have no place on it and are counted in
     the title."""
+    from matplotlib.ticker import NullFormatter
+
     values = cells[column].to_numpy()
     positive = values > 0
     if positive.any():
@@ -216,6 +218,7 @@ def _log_histogram(ax, cells: pd.DataFrame, column: str, what: str) -> None:
         edges = np.geomspace(low, high * 1.001 if high > low else low * 2, N_BINS + 1)
         _by_outcome(ax, cells[positive], column, edges)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labels at powers of ten only: legible
     zeros = int((~positive).sum())
     _title(ax, what, [f"{zeros:,} cells at 0 not shown"] if zeros else [])
     ax.set_xlabel(f"{what} (log scale)")

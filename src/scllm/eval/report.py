@@ -55,7 +55,8 @@ STYLE = (
     "body{font-family:system-ui,sans-serif;font-size:14px;max-width:1100px;margin:2em auto;"
     "color:#222}\n"
     "h1{font-size:22px} h2{font-size:17px;margin-top:2em;border-bottom:1px solid #ccc}\n"
-    "table{border-collapse:collapse;margin:.5em 0} "
+    # a wide table scrolls inside the page rather than running off it
+    "table{border-collapse:collapse;margin:.5em 0;display:block;overflow-x:auto;max-width:100%} "
     "td,th{padding:3px 9px;border-bottom:1px solid #e3e3e3;text-align:left}\n"
     "th{background:#f4f4f4} td.win{font-weight:bold;background:#e6f4e6} h3{font-size:15px} "
     "p.caption{color:#555;max-width:900px}\n"
@@ -144,6 +145,53 @@ def metrics_html(table: pd.DataFrame) -> str:
             f"<th>better</th><th>cells</th><th>details</th></tr>{''.join(body)}</table>"
         )
     return "\n".join(parts)
+
+
+def summary_html(table: pd.DataFrame) -> str:
+    """A few sentences on whether the model's embedding beats each baseline, from the metrics.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The metrics table (``TABLE_COLUMNS``).
+
+    Returns
+    -------
+    str
+        One paragraph per baseline: the scores the model wins, ties and loses (with both
+        values), counting only rows with a direction and both values.
+    """
+    rows = table[
+        np.isfinite(table["scllm"].astype(float)) & np.isfinite(table["baseline"].astype(float))
+    ]
+    paragraphs = []
+    for method, group in rows.groupby("baseline_method", sort=False):
+        verdicts: dict[str, list[str]] = {"scllm": [], "tie": [], "baseline": []}
+        for r in group.itertuples():
+            best = (
+                None
+                if "not comparable" in str(r.details)
+                else winner(r.metric, r.scllm, r.baseline)
+            )
+            if best is not None:
+                values = f"{format_value(r.scllm)} vs {format_value(r.baseline)}"
+                verdicts[best].append(f"{html.escape(r.metric)} ({values})")
+        if not any(verdicts.values()):
+            continue
+        n = sum(len(v) for v in verdicts.values())
+        said = [
+            f"better on {len(verdicts['scllm'])} of {n}: " + ", ".join(verdicts["scllm"])
+            if verdicts["scllm"]
+            else f"better on none of {n}",
+            ("level on " + ", ".join(verdicts["tie"])) if verdicts["tie"] else "",
+            ("worse on " + ", ".join(verdicts["baseline"])) if verdicts["baseline"] else "",
+        ]
+        cells = html.escape(str(group["cells"].iloc[0]))
+        paragraphs.append(
+            f"<p>Against <b>{html.escape(str(method))}</b> ({cells} cells), the model is "
+            f"{'; '.join(s for s in said if s)}.</p>"
+        )
+    return "".join(paragraphs) or "<p>No score compares the model with a baseline here.</p>"
 
 
 def _cell(value: float, bold: bool) -> str:
@@ -241,6 +289,12 @@ def write_report(
     samples_section, n_samples = _samples_section(files.samples_tsv)
     record = read_run_record(files.run_record_json) if files.run_record_json else None
     sections = [
+        (
+            "In short",
+            "Each score of the model's cell embedding against each baseline (values: model vs "
+            "baseline; the sections below say what each score means and on which cells).",
+            summary_html(_read_tsv(files.metrics_tsv)),
+        ),
         samples_section,
         *_preprocessing_sections(files.qc_tsv, files.hvg_tsv, qc_plot_png),
         _pretraining_section(files, record),
