@@ -515,6 +515,7 @@ def test_in_short_says_which_scores_the_model_wins_and_loses_against_each_baseli
         ("knn_accuracy_cv", 0.936, 0.944, "PCA", "2700 (all)", ""),
         ("silhouette_label", 0.285, 0.180, "PCA", "2700 (all)", ""),
         ("leiden_ari", 0.8, 0.8, "PCA", "2700 (all)", ""),
+        ("scib_silhouette_label", 0.6425, 0.59, "PCA", "2700 (all)", ""),  # silhouette again
         ("knn_accuracy_heldout_sample", np.nan, np.nan, "PCA", "2700 (all)", "n/a: one sample"),
         ("masked_mse_expression", 141.4, 217.5, "mean bin", "81 (validation)", ""),
         ("masked_mse_gepc", 342.3, 217.5, "mean bin", "81 (validation)", "not comparable"),
@@ -523,7 +524,7 @@ def test_in_short_says_which_scores_the_model_wins_and_loses_against_each_baseli
     first, second = summary_html(table).split("</p>")[:2]
     assert first == (
         "<p>Against <b>PCA</b> (2700 (all) cells), the model is better on 1 of 3: "
-        "silhouette_label (0.285 vs 0.18); level on leiden_ari (0.8 vs 0.8); "
+        "silhouette_label (0.285 vs 0.180); level on leiden_ari (0.800 vs 0.800); "
         "worse on knn_accuracy_cv (0.936 vs 0.944)."
     )
     # a row without both values or without a comparable baseline is not counted

@@ -46,6 +46,8 @@ HIGHER_IS_BETTER = {
 }
 LOWER_IS_BETTER = {"masked_mse_expression", "masked_mse_gepc"}
 CLOSER_TO_ZERO_IS_BETTER = {"silhouette_sample"}
+# Rows that restate another on another scale: "In short" counts the score once.
+RESCALED = {"scib_silhouette_label"}
 MAX_ROWS = (
     200  # longer tables (samples of a real Census run, the HVG list) show this many, then say so
 )
@@ -170,11 +172,11 @@ def summary_html(table: pd.DataFrame) -> str:
         for r in group.itertuples():
             best = (
                 None
-                if "not comparable" in str(r.details)
+                if "not comparable" in str(r.details) or r.metric in RESCALED
                 else winner(r.metric, r.scllm, r.baseline)
             )
             if best is not None:
-                values = f"{format_value(r.scllm)} vs {format_value(r.baseline)}"
+                values = f"{_short(r.scllm)} vs {_short(r.baseline)}"
                 verdicts[best].append(f"{html.escape(r.metric)} ({values})")
         if not any(verdicts.values()):
             continue
@@ -194,9 +196,14 @@ def summary_html(table: pd.DataFrame) -> str:
     return "".join(paragraphs) or "<p>No score compares the model with a baseline here.</p>"
 
 
-def _cell(value: float, bold: bool) -> str:
+def _short(value: float) -> str:
+    """A score as the tables show it: 3 decimals below 10, 1 above."""
     value = float(value)
-    text = f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def _cell(value: float, bold: bool) -> str:
+    text = _short(value)
     return f"<td class='win'>{text}</td>" if bold else f"<td>{text}</td>"
 
 
