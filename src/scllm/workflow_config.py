@@ -127,7 +127,7 @@ def nearest_names(name: str, candidates, n: int = 3) -> list[str]:
         return score + (1.0 if abbreviation else 0.0)
 
     ranked = sorted(candidates, key=closeness, reverse=True)
-    return ranked[:1] + [name for name in ranked[1:n] if closeness(name) >= 0.6]
+    return ranked[:1] + [other for other in ranked[1:n] if closeness(other) >= 0.6]
 
 
 def _sections(schema: dict, prefix: str = "") -> Iterator[tuple[str, dict]]:
