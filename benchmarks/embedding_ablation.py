@@ -213,9 +213,17 @@ VARIANTS = {
         {},
         {"contrastive_view": "thinned", "contrastive_view_genes": 0.5},
     ),
+    # The control for today's default: uniform views keeping as many genes as its thinned views
+    # do (58%), so that the number of genes kept and the way they are dropped are told apart.
+    "uniform_view_58": (
+        "each view a uniform random 58% of the cell's genes (as many as the default's thinned "
+        "views keep)",
+        {},
+        {"contrastive_view": "genes", "contrastive_view_genes": 0.58},
+    ),
 }
 # Variants on today's default recipe (projection head, thinned views) or stating their views.
-ON_DEFAULT = ("default", "uniform_view", "thinned_view")
+ON_DEFAULT = ("default", "uniform_view", "thinned_view", "uniform_view_58")
 for _name, (_, _model, _train) in VARIANTS.items():
     if _name not in ON_DEFAULT:
         # The projection head and the thinned views came last: every variant before them ran
