@@ -109,7 +109,7 @@ WITHOUT_TORCH = (
     "workflow_config.py",  # the Snakefile imports it before any job
     "provenance.py",
     "eval/scib.py",
-    "eval/provenance.py",
+    "eval/how_made.py",
     "train/loss_curve.py",  # the loss curves, drawn without the training stack
 )
 MAX_PARAMETERS = 8

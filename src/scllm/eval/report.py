@@ -3,7 +3,7 @@ UMAPs, and the run's report, one self-contained HTML page (results/<run>/report.
 each stage did and what the model learned: QC and sample tables (and a per-cell QC figure where
 the caller draws one), the HVG list, the loss curves with the epochs table folded away, the
 metrics, the F1 of each cell type and the confusions of the model and of the best baseline, the
-UMAPs, and how the run was made (``scllm.eval.provenance``), each with a caption; with
+UMAPs, and how the run was made (``scllm.eval.how_made``), each with a caption; with
 heldout.path, the scores on cells the model never saw too.
 
 Images are embedded (base64), so the page can be mailed or archived alone. Rows whose metric
@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from scllm.config import TrainConfig
+from scllm.eval.how_made import provenance_section, read_run_record
 from scllm.eval.metrics import f1_from_counts
-from scllm.eval.provenance import provenance_section, read_run_record
 from scllm.files import atomic_path
 
 log = logging.getLogger("scllm")
