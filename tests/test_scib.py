@@ -64,6 +64,24 @@ def test_lisi_counts_the_labels_among_evenly_weighted_neighbours():
     assert scib.lisi(np.array([[0.0, 1.0, 2.0]]), np.array([[0, 1, 2]]), ["a"] * 3, 2) == [1.0]
 
 
+def test_lisi_with_thousands_of_labels_matches_counting_each_cells_neighbours():
+    # equal distances give equal weights at every beta, so each cell's index is
+    # 1 / sum_l (share of its other neighbours with label l)^2, counted here row by row;
+    # 5,000 labels (samples) over 3,000 cells, as a Census sample of many donors has
+    from collections import Counter
+
+    rng = np.random.default_rng(0)
+    n, k = 3000, 30
+    labels = np.array([f"s{i}" for i in rng.integers(0, 5000, n)])
+    others = (np.arange(n)[:, None] + rng.integers(1, n, (n, k - 1))) % n  # never the cell
+    indices = np.column_stack([np.arange(n), others])
+    distances = np.column_stack([np.zeros(n), np.ones((n, k - 1))])
+    expected = [
+        1 / sum((c / (k - 1)) ** 2 for c in Counter(labels[row[1:]]).values()) for row in indices
+    ]
+    assert scib.lisi(distances, indices, labels) == pytest.approx(expected)
+
+
 def test_ilisi_scales_the_median_to_zero_for_separate_and_one_for_mixed_batches():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 4))
