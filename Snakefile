@@ -9,17 +9,24 @@ from snakemake.utils import min_version, update_config, validate
 
 min_version("9.0")
 sys.path.insert(0, f"{workflow.basedir}/src")  # the library, as the rule scripts import it
-from scllm.workflow_config import config_problems, integers_as_int, typed_overrides
+from scllm.workflow_config import (
+    config_problems,
+    integers_as_int,
+    own_h5ad_description,
+    typed_overrides,
+)
 
 
 configfile: "config/demo.yaml"
 
 
-# --config 'hvg={"n_top_genes": 800}': numbers inside a mapping arrive as text; type them
-# (only --config's: what a config file quotes stays text).
-update_config(config, typed_overrides(dict(workflow.config_settings.config)))
 with open(f"{workflow.basedir}/config/schema.yaml") as schema_file:
     SCHEMA = yaml.safe_load(schema_file)
+# --config 'hvg={"n_top_genes": 800}': numbers inside a mapping arrive as text, and run=2024
+# as a number; type them as the schema asks (only --config's: what a config file quotes stays
+# text).
+update_config(config, typed_overrides(dict(workflow.config_settings.config), SCHEMA))
+own_h5ad_description(config, workflow.config_settings.overwrite_config)
 if problem := config_problems(config, SCHEMA):
     raise WorkflowError(problem)
 validate(config, "config/schema.yaml")  # fills the defaults

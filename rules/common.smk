@@ -7,17 +7,40 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+# The config files a run is made from, as run.json records them: those given with --configfile,
+# or the embedded default.
+CONFIG_FILES = [os.path.relpath(f) for f in workflow.overwrite_configfiles or []] or [
+    "config/demo.yaml"
+]
+
+
+def recorded_config_files(run):
+    """The config files results/<run>/run.json says the run was made from; None where it
+    records none (no run yet, or one recorded before run.json kept them)."""
+    try:
+        return json.loads(Path(f"results/{run}/run.json").read_text()).get("config_files")
+    except (OSError, ValueError):  # no record, or one cut short: run_record rewrites it
+        return None
+
 
 def run_name():
     """The run's name (results/<run>/). Config files given on the command line that set no
     ``run:`` (nor ``--config run=...``) name the run after the last of them, so that an
-    experiment in my.yaml writes to results/my/ and never over the demo's results."""
-    cli_files = list(workflow.overwrite_configfiles or [])
-    if not cli_files or "run" in workflow.config_settings.overwrite_config:
+    experiment in my.yaml writes to results/my/ and never over the demo's results; nor over a
+    run another file of the same name made (exp/demo.yaml, a/my.yaml and b/my.yaml)."""
+    if not workflow.overwrite_configfiles or "run" in workflow.config_settings.overwrite_config:
         return config["run"]
     # as the schema's run pattern: no separators, no leading dot
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(cli_files[-1]).stem).lstrip(".") or "run"
-    given = ", ".join(os.path.relpath(f) for f in cli_files)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(CONFIG_FILES[-1]).stem).lstrip(".") or "run"
+    given = ", ".join(CONFIG_FILES)
+    made_from = recorded_config_files(name)
+    if made_from is not None and made_from != CONFIG_FILES:
+        raise WorkflowError(
+            f"run: not set in {given}, so the run would be named {name}; but results/{name}/ "
+            f"holds the run made from {', '.join(made_from)} (its run.json), whose model and "
+            f"evaluation this run would replace. Set run: in {CONFIG_FILES[-1]} to write "
+            f"beside it, or add --config run={name} to replace it."
+        )
     logger.info(
         f"run: not set in {given}; outputs go to results/{name}/ "
         f"(set run: in the file to choose another name)"
@@ -32,6 +55,11 @@ if RUN == "data":  # the run's files would land among the shared data folders
         "Name the run otherwise (run: in your config file, or --config run=NAME)."
     )
 RESULTS = f"results/{RUN}"
+if os.path.exists(RESULTS) and not os.path.isdir(RESULTS):  # a file of the user's: kept
+    raise WorkflowError(
+        f"run: {RUN} writes to {RESULTS}/, but {RESULTS} is a file. Name the run otherwise "
+        "(run: in your config file, or --config run=NAME), or move the file."
+    )
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 
@@ -99,6 +127,11 @@ def census_input(wildcards):
         raise WorkflowError(
             f"census.source: {source} reads {setting}, which is not set: set it, or choose "
             "another census.source (release, uri, h5ad)"
+        )
+    if source == "h5ad" and not os.path.isfile(path):
+        raise WorkflowError(
+            f"census.h5ad.path: {path} is not a file (a relative path is read from the folder "
+            f"Snakemake runs in, {os.getcwd()}): give the path of your h5ad of raw counts"
         )
     return {"h5ad": path} if source == "h5ad" else {"store": path} if source == "uri" else {}
 

@@ -159,11 +159,26 @@ def test_command_line_scalars_are_typed_as_yaml_types_them():
     assert [typed_scalar(t) for t in ("2025-01-30", "seurat_v3", "1.2.3")] == [
         "2025-01-30", "seurat_v3", "1.2.3",
     ]  # fmt: skip
-    # top-level values are Snakemake's own typing: left alone
-    assert typed_overrides({"run": "001", "hvg": {"n_top_genes": "800"}}) == {
-        "run": "001",
+    # top-level values are Snakemake's own typing, except where the schema asks for a name
+    given = {"run": 2024, "seed": 3, "hvg": {"n_top_genes": "800"}}
+    given["census"] = {"h5ad": {"donor_id": "1", "donor_column": "null"}, "max_cells": "1e5"}
+    assert typed_overrides(given, SCHEMA) == {
+        "run": "2024",  # --config run=2024 (quoted or not, Snakemake reads digits as a number)
+        "seed": 3,
         "hvg": {"n_top_genes": 800},
+        "census": {"h5ad": {"donor_id": "1", "donor_column": None}, "max_cells": 100000.0},
     }
+
+
+def test_a_number_where_a_name_belongs_is_told_to_be_quoted():
+    from scllm.workflow_config import config_problems
+
+    problem = config_problems({"run": 2024}, SCHEMA)
+    assert (
+        'run (in a config file write it in quotes, "2024": YAML reads it as a number): 2024 is '
+        "not of type 'string'"
+    ) in problem
+    assert "quotes" not in config_problems({"hvg": {"n_top_genes": "many"}}, SCHEMA)
 
 
 @pytest.mark.parametrize(

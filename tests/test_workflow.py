@@ -85,6 +85,7 @@ def test_full_run_writes_every_artifact_and_logs_counts(demo_run):
     record = json.loads((results / "run.json").read_text())
     assert set(record["data"]) == set(list(DATA_OUTPUTS)[:6]) and record["run"] == "demo"
     assert record["config"]["hvg"]["n_top_genes"] == 1200 and record["versions"]["torch"]
+    assert record["config_files"] == ["config/tiny.yaml"]
     for rule in DATA_OUTPUTS:
         assert run_output(demo_run, rule).exists(), f"{rule} did not write its output"
         assert run_log(demo_run, rule).stat().st_size > 0, f"{rule} wrote no log"
@@ -194,6 +195,7 @@ def test_two_runs_share_their_data_stages_and_neither_overwrites_the_other(demo_
     # both records name their data; the demo's is unchanged
     record = json.loads((workdir / "results/hvg800/run.json").read_text())
     assert record["run"] == "hvg800" and record["config"]["hvg"]["n_top_genes"] == 800
+    assert record["config_files"] == ["hvg800.yaml"]
     # the same experiment from the command line, nested numbers as users type them
     dry = snakemake(
         workdir, "--configfile", "hvg800.yaml", "--config", 'hvg={"n_top_genes": 800}', "-n"
@@ -345,6 +347,23 @@ def test_a_config_file_without_run_gets_its_own_results_folder(tmp_path):
     forced = forced.stdout + forced.stderr
     assert "results/demo/evaluation/metrics.tsv" in forced and "not set" not in forced
     assert "results/demo/evaluation/metrics.tsv" in snakemake(workdir, "-n").stdout
+    # a file of the same name elsewhere would write over the run its namesake made: refused
+    (workdir / "results/demo").mkdir(parents=True)
+    made = {"run": "demo", "config_files": ["config/demo.yaml"]}  # as run_record writes it
+    (workdir / "results/demo/run.json").write_text(json.dumps(made))
+    (workdir / "exp").mkdir()
+    shutil.copy(workdir / "config/demo.yaml", workdir / "exp/demo.yaml")
+    proc = snakemake(workdir, "--configfile", "exp/demo.yaml", "-n", check=False)
+    assert proc.returncode != 0 and (
+        "run: not set in exp/demo.yaml, so the run would be named demo; but results/demo/ holds "
+        "the run made from config/demo.yaml (its run.json)"
+    ) in " ".join(proc.stdout.split())
+    assert "Set run: in exp/demo.yaml to write beside it, or add --config run=demo" in proc.stdout
+    # the file that made it still runs under its name; and the fixes the message names work
+    same = snakemake(workdir, "--configfile", "config/demo.yaml", "-n")
+    assert "results/demo/evaluation/metrics.tsv" in same.stdout
+    for fix in (["--config", "run=demo"], ["--config", "run=exp_demo"]):
+        assert snakemake(workdir, "--configfile", "exp/demo.yaml", *fix, "-n").returncode == 0
 
 
 def test_invalid_config_value_fails_before_any_job_and_names_the_key(tmp_path):
@@ -397,6 +416,41 @@ def test_own_h5ad_without_its_path_is_named_before_any_job(tmp_path):
     assert not (workdir / "results").exists()
 
 
+def test_own_h5ad_takes_none_of_the_demos_description_of_its_file(tmp_path):
+    # demo.yaml describes PBMC 3k (donor pbmc3k_donor, var column gene_ids): a config naming
+    # its own file gets the schema's defaults for what it leaves out, not the demo's
+    workdir = copy_workflow(tmp_path)
+    shutil.copy(workdir / "resources/pbmc3k/pbmc3k.h5ad", workdir / "mine.h5ad")
+    own = {"path": "mine.h5ad", "dataset_id": "mine", "cell_type_column": "celltype"}
+    mine = write_config(workdir, "mine.yaml", {"census": {"h5ad": own}})
+    snakemake(workdir, "sample_census", "--configfile", mine)
+    samples = pd.read_csv(
+        next((workdir / "results/data").glob("sample_census-*/samples.tsv")), sep="\t"
+    )
+    assert samples["dataset_id"].tolist() == ["mine"]
+    assert samples["donor_id"].tolist() == ["donor_0"]  # not the demo's pbmc3k_donor
+
+
+def test_a_missing_h5ad_or_a_file_in_the_runs_place_is_named_before_any_job(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    missing = write_config(workdir, "missing.yaml", {"census": {"h5ad": {"path": "my.h5ad"}}})
+    proc = snakemake(workdir, "--configfile", missing, "-n", check=False)
+    assert proc.returncode != 0
+    assert "census.h5ad.path: my.h5ad is not a file (a relative path is read from" in proc.stdout
+    assert not (workdir / "results").exists()
+    # the results folder a run would write to is a file of the user's: refused, and kept
+    (workdir / "results").mkdir()
+    (workdir / "results" / "notes").write_text("mine")
+    proc = snakemake(workdir, "--config", "run=notes", "-n", check=False)
+    assert proc.returncode != 0
+    assert "run: notes writes to results/notes/, but results/notes is a file" in proc.stdout
+    assert (workdir / "results" / "notes").read_text() == "mine"
+    # the fixes: the file's own path; a run name of digits, which --config reads as a number
+    shutil.copy(workdir / "resources/pbmc3k/pbmc3k.h5ad", workdir / "my.h5ad")
+    fixed = snakemake(workdir, "--configfile", missing, "--config", "run=2024", "-n")
+    assert "results/2024/evaluation/metrics.tsv" in fixed.stdout
+
+
 def test_misspelt_config_key_is_rejected(tmp_path):
     workdir = copy_workflow(tmp_path)
     bad = write_config(workdir, "typo.yaml", {"hvg": {"n_top_gene": 1000}})
@@ -435,7 +489,8 @@ def test_nested_numbers_on_the_command_line_are_numbers(tmp_path):
     from scllm.workflow_config import typed_overrides
 
     typed = typed_overrides(
-        {"hvg": {"n_top_genes": "800"}, "train": {"lr": "1e-3", "mask_ratios": ["0.5"]}}
+        {"hvg": {"n_top_genes": "800"}, "train": {"lr": "1e-3", "mask_ratios": ["0.5"]}},
+        yaml.safe_load((workdir / "config" / "schema.yaml").read_text()),
     )
     assert typed == {"hvg": {"n_top_genes": 800}, "train": {"lr": 0.001, "mask_ratios": [0.5]}}
     bad = snakemake(workdir, "--config", 'hvg={"n_top_genes": "many"}', "-n", check=False)

@@ -16,7 +16,9 @@ from scllm.files import atomic_path, software_provenance
 log = logging.getLogger("scllm")
 
 
-def write_run_record(path: str | Path, *, config: dict, data: dict, benchmarks: dict) -> dict:
+def write_run_record(
+    path: str | Path, *, config: dict, data: dict, benchmarks: dict, config_files=()
+) -> dict:
     """Write ``run.json``: what a run was made from, for its report and for people.
 
     The commit and package versions are those of the code and environment writing the record
@@ -33,13 +35,16 @@ def write_run_record(path: str | Path, *, config: dict, data: dict, benchmarks: 
         Data stage rule -> the folder it wrote (results/data/<rule>-<key>).
     benchmarks : dict
         Rule -> its Snakemake benchmark file (time and memory, read by the report).
+    config_files : sequence of str, optional
+        The config files the run was made from, as given (relative to the working directory):
+        a config file that sets no ``run:`` and would share this run's name is refused.
 
     Returns
     -------
     dict
         The record as written: ``run``, ``config``, ``data``, ``commit`` (None outside a git
         checkout), ``dirty``, ``versions`` (package -> version, None where not installed),
-        ``python`` and ``benchmarks``.
+        ``python``, ``benchmarks`` and ``config_files``.
     """
     software = software_provenance()
     commit = software["git_commit"]
@@ -57,6 +62,7 @@ def write_run_record(path: str | Path, *, config: dict, data: dict, benchmarks: 
         },
         "python": software["python"],
         "benchmarks": dict(benchmarks),
+        "config_files": list(config_files),
     }
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -39,36 +39,74 @@ def typed_scalar(text: str):
     return _CONSTANTS.get(text.lower(), text)
 
 
-def typed_overrides(overrides: dict) -> dict:
-    """``--config`` settings with the scalars inside mappings and lists typed.
+def typed_overrides(overrides: dict, schema: dict) -> dict:
+    """``--config`` settings typed as the schema asks: numbers as numbers, names as text.
 
-    Snakemake types a top-level ``--config key=800`` itself, but reads a mapping such as
-    ``hvg={"n_top_genes": 800}`` with YAML's BaseLoader, which leaves every scalar a string, so
-    the schema would refuse ``'800'`` as "not of type 'integer'".
+    Snakemake types a top-level ``--config key=800`` itself (``run=2024`` becomes the number
+    2024, quotes or not), but reads a mapping such as ``hvg={"n_top_genes": 800}`` with YAML's
+    BaseLoader, which leaves every scalar a string, so the schema would refuse ``'800'`` as
+    "not of type 'integer'".
 
     Parameters
     ----------
     overrides : dict
         ``workflow.config_settings.overwrite_config``: what ``--config`` set.
+    schema : dict
+        ``config/schema.yaml``, loaded.
 
     Returns
     -------
     dict
-        The same settings, with the strings nested in mappings and lists typed by
-        :func:`typed_scalar`; top-level values unchanged.
+        The same settings. Where the schema asks for text (or null), a whole number is written
+        back as text (``run=2024`` names the run ``2024``) and a string stays a string; elsewhere
+        strings nested in mappings and lists are typed by :func:`typed_scalar`, and top-level
+        values are left as Snakemake typed them.
     """
 
-    def typed(value):
+    def typed(value, sub: dict, nested: bool):
+        types = sub.get("type", []) if isinstance(sub, dict) else []
+        types = {types} if isinstance(types, str) else set(types)
         if isinstance(value, dict):
-            return {key: typed(item) for key, item in value.items()}
+            fields = sub.get("properties", {}) if isinstance(sub, dict) else {}
+            return {key: typed(item, fields.get(key, {}), True) for key, item in value.items()}
         if isinstance(value, list):
-            return [typed(item) for item in value]
-        return typed_scalar(value) if isinstance(value, str) else value
+            items = sub.get("items", {}) if isinstance(sub, dict) else {}
+            return [typed(item, items, True) for item in value]
+        if types and types <= {"string", "null"}:  # a name: 2024 is its text
+            if isinstance(value, int) and not isinstance(value, bool):
+                return str(value)
+            if isinstance(value, str) and "null" in types and value.lower() in ("null", "~"):
+                return None
+            return value
+        return typed_scalar(value) if nested and isinstance(value, str) else value
 
-    return {
-        key: typed(value) if isinstance(value, (dict, list)) else value
-        for key, value in overrides.items()
-    }
+    fields = schema.get("properties", {})
+    return {key: typed(value, fields.get(key, {}), False) for key, value in overrides.items()}
+
+
+def own_h5ad_description(config: dict, given: dict) -> None:
+    """Keep of ``census.h5ad`` only what the user's own config gives, when it gives any; in place.
+
+    ``census.h5ad`` describes one file (its donor, its columns). Config files given with
+    ``--configfile`` are merged over config/demo.yaml, whose description is of the demo's
+    PBMC 3k file: a config naming its own file would otherwise inherit the demo's donor id and
+    gene-id column for settings it leaves out. Those take the schema's defaults instead; with
+    another ``census.source`` no file is read, and the demo's description is dropped.
+
+    Parameters
+    ----------
+    config : dict
+        The merged config, before validation fills the defaults; changed in place.
+    given : dict
+        What the command line's config files and ``--config`` set, merged
+        (``workflow.config_settings.overwrite_config``).
+    """
+    census = given.get("census")
+    own = census.get("h5ad") if isinstance(census, dict) else None
+    if isinstance(own, dict):
+        config["census"]["h5ad"] = {key: config["census"]["h5ad"][key] for key in own}
+    elif config.get("census", {}).get("source", "h5ad") != "h5ad":  # no file is read
+        config["census"]["h5ad"] = {}
 
 
 def integers_as_int(config: dict, schema: dict) -> None:
@@ -209,12 +247,25 @@ def value_problems(config: dict, schema: dict) -> list[str]:
         where = ".".join(str(part) for part in error.absolute_path) or "the config"
         if isinstance(error.instance, datetime.date):  # census_version: 2025-01-30, unquoted
             where += " (write the date in quotes: YAML reads an unquoted date as a date)"
+        elif _number_for_text(error):  # run: 2024 in a config file
+            where += (
+                f' (in a config file write it in quotes, "{error.instance}": YAML reads it as '
+                "a number)"
+            )
         described = error.schema.get("description", "") if isinstance(error.schema, dict) else ""
         problems.append(
             f"{where}: {error.message}"
             + (f" ({' '.join(described.split())})" if described else "")
         )
     return problems
+
+
+def _number_for_text(error) -> bool:
+    """Is this schema error a number where the schema asks for text?"""
+    expected = error.validator_value if error.validator == "type" else None
+    expected = [expected] if isinstance(expected, str) else expected or []
+    number = isinstance(error.instance, (int, float)) and not isinstance(error.instance, bool)
+    return number and "string" in expected
 
 
 def config_problems(config: dict, schema: dict) -> str | None:

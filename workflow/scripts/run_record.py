@@ -10,4 +10,5 @@ write_run_record(
     config=dict(snakemake.config),  # all of it, chunk_size included (params leave it out)
     data=snakemake.params.data,
     benchmarks=snakemake.params.benchmarks,
+    config_files=snakemake.params.config_files,
 )
