@@ -365,6 +365,14 @@ def test_damaged_h5ad(cells_h5ad, tmp_path, damage):
     assert leftovers(tmp_path, "soma") == []
 
 
+def test_a_missing_pipeline_h5ad_is_named_missing(tmp_path):
+    missing = tmp_path / "cells.h5ad"
+    with pytest.raises(InputError) as err:
+        filter_qc(missing, tmp_path / "filtered.h5ad", tmp_path / "qc.tsv")
+    assert str(err.value) == f"{missing} does not exist; rerun the stage that writes it"
+    assert leftovers(tmp_path, "filtered.h5ad", "qc.tsv") == []
+
+
 def test_missing_input_h5ad(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"census\.h5ad\.path"):
         build_local_census(tmp_path / "nowhere.h5ad", tmp_path / "soma")

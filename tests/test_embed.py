@@ -592,6 +592,20 @@ def test_a_second_embed_of_one_output_is_refused_while_the_first_writes(
 # --- what it reads: a wrong path is named with the fix -------------------------------------------
 
 
+def test_a_missing_or_damaged_input_is_named_with_its_fix(model_dir, cells, tmp_path, capsys):
+    out = tmp_path / "out.h5ad"
+    missing = tmp_path / "emb" / "missing.h5ad"
+    code, err = run_embed(capsys, model_dir, missing, out)
+    assert code == 1 and f"scllm embed: error: {missing} does not exist; check the path\n" in err
+    # the user's file, not one a pipeline stage rewrites
+    damaged = tmp_path / "damaged.h5ad"
+    damaged.write_bytes(cells.read_bytes()[:2000])
+    code, err = run_embed(capsys, model_dir, damaged, out)
+    assert code == 1 and f"scllm embed: error: cannot open {damaged} as h5ad (" in err
+    assert "not an h5ad: copy or export it again (AnnData.write_h5ad) and rerun.\n" in err
+    assert "rerun the stage" not in err and not out.exists()
+
+
 def test_a_folder_that_is_not_a_model_is_named_with_the_folder_meant(
     model_dir, cells, tmp_path, capsys
 ):
