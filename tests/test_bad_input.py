@@ -27,6 +27,7 @@ import scipy.sparse as sp
 import yaml
 
 from scllm.checks import file_sha256
+from scllm.cli import main as cli_main
 from scllm.errors import InputError
 from scllm.prep import h5ad_source as census_mod
 from scllm.prep import store as store_mod
@@ -110,7 +111,7 @@ def test_non_integer_counts_in_a_store_stop_sampling_midway(tmp_path, monkeypatc
     assert leftovers(tmp_path, "cells.h5ad", "samples.tsv") == []
 
 
-def test_missing_obs_columns_are_named(tmp_path, monkeypatch):
+def test_missing_obs_columns_are_named(tmp_path, monkeypatch, capsys):
     src = synthetic_source()
     src.write_h5ad(tmp_path / "in.h5ad")
     with pytest.raises(
@@ -120,6 +121,19 @@ def test_missing_obs_columns_are_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"no column 'label' \(census\.h5ad\.cell_type_column"):
         build_local_census(tmp_path / "in.h5ad", tmp_path / "soma", cell_type_column="label")
     assert leftovers(tmp_path, "soma") == []
+    # Each caller names its own setting, and a near miss gets the column meant.
+    available = "available: ['cell_type', 'dataset_id', 'disease', 'donor_id', "
+    available += "'is_primary_data', 'observation_joinid', 'tissue_general']"
+    stage, cli = sample_stage_and_cli_errors(tmp_path, capsys, "cell_type_column", "celltype")
+    assert stage == (
+        f"obs has no column 'celltype' (census.h5ad.cell_type_column); {available}. "
+        "Did you mean 'cell_type'?"
+    )
+    assert cli == (
+        "scllm build-census: error: obs has no column 'celltype' (--cell-type-column); "
+        f"{available}. Did you mean 'cell_type'?\n"
+    )
+    assert leftovers(tmp_path, "soma", "cells.h5ad", "s.tsv") == []
 
     # A Census-shaped store without donor_id (as a hand-made store might be).
     shaped = store_mod.census_shaped
@@ -159,6 +173,35 @@ def test_explicit_gene_id_column_without_ensembl_ids(tmp_path):
     ):
         build_local_census(tmp_path / "in.h5ad", tmp_path / "soma", gene_id_column="symbol")
     assert leftovers(tmp_path, "soma") == []
+
+
+def sample_stage_and_cli_errors(tmp_path, capsys, field: str, value: str) -> tuple[str, str]:
+    """The refusals of in.h5ad with one census.h5ad setting: by the workflow's sample stage
+    (sample_h5ad), and by scllm build-census with the flag (what it prints)."""
+    with pytest.raises(ValueError) as err:
+        census_mod.sample_h5ad(
+            tmp_path / "in.h5ad", tmp_path / "cells.h5ad", tmp_path / "s.tsv", **{field: value}
+        )
+    flag = "--" + field.replace("_", "-")
+    h5ad, out = str(tmp_path / "in.h5ad"), str(tmp_path / "soma")
+    assert cli_main(["build-census", h5ad, out, flag, value]) == 1
+    return str(err.value), capsys.readouterr().err
+
+
+def test_a_gene_id_column_var_lacks_names_the_setting_and_the_column_meant(tmp_path, capsys):
+    synthetic_source().write_h5ad(tmp_path / "in.h5ad")
+    stage, cli = sample_stage_and_cli_errors(tmp_path, capsys, "gene_id_column", "gene_id")
+    assert stage == (
+        "var has no column 'gene_id' (census.h5ad.gene_id_column); available: ['gene_ids']. "
+        "Did you mean 'gene_ids'? Name a var column of Ensembl ids (ENSG...), or set "
+        "census.h5ad.gene_id_column to null to detect the id column."
+    )
+    assert cli == (
+        "scllm build-census: error: var has no column 'gene_id' (--gene-id-column); available: "
+        "['gene_ids']. Did you mean 'gene_ids'? Name a var column of Ensembl ids (ENSG...), or "
+        "leave out --gene-id-column to detect the id column.\n"
+    )
+    assert leftovers(tmp_path, "soma", "cells.h5ad", "s.tsv") == []
 
 
 def test_unknown_organism(store, tmp_path):
@@ -320,6 +363,14 @@ def test_damaged_h5ad(cells_h5ad, tmp_path, damage):
     with pytest.raises(ValueError, match=r"cannot read .*cells\.h5ad as h5ad.*export it again"):
         build_local_census(tmp_path / "cells.h5ad", tmp_path / "soma")
     assert leftovers(tmp_path, "soma") == []
+
+
+def test_a_missing_pipeline_h5ad_is_named_missing(tmp_path):
+    missing = tmp_path / "cells.h5ad"
+    with pytest.raises(InputError) as err:
+        filter_qc(missing, tmp_path / "filtered.h5ad", tmp_path / "qc.tsv")
+    assert str(err.value) == f"{missing} does not exist; rerun the stage that writes it"
+    assert leftovers(tmp_path, "filtered.h5ad", "qc.tsv") == []
 
 
 def test_missing_input_h5ad(tmp_path):

@@ -197,6 +197,16 @@ def test_nearest_names_find_misspellings_and_abbreviations(typo, nearest):
     assert nearest_names(typo, known)[0] == nearest
 
 
+def test_did_you_mean_suggests_a_column_spelt_alike_and_nothing_else():
+    from scllm.workflow_config import did_you_mean
+
+    columns = ["donor", "cell_type_ontology_term_id", "CellType"]
+    assert did_you_mean("cell_type", columns) == " Did you mean 'CellType'?"  # case ignored
+    # a longer name starting with it is another column, not a misspelling
+    assert did_you_mean("cell_type", ["donor", "cell_type_ontology_term_id"]) == ""
+    assert did_you_mean("gene_id", []) == ""
+
+
 def test_config_problems_name_each_problem_once_in_a_paragraph():
     from scllm.workflow_config import config_problems
 

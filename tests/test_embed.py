@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -586,3 +587,41 @@ def test_a_second_embed_of_one_output_is_refused_while_the_first_writes(
     go.touch()
     assert proc.wait(timeout=60) == 0
     assert out.read_bytes() == b"first half, second half"  # the first writer's file, complete
+
+
+# --- what it reads: a wrong path is named with the fix -------------------------------------------
+
+
+def test_a_missing_or_damaged_input_is_named_with_its_fix(model_dir, cells, tmp_path, capsys):
+    out = tmp_path / "out.h5ad"
+    missing = tmp_path / "emb" / "missing.h5ad"
+    code, err = run_embed(capsys, model_dir, missing, out)
+    assert code == 1 and f"scllm embed: error: {missing} does not exist; check the path\n" in err
+    # the user's file, not one a pipeline stage rewrites
+    damaged = tmp_path / "damaged.h5ad"
+    damaged.write_bytes(cells.read_bytes()[:2000])
+    code, err = run_embed(capsys, model_dir, damaged, out)
+    assert code == 1 and f"scllm embed: error: cannot open {damaged} as h5ad (" in err
+    assert "not an h5ad: copy or export it again (AnnData.write_h5ad) and rerun.\n" in err
+    assert "rerun the stage" not in err and not out.exists()
+
+
+def test_a_folder_that_is_not_a_model_is_named_with_the_folder_meant(
+    model_dir, cells, tmp_path, capsys
+):
+    out = tmp_path / "out.h5ad"
+    run = tmp_path / "results" / "demo"
+    shutil.copytree(model_dir, run / "model")
+    nowhere = tmp_path / "nowhere"
+    expected = {
+        nowhere: f"{nowhere} does not exist; give the model folder of a finished pretrain run "
+        "(results/<run>/model)",
+        run: f"{run} lacks best_model.pt, args.json, vocab.json; did you mean {run / 'model'}?",
+        run.parent: f"{run.parent} lacks best_model.pt, args.json, vocab.json; is it a finished "
+        "pretrain output directory?",
+    }
+    for folder, message in expected.items():
+        code, err = run_embed(capsys, folder, cells, out)
+        assert code == 1 and f"scllm embed: error: {message}\n" in err
+    assert not out.exists()
+    assert run_embed(capsys, run / "model", cells, out)[0] == 0  # the folder meant works

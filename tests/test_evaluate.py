@@ -372,18 +372,23 @@ def test_heldout_evaluation_refuses_files_without_labels(tmp_path):
     from scllm.eval.evaluate import evaluate_heldout
 
     model_dir, h5ad, _, _ = write_heldout_files(tmp_path)
-    with pytest.raises(ValueError, match="no obs column 'celltype'"):
-        evaluate_heldout(
-            model_dir,
-            h5ad,
-            tmp_path / "e.h5ad",
-            tmp_path / "m.tsv",
-            tmp_path / "m.html",
-            tmp_path / "u.png",
-            label_key="celltype",
-            device="cpu",
-        )
-    assert not any((tmp_path / name).exists() for name in ("e.h5ad", "m.tsv", "m.html", "u.png"))
+    outputs = [tmp_path / name for name in ("e.h5ad", "m.tsv", "m.html", "u.png")]
+    with pytest.raises(ValueError, match="no obs column 'celltype'") as err:
+        evaluate_heldout(model_dir, h5ad, *outputs, label_key="celltype", device="cpu")
+    # the setting to change, the file's columns and the one meant
+    assert str(err.value) == (
+        f"{h5ad} has no obs column 'celltype' (heldout.label_key, the cell-type labels): set "
+        "heldout.label_key to one of its columns, ['cell_type', 'donor']. Did you mean "
+        "'cell_type'?"
+    )
+    with pytest.raises(ValueError) as err:  # no column close to it: none suggested
+        evaluate_heldout(model_dir, h5ad, *outputs, label_key="annotation", device="cpu")
+    assert str(err.value).endswith("one of its columns, ['cell_type', 'donor'].")
+    missing = tmp_path / "nowhere.h5ad"  # heldout.path is the user's: no stage rewrites it
+    with pytest.raises(ValueError) as err:
+        evaluate_heldout(model_dir, missing, *outputs, label_key="cell_type", device="cpu")
+    assert str(err.value) == f"{missing} does not exist; check the path"
+    assert not any(path.exists() for path in outputs)
 
 
 def test_heldout_evaluation_of_a_model_without_training_pca_scores_the_other_baseline(

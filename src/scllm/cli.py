@@ -52,6 +52,7 @@ def _build_census(args: argparse.Namespace) -> None:
         disease=args.disease,
         organism=args.organism,
         overwrite=args.overwrite,
+        flags=True,  # messages name this command's flags, not the workflow's config keys
     )
     print(
         f"Wrote a Census-shaped store to {args.out}. "

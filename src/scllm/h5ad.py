@@ -26,16 +26,25 @@ from scllm.errors import CorruptArtifactError, InputError
 
 log = logging.getLogger("scllm")
 
+# The fix for an input h5ad that exists but cannot be read: the pipeline cannot rewrite it.
+UNREADABLE_INPUT = (
+    "The file is truncated, damaged or not an h5ad: copy or export it again "
+    "(AnnData.write_h5ad) and rerun."
+)
+
 # --- the pipeline's own files --------------------------------------------------------------------
 
 
-def open_backed(path: str | Path) -> ad.AnnData:
+def open_backed(path: str | Path, own: bool = True) -> ad.AnnData:
     """Open an h5ad without loading X; a clear error if the file is missing or damaged.
 
     Parameters
     ----------
     path : str or Path
         The h5ad file.
+    own : bool, default True
+        Whether the pipeline wrote the file (rerunning its stage rewrites it); False for your
+        input (``scllm embed``'s h5ad, heldout.path), which only you can fix.
 
     Returns
     -------
@@ -44,15 +53,24 @@ def open_backed(path: str | Path) -> ad.AnnData:
 
     Raises
     ------
+    InputError
+        No file at ``path`` (a ValueError).
     ValueError
-        The file is missing, truncated or not an h5ad.
+        The file is truncated or not an h5ad.
     """
+    if not Path(path).exists():
+        fix = "rerun the stage that writes it" if own else "check the path"
+        raise InputError(f"{path} does not exist; {fix}")
     try:
         return ad.read_h5ad(path, backed="r")
     except Exception as err:  # h5py raises several types for damaged files
+        fix = (
+            "The file is truncated or not an h5ad; delete it and rerun the stage that writes it."
+            if own
+            else UNREADABLE_INPUT
+        )
         raise ValueError(
-            f"cannot open {path} as h5ad ({type(err).__name__}: {err}). The file is missing, "
-            "truncated or not an h5ad; delete it and rerun the stage that writes it."
+            f"cannot open {path} as h5ad ({type(err).__name__}: {err}). {fix}"
         ) from err
 
 
@@ -372,9 +390,7 @@ class H5adInput:
         ) as err:  # h5py and anndata raise several types for damaged or foreign files
             self.close()
             raise ValueError(
-                f"cannot read {path} as h5ad ({type(err).__name__}: {err}). "
-                "The file is truncated, damaged or not an h5ad: copy or export it again "
-                "(AnnData.write_h5ad) and rerun."
+                f"cannot read {path} as h5ad ({type(err).__name__}: {err}). {UNREADABLE_INPUT}"
             ) from err
         self.n_obs, self.n_vars = len(self.obs_names), self.var.shape[0]
         self.obs_columns = [c for c in self._obs.keys() if c != self._obs.attrs["_index"]]

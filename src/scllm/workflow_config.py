@@ -168,6 +168,31 @@ def nearest_names(name: str, candidates, n: int = 3) -> list[str]:
     return ranked[:1] + [other for other in ranked[1:n] if closeness(other) >= 0.6]
 
 
+def did_you_mean(name: str, candidates) -> str:
+    """A sentence naming the candidate spelt most like ``name``, for a message about a column.
+
+    Spelling alone (difflib, ignoring case), unlike ``nearest_names``: a longer column that
+    starts with ``name`` (cell_type_ontology_term_id for cell_type) is another column, not a
+    misspelling.
+
+    Parameters
+    ----------
+    name : str
+        The name that was not found.
+    candidates : iterable of str
+        The names there are.
+
+    Returns
+    -------
+    str
+        `` Did you mean 'x'?`` (with a leading space), or ``""`` when none is close (similarity
+        under 0.6).
+    """
+    by_lower = {str(c).lower(): str(c) for c in candidates}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
+    return f" Did you mean {by_lower[close[0]]!r}?" if close else ""
+
+
 def _sections(schema: dict, prefix: str = "") -> Iterator[tuple[str, dict]]:
     """(dotted path, schema) of every mapping in the schema that refuses unknown keys."""
     if schema.get("additionalProperties") is False:

@@ -342,7 +342,7 @@ def _embed_file(model_dir, in_h5ad, cfg: EmbedConfig):
     from scllm.h5ad import open_backed
 
     embedder = Embedder.load(model_dir, cfg.device)
-    adata = open_backed(in_h5ad)
+    adata = open_backed(in_h5ad, own=False)  # your file: the pipeline cannot rewrite it
     obs, var, n_cells = adata.obs.copy(), adata.var.copy(), adata.n_obs
     adata.file.close()
     # Genes are mapped (and their duplicates handled) by map_genes, so only the cells are checked

@@ -28,6 +28,7 @@ from scllm.eval.metrics import masked_value_error, pca_baseline, score_represent
 from scllm.eval.report import format_value, plot_one_colour_note, plot_umaps, write_table
 from scllm.files import atomic_path
 from scllm.h5ad import open_backed, open_matrix, read_rows, row_chunks
+from scllm.workflow_config import did_you_mean
 
 log = logging.getLogger("scllm")
 
@@ -181,7 +182,7 @@ HELDOUT_OUTPUTS = ("table", "html", "umap_label", "per_cell_type", "confusion")
 
 
 def labelled_cells(
-    obs: pd.DataFrame, label_key: str, max_cells: int, seed: int, where
+    obs: pd.DataFrame, label_key: str, max_cells: int, seed: int, where, setting: str
 ) -> np.ndarray:
     """Rows of ``obs`` with a usable ``label_key`` label, at most ``max_cells`` (a seeded
     sample).
@@ -201,6 +202,9 @@ def labelled_cells(
         Seed of the sample taken above ``max_cells``.
     where : str or path
         The input, for messages.
+    setting : str
+        The config setting that names ``label_key`` (e.g. heldout.label_key), which a message
+        says to change.
 
     Returns
     -------
@@ -213,9 +217,10 @@ def labelled_cells(
         ``obs`` has no ``label_key`` column, or fewer than 10 cells are kept.
     """
     if label_key not in obs:
+        columns = [str(c) for c in obs.columns]
         raise ValueError(
-            f"{where} has no obs column {label_key!r} (the label key); "
-            f"columns: {list(obs.columns)}"
+            f"{where} has no obs column {label_key!r} ({setting}, the cell-type labels): set "
+            f"{setting} to one of its columns, {columns}.{did_you_mean(label_key, columns)}"
         )
     labels = obs[label_key].astype(str)
     labelled = ~labels.str.strip().str.lower().isin(UNLABELED) & obs[label_key].notna()
@@ -581,6 +586,7 @@ def _labelled_embeddings(embeddings_h5ad, cfg: EvaluateConfig):
         cfg.max_cells,
         int(cfg.seed),
         f"{embeddings_h5ad} (embed.cells: all embeds every cell)",
+        "evaluate.label_key",
     )
     return emb, keep
 
@@ -816,10 +822,10 @@ def _heldout_baselines(
 def _heldout_labels(h5ad, label_key: str, batch_key: str | None, cfg: EvaluateConfig):
     """Rows of the held-out file's labelled cells to score, their labels and their samples (one
     sample "all" without a batch_key), read from obs alone."""
-    source = open_backed(h5ad)
+    source = open_backed(h5ad, own=False)  # heldout.path: your file
     obs = source.obs.copy()
     source.file.close()
-    keep = labelled_cells(obs, label_key, cfg.max_cells, int(cfg.seed), h5ad)
+    keep = labelled_cells(obs, label_key, cfg.max_cells, int(cfg.seed), h5ad, "heldout.label_key")
     if batch_key is not None and batch_key not in obs:
         raise ValueError(
             f"{h5ad} has no obs column {batch_key!r} (heldout.batch_key); "

@@ -22,6 +22,7 @@ from scllm.config import H5adConfig, settings_of
 from scllm.errors import InputError, UnsafeOutputError
 from scllm.files import Progress, atomic_path, lies_within, sibling_name
 from scllm.h5ad import H5adInput
+from scllm.workflow_config import did_you_mean
 
 log = logging.getLogger("scllm")
 
@@ -36,6 +37,7 @@ def build_local_census(
     *,
     block_nnz: int = INGEST_BLOCK_NNZ,
     overwrite: bool = False,
+    flags: bool = False,
     **settings,
 ) -> None:
     """Write a SOMA store with the Census layout (``census_info``, ``census_data/<organism>``).
@@ -58,6 +60,9 @@ def build_local_census(
         Stored values read and written at a time at the most.
     overwrite : bool, default False
         Replace a store this function built earlier at ``uri``.
+    flags : bool, default False
+        Name the settings in messages as ``scllm build-census``'s flags (``--cell-type-column``)
+        rather than as the workflow's config keys (``census.h5ad.cell_type_column``).
     **settings
         ``H5adConfig``'s fields, instead of ``cfg``.
 
@@ -80,7 +85,7 @@ def build_local_census(
     check_store_output(h5ad_path, uri, overwrite)
     with H5adInput(h5ad_path) as source:
         where = f"the input h5ad {h5ad_path}"
-        obs, var, matrix = census_shaped(source, cfg, where)
+        obs, var, matrix = census_shaped(source, cfg, where, flags)
         log.info(
             "building a local Census at %s from %s: %d cells x %d genes (%s, %s)",
             uri,
@@ -359,7 +364,7 @@ def _write_table(collection, name: str, columns: dict, soma) -> None:
 # --- an h5ad's cells and genes in the Census' shape ----------------------------------------------
 
 
-def census_shaped(source: H5adInput, cfg: H5adConfig, where: str):
+def census_shaped(source: H5adInput, cfg: H5adConfig, where: str, flags: bool = False):
     """The Census-shaped obs and var of ``source`` and its count matrix, as a store holds them.
 
     Every check that needs no count values runs here, before anything is written.
@@ -372,6 +377,8 @@ def census_shaped(source: H5adInput, cfg: H5adConfig, where: str):
         Where the counts are and how cells become Census cells.
     where : str
         The input, for the messages.
+    flags : bool, default False
+        Name the settings in messages as ``scllm build-census``'s flags, not as config keys.
 
     Returns
     -------
@@ -393,7 +400,7 @@ def census_shaped(source: H5adInput, cfg: H5adConfig, where: str):
         source.n_obs, source.n_vars, where
     )  # an empty store fails deep inside tiledbsoma
     matrix = source.matrix(cfg.counts_layer)
-    var = _shaped_var(source, cfg.gene_id_column, where)
+    var = _shaped_var(source, cfg.gene_id_column, where, flags)
 
     present = set(source.obs_columns)
     obs = pd.DataFrame(index=pd.RangeIndex(source.n_obs))  # row numbers: a store's soma_joinid
@@ -406,7 +413,7 @@ def census_shaped(source: H5adInput, cfg: H5adConfig, where: str):
     obs["dataset_id"] = column("dataset_id", source.path.stem) if not dataset_id else dataset_id
     if cfg.donor_column:
         obs["donor_id"] = _named_obs_column(
-            source, cfg.donor_column, "census.h5ad.donor_column, --donor-column"
+            source, cfg.donor_column, _setting("donor_column", flags)
         )
     else:
         obs["donor_id"] = column("donor_id", "donor_0") if not donor_id else donor_id
@@ -424,7 +431,7 @@ def census_shaped(source: H5adInput, cfg: H5adConfig, where: str):
     )
     if label_col is not None:
         obs["cell_type"] = _named_obs_column(
-            source, label_col, "census.h5ad.cell_type_column, --cell-type-column"
+            source, label_col, _setting("cell_type_column", flags)
         )
     obs["tissue_general"] = column("tissue_general", cfg.tissue_general)
     obs["is_primary_data"] = (
@@ -443,9 +450,11 @@ def census_shaped(source: H5adInput, cfg: H5adConfig, where: str):
     return obs, var, matrix
 
 
-def _shaped_var(source: H5adInput, gene_id_column: str | None, where: str) -> pd.DataFrame:
+def _shaped_var(
+    source: H5adInput, gene_id_column: str | None, where: str, flags: bool
+) -> pd.DataFrame:
     """The input's genes as a Census var: keyed on Ensembl ids (also feature_id), with names."""
-    ids, column = _ensembl_ids(source, gene_id_column)
+    ids, column = _ensembl_ids(source, gene_id_column, flags)
     names = (
         source.var["feature_name"].astype(str).values
         if "feature_name" in source.var
@@ -493,11 +502,17 @@ def _refuse_missing(source: H5adInput, name: str, where: str) -> None:
         )
 
 
+def _setting(field: str, flags: bool) -> str:
+    """An H5adConfig field as the caller names it: scllm build-census's flag or the config key."""
+    return "--" + field.replace("_", "-") if flags else f"{H5adConfig.SECTION}.{field}"
+
+
 def _named_obs_column(source: H5adInput, name: str, setting: str):
     """The obs column a setting names, which the input must have."""
     if name not in source.obs_columns:
         raise ValueError(
-            f"obs has no column {name!r} ({setting}); available: {source.obs_columns}"
+            f"obs has no column {name!r} ({setting}); available: {source.obs_columns}."
+            + did_you_mean(name, source.obs_columns)
         )
     return _obs_strings(source, name)
 
@@ -512,9 +527,11 @@ def _observation_joinids(obs: pd.DataFrame, joinids, where: str) -> list:
     return [cell[len(prefix) :] for cell, prefix in zip(unique, prefixes)]
 
 
-def _ensembl_ids(source: H5adInput, gene_id_column: str | None) -> tuple[np.ndarray, str | None]:
+def _ensembl_ids(
+    source: H5adInput, gene_id_column: str | None, flags: bool
+) -> tuple[np.ndarray, str | None]:
     """The genes' Ensembl ids (version suffixes dropped) and the var column they came from (None:
-    var_names)."""
+    var_names); ``flags``: messages name scllm build-census's flags."""
     candidates = (
         [gene_id_column]
         if gene_id_column
@@ -524,9 +541,7 @@ def _ensembl_ids(source: H5adInput, gene_id_column: str | None) -> tuple[np.ndar
         values = source.var.index if col is None else source.var.get(col)
         if values is None:
             if gene_id_column:
-                raise ValueError(
-                    f"var has no column {gene_id_column!r}; available: {list(source.var.columns)}"
-                )
+                raise ValueError(_no_gene_id_column(source, gene_id_column, flags))
             continue
         values = np.asarray(values).astype(str)
         if np.mean(np.char.startswith(values, "ENS")) > 0.9:
@@ -543,4 +558,16 @@ def _ensembl_ids(source: H5adInput, gene_id_column: str | None) -> tuple[np.ndar
         "ensembl_id and var_names). Genes are keyed on Ensembl ids: add them (e.g. map symbols "
         "to ENSG ids), or name the column that holds them with census.h5ad.gene_id_column "
         "(--gene-id-column)."
+    )
+
+
+def _no_gene_id_column(source: H5adInput, name: str, flags: bool) -> str:
+    """The message for a gene id column the input's var lacks."""
+    setting = _setting("gene_id_column", flags)
+    detect = f"leave out {setting}" if flags else f"set {setting} to null"
+    available = [str(c) for c in source.var.columns]
+    return (
+        f"var has no column {name!r} ({setting}); available: {available}."
+        f"{did_you_mean(name, available)} Name a var column of Ensembl ids (ENSG...), or "
+        f"{detect} to detect the id column."
     )

@@ -571,13 +571,9 @@ def load_model(model_dir, device="cpu") -> tuple[CellTransformer, dict[str, int]
         A file is damaged, or the weights are not those of the model args.json describes.
     """
     model_dir = Path(model_dir)
-    missing = [
-        n for n in ("best_model.pt", "args.json", "vocab.json") if not (model_dir / n).exists()
-    ]
+    missing = _missing_model_files(model_dir)
     if missing:
-        raise FileNotFoundError(
-            f"{model_dir} lacks {', '.join(missing)}; is it a finished pretrain output directory?"
-        )
+        raise FileNotFoundError(_not_a_model_folder(model_dir, missing))
     args = read_json(model_dir / "args.json")
     vocab = read_vocab(model_dir / "vocab.json")
     expected = args.get("data", {}).get("vocab_sha256")
@@ -598,3 +594,22 @@ def load_model(model_dir, device="cpu") -> tuple[CellTransformer, dict[str, int]
         ) from None
     model.vocab_sha256 = vocab_sha256(vocab)
     return model.to(device).eval(), vocab, args
+
+
+def _missing_model_files(folder: Path) -> list[str]:
+    """The files ``load_model`` reads that ``folder`` lacks."""
+    return [n for n in ("best_model.pt", "args.json", "vocab.json") if not (folder / n).exists()]
+
+
+def _not_a_model_folder(model_dir: Path, missing: list[str]) -> str:
+    """Why ``model_dir`` holds no model, and the folder meant when it is a run's folder."""
+    if not model_dir.exists():
+        return (
+            f"{model_dir} does not exist; give the model folder of a finished pretrain run "
+            "(results/<run>/model)"
+        )
+    lacks = f"{model_dir} lacks {', '.join(missing)}"
+    # A run's folder (results/<run>) holds the model one level down, in model/.
+    if model_dir.is_dir() and not _missing_model_files(model_dir / "model"):
+        return f"{lacks}; did you mean {model_dir / 'model'}?"
+    return f"{lacks}; is it a finished pretrain output directory?"
