@@ -385,6 +385,14 @@ def test_report_says_how_the_run_was_made_and_a_missing_benchmark_is_not_run(tmp
     assert "<td>split <i>(shared data folder)</i></td>" in section
     assert "<td>pretrain <i>(shared" not in section
     assert rows["evaluate"] == "<td colspan='3'>not run</td>"
+    # totals: the run's own rules (pretrain), then with the shared stages (pretrain + split)
+    assert (
+        "<td><i>this run's own rules</i></td><td>3,725.5</td><td>1:02:06</td><td>8,123 (largest)"
+    ) in section
+    assert (
+        "<td><i>with the shared data stages</i></td><td>3,725.9</td><td>1:02:06</td>"
+        "<td>8,123 (largest)"
+    ) in section
     assert "<td>torch</td><td>2.13.0</td>" in section
     assert "<summary>Resolved configuration (YAML)</summary><pre>run: trial\ntrain:\n" in section
     assert "  contrastive_weight: 10.0\n" in section
