@@ -73,3 +73,38 @@ def test_a_runs_data_files_are_found_through_its_record(tmp_path):
     assert files["shards"] == tmp_path / "results/data/tokenize_shards-11111111/shards"
     assert files["hvg"] == tmp_path / "results/data/select_hvg-00000000/hvg.tsv"
     assert files["qc_cells"].name == "qc_cells.tsv.gz"
+
+
+def test_data_folders_lists_each_folder_with_its_size_and_the_runs_that_read_it(tmp_path, capsys):
+    from scllm.cli import main
+    from scllm.provenance import data_folder_use
+
+    results = tmp_path / "results"
+    sizes = {"sample_census-0a1b2c3d": 1500, "split-00000001": 20, "split-00000002": 3_000_000}
+    for name, size in sizes.items():
+        (results / "data" / name / "sub").mkdir(parents=True)
+        (results / "data" / name / "sub" / "x.bin").write_bytes(b"0" * size)
+    (results / "data" / "notes").mkdir()  # not a stage's folder: not listed, never counted
+    (results / "data" / "split-123").mkdir()
+    for run, split in (("demo", "split-00000001"), ("hvg800", "split-00000001")):
+        (results / run).mkdir()
+        data = {
+            "sample_census": "results/data/sample_census-0a1b2c3d",
+            "split": f"results/data/{split}",
+        }
+        (results / run / "run.json").write_text(json.dumps({"run": run, "data": data}))
+    (results / "broken").mkdir()
+    (results / "broken" / "run.json").write_text("{")  # cut short: skipped
+
+    folders = data_folder_use(results)
+    assert [(f["folder"].name, f["bytes"], f["runs"]) for f in folders] == [
+        ("sample_census-0a1b2c3d", 1500, ["demo", "hvg800"]),  # pipeline order, then name
+        ("split-00000001", 20, ["demo", "hvg800"]),
+        ("split-00000002", 3_000_000, []),
+    ]
+    assert main(["data-folders", "--results", str(results)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[1:] == ["1.5", "kB", "demo,", "hvg800"]
+    assert lines[3].endswith("3.0 MB  no run")
+    assert lines[4].startswith("1 of 3 folders (3.0 MB) are read by no run's run.json")
+    assert all((results / "data" / name).is_dir() for name in sizes)  # nothing deleted

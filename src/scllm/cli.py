@@ -83,8 +83,39 @@ def _embed(args: argparse.Namespace) -> None:
     )
 
 
+def _data_folders(args: argparse.Namespace) -> None:
+    from scllm.provenance import data_folder_use
+
+    folders = data_folder_use(args.results)
+    if not folders:
+        print(f"{args.results}/data holds no data stage folders")
+        return
+    width = max(len(str(f["folder"])) for f in folders)
+    print(f"{'folder':<{width}}  {'size':>9}  read by")
+    for f in folders:
+        runs = ", ".join(f["runs"]) or "no run"
+        print(f"{str(f['folder']):<{width}}  {_size(f['bytes']):>9}  {runs}")
+    unread = [f for f in folders if not f["runs"]]
+    if unread:
+        print(
+            f"{len(unread)} of {len(folders)} folders ({_size(sum(f['bytes'] for f in unread))}) "
+            "are read by no run's run.json: left by runs since changed, removed or failed, or "
+            "made by a run whose data stages are still running (it writes run.json when they "
+            "end). Remove one with rm -r when no run of yours is running."
+        )
+
+
+def _size(n_bytes: int) -> str:
+    """A size in bytes as people read it: 12.3 MB, 4.56 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{n_bytes} B"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one ``scllm`` command (``build-census`` or ``embed``) as the command line does.
+    """Run one ``scllm`` command (``build-census``, ``embed``, ``data-folders``) as the command
+    line does.
 
     A refusal (the project's errors, and ValueError, RuntimeError or FileNotFoundError) is
     printed to stderr as one line, ``scllm <command>: error: <message>``, never as a
@@ -111,6 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_build_census(commands)
     _add_embed(commands)
+    folders = commands.add_parser(
+        "data-folders",
+        help="list the data stages' folders under results/data, their size and the runs that "
+        "read them",
+        description="List results/data/<stage>-<key>/ folders with their size and the runs whose "
+        "run.json names them, to find the ones no run reads any more. Deletes nothing.",
+    )
+    folders.add_argument(
+        "--results", default="results", help="the results folder (default: %(default)s)"
+    )
+    folders.set_defaults(func=_data_folders)
 
     args = parser.parse_args(argv)
     setup_logging()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from scllm.files import atomic_path, software_provenance
@@ -123,3 +124,48 @@ def run_data_files(run_folder: str | Path) -> dict[str, Path]:
     # results/<run> -> the workflow's folder (absolute, not resolved: results/<run> may be a link)
     workdir = run_folder.absolute().parents[1]
     return {name: workdir / folders[rule] / file for name, (rule, file) in DATA_FILES.items()}
+
+
+# A data stage's folder, as the workflow names it: results/data/<rule>-<8 hex digits>.
+_DATA_FOLDER = re.compile(r"(?P<rule>[a-z_]+)-[0-9a-f]{8}")
+
+
+def data_folder_use(results: str | Path = "results") -> list[dict]:
+    """The data stages' folders under ``results/data/``, their size, and the runs that read them.
+
+    A folder is read by a run when the run's ``run.json`` names it; a folder no run names is
+    left from a run since changed or removed, or belongs to a run whose data stages are still
+    running (its run.json is written once they end). Folders not named as the workflow names
+    its own are not listed.
+
+    Parameters
+    ----------
+    results : str or Path
+        The results folder (``results`` in the workflow's folder).
+
+    Returns
+    -------
+    list of dict
+        One per folder, by rule in pipeline order then name: ``folder`` (Path), ``rule``,
+        ``bytes`` (the files in it, all depths) and ``runs`` (names of the runs reading it,
+        sorted; empty when none).
+    """
+    results = Path(results)
+    readers: dict[str, list[str]] = {}
+    for record_path in sorted(results.glob("*/run.json")):
+        try:
+            record = json.loads(record_path.read_text())
+        except ValueError:  # cut short: its run rewrites it
+            continue
+        for folder in (record.get("data") or {}).values():
+            readers.setdefault(Path(folder).name, []).append(record_path.parent.name)
+    order = list(dict.fromkeys(rule for rule, _ in DATA_FILES.values()))
+    folders = []
+    for path in sorted((results / "data").glob("*")):
+        match = _DATA_FOLDER.fullmatch(path.name)
+        if not (path.is_dir() and match and match["rule"] in order):
+            continue
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        runs = sorted(readers.get(path.name, []))
+        folders.append({"folder": path, "rule": match["rule"], "bytes": size, "runs": runs})
+    return sorted(folders, key=lambda f: (order.index(f["rule"]), f["folder"].name))
