@@ -30,5 +30,7 @@ lint: setup
 	$(BIN)/snakefmt --check Snakefile rules/
 	$(BIN)/snakemake --lint
 
+# The embedded default's outputs only, as Snakemake knows them: results/demo/'s and those of the
+# data folders it reads (a run sharing them makes them again). Other runs and files of yours stay.
 clean:
-	rm -rf results .snakemake
+	$(BIN)/snakemake --cores 1 --delete-all-output

@@ -451,6 +451,22 @@ def test_a_missing_h5ad_or_a_file_in_the_runs_place_is_named_before_any_job(tmp_
     assert "results/2024/evaluation/metrics.tsv" in fixed.stdout
 
 
+def test_make_clean_deletes_the_demos_outputs_and_nothing_else(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    shutil.copy(REPO / "Makefile", workdir)
+    (workdir / ".venv").symlink_to(REPO / ".venv")
+    demo, other = workdir / "results/demo", workdir / "results/other/model"
+    demo.mkdir(parents=True)
+    other.mkdir(parents=True)
+    (demo / "report.html").write_text("the demo's report")  # an output of the embedded default
+    for path in (demo / "notes.txt", other / "best_model.pt", workdir / "results/mine.txt"):
+        path.write_text("not the demo's")
+    subprocess.run(["make", "clean"], cwd=workdir, check=True, capture_output=True, timeout=300)
+    assert not (demo / "report.html").exists()
+    assert (demo / "notes.txt").read_text() == "not the demo's"
+    assert (other / "best_model.pt").exists() and (workdir / "results/mine.txt").exists()
+
+
 def test_misspelt_config_key_is_rejected(tmp_path):
     workdir = copy_workflow(tmp_path)
     bad = write_config(workdir, "typo.yaml", {"hvg": {"n_top_gene": 1000}})
