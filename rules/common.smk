@@ -12,6 +12,9 @@ from snakemake.exceptions import WorkflowError
 CONFIG_FILES = [os.path.relpath(f) for f in workflow.overwrite_configfiles or []] or [
     "config/demo.yaml"
 ]
+# Passed to run_record through its environment, not its params: the same settings read from a
+# file of another name are the same run, and must not rerun it.
+os.environ["SCLLM_CONFIG_FILES"] = json.dumps(CONFIG_FILES)
 
 
 def recorded_config_files(run):
@@ -124,9 +127,16 @@ def census_input(wildcards):
             if source == "h5ad"
             else "census.uri (a local store)"
         )
+        own = (workflow.config_settings.overwrite_config.get("census") or {}).get("h5ad")
         raise WorkflowError(
             f"census.source: {source} reads {setting}, which is not set: set it, or choose "
             "another census.source (release, uri, h5ad)"
+            + (
+                " (a config that gives census.h5ad gives all of it: none of the demo's "
+                "description of its own file is kept)"
+                if source == "h5ad" and own
+                else ""
+            )
         )
     if source == "h5ad" and not os.path.isfile(path):
         raise WorkflowError(

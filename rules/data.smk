@@ -159,6 +159,5 @@ rule run_record:
         ),
         data=FOLDERS,
         benchmarks=run_benchmarks(),
-        config_files=CONFIG_FILES,
     script:
         "../workflow/scripts/run_record.py"

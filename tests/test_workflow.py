@@ -512,9 +512,22 @@ def test_nested_numbers_on_the_command_line_are_numbers(tmp_path):
     bad = snakemake(workdir, "--config", 'hvg={"n_top_genes": "many"}', "-n", check=False)
     assert "hvg.n_top_genes: 'many' is not of type 'integer'" in bad.stdout
     # what a config file quotes stays text: a donor id "1" is a name, not a number
-    quoted = write_config(workdir, "quoted.yaml", {"census": {"h5ad": {"donor_id": "1"}}})
+    h5ad = {"path": "resources/pbmc3k/pbmc3k.h5ad", "donor_id": "1"}
+    quoted = write_config(workdir, "quoted.yaml", {"census": {"h5ad": h5ad}})
     assert "'1'" in (workdir / quoted).read_text()
     snakemake(workdir, "--configfile", quoted, "-n")
+    # census.h5ad is taken whole: without its path, none of the demo's is kept, and that is said
+    del h5ad["path"]
+    nopath = write_config(workdir, "nopath.yaml", {"census": {"h5ad": h5ad}})
+    proc = snakemake(workdir, "--configfile", nopath, "-n", check=False)
+    assert (
+        proc.returncode != 0
+        and (
+            "(a config that gives census.h5ad gives all of it: none of the demo's description of "
+            "its own file is kept)"
+        )
+        in proc.stdout
+    )
 
 
 def test_real_census_offline_fails_at_once_with_guidance(tmp_path):
