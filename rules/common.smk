@@ -7,51 +7,50 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-# The config files a run is made from, as run.json records them: those given with --configfile,
-# or the embedded default.
-CONFIG_FILES = [os.path.relpath(f) for f in workflow.overwrite_configfiles or []] or [
-    "config/demo.yaml"
-]
-# Passed to run_record through its environment, not its params: the same settings read from a
-# file of another name are the same run, and must not rerun it.
-os.environ["SCLLM_CONFIG_FILES"] = json.dumps(CONFIG_FILES)
+NO_RECORD = object()  # recorded_namer: the run has no record of what named it
 
 
-def recorded_config_files(run):
-    """The config files results/<run>/run.json says the run was made from; None where it
-    records none (no run yet, or one recorded before run.json kept them)."""
+def recorded_namer(run):
+    """What named the run results/<run>/run.json records (``named_by``): a config file, None
+    for a run: setting; NO_RECORD where there is no record, or one from before it kept this."""
     try:
-        return json.loads(Path(f"results/{run}/run.json").read_text()).get("config_files")
+        record = json.loads(Path(f"results/{run}/run.json").read_text())
     except (OSError, ValueError):  # no record, or one cut short: run_record rewrites it
-        return None
+        return NO_RECORD
+    return record.get("named_by", NO_RECORD)
 
 
 def run_name():
-    """The run's name (results/<run>/). Config files given on the command line that set no
-    ``run:`` (nor ``--config run=...``) name the run after the last of them, so that an
-    experiment in my.yaml writes to results/my/ and never over the demo's results; nor over a
-    run another file of the same name made (exp/demo.yaml, a/my.yaml and b/my.yaml)."""
-    if not workflow.overwrite_configfiles or "run" in workflow.config_settings.overwrite_config:
-        return config["run"]
+    """The run's name (results/<run>/) and the config file that named it (None where run: or
+    ``--config run=...`` set it). Config files given on the command line that set no ``run:``
+    name the run after the last of them, so that an experiment in my.yaml writes to
+    results/my/ and never over the demo's results; nor over a run named otherwise (by
+    config/demo.yaml for exp/demo.yaml, by a/my.yaml for b/my.yaml, or by its run: setting)."""
+    if "run" in workflow.config_settings.overwrite_config:
+        return config["run"], None
+    if not workflow.overwrite_configfiles:
+        return config["run"], "config/demo.yaml"  # the embedded default
+    files = [os.path.relpath(f) for f in workflow.overwrite_configfiles]
     # as the schema's run pattern: no separators, no leading dot
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(CONFIG_FILES[-1]).stem).lstrip(".") or "run"
-    given = ", ".join(CONFIG_FILES)
-    made_from = recorded_config_files(name)
-    if made_from is not None and made_from != CONFIG_FILES:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(files[-1]).stem).lstrip(".") or "run"
+    named_by = recorded_namer(name)
+    if named_by is not NO_RECORD and named_by != files[-1]:
         raise WorkflowError(
-            f"run: not set in {given}, so the run would be named {name}; but results/{name}/ "
-            f"holds the run made from {', '.join(made_from)} (its run.json), whose model and "
-            f"evaluation this run would replace. Set run: in {CONFIG_FILES[-1]} to write "
-            f"beside it, or add --config run={name} to replace it."
+            f"run: not set in {', '.join(files)}, so the run would be named {name}; but "
+            f"results/{name}/ holds the run named by "
+            f"{named_by or 'its run: setting'} (its run.json), whose model and evaluation "
+            f"this run would replace. Set run: in {files[-1]} to write beside it, or add "
+            f"--config run={name} to replace it."
         )
     logger.info(
-        f"run: not set in {given}; outputs go to results/{name}/ "
+        f"run: not set in {', '.join(files)}; outputs go to results/{name}/ "
         f"(set run: in the file to choose another name)"
     )
-    return name
+    return name, files[-1]
 
 
-config["run"] = RUN = run_name()
+RUN, NAMED_BY = run_name()
+config["run"] = RUN
 if RUN == "data":  # the run's files would land among the shared data folders
     raise WorkflowError(
         "run: data is taken: results/data/ holds the data stages' folders, shared by all runs. "

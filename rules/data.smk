@@ -159,5 +159,7 @@ rule run_record:
         ),
         data=FOLDERS,
         benchmarks=run_benchmarks(),
+        # the file that named the run, None for run: (changes only with how the run is named)
+        named_by=NAMED_BY,
     script:
         "../workflow/scripts/run_record.py"

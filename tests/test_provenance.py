@@ -20,11 +20,11 @@ def test_the_record_holds_config_data_commit_and_versions(tmp_path, monkeypatch)
     config = {"run": "demo", "hvg": {"n_top_genes": 800}}
     data = {"sample_census": "results/data/sample_census-0a1b2c3d"}
     write_run_record(
-        out, config=config, data=data, benchmarks={"split": "x.tsv"}, config_files=["my.yaml"]
+        out, config=config, data=data, benchmarks={"split": "x.tsv"}, named_by="my.yaml"
     )
     record = json.loads(out.read_text())
     assert record["config"] == config and record["data"] == data and record["run"] == "demo"
-    assert record["config_files"] == ["my.yaml"]
+    assert record["named_by"] == "my.yaml"
     assert record["benchmarks"] == {"split": "x.tsv"}
     assert record["versions"]["numpy"] == numpy.__version__
     head = subprocess.run(

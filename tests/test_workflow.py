@@ -85,7 +85,7 @@ def test_full_run_writes_every_artifact_and_logs_counts(demo_run):
     record = json.loads((results / "run.json").read_text())
     assert set(record["data"]) == set(list(DATA_OUTPUTS)[:6]) and record["run"] == "demo"
     assert record["config"]["hvg"]["n_top_genes"] == 1200 and record["versions"]["torch"]
-    assert record["config_files"] == ["config/tiny.yaml"]
+    assert record["named_by"] is None  # tiny.yaml sets run: demo
     for rule in DATA_OUTPUTS:
         assert run_output(demo_run, rule).exists(), f"{rule} did not write its output"
         assert run_log(demo_run, rule).stat().st_size > 0, f"{rule} wrote no log"
@@ -195,7 +195,7 @@ def test_two_runs_share_their_data_stages_and_neither_overwrites_the_other(demo_
     # both records name their data; the demo's is unchanged
     record = json.loads((workdir / "results/hvg800/run.json").read_text())
     assert record["run"] == "hvg800" and record["config"]["hvg"]["n_top_genes"] == 800
-    assert record["config_files"] == ["hvg800.yaml"]
+    assert record["named_by"] == "hvg800.yaml"  # it sets no run:
     # the same experiment from the command line, nested numbers as users type them
     dry = snakemake(
         workdir, "--configfile", "hvg800.yaml", "--config", 'hvg={"n_top_genes": 800}', "-n"
@@ -347,16 +347,16 @@ def test_a_config_file_without_run_gets_its_own_results_folder(tmp_path):
     forced = forced.stdout + forced.stderr
     assert "results/demo/evaluation/metrics.tsv" in forced and "not set" not in forced
     assert "results/demo/evaluation/metrics.tsv" in snakemake(workdir, "-n").stdout
-    # a file of the same name elsewhere would write over the run its namesake made: refused
+    # a file of the same name elsewhere would write over the run its namesake named: refused
     (workdir / "results/demo").mkdir(parents=True)
-    made = {"run": "demo", "config_files": ["config/demo.yaml"]}  # as run_record writes it
+    made = {"run": "demo", "named_by": "config/demo.yaml"}  # as run_record writes it
     (workdir / "results/demo/run.json").write_text(json.dumps(made))
     (workdir / "exp").mkdir()
     shutil.copy(workdir / "config/demo.yaml", workdir / "exp/demo.yaml")
     proc = snakemake(workdir, "--configfile", "exp/demo.yaml", "-n", check=False)
     assert proc.returncode != 0 and (
         "run: not set in exp/demo.yaml, so the run would be named demo; but results/demo/ holds "
-        "the run made from config/demo.yaml (its run.json)"
+        "the run named by config/demo.yaml (its run.json)"
     ) in " ".join(proc.stdout.split())
     assert "Set run: in exp/demo.yaml to write beside it, or add --config run=demo" in proc.stdout
     # the file that made it still runs under its name; and the fixes the message names work
@@ -364,6 +364,11 @@ def test_a_config_file_without_run_gets_its_own_results_folder(tmp_path):
     assert "results/demo/evaluation/metrics.tsv" in same.stdout
     for fix in (["--config", "run=demo"], ["--config", "run=exp_demo"]):
         assert snakemake(workdir, "--configfile", "exp/demo.yaml", *fix, "-n").returncode == 0
+    # a run named by its run: setting is not taken over by a file of that name either
+    (workdir / "results/demo/run.json").write_text(json.dumps({"run": "demo", "named_by": None}))
+    proc = snakemake(workdir, "--configfile", "config/demo.yaml", "-n", check=False)
+    assert proc.returncode != 0
+    assert "holds the run named by its run: setting" in " ".join(proc.stdout.split())
 
 
 def test_invalid_config_value_fails_before_any_job_and_names_the_key(tmp_path):

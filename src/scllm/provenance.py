@@ -18,7 +18,7 @@ log = logging.getLogger("scllm")
 
 
 def write_run_record(
-    path: str | Path, *, config: dict, data: dict, benchmarks: dict, config_files=()
+    path: str | Path, *, config: dict, data: dict, benchmarks: dict, named_by: str | None = None
 ) -> dict:
     """Write ``run.json``: what a run was made from, for its report and for people.
 
@@ -36,16 +36,17 @@ def write_run_record(
         Data stage rule -> the folder it wrote (results/data/<rule>-<key>).
     benchmarks : dict
         Rule -> its Snakemake benchmark file (time and memory, read by the report).
-    config_files : sequence of str, optional
-        The config files the run was made from, as given (relative to the working directory):
-        a config file that sets no ``run:`` and would share this run's name is refused.
+    named_by : str, optional
+        The config file that named the run (relative to the working directory), None where a
+        ``run:`` setting did: a config file that sets no ``run:`` and would take this run's
+        name is refused unless it is that file.
 
     Returns
     -------
     dict
         The record as written: ``run``, ``config``, ``data``, ``commit`` (None outside a git
         checkout), ``dirty``, ``versions`` (package -> version, None where not installed),
-        ``python``, ``benchmarks`` and ``config_files``.
+        ``python``, ``benchmarks`` and ``named_by``.
     """
     software = software_provenance()
     commit = software["git_commit"]
@@ -63,7 +64,7 @@ def write_run_record(
         },
         "python": software["python"],
         "benchmarks": dict(benchmarks),
-        "config_files": list(config_files),
+        "named_by": named_by,
     }
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(record, indent=2, default=str) + "\n")

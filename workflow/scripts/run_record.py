@@ -1,9 +1,6 @@
 """Rule run_record: results/<run>/run.json, how this run was made (scllm.provenance)."""
 
 import scllm_src  # noqa: F401  (makes src/ importable; must come first)
-import json
-import os
-
 from scllm.files import setup_logging
 from scllm.provenance import write_run_record
 
@@ -13,5 +10,5 @@ write_run_record(
     config=dict(snakemake.config),  # all of it, chunk_size included (params leave it out)
     data=snakemake.params.data,
     benchmarks=snakemake.params.benchmarks,
-    config_files=json.loads(os.environ["SCLLM_CONFIG_FILES"]),  # set by rules/common.smk
+    named_by=snakemake.params.named_by,
 )
