@@ -7,17 +7,29 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-NO_RECORD = object()  # recorded_namer: the run has no record of what named it
+NO_RECORD = object()  # other_namer: no other run would be replaced
 
 
-def recorded_namer(run):
-    """What named the run results/<run>/run.json records (``named_by``): a config file, None
-    for a run: setting; NO_RECORD where there is no record, or one from before it kept this."""
+def settings_text(resolved):
+    """A resolved config's settings as text to compare, without the run's name and what shapes
+    memory and files only (as run_record's params)."""
+    kept = {k: v for k, v in resolved.items() if k not in ("run", "chunk_size", "tokenize")}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def other_namer(run, file):
+    """What named results/<run>/ (its run.json's ``named_by``: a config file, None for a run:
+    setting) when that is not ``file`` and the run's settings differ from this config's, so
+    that running under its name would replace its model and evaluation; NO_RECORD otherwise
+    (no run there, a record from before it kept named_by, or nothing would change)."""
     try:
         record = json.loads(Path(f"results/{run}/run.json").read_text())
     except (OSError, ValueError):  # no record, or one cut short: run_record rewrites it
         return NO_RECORD
-    return record.get("named_by", NO_RECORD)
+    named_by = record.get("named_by", NO_RECORD)
+    if named_by == file or settings_text(record.get("config", {})) == settings_text(config):
+        return NO_RECORD
+    return named_by
 
 
 def run_name():
@@ -33,14 +45,14 @@ def run_name():
     files = [os.path.relpath(f) for f in workflow.overwrite_configfiles]
     # as the schema's run pattern: no separators, no leading dot
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(files[-1]).stem).lstrip(".") or "run"
-    named_by = recorded_namer(name)
-    if named_by is not NO_RECORD and named_by != files[-1]:
+    named_by = other_namer(name, files[-1])
+    if named_by is not NO_RECORD:
         raise WorkflowError(
             f"run: not set in {', '.join(files)}, so the run would be named {name}; but "
             f"results/{name}/ holds the run named by "
-            f"{named_by or 'its run: setting'} (its run.json), whose model and evaluation "
-            f"this run would replace. Set run: in {files[-1]} to write beside it, or add "
-            f"--config run={name} to replace it."
+            f"{named_by or 'its run: setting'} (its run.json), made with other settings, "
+            f"whose model and evaluation this run would replace. Set run: in {files[-1]} to "
+            f"write beside it, or add --config run={name} to replace it."
         )
     logger.info(
         f"run: not set in {', '.join(files)}; outputs go to results/{name}/ "

@@ -201,6 +201,18 @@ def test_two_runs_share_their_data_stages_and_neither_overwrites_the_other(demo_
         workdir, "--configfile", "hvg800.yaml", "--config", 'hvg={"n_top_genes": 800}', "-n"
     )
     assert "Nothing to be done" in dry.stdout + dry.stderr
+    # a file of the same name elsewhere: with the same settings it replaces nothing (only the
+    # record of what named the run is rewritten); with others it is refused
+    (workdir / "exp").mkdir()
+    shutil.copy(workdir / "hvg800.yaml", workdir / "exp/hvg800.yaml")
+    dry = snakemake(workdir, "--configfile", "exp/hvg800.yaml", "-n")
+    assert scheduled_jobs(dry.stdout) == {"run_record", "report", "all"}
+    (workdir / "exp/hvg800.yaml").write_text(yaml.safe_dump({**demo, "hvg": {"n_top_genes": 700}}))
+    proc = snakemake(workdir, "--configfile", "exp/hvg800.yaml", "-n", check=False)
+    assert proc.returncode != 0 and (
+        "results/hvg800/ holds the run named by hvg800.yaml (its run.json), made with other "
+        "settings"
+    ) in " ".join(proc.stdout.split())
 
 
 def test_same_inputs_and_seed_give_byte_identical_shards(demo_run, tmp_path):
