@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= all
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint
 
 setup: $(VENV)/.installed
 
@@ -29,8 +29,3 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/snakefmt --check Snakefile rules/
 	$(BIN)/snakemake --lint
-
-# The embedded default's outputs only, as Snakemake knows them: results/demo/'s and those of the
-# data folders it reads (a run sharing them makes them again). Other runs and files of yours stay.
-clean:
-	$(BIN)/snakemake --cores 1 --delete-all-output

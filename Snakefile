@@ -25,10 +25,11 @@ with open(f"{workflow.basedir}/config/schema.yaml") as schema_file:
 # --config 'hvg={"n_top_genes": 800}': numbers inside a mapping arrive as text, and run=2024
 # as a number; type them as the schema asks (only --config's: what a config file quotes stays
 # text).
-update_config(config, typed_overrides(dict(workflow.config_settings.config), SCHEMA))
-own_h5ad_description(config, workflow.config_settings.overwrite_config)
+cli = workflow.config_settings
+update_config(config, typed_overrides(dict(cli.config), SCHEMA, cli.config_args))
 if problem := config_problems(config, SCHEMA):
     raise WorkflowError(problem)
+own_h5ad_description(config, cli.overwrite_config)  # after the check: census is a mapping
 validate(config, "config/schema.yaml")  # fills the defaults
 integers_as_int(config, SCHEMA)  # max_cells=1e5 is the integer 100000 (the schema allows 1e5)
 

@@ -10,10 +10,15 @@ from snakemake.exceptions import WorkflowError
 NO_RECORD = object()  # other_namer: no other run would be replaced
 
 
+def deciding_settings(resolved):
+    """A resolved config without what shapes memory and files only (chunk_size, and
+    tokenize.cells_per_shard): the settings that decide a run's results."""
+    return {k: v for k, v in resolved.items() if k not in ("chunk_size", "tokenize")}
+
+
 def settings_text(resolved):
-    """A resolved config's settings as text to compare, without the run's name and what shapes
-    memory and files only (as run_record's params)."""
-    kept = {k: v for k, v in resolved.items() if k not in ("run", "chunk_size", "tokenize")}
+    """The settings that decide a run's results, its name aside, as text to compare."""
+    kept = {k: v for k, v in deciding_settings(resolved).items() if k != "run"}
     return json.dumps(kept, sort_keys=True, default=str)
 
 
@@ -40,11 +45,12 @@ def run_name():
     config/demo.yaml for exp/demo.yaml, by a/my.yaml for b/my.yaml, or by its run: setting)."""
     if "run" in workflow.config_settings.overwrite_config:
         return config["run"], None
-    if not workflow.overwrite_configfiles:
-        return config["run"], "config/demo.yaml"  # the embedded default
-    files = [os.path.relpath(f) for f in workflow.overwrite_configfiles]
+    # the last config file given, or the embedded default (named by the schema: demo)
+    given = workflow.overwrite_configfiles or []
+    files = [os.path.relpath(f) for f in given] or ["config/demo.yaml"]
     # as the schema's run pattern: no separators, no leading dot
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(files[-1]).stem).lstrip(".") or "run"
+    name = name if given else config["run"]
     named_by = other_namer(name, files[-1])
     if named_by is not NO_RECORD:
         raise WorkflowError(
@@ -54,10 +60,11 @@ def run_name():
             f"whose model and evaluation this run would replace. Set run: in {files[-1]} to "
             f"write beside it, or add --config run={name} to replace it."
         )
-    logger.info(
-        f"run: not set in {', '.join(files)}; outputs go to results/{name}/ "
-        f"(set run: in the file to choose another name)"
-    )
+    if given:
+        logger.info(
+            f"run: not set in {', '.join(files)}; outputs go to results/{name}/ "
+            f"(set run: in the file to choose another name)"
+        )
     return name, files[-1]
 
 
@@ -172,9 +179,7 @@ def sampling_settings():
         census["h5ad_path"] = path = census_input(None)["h5ad"]  # for the folder key:
         # the file's size and time too, so a file replaced at the same path gets new folders
         # rather than rewriting those that other runs' models were trained on
-        census["h5ad_file"] = (
-            [os.stat(path).st_size, os.stat(path).st_mtime_ns] if os.path.exists(path) else None
-        )
+        census["h5ad_file"] = [os.stat(path).st_size, os.stat(path).st_mtime_ns]
     return census
 
 

@@ -154,9 +154,7 @@ rule run_record:
     params:
         # what decides results (chunk_size and cells_per_shard shape memory and files only), in
         # one key order: the order config files were merged in must not count as a change
-        config=json.loads(
-            json.dumps({**config, "chunk_size": None, "tokenize": {}}, sort_keys=True)
-        ),
+        config=json.loads(json.dumps(deciding_settings(config), sort_keys=True)),
         data=FOLDERS,
         benchmarks=run_benchmarks(),
         # the file that named the run, None for run: (changes only with how the run is named)

@@ -173,6 +173,11 @@ def test_explicit_gene_id_column_without_ensembl_ids(tmp_path):
     ):
         build_local_census(tmp_path / "in.h5ad", tmp_path / "soma", gene_id_column="symbol")
     assert leftovers(tmp_path, "soma") == []
+    # scllm build-census names its own flag
+    with pytest.raises(ValueError, match=r"var\['symbol'\] \(--gene-id-column\) does not hold"):
+        build_local_census(
+            tmp_path / "in.h5ad", tmp_path / "soma", gene_id_column="symbol", flags=True
+        )
 
 
 def sample_stage_and_cli_errors(tmp_path, capsys, field: str, value: str) -> tuple[str, str]:

@@ -170,6 +170,16 @@ def test_command_line_scalars_are_typed_as_yaml_types_them():
     }
 
 
+def test_a_name_on_the_command_line_is_taken_as_written():
+    from scllm.workflow_config import typed_overrides
+
+    # Snakemake has already read these as numbers; the arguments as given keep the text
+    given = {"run": 7, "seed": 3}
+    assert typed_overrides(given, SCHEMA, ["run=007", "seed=3"]) == {"run": "007", "seed": 3}
+    assert typed_overrides({"run": 1000.0}, SCHEMA, ["run=1e3"]) == {"run": "1e3"}
+    assert typed_overrides({"run": 123}, SCHEMA, ['run="123"']) == {"run": "123"}
+
+
 def test_a_number_where_a_name_belongs_is_told_to_be_quoted():
     from scllm.workflow_config import config_problems
 

@@ -619,6 +619,8 @@ def test_a_folder_that_is_not_a_model_is_named_with_the_folder_meant(
         run: f"{run} lacks best_model.pt, args.json, vocab.json; did you mean {run / 'model'}?",
         run.parent: f"{run.parent} lacks best_model.pt, args.json, vocab.json; is it a finished "
         "pretrain output directory?",
+        run / "model" / "best_model.pt": f"{run / 'model' / 'best_model.pt'} is a file; give the "
+        f"folder that holds the model, {run / 'model'}",
     }
     for folder, message in expected.items():
         code, err = run_embed(capsys, folder, cells, out)

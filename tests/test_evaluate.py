@@ -368,6 +368,22 @@ def _vocab_columns(h5ad):
     return np.array([var_names.get_loc(f"ENSG{i:011d}") for i in range(30)])
 
 
+def test_embeddings_without_the_label_column_name_the_setting_and_the_column_meant(tmp_path):
+    from scllm.config import EvaluateConfig
+    from scllm.eval.evaluate import _labelled_embeddings
+
+    emb = ad.AnnData(np.zeros((4, 2), dtype=np.float32))
+    emb.obs["celltype"], emb.obs["sample"] = ["T", "B", "T", "B"], "s1"
+    emb.write_h5ad(tmp_path / "emb.h5ad")
+    with pytest.raises(ValueError) as err:
+        _labelled_embeddings(tmp_path / "emb.h5ad", EvaluateConfig(label_key="cell_type"))
+    assert str(err.value) == (
+        f"{tmp_path / 'emb.h5ad'} has no obs column 'cell_type' (evaluate.label_key): set "
+        "evaluate.label_key to one of its columns, ['celltype', 'sample']. Did you mean "
+        "'celltype'?"
+    )
+
+
 def test_heldout_evaluation_refuses_files_without_labels(tmp_path):
     from scllm.eval.evaluate import evaluate_heldout
 
@@ -388,6 +404,14 @@ def test_heldout_evaluation_refuses_files_without_labels(tmp_path):
     with pytest.raises(ValueError) as err:
         evaluate_heldout(model_dir, missing, *outputs, label_key="cell_type", device="cpu")
     assert str(err.value) == f"{missing} does not exist; check the path"
+    with pytest.raises(ValueError) as err:  # a batch column, named the same way
+        evaluate_heldout(
+            model_dir, h5ad, *outputs, label_key="cell_type", batch_key="donors", device="cpu"
+        )
+    assert str(err.value) == (
+        f"{h5ad} has no obs column 'donors' (heldout.batch_key): set heldout.batch_key to one "
+        "of its columns, ['cell_type', 'donor'], or null. Did you mean 'donor'?"
+    )
     assert not any(path.exists() for path in outputs)
 
 

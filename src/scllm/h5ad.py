@@ -379,7 +379,7 @@ class H5adInput:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"no h5ad at {path} (census.h5ad.path); check the path")
+            raise FileNotFoundError(f"no h5ad at {path}; check the path")
         try:
             self.file = h5py.File(self.path, "r")
             self._obs = self.file["obs"]

@@ -39,49 +39,62 @@ def typed_scalar(text: str):
     return _CONSTANTS.get(text.lower(), text)
 
 
-def typed_overrides(overrides: dict, schema: dict) -> dict:
+def typed_overrides(overrides: dict, schema: dict, texts=()) -> dict:
     """``--config`` settings typed as the schema asks: numbers as numbers, names as text.
 
-    Snakemake types a top-level ``--config key=800`` itself (``run=2024`` becomes the number
-    2024, quotes or not), but reads a mapping such as ``hvg={"n_top_genes": 800}`` with YAML's
+    Snakemake types a top-level ``--config key=800`` itself (``run=007`` becomes the number 7,
+    quotes or not), but reads a mapping such as ``hvg={"n_top_genes": 800}`` with YAML's
     BaseLoader, which leaves every scalar a string, so the schema would refuse ``'800'`` as
     "not of type 'integer'".
 
     Parameters
     ----------
     overrides : dict
-        ``workflow.config_settings.overwrite_config``: what ``--config`` set.
+        ``workflow.config_settings.config``: what ``--config`` set, as Snakemake typed it.
     schema : dict
         ``config/schema.yaml``, loaded.
+    texts : iterable of str, optional
+        The ``--config`` arguments as given (``workflow.config_settings.config_args``,
+        ``key=value``): where the schema asks for text, a top-level value is taken as written.
 
     Returns
     -------
     dict
-        The same settings. Where the schema asks for text (or null), a whole number is written
-        back as text (``run=2024`` names the run ``2024``) and a string stays a string; elsewhere
-        strings nested in mappings and lists are typed by :func:`typed_scalar`, and top-level
-        values are left as Snakemake typed them.
+        The same settings. Where the schema asks for text (or null), a top-level value is its
+        text as given (``run=007`` names the run ``007``), a nested whole number its text, and
+        a string stays a string; elsewhere strings nested in mappings and lists are typed by
+        :func:`typed_scalar`, and top-level values are left as Snakemake typed them.
     """
+    written = dict(text.split("=", 1) for text in texts or () if "=" in text)
 
-    def typed(value, sub: dict, nested: bool):
+    def text_only(sub) -> bool:  # the schema asks for a name (or null)
         types = sub.get("type", []) if isinstance(sub, dict) else []
         types = {types} if isinstance(types, str) else set(types)
+        return bool(types) and types <= {"string", "null"}
+
+    def typed(value, sub: dict, nested: bool):
         if isinstance(value, dict):
             fields = sub.get("properties", {}) if isinstance(sub, dict) else {}
             return {key: typed(item, fields.get(key, {}), True) for key, item in value.items()}
         if isinstance(value, list):
             items = sub.get("items", {}) if isinstance(sub, dict) else {}
             return [typed(item, items, True) for item in value]
-        if types and types <= {"string", "null"}:  # a name: 2024 is its text
+        if text_only(sub):  # a name: 2024 is its text
             if isinstance(value, int) and not isinstance(value, bool):
                 return str(value)
-            if isinstance(value, str) and "null" in types and value.lower() in ("null", "~"):
-                return None
+            if isinstance(value, str) and value.lower() in ("null", "~"):
+                return None  # the schema says whether null is allowed
             return value
         return typed_scalar(value) if nested and isinstance(value, str) else value
 
     fields = schema.get("properties", {})
-    return {key: typed(value, fields.get(key, {}), False) for key, value in overrides.items()}
+    typed_values = {}
+    for key, value in overrides.items():
+        if key in written and text_only(fields.get(key)):  # as written: run=007, run=1e3
+            typed_values[key] = written[key].strip().strip("\"'")
+        else:
+            typed_values[key] = typed(value, fields.get(key, {}), False)
+    return typed_values
 
 
 def own_h5ad_description(config: dict, given: dict) -> None:

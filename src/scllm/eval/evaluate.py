@@ -574,9 +574,10 @@ def _labelled_embeddings(embeddings_h5ad, cfg: EvaluateConfig):
         (cfg.batch_key, "evaluate.batch_key"),
     ):
         if key not in emb.obs:
+            columns = list(emb.obs.columns)
             raise ValueError(
-                f"{embeddings_h5ad} has no obs column {key!r} ({what}); "
-                f"columns: {list(emb.obs.columns)}"
+                f"{embeddings_h5ad} has no obs column {key!r} ({what}): set {what} to one of "
+                f"its columns, {columns}.{did_you_mean(key, columns)}"
             )
     if EMBEDDING_KEY not in emb.obsm:
         raise ValueError(f"{embeddings_h5ad} has no obsm[{EMBEDDING_KEY!r}]; rerun the embed rule")
@@ -827,9 +828,10 @@ def _heldout_labels(h5ad, label_key: str, batch_key: str | None, cfg: EvaluateCo
     source.file.close()
     keep = labelled_cells(obs, label_key, cfg.max_cells, int(cfg.seed), h5ad, "heldout.label_key")
     if batch_key is not None and batch_key not in obs:
+        columns = list(obs.columns)
         raise ValueError(
-            f"{h5ad} has no obs column {batch_key!r} (heldout.batch_key); "
-            f"columns: {list(obs.columns)}"
+            f"{h5ad} has no obs column {batch_key!r} (heldout.batch_key): set heldout.batch_key "
+            f"to one of its columns, {columns}, or null.{did_you_mean(batch_key, columns)}"
         )
     labels = obs[label_key].astype(str).to_numpy()[keep]
     samples = (

@@ -549,15 +549,15 @@ def _ensembl_ids(
             return np.array([v.split(".")[0] for v in values]), col
         if gene_id_column:
             raise ValueError(
-                f"var[{gene_id_column!r}] (census.h5ad.gene_id_column) "
+                f"var[{gene_id_column!r}] ({_setting('gene_id_column', flags)}) "
                 f"does not hold Ensembl gene ids (e.g. {values[:3].tolist()}); "
                 "name a var column of Ensembl ids (ENSG...) instead"
             )
     raise ValueError(
         "no Ensembl gene ids found in var (looked at columns feature_id, gene_ids, gene_id, "
         "ensembl_id and var_names). Genes are keyed on Ensembl ids: add them (e.g. map symbols "
-        "to ENSG ids), or name the column that holds them with census.h5ad.gene_id_column "
-        "(--gene-id-column)."
+        "to ENSG ids), or name the column that holds them with "
+        f"{_setting('gene_id_column', flags)}."
     )
 
 

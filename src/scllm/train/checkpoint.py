@@ -608,6 +608,8 @@ def _not_a_model_folder(model_dir: Path, missing: list[str]) -> str:
             f"{model_dir} does not exist; give the model folder of a finished pretrain run "
             "(results/<run>/model)"
         )
+    if model_dir.is_file():  # a file of the model (results/demo/model/best_model.pt)
+        return f"{model_dir} is a file; give the folder that holds the model, {model_dir.parent}"
     lacks = f"{model_dir} lacks {', '.join(missing)}"
     # A run's folder (results/<run>) holds the model one level down, in model/.
     if model_dir.is_dir() and not _missing_model_files(model_dir / "model"):
