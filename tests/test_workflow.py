@@ -465,10 +465,10 @@ def test_a_missing_h5ad_or_a_file_in_the_runs_place_is_named_before_any_job(tmp_
     assert proc.returncode != 0
     assert "run: notes writes to results/notes/, but results/notes is a file" in proc.stdout
     assert (workdir / "results" / "notes").read_text() == "mine"
-    # the fixes: the file's own path; a run name of digits, which --config reads as a number
+    # the fixes: the file's own path; a run name of digits, taken as written (not the number 7)
     shutil.copy(workdir / "resources/pbmc3k/pbmc3k.h5ad", workdir / "my.h5ad")
-    fixed = snakemake(workdir, "--configfile", missing, "--config", "run=2024", "-n")
-    assert "results/2024/evaluation/metrics.tsv" in fixed.stdout
+    fixed = snakemake(workdir, "--configfile", missing, "--config", "run=007", "-n")
+    assert "results/007/evaluation/metrics.tsv" in fixed.stdout
 
 
 def test_misspelt_config_key_is_rejected(tmp_path):
