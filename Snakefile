@@ -22,9 +22,9 @@ configfile: "config/demo.yaml"
 
 with open(f"{workflow.basedir}/config/schema.yaml") as schema_file:
     SCHEMA = yaml.safe_load(schema_file)
-# --config 'hvg={"n_top_genes": 800}': numbers inside a mapping arrive as text, and run=2024
-# as a number; type them as the schema asks (only --config's: what a config file quotes stays
-# text).
+# --config 'hvg={"n_top_genes": 800}': numbers inside a mapping arrive as text, and run=007 as
+# the number 7; type them as the schema asks, names as written (only --config's: what a config
+# file quotes stays text).
 cli = workflow.config_settings
 update_config(config, typed_overrides(dict(cli.config), SCHEMA, cli.config_args))
 if problem := config_problems(config, SCHEMA):
