@@ -381,6 +381,11 @@ def test_a_missing_pipeline_h5ad_is_named_missing(tmp_path):
 def test_missing_input_h5ad(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"census\.h5ad\.path"):
         build_local_census(tmp_path / "nowhere.h5ad", tmp_path / "soma")
+    # scllm build-census: its own argument, no config key
+    missing = tmp_path / "nowhere.h5ad"
+    with pytest.raises(FileNotFoundError) as err:
+        build_local_census(missing, tmp_path / "soma", flags=True)
+    assert str(err.value) == f"no h5ad at {missing}; check the path"
 
 
 def test_truncated_shard_or_manifest_stops_pretrain_before_any_output(tmp_path):

@@ -354,6 +354,9 @@ class H5adInput:
     ----------
     path : str or Path
         The h5ad file.
+    setting : str, optional
+        What names the file, for the message when there is none (default: the workflow's
+        ``census.h5ad.path``; None where the caller's own argument does).
 
     Attributes
     ----------
@@ -376,10 +379,11 @@ class H5adInput:
         The file is truncated, damaged or not an h5ad.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, setting: str | None = "census.h5ad.path"):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"no h5ad at {path}; check the path")
+            named = f" ({setting})" if setting else ""
+            raise FileNotFoundError(f"no h5ad at {path}{named}; check the path")
         try:
             self.file = h5py.File(self.path, "r")
             self._obs = self.file["obs"]

@@ -83,7 +83,8 @@ def build_local_census(
 
     t0 = time.time()
     check_store_output(h5ad_path, uri, overwrite)
-    with H5adInput(h5ad_path) as source:
+    # scllm build-census: the file is its H5AD argument, not a config setting
+    with H5adInput(h5ad_path, None if flags else "census.h5ad.path") as source:
         where = f"the input h5ad {h5ad_path}"
         obs, var, matrix = census_shaped(source, cfg, where, flags)
         log.info(
