@@ -217,11 +217,7 @@ def labelled_cells(
         ``obs`` has no ``label_key`` column, or fewer than 10 cells are kept.
     """
     if label_key not in obs:
-        columns = [str(c) for c in obs.columns]
-        raise ValueError(
-            f"{where} has no obs column {label_key!r} ({setting}, the cell-type labels): set "
-            f"{setting} to one of its columns, {columns}.{did_you_mean(label_key, columns)}"
-        )
+        raise _missing_obs_column(where, label_key, setting, obs.columns, "the cell-type labels")
     labels = obs[label_key].astype(str)
     labelled = ~labels.str.strip().str.lower().isin(UNLABELED) & obs[label_key].notna()
     keep = np.flatnonzero(labelled.to_numpy())
@@ -563,6 +559,17 @@ def _zero_shot_baselines(zero_shot: ZeroShot, cells, matrix, token_ids) -> dict:
     return found
 
 
+def _missing_obs_column(where, key, setting, columns, role="", or_null=False) -> ValueError:
+    """The error for an obs column a setting names that the file lacks: the setting to change,
+    the file's columns (or null where the setting may be) and the column spelt most like it."""
+    columns = [str(c) for c in columns]
+    named = f"{setting}, {role}" if role else setting
+    return ValueError(
+        f"{where} has no obs column {key!r} ({named}): set {setting} to one of its columns, "
+        f"{columns}{', or null' if or_null else ''}.{did_you_mean(key, columns)}"
+    )
+
+
 def _labelled_embeddings(embeddings_h5ad, cfg: EvaluateConfig):
     """The embeddings file, checked for the label and batch columns and the embedding, and the
     rows of the labelled cells to score (at most evaluate.max_cells)."""
@@ -574,11 +581,7 @@ def _labelled_embeddings(embeddings_h5ad, cfg: EvaluateConfig):
         (cfg.batch_key, "evaluate.batch_key"),
     ):
         if key not in emb.obs:
-            columns = list(emb.obs.columns)
-            raise ValueError(
-                f"{embeddings_h5ad} has no obs column {key!r} ({what}): set {what} to one of "
-                f"its columns, {columns}.{did_you_mean(key, columns)}"
-            )
+            raise _missing_obs_column(embeddings_h5ad, key, what, emb.obs.columns)
     if EMBEDDING_KEY not in emb.obsm:
         raise ValueError(f"{embeddings_h5ad} has no obsm[{EMBEDDING_KEY!r}]; rerun the embed rule")
     keep = labelled_cells(
@@ -828,11 +831,7 @@ def _heldout_labels(h5ad, label_key: str, batch_key: str | None, cfg: EvaluateCo
     source.file.close()
     keep = labelled_cells(obs, label_key, cfg.max_cells, int(cfg.seed), h5ad, "heldout.label_key")
     if batch_key is not None and batch_key not in obs:
-        columns = list(obs.columns)
-        raise ValueError(
-            f"{h5ad} has no obs column {batch_key!r} (heldout.batch_key): set heldout.batch_key "
-            f"to one of its columns, {columns}, or null.{did_you_mean(batch_key, columns)}"
-        )
+        raise _missing_obs_column(h5ad, batch_key, "heldout.batch_key", obs.columns, or_null=True)
     labels = obs[label_key].astype(str).to_numpy()[keep]
     samples = (
         obs[batch_key].astype(str).to_numpy()[keep] if batch_key else np.full(len(keep), "all")
